@@ -57,8 +57,11 @@ class SafetensorsHeader:
 
 
 def _looks_like_pickle(head: bytes) -> bool:
-    # torch.save writes a zip archive (PK..) since 1.6, older files start with the pickle protocol opcode 0x80.
-    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
+    """torch.save writes a zip archive (PK..) since 1.6; older files open with the pickle PROTO opcode 0x80 and a
+    protocol number. A safetensors file opens with its header length, whose low byte can also be 0x80, so the
+    caller also checks that the JSON header ('{') follows those 8 bytes."""
+    return head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+                                          and head[8:9] != b"{")
 
 
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
@@ -72,23 +75,26 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     if path.is_dir():
         raise ModelFileError(f"{path}: is a folder, expected a .safetensors file")
     size = path.stat().st_size
+    pickle_message = (
+        f"{path}: this is a pickled PyTorch file ({path.suffix or 'no suffix'}); pickles can run arbitrary code "
+        "and are never loaded by this suite. Convert it to .safetensors with a tool you trust "
+        "(for example safetensors.torch.save_file on a state dict you loaded yourself) and pass that file."
+    )
     with open(path, "rb") as f:
-        head = f.read(8)
-        if _looks_like_pickle(head) or (path.suffix.lower() in PICKLE_SUFFIXES and len(head) == 8 and
-                                        struct.unpack("<Q", head)[0] > _MAX_HEADER_BYTES):
-            raise ModelFileError(
-                f"{path}: this is a pickled PyTorch file ({path.suffix or 'no suffix'}); pickles can run arbitrary code "
-                "and are never loaded by this suite. Convert it to .safetensors with a tool you trust "
-                "(for example safetensors.torch.save_file on a state dict you loaded yourself) and pass that file."
-            )
-        if len(head) < 8:
+        head = f.read(9)
+        if _looks_like_pickle(head):
+            raise ModelFileError(pickle_message)
+        if len(head) < 9:
             raise ModelFileError(f"{path}: file is {size} bytes, too short to be a safetensors file")
-        (header_len,) = struct.unpack("<Q", head)
+        (header_len,) = struct.unpack("<Q", head[:8])
         if header_len > _MAX_HEADER_BYTES or header_len + 8 > size:
+            if path.suffix.lower() in PICKLE_SUFFIXES:
+                raise ModelFileError(pickle_message)
             raise ModelFileError(
                 f"{path}: not a valid safetensors file (header length {header_len} does not fit a {size}-byte file); "
                 "it may be truncated or in another format"
             )
+        f.seek(8)
         raw = f.read(header_len)
     try:
         header = json.loads(raw)

@@ -48,15 +48,53 @@ def _short(e: Exception) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
+# Files a folder must hold for each tokenizer (any one alternative). Checked before loading because transformers 5
+# returns an EMPTY tokenizer (2 special tokens, no error) for a folder or id without them.
+_NEEDS = {"CLIP-L": (("tokenizer.json",), ("vocab.json", "merges.txt")), "T5-XXL": (("tokenizer.json",), ("spiece.model",))}
+_HUB_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+              "vocab.json", "merges.txt", "spiece.model"]
+
+
 def _from_folder(cls, folder: Path, what: str):
+    if not any(all((folder / f).is_file() for f in files) for files in _NEEDS[what]):
+        wanted = " or ".join(" + ".join(files) for files in _NEEDS[what])
+        raise TokenizerNotFoundError(f"{folder}: not a {what} tokenizer folder (it needs {wanted})")
+    if not (folder / "tokenizer.json").is_file() and (folder / "spiece.model").is_file():
+        import importlib.util
+        if importlib.util.find_spec("google.protobuf") is None:
+            raise TokenizerNotFoundError(f"{folder}: reading spiece.model needs the protobuf package "
+                                         "(pip install protobuf), or use a folder that holds a tokenizer.json")
     try:
-        return cls.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = cls.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:
-        raise TokenizerNotFoundError(f"{folder}: exists but could not be loaded as the {what} tokenizer ({_short(e)})") \
-            from e
+        raise TokenizerNotFoundError(f"{folder}: could not be loaded as the {what} tokenizer ({_short(e)})") from e
+    if len(tokenizer) < 16:  # the silent empty-vocab failure, whatever its cause
+        raise TokenizerNotFoundError(f"{folder}: loaded as the {what} tokenizer with only {len(tokenizer)} tokens")
+    return tokenizer
 
 
-def _load(cls, what: str, option: str, name_or_path: str, tokenizer_cache_dir: str | os.PathLike | None):
+def _hub_snapshot(repo_id: str, tried: list[str]) -> Path | None:
+    """A local folder with the hub repo's tokenizer files: the HF cache first, a download only when online."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        tried.append(f"Hugging Face hub: unavailable ({_short(e)})")
+        return None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=True))
+    except Exception:
+        tried.append(f"Hugging Face cache for {repo_id!r}: not there")
+    if hub_offline():
+        tried.append("hub download: skipped (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)")
+        return None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+    except Exception as e:
+        tried.append(f"hub download of {repo_id!r}: failed ({_short(e)})")
+        return None
+
+
+def _load(cls, what: str, name_or_path: str, tokenizer_cache_dir: str | os.PathLike | None):
     tried = []
     local = Path(name_or_path).expanduser()
     if local.is_dir():
@@ -71,27 +109,16 @@ def _load(cls, what: str, option: str, name_or_path: str, tokenizer_cache_dir: s
     else:
         tried.append("--tokenizer_cache_dir: not given")
 
-    tokenizer = None
-    try:  # the local Hugging Face cache never touches the network
-        tokenizer = cls.from_pretrained(name_or_path, local_files_only=True)
-    except Exception as e:
-        tried.append(f"Hugging Face cache for {name_or_path!r}: not usable ({_short(e)})")
-    if tokenizer is None:
-        if hub_offline():
-            tried.append("hub download: skipped (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)")
-        else:
-            try:
-                tokenizer = cls.from_pretrained(name_or_path)
-            except Exception as e:
-                tried.append(f"hub download of {name_or_path!r}: failed ({_short(e)})")
-    if tokenizer is None:
+    snapshot = _hub_snapshot(name_or_path, tried)
+    if snapshot is None:
         layout = f"{tokenizer_cache_dir or 'DIR'}/{cache_folder_name(name_or_path)}/"
         raise TokenizerNotFoundError(
-            f"could not load the {what} tokenizer {name_or_path!r}. Tried:\n  - " + "\n  - ".join(tried) +
-            f"\nProvide it with --tokenizer_cache_dir DIR holding {layout} (a folder written by save_pretrained or "
-            f"copied from the hub repo {name_or_path}), or pass a local folder{option}."
+            f"could not find the {what} tokenizer {name_or_path!r}. Tried:\n  - " + "\n  - ".join(tried) +
+            f"\nProvide it with --tokenizer_cache_dir DIR holding {layout} (a folder written by save_pretrained, or "
+            f"the tokenizer files of the hub repo {name_or_path}), or pass that folder itself as the tokenizer."
         )
-    if cached is not None:
+    tokenizer = _from_folder(cls, snapshot, what)
+    if cached is not None:  # sd-scripts keeps a copy so later runs need no hub
         tokenizer.save_pretrained(str(cached))
     return tokenizer
 
@@ -104,7 +131,7 @@ def load_clip_tokenizer(tokenizer_cache_dir: str | os.PathLike | None = None,
     """
     from transformers import CLIPTokenizer
 
-    return _load(CLIPTokenizer, "CLIP-L", "", name_or_path, tokenizer_cache_dir)
+    return _load(CLIPTokenizer, "CLIP-L", name_or_path, tokenizer_cache_dir)
 
 
 def load_t5_tokenizer(tokenizer_cache_dir: str | os.PathLike | None = None, name_or_path: str = T5_TOKENIZER_ID):
@@ -116,7 +143,7 @@ def load_t5_tokenizer(tokenizer_cache_dir: str | os.PathLike | None = None, name
     """
     from transformers import T5TokenizerFast
 
-    return _load(T5TokenizerFast, "T5-XXL", "", name_or_path, tokenizer_cache_dir)
+    return _load(T5TokenizerFast, "T5-XXL", name_or_path, tokenizer_cache_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
