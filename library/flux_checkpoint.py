@@ -157,8 +157,8 @@ def analyze_checkpoint(path: str | Path) -> FluxCheckpointInfo:
     return FluxCheckpointInfo(path, layout, params, shapes, file_keys, prefix, dtypes, header.metadata)
 
 
-def load_flow_model(ckpt_path: str | Path, dtype: torch.dtype | None = None,
-                    device: str | torch.device = "cpu", info: FluxCheckpointInfo | None = None) -> Flux:
+def load_transformer(ckpt_path: str | Path, dtype: torch.dtype | None = None,
+                     device: str | torch.device = "cpu", info: FluxCheckpointInfo | None = None) -> Flux:
     """Load a FLUX transformer: built on `meta`, then each tensor read once and assigned (no second copy).
 
     dtype None keeps the stored dtype (fp8 files stay fp8). Raises ModelFileError with the file name for anything

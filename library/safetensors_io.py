@@ -222,6 +222,7 @@ def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -252,3 +253,9 @@ def assign_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ModelFileError(f"{path}: internal error, tensors left unloaded: {sample_keys(left, 3)}")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -164,6 +164,41 @@ def _finish(model, device):
     return model.to(device).eval()  # moves the buffers; parameters are already on `device`
 
 
+def _clip_layout(header):
+    """(config, {key without prefixes: key in the file}) for a CLIP-L file, harmless extras dropped."""
+    expect_kind(header, "clip_l", "CLIP-L (--clip_l)")
+    prefix = strip_prefix(header.keys, CLIP_PREFIXES)
+    canonical = {key[len(prefix):].removeprefix("text_model."): key for key in header.keys}
+    shapes = {k: header.tensors[f].shape for k, f in canonical.items()}
+    config = clip_l_config(**{**_clip_shape_fields(shapes, header.path), **_metadata_overrides(header)})
+    return config, {k: f for k, f in canonical.items() if k not in _CLIP_IGNORED}
+
+
+def _t5_layout(header):
+    """(config, {key without prefixes: key in the file}) for a T5 encoder file, the embedding as `shared.weight`."""
+    expect_kind(header, "t5", "T5-XXL (--t5xxl)")
+    prefix = strip_prefix(header.keys, T5_PREFIXES)
+    canonical = {key[len(prefix):]: key for key in header.keys}
+    if "shared.weight" in canonical:
+        canonical.pop("encoder.embed_tokens.weight", None)  # a stored copy of the tied embedding
+    elif "encoder.embed_tokens.weight" in canonical:
+        canonical["shared.weight"] = canonical.pop("encoder.embed_tokens.weight")
+    shapes = {k: header.tensors[f].shape for k, f in canonical.items()}
+    overrides = _metadata_overrides(header)
+    inferred = _t5_shape_fields(shapes, header.path, int(overrides.get("d_kv", T5_XXL_CONFIG["d_kv"])))
+    return t5xxl_config(**{**inferred, **overrides}), canonical
+
+
+def clip_l_config_from_file(path: str | os.PathLike):
+    """The `CLIPTextConfig` `load_clip_l` would build for this file, read from its header only."""
+    return _clip_layout(read_header(path))[0]
+
+
+def t5xxl_config_from_file(path: str | os.PathLike):
+    """The `T5Config` `load_t5xxl` would build for this file, read from its header only."""
+    return _t5_layout(read_header(path))[0]
+
+
 def load_clip_l(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                 device: str | torch.device = "cpu"):
     """Load a CLIP-L text encoder (`transformers.CLIPTextModel`, eval mode) from a safetensors file.
@@ -174,20 +209,11 @@ def load_clip_l(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     """
     from transformers import CLIPTextModel
 
-    header = read_header(path)
-    expect_kind(header, "clip_l", "CLIP-L (--clip_l)")
-    prefix = strip_prefix(header.keys, CLIP_PREFIXES)
-    canonical = {}  # key without prefixes -> key in the file
-    for key in header.keys:
-        short = key[len(prefix):]
-        canonical[short.removeprefix("text_model.")] = key
-    shapes = {k: header.tensors[f].shape for k, f in canonical.items()}
-    config = clip_l_config(**{**_clip_shape_fields(shapes, path), **_metadata_overrides(header)})
-
+    config, canonical = _clip_layout(read_header(path))
     model = _empty_model(CLIPTextModel, config)
-    # transformers 5 flattened CLIPTextModel (no `text_model.` level); older versions have it.
+    # transformers 5 flattened CLIPTextModel (no `text_model.` level); 4.x has it.
     nested = any(k.startswith("text_model.") for k in model.state_dict())
-    rename = {f: ("text_model." if nested else "") + k for k, f in canonical.items() if k not in _CLIP_IGNORED}
+    rename = {f: ("text_model." if nested else "") + k for k, f in canonical.items()}
     state = load_tensors(path, keys=list(rename), dtype=str_to_dtype(dtype), device=device, rename=rename)
     assign_weights(model, state, path)
     return _finish(model, device)
@@ -204,19 +230,7 @@ def load_t5xxl(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     """
     from transformers import T5EncoderModel
 
-    header = read_header(path)
-    expect_kind(header, "t5", "T5-XXL (--t5xxl)")
-    prefix = strip_prefix(header.keys, T5_PREFIXES)
-    canonical = {key[len(prefix):]: key for key in header.keys}
-    if "shared.weight" in canonical:
-        canonical.pop("encoder.embed_tokens.weight", None)  # a stored copy of the tied embedding
-    elif "encoder.embed_tokens.weight" in canonical:
-        canonical["shared.weight"] = canonical.pop("encoder.embed_tokens.weight")
-    shapes = {k: header.tensors[f].shape for k, f in canonical.items()}
-    overrides = _metadata_overrides(header)
-    inferred = _t5_shape_fields(shapes, path, int(overrides.get("d_kv", T5_XXL_CONFIG["d_kv"])))
-    config = t5xxl_config(**{**inferred, **overrides})
-
+    config, canonical = _t5_layout(read_header(path))
     model = _empty_model(T5EncoderModel, config)
     model.set_input_embeddings(model.shared)  # tie explicitly: models built on meta are not tied yet
     rename = {f: k for k, f in canonical.items()}

@@ -1,0 +1,458 @@
+#!/usr/bin/env python
+"""Peak RSS while loading a FLUX transformer checkpoint with the suite's loader.
+
+What it proves: the loader builds the model on `meta` and assigns each tensor once, so loading needs about one copy
+of the weights in RAM -- peak RSS stays within `--limit` (1.2) times the loaded weight bytes above the interpreter
+baseline.
+
+How:
+  1. It writes a FLUX checkpoint of real width (hidden 3072, the real block shapes of FLUX.1-dev) with fewer blocks,
+     enough to reach --size-gb, in each requested layout (BFL, ComfyUI-prefixed BFL, diffusers). The file is streamed
+     tensor by tensor from a small pool of random bytes, so writing it needs no model in RAM.
+  2. Each measurement runs in a fresh Python process: it imports torch and the library, records its RSS (the
+     baseline), calls library.flux_checkpoint.load_transformer (what flux_utils.load_flow_model
+     runs), and reports VmHWM (the kernel's peak RSS for the process), the RSS left after
+     loading and the bytes of the loaded parameters. The parent also samples the child's RssAnon / RssFile every
+     few milliseconds, to tell private memory from file pages mapped by safetensors.
+  3. ratio = (VmHWM - baseline) / loaded weight bytes. Cases: the file's dtype as stored (dtype=None) and a cast
+     while loading (a bf16 file loaded as fp32, whose weights are then twice the file).
+
+The process exits 1 when any ratio exceeds --limit. `--reader` swaps the tensor reader the library gets from
+safetensors.safe_open, to compare the stock reader ("library", the default and the one that counts) with a
+pread-style reader that fills each tensor from the file with readinto() and maps nothing ("readinto"), or with
+safetensors' own `backend="pread"` (safetensors >= 0.8).
+
+    python bench/bench_load_memory.py                          # 3 GB bf16 checkpoint, all layouts
+    python bench/bench_load_memory.py --layout bfl --size-gb 1 --reader readinto
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYOUTS = ("bfl", "comfyui", "diffusers")
+COMFY_PREFIX = "model.diffusion_model."
+READERS = ("library", "readinto", "pread")
+DTYPE_NAMES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+ELEMENT_SIZE = {"BF16": 2, "F16": 2, "F32": 4}
+POOL_ELEMENTS = 4 << 20  # random values the checkpoint is tiled from (8 MiB in bf16)
+GB = 1e9
+MiB = 1 << 20
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# /proc readings
+
+
+def proc_status(pid: int | str = "self") -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon, RssFile, RssShmem of a process, in bytes."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                out[name] = int(rest.split()[0]) * 1024
+    return out
+
+
+class Sampler(threading.Thread):
+    """Polls another process's /proc status and keeps the largest RssAnon, RssFile and VmRSS seen."""
+
+    def __init__(self, pid: int, interval: float = 0.003):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.peak = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
+        self.samples = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                s = proc_status(self.pid)
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                return
+            self.samples += 1
+            for k in self.peak:
+                self.peak[k] = max(self.peak[k], s.get(k, 0))
+            time.sleep(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generating the checkpoint
+
+
+def plan_params(size_gb: float, element_size: int):
+    """FLUX.1-dev's FluxParams with the block counts whose checkpoint comes nearest `size_gb` (about 1 double block
+    per 2 single blocks, as in the real model; at least one of each)."""
+    import torch
+    from dataclasses import replace
+
+    from library.flux_models import FLUX_PRESETS, Flux
+
+    dev = FLUX_PRESETS["dev"]
+
+    def count(depth: int, single: int) -> int:
+        with torch.device("meta"):
+            model = Flux(replace(dev, depth=depth, depth_single_blocks=single))
+        return sum(p.numel() for p in model.parameters())
+
+    base = count(1, 1)
+    per_double, per_single = count(2, 1) - base, count(1, 2) - base
+    outer = base - per_double - per_single
+    target = size_gb * GB / element_size
+    best = None
+    for n in range(2, 19 + 38 + 1):
+        depth = max(1, round(n / 3))
+        single = max(1, n - depth)
+        numel = outer + depth * per_double + single * per_single
+        if best is None or abs(numel - target) < abs(best[0] - target):
+            best = (numel, depth, single)
+    return replace(dev, depth=best[1], depth_single_blocks=best[2])
+
+
+def checkpoint_entries(params, layout: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(key, shape) of every tensor of the checkpoint, in file order, from a model built on `meta`."""
+    import torch
+
+    from library.flux_diffusers_keys import bfl_to_diffusers
+    from library.flux_models import Flux
+
+    with torch.device("meta"):
+        state = Flux(params).state_dict()
+    if layout == "diffusers":
+        state = bfl_to_diffusers(state, params.hidden_size)
+    prefix = COMFY_PREFIX if layout == "comfyui" else ""
+    return [(prefix + k, tuple(v.shape)) for k, v in state.items()]
+
+
+def random_pool(st_dtype: str) -> memoryview:
+    import torch
+
+    from library.dtypes import SAFETENSORS_DTYPES
+
+    g = torch.Generator().manual_seed(0)
+    values = (torch.randn(POOL_ELEMENTS, generator=g) * 0.02).to(SAFETENSORS_DTYPES[st_dtype])
+    return memoryview(values.view(torch.uint8).numpy().tobytes())
+
+
+def write_checkpoint(path: Path, entries, st_dtype: str, metadata: dict[str, str]) -> int:
+    """Stream a safetensors file: header, then each tensor's bytes tiled from a small random pool (no model in RAM).
+    Returns the file size."""
+    esize = ELEMENT_SIZE[st_dtype]
+    header, offset = {}, 0
+    for key, shape in entries:
+        n = esize
+        for s in shape:
+            n *= s
+        header[key] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    pool = random_pool(st_dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    start = 0
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for key, _ in entries:
+            begin, end = header[key]["data_offsets"]
+            left = end - begin
+            while left:
+                chunk = pool[start:start + left]
+                f.write(chunk)
+                left -= len(chunk)
+                start = (start + len(chunk)) % len(pool)
+            start = (start + 7919 * esize) % len(pool)  # tensors do not all start on the same values
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def checkpoint_path(workdir: Path, layout: str) -> Path:
+    if layout == "diffusers":  # a diffusers pipeline folder; the loader is given the folder
+        return workdir / "diffusers" / "transformer" / "diffusion_pytorch_model.safetensors"
+    return workdir / f"flux_{layout}.safetensors"
+
+
+def load_target(workdir: Path, layout: str) -> Path:
+    return workdir / "diffusers" if layout == "diffusers" else checkpoint_path(workdir, layout)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Alternative readers (what-if: the library itself always calls safetensors.safe_open)
+
+
+class ReadintoSafeOpen:
+    """A drop-in for safetensors.safe_open(path, framework="pt", device="cpu") on CPU that maps nothing: each
+    get_tensor allocates the tensor and fills it with one readinto() at the offsets of the header. Only the tensor's
+    own pages are touched; the page cache holds the file but is not counted in this process's RSS."""
+
+    def __init__(self, filename, framework="pt", device="cpu", **_):
+        from library.safetensors_io import read_header
+
+        self._header = read_header(filename)
+        self._file = open(filename, "rb")
+        with open(filename, "rb") as f:
+            self._data_start = 8 + int.from_bytes(f.read(8), "little")
+
+    def keys(self):
+        return list(self._header.tensors)
+
+    def metadata(self):
+        return self._header.metadata
+
+    def get_tensor(self, key):
+        import torch
+
+        info = self._header.tensors[key]
+        buf = torch.empty(info.end - info.begin, dtype=torch.uint8)
+        self._file.seek(self._data_start + info.begin)
+        view = memoryview(buf.numpy())
+        got = 0
+        while got < len(view):
+            n = self._file.readinto(view[got:])
+            if not n:
+                raise OSError(f"{self._header.path}: unexpected end of file in {key}")
+            got += n
+        return buf.view(info.torch_dtype).reshape(info.shape)
+
+    def close(self):
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if not self._file.closed:
+            self._file.close()
+
+
+def install_reader(reader: str) -> None:
+    import safetensors
+
+    if reader == "readinto":
+        safetensors.safe_open = ReadintoSafeOpen
+    elif reader == "pread":
+        stock = safetensors.safe_open
+
+        def safe_open_pread(*args, **kwargs):
+            kwargs.setdefault("backend", "pread")
+            return stock(*args, **kwargs)
+
+        safetensors.safe_open = safe_open_pread
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One measurement (child process)
+
+
+def measure_child(path: str, load_dtype: str, reader: str) -> None:
+    import gc
+
+    import torch
+
+    from library.dtypes import str_to_dtype
+    from library import flux_checkpoint
+
+    # the transformer loader: load_transformer (flux_utils.load_flow_model wraps it), load_flow_model before
+    load = getattr(flux_checkpoint, "load_transformer", None) or flux_checkpoint.load_flow_model
+    install_reader(reader)
+    gc.collect()
+    before = proc_status()
+    t0 = time.perf_counter()
+    model = load(path, dtype=None if load_dtype == "stored" else str_to_dtype(load_dtype))
+    load_s = time.perf_counter() - t0
+    after = proc_status()
+    tensors = [*model.parameters(), *model.buffers()]
+    assert not any(t.is_meta for t in tensors)
+    print(json.dumps({
+        "baseline": before["VmRSS"],
+        "hwm_before": before["VmHWM"],
+        "hwm": after["VmHWM"],
+        "rss_after": after["VmRSS"],
+        "anon_after": after["RssAnon"],
+        "file_after": after["RssFile"],
+        "weights": sum(t.nbytes for t in tensors),
+        "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in tensors}),
+        "load_s": load_s,
+        "loader": f"{load.__module__}.{load.__name__}",
+    }))
+
+
+def measure(path: Path, load_dtype: str, reader: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_measure", str(path), "--_load-dtype", load_dtype,
+           "--reader", reader]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    sampler = Sampler(proc.pid)
+    sampler.start()
+    out, err = proc.communicate()
+    sampler.stop()
+    if proc.returncode:
+        raise RuntimeError(f"measurement of {path} ({load_dtype}) failed:\n{err.strip()[-3000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result.update(peak_anon=sampler.peak["RssAnon"], peak_file=sampler.peak["RssFile"], samples=sampler.samples)
+    result["ratio"] = (result["hwm"] - result["baseline"]) / result["weights"]
+    result["ratio_anon"] = (result["peak_anon"] - result["baseline"]) / result["weights"]
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def machine_line() -> str:
+    import platform
+
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    import safetensors
+    import torch
+
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.1f} GiB RAM; Python {platform.python_version()}, "
+            f"torch {torch.__version__}, safetensors {safetensors.__version__}")
+
+
+def table(rows: list[dict], limit: float) -> str:
+    head = ("| layout | file | load as | file GB | weights GB | baseline MiB | peak RSS GB (VmHWM) | peak anon GB "
+            "| peak file-mapped GB | RSS after GB | ratio | ratio (anon) | load s | ok |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['layout']} | {r['file_dtype']} | {r['load_dtype']} | {r['file_bytes'] / GB:.2f} "
+            f"| {r['weights'] / GB:.2f} | {r['baseline'] / MiB:.0f} | {r['hwm'] / GB:.2f} | {r['peak_anon'] / GB:.2f} "
+            f"| {r['peak_file'] / GB:.2f} | {r['rss_after'] / GB:.2f} | {r['ratio']:.2f} | {r['ratio_anon']:.2f} "
+            f"| {r['load_s']:.1f} | {'yes' if r['ratio'] <= limit else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    ap.add_argument("--size-gb", type=float, default=3.0, help="checkpoint size to aim at, in GB (1e9 bytes)")
+    ap.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="bf16", help="dtype stored in the file")
+    ap.add_argument("--cast-to", choices=sorted(DTYPE_NAMES), default=None,
+                    help="dtype of the cast-while-loading case (default fp32, or bf16 for an fp32 file)")
+    ap.add_argument("--layout", choices=(*LAYOUTS, "all"), default="all")
+    ap.add_argument("--reader", choices=READERS, default="library",
+                    help="tensor reader: the library's (safetensors.safe_open, mmap) or a what-if replacement")
+    ap.add_argument("--workdir", type=Path, default=None, help="where the checkpoints go (default: a temp folder)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the generated checkpoints (and reuse them when the next run asks for the same)")
+    ap.add_argument("--limit", type=float, default=1.2, help="largest accepted ratio (default 1.2)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--_measure", help=argparse.SUPPRESS)
+    ap.add_argument("--_load-dtype", dest="load_dtype", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+
+    if args._measure:
+        measure_child(args._measure, args.load_dtype, args.reader)
+        return 0
+
+    st_dtype = DTYPE_NAMES[args.dtype]
+    cast_to = args.cast_to or ("bf16" if args.dtype == "fp32" else "fp32")
+    layouts = LAYOUTS if args.layout == "all" else (args.layout,)
+    own_workdir = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="bench_load_memory_")) if own_workdir else args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    params = plan_params(args.size_gb, ELEMENT_SIZE[st_dtype])
+    print(f"machine: {machine_line()}")
+    print(f"checkpoint: FLUX.1-dev width (hidden {params.hidden_size}, mlp {params.mlp_hidden_dim}), "
+          f"{params.depth} double + {params.depth_single_blocks} single blocks, {args.dtype}; reader: {args.reader}; "
+          f"workdir {workdir}", flush=True)
+
+    rows: list[dict] = []
+    written: list[Path] = []
+    try:
+        for layout in layouts:
+            path = checkpoint_path(workdir, layout)
+            entries = checkpoint_entries(params, layout)
+            meta = {"format": "pt", "bench": "bench_load_memory", "size_gb": str(args.size_gb),
+                    "depth": str(params.depth), "depth_single_blocks": str(params.depth_single_blocks)}
+            t0 = time.perf_counter()
+            if args.keep and path.exists() and _same_checkpoint(path, entries, st_dtype, meta):
+                size, how = path.stat().st_size, "reused"
+            else:
+                size, how = write_checkpoint(path, entries, st_dtype, meta), "written"
+                written.append(path)
+            print(f"[{layout}] {path} {how}: {size / GB:.2f} GB, {len(entries)} tensors "
+                  f"({time.perf_counter() - t0:.1f} s)", flush=True)
+            for load_dtype in ("stored", cast_to):
+                r = measure(load_target(workdir, layout), load_dtype, args.reader)
+                r.update(layout=layout, file_dtype=args.dtype,
+                         load_dtype=f"{args.dtype} (as stored)" if load_dtype == "stored" else load_dtype,
+                         file_bytes=size, reader=args.reader)
+                rows.append(r)
+                print(f"[{layout}] load as {load_dtype}: peak {r['hwm'] / GB:.2f} GB, baseline "
+                      f"{r['baseline'] / MiB:.0f} MiB, weights {r['weights'] / GB:.2f} GB -> ratio {r['ratio']:.2f} "
+                      f"(anon only {r['ratio_anon']:.2f}; {r['samples']} samples), {r['load_s']:.1f} s", flush=True)
+            if not args.keep:
+                _remove(path, workdir, layout)
+    finally:
+        if not args.keep:
+            for p in written:
+                if p.exists():
+                    _remove(p, workdir, None)
+            if own_workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+    print()
+    print(table(rows, args.limit))
+    print(f"\nratio = (peak RSS - baseline RSS) / loaded weight bytes; limit {args.limit}. "
+          "'anon' uses the sampled peak of private memory only (file pages mapped by safetensors left out).")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine_line(), "rows": rows}, indent=1))
+    bad = [r for r in rows if r["ratio"] > args.limit]
+    if bad:
+        print(f"FAIL: {len(bad)} case(s) above {args.limit}x: "
+              + ", ".join(f"{r['layout']}/{r['load_dtype']} {r['ratio']:.2f}" for r in bad))
+        return 1
+    print(f"OK: every case within {args.limit}x")
+    return 0
+
+
+def _same_checkpoint(path: Path, entries, st_dtype: str, meta: dict[str, str]) -> bool:
+    from library.safetensors_io import ModelFileError, read_header
+
+    try:
+        h = read_header(path)
+    except ModelFileError:
+        return False
+    return (h.metadata == meta and list(h.tensors) == [k for k, _ in entries]
+            and all(t.dtype == st_dtype for t in h.tensors.values()))
+
+
+def _remove(path: Path, workdir: Path, layout: str | None) -> None:
+    path.unlink(missing_ok=True)
+    if layout == "diffusers" or path.parent.name == "transformer":
+        shutil.rmtree(workdir / "diffusers", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

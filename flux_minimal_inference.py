@@ -1,0 +1,160 @@
+"""Render images with FLUX.1 (dev or schnell) from the real model files, with sd-scripts' arguments.
+
+    python flux_minimal_inference.py --ckpt_path flux1-dev.safetensors --clip_l clip_l.safetensors \
+        --t5xxl t5xxl_fp16.safetensors --ae ae.safetensors --prompt "a cat" --seed 1 --output_dir out
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+from datetime import datetime
+from pathlib import Path
+
+logger = logging.getLogger("flux_minimal_inference")
+DTYPE_HELP = "bf16, fp16, fp32 or an fp8 type (fp8, fp8_e4m3fn, fp8_e5m2)"
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="FLUX.1 text-to-image inference (sd-scripts compatible arguments).")
+    p.add_argument("--ckpt_path", required=True,
+                   help="FLUX transformer: BFL .safetensors (flux1-dev.safetensors), ComfyUI-prefixed, fp8, or a "
+                        "diffusers folder/file")
+    p.add_argument("--clip_l", required=True, help="CLIP-L text encoder (clip_l.safetensors)")
+    p.add_argument("--t5xxl", required=True, help="T5-XXL encoder (t5xxl_fp16.safetensors or an fp8 variant)")
+    p.add_argument("--ae", required=True, help="autoencoder (ae.safetensors)")
+    p.add_argument("--prompt", default="A photo of a cat", help="prompt (default: %(default)s)")
+    p.add_argument("--negative_prompt", default=None,
+                   help="negative prompt; used only with --cfg_scale other than 1 (true classifier-free guidance)")
+    p.add_argument("--cfg_scale", type=float, default=1.0,
+                   help="classifier-free guidance scale; 1 disables it (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=3.5, help="embedded guidance scale for dev (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: 4 for schnell, 50 for dev)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
+    p.add_argument("--width", type=int, default=1360, help="image width; rounded up to a multiple of 16")
+    p.add_argument("--height", type=int, default=768, help="image height; rounded up to a multiple of 16")
+    p.add_argument("--dtype", default="bfloat16", help=f"dtype of every component unless set below: {DTYPE_HELP}")
+    for part in ("flux", "clip_l", "t5xxl", "ae"):
+        p.add_argument(f"--{part}_dtype", default=None, help=f"dtype of the {part} component (default: --dtype)")
+    p.add_argument("--apply_t5_attn_mask", action="store_true", help="mask T5 padding tokens in T5 and attention")
+    p.add_argument("--t5xxl_max_token_length", type=int, default=None,
+                   help="T5 tokens (default: 256 for schnell, 512 for dev)")
+    p.add_argument("--tokenizer_cache_dir", default=None,
+                   help="folder with tokenizers in sd-scripts' layout (openai_clip-vit-large-patch14, "
+                        "google_t5-v1_1-xxl); hub downloads are saved there")
+    p.add_argument("--clip_l_tokenizer", default=None,
+                   help="CLIP tokenizer folder or hub id (default: openai/clip-vit-large-patch14)")
+    p.add_argument("--t5xxl_tokenizer", default=None, help="T5 tokenizer folder or hub id (default: google/t5-v1_1-xxl)")
+    p.add_argument("--offload", action="store_true",
+                   help="keep models on the CPU and move each to the GPU only while it runs")
+    p.add_argument("--tiled_ae", action="store_true", help="decode in tiles to cap memory for large images")
+    p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
+    p.add_argument("--output_dir", default=".", help="folder for the PNG files (default: current folder)")
+    p.add_argument("--interactive", action="store_true",
+                   help="read prompts from standard input, one per line, with options --w --h --s --d --g --n --c")
+    return p
+
+
+INTERACTIVE_OPTIONS = {"w": ("width", int), "h": ("height", int), "s": ("steps", int), "d": ("seed", int),
+                       "g": ("guidance", float), "n": ("negative_prompt", str), "c": ("cfg_scale", float)}
+
+
+def parse_interactive_line(line: str, settings):
+    """Apply `prompt --w 1024 --h 768 --s 20 --d 42 --g 3.5 --n negative --c 2.0` to `settings` (a
+    GenerationSettings); width, height, steps, guidance and cfg persist, seed and negative prompt reset unless
+    given (`--n -` clears the negative prompt). Returns the new settings or raises ValueError."""
+    from dataclasses import replace
+
+    parts = line.split("--")
+    updates = {"prompt": parts[0].strip(), "seed": None, "negative_prompt": None}
+    for part in parts[1:]:
+        letter, _, value = part.strip().partition(" ")
+        if letter[:1] not in INTERACTIVE_OPTIONS or len(letter) != 1:
+            raise ValueError(f"unknown option --{letter}; use --w --h --s --d --g --n --c")
+        name, kind = INTERACTIVE_OPTIONS[letter]
+        value = value.strip()
+        try:
+            updates[name] = None if (name == "negative_prompt" and value == "-") else kind(value)
+        except ValueError:
+            raise ValueError(f"--{letter} needs a {kind.__name__}, got {value!r}") from None
+    if not updates["prompt"]:
+        raise ValueError("empty prompt")
+    return replace(settings, **updates)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = setup_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    import torch
+
+    from library import flux_utils
+    from library.dtypes import is_fp8, str_to_dtype
+    from library.flux_generation import FluxModels, GenerationSettings, Placement, generate, png_text, save_png, \
+        unique_path
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    base = str_to_dtype(args.dtype)
+    compute = torch.bfloat16 if is_fp8(base) else base
+    dtypes = {part: str_to_dtype(getattr(args, f"{part}_dtype"), base) for part in ("flux", "clip_l", "t5xxl", "ae")}
+    load_device = "cpu" if args.offload else device
+
+    info = flux_utils.analyze_checkpoint(args.ckpt_path)  # checks the file before anything heavy
+    logger.info(f"transformer: {info.layout} layout, {info.model_type}, {info.params.depth} double + "
+                f"{info.params.depth_single_blocks} single blocks, stored as {', '.join(sorted(info.dtypes))}")
+    tokenizer = flux_utils.load_tokenizer(args.tokenizer_cache_dir, info.is_schnell, args.t5xxl_max_token_length,
+                                          args.clip_l_tokenizer, args.t5xxl_tokenizer)
+    loaded = {}
+    for part, path in (("clip_l", args.clip_l), ("t5xxl", args.t5xxl), ("ae", args.ae), ("flux", args.ckpt_path)):
+        logger.info(f"loading {part} from {path} as {dtypes[part]}")
+        loaded[part] = flux_utils.load_for_compute(part, path, dtypes[part], load_device, compute,
+                                                   info=info if part == "flux" else None)
+    models = FluxModels(loaded["flux"], loaded["ae"], loaded["clip_l"], loaded["t5xxl"], tokenizer,
+                        info.is_schnell, compute if is_fp8(dtypes["flux"]) else dtypes["flux"])
+    placement = Placement(device, args.offload)
+
+    settings = GenerationSettings(prompt=args.prompt, width=args.width, height=args.height, steps=args.steps,
+                                  guidance=args.guidance, seed=0, negative_prompt=args.negative_prompt,
+                                  cfg_scale=args.cfg_scale)
+
+    def render(s: GenerationSettings) -> Path:
+        if s.seed is None:
+            s.seed = random.randint(0, 2**32 - 1)
+        width, height = s.output_size()
+        if (width, height) != (s.width, s.height):
+            logger.info(f"{s.width}x{s.height} is not a multiple of 16: the image will be {width}x{height}")
+        logger.info(f"generating {width}x{height}, {s.resolved_steps(info.is_schnell)} steps, seed {s.seed}")
+        image = generate(models, s, placement, args.apply_t5_attn_mask, args.tiled_ae)
+        path = unique_path(args.output_dir, datetime.now().strftime("%Y%m%d_%H%M%S"))
+        save_png(image, path, png_text(s, Path(args.ckpt_path).name))
+        logger.info(f"saved {path}")
+        return path
+
+    if not args.interactive:
+        settings.seed = args.seed
+        render(settings)
+        return 0
+    print("Enter a prompt with options --w --h --s --d --g --n --c; an empty line quits.")
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        try:
+            settings = parse_interactive_line(line.strip(), settings)
+        except ValueError as e:
+            print(f"error: {e}")
+            continue
+        render(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
