@@ -98,7 +98,7 @@ def _count(shapes: dict[str, tuple], pattern: re.Pattern) -> int:
 
 
 def _clip_shape_fields(shapes: dict[str, tuple], path) -> dict:
-    """CLIP config fields implied by tensor shapes (keys without any prefix, e.g. `embeddings.token_embedding.weight`)."""
+    """CLIP config fields implied by tensor shapes (keys without prefixes: `embeddings.token_embedding.weight`...)."""
     vocab, hidden = _shape(shapes, "embeddings.token_embedding.weight", path, "CLIP-L")
     return dict(
         vocab_size=vocab, hidden_size=hidden, num_attention_heads=max(hidden // 64, 1),
@@ -205,7 +205,8 @@ def load_clip_l(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
 
     Accepts the HF layout (`text_model.*`) under any of CLIP_PREFIXES, or without `text_model.`; ignores
     `text_projection.weight`, `logit_scale` and `position_ids`, and is otherwise strict. `dtype` None keeps the
-    file's dtype. Raises ModelFileError naming the file when it is not a usable CLIP-L.
+    file's dtype. Parameters keep requires_grad=True (as transformers builds them): freeze them unless training.
+    Raises ModelFileError naming the file when it is not a usable CLIP-L.
     """
     from transformers import CLIPTextModel
 
@@ -225,8 +226,9 @@ def load_t5xxl(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
 
     Accepts `encoder.*` + `shared.weight` under any of T5_PREFIXES; a file with `encoder.embed_tokens.weight`
     instead of (or beside) `shared.weight` works, the two are one tied tensor. Otherwise strict. `dtype` None keeps
-    the file's dtypes as stored (an fp8 file stays fp8: running it needs an upcasting wrapper). Raises
-    ModelFileError naming the file when it is not a usable T5 encoder.
+    the file's dtypes as stored (an fp8 file stays fp8: running it needs an upcasting wrapper). Parameters keep
+    requires_grad=True: freeze them unless training. Raises ModelFileError naming the file when it is not a usable
+    T5 encoder.
     """
     from transformers import T5EncoderModel
 

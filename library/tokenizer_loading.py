@@ -50,7 +50,8 @@ def _short(e: Exception) -> str:
 
 # Files a folder must hold for each tokenizer (any one alternative). Checked before loading because transformers 5
 # returns an EMPTY tokenizer (2 special tokens, no error) for a folder or id without them.
-_NEEDS = {"CLIP-L": (("tokenizer.json",), ("vocab.json", "merges.txt")), "T5-XXL": (("tokenizer.json",), ("spiece.model",))}
+_NEEDS = {"CLIP-L": (("tokenizer.json",), ("vocab.json", "merges.txt")),
+          "T5-XXL": (("tokenizer.json",), ("spiece.model",))}
 _HUB_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
               "vocab.json", "merges.txt", "spiece.model"]
 
@@ -111,11 +112,12 @@ def _load(cls, what: str, name_or_path: str, tokenizer_cache_dir: str | os.PathL
 
     snapshot = _hub_snapshot(name_or_path, tried)
     if snapshot is None:
-        layout = f"{tokenizer_cache_dir or 'DIR'}/{cache_folder_name(name_or_path)}/"
+        cache = tokenizer_cache_dir or "DIR"
         raise TokenizerNotFoundError(
             f"could not find the {what} tokenizer {name_or_path!r}. Tried:\n  - " + "\n  - ".join(tried) +
-            f"\nProvide it with --tokenizer_cache_dir DIR holding {layout} (a folder written by save_pretrained, or "
-            f"the tokenizer files of the hub repo {name_or_path}), or pass that folder itself as the tokenizer."
+            f"\nProvide one: put a tokenizer folder (written by save_pretrained, or the tokenizer files of the hub "
+            f"repo {name_or_path}) at {cache}/{cache_folder_name(name_or_path)}/ and pass --tokenizer_cache_dir "
+            f"{cache}, or pass that folder itself in place of {name_or_path!r}."
         )
     tokenizer = _from_folder(cls, snapshot, what)
     if cached is not None:  # sd-scripts keeps a copy so later runs need no hub
