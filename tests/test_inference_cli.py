@@ -160,3 +160,44 @@ def test_help_is_fast():
         r = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 0 and "usage" in r.stdout
         assert time.perf_counter() - start < 2.0
+
+
+def test_schnell_uses_4_unshifted_steps_and_offload_gives_the_same_image(tmp_path, caplog):
+    tiny = make_tiny_models(tmp_path / "schnell", preset="tiny-schnell")
+    args = base_args(tiny, tmp_path / "a", "--seed", "11")
+    del args[args.index("--steps"):args.index("--steps") + 2]
+    with caplog.at_level("INFO"):
+        assert cli.main(args) == 0
+    assert "schnell" in caplog.text and "4 steps" in caplog.text
+    args[args.index("--output_dir") + 1] = str(tmp_path / "b")
+    assert cli.main(args + ["--offload"]) == 0
+    assert only_png(tmp_path / "a").read_bytes() == only_png(tmp_path / "b").read_bytes()
+
+
+def test_python_api_from_readme(tiny):
+    from library import flux_utils
+    from library.flux_generation import FluxModels, GenerationSettings, Placement, generate
+
+    is_schnell, flux = flux_utils.load_flow_model(tiny["flux"], torch.float32, "cpu")
+    ae = flux_utils.load_ae(tiny["ae"], torch.float32, "cpu")
+    clip_l = flux_utils.load_clip_l(tiny["clip_l"], torch.float32, "cpu")
+    t5xxl = flux_utils.load_t5xxl(tiny["t5xxl"], torch.float32, "cpu")
+    tokenizer = flux_utils.load_tokenizer(tokenizer_cache_dir=tiny["tokenizers"], is_schnell=is_schnell)
+    assert tokenizer.t5_max_length == 512
+    l_pooled, t5_out, txt_ids, t5_mask = flux_utils.encode_prompts(clip_l, t5xxl, *tokenizer(["a cat"]))
+    assert t5_out.shape[:2] == (1, 512) and l_pooled.shape == (1, clip_l.config.hidden_size)
+    models = FluxModels(flux, ae, clip_l, t5xxl, tokenizer, is_schnell, torch.float32)
+    image = generate(models, GenerationSettings(prompt="a cat", width=32, height=32, steps=2, seed=1),
+                     Placement("cpu", offload=False), progress=False)
+    assert image.size == (32, 32)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_render_is_close_to_cpu_fp32(tiny, tmp_path):
+    assert cli.main(base_args(tiny, tmp_path / "cpu", "--seed", "1", "--device", "cpu")) == 0
+    args = base_args(tiny, tmp_path / "gpu", "--seed", "1", "--device", "cuda")
+    args[args.index("--dtype") + 1] = "bf16"
+    assert cli.main(args) == 0
+    a = np.asarray(Image.open(only_png(tmp_path / "cpu"))).astype(float)
+    b = np.asarray(Image.open(only_png(tmp_path / "gpu"))).astype(float)
+    assert np.abs(a - b).mean() < 8  # bf16 vs fp32 on random tiny weights: close, not identical
