@@ -7,7 +7,6 @@ Used by flux_minimal_inference.py and meant for sample images during training. L
 from __future__ import annotations
 
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from library.atomic_io import atomic_write
 from library.flux_sampling import (
     Conditioning,
     denoise,
@@ -129,22 +129,10 @@ def save_png(image, path: str | os.PathLike, text: dict[str, str]) -> Path:
     """Write a PNG with text chunks atomically (temporary file, then rename)."""
     from PIL.PngImagePlugin import PngInfo
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
     for k, v in text.items():
         info.add_itxt(k, v)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), suffix=".png")
 
 
 def unique_path(folder: str | os.PathLike, stem: str, suffix: str = ".png") -> Path:
@@ -154,8 +142,3 @@ def unique_path(folder: str | os.PathLike, stem: str, suffix: str = ".png") -> P
         path, n = folder / f"{stem}_{n}{suffix}", n + 1
     return path
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
