@@ -1,29 +1,33 @@
 #!/usr/bin/env python
 """Peak RSS while loading a FLUX transformer checkpoint with the suite's loader.
 
-What it proves: the loader builds the model on `meta` and assigns each tensor once, so loading needs about one copy
-of the weights in RAM -- peak RSS stays within `--limit` (1.2) times the loaded weight bytes above the interpreter
-baseline.
+What it checks: the loader builds the model on `meta` and assigns each tensor once, so loading should need about
+one copy of the weights in RAM -- peak RSS within `--limit` (1.2) times the loaded weight bytes above the
+interpreter baseline.
 
 How:
-  1. It writes a FLUX checkpoint of real width (hidden 3072, the real block shapes of FLUX.1-dev) with fewer blocks,
-     enough to reach --size-gb, in each requested layout (BFL, ComfyUI-prefixed BFL, diffusers). The file is streamed
-     tensor by tensor from a small pool of random bytes, so writing it needs no model in RAM.
-  2. Each measurement runs in a fresh Python process: it imports torch and the library, records its RSS (the
-     baseline), calls library.flux_checkpoint.load_transformer (what flux_utils.load_flow_model
-     runs), and reports VmHWM (the kernel's peak RSS for the process), the RSS left after
-     loading and the bytes of the loaded parameters. The parent also samples the child's RssAnon / RssFile every
-     few milliseconds, to tell private memory from file pages mapped by safetensors.
-  3. ratio = (VmHWM - baseline) / loaded weight bytes. Cases: the file's dtype as stored (dtype=None) and a cast
-     while loading (a bf16 file loaded as fp32, whose weights are then twice the file).
+  1. It writes a FLUX checkpoint of real width (hidden 3072, the block shapes of FLUX.1-dev) with fewer blocks,
+     as many as come nearest --size-gb (at least one double and one single block: about 1.1 GB in bf16), in each
+     requested layout (BFL, ComfyUI-prefixed BFL, diffusers folder). The file is streamed tensor by tensor from a
+     small pool of random values, so writing it needs no model in RAM, and it is written by this (parent) process,
+     never by the one measured.
+  2. Each measurement runs in a fresh Python process: it imports torch and library.flux_checkpoint, records its
+     RSS (the baseline), calls load_transformer (what flux_utils.load_flow_model runs), then reads one element of
+     every 4 KiB page of every weight, as a first forward pass would (weights that still alias the file's memory
+     map are only paged in then). It reports VmHWM (the kernel's peak RSS of the process) after the load and after
+     that read, the RSS left, and the bytes of the loaded tensors. The parent also samples the child's RssAnon and
+     RssFile every few milliseconds, to tell private memory from file pages mapped by safetensors.
+  3. ratio = (VmHWM after the read - baseline) / loaded weight bytes, for the file's dtype as stored (dtype=None)
+     and for a cast while loading (--cast-to: fp32 for a bf16/fp16 file, whose weights are then twice the file;
+     bf16 for an fp32 or fp8 file).
 
-The process exits 1 when any ratio exceeds --limit. `--reader` swaps the tensor reader the library gets from
-safetensors.safe_open, to compare the stock reader ("library", the default and the one that counts) with a
-pread-style reader that fills each tensor from the file with readinto() and maps nothing ("readinto"), or with
-safetensors' own `backend="pread"` (safetensors >= 0.8).
+The process exits 1 when any ratio exceeds --limit. `--reader` swaps what the library gets from
+safetensors.safe_open, to compare the stock reader ("library", the default and the one that counts) with a reader
+that fills each tensor from the file with readinto() and maps nothing ("readinto"), or with safetensors' own
+`backend="pread"` (safetensors >= 0.8).
 
-    python bench/bench_load_memory.py                          # 3 GB bf16 checkpoint, all layouts
-    python bench/bench_load_memory.py --layout bfl --size-gb 1 --reader readinto
+    python bench/bench_load_memory.py                          # 3 GB bf16 checkpoint, all layouts (~1 min)
+    python bench/bench_load_memory.py --layout bfl --dtype fp32 --reader readinto
 """
 
 from __future__ import annotations
@@ -372,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size-gb", type=float, default=3.0, help="checkpoint size to aim at, in GB (1e9 bytes)")
     ap.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="bf16", help="dtype stored in the file")
     ap.add_argument("--cast-to", choices=sorted(DTYPE_NAMES), default=None,
-                    help="dtype of the cast-while-loading case (default fp32, or bf16 for an fp32 file)")
+                    help="dtype of the cast-while-loading case (default fp32, or bf16 for an fp32 or fp8 file)")
     ap.add_argument("--layout", choices=(*LAYOUTS, "all"), default="all")
     ap.add_argument("--reader", choices=READERS, default="library",
                     help="tensor reader: the library's (safetensors.safe_open, mmap) or a what-if replacement")

@@ -11,7 +11,9 @@ def test_atomic_write_replaces_and_cleans_up(tmp_path):
     target = tmp_path / "out" / "file.txt"
     atomic_write(target, lambda tmp: open(tmp, "w").write("one"))
     assert target.read_text() == "one"
-    assert oct(os.stat(target).st_mode & 0o777) != oct(0o600)  # not mkstemp's private mode
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(target).st_mode & 0o777 == 0o666 & ~umask  # the usual mode, not mkstemp's 0600
 
     def failing(tmp):
         open(tmp, "w").write("half")
