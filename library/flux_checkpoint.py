@@ -19,6 +19,7 @@ from library.safetensors_io import (
     TRANSFORMER_PREFIXES,
     ModelFileError,
     SafetensorsHeader,
+    TensorReader,
     assign_weights,
     detect_kind,
     expect_kind,
@@ -172,17 +173,18 @@ def load_transformer(ckpt_path: str | Path, dtype: torch.dtype | None = None,
         for f, keys in info.file_keys.items():
             state_dict.update(load_tensors(f, keys, dtype, rename={k: k[len(info.prefix):] for k in keys}))
     else:
-        from safetensors import safe_open
-
-        handles = {f: safe_open(str(f), framework="pt", device="cpu") for f in info.file_keys}
+        readers = {f: TensorReader(f) for f in info.file_keys}
         owner = {k: f for f, keys in info.file_keys.items() for k in keys}
 
         def get(key: str) -> torch.Tensor:
-            t = handles[owner[key]].get_tensor(key)
+            t = readers[owner[key]].get(key)
             return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
-        state_dict = diffusers_to_bfl(owner, get)
-        handles.clear()
+        try:
+            state_dict = diffusers_to_bfl(owner, get)
+        finally:
+            for r in readers.values():
+                r.close()
     assign_weights(model, state_dict, info.path)
     del state_dict
     return model.to(device).eval()
