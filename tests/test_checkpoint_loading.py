@@ -138,3 +138,19 @@ def test_folder_and_shard_errors(tmp_path):
         analyze_checkpoint(shard)
     with pytest.raises(ModelFileError, match="file not found"):
         analyze_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_tensor_reader_round_trips_every_dtype_and_shape(tmp_path):
+    from library.safetensors_io import load_tensors
+
+    tensors = {
+        "f32": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(), "f16": torch.randn(2, 2, 2).half(),
+        "fp8": torch.randn(4, 4).to(torch.float8_e4m3fn), "i64": torch.arange(6).view(2, 3),
+        "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(4.0), "empty": torch.zeros(0, 3),
+    }
+    save_file_atomic(tensors, tmp_path / "t.safetensors")
+    loaded = load_tensors(tmp_path / "t.safetensors")
+    for k, v in tensors.items():
+        assert loaded[k].dtype == v.dtype and loaded[k].shape == v.shape and torch.equal(loaded[k], v), k
+    cast = load_tensors(tmp_path / "t.safetensors", keys=["bf16", "i64"], dtype=torch.float32)
+    assert cast["bf16"].dtype == torch.float32 and cast["i64"].dtype == torch.int64  # only floats are cast
