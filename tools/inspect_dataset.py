@@ -1,0 +1,157 @@
+"""Check a dataset before training: the config, every image, buckets, steps per epoch and captions.
+
+    python tools/inspect_dataset.py --dataset_config dataset.toml [any training arguments]
+    python tools/inspect_dataset.py --dataset_config dataset.toml --json > images.jsonl
+
+Nothing is loaded but image headers (and, with --tokenizer_cache_dir, the tokenizers to count caption tokens).
+Exit status 0 when no problem was found, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from library.dataset_args import add_dataset_arguments  # noqa: E402 (cheap: no torch)
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Validate a dataset config and its images; show buckets and steps.")
+    add_dataset_arguments(p, support_controlnet=True)
+    g = p.add_argument_group("steps")
+    g.add_argument("--max_train_steps", type=int, default=1600, help="as in training (default: %(default)s)")
+    g.add_argument("--max_train_epochs", type=int, default=None, help="overrides --max_train_steps")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--num_processes", type=int, default=1, help="GPUs that will share the batches")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--tokenizer_cache_dir", default=None,
+                   help="tokenizers (sd-scripts layout) to count caption tokens against --t5xxl_max_token_length")
+    g.add_argument("--t5xxl_max_token_length", type=int, default=512)
+    g.add_argument("--json", action="store_true", help="print one JSON record per image instead of the report")
+    return p
+
+
+class _Collect(logging.Handler):
+    """Keeps the warnings the dataset code logs, so the report can list them as problems."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def image_records(group) -> list[dict]:
+    from library.buckets import get_crop_ltrb
+    from library.captions import text_encoder_cache_caption
+
+    records = []
+    for ds in group.datasets:
+        for item in ds.items:
+            (bw, bh), (rw, rh) = item.bucket_reso, item.resized_size
+            records.append({
+                "path": str(item.absolute_path), "dataset": ds.config.index, "image_size": list(item.image_size),
+                "bucket": [bw, bh], "resized_size": [rw, rh], "crop_left_top": [(rw - bw) // 2, (rh - bh) // 2],
+                "crop_ltrb": [round(v, 2) for v in get_crop_ltrb(item.bucket_reso, item.image_size)], "repeats": item.num_repeats,
+                "is_reg": item.is_reg, "random_crop": item.subset.random_crop,
+                "caption": text_encoder_cache_caption(item.caption, item.caption_options)
+                if not item.caption_options.enable_wildcard else item.caption,
+            })
+    return records
+
+
+def caption_report(group, args) -> list[str]:
+    from library.captions import tag_frequency
+
+    captions = [i.caption for i in group.items]
+    words = [len(c.split()) for c in captions] or [0]
+    lines = [f"captions: {len(captions)} images, {sum(1 for c in captions if not c.strip())} empty, "
+             f"words per caption min {min(words)} / mean {sum(words) / len(words):.1f} / max {max(words)}"]
+    tags = Counter(tag_frequency(captions))
+    if tags:
+        top = ", ".join(f"{t} ({n})" for t, n in tags.most_common(10))
+        lines.append(f"tags: {len(tags)} distinct; most common: {top}")
+    if args.tokenizer_cache_dir:
+        from library.tokenizer_loading import load_t5_tokenizer
+
+        t5 = load_t5_tokenizer(args.tokenizer_cache_dir)
+        lengths = [len(t5(c)["input_ids"]) for c in captions]
+        over = sum(1 for n in lengths if n > args.t5xxl_max_token_length)
+        lines.append(f"T5 tokens per caption: max {max(lengths, default=0)}; {over} caption(s) longer than "
+                     f"{args.t5xxl_max_token_length} are truncated")
+    return lines
+
+
+def report(group, args) -> list[str]:
+    from library.datasets import max_train_steps_for, num_train_epochs, steps_per_epoch
+
+    out = []
+    for ds in group.datasets:
+        c = ds.config
+        out.append(f"dataset #{c.index} ({c.kind}): resolution {c.resolution[0]}x{c.resolution[1]}, batch size "
+                   f"{c.batch_size}, bucketing {'on' if c.enable_bucket else 'off'}"
+                   f"{' (no upscale)' if c.enable_bucket and c.bucket_no_upscale else ''}")
+        for s in c.subsets:
+            n = sum(1 for i in ds.items if i.subset is s)
+            reps = sorted({i.num_repeats for i in ds.items if i.subset is s})
+            out.append(f"  subset #{s.index}: {s.image_dir or s.metadata_file}: {n} images x {'/'.join(map(str, reps))}"
+                       f" repeats{' (regularisation)' if s.is_reg else ''}")
+        out.append(f"  {'bucket':>11}  {'images':>6}  {'with repeats':>12}  {'batches':>7}")
+        for reso, content in zip(ds.bucket_resos, ds.buckets):
+            out.append(f"  {reso[0]:>5}x{reso[1]:<5}  {len(set(content)):>6}  {len(content):>12}  "
+                       f"{-(-len(content) // c.batch_size):>7}")
+        if ds.ar_errors:
+            out.append(f"  mean aspect-ratio error {sum(ds.ar_errors) / len(ds.ar_errors):.4f}")
+    batches = len(group)
+    per_epoch = steps_per_epoch(batches, args.num_processes, args.gradient_accumulation_steps)
+    total = max_train_steps_for(batches, args.max_train_steps, args.max_train_epochs, args.num_processes,
+                                args.gradient_accumulation_steps)
+    out.append(f"batches per epoch: {batches}; optimizer steps per epoch: {per_epoch} ({args.num_processes} "
+               f"process(es), gradient accumulation {args.gradient_accumulation_steps}); max_train_steps {total} = "
+               f"{num_train_epochs(total, per_epoch)} epoch(s)")
+    return out + caption_report(group, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, unknown = setup_parser().parse_known_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.ERROR)  # warnings are collected and listed once, at the end
+    collect = _Collect()
+    logging.getLogger().addHandler(collect)
+    from library.dataset_config import DatasetConfigError, load_dataset_config
+    from library.datasets import build_datasets
+    from library.image_io import BadImageError
+
+    problems: list[str] = []
+    group = None
+    try:
+        group, _ = build_datasets(load_dataset_config(args, support_controlnet=True), args.seed, skip_bad_images=True)
+    except (DatasetConfigError, BadImageError, ValueError) as e:
+        problems.append(str(e))
+    problems += collect.messages
+    if args.json and group is not None:
+        for record in image_records(group):
+            print(json.dumps(record))
+    elif group is not None:
+        print("\n".join(report(group, args)))
+    if unknown:
+        print(f"note: training arguments not used for inspection: {' '.join(unknown)}", file=sys.stderr)
+    if problems:
+        print(f"\n{len(problems)} problem(s):", file=sys.stderr)
+        for p in problems:
+            print(f"- {p}", file=sys.stderr)
+        return 1
+    print("no problems found", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
