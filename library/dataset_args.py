@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from library.dataset_config import INTERPOLATIONS
+from library.dataset_schema import INTERPOLATIONS
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser, *, support_dreambooth: bool = True,

@@ -23,11 +23,13 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from library.dataset_schema import (  # noqa: F401 (INTERPOLATIONS, resolve_resolution: re-exported)
+    BadValue, CLI_NAMES, COMMAND_LINE_ONLY, HINTS, IMAGE_EXTENSIONS, INTERPOLATIONS, INVALID, KIND_KEYS,
+    KIND_NAMES, KIND_ONLY, LEVEL_KEYS, LEVEL_NAMES, NO_CLI_FALLBACK, convert_value, resolve_resolution, show_value,
+)
+
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
-KIND_NAMES = {"dreambooth": "DreamBooth", "finetune": "fine-tuning", "controlnet": "ControlNet"}
 
 
 class DatasetConfigError(ValueError):
@@ -125,162 +127,9 @@ class DatasetGroupConfig:
         return [s for d in self.datasets for s in d.subsets]
 
 
-# --- key tables: value type of every key, and where it may appear -------------------------------------------------
-
-_DATASET_TYPES = {
-    "batch_size": "pos_int", "enable_bucket": "bool", "min_bucket_reso": "pos_int", "max_bucket_reso": "pos_int",
-    "bucket_reso_steps": "pos_int", "bucket_no_upscale": "bool", "resolution": "resolution",
-    "network_multiplier": "float", "validation_seed": "int", "validation_split": "fraction",
-    "resize_interpolation": "interpolation",
-}
-_ARGPARSE_ONLY_TYPES = {"prior_loss_weight": "float", "debug_dataset": "bool"}
-# subset keys that may also be written in [[datasets]] / [general] and are inherited from there
-_ASCENDABLE_TYPES = {
-    "num_repeats": "int", "shuffle_caption": "bool", "caption_separator": "str", "keep_tokens": "nonneg_int",
-    "keep_tokens_separator": "str", "secondary_separator": "str", "enable_wildcard": "bool", "color_aug": "bool",
-    "flip_aug": "bool", "face_crop_aug_range": "range", "random_crop": "bool", "caption_prefix": "str",
-    "caption_suffix": "str", "token_warmup_min": "nonneg_int", "token_warmup_step": "nonneg_number",
-    "custom_attributes": "table", "resize_interpolation": "interpolation", "caption_dropout_rate": "fraction",
-    "caption_dropout_every_n_epochs": "nonneg_int", "caption_tag_dropout_rate": "fraction",
-    "caption_extension": "str", "class_tokens": "str", "cache_info": "bool",
-}
-_SUBSET_ONLY_TYPES = {"image_dir": "path", "is_reg": "bool", "alpha_mask": "bool", "metadata_file": "path",
-                      "conditioning_data_dir": "path"}
-_TYPES = {**_DATASET_TYPES, **_ARGPARSE_ONLY_TYPES, **_ASCENDABLE_TYPES, **_SUBSET_ONLY_TYPES}
-_KIND_ONLY = {"image_dir", "is_reg", "alpha_mask", "metadata_file", "conditioning_data_dir", "caption_extension",
-              "class_tokens", "cache_info"}
-_KIND_KEYS = {  # subset keys beyond the common ones, per kind
-    "dreambooth": {"image_dir", "is_reg", "alpha_mask", "caption_extension", "class_tokens", "cache_info"},
-    "finetune": {"metadata_file", "image_dir", "alpha_mask"},
-    "controlnet": {"image_dir", "conditioning_data_dir", "caption_extension", "cache_info"},
-}
-_GENERAL_KEYS = set(_DATASET_TYPES) | set(_ASCENDABLE_TYPES)
-_DATASET_KEYS = _GENERAL_KEYS | {"subsets"}
-_SUBSET_KEYS = set(_ASCENDABLE_TYPES) | set(_SUBSET_ONLY_TYPES)
-_LEVEL_NAMES = {"general": "[general]", "dataset": "[[datasets]]", "subset": "[[datasets.subsets]]"}
-_LEVEL_KEYS = {"general": _GENERAL_KEYS, "dataset": _DATASET_KEYS, "subset": _SUBSET_KEYS}
-_HINTS = {  # keys people write from the docs or from the command line
-    "interpolation_type": "use 'resize_interpolation' (the sd-scripts docs name a key that does not exist)",
-    "train_batch_size": "use 'batch_size'", "dataset_repeats": "use 'num_repeats'",
-    "caption_extention": "use 'caption_extension'", "train_data_dir": "use 'image_dir' in [[datasets.subsets]]",
-    "reg_data_dir": "use 'image_dir' with 'is_reg = true' in [[datasets.subsets]]",
-    "in_json": "use 'metadata_file' in [[datasets.subsets]]",
-}
-_COMMAND_LINE_ONLY = {"prior_loss_weight", "debug_dataset", "cache_latents", "cache_latents_to_disk", "vae_batch_size",
-                      "skip_cache_check", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk",
-                      "text_encoder_batch_size", "dataset_class", "masked_loss", "skip_bad_images"}
-_CLI_NAMES = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
-_NO_CLI_FALLBACK = {"image_dir", "metadata_file", "conditioning_data_dir", "is_reg", "class_tokens",
-                    "custom_attributes"}
 _SUBSET_FIELDS = [f.name for f in fields(SubsetConfig) if f.name not in ("index", "where", "sources")]
 _DATASET_FIELDS = [f.name for f in fields(DatasetConfig) if f.name not in ("kind", "subsets", "index", "where",
                                                                             "sources")]
-
-
-# --- values ------------------------------------------------------------------------------------------------------
-
-
-class _Bad(Exception):
-    """A value that does not fit its key (message without location)."""
-
-
-_INVALID = object()  # stands for a reported bad value, so resolution stops there instead of cascading
-
-
-def _show(value) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-             tuple: "an array", dict: "a table"}
-    return f"{json.dumps(value, default=str)} ({names.get(type(value), type(value).__name__)})"
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def resolve_resolution(value) -> tuple[int, int]:
-    """Parse a resolution: 512, "512", "512,768", [512, 768] or (512, 768) -> (width, height).
-
-    Raises ValueError for anything else (sizes must be positive integers).
-    """
-    if isinstance(value, str):
-        try:
-            sizes = [int(part) for part in value.split(",")]
-        except ValueError:
-            sizes = []
-    elif _is_int(value):
-        sizes = [value]
-    elif isinstance(value, (list, tuple)) and all(_is_int(v) for v in value):
-        sizes = list(value)
-    else:
-        sizes = []
-    if len(sizes) not in (1, 2) or min(sizes) < 1:
-        raise ValueError(f"must be one size or width,height (512, \"512,768\" or [512, 768]), got {_show(value)}")
-    return (sizes[0], sizes[-1])
-
-
-def _parse_range(value) -> tuple[float, float]:
-    parts = value.split(",") if isinstance(value, str) else value
-    try:
-        if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not all(
-                _is_number(p) or isinstance(p, str) for p in parts):
-            raise ValueError
-        lo, hi = (float(p) for p in parts)
-    except ValueError:
-        raise _Bad(f"must be exactly 2 numbers [low, high] (\"low,high\" on the command line), got {_show(value)}")
-    if lo > hi:
-        raise _Bad(f"must be [low, high] with low <= high, got {_show(value)}")
-    return (lo, hi)
-
-
-def _convert(key: str, value):
-    """Check `value` against the type of `key` and return it in its resolved form; raises _Bad."""
-    kind = _TYPES[key]
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise _Bad(f"'{key}' must be true or false, got {_show(value)}")
-    elif kind in ("int", "pos_int", "nonneg_int"):
-        if not _is_int(value):
-            raise _Bad(f"'{key}' must be an integer, got {_show(value)}")
-        if (kind == "pos_int" and value < 1) or (kind == "nonneg_int" and value < 0):
-            raise _Bad(f"'{key}' must be at least {1 if kind == 'pos_int' else 0}, got {value}")
-    elif kind in ("float", "nonneg_number", "fraction"):  # integers are fine where numbers are expected
-        if not _is_number(value):
-            raise _Bad(f"'{key}' must be a number, got {_show(value)}")
-        if kind == "fraction" and not 0 <= value <= 1:
-            raise _Bad(f"'{key}' must be between 0 and 1, got {value}")
-        if kind == "nonneg_number" and value < 0:
-            raise _Bad(f"'{key}' must not be negative, got {value}")
-        return value if kind == "nonneg_number" else float(value)
-    elif kind in ("str", "path", "interpolation"):
-        if not isinstance(value, str):
-            raise _Bad(f"'{key}' must be a string, got {_show(value)}")
-        if kind == "interpolation" and value not in INTERPOLATIONS:
-            raise _Bad(f"'{key}' must be one of {', '.join(INTERPOLATIONS)}, got {_show(value)}")
-        if kind == "path":
-            if not value.strip():
-                raise _Bad(f"'{key}' must not be empty")
-            return Path(value).expanduser()
-        if key == "caption_extension" and value and not value.startswith("."):
-            return "." + value
-    elif kind == "table":
-        if not isinstance(value, dict):
-            raise _Bad(f"'{key}' must be a table, got {_show(value)}")
-        return dict(value)
-    elif kind == "resolution":
-        try:
-            return resolve_resolution(value)
-        except ValueError as e:
-            raise _Bad(f"'{key}' {e}")
-    elif kind == "range":
-        try:
-            return _parse_range(value)
-        except _Bad as e:
-            raise _Bad(f"'{key}' {e}")
-    return value
 
 
 # --- reading -----------------------------------------------------------------------------------------------------
@@ -327,41 +176,41 @@ def _kind_reason(kind: str) -> str:
 def _check_table(raw: dict, level: str, table: str, ctx: _Context, kind: str | None = None) -> dict:
     """Report unknown, misplaced and mistyped keys of one table; return the valid entries, converted."""
     clean = {}
-    allowed = _LEVEL_KEYS[level]
+    allowed = LEVEL_KEYS[level]
     for key, value in raw.items():
         if key not in allowed:
             ctx.problems.add(ctx.where(table), _misplaced_key_message(key, level))
-        elif level == "subset" and key in _KIND_ONLY and key not in _KIND_KEYS[kind]:
-            owners = " or ".join(KIND_NAMES[k] for k in _KIND_KEYS if key in _KIND_KEYS[k])
+        elif level == "subset" and key in KIND_ONLY and key not in KIND_KEYS[kind]:
+            owners = " or ".join(KIND_NAMES[k] for k in KIND_KEYS if key in KIND_KEYS[k])
             ctx.problems.add(ctx.where(table), f"'{key}' is only allowed in {owners} subsets; this subset is "
                              f"{KIND_NAMES[kind]} ({_kind_reason(kind)})")
         elif key != "subsets" and value is not None:  # JSON null counts as absent
             try:
-                clean[key] = _convert(key, value)
-            except _Bad as e:
+                clean[key] = convert_value(key, value)
+            except BadValue as e:
                 ctx.problems.add(ctx.where(table), str(e))
-                clean[key] = _INVALID
+                clean[key] = INVALID
     return clean
 
 
 def _misplaced_key_message(key: str, level: str) -> str:
-    levels = [name for lvl, name in _LEVEL_NAMES.items() if key in _LEVEL_KEYS[lvl]]
+    levels = [name for lvl, name in LEVEL_NAMES.items() if key in LEVEL_KEYS[lvl]]
     if levels:
         return f"'{key}' is only allowed in {' or '.join(levels)}"
-    if key in _HINTS:
-        return f"unknown key '{key}'; {_HINTS[key]}"
-    if key in _COMMAND_LINE_ONLY:
+    if key in HINTS:
+        return f"unknown key '{key}'; {HINTS[key]}"
+    if key in COMMAND_LINE_ONLY:
         return f"'{key}' is a command-line option (--{key}), not a dataset config key"
-    close = difflib.get_close_matches(key, sorted(_LEVEL_KEYS[level] - {"subsets"}), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key, sorted(LEVEL_KEYS[level] - {"subsets"}), n=1, cutoff=0.6)
     suggestion = f"; did you mean '{close[0]}'?" if close else ""
-    return f"unknown key '{key}' in {_LEVEL_NAMES[level]}{suggestion}"
+    return f"unknown key '{key}' in {LEVEL_NAMES[level]}{suggestion}"
 
 
 def _cli_value(key: str, ctx: _Context):
     """The argparse value for a config key (with sd-scripts' name mapping), as (value, '--option') or None."""
-    if key in _NO_CLI_FALLBACK:
+    if key in NO_CLI_FALLBACK:
         return None
-    names = ["caption_extention", "caption_extension"] if key == "caption_extension" else [_CLI_NAMES.get(key, key)]
+    names = ["caption_extention", "caption_extension"] if key == "caption_extension" else [CLI_NAMES.get(key, key)]
     for name in names:
         value = getattr(ctx.args, name, None)
         if value is not None:
@@ -379,13 +228,13 @@ def _resolve(keys: list[str], layers: list[tuple[dict, str]], ctx: _Context, def
         found = next(((table[key], label) for table, label in layers if key in table), None)
         if found is None and (found := _cli_value(key, ctx)) is not None:
             try:
-                found = (_convert(key, found[0]), found[1])
-            except _Bad as e:
+                found = (convert_value(key, found[0]), found[1])
+            except BadValue as e:
                 ctx.problems.add(f"command line {found[1]}", str(e))
-                found = (_INVALID, found[1])
+                found = (INVALID, found[1])
         if found is None:
             values[key], sources[key] = getattr(defaults, key), "default"
-        elif found[0] is _INVALID:
+        elif found[0] is INVALID:
             values[key], sources[key] = getattr(defaults, key), "invalid"
         else:
             values[key], sources[key] = found
@@ -399,7 +248,7 @@ def _build_dataset(raw: dict, index: int, table: str, sub_tables: list[str], gen
     raw_subsets = raw.get("subsets", [])
     if not isinstance(raw_subsets, list) or not all(isinstance(s, dict) for s in raw_subsets):
         ctx.problems.add(ctx.where(table), f"'subsets' must be an array of tables ([[datasets.subsets]]), "
-                         f"got {_show(raw_subsets)}")
+                         f"got {show_value(raw_subsets)}")
         return None
     if not raw_subsets:
         ctx.problems.add(ctx.where(table), f"dataset {index} has no subsets: add [[datasets.subsets]] with "
@@ -622,7 +471,7 @@ def _read_file(path: Path, ctx: _Context) -> dict | None:
             return None
         if isinstance(data, dict):
             return data
-        ctx.problems.add(ctx.source, f"must hold a table with [general] and [[datasets]], got {_show(data)}")
+        ctx.problems.add(ctx.source, f"must hold a table with [general] and [[datasets]], got {show_value(data)}")
     return None
 
 
@@ -637,12 +486,12 @@ def _datasets_from_file(path: Path, ctx: _Context) -> list:
                              f"allowed{hint}")
     general = data.get("general", {})
     if not isinstance(general, dict):
-        ctx.problems.add(ctx.where("[general]"), f"'general' must be a table, got {_show(general)}")
+        ctx.problems.add(ctx.where("[general]"), f"'general' must be a table, got {show_value(general)}")
         general = {}
     general = _check_table(general, "general", "[general]", ctx)
     raw_datasets = data.get("datasets", [])
     if not isinstance(raw_datasets, list) or not all(isinstance(d, dict) for d in raw_datasets):
-        ctx.problems.add(ctx.source, f"'datasets' must be an array of tables ([[datasets]]), got {_show(raw_datasets)}")
+        ctx.problems.add(ctx.source, f"'datasets' must be an array of tables ([[datasets]]), got {show_value(raw_datasets)}")
         return []
     if not raw_datasets:
         ctx.problems.add(ctx.source, "no [[datasets]] table")

@@ -1,7 +1,6 @@
 """Datasets end to end: config -> items -> buckets -> batches, epochs, repeats, regularisation, caches."""
 
 import argparse
-import random
 from pathlib import Path
 
 import numpy as np
