@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from library.flux_math import attention, joint_attention_mask, position_embedding, timestep_embedding
@@ -226,6 +227,16 @@ class Flux(nn.Module):
         self.single_blocks = nn.ModuleList(
             SingleStreamBlock(h, params.num_heads, params.mlp_hidden_dim) for _ in range(params.depth_single_blocks))
         self.final_layer = LastLayer(h, params.out_channels)
+        self.gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block (and the embedders) in backward instead of keeping their activations."""
+        self.gradient_checkpointing = enabled
+
+    def _call(self, module: nn.Module, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
 
     @property
     def is_schnell(self) -> bool:
@@ -242,12 +253,12 @@ class Flux(nn.Module):
     def conditioning_vector(self, timesteps, y, guidance=None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """time + guidance + pooled-text embedding, computed in `dtype` (the activations' dtype; weights may be fp8)."""
         dtype = dtype or y.dtype
-        vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
+        vec = self._call(self.time_in, timestep_embedding(timesteps, 256).to(dtype))
         if self.params.guidance_embed:
             if guidance is None:
                 raise ValueError("this FLUX model has a guidance embedder (dev): pass `guidance`")
-            vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
-        return vec + self.vector_in(y.to(dtype))
+            vec = vec + self._call(self.guidance_in, timestep_embedding(guidance, 256).to(dtype))
+        return vec + self._call(self.vector_in, y.to(dtype))
 
     def forward(
         self,
@@ -286,13 +297,13 @@ class Flux(nn.Module):
         mask = joint_attention_mask(txt_attention_mask, img.shape[1], attention_mask)
 
         for i, block in enumerate(self.double_blocks):
-            img, txt = block(img, txt, vec, pe, mask)
+            img, txt = self._call(block, img, txt, vec, pe, mask)
             if double_block_residuals:
                 img = img + double_block_residuals[i % len(double_block_residuals)]
 
         x = torch.cat((txt, img), dim=1)
         for i, block in enumerate(self.single_blocks):
-            x = block(x, vec, pe, mask)
+            x = self._call(block, x, vec, pe, mask)
             if single_block_residuals:
                 r = single_block_residuals[i % len(single_block_residuals)]
                 x = torch.cat((x[:, :n_txt], x[:, n_txt:] + r), dim=1)
