@@ -59,24 +59,26 @@ class GenerationSettings:
 
 
 class Placement:
-    """Where models compute. With offload, models rest on the CPU and visit `device` one phase at a time."""
+    """Where models compute. With offload, a model visits `device` only while it runs and then goes back to where
+    it was (the CPU for inference with --offload; during training, a model already on the device stays there)."""
 
     def __init__(self, device: torch.device, offload: bool):
         self.device, self.offload = torch.device(device), offload
 
     @contextmanager
     def use(self, *models: torch.nn.Module):
+        homes = [next(m.parameters()).device for m in models] if self.offload else []
         if self.offload:
             for m in models:
                 m.to(self.device)
         try:
             yield
         finally:
-            if self.offload:
-                for m in models:
-                    m.to("cpu")
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+            for m, home in zip(models, homes):
+                if home != self.device:
+                    m.to(home)
+            if homes and self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def encode_prompt(models: FluxModels, prompt: str, placement: Placement, apply_t5_attn_mask: bool) -> Conditioning:
