@@ -6,15 +6,16 @@ is lazy, and the truncation checks below look at file structure (chunk lengths, 
 decoding pixels.
 
 Sizes are reported AFTER the EXIF orientation is applied, and `load_image` applies it too, so a portrait photo stored
-sideways lands in a portrait bucket and is trained upright. (sd-scripts reads sizes with `imagesize` and decodes
-without `exif_transpose`, i.e. it trains such photos sideways; for files without an orientation tag, the usual case,
-sizes and pixels are identical.)
+sideways lands in a portrait bucket and is trained upright. (sd-scripts reads sizes with `imagesize`, which ignores
+the orientation tag; for files without one, the usual case, sizes and pixels are the same in both tools.)
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
+import stat
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -88,43 +89,50 @@ def _bad(path: Path, reason: str) -> BadImageError:
 def list_images(folder: str | os.PathLike) -> list[Path]:
     """Image files directly inside `folder` (not recursive), matched case-insensitively, sorted by path."""
     folder = Path(folder)
-    found = {p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()}
+    with os.scandir(folder) as entries:  # scandir's is_file() needs no extra stat call on most file systems
+        found = {folder / e.name for e in entries if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+                 and e.is_file()}
     return sorted(found)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Structure checks: cheap reads that catch truncated downloads and files cut short by a full disk.
 
+_PNG_CHUNK_HEAD = struct.Struct(">I4s")
+
+
 def _check_png(f: BinaryIO, size: int) -> dict:
     """Walk the chunk list by its length fields (no pixel data is read): it must reach IEND inside the file.
 
     The walk also picks up eXIf / XMP chunks written after the image data, which PIL only sees after a full
-    decode, so the probe's orientation matches what `load_image` applies.
+    decode, so the probe's orientation matches what `load_image` applies. The file is memory-mapped: libpng
+    writes 8 KiB IDAT chunks, and a seek + read per chunk header made a 12 MB PNG take 4 ms instead of 0.3 ms.
     """
-    pos = len(_PNG_SIGNATURE)
-    seen_idat = False
     info: dict = {}
-    while True:
-        f.seek(pos)
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"truncated PNG (file ends at byte {size:,} before the IEND chunk)")
-        length, ctype = struct.unpack(">I4s", head)
-        end = pos + 12 + length
-        if end > size:
-            raise ValueError(
-                f"truncated PNG ({ctype.decode('latin-1')!r} chunk needs {end:,} bytes, file has {size:,})")
-        if ctype == b"IEND":
-            return info
-        if ctype == b"IDAT":
-            seen_idat = True
-        elif seen_idat and ctype == b"eXIf" and "exif" not in info:
-            info["exif"] = f.read(length)
-        elif seen_idat and ctype == b"iTXt" and length < 1 << 20 and "XML:com.adobe.xmp" not in info:
-            data = f.read(length)
-            if data.startswith(b"XML:com.adobe.xmp\0"):
-                info["XML:com.adobe.xmp"] = data.decode("utf-8", "replace")
-        pos = end
+    seen_idat = False
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        pos = len(_PNG_SIGNATURE)
+        while True:
+            if pos + 8 > size:
+                raise ValueError(f"truncated PNG (file ends at byte {size:,} before the IEND chunk)")
+            length, ctype = _PNG_CHUNK_HEAD.unpack_from(mm, pos)
+            end = pos + 12 + length
+            if end > size:
+                raise ValueError(
+                    f"truncated PNG ({ctype.decode('latin-1')!r} chunk needs {end:,} bytes, file has {size:,})")
+            if ctype == b"IEND":
+                if not seen_idat:
+                    raise ValueError("corrupt PNG (no image data chunk before IEND)")
+                return info
+            if ctype == b"IDAT":
+                seen_idat = True
+            elif seen_idat and ctype == b"eXIf" and "exif" not in info:
+                info["exif"] = mm[pos + 8:pos + 8 + length]
+            elif seen_idat and ctype == b"iTXt" and length < 1 << 20 and "XML:com.adobe.xmp" not in info:
+                data = mm[pos + 8:pos + 8 + length]
+                if data.startswith(b"XML:com.adobe.xmp\0"):
+                    info["XML:com.adobe.xmp"] = data.decode("utf-8", "replace")
+            pos = end
 
 
 def _check_jpeg(f: BinaryIO, size: int) -> None:
@@ -230,13 +238,14 @@ def probe_image(path: str | os.PathLike) -> ImageProbe:
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = os.stat(path)
     except FileNotFoundError:
         raise _bad(path, "file not found") from None
     except OSError as e:
         raise _bad(path, f"cannot read file ({e.strerror or e})") from None
-    if path.is_dir():
+    if stat.S_ISDIR(st.st_mode):
         raise _bad(path, "is a folder, not an image file")
+    size = st.st_size
     if size == 0:
         raise _bad(path, "empty file (0 bytes)")
     try:

@@ -7,7 +7,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from library.image_io import (
     BadImageError,
@@ -75,7 +75,7 @@ def test_exif_orientation_without_swap(tmp_path):
     assert rgb[10, 5, 2] > 200  # rotated 180: blue now on the left
 
 
-def test_png_exif_after_image_data_is_found_without_decoding(tmp_path):
+def test_png_exif_after_image_data_is_found_without_decoding(tmp_path, monkeypatch):
     buf = io.BytesIO()
     _halves().save(buf, "PNG")
     data = buf.getvalue()
@@ -83,7 +83,10 @@ def test_png_exif_after_image_data_is_found_without_decoding(tmp_path):
     exif_payload = _exif(8).tobytes()[6:]  # PNG eXIf holds the TIFF structure without the "Exif\0\0" prefix
     path = tmp_path / "late_exif.png"
     path.write_bytes(data[:iend] + _png_chunk(b"eXIf", exif_payload) + data[iend:])
-    probe = probe_image(path)
+    with monkeypatch.context() as m:
+        # PIL's own PNG getexif() would decode the whole image to reach this chunk.
+        m.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("probe decoded pixel data"))
+        probe = probe_image(path)
     assert probe.size == (20, 40) and probe.orientation == 8
     rgb, _ = load_image(path)
     assert rgb.shape == (40, 20, 3)
@@ -226,10 +229,33 @@ def test_truncated_webp_and_bmp(tmp_path):
     buf = io.BytesIO()
     Image.new("RGB", (32, 32)).save(buf, "BMP")
     (tmp_path / "t.bmp").write_bytes(buf.getvalue()[:-100])
-    with pytest.raises(BadImageError, match="WebP|corrupt|truncated"):
+    with pytest.raises(BadImageError, match="truncated WebP"):
         probe_image(tmp_path / "t.webp")
     with pytest.raises(BadImageError, match="truncated BMP"):
         probe_image(tmp_path / "t.bmp")
+
+
+def test_multi_picture_jpeg(tmp_path):
+    """Phone JPEGs with an MPF index open as PIL format MPO; the first frame is the image."""
+    _halves().save(tmp_path / "m.jpg", "MPO", save_all=True, append_images=[_halves(20, 20)])
+    probe = probe_image(tmp_path / "m.jpg")
+    assert probe.format == "MPO" and probe.size == (40, 20)
+    assert load_image(tmp_path / "m.jpg")[0].shape == (20, 40, 3)
+
+
+def test_probe_never_decodes_pixels(tmp_path, monkeypatch):
+    _halves().save(tmp_path / "a.jpg", exif=_exif(6))
+    _halves().save(tmp_path / "a.png")
+    _halves().save(tmp_path / "a.webp", "WEBP")
+    _halves().save(tmp_path / "a.bmp")
+    Image.new("P", (4, 4)).save(tmp_path / "p.png", transparency=0)
+
+    def no_decode(self):
+        raise AssertionError("probe decoded pixel data")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    good, bad = check_images(list_images(tmp_path))
+    assert len(good) == 5 and not bad
 
 
 def test_unsupported_format_is_rejected(tmp_path):
