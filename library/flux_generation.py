@@ -97,12 +97,18 @@ def encode_prompt(models: FluxModels, prompt: str, placement: Placement, apply_t
 def generate(models: FluxModels, settings: GenerationSettings, placement: Placement,
              apply_t5_attn_mask: bool = False, tiled_ae: bool = False, progress: bool = True):
     """Render one image; returns a PIL image of settings.output_size()."""
-    from PIL import Image
-
     cond = encode_prompt(models, settings.prompt, placement, apply_t5_attn_mask)
     negative = None
     if settings.negative_prompt and settings.cfg_scale != 1.0:
         negative = encode_prompt(models, settings.negative_prompt, placement, apply_t5_attn_mask)
+    return generate_from_conditioning(models, settings, cond, negative, placement, tiled_ae, progress)
+
+
+def generate_from_conditioning(models: FluxModels, settings: GenerationSettings, cond: Conditioning,
+                               negative: Conditioning | None, placement: Placement, tiled_ae: bool = False,
+                               progress: bool = True):
+    """Render from encoded prompts (e.g. precomputed before the text encoders were freed): seeded noise, the
+    schedule (unshifted for schnell), the Euler loop, decoding. Returns a PIL image of settings.output_size()."""
     h, w = packed_grid(settings.height, settings.width)
     noise = get_noise(1, settings.height, settings.width, settings.seed, models.compute_dtype, placement.device)
     img_ids = prepare_img_ids(1, h, w).to(placement.device, models.compute_dtype)
@@ -110,8 +116,16 @@ def generate(models: FluxModels, settings: GenerationSettings, placement: Placem
     with placement.use(models.flux):
         latents = denoise(models.flux, noise, img_ids, cond, timesteps, settings.guidance, negative,
                           settings.cfg_scale, progress=progress)
-    with placement.use(models.ae), torch.no_grad():
-        pixels = models.ae.decode(unpack_latents(latents.float(), h, w), tiled=tiled_ae)
+    return latents_to_image(models.ae, latents, h, w, placement, tiled_ae)
+
+
+def latents_to_image(ae: torch.nn.Module, latents: torch.Tensor, packed_height: int, packed_width: int,
+                     placement: Placement, tiled_ae: bool = False):
+    """Decode packed latents (1, h*w, 64) to a PIL image."""
+    from PIL import Image
+
+    with placement.use(ae), torch.no_grad():
+        pixels = ae.decode(unpack_latents(latents.float(), packed_height, packed_width), tiled=tiled_ae)
     array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(np.ascontiguousarray(array))
 
