@@ -1,0 +1,1 @@
+"""Trainable networks loaded by `--network_module` (sd-scripts' module API)."""
