@@ -215,24 +215,35 @@ class DatasetGroup(torch.utils.data.Dataset):
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
-    """Yields the keys of one epoch in its seeded order; `set_epoch` before iterating, `skip` batches on resume.
+    """Yields this process's keys of one epoch in its seeded order; `set_epoch` before iterating, `skip` batches
+    on resume. With several processes, rank r takes every n-th batch of the epoch order; the shorter ranks repeat
+    their first batch so every rank runs the same number of steps.
 
     The step passed with each key counts batches from the start of training (for caption token warm-up)."""
 
-    def __init__(self, group: DatasetGroup, epoch: int = 1, skip: int = 0, steps_per_batch: float = 1.0):
-        self.group, self.epoch, self.skip, self.steps_per_batch = group, epoch, skip, steps_per_batch
+    def __init__(self, group: DatasetGroup, epoch: int = 1, skip: int = 0, process_index: int = 0,
+                 num_processes: int = 1):
+        self.group, self.epoch, self.skip = group, epoch, skip
+        self.process_index, self.num_processes = process_index, num_processes
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
 
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each process sees in a whole epoch."""
+        return math.ceil(len(self.group) / self.num_processes)
+
     def __len__(self) -> int:
-        return len(self.group) - self.skip
+        return max(self.batches_per_epoch - self.skip, 0)
 
     def __iter__(self) -> Iterator[BatchKey]:
-        base = (self.epoch - 1) * len(self.group)
         order = self.group.epoch_order(self.epoch)
-        for position in range(self.skip, len(order)):
-            yield self.epoch, order[position], int((base + position) * self.steps_per_batch)
+        mine = order[self.process_index::self.num_processes]
+        mine += mine[: self.batches_per_epoch - len(mine)]
+        base = (self.epoch - 1) * self.batches_per_epoch
+        for position in range(self.skip, len(mine)):
+            yield self.epoch, mine[position], base + position
 
 
 def build_datasets(group_config: DatasetGroupConfig, seed: int, *, skip_bad_images: bool = False,

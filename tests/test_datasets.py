@@ -234,3 +234,12 @@ def test_latent_and_text_encoder_caches_feed_batches(dataset_dir, tmp_path):
     assert batch["images"] is None and batch["latents"].shape[1:] == (16, h // 8, w // 8)
     l_pooled, t5_out, txt_ids, mask = batch["text_encoder_outputs_list"]
     assert t5_out.shape[:2] == (batch["latents"].shape[0], 16) and batch["input_ids_list"] is None
+
+
+def test_sampler_shards_an_epoch_between_processes(dataset_dir):
+    train, _ = build(dataset_dir, BASIC.format(train=dataset_dir / "train", reg=dataset_dir / "reg"))
+    whole = [k[1] for k in EpochBatchSampler(train, epoch=2)]
+    ranks = [[k[1] for k in EpochBatchSampler(train, epoch=2, process_index=r, num_processes=2)] for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == -(-len(whole) // 2)
+    assert set(ranks[0]) | set(ranks[1]) == set(whole)
+    assert not set(ranks[0][: len(whole) // 2]) & set(ranks[1][: len(whole) // 2])

@@ -1,0 +1,316 @@
+"""The one training loop of the suite: setup -> train -> save -> cleanup, shared by every trainer.
+
+A trainer subclasses `Trainer` and says only what differs: what is trained (`build_trainable`), its optimizer
+parameter groups, and how its weights are saved. Everything else -- accelerate, datasets and caches, the epoch
+loop with gradient accumulation, clipping, NaN checks, logging, sampling, validation, checkpoints, save/resume and
+Ctrl-C handling -- lives here once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+
+from library.train_setup import TrainingModels
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot continue, with a message for the user (no traceback needed)."""
+
+
+class Trainer:
+    tracker_name = "network_train"
+
+    def __init__(self, args):
+        self.args = args
+        self.global_step = 0
+        self.epoch = 1
+        self.stop_requested: str | None = None
+        self.last_saved: list[Path] = []
+
+    # --- hooks for subclasses -------------------------------------------------------------------------------------
+
+    def build_trainable(self, models: TrainingModels) -> list[torch.nn.Module]:
+        """Create what is trained; return the modules whose mode follows training/eval."""
+        raise TypeError(f"{type(self).__name__} must define build_trainable")
+
+    def param_groups(self) -> tuple[list, list[str]]:
+        """(optimizer parameter groups, a description per group for logging)."""
+        raise TypeError(f"{type(self).__name__} must define param_groups")
+
+    def save_weights(self, path: Path, epoch: int, step: int, final: bool) -> None:
+        raise TypeError(f"{type(self).__name__} must define save_weights")
+
+    def reference_model(self):
+        """A context manager that switches the trainable delta off (for differential output preservation)."""
+        return None
+
+    def checkpoint_extension(self) -> str:
+        return ".safetensors"
+
+    # --- lifecycle ------------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, self._on_signal)
+        try:
+            self.setup()
+            self.train()
+            if self.stop_requested:
+                return 130
+            self.finish()
+            return 0
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if getattr(self, "accelerator", None) is not None:
+                self.accelerator.end_training()
+
+    def _on_signal(self, signum, frame):
+        if self.stop_requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.stop_requested = signal.Signals(signum).name
+        logger.warning("%s received: saving a resumable state after the current step", self.stop_requested)
+
+    def setup(self) -> None:
+        from library import train_setup
+
+        args = self.args
+        self.accelerator = train_setup.make_accelerator(args, self.tracker_name)
+        self.seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
+        args.seed = self.seed
+        from accelerate.utils import set_seed
+
+        set_seed(self.seed)
+        self.train_group, self.val_group = train_setup.build_dataset_groups(args, self.seed)
+        self.models = train_setup.load_models(args, self.accelerator)
+        self.trainable_modules = self.build_trainable(self.models)
+        train_setup.prepare_caches(args, self.accelerator, self.models, self.train_group, self.val_group)
+        self.samples = train_setup.prepare_sampling(args, self.models, self.accelerator)
+        self.models.free_unneeded(args, self.accelerator.device)
+
+        acc = self.accelerator
+        self.sampler = train_setup.make_sampler(self.train_group, acc)
+        per_epoch = math.ceil(self.sampler.batches_per_epoch / args.gradient_accumulation_steps)
+        if args.max_train_epochs:
+            args.max_train_steps = args.max_train_epochs * per_epoch
+        self.steps_per_epoch = per_epoch
+        self.num_epochs = math.ceil(args.max_train_steps / max(per_epoch, 1))
+        groups, self.lr_descriptions = self.param_groups()
+        from library.lr_schedulers import get_scheduler
+        from library.optimizers import get_optimizer
+
+        self.optimizer_name, self.optimizer_text, optimizer = get_optimizer(args, groups)
+        scheduler = get_scheduler(args, optimizer, acc.num_processes)
+        self.optimizer, self.lr_scheduler = acc.prepare(optimizer, scheduler)
+        self.trainable_params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+        acc.register_for_checkpointing(*self.trainable_modules)
+        self.loss_fn = train_setup.make_loss_computer(args, self.models, acc, self.reference_model)
+        self.loader = train_setup.make_loader(args, self.train_group, self.sampler)
+        self._resume()
+        if acc.is_main_process and args.log_with:
+            acc.init_trackers(args.log_tracker_name or self.tracker_name, config=train_setup.tracker_config(args))
+        logger.info("training: %d images with repeats, %d batches per epoch per process, %d steps per epoch, "
+                    "%d epochs, %d steps", self.train_group.num_train_images, self.sampler.batches_per_epoch,
+                    per_epoch, self.num_epochs, args.max_train_steps)
+
+    # --- the loop -------------------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        from tqdm import tqdm
+
+        args, acc = self.args, self.accelerator
+        bar = tqdm(total=args.max_train_steps, initial=self.global_step, desc="steps",
+                   disable=not acc.is_local_main_process, smoothing=0)
+        self._maybe_sample(at_first=True)
+        recent: list[float] = []
+        for epoch in range(self.epoch, self.num_epochs + 1):
+            self.epoch = epoch
+            skip = self._skip_batches if epoch == self._resume_epoch else 0
+            self.sampler.set_epoch(epoch, skip)
+            self._set_train_mode(True)
+            epoch_losses = []
+            for batch in self.loader:
+                with acc.accumulate(*self.trainable_modules), acc.autocast():
+                    loss = self.loss_fn(batch)
+                    if not torch.isfinite(loss):
+                        raise TrainingError(
+                            f"the loss became {loss.item()} at step {self.global_step + 1} (epoch {epoch}); training "
+                            f"stopped. Files saved so far are kept: {', '.join(map(str, self.last_saved)) or 'none'}. "
+                            "Lower the learning rate, use bf16 instead of fp16, or check the data")
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        self._sync_and_clip()
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                recent.append(loss.detach().item())
+                if not acc.sync_gradients:
+                    continue
+                self.global_step += 1
+                step_loss = sum(recent) / len(recent)
+                recent.clear()
+                epoch_losses.append(step_loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+                self._log({"loss/current": step_loss,
+                           "loss/average": sum(epoch_losses) / len(epoch_losses), **self._lrs()})
+                self.after_step()
+                if self.stop_requested:
+                    self._save_state(self._state_dir(step=self.global_step))
+                    logger.warning("stopped by %s at step %d; resume with --resume %s", self.stop_requested,
+                                   self.global_step, self._state_dir(step=self.global_step))
+                    return
+                if self.global_step >= args.max_train_steps:
+                    break
+            if epoch_losses:
+                self._log({"loss/epoch_average": sum(epoch_losses) / len(epoch_losses)}, step=epoch)
+            self.after_epoch(epoch)
+            if self.global_step >= args.max_train_steps:
+                break
+        bar.close()
+
+    def _set_train_mode(self, training: bool) -> None:
+        for m in self.trainable_modules:
+            m.train(training)
+        if self.args.gradient_checkpointing:
+            self.models.flux.train(training)  # checkpointing runs in training mode only
+
+    def _sync_and_clip(self) -> None:
+        acc = self.accelerator
+        if acc.num_processes > 1:  # the trainable weights live outside any DDP wrapper: average by hand
+            for p in self.trainable_params:
+                if p.grad is not None:
+                    p.grad = acc.reduce(p.grad, reduction="mean")
+        if self.args.max_grad_norm:
+            acc.clip_grad_norm_(self.trainable_params, self.args.max_grad_norm)
+
+    def _lrs(self) -> dict[str, float]:
+        return {f"lr/{d}": lr for d, lr in zip(self.lr_descriptions, self.lr_scheduler.get_last_lr())}
+
+    def _log(self, values: dict, step: int | None = None) -> None:
+        if self.args.log_with:
+            self.accelerator.log(values, step=self.global_step if step is None else step)
+
+    # --- after steps and epochs -----------------------------------------------------------------------------------
+
+    def after_step(self) -> None:
+        args, step = self.args, self.global_step
+        self._maybe_sample(step=step)
+        if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < args.max_train_steps:
+            self._save_checkpoint(step=step)
+        if getattr(args, "validate_every_n_steps", None) and step % args.validate_every_n_steps == 0:
+            self.validate("step")
+
+    def after_epoch(self, epoch: int) -> None:
+        args = self.args
+        self._maybe_sample(epoch=epoch)
+        if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < self.num_epochs:
+            self._save_checkpoint(epoch=epoch)
+        every = getattr(args, "validate_every_n_epochs", None) or 1
+        if self.val_group is not None and epoch % every == 0:
+            self.validate("epoch")
+
+    def _maybe_sample(self, **when) -> None:
+        if self.samples is not None and self.samples.schedule.should_sample(**when):
+            self.samples.run(self, **{k: v for k, v in when.items() if k != "at_first"})
+
+    def validate(self, kind: str) -> float | None:
+        """Validation loss at fixed sigmas and seeded noise, so values compare across steps."""
+        from library import train_setup
+
+        if self.val_group is None:
+            return None
+        self._set_train_mode(False)
+        value = train_setup.validation_loss(self.args, self.val_group, self.loss_fn, self.accelerator)
+        self._set_train_mode(True)
+        self._log({f"loss/validation/{kind}_average": value})
+        logger.info("validation loss (%s %d): %.5f", kind, self.global_step if kind == "step" else self.epoch, value)
+        return value
+
+    # --- saving and resuming --------------------------------------------------------------------------------------
+
+    def _checkpoint_path(self, epoch: int | None = None, step: int | None = None) -> Path:
+        from library.training_metadata import checkpoint_filename
+
+        return Path(self.args.output_dir) / checkpoint_filename(self.args.output_name, self.checkpoint_extension(),
+                                                                epoch=epoch, step=step)
+
+    def _state_dir(self, epoch: int | None = None, step: int | None = None) -> Path:
+        from library.training_metadata import state_dirname
+
+        return Path(self.args.output_dir) / state_dirname(self.args.output_name, epoch=epoch, step=step)
+
+    def _save_checkpoint(self, epoch: int | None = None, step: int | None = None) -> None:
+        from library.training_metadata import files_to_remove_for_save_last_n
+
+        acc, args = self.accelerator, self.args
+        acc.wait_for_everyone()
+        path = self._checkpoint_path(epoch=epoch, step=step)
+        if acc.is_main_process:
+            self.save_weights(path, self.epoch, self.global_step, final=False)
+            self.last_saved.append(path)
+            logger.info("saved %s", path)
+        if args.save_state:
+            self._save_state(self._state_dir(epoch=epoch, step=step))
+        if acc.is_main_process:
+            for old in files_to_remove_for_save_last_n(args, Path(args.output_dir), self.checkpoint_extension(),
+                                                       epoch=epoch, step=step):
+                if old.is_dir():
+                    shutil.rmtree(old)
+                elif old.exists():
+                    old.unlink()
+
+    def _save_state(self, folder: Path) -> None:
+        """Optimizer, scheduler, RNG and trainable weights (accelerate), plus our epoch/step bookkeeping."""
+        from library.atomic_io import atomic_write
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        acc.save_state(str(folder))
+        if acc.is_main_process:
+            position = {"current_epoch": self.epoch, "current_step": self.global_step, "seed": self.seed}
+            atomic_write(folder / "train_state.json", lambda tmp: Path(tmp).write_text(json.dumps(position)))
+            logger.info("saved state %s", folder)
+
+    def _resume(self) -> None:
+        self._resume_epoch, self._skip_batches = 1, 0
+        resume = self.args.resume
+        if not resume:
+            return
+        folder = Path(resume)
+        state_file = folder / "train_state.json"
+        if not state_file.exists():
+            raise TrainingError(f"--resume {folder}: not a state folder of this suite (no train_state.json)")
+        self.accelerator.load_state(str(folder))
+        position = json.loads(state_file.read_text())
+        self.global_step = int(position["current_step"])
+        if self.global_step >= self.args.max_train_steps:
+            raise TrainingError(f"--resume {folder}: it is at step {self.global_step}, already at or past "
+                                f"--max_train_steps {self.args.max_train_steps}")
+        done_epochs, steps_in_epoch = divmod(self.global_step, self.steps_per_epoch)
+        self.epoch = self._resume_epoch = done_epochs + 1
+        self._skip_batches = steps_in_epoch * self.args.gradient_accumulation_steps
+        logger.info("resumed from %s at step %d (epoch %d, skipping %d batches)", folder, self.global_step,
+                    self.epoch, self._skip_batches)
+
+    def finish(self) -> None:
+        acc, args = self.accelerator, self.args
+        acc.wait_for_everyone()
+        if args.save_state or getattr(args, "save_state_on_train_end", False):
+            self._save_state(self._state_dir())
+        if acc.is_main_process:
+            path = self._checkpoint_path()
+            self.save_weights(path, self.num_epochs, self.global_step, final=True)
+            self.last_saved.append(path)
+            logger.info("saved %s", path)

@@ -1,0 +1,238 @@
+"""The setup steps of the training loop: accelerate, datasets, models, caches, sampling, loaders, validation.
+
+Plain functions over `args`, so each reads on its own and every trainer shares them through library/train_loop.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+VALIDATION_SIGMAS = (0.2, 0.4, 0.6, 0.8)  # fixed, so validation losses compare across steps
+
+
+def weight_dtype(args) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision or "no", torch.float32)
+
+
+def make_accelerator(args, tracker_name: str):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    log_with = args.log_with
+    if log_with is None and args.logging_dir:
+        log_with = args.log_with = "tensorboard"
+    logging_dir = None
+    if args.logging_dir:
+        import time
+
+        logging_dir = str(Path(args.logging_dir) / f"{args.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
+    trackers = None if not log_with else (["tensorboard", "wandb"] if log_with == "all" else [log_with])
+    return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                       mixed_precision=args.mixed_precision or "no", log_with=trackers,
+                       project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir))
+
+
+def tracker_config(args) -> dict:
+    """Arguments worth logging, without secrets or paths of the user's machine (as --log_config intends)."""
+    if not getattr(args, "log_config", False):
+        return {}
+    secret = ("token", "api_key", "password")
+    return {k: v for k, v in vars(args).items()
+            if isinstance(v, (int, float, str, bool)) and not any(s in k for s in secret)
+            and not (isinstance(v, str) and ("/" in v or "\\" in v))}
+
+
+def build_dataset_groups(args, seed: int):
+    """Training and validation DatasetGroups from --dataset_config or the command-line fallbacks, validated
+    before any model loads."""
+    from library.dataset_config import load_dataset_config, validate_against_training_args
+    from library.datasets import build_datasets
+
+    config = load_dataset_config(args, support_controlnet=bool(getattr(args, "masked_loss", False)))
+    validate_against_training_args(config, args)
+    train, val = build_datasets(config, seed, skip_bad_images=args.skip_bad_images,
+                                max_train_steps=args.max_train_steps,
+                                conditioning_as_mask=bool(getattr(args, "masked_loss", False)))
+    if len(train) == 0:
+        raise ValueError("the datasets hold no images to train on")
+    return train, val
+
+
+@dataclass
+class TrainingModels:
+    flux: torch.nn.Module
+    ae: torch.nn.Module
+    clip_l: torch.nn.Module
+    t5xxl: torch.nn.Module
+    tokenizer: object
+    is_schnell: bool
+    weight_dtype: torch.dtype
+    compute_dtype: torch.dtype
+
+    def free_unneeded(self, args, device) -> None:
+        """Move the text encoders and AE off the accelerator when their outputs are cached (sampling moves them
+        back one at a time)."""
+        moved = []
+        if args.cache_text_encoder_outputs and not getattr(args, "train_text_encoder", False):
+            moved += [self.clip_l, self.t5xxl]
+        if args.cache_latents:
+            moved.append(self.ae)
+        for m in moved:
+            m.to("cpu")
+        if moved and torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def load_models(args, accelerator) -> TrainingModels:
+    from library import flux_utils
+    from library.fp8 import prepare_fp8, prepare_t5xxl_fp8
+
+    device, dtype = accelerator.device, weight_dtype(args)
+    info = flux_utils.analyze_checkpoint(args.pretrained_model_name_or_path)
+    compute = torch.bfloat16 if (args.fp8_base and dtype == torch.float32 and device.type == "cuda") else dtype
+    logger.info("loading %s (%s, %s layout)", args.pretrained_model_name_or_path, info.model_type, info.layout)
+    _, flux = flux_utils.load_flow_model(args.pretrained_model_name_or_path, None if args.fp8_base else dtype, "cpu",
+                                         info=info)
+    if args.fp8_base:
+        prepare_fp8(flux, torch.float8_e4m3fn, compute)
+    t5_fp8 = args.fp8_base and not args.fp8_base_unet
+    ae = flux_utils.load_ae(args.ae, torch.float32 if args.no_half_vae else dtype, "cpu")
+    clip_l = flux_utils.load_clip_l(args.clip_l, dtype, "cpu")
+    t5xxl = flux_utils.load_t5xxl(args.t5xxl, None if t5_fp8 else dtype, "cpu")
+    if t5_fp8:
+        prepare_t5xxl_fp8(t5xxl, torch.float8_e4m3fn, compute)
+    for m in (flux, ae, clip_l, t5xxl):
+        m.requires_grad_(False).eval().to(device)
+    if args.gradient_checkpointing:
+        flux.enable_gradient_checkpointing()
+    tokenizer = flux_utils.load_tokenizer(args.tokenizer_cache_dir, info.is_schnell, args.t5xxl_max_token_length)
+    return TrainingModels(flux, ae, clip_l, t5xxl, tokenizer, info.is_schnell, dtype, compute)
+
+
+def prepare_caches(args, accelerator, models: TrainingModels, train_group, val_group) -> None:
+    """Encode latents and text-encoder outputs once when asked to, then point the datasets at the caches."""
+    from library.cache_common import model_file_identity
+
+    groups = [g for g in (train_group, val_group) if g is not None]
+    latent_cache = te_cache = None
+    split = dict(process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+                 wait_for_everyone=accelerator.wait_for_everyone, progress=accelerator.is_local_main_process)
+    if args.cache_latents:
+        from library.latent_cache import LatentCache
+
+        latent_cache = LatentCache(args.cache_latents_to_disk, model_file_identity(args.ae),
+                                   skip_cache_check=args.skip_cache_check, batch_size=args.vae_batch_size)
+        for group in groups:
+            for ds in group.datasets:
+                latent_cache.cache(ds.items, models.ae, ds.load_pixels, accelerator.device, models.ae.dtype,
+                                   **(split if args.cache_latents_to_disk else {"progress": split["progress"]}))
+    if args.cache_text_encoder_outputs:
+        from library.text_encoder_cache import TextEncoderCache, text_encoder_identity
+
+        batch_size = args.text_encoder_batch_size or train_group.datasets[0].config.batch_size
+        te_cache = TextEncoderCache(args.cache_text_encoder_outputs_to_disk,
+                                    text_encoder_identity(args.clip_l, args.t5xxl, str(models.weight_dtype)),
+                                    skip_cache_check=args.skip_cache_check, batch_size=batch_size,
+                                    apply_t5_attn_mask=args.apply_t5_attn_mask,
+                                    t5_max_length=models.tokenizer.t5_max_length)
+        items = [i for g in groups for i in g.items]
+        te_cache.cache(items, models.tokenizer, models.clip_l, models.t5xxl,
+                       **(split if args.cache_text_encoder_outputs_to_disk else {"progress": split["progress"]}))
+    for group in groups:
+        group.attach(tokenizer=models.tokenizer, latent_cache=latent_cache, te_cache=te_cache)
+
+
+def make_sampler(group, accelerator):
+    from library.datasets import EpochBatchSampler
+
+    return EpochBatchSampler(group, process_index=accelerator.process_index,
+                             num_processes=accelerator.num_processes)
+
+
+def make_loader(args, group, sampler):
+    import os
+
+    workers = min(args.max_data_loader_n_workers, os.cpu_count() or 1)
+    return torch.utils.data.DataLoader(group, batch_size=None, sampler=sampler, num_workers=workers,
+                                       persistent_workers=bool(args.persistent_data_loader_workers and workers))
+
+
+def make_loss_computer(args, models: TrainingModels, accelerator, reference_model):
+    from library.flow_matching import FlowMatchingSettings
+    from library.flux_train_step import FluxLossComputer
+
+    return FluxLossComputer(FlowMatchingSettings.from_args(args), models.flux, accelerator.device,
+                            models.compute_dtype, ae=models.ae, clip_l=models.clip_l, t5xxl=models.t5xxl,
+                            apply_t5_attn_mask=args.apply_t5_attn_mask, masked_loss=args.masked_loss,
+                            train_text_encoders=getattr(args, "train_text_encoder", False),
+                            reference_model=reference_model)
+
+
+@torch.no_grad()
+def validation_loss(args, val_group, loss_fn, accelerator) -> float:
+    """Mean loss over the validation batches at VALIDATION_SIGMAS, with noise drawn from a generator seeded per
+    batch (validation_seed, else seed): the same inputs at every evaluation."""
+    from library.datasets import EpochBatchSampler
+
+    sampler = EpochBatchSampler(val_group, epoch=1, process_index=accelerator.process_index,
+                                num_processes=accelerator.num_processes)
+    seed = args.validation_seed if getattr(args, "validation_seed", None) is not None else args.seed
+    total, count = torch.zeros((), device=accelerator.device), 0
+    limit = getattr(args, "max_validation_steps", None)
+    for n, key in enumerate(sampler):
+        if limit is not None and n >= limit:
+            break
+        batch = val_group[key]
+        for sigma in VALIDATION_SIGMAS:
+            generator = torch.Generator("cpu").manual_seed(seed * 1000 + n)
+            b = len(batch["captions"])
+            with accelerator.autocast():
+                total += loss_fn(batch, sigmas=torch.full((b,), sigma), generator=generator).float()
+            count += 1
+    total = accelerator.reduce(total, reduction="sum")
+    count = accelerator.reduce(torch.tensor(float(count), device=accelerator.device), reduction="sum")
+    return (total / count.clamp(min=1)).item()
+
+
+class TrainingSamples:
+    """Preview images during training: the schedule and the models to render with."""
+
+    def __init__(self, args, models: TrainingModels, accelerator, prompts):
+        from library.flux_generation import FluxModels, Placement
+        from library.training_samples import SampleSchedule, precompute_prompt_conditioning
+
+        self.args, self.accelerator, self.prompts = args, accelerator, prompts
+        self.schedule = SampleSchedule.from_args(args)
+        self.models = FluxModels(models.flux, models.ae, models.clip_l, models.t5xxl, models.tokenizer,
+                                 models.is_schnell, models.compute_dtype)
+        # with cached text-encoder outputs the encoders leave the accelerator: encode every prompt once now
+        offload = accelerator.device.type != "cpu"
+        self.placement = Placement(accelerator.device, offload)
+        self.conditioning = None
+        if args.cache_text_encoder_outputs:
+            self.conditioning = precompute_prompt_conditioning(self.models, prompts, self.placement,
+                                                               args.apply_t5_attn_mask)
+
+    def run(self, trainer, epoch: int | None = None, step: int | None = None) -> None:
+        from library.training_samples import sample_images
+
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            sample_images(self.models, self.prompts, self.args.output_dir, self.args.output_name, self.placement,
+                          epoch=epoch, step=step if epoch is None else None,
+                          apply_t5_attn_mask=self.args.apply_t5_attn_mask, cached_conditioning=self.conditioning)
+        self.accelerator.wait_for_everyone()
+
+
+def prepare_sampling(args, models: TrainingModels, accelerator) -> TrainingSamples | None:
+    if not args.sample_prompts:
+        return None
+    from library.sample_prompts import load_prompts
+
+    return TrainingSamples(args, models, accelerator, load_prompts(args.sample_prompts))
