@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from library.train_args import (TrainingArgumentError, read_config_from_file, training_parser, verify_training_args,
+from library.config_file import read_config_from_file
+from library.train_args import (TrainingArgumentError, training_parser, verify_training_args,
                                 warn_command_line_secrets, warn_ineffective)
 
 TRAINER = "network"

@@ -119,13 +119,6 @@ class LoRATrainer(Trainer):
         finally:
             self.network.set_multiplier(1.0)
 
-    def checkpoint_extension(self) -> str:
-        ext = getattr(self.args, "save_model_as", None) or "safetensors"
-        if ext != "safetensors":
-            raise TrainingError(f"--save_model_as {ext}: this suite writes LoRAs as .safetensors only (pickles can "
-                                "run code when loaded)")
-        return ".safetensors"
-
     def after_step(self) -> None:
         if self.args.scale_weight_norms:
             keys_scaled, mean_norm, max_norm = self.network.apply_max_norm_regularization(
