@@ -47,18 +47,32 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip_l_tokenizer", default=None,
                    help="CLIP tokenizer folder or hub id (default: openai/clip-vit-large-patch14)")
     p.add_argument("--t5xxl_tokenizer", default=None, help="T5 tokenizer folder or hub id (default: google/t5-v1_1-xxl)")
+    p.add_argument("--lora_weights", nargs="*", default=[],
+                   help="LoRA files to apply, each `path` or `path;multiplier` (kohya/sd-scripts format)")
+    p.add_argument("--merge_lora_weights", action="store_true",
+                   help="merge the LoRAs into the weights (faster steps; multipliers fixed) instead of hooking them")
     p.add_argument("--offload", action="store_true",
                    help="keep models on the CPU and move each to the GPU only while it runs")
     p.add_argument("--tiled_ae", action="store_true", help="decode in tiles to cap memory for large images")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     p.add_argument("--output_dir", default=".", help="folder for the PNG files (default: current folder)")
+    p.add_argument("--output_latents", action="store_true",
+                   help="also write the final latents (16 x H/8 x W/8, before decoding) beside each PNG as "
+                        "<name>_latents.safetensors")
     p.add_argument("--interactive", action="store_true",
-                   help="read prompts from standard input, one per line, with options --w --h --s --d --g --n --c")
+                   help="read prompts from standard input, one per line, with options --w --h --s --d --g --n --c "
+                        "and --m m1,m2 (LoRA multipliers)")
     return p
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
+
+_floats.__name__ = "comma-separated list of numbers"
 INTERACTIVE_OPTIONS = {"w": ("width", int), "h": ("height", int), "s": ("steps", int), "d": ("seed", int),
-                       "g": ("guidance", float), "n": ("negative_prompt", str), "c": ("cfg_scale", float)}
+                       "g": ("guidance", float), "n": ("negative_prompt", str), "c": ("cfg_scale", float),
+                       "m": ("lora_multipliers", _floats)}
 
 
 def parse_interactive_line(line: str, settings):
@@ -72,7 +86,7 @@ def parse_interactive_line(line: str, settings):
     for part in parts[1:]:
         letter, _, value = part.strip().partition(" ")
         if letter[:1] not in INTERACTIVE_OPTIONS or len(letter) != 1:
-            raise ValueError(f"unknown option --{letter}; use --w --h --s --d --g --n --c")
+            raise ValueError(f"unknown option --{letter}; use --w --h --s --d --g --n --c --m")
         name, kind = INTERACTIVE_OPTIONS[letter]
         value = value.strip()
         try:
@@ -121,21 +135,38 @@ def run(args) -> int:
     models = FluxModels(loaded["flux"], loaded["ae"], loaded["clip_l"], loaded["t5xxl"], tokenizer,
                         info.is_schnell, compute if is_fp8(dtypes["flux"]) else dtypes["flux"])
     placement = Placement(device, args.offload)
+    from library.lora_loading import apply_loras
+
+    networks = apply_loras(args.lora_weights, loaded["flux"], loaded["clip_l"], loaded["t5xxl"],
+                           args.merge_lora_weights, load_device)
 
     settings = GenerationSettings(prompt=args.prompt, width=args.width, height=args.height, steps=args.steps,
                                   guidance=args.guidance, seed=0, negative_prompt=args.negative_prompt,
                                   cfg_scale=args.cfg_scale)
 
     def render(s: GenerationSettings) -> Path:
+        if s.lora_multipliers is not None:
+            if len(s.lora_multipliers) != len(networks):
+                raise ValueError(f"--m needs one multiplier per hooked LoRA ({len(networks)})")
+            for network, m in zip(networks, s.lora_multipliers):
+                network.set_multiplier(m)
         if s.seed is None:
             s.seed = random.randint(0, 2**32 - 1)
         width, height = s.output_size()
         if (width, height) != (s.width, s.height):
             logger.info(f"{s.width}x{s.height} is not a multiple of 16: the image will be {width}x{height}")
         logger.info(f"generating {width}x{height}, {s.resolved_steps(info.is_schnell)} steps, seed {s.seed}")
-        image = generate(models, s, placement, args.apply_t5_attn_mask, args.tiled_ae)
+        image, latents = generate(models, s, placement, args.apply_t5_attn_mask, args.tiled_ae, return_latents=True)
         path = unique_path(args.output_dir, datetime.now().strftime("%Y%m%d_%H%M%S"))
-        save_png(image, path, png_text(s, Path(args.ckpt_path).name))
+        text = png_text(s, Path(args.ckpt_path).name)
+        if args.lora_weights:
+            text["lora_weights"] = " ".join(args.lora_weights) + (" (merged)" if args.merge_lora_weights else "")
+        save_png(image, path, text)
+        if args.output_latents:
+            from library.safetensors_io import save_file_atomic
+
+            save_file_atomic({"latents": latents[0].float().cpu()}, path.with_name(path.stem + "_latents.safetensors"),
+                             {k: v for k, v in text.items() if k != "parameters"})
         logger.info(f"saved {path}")
         return path
 
@@ -149,10 +180,9 @@ def run(args) -> int:
             break
         try:
             settings = parse_interactive_line(line.strip(), settings)
+            render(settings)
         except ValueError as e:
             print(f"error: {e}")
-            continue
-        render(settings)
     return 0
 
 

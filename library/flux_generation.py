@@ -48,6 +48,7 @@ class GenerationSettings:
     seed: int = 0
     negative_prompt: str | None = None
     cfg_scale: float = 1.0
+    lora_multipliers: tuple[float, ...] | None = None  # interactive --m; None keeps the current ones
 
     def resolved_steps(self, is_schnell: bool) -> int:
         return self.steps if self.steps is not None else (4 if is_schnell else 50)
@@ -95,20 +96,30 @@ def encode_prompt(models: FluxModels, prompt: str, placement: Placement, apply_t
 
 
 def generate(models: FluxModels, settings: GenerationSettings, placement: Placement,
-             apply_t5_attn_mask: bool = False, tiled_ae: bool = False, progress: bool = True):
-    """Render one image; returns a PIL image of settings.output_size()."""
+             apply_t5_attn_mask: bool = False, tiled_ae: bool = False, progress: bool = True,
+             return_latents: bool = False):
+    """Render one image; returns a PIL image of settings.output_size() (and, with `return_latents`, the
+    unpacked latents (1, 16, H/8, W/8) it was decoded from)."""
     cond = encode_prompt(models, settings.prompt, placement, apply_t5_attn_mask)
     negative = None
     if settings.negative_prompt and settings.cfg_scale != 1.0:
         negative = encode_prompt(models, settings.negative_prompt, placement, apply_t5_attn_mask)
-    return generate_from_conditioning(models, settings, cond, negative, placement, tiled_ae, progress)
+    latents = generate_latents(models, settings, cond, negative, placement, progress)
+    image = latents_to_image(models.ae, latents, placement, tiled_ae)
+    return (image, latents) if return_latents else image
 
 
 def generate_from_conditioning(models: FluxModels, settings: GenerationSettings, cond: Conditioning,
                                negative: Conditioning | None, placement: Placement, tiled_ae: bool = False,
                                progress: bool = True):
-    """Render from encoded prompts (e.g. precomputed before the text encoders were freed): seeded noise, the
-    schedule (unshifted for schnell), the Euler loop, decoding. Returns a PIL image of settings.output_size()."""
+    """Render from encoded prompts (e.g. precomputed before the text encoders were freed); a PIL image."""
+    latents = generate_latents(models, settings, cond, negative, placement, progress)
+    return latents_to_image(models.ae, latents, placement, tiled_ae)
+
+
+def generate_latents(models: FluxModels, settings: GenerationSettings, cond: Conditioning,
+                     negative: Conditioning | None, placement: Placement, progress: bool = True) -> torch.Tensor:
+    """Seeded noise, the schedule (unshifted for schnell), the Euler loop: latents (1, 16, H/8, W/8)."""
     h, w = packed_grid(settings.height, settings.width)
     noise = get_noise(1, settings.height, settings.width, settings.seed, models.compute_dtype, placement.device)
     img_ids = prepare_img_ids(1, h, w).to(placement.device, models.compute_dtype)
@@ -116,16 +127,15 @@ def generate_from_conditioning(models: FluxModels, settings: GenerationSettings,
     with placement.use(models.flux):
         latents = denoise(models.flux, noise, img_ids, cond, timesteps, settings.guidance, negative,
                           settings.cfg_scale, progress=progress)
-    return latents_to_image(models.ae, latents, h, w, placement, tiled_ae)
+    return unpack_latents(latents.float(), h, w)
 
 
-def latents_to_image(ae: torch.nn.Module, latents: torch.Tensor, packed_height: int, packed_width: int,
-                     placement: Placement, tiled_ae: bool = False):
-    """Decode packed latents (1, h*w, 64) to a PIL image."""
+def latents_to_image(ae: torch.nn.Module, latents: torch.Tensor, placement: Placement, tiled_ae: bool = False):
+    """Decode latents (1, 16, H/8, W/8) to a PIL image."""
     from PIL import Image
 
     with placement.use(ae), torch.no_grad():
-        pixels = ae.decode(unpack_latents(latents.float(), packed_height, packed_width), tiled=tiled_ae)
+        pixels = ae.decode(latents, tiled=tiled_ae)
     array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(np.ascontiguousarray(array))
 

@@ -36,6 +36,7 @@ class Trainer:
         self.epoch = 1
         self.stop_requested: str | None = None
         self.last_saved: list[Path] = []
+        self.losses: list[float] = []  # loss of every optimizer step, for callers and tests
 
     # --- hooks for subclasses -------------------------------------------------------------------------------------
 
@@ -161,6 +162,7 @@ class Trainer:
                 step_loss = sum(recent) / len(recent)
                 recent.clear()
                 epoch_losses.append(step_loss)
+                self.losses.append(step_loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
                 self._log({"loss/current": step_loss,

@@ -159,8 +159,11 @@ def make_loader(args, group, sampler):
     import os
 
     workers = min(args.max_data_loader_n_workers, os.cpu_count() or 1)
+    # A private generator: creating each epoch's iterator must not draw from the global RNG, or a resumed run
+    # (which restores that RNG mid-epoch) would see different noise than an uninterrupted one.
     return torch.utils.data.DataLoader(group, batch_size=None, sampler=sampler, num_workers=workers,
-                                       persistent_workers=bool(args.persistent_data_loader_workers and workers))
+                                       persistent_workers=bool(args.persistent_data_loader_workers and workers),
+                                       generator=torch.Generator().manual_seed(args.seed))
 
 
 def make_loss_computer(args, models: TrainingModels, accelerator, reference_model):

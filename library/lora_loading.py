@@ -1,0 +1,52 @@
+"""Applying LoRA files to loaded models for inference: hooked (multiplier changeable) or merged into the weights."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def parse_lora_spec(spec: str) -> tuple[Path, float]:
+    """`path` or `path;multiplier` (sd-scripts' --lora_weights syntax)."""
+    path, sep, mult = spec.rpartition(";") if ";" in spec else (spec, "", "")
+    try:
+        multiplier = float(mult) if sep else 1.0
+    except ValueError:
+        raise ValueError(f"--lora_weights {spec!r}: the multiplier after ';' must be a number") from None
+    return Path(path), multiplier
+
+
+def apply_loras(specs: list[str], flux: torch.nn.Module, clip_l, t5xxl, merge: bool,
+                device: torch.device | str) -> list:
+    """Load each LoRA file and either merge it into the base weights (`merge`) or hook it into the models.
+
+    Returns the hooked networks (empty when merged), whose `set_multiplier` changes their strength later."""
+    from networks import lora_flux
+
+    networks = []
+    text_encoders = [clip_l, t5xxl]
+    for spec in specs:
+        path, multiplier = parse_lora_spec(spec)
+        network, weights = lora_flux.create_network_from_weights(multiplier, path, None, text_encoders, flux,
+                                                                 for_inference=True)
+        has_te = any(k.startswith(("lora_te1", "lora_te3")) for k in weights)
+        has_unet = any(k.startswith("lora_unet") for k in weights)
+        if not (has_te or has_unet):
+            raise ValueError(f"{path}: no kohya LoRA keys (lora_unet_* / lora_te1_* / lora_te3_*) found")
+        if merge:
+            network.merge_to(text_encoders, flux, weights, None, device)
+            logger.info("merged LoRA %s x %s", path, multiplier)
+            continue
+        network.apply_to(text_encoders, flux, has_te, has_unet)
+        missing, unexpected = network.load_state_dict(weights, strict=False)
+        if unexpected:
+            raise ValueError(f"{path}: {len(unexpected)} LoRA tensors match no module of these models "
+                             f"(e.g. {unexpected[0]}); is it a LoRA for FLUX.1?")
+        network.to(device).eval()
+        networks.append(network)
+        logger.info("applied LoRA %s x %s (%d modules)", path, multiplier, len(weights) // 3)
+    return networks

@@ -1,0 +1,158 @@
+"""flux_train_network.py end to end on tiny models: files, metadata, options, resume, interruption, NaN."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import flux_train_network as cli
+from conftest import ROOT
+from library.train_args import verify_training_args
+from tools.make_demo_dataset import make_demo_dataset
+from tools.make_tiny_models import make_tiny_models
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train")
+    models = make_tiny_models(base / "models")
+    toml = make_demo_dataset(base / "data", count=2, size=32)
+    return models, toml
+
+
+def train_args(setup, out, *extra):
+    models, toml = setup
+    return ["--pretrained_model_name_or_path", str(models["flux"]), "--clip_l", str(models["clip_l"]),
+            "--t5xxl", str(models["t5xxl"]), "--ae", str(models["ae"]), "--tokenizer_cache_dir",
+            str(models["tokenizers"]), "--dataset_config", str(toml), "--output_dir", str(out),
+            "--network_module", "networks.lora_flux", "--network_dim", "4", "--learning_rate", "1e-3",
+            "--max_train_steps", "6", "--seed", "7", "--max_data_loader_n_workers", "0",
+            "--t5xxl_max_token_length", "16", "--model_prediction_type", "raw", *extra]
+
+
+def run_trainer(argv):
+    from library.lora_training import LoRATrainer
+
+    args = cli.setup_parser().parse_args(argv)
+    verify_training_args(args, "network")
+    trainer = LoRATrainer(args)
+    return trainer, trainer.run()
+
+
+def test_cli_writes_kohya_lora_with_metadata_checkpoints_and_samples(setup, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --w 32 --h 32 --s 2 --d 1\n")
+    r = subprocess.run([sys.executable, str(ROOT / "flux_train_network.py"),
+                        *train_args(setup, tmp_path / "out", "--output_name", "demo", "--save_every_n_steps", "2",
+                                    "--save_last_n_steps", "1", "--sample_prompts", str(prompts),
+                                    "--sample_every_n_steps", "3", "--xformers")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--xformers has no effect" in r.stderr
+    out = tmp_path / "out"
+    # step checkpoints every 2 steps; --save_last_n_steps 1 removes step 2 when step 4 is saved; then the final file
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["demo-step00000004.safetensors", "demo.safetensors"]
+    weights = load_file(str(out / "demo.safetensors"))
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in weights
+    assert "lora_unet_single_blocks_1_linear1.lora_up.weight" in weights
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_") for k in weights)
+    assert weights["lora_unet_double_blocks_0_img_attn_qkv.alpha"].dtype == torch.float32
+    assert weights["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape[0] == 4
+    with safe_open(str(out / "demo.safetensors"), "pt") as f:
+        md = f.metadata()
+    assert md["ss_network_module"] == "networks.lora_flux" and md["ss_network_dim"] == "4"
+    assert md["ss_base_model_version"] == "flux1" and md["ss_steps"] == "6" and md["ss_seed"] == "7"
+    assert md["modelspec.architecture"] == "flux-1-dev/lora" and md["modelspec.sai_model_spec"] == "1.0.1"
+    assert "sshs_model_hash" in md and json.loads(md["ss_datasets"])[0]["num_train_images"] == 2
+    samples = sorted((out / "sample").glob("*.png"))
+    assert [p.name.split("_")[1] for p in samples] == ["000003", "000006"]  # demo_000003_00_<time>_1.png
+
+
+def test_options_change_what_is_trained_and_saved(setup, tmp_path):
+    _, code = run_trainer(train_args(setup, tmp_path / "a", "--network_train_unet_only", "--save_precision", "bf16",
+                                     "--network_args", "train_blocks=single", "--max_train_steps", "2"))
+    assert code == 0
+    weights = load_file(str(tmp_path / "a" / "last.safetensors"))
+    assert all(k.startswith("lora_unet_single_blocks_") for k in weights)
+    assert weights["lora_unet_single_blocks_0_linear1.lora_down.weight"].dtype == torch.bfloat16
+
+
+def test_loss_decreases_on_a_fixed_seed(setup, tmp_path):
+    trainer, code = run_trainer(train_args(setup, tmp_path, "--max_train_steps", "200", "--learning_rate", "5e-3",
+                                           "--network_train_unet_only", "--cache_latents"))
+    assert code == 0
+    first, last = trainer.losses[:30], trainer.losses[-30:]
+    assert sum(last) / len(last) < 0.85 * sum(first) / len(first)
+
+
+def lora_tensors(path):
+    return load_file(str(path))
+
+
+def test_resume_equals_uninterrupted(setup, tmp_path):
+    common = ("--lr_scheduler", "cosine", "--save_every_n_steps", "3", "--save_state", "--output_name", "r")
+    _, code = run_trainer(train_args(setup, tmp_path / "full", *common))
+    assert code == 0
+    state = tmp_path / "full" / "r-step00000003-state"
+    assert json.loads((state / "train_state.json").read_text())["current_step"] == 3
+    _, code = run_trainer(train_args(setup, tmp_path / "resumed", *common, "--resume", str(state)))
+    assert code == 0
+    a, b = lora_tensors(tmp_path / "full" / "r.safetensors"), lora_tensors(tmp_path / "resumed" / "r.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interruption_saves_a_resumable_state(setup, tmp_path, monkeypatch):
+    from library.lora_training import LoRATrainer
+
+    _, code = run_trainer(train_args(setup, tmp_path / "ref", "--output_name", "x"))
+    original = LoRATrainer.after_step
+
+    def stop_at_two(self):
+        original(self)
+        if self.global_step == 2:
+            self.stop_requested = "SIGINT"
+
+    monkeypatch.setattr(LoRATrainer, "after_step", stop_at_two)
+    trainer, code = run_trainer(train_args(setup, tmp_path / "cut", "--output_name", "x"))
+    assert code == 130 and not (tmp_path / "cut" / "x.safetensors").exists()
+    state = tmp_path / "cut" / "x-step00000002-state"
+    assert state.is_dir()
+    monkeypatch.setattr(LoRATrainer, "after_step", original)
+    _, code = run_trainer(train_args(setup, tmp_path / "cut", "--output_name", "x", "--resume", str(state)))
+    assert code == 0
+    a, b = lora_tensors(tmp_path / "ref" / "x.safetensors"), lora_tensors(tmp_path / "cut" / "x.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_with_the_step_named(setup, tmp_path, monkeypatch, capsys):
+    from library.flux_train_step import FluxLossComputer
+
+    original = FluxLossComputer.__call__
+    calls = []
+
+    def poisoned(self, batch, **kw):
+        calls.append(1)
+        loss = original(self, batch, **kw)
+        return loss * float("nan") if len(calls) == 4 else loss
+
+    monkeypatch.setattr(FluxLossComputer, "__call__", poisoned)
+    code = cli.main(train_args(setup, tmp_path, "--save_every_n_steps", "2", "--output_name", "n"))
+    err = capsys.readouterr().err
+    assert code == 2 and "loss became nan at step 4" in err and "n-step00000002.safetensors" in err
+    assert (tmp_path / "n-step00000002.safetensors").exists() and not (tmp_path / "n.safetensors").exists()
+
+
+def test_bad_dataset_fails_before_models_load(setup, tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[datasets]]\nresolution = 32\n[[datasets.subsets]]\nimage_dir = "/nonexistent"\n')
+    argv = train_args(setup, tmp_path)
+    argv[argv.index("--dataset_config") + 1] = str(bad)
+    argv[argv.index("--pretrained_model_name_or_path") + 1] = "/also/missing.safetensors"
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "/nonexistent" in err and "missing.safetensors" not in err
