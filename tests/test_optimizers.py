@@ -1,6 +1,7 @@
 """Optimizer and LR-scheduler factories: every optimizer type builds and steps on CPU, sd-scripts' names and
 metadata text, option parsing, every scheduler's LR at chosen steps against hand-computed values, and resume."""
 
+import logging
 import argparse
 import io
 import math
@@ -183,7 +184,8 @@ def test_lr_free_warnings(caplog):
     net = model()
     _, text, _ = get_optimizer(make_args("--optimizer_type", "prodigy", "--learning_rate", "1.0",
                                          "--optimizer_args", "d_coef=2", "decouple=True"), net.parameters())
-    assert text == "d_coef=2,decouple=True" and not caplog.text
+    assert text == "d_coef=2,decouple=True"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # INFO lines depend on earlier tests
     # Prodigy itself refuses to step with different group LRs; sd-scripts (and we) warn when building it
     groups = [{"params": list(net[0].parameters()), "lr": 1.0}, {"params": list(net[2].parameters()), "lr": 0.5}]
     get_optimizer(make_args("--optimizer_type", "Prodigy", "--learning_rate", "1.0"), groups)

@@ -121,11 +121,22 @@ def report(group, args) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args, unknown = setup_parser().parse_known_args(argv)
+    root = logging.getLogger()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    for handler in logging.getLogger().handlers:
+    levels = {h: h.level for h in root.handlers}
+    for handler in root.handlers:
         handler.setLevel(logging.ERROR)  # warnings are collected and listed once, at the end
     collect = _Collect()
-    logging.getLogger().addHandler(collect)
+    root.addHandler(collect)
+    try:
+        return _inspect(args, unknown, collect)
+    finally:
+        root.removeHandler(collect)
+        for handler, level in levels.items():
+            handler.setLevel(level)
+
+
+def _inspect(args, unknown: list[str], collect: _Collect) -> int:
     from library.dataset_config import DatasetConfigError, load_dataset_config
     from library.datasets import build_datasets
     from library.image_io import BadImageError
