@@ -8,11 +8,10 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from library.config_file import read_config_from_file
-from library.train_args import (TrainingArgumentError, training_parser, verify_training_args,
+from library.train_args import (TrainingArgumentError, setup_logging, training_parser, verify_training_args,
                                 warn_command_line_secrets, warn_ineffective)
 
 TRAINER = "network"
@@ -26,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = setup_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args)
     warn_command_line_secrets(argv)
     args = read_config_from_file(args, parser, argv)
     from library.dataset_config import DatasetConfigError

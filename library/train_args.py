@@ -48,6 +48,13 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     add("--console_log_simple", action="store_true", help="plain log lines (no rich formatting)")
 
 
+def setup_logging(args: argparse.Namespace) -> None:
+    """Apply --console_log_level / --console_log_file (plain lines either way: no rich dependency)."""
+    level = getattr(logging, getattr(args, "console_log_level", None) or "INFO")
+    kwargs = {"filename": args.console_log_file} if getattr(args, "console_log_file", None) else {}
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", **kwargs)
+
+
 def add_model_path_arguments(parser: argparse.ArgumentParser) -> None:
     """Model files (reference 1.3 with the FLUX paths of 1.11/1.12)."""
     add = parser.add_argument_group("models").add_argument

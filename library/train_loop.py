@@ -87,6 +87,7 @@ class Trainer:
         from library import train_setup
 
         args = self.args
+        train_setup.check_supported(args)
         self.accelerator = train_setup.make_accelerator(args, self.tracker_name)
         self.seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
         args.seed = self.seed
@@ -217,7 +218,9 @@ class Trainer:
     def after_epoch(self, epoch: int) -> None:
         args = self.args
         self._maybe_sample(epoch=epoch)
-        if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 and epoch < self.num_epochs:
+        from library.training_metadata import is_epoch_save
+
+        if is_epoch_save(args, epoch, self.num_epochs):
             self._save_checkpoint(epoch=epoch)
         every = getattr(args, "validate_every_n_epochs", None) or 1
         if self.val_group is not None and epoch % every == 0:
@@ -267,7 +270,7 @@ class Trainer:
             self._save_state(self._state_dir(epoch=epoch, step=step))
         if acc.is_main_process:
             for old in files_to_remove_for_save_last_n(args, Path(args.output_dir), self.checkpoint_extension(),
-                                                       epoch=epoch, step=step):
+                                                       epoch=epoch, step=step, num_train_epochs=self.num_epochs):
                 if old.is_dir():
                     shutil.rmtree(old)
                 elif old.exists():

@@ -156,3 +156,9 @@ def test_bad_dataset_fails_before_models_load(setup, tmp_path, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "/nonexistent" in err and "missing.safetensors" not in err
+
+
+def test_unimplemented_options_are_refused_not_ignored(setup, tmp_path, capsys):
+    assert cli.main(train_args(setup, tmp_path, "--blocks_to_swap", "4", "--torch_compile")) == 2
+    err = capsys.readouterr().err
+    assert "--blocks_to_swap" in err and "--torch_compile" in err and "not supported yet" in err
