@@ -44,13 +44,13 @@ class FluxLossComputer:
     # a context in which the trainable delta is switched off (LoRA multiplier 0): differential output preservation
     reference_model: Callable[[], ContextManager] | None = None
 
-    def latents(self, batch: dict) -> torch.Tensor:
+    def latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         if batch.get("latents") is not None:
             return batch["latents"].to(self.device, self.dtype)
         if self.ae is None:
             raise RuntimeError("batch has no cached latents and no autoencoder was kept to encode images")
         with torch.no_grad():
-            latents = self.ae.encode(batch["images"].to(self.device, self.ae.dtype), sample=True)
+            latents = self.ae.encode(batch["images"].to(self.device, self.ae.dtype), sample=True, generator=generator)
         return torch.nan_to_num(latents, 0.0).to(self.dtype)
 
     def text(self, batch: dict) -> TextConditioning:
@@ -80,7 +80,7 @@ class FluxLossComputer:
     def __call__(self, batch: dict, *, sigmas: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean loss of the batch. Validation passes fixed `sigmas` and `noise` so its numbers compare across steps."""
-        latents = self.latents(batch)
+        latents = self.latents(batch, generator)
         text = self.text(batch)
         b, _, h, w = latents.shape
         if noise is None:
