@@ -1,0 +1,42 @@
+"""The example files under configs/ stay valid: every key known, values of the right type."""
+
+import shutil
+
+import numpy as np
+from PIL import Image
+
+from conftest import ROOT
+from library.config_file import read_config_from_file
+from library.dataset_config import load_dataset_config
+from library.sample_prompts import load_prompts
+from library.train_args import training_parser, verify_training_args
+
+CONFIGS = ROOT / "configs"
+
+
+def test_training_config_file_parses_and_verifies(tmp_path):
+    parser = training_parser("network")
+    config = tmp_path / "lora_flux_dev.toml"
+    shutil.copy(CONFIGS / "lora_flux_dev.toml", config)
+    argv = ["--config_file", str(config)]
+    args = read_config_from_file(parser.parse_args(argv), parser, argv)
+    assert args.network_dim == 16 and args.network_alpha == 16.0 and args.fp8_base and args.learning_rate == 1e-4
+    verify_training_args(args, "network")
+
+
+def test_dataset_config_resolves(tmp_path, monkeypatch):
+    for folder in ("train/sks_dog", "reg/dog"):
+        (tmp_path / folder).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / folder / "a.png")
+    monkeypatch.chdir(tmp_path)  # paths in the example are relative to the launch folder
+    parser = training_parser("network")
+    args = parser.parse_args(["--dataset_config", str(CONFIGS / "dataset_lora.toml")])
+    group = load_dataset_config(args)
+    (ds,) = group.datasets
+    assert ds.batch_size == 2 and ds.resolution == (1024, 1024) and ds.max_bucket_reso == 1536
+    assert [s.is_reg for s in ds.subsets] == [False, True] and ds.subsets[0].keep_tokens == 1
+
+
+def test_sample_prompts_parse():
+    prompts = load_prompts(CONFIGS / "sample_prompts.txt")
+    assert len(prompts) == 2 and prompts[1].image_size() == (832, 1216) and prompts[0].seed == 1
