@@ -319,3 +319,4 @@ class Trainer:
             self.save_weights(path, self.num_epochs, self.global_step, final=True)
             self.last_saved.append(path)
             logger.info("saved %s", path)
+

@@ -48,7 +48,13 @@ def weight_dtype(args) -> torch.dtype:
 
 def make_accelerator(args, tracker_name: str):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
+
+    # accelerate keeps its settings in process-wide singletons: clear what an earlier run in this process (a
+    # notebook, a test) left, so this run gets its own mixed precision and accumulation settings.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
     log_with = args.log_with
     if log_with is None and args.logging_dir:

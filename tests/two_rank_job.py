@@ -1,0 +1,29 @@
+"""Run by tests/test_train_network.py under `accelerate launch --num_processes 2`: trains, then every rank writes
+its own copy of the trained LoRA weights so the test can compare the ranks."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import flux_train_network as cli  # noqa: E402
+from library.lora_training import LoRATrainer  # noqa: E402
+from library.train_args import verify_training_args  # noqa: E402
+
+
+def main() -> int:
+    dump_dir, argv = Path(sys.argv[1]), sys.argv[2:]
+    args = cli.setup_parser().parse_args(argv)
+    verify_training_args(args, "network")
+    trainer = LoRATrainer(args)
+    code = trainer.run()
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in trainer.network.state_dict().items()}
+    rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
+    save_file(state, str(dump_dir / f"rank{rank}_of_{world}.safetensors"))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
