@@ -1,0 +1,50 @@
+"""tools/make_tiny_models.py: the default files are unchanged by the learning-test options, and `--init trained-like`
+gives the structure its docstring promises (pass-through transformer, narrow unit-variance AE posterior)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from library.flux_ae import load_ae
+from tools.make_tiny_models import POSTERIOR_STD, main, make_tiny_models
+
+
+def test_default_files_are_deterministic_and_independent_of_new_options(tmp_path):
+    a = make_tiny_models(tmp_path / "a", seed=3)
+    b = make_tiny_models(tmp_path / "b", seed=3, init="random", hidden_size=None)
+    for role in ("flux", "ae"):
+        ta, tb = load_file(str(a[role])), load_file(str(b[role]))
+        assert ta.keys() == tb.keys()
+        assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_trained_like_transformer_passes_the_latent_through(tmp_path):
+    paths = make_tiny_models(tmp_path, init="trained-like", hidden_size=128)
+    sd = load_file(str(paths["flux"]))
+    img_in, final = sd["img_in.weight"], sd["final_layer.linear.weight"]
+    assert img_in.shape == (128, 64) and final.shape == (64, 128)
+    torch.testing.assert_close(final @ img_in, torch.eye(64), atol=1e-5, rtol=0)
+    assert not sd["final_layer.adaLN_modulation.1.weight"].any()
+    assert sd["double_blocks.0.img_attn.qkv.weight"].shape == (3 * 128, 128)
+
+
+def test_trained_like_ae_has_a_narrow_posterior_and_unit_variance_latents(tmp_path):
+    paths = make_tiny_models(tmp_path, init="trained-like")
+    ae = load_ae(paths["ae"], dtype=torch.float32)
+    g = torch.Generator().manual_seed(11)
+    images = torch.nn.functional.interpolate(torch.rand(4, 3, 4, 4, generator=g) * 2 - 1, size=(64, 64))
+    with torch.no_grad():
+        mean = ae.encode(images, sample=False)
+        samples = ae.encode(images, sample=True, generator=torch.Generator().manual_seed(0))
+    assert 0.3 < mean.std().item() < 3.0  # calibrated on other images: unit variance up to the sample
+    noise = (samples - mean).std().item()
+    assert noise == pytest.approx(POSTERIOR_STD, rel=0.2)
+
+
+def test_bad_hidden_size_and_init_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="multiple of the head size"):
+        make_tiny_models(tmp_path, hidden_size=100)
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--init", "nonsense"])
