@@ -81,7 +81,7 @@ class LoRATrainer(Trainer):
         if self.train_text_encoder and args.cache_text_encoder_outputs:
             raise TrainingError("text-encoder LoRA training needs live text encoding: drop "
                                 "--cache_text_encoder_outputs or add --network_train_unet_only")
-        if args.network_weights and not args.dim_from_weights:
+        if args.network_weights:  # with --dim_from_weights too: the dims came from it, now the values
             info = network.load_weights(args.network_weights)
             logger.info("loaded --network_weights %s: %s", args.network_weights, info)
         if args.full_bf16 or args.full_fp16:

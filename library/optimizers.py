@@ -275,8 +275,23 @@ def get_optimizer(args: argparse.Namespace, trainable_params: Iterable) -> tuple
         raise OptimizerError(f"--optimizer_type {optimizer_type}: {cls.__module__}.{cls.__name__} rejects the "
                              f"arguments {kwargs} ({e})") from e
     name = f"{cls.__module__}.{cls.__name__}"
+    _check_fp16_eps(args, optimizer, name)
     args_text = ",".join(f"{k}={v}" for k, v in kwargs.items())
     return name, args_text, optimizer
+
+
+def _check_fp16_eps(args, optimizer, name: str) -> None:
+    """torch's Adam family computes in the parameters' dtype: with --full_fp16 an eps below fp16's smallest value
+    (6e-8; the default 1e-8) becomes 0, and a zero gradient (every lora_down at step 1) gives 0/0 = NaN."""
+    if not getattr(args, "full_fp16", False) or not name.startswith("torch.optim."):
+        return
+    import torch
+
+    eps = {g.get("eps") for g in optimizer.param_groups}
+    if any(isinstance(e, float) and torch.tensor(e, dtype=torch.float16).item() == 0 for e in eps):
+        raise OptimizerError(f"--full_fp16 with {name}: its eps {min(e for e in eps if isinstance(e, float))} is 0 "
+                             "in fp16, so the first step divides 0 by 0 and the weights become NaN. Use an 8-bit "
+                             "optimizer (fp32 states, e.g. AdamW8bit), --full_bf16, or --optimizer_args eps=1e-4")
 
 
 def optimizer_metadata_text(optimizer_name: str, optimizer_args_text: str) -> str:

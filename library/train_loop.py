@@ -109,6 +109,9 @@ class Trainer:
         self.steps_per_epoch = per_epoch
         self.num_epochs = math.ceil(args.max_train_steps / max(per_epoch, 1))
         groups, self.lr_descriptions = self.param_groups()
+        if not any(g["params"] if isinstance(g, dict) else True for g in groups):
+            raise TrainingError("nothing to train: every parameter group has a learning rate of 0 (check "
+                                "--learning_rate, --unet_lr, --text_encoder_lr and the network's lr arguments)")
         from library.lr_schedulers import get_scheduler
         from library.optimizers import get_optimizer
 
@@ -121,7 +124,16 @@ class Trainer:
         self.loader = train_setup.make_loader(args, self.train_group, self.sampler)
         self._resume()
         if acc.is_main_process and args.log_with:
-            acc.init_trackers(args.log_tracker_name or self.tracker_name, config=train_setup.tracker_config(args))
+            from library.trackers import TrackerError, login, tracker_init_kwargs, tracker_names
+
+            try:
+                names = tracker_names(args)
+                init_kwargs = tracker_init_kwargs(args, names)
+            except TrackerError as e:
+                raise TrainingError(str(e)) from None
+            login(args, names)
+            acc.init_trackers(args.log_tracker_name or self.tracker_name, config=train_setup.tracker_config(args),
+                              init_kwargs=init_kwargs)
         logger.info("training: %d images with repeats, %d batches per epoch per process, %d steps per epoch, "
                     "%d epochs, %d steps", self.train_group.num_train_images, self.sampler.batches_per_epoch,
                     per_epoch, self.num_epochs, args.max_train_steps)

@@ -56,15 +56,20 @@ def make_accelerator(args, tracker_name: str):
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
 
-    log_with = args.log_with
-    if log_with is None and args.logging_dir:
-        log_with = args.log_with = "tensorboard"
+    from library.trackers import TrackerError, tracker_init_kwargs, tracker_names
+
+    try:  # checked before any model loads
+        trackers = tracker_names(args) or None
+        tracker_init_kwargs(args, trackers or [])
+    except TrackerError as e:
+        from library.train_loop import TrainingError
+
+        raise TrainingError(str(e)) from None
     logging_dir = None
     if args.logging_dir:
         import time
 
         logging_dir = str(Path(args.logging_dir) / f"{args.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
-    trackers = None if not log_with else (["tensorboard", "wandb"] if log_with == "all" else [log_with])
     return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                        mixed_precision=args.mixed_precision or "no", log_with=trackers,
                        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir))
@@ -259,9 +264,13 @@ class TrainingSamples:
 
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            sample_images(self.models, self.prompts, self.args.output_dir, self.args.output_name, self.placement,
-                          epoch=epoch, step=step if epoch is None else None,
-                          apply_t5_attn_mask=self.args.apply_t5_attn_mask, cached_conditioning=self.conditioning)
+            from library.trackers import log_sample_images
+
+            paths = sample_images(self.models, self.prompts, self.args.output_dir, self.args.output_name,
+                                  self.placement, epoch=epoch, step=step if epoch is None else None,
+                                  apply_t5_attn_mask=self.args.apply_t5_attn_mask,
+                                  cached_conditioning=self.conditioning)
+            log_sample_images(self.accelerator, paths, [p.prompt for p in self.prompts], trainer.global_step)
         self.accelerator.wait_for_everyone()
 
 
