@@ -51,6 +51,10 @@ class Trainer:
     def save_weights(self, path: Path, epoch: int, step: int, final: bool) -> None:
         raise TypeError(f"{type(self).__name__} must define save_weights")
 
+    def transformer_dtype(self) -> torch.dtype | None:
+        """The transformer's dtype when it is not the weight dtype (None: the weight dtype)."""
+        return None
+
     def reference_model(self):
         """A context manager that switches the trainable delta off (for differential output preservation)."""
         return None
@@ -95,7 +99,7 @@ class Trainer:
 
         set_seed(self.seed)
         self.train_group, self.val_group = train_setup.build_dataset_groups(args, self.seed)
-        self.models = train_setup.load_models(args, self.accelerator)
+        self.models = train_setup.load_models(args, self.accelerator, self.transformer_dtype())
         self.trainable_modules = self.build_trainable(self.models)
         train_setup.prepare_caches(args, self.accelerator, self.models, self.train_group, self.val_group)
         self.samples = train_setup.prepare_sampling(args, self.models, self.accelerator)
@@ -112,13 +116,8 @@ class Trainer:
         if not any(g["params"] if isinstance(g, dict) else True for g in groups):
             raise TrainingError("nothing to train: every parameter group has a learning rate of 0 (check "
                                 "--learning_rate, --unet_lr, --text_encoder_lr and the network's lr arguments)")
-        from library.lr_schedulers import get_scheduler
-        from library.optimizers import get_optimizer
-
-        self.optimizer_name, self.optimizer_text, optimizer = get_optimizer(args, groups)
-        scheduler = get_scheduler(args, optimizer, acc.num_processes)
-        self.optimizer, self.lr_scheduler = acc.prepare(optimizer, scheduler)
         self.trainable_params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+        self.make_optimizer(groups)
         acc.register_for_checkpointing(*self.trainable_modules)
         self.loss_fn = train_setup.make_loss_computer(args, self.models, acc, self.reference_model)
         self.loader = train_setup.make_loader(args, self.train_group, self.sampler)
@@ -137,6 +136,16 @@ class Trainer:
         logger.info("training: %d images with repeats, %d batches per epoch per process, %d steps per epoch, "
                     "%d epochs, %d steps", self.train_group.num_train_images, self.sampler.batches_per_epoch,
                     per_epoch, self.num_epochs, args.max_train_steps)
+
+    def make_optimizer(self, groups: list) -> None:
+        """Optimizer and LR scheduler, prepared by accelerate; with --fused_backward_pass or
+        --blockwise_fused_optimizers they step inside backward (library/fused_optimizers.py)."""
+        from library.fused_optimizers import prepare_optimizer
+
+        ids = {id(p) for p in self.trainable_params}
+        named = [(n, p) for m in self.trainable_modules for n, p in m.named_parameters() if id(p) in ids]
+        self.optimizer_name, self.optimizer_text, self.optimizer, self.lr_scheduler, self.fused_optimizer = \
+            prepare_optimizer(self.args, self.accelerator, groups, named)
 
     # --- the loop -------------------------------------------------------------------------------------------------
 
@@ -331,4 +340,3 @@ class Trainer:
             self.save_weights(path, self.num_epochs, self.global_step, final=True)
             self.last_saved.append(path)
             logger.info("saved %s", path)
-

@@ -126,7 +126,9 @@ class TrainingModels:
             torch.cuda.empty_cache()
 
 
-def load_models(args, accelerator) -> TrainingModels:
+def load_models(args, accelerator, flux_dtype: torch.dtype | None = None) -> TrainingModels:
+    """The four models on the accelerator, frozen. `flux_dtype`: the transformer's dtype when it differs from the
+    weight dtype (full fine-tuning keeps float32 weights under autocast)."""
     from library import flux_utils
     from library.fp8 import prepare_fp8, prepare_t5xxl_fp8
 
@@ -134,12 +136,12 @@ def load_models(args, accelerator) -> TrainingModels:
     info = flux_utils.analyze_checkpoint(args.pretrained_model_name_or_path)
     compute = torch.bfloat16 if (args.fp8_base and dtype == torch.float32 and device.type == "cuda") else dtype
     logger.info("loading %s (%s, %s layout)", args.pretrained_model_name_or_path, info.model_type, info.layout)
-    _, flux = flux_utils.load_flow_model(args.pretrained_model_name_or_path, None if args.fp8_base else dtype, "cpu",
-                                         info=info)
+    _, flux = flux_utils.load_flow_model(args.pretrained_model_name_or_path,
+                                         None if args.fp8_base else (flux_dtype or dtype), "cpu", info=info)
     if args.fp8_base:
         prepare_fp8(flux, torch.float8_e4m3fn, compute)
     t5_fp8 = args.fp8_base and not args.fp8_base_unet
-    ae = flux_utils.load_ae(args.ae, torch.float32 if args.no_half_vae else dtype, "cpu")
+    ae = flux_utils.load_ae(args.ae, torch.float32 if getattr(args, "no_half_vae", False) else dtype, "cpu")
     clip_l = flux_utils.load_clip_l(args.clip_l, dtype, "cpu")
     t5xxl = flux_utils.load_t5xxl(args.t5xxl, None if t5_fp8 else dtype, "cpu")
     if t5_fp8:

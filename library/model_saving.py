@@ -1,0 +1,74 @@
+"""Writing whole models (full fine-tunes, ControlNets) as .safetensors, optionally streamed (--mem_eff_save).
+
+The plain writer (safetensors' save_file) builds the whole file in memory first: a second copy of the model in
+RAM. The streaming writer computes the header from shapes and dtypes, then converts and writes one tensor at a
+time (a GPU or swapped-out tensor is copied to the CPU on its own), so the extra memory is one tensor. Both write
+atomically (temporary file, then rename); the header is padded with spaces so that the tensor data starts at a
+multiple of 256 bytes, as sd-scripts' streaming writer does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Mapping
+
+import torch
+
+from library.atomic_io import atomic_write
+
+DTYPE_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e5m2: "F8_E5M2", torch.float8_e4m3fn: "F8_E4M3",
+}
+SAVE_PRECISIONS = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def save_dtype(save_precision: str | None) -> torch.dtype | None:
+    """--save_precision as a dtype (None: keep each tensor's dtype)."""
+    if save_precision not in SAVE_PRECISIONS:
+        raise ValueError(f"--save_precision {save_precision!r}: expected one of float, fp16, bf16")
+    return SAVE_PRECISIONS[save_precision]
+
+
+def _target_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+
+def save_model(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None,
+               dtype: torch.dtype | None = None, streaming: bool = False) -> None:
+    """Write `tensors` (floating ones cast to `dtype` unless None) with string `metadata`, atomically."""
+    if streaming:
+        save_streaming(tensors, path, metadata, dtype)
+        return
+    from library.safetensors_io import save_file_atomic
+
+    save_file_atomic({k: v.detach().to("cpu", _target_dtype(v, dtype)) for k, v in tensors.items()}, path, metadata)
+
+
+def save_streaming(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                   metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
+    """The --mem_eff_save writer: header first, then each tensor converted and written on its own."""
+    header: dict = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
+    offset = 0
+    for key, t in tensors.items():
+        target = _target_dtype(t, dtype)
+        if target not in DTYPE_CODES:
+            raise ValueError(f"{key}: dtype {target} cannot be stored in a .safetensors file")
+        size = t.numel() * torch.empty((), dtype=target).element_size()
+        header[key] = {"dtype": DTYPE_CODES[target], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * ((-(8 + len(raw))) % 256)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for key, t in tensors.items():
+                data = t.detach().to("cpu", _target_dtype(t, dtype)).contiguous().reshape(-1)
+                f.write(memoryview(data.view(torch.uint8).numpy()))
+
+    atomic_write(path, write)
