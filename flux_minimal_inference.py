@@ -51,6 +51,12 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="LoRA files to apply, each `path` or `path;multiplier` (kohya/sd-scripts format)")
     p.add_argument("--merge_lora_weights", action="store_true",
                    help="merge the LoRAs into the weights (faster steps; multipliers fixed) instead of hooking them")
+    p.add_argument("--controlnet", default=None,
+                   help="ControlNet file trained by flux_train_control_net.py or sd-scripts (.safetensors)")
+    p.add_argument("--control_image", default=None,
+                   help="conditioning image for --controlnet; scaled to cover the output size and centre-cropped")
+    p.add_argument("--controlnet_scale", type=float, default=1.0,
+                   help="multiplier of the ControlNet residuals (default: %(default)s)")
     p.add_argument("--offload", action="store_true",
                    help="keep models on the CPU and move each to the GPU only while it runs")
     p.add_argument("--tiled_ae", action="store_true", help="decode in tiles to cap memory for large images")
@@ -111,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     import torch
 
+    if bool(args.controlnet) != bool(args.control_image):
+        raise ValueError("--controlnet and --control_image go together: give both or neither")
+
     from library import flux_utils
     from library.dtypes import is_fp8, str_to_dtype
     from library.flux_generation import FluxModels, GenerationSettings, Placement, generate, png_text, save_png, \
@@ -139,6 +148,15 @@ def run(args) -> int:
 
     networks = apply_loras(args.lora_weights, loaded["flux"], loaded["clip_l"], loaded["t5xxl"],
                            args.merge_lora_weights, load_device)
+    if args.controlnet:
+        from library.flux_controlnet import ControlledFlux, load_controlnet
+        from library.image_io import load_image
+
+        controlnet = load_controlnet(args.controlnet, info.params, models.compute_dtype, load_device).eval()
+        models.flux = ControlledFlux(loaded["flux"], controlnet, load_image(args.control_image)[0],
+                                     args.controlnet_scale)
+        logger.info(f"ControlNet {args.controlnet} ({controlnet.depths[0]} double blocks) x {args.controlnet_scale} "
+                    f"with control image {args.control_image}")
 
     settings = GenerationSettings(prompt=args.prompt, width=args.width, height=args.height, steps=args.steps,
                                   guidance=args.guidance, seed=0, negative_prompt=args.negative_prompt,
@@ -161,6 +179,9 @@ def run(args) -> int:
         text = png_text(s, Path(args.ckpt_path).name)
         if args.lora_weights:
             text["lora_weights"] = " ".join(args.lora_weights) + (" (merged)" if args.merge_lora_weights else "")
+        if args.controlnet:
+            text.update(controlnet=args.controlnet, control_image=args.control_image,
+                        controlnet_scale=str(args.controlnet_scale))
         save_png(image, path, text)
         if args.output_latents:
             from library.safetensors_io import save_file_atomic

@@ -24,7 +24,8 @@ from torch import nn
 from library.flux_math import joint_attention_mask, position_embedding
 from library.flux_models import DoubleStreamBlock, Flux, FluxParams, MLPEmbedder, SingleStreamBlock
 from library.flux_sampling import pack_latents
-from library.safetensors_io import ModelFileError, assign_weights, load_tensors, read_header, sample_keys
+from library.safetensors_io import (FILE_KINDS, ModelFileError, assign_weights, detect_kind, load_tensors, read_header,
+                                    sample_keys)
 
 CONTROLNET_DEPTH = 2  # sd-scripts' flux_train_control_net.py: 2 double blocks, no single blocks
 HINT_CHANNELS = 16
@@ -145,9 +146,11 @@ def controlnet_params(path: str | Path, base: FluxParams) -> tuple[FluxParams, i
     header = read_header(path)
     keys = header.keys
     if not all(k in header.tensors for k in REQUIRED_KEYS):
-        diffusers = any(k.startswith("controlnet_x_embedder") for k in keys)
-        looks = ("a diffusers-layout ControlNet (InstantX, jasperai, ...): not the sd-scripts/XLabs layout"
-                 if diffusers else f"something else (sample keys: {sample_keys(keys)})")
+        kind = detect_kind(keys)
+        if any(k.startswith("controlnet_x_embedder") for k in keys):
+            looks = "a diffusers-layout ControlNet (InstantX, jasperai, ...), not the sd-scripts/XLabs layout"
+        else:
+            looks = FILE_KINDS[kind] + (f" (sample keys: {sample_keys(keys)})" if kind == "unknown" else "")
         raise ModelFileError(f"{path}: expected an sd-scripts FLUX ControlNet (keys {', '.join(REQUIRED_KEYS)}), "
                              f"but this file looks like {looks}")
     width = header.tensors["controlnet_blocks.0.weight"].shape[0]
@@ -188,6 +191,8 @@ def prepare_control_image(image, width: int, height: int) -> torch.Tensor:
     crops its targets), as (1, 3, height, width) in [-1, 1]."""
     import math
 
+    import numpy as np
+
     from library.buckets import resize_and_crop
     from library.datasets import _to_tensor
 
@@ -195,7 +200,7 @@ def prepare_control_image(image, width: int, height: int) -> torch.Tensor:
     scale = max(width / w, height / h)
     resized = (max(width, math.ceil(w * scale - 1e-6)), max(height, math.ceil(h * scale - 1e-6)))
     out, _, _, _ = resize_and_crop(image, resized, (width, height))
-    return _to_tensor(out)[None]
+    return _to_tensor(np.array(out))[None]  # a writable copy (decoded images can be read-only)
 
 
 class ControlledFlux(nn.Module):

@@ -43,6 +43,8 @@ class FluxLossComputer:
     train_text_encoders: bool = False
     # a context in which the trainable delta is switched off (LoRA multiplier 0): differential output preservation
     reference_model: Callable[[], ContextManager] | None = None
+    # ControlNet training: its residuals, from the batch's conditioning_images, enter the transformer's blocks
+    controlnet: torch.nn.Module | None = None
 
     def latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         if batch.get("latents") is not None:
@@ -67,15 +69,23 @@ class FluxLossComputer:
         mask = t5_mask.to(self.device) if (self.apply_t5_attn_mask and t5_mask is not None) else None
         return TextConditioning(l_pooled.to(**to), t5_out.to(**to), txt_ids.to(**to), mask)
 
-    def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, text: TextConditioning) -> torch.Tensor:
-        """Transformer velocity for latents (B, 16, h, w), unpacked back to that shape."""
+    def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, text: TextConditioning,
+                control: torch.Tensor | None = None) -> torch.Tensor:
+        """Transformer velocity for latents (B, 16, h, w), unpacked back to that shape; `control` (B, 3, 8h, 8w)
+        in [-1, 1] is the ControlNet's conditioning image."""
         b, _, h, w = noisy.shape
         img_ids = prepare_img_ids(b, h // 2, w // 2).to(self.device, self.dtype)
-        pred = self.flux(img=pack_latents(noisy), img_ids=img_ids, txt=text.t5_out, txt_ids=text.txt_ids,
-                         timesteps=sigmas.to(self.dtype), y=text.l_pooled,
-                         guidance=guidance_vector(self.settings, b, self.device, self.dtype),
-                         txt_attention_mask=text.t5_mask)
-        return unpack_latents(pred, h // 2, w // 2)
+        inputs = dict(img=pack_latents(noisy), img_ids=img_ids, txt=text.t5_out, txt_ids=text.txt_ids,
+                      timesteps=sigmas.to(self.dtype), y=text.l_pooled,
+                      guidance=guidance_vector(self.settings, b, self.device, self.dtype),
+                      txt_attention_mask=text.t5_mask)
+        residuals = {}
+        if self.controlnet is not None:
+            if control is None:
+                raise RuntimeError("ControlNet training needs batches with conditioning_images")
+            double, single = self.controlnet(controlnet_cond=control.to(self.device, self.dtype), **inputs)
+            residuals = dict(double_block_residuals=double or None, single_block_residuals=single or None)
+        return unpack_latents(self.flux(**inputs, **residuals), h // 2, w // 2)
 
     def __call__(self, batch: dict, *, sigmas: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -90,7 +100,9 @@ class FluxLossComputer:
             sigmas = sample_sigmas(self.settings, b, self.device, generator, image_seq_len=(h // 2) * (w // 2))
         sigmas = sigmas.to(self.device)
         noisy = noisy_input(latents, noise, sigmas, self.settings, generator).to(self.dtype)
-        pred, weighting = apply_model_prediction_type(self.predict(noisy, sigmas, text), noisy, sigmas, self.settings)
+        control = batch.get("conditioning_images")
+        pred, weighting = apply_model_prediction_type(self.predict(noisy, sigmas, text, control), noisy, sigmas,
+                                                      self.settings)
         target = self._preserved_target(batch, flow_target(noise, latents), noisy, sigmas, text)
         huber_c = huber_c_for(self.settings, sigmas) if self.settings.loss_type in ("huber", "smooth_l1") else None
         loss = conditional_loss(pred.float(), target.float(), self.settings.loss_type, huber_c)

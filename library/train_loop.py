@@ -51,6 +51,12 @@ class Trainer:
     def save_weights(self, path: Path, epoch: int, step: int, final: bool) -> None:
         raise TypeError(f"{type(self).__name__} must define save_weights")
 
+    def build_dataset_groups(self):
+        """(training, validation) DatasetGroups; the ControlNet trainer takes ControlNet subsets only."""
+        from library import train_setup
+
+        return train_setup.build_dataset_groups(self.args, self.seed)
+
     def transformer_dtype(self) -> torch.dtype | None:
         """The transformer's dtype when it is not the weight dtype (None: the weight dtype)."""
         return None
@@ -98,7 +104,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         set_seed(self.seed)
-        self.train_group, self.val_group = train_setup.build_dataset_groups(args, self.seed)
+        self.train_group, self.val_group = self.build_dataset_groups()
         self.models = train_setup.load_models(args, self.accelerator, self.transformer_dtype())
         self.trainable_modules = self.build_trainable(self.models)
         train_setup.prepare_caches(args, self.accelerator, self.models, self.train_group, self.val_group)

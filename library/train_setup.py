@@ -85,17 +85,20 @@ def tracker_config(args) -> dict:
             and not (isinstance(v, str) and ("/" in v or "\\" in v))}
 
 
-def build_dataset_groups(args, seed: int):
+def build_dataset_groups(args, seed: int, controlnet: bool = False):
     """Training and validation DatasetGroups from --dataset_config or the command-line fallbacks, validated
-    before any model loads."""
+    before any model loads. `controlnet`: ControlNet subsets only, their conditioning images as control inputs
+    (otherwise ControlNet subsets are loss masks, with --masked_loss)."""
     from library.dataset_config import load_dataset_config, validate_against_training_args
     from library.datasets import build_datasets
 
-    config = load_dataset_config(args, support_controlnet=bool(getattr(args, "masked_loss", False)))
+    as_mask = bool(getattr(args, "masked_loss", False)) and not controlnet
+    kinds = dict(support_dreambooth=False, support_finetuning=False, support_controlnet=True) if controlnet else \
+        dict(support_controlnet=as_mask)
+    config = load_dataset_config(args, **kinds)
     validate_against_training_args(config, args)
     train, val = build_datasets(config, seed, skip_bad_images=args.skip_bad_images,
-                                max_train_steps=args.max_train_steps,
-                                conditioning_as_mask=bool(getattr(args, "masked_loss", False)))
+                                max_train_steps=args.max_train_steps, conditioning_as_mask=as_mask)
     if len(train) == 0:
         raise ValueError("the datasets hold no images to train on")
     return train, val

@@ -23,6 +23,9 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default: %(default)s)")
     p.add_argument("--resolution", type=int, default=None, help="training resolution in the TOML (default: --size)")
     p.add_argument("--repeats", type=int, default=1, help="num_repeats in the TOML (default: %(default)s)")
+    p.add_argument("--controlnet", action="store_true",
+                   help="ControlNet pairs instead: red shapes with one shared caption and their silhouettes in "
+                        "OUT/conditioning/")
     return p
 
 
@@ -66,9 +69,39 @@ def make_demo_dataset(out: str | Path, count: int = 4, size: int = 64, resolutio
     return toml
 
 
+def silhouette(shape: str, size: int):
+    """The conditioning image of a ControlNet pair: the shape in white on black."""
+    return draw(shape, (255, 255, 255), size).point(lambda v: 255 if v == 255 else 0)
+
+
+def make_controlnet_demo_dataset(out: str | Path, count: int = 3, size: int = 64, resolution: int | None = None,
+                                 repeats: int = 1, caption: str = "a red shape on a white background") -> Path:
+    """ControlNet pairs: red shapes in `OUT/images/` with ONE caption for all, their white-on-black silhouettes (same
+    file names) in `OUT/conditioning/`: only the conditioning image says which shape to draw. Returns the TOML."""
+    out = Path(out)
+    images, cond = out / "images", out / "conditioning"
+    images.mkdir(parents=True, exist_ok=True)
+    cond.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        shape = SHAPES[i % len(SHAPES)]
+        draw(shape, COLOURS["red"], size).save(images / f"{i:03d}_{shape}.png")
+        (images / f"{i:03d}_{shape}.txt").write_text(caption + "\n")
+        silhouette(shape, size).save(cond / f"{i:03d}_{shape}.png")
+    toml = out / "dataset.toml"
+    toml.write_text(
+        "[general]\n"
+        f"resolution = {resolution or size}\n"
+        'caption_extension = ".txt"\n'
+        "\n[[datasets]]\nbatch_size = 1\n"
+        f'  [[datasets.subsets]]\n  image_dir = "{images.resolve().as_posix()}"\n'
+        f'  conditioning_data_dir = "{cond.resolve().as_posix()}"\n  num_repeats = {repeats}\n')
+    return toml
+
+
 def main(argv: list[str] | None = None) -> int:
     args = setup_parser().parse_args(argv)
-    print(make_demo_dataset(args.out, args.count, args.size, args.resolution, args.repeats))
+    make = make_controlnet_demo_dataset if args.controlnet else make_demo_dataset
+    print(make(args.out, args.count, args.size, args.resolution, args.repeats))
     return 0
 
 

@@ -1,0 +1,40 @@
+"""Train an sd-scripts FLUX ControlNet beside the frozen FLUX.1 transformer, with sd-scripts' command line.
+
+    accelerate launch flux_train_control_net.py --pretrained_model_name_or_path flux1-dev.safetensors \
+        --clip_l clip_l.safetensors --t5xxl t5xxl_fp16.safetensors --ae ae.safetensors \
+        --dataset_config controlnet.toml --cache_latents_to_disk --cache_text_encoder_outputs_to_disk \
+        --mixed_precision bf16 --gradient_checkpointing --learning_rate 2e-5 \
+        --output_dir out --output_name my_controlnet --max_train_steps 10000
+
+Every subset of the dataset config has `image_dir` and `conditioning_data_dir` (or use --train_data_dir and
+--conditioning_data_dir); `--controlnet_model_name_or_path` continues from saved ControlNet weights. Render with
+`flux_minimal_inference.py --controlnet out/my_controlnet.safetensors --control_image IMG`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from library.train_args import training_parser
+
+TRAINER = "controlnet"
+
+
+def setup_parser():
+    return training_parser(TRAINER, description="Train a FLUX.1 ControlNet (sd-scripts compatible arguments).")
+
+
+def make_trainer(args):
+    from library.controlnet_training import ControlNetTrainer  # after parsing: --help stays fast
+
+    return ControlNetTrainer(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from library.train_cli import main_for
+
+    return main_for(TRAINER, setup_parser(), make_trainer, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
