@@ -209,10 +209,12 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
 
 
 def load_lora_file(file: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a LoRA .safetensors file (pickles are refused by the reader with a message)."""
-    from library.safetensors_io import load_tensors
+    """Read a LoRA .safetensors file as kohya keys: kohya files as they are, every other known layout (diffusers/
+    PEFT, ai-toolkit, ComfyUI, BFL names, OneTrainer, ...) converted exactly (library/lora_formats.py). Pickles
+    are refused by the reader with a message."""
+    from library.lora_formats import load_as_kohya
 
-    return load_tensors(file)
+    return load_as_kohya(file)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,8 +301,9 @@ class LoRANetwork(nn.Module):
                    "single": self.FLUX_TARGET_SINGLE}[train_blocks]
         found = list(_linears(unet, LORA_PREFIX_FLUX, targets))
         if in_dims is not None or modules_dim is not None:
+            # Outside the blocks: in_dims layers, and from a file any layer it names (final_layer from other tools).
             found += [(n, m) for n, m in _linears(unet, LORA_PREFIX_FLUX, None)
-                      if "_blocks_" not in n and any(t in n for t in IN_LAYERS)]
+                      if "_blocks_" not in n and (any(t in n for t in IN_LAYERS) or n in (modules_dim or {}))]
         self.unet_loras: list[LoRAModule] = self._create_modules(found, is_flux=True)
 
         names = [lora.lora_name for lora in self.text_encoder_loras + self.unet_loras]
