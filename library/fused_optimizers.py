@@ -4,7 +4,7 @@
   its gradient is complete, then the gradient is freed: at most one parameter's gradient is alive. Clipping
   (`--max_grad_norm`) is per tensor, as in sd-scripts. bf16 weights are written back with stochastic rounding.
 * `--blockwise_fused_optimizers` (any optimizer): one optimizer and LR scheduler per transformer block
-  (`double_blocks.i`, `single_blocks.i`, the rest together); a block is stepped when its last gradient arrives,
+  (`double_blocks.i`, `single_blocks.i`, each other top-level module); a block is stepped when its last gradient arrives,
   so at most one block's gradients are alive. Clipping uses the block's norm (sd-scripts clips per tensor).
 
 Both work under gradient accumulation (the hooks act only on the micro-batch that syncs; the earlier micro-batches
@@ -31,11 +31,13 @@ logger = logging.getLogger(__name__)
 
 
 def block_key(name: str) -> tuple[str, int]:
-    """("double", i) for double_blocks.i.*, ("single", i) for single_blocks.i.*, ("other", -1) for the rest."""
+    """("double", i) for double_blocks.i.*, ("single", i) for single_blocks.i.*, (module, -1) for each other
+    top-level module (img_in, final_layer...). sd-scripts puts all of those in one group, whose gradients then
+    stay alive from the first (final_layer) to the last (the embedders) of the backward pass."""
     parts = name.split(".")
     if len(parts) > 2 and parts[0] in ("double_blocks", "single_blocks") and parts[1].isdigit():
         return parts[0].removesuffix("_blocks"), int(parts[1])
-    return "other", -1
+    return parts[0], -1
 
 
 def group_by_block(named_params: Iterable[tuple[str, torch.nn.Parameter]]
