@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Merge FLUX.1 LoRAs (any layout) into checkpoints, or into one LoRA (sd-scripts' arguments; docs/lora_formats.md).
+
+Into models -- the transformer is written with BFL names, one tensor at a time (peak RAM about one tensor plus the
+LoRAs, whatever the model size):
+
+    python networks/flux_merge_lora.py --flux_model flux1-dev.safetensors --save_to merged.safetensors \
+        --models a.safetensors b.safetensors --ratios 1.0 0.5 --save_precision bf16
+
+Into one LoRA (no model given): ranks concatenated (exact), or re-factorised to --new_rank by SVD:
+
+    python networks/flux_merge_lora.py --save_to ab.safetensors --models a.safetensors b.safetensors --ratios 1 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from library.lora_formats import FORMATS  # noqa: E402
+
+logger = logging.getLogger(__name__)
+PRECISIONS = ["float", "fp32", "fp16", "bf16"]
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--flux_model", default=None, help="FLUX transformer to merge into (BFL, ComfyUI or diffusers)")
+    p.add_argument("--clip_l", default=None, help="CLIP-L file to merge lora_te1 modules into")
+    p.add_argument("--t5xxl", default=None, help="T5-XXL file to merge lora_te3 modules into")
+    p.add_argument("--save_to", required=True,
+                   help="output: the merged transformer (with --flux_model) or the merged LoRA (no model given)")
+    p.add_argument("--clip_l_save_to", default=None, help="output for the merged CLIP-L (needed with --clip_l)")
+    p.add_argument("--t5xxl_save_to", default=None, help="output for the merged T5-XXL (needed with --t5xxl)")
+    p.add_argument("--models", nargs="+", required=True, help="LoRA files, any supported layout")
+    p.add_argument("--ratios", nargs="+", type=float, default=None, help="one multiplier per LoRA (default 1.0)")
+    p.add_argument("--precision", default="float", choices=PRECISIONS,
+                   help="dtype the updates are computed and added in (default float = fp32)")
+    p.add_argument("--save_precision", default=None, choices=PRECISIONS + ["fp8", "fp8_e4m3fn", "fp8_e5m2"],
+                   help="dtype of the written weights (default: each model tensor's stored dtype; LoRA: fp32)")
+    p.add_argument("--loading_device", default="cpu", help="accepted for sd-scripts compatibility (reads go to cpu)")
+    p.add_argument("--working_device", default="cpu", help="device the updates are computed on")
+    p.add_argument("--mem_eff_load_save", action="store_true",
+                   help="accepted for sd-scripts compatibility: merging always streams tensor by tensor")
+    p.add_argument("--diffusers", action="store_true",
+                   help="accepted for sd-scripts compatibility: every LoRA layout is detected automatically")
+    p.add_argument("--concat", action="store_true",
+                   help="LoRA + LoRA: concatenate ranks (exact; the default here -- sd-scripts' summing of the "
+                        "factors is not an exact merge and is not offered)")
+    p.add_argument("--shuffle", action="store_true", help="with --concat: permute the rank order (no effect on the "
+                   "update)")
+    p.add_argument("--new_rank", type=int, default=None,
+                   help="LoRA + LoRA: re-factorise each module's summed update to this rank by SVD")
+    p.add_argument("--clamp_quantile", type=float, default=1.0,
+                   help="with --new_rank: clamp factors to this quantile of their absolute values (1 = off)")
+    p.add_argument("--format", default="sd-scripts", choices=FORMATS, help="layout of a merged LoRA")
+    p.add_argument("--no_metadata", action="store_true", help="write no metadata")
+    return p
+
+
+def _loras(args):
+    from library.lora_formats import load_lora
+    from library.lora_merge import WeightedLoRA
+
+    ratios = args.ratios or [1.0] * len(args.models)
+    if len(ratios) != len(args.models):
+        raise ValueError(f"--ratios has {len(ratios)} values for {len(args.models)} --models")
+    loras, first_meta = [], None
+    for path, ratio in zip(args.models, ratios):
+        modules, metadata, layout = load_lora(path)
+        logger.info("%s: %s layout, %d modules, ratio %s", path, layout, len(modules), ratio)
+        loras.append(WeightedLoRA(Path(path).name, modules, ratio))
+        first_meta = metadata if first_meta is None else first_meta
+    return loras, first_meta
+
+
+def merge_into_models(args, loras) -> None:
+    from library.dtypes import str_to_dtype
+    from library.lora_formats import CLIP, T5, UNET
+    from library.lora_merge import merge_into_file
+
+    save_dtype = str_to_dtype(args.save_precision)
+    compute = str_to_dtype(args.precision)
+    jobs = [(args.flux_model, args.save_to, UNET), (args.clip_l, args.clip_l_save_to, CLIP),
+            (args.t5xxl, args.t5xxl_save_to, T5)]
+    for src, dst, prefix in jobs:
+        if src is not None and dst is None:
+            raise ValueError(f"--{'clip_l' if prefix == CLIP else 't5xxl'} needs "
+                             f"--{'clip_l' if prefix == CLIP else 't5xxl'}_save_to")
+    given = {prefix for src, _, prefix in jobs if src is not None}
+    for lora in loras:
+        left = {n.split("_")[0] + "_" + n.split("_")[1] for n in lora.modules} - given
+        if left:
+            logger.warning("%s: its %s modules are not merged (no model given for them)", lora.name,
+                           "/".join(sorted(left)))
+    for src, dst, prefix in jobs:
+        if src is None:
+            continue
+        meta = None
+        if prefix == UNET and not args.no_metadata:
+            meta = {"modelspec.merged_from": ", ".join(f"{lora.name}:{lora.ratio}" for lora in loras)}
+        merge_into_file(src, dst, loras, prefix, save_dtype, compute, args.working_device, meta)
+        logger.info("saved %s", dst)
+
+
+def merge_to_lora(args, loras, first_meta) -> None:
+    import torch
+
+    from library.dtypes import str_to_dtype
+    from library.lora_formats import LoRAWeights, save_lora
+    from library.lora_merge import concat_loras, merged_lora_metadata, svd_merge_loras
+
+    if args.new_rank is not None:
+        if args.new_rank < 1:
+            raise ValueError(f"--new_rank {args.new_rank}: must be at least 1")
+        modules, errors = svd_merge_loras(loras, args.new_rank, args.clamp_quantile, args.working_device)
+        worst = max(errors, key=errors.get)
+        logger.info("SVD to rank %d: relative error mean %.3e, max %.3e (%s)", args.new_rank,
+                    sum(errors.values()) / len(errors), errors[worst], worst)
+    else:
+        modules = concat_loras(loras)
+        if args.shuffle:
+            g = torch.Generator().manual_seed(0)
+            for name, w in modules.items():
+                perm = torch.randperm(w.rank, generator=g)
+                modules[name] = LoRAWeights(w.down[perm], w.up[:, perm], w.alpha)
+    meta = None if args.no_metadata else merged_lora_metadata(loras, modules, first_meta or {})
+    save_lora(args.save_to, modules, args.format, meta, str_to_dtype(args.save_precision),
+              hashes=meta is not None)
+    logger.info("saved %s (%d modules)", args.save_to, len(modules))
+
+
+def run(args) -> int:
+    if Path(args.save_to).suffix.lower() != ".safetensors":
+        raise ValueError(f"--save_to {args.save_to}: files are written as .safetensors only")
+    loras, first_meta = _loras(args)
+    if args.flux_model or args.clip_l or args.t5xxl:
+        if args.new_rank is not None or args.concat:
+            raise ValueError("--new_rank/--concat merge LoRAs into one LoRA; they do not apply with a model")
+        if not args.flux_model:
+            raise ValueError("--save_to is the merged transformer: give --flux_model too, or leave out "
+                             "--clip_l/--t5xxl to merge the LoRAs into one LoRA")
+        merge_into_models(args, loras)
+    else:
+        merge_to_lora(args, loras, first_meta)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = setup_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
