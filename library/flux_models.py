@@ -238,6 +238,29 @@ class Flux(nn.Module):
             return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
+    # -- block swapping (library/block_swap.py: the swappers hook the blocks; the forward is unchanged) ----------
+
+    def enable_block_swap(self, num_blocks: int, compute_device, storage_device="cpu", *,
+                          host_to_device_only: bool = True):
+        """Keep the weights of `num_blocks` blocks (sd-scripts' split: n // 2 double, (n - n // 2) * 2 single) in
+        `storage_device` memory and stream them in; returns the (double, single) BlockSwappers. Use
+        host_to_device_only=False when the blocks' own weights are trained."""
+        from library.block_swap import enable_flux_block_swap
+
+        return enable_flux_block_swap(self, num_blocks, compute_device, storage_device,
+                                      host_to_device_only=host_to_device_only)
+
+    def move_to_device_except_swap_blocks(self, device) -> None:
+        """Move everything but the transformer blocks (placed by enable_block_swap)."""
+        from library.block_swap import move_to_device_except_swap_blocks
+
+        move_to_device_except_swap_blocks(self, device)
+
+    def prepare_block_swap_before_forward(self) -> None:
+        """sd-scripts' name: put the swapped blocks back in their initial layout (normally already so)."""
+        for swapper in getattr(self, "block_swappers", ()):
+            swapper.restore_layout()
+
     @property
     def is_schnell(self) -> bool:
         return not self.params.guidance_embed

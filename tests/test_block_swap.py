@@ -1,0 +1,210 @@
+"""Block swapping (library/block_swap.py): the schedule on FLUX.1-dev block counts, and the swapper on CPU.
+
+Storage and compute are both the CPU here, but they are separate memory: the swapped blocks' weights live in their
+own storage buffers and run from a few shared slot buffers, so a block fetched late, into the wrong slot or not at
+all runs with another block's weights and the outputs and trained weights below would differ. Placement-only checks
+use the meta device for both sides (no data).
+"""
+
+import copy
+
+import pytest
+import torch
+
+from library.block_swap import (BlockSwapper, max_blocks_to_swap, restore_moves, split_blocks_to_swap,
+                                swap_schedule)
+from library.flux_models import Flux, params_with_overrides
+
+DEV_DOUBLE, DEV_SINGLE = 19, 38
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These models are tiny: one thread is as fast, and two threads spin for seconds on a shared, busy CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_split_and_maximum_match_sd_scripts():
+    assert max_blocks_to_swap(DEV_DOUBLE, DEV_SINGLE) == 35
+    assert split_blocks_to_swap(35, DEV_DOUBLE, DEV_SINGLE) == (17, 36)
+    assert split_blocks_to_swap(18, DEV_DOUBLE, DEV_SINGLE) == (9, 18)
+    assert split_blocks_to_swap(1, DEV_DOUBLE, DEV_SINGLE) == (0, 2)
+    assert split_blocks_to_swap(0, DEV_DOUBLE, DEV_SINGLE) == (0, 0)
+    for n in (36, -1):
+        with pytest.raises(ValueError, match=r"--blocks_to_swap .* can swap 1 to 35 blocks"):
+            split_blocks_to_swap(n, DEV_DOUBLE, DEV_SINGLE)
+    assert max_blocks_to_swap(2, 2) == 0  # the tiny test preset keeps every block
+
+
+@pytest.mark.parametrize("n", range(0, 36))
+def test_schedule_every_n_on_dev_block_counts(n):
+    """No block runs (forward or backward) without its weights, each runs its backward in the slot of its forward,
+    the layout is back to the initial one after forward+backward and after forward only, and every fetch is
+    issued at least one block step before the block runs (so it can overlap compute)."""
+    for blocks, swapped in zip((DEV_DOUBLE, DEV_SINGLE), split_blocks_to_swap(n, DEV_DOUBLE, DEV_SINGLE)):
+        schedule = swap_schedule(blocks, swapped)
+        assert schedule.initial == tuple(range(blocks - swapped))
+        for first_trained in (0, None, blocks // 2):  # LoRA/full FT, inference, a partly frozen stack
+            log = schedule.simulate(first_trained)
+            assert [b for phase, b, _ in log if phase == "forward"] == list(range(blocks))
+        steps = [("forward", i) for i in range(blocks)] + [("backward", b) for b in range(blocks - 1, -1, -1)]
+        issued = {}
+        for t, (phase, b) in enumerate(steps):
+            moves = (schedule.after_forward(b, True) if phase == "forward"
+                     else schedule.after_backward(b))
+            for fetch, _ in moves:
+                issued[fetch] = t
+            if b in issued:
+                assert t - issued.pop(b) >= 2 or swapped == 0, (phase, b)
+        moved = sum(len(schedule.after_forward(i, True)) + len(schedule.after_backward(i)) for i in range(blocks))
+        assert moved == 2 * swapped  # each swapped block in and out once per step
+        forward_only = sum(len(schedule.after_forward(i, False)) for i in range(blocks))
+        assert forward_only == min(2 * swapped, blocks) if swapped else forward_only == 0
+
+
+def test_restore_moves_put_each_block_back_in_its_slot():
+    schedule = swap_schedule(19, 17)
+    assert restore_moves(schedule, [18, 17]) == ((0, 18), (1, 17))
+    assert restore_moves(schedule, [0, 1]) == ()
+
+
+# --- the swapper on a small FLUX -------------------------------------------------------------------------------------
+
+
+PARAMS = params_with_overrides("tiny", depth=4, depth_single_blocks=8)  # up to 5 blocks to swap
+
+
+def _inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    b, n, l = 1, 16, 8
+    ids = torch.zeros(b, n, 3)
+    ids[..., 1] = torch.arange(n).div(4, rounding_mode="floor")
+    ids[..., 2] = torch.arange(n) % 4
+    return dict(img=torch.randn(b, n, 64, generator=g), img_ids=ids, txt=torch.randn(b, l, 64, generator=g),
+                txt_ids=torch.zeros(b, l, 3), timesteps=torch.rand(b, generator=g), y=torch.randn(b, 64, generator=g),
+                guidance=torch.full((b,), 3.5))
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    return Flux(PARAMS).eval()
+
+
+def _swapped(base, n, write_back, checkpointing=False):
+    model = copy.deepcopy(base)
+    model.enable_gradient_checkpointing(checkpointing)
+    swappers = model.enable_block_swap(n, "cpu", "cpu", host_to_device_only=not write_back)
+    return model, swappers
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_forward_only_outputs_equal_and_layout_restored(base, n):
+    model, swappers = _swapped(base, n, write_back=False)
+    with torch.no_grad():
+        ref = base(**_inputs())
+        for _ in range(2):
+            assert torch.equal(model(**_inputs()), ref)
+    for s in swappers:
+        assert s.resident() == s.schedule.initial
+        assert s.stats.d2h_bytes == 0 and s.stats.restores == 0
+
+
+@pytest.mark.parametrize("n,checkpointing", [(1, False), (3, True), (5, False), (5, True)])
+def test_full_fine_tune_steps_equal_with_write_back(base, n, checkpointing):
+    """A plain torch optimizer over the whole model: same losses and same trained weights, bit for bit."""
+    ref, _ = copy.deepcopy(base).train(), None
+    ref.enable_gradient_checkpointing(checkpointing)
+    model, swappers = _swapped(base, n, write_back=True, checkpointing=checkpointing)
+    model.train()
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (ref, model)]
+    for step in range(3):
+        losses = []
+        for m, opt in zip((ref, model), opts):
+            loss = m(**_inputs(step)).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss)
+        assert torch.equal(*losses), step
+    want, got = ref.state_dict(), model.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert not all(torch.equal(want[k], base.state_dict()[k]) for k in want)  # it did train
+    for s in swappers:
+        assert s.resident() == s.schedule.initial and s.stats.restores == 0
+
+
+def test_gradient_accumulation_with_write_back(base):
+    ref = copy.deepcopy(base).train()
+    model, _ = _swapped(base, 5, write_back=True)
+    model.train()
+    for m in (ref, model):
+        for step in range(2):
+            m(**_inputs(step)).square().mean().backward()
+    for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_host_to_device_only_moves_nothing_back_and_frozen_weights_stay(base):
+    model, swappers = _swapped(base, 5, write_back=False)
+    model.requires_grad_(False)
+    x = _inputs()
+    x["img"].requires_grad_(True)  # something trainable upstream, so a backward runs through every block
+    model(**x).square().mean().backward()
+    ref_x = _inputs()
+    ref_x["img"].requires_grad_(True)
+    base.requires_grad_(False)
+    base(**ref_x).square().mean().backward()
+    assert torch.equal(x["img"].grad, ref_x["img"].grad)
+    for s in swappers:
+        assert s.stats.d2h_bytes == 0 and s.stats.h2d_bytes == 2 * s.schedule.num_swapped * s.block_bytes * 1
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), model.state_dict().values()))
+
+
+def test_forward_without_backward_is_recovered(base):
+    """A forward with gradients whose backward never runs (an exception, a skipped step) must not leave the layout
+    shifted: the next forward restores it."""
+    model, swappers = _swapped(base, 5, write_back=False)
+    model.train()
+    x = _inputs()
+    x["img"].requires_grad_(True)
+    model(**x)  # no backward
+    assert swappers[1].resident() != swappers[1].schedule.initial
+    with torch.no_grad():
+        assert torch.equal(model(**_inputs()), base(**_inputs()))
+    assert swappers[1].stats.restores == 1
+
+
+def test_placement_and_sizes_on_meta():
+    with torch.device("meta"):
+        model = Flux(PARAMS)
+    double, single = model.enable_block_swap(5, "meta", "meta")
+    assert (double.schedule.num_swapped, single.schedule.num_swapped) == (2, 6)
+    block = double.block_bytes
+    assert block >= sum(p.numel() * 4 for p in model.double_blocks[0].parameters())
+    assert double.buffer_bytes == 2 * block and double.resident_bytes == 0
+    assert single.buffer_bytes == 2 * single.block_bytes
+    assert all(p.device.type == "meta" for p in model.parameters())
+    with pytest.raises(RuntimeError, match="move_to_device_except_swap_blocks"):
+        model.to("meta")
+    model.move_to_device_except_swap_blocks("meta")  # allowed: the blocks are skipped
+
+
+def test_fewer_swapped_than_resident_keeps_the_middle_blocks_fixed(base):
+    model, (double, single) = _swapped(base, 1, write_back=False)
+    assert single.schedule.num_swapped == 2 and single.schedule.num_slots == 6
+    assert single.buffer_bytes == 2 * single.block_bytes and single.resident_bytes == 4 * single.block_bytes
+    assert set(single.schedule.swapped_blocks) == {0, 1, 6, 7}
+
+
+def test_swapper_refuses_unlike_blocks_and_device_pairs():
+    blocks = [torch.nn.Linear(4, 4), torch.nn.Linear(4, 5), torch.nn.Linear(4, 4)]
+    with pytest.raises(ValueError, match="block 1 differs from block 0"):
+        BlockSwapper(blocks, 1, "cpu", "cpu", host_to_device_only=True)
+    with pytest.raises(ValueError, match="cannot swap between cpu and meta"):
+        BlockSwapper([torch.nn.Linear(4, 4) for _ in range(3)], 1, "cpu", "meta", host_to_device_only=True)
+    with pytest.raises(ValueError, match="at most 2"):
+        BlockSwapper([torch.nn.Linear(4, 4) for _ in range(3)], 3, "cpu", "cpu", host_to_device_only=True)
