@@ -217,7 +217,20 @@ def add_dit_arguments(parser: argparse.ArgumentParser) -> None:
     add("--logit_mean", type=float, default=0.0, help="logit_normal mean (default: 0.0)")
     add("--logit_std", type=float, default=1.0, help="logit_normal standard deviation (default: 1.0)")
     add("--mode_scale", type=float, default=1.29, help="scale of the 'mode' density (default: 1.29)")
-    add("--blocks_to_swap", type=int, default=None, help="transformer blocks kept on the CPU and swapped in")
+    add("--blocks_to_swap", type=blocks_to_swap_arg, default=None,
+        help="transformer blocks whose weights stay in CPU memory and are streamed in when needed: 1 to 35 for "
+             "FLUX.1 (N // 2 double and (N - N // 2) * 2 single blocks), or 'auto' with --vram_budget_gb to pick "
+             "the smallest N that fits")
+
+
+def blocks_to_swap_arg(text: str) -> int | str:
+    """--blocks_to_swap: a count or 'auto' (TOML configs may give an int)."""
+    if isinstance(text, int) or str(text).strip().lower() != "auto":
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of blocks or 'auto', got {text!r}") from None
+    return "auto"
 
 
 def add_flux_arguments(parser: argparse.ArgumentParser) -> None:
@@ -240,7 +253,8 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     """LoRA trainer options (reference 1.13) and its deprecated --split_mode."""
     add = parser.add_argument_group("network").add_argument
     add("--cpu_offload_checkpointing", action="store_true",
-        help="gradient checkpointing with activations on the CPU (not with --blocks_to_swap)")
+        help="gradient checkpointing whose saved block inputs wait in CPU memory (implies "
+             "--gradient_checkpointing; not with --blocks_to_swap)")
     add("--no_metadata", action="store_true", help="write only the minimal ss_* metadata")
     add("--save_model_as", type=str, default="safetensors", choices=[None, "ckpt", "pt", "safetensors"],
         help="LoRA file format (default: safetensors)")
@@ -283,7 +297,8 @@ def add_full_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--double_blocks_to_swap", type=int, default=None, help="deprecated: use --blocks_to_swap")
     add("--single_blocks_to_swap", type=int, default=None, help="deprecated: use --blocks_to_swap")
     add("--cpu_offload_checkpointing", action="store_true",
-        help="gradient checkpointing with activations on the CPU (not with --blocks_to_swap)")
+        help="gradient checkpointing whose saved block inputs wait in CPU memory (implies "
+             "--gradient_checkpointing; not with --blocks_to_swap)")
     add("--save_model_as", type=str, default=None,
         choices=[None, "ckpt", "safetensors", "diffusers", "diffusers_safetensors"],
         help="sd-scripts option; the model is always saved as .safetensors")
@@ -441,10 +456,11 @@ def verify_training_args(args: argparse.Namespace, trainer: str = "network") -> 
         problems.append("--fp8_base / --fp8_base_unet require --mixed_precision bf16 or fp16: fp8 weights are "
                         "computed in the autocast dtype")
     swap = get("blocks_to_swap")
-    if swap is not None and swap < 0:
+    if swap is not None and swap != "auto" and swap < 0:
         problems.append(f"--blocks_to_swap must be 0 or more, got {swap}")
-    if (swap or 0) > 0 and get("cpu_offload_checkpointing"):
-        problems.append("--blocks_to_swap and --cpu_offload_checkpointing exclude each other: choose one")
+    if (swap == "auto" or (swap or 0) > 0) and get("cpu_offload_checkpointing"):
+        problems.append("--blocks_to_swap and --cpu_offload_checkpointing exclude each other: block swapping "
+                        "already keeps most weights on the CPU; choose one")
     if get("adaptive_noise_scale") is not None and get("noise_offset") is None:
         problems.append("--adaptive_noise_scale requires --noise_offset")
     if get("scale_v_pred_loss_like_noise_pred") and not get("v_parameterization"):
@@ -469,7 +485,7 @@ def _deprecated(args: argparse.Namespace, get) -> None:
             logger.warning("--split_mode is deprecated: using --blocks_to_swap 18 instead")
             args.blocks_to_swap = 18
         else:
-            logger.warning("--split_mode is deprecated and ignored: --blocks_to_swap %d is used", get("blocks_to_swap"))
+            logger.warning("--split_mode is deprecated and ignored: --blocks_to_swap %s is used", get("blocks_to_swap"))
     double, single = get("double_blocks_to_swap"), get("single_blocks_to_swap")
     if double is not None or single is not None:
         swap = (double or 0) + (single or 0) // 2
@@ -529,6 +545,10 @@ def _full_checks(args: argparse.Namespace, get) -> list[str]:
             logger.warning("--blockwise_fused_optimizers ignored: --fused_backward_pass is used")
     elif get("blockwise_fused_optimizers") and "schedulefree" in optimizer:
         problems.append("--blockwise_fused_optimizers cannot use a schedule-free optimizer")
+    fused = [f"--{n}" for n in ("fused_backward_pass", "blockwise_fused_optimizers") if get(n)]
+    if fused and get("mixed_precision") == "fp16":
+        problems.append(f"{fused[0]} cannot use --mixed_precision fp16: fp16 loss scaling needs every gradient "
+                        "before a step; use --mixed_precision bf16")
     return problems
 
 
