@@ -48,7 +48,8 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="CLIP tokenizer folder or hub id (default: openai/clip-vit-large-patch14)")
     p.add_argument("--t5xxl_tokenizer", default=None, help="T5 tokenizer folder or hub id (default: google/t5-v1_1-xxl)")
     p.add_argument("--lora_weights", nargs="*", default=[],
-                   help="LoRA files to apply, each `path` or `path;multiplier` (kohya/sd-scripts format)")
+                   help="LoRA files to apply, each `path` or `path;multiplier` (kohya/sd-scripts, diffusers/PEFT, "
+                        "ai-toolkit, ComfyUI, ...: auto-detected, docs/lora_formats.md)")
     p.add_argument("--merge_lora_weights", action="store_true",
                    help="merge the LoRAs into the weights (faster steps; multipliers fixed) instead of hooking them")
     p.add_argument("--controlnet", default=None,
