@@ -75,8 +75,10 @@ def merge_into_file(src: str | Path, dst: str | Path, loras: Sequence[WeightedLo
             updates = [(lora, lora.modules[name]) for lora in loras if name in lora.modules]
             if updates:
                 w = t.to(device, compute_dtype)
-                for lora, lw in updates:
-                    w += lora.ratio * lw.scale * (lw.up.to(device, compute_dtype) @ lw.down.to(device, compute_dtype))
+                del t
+                for lora, lw in updates:  # in place: no full-size temporary besides the weight itself
+                    w.addmm_(lw.up.to(device, compute_dtype), lw.down.to(device, compute_dtype),
+                             alpha=lora.ratio * lw.scale)
                 t = w
                 merged.add(name)
             return t.to("cpu", out_dtype(e))

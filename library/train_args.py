@@ -262,7 +262,8 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     add("--text_encoder_lr", type=float, default=None, nargs="*",
         help="learning rate of the CLIP-L [and T5] LoRA (default: --learning_rate)")
     add("--fp8_base_unet", action="store_true", help="fp8 transformer only; text encoders stay in the weight dtype")
-    add("--network_weights", type=str, default=None, help="LoRA weights to start from")
+    add("--network_weights", type=str, default=None,
+        help="LoRA weights to start from (any layout: kohya, diffusers/PEFT, ComfyUI, ...; docs/lora_formats.md)")
     add("--network_module", type=str, default=None, help="network module, e.g. networks.lora_flux")
     add("--network_dim", type=int, default=None, help="LoRA rank (default: 4)")
     add("--network_alpha", type=float, default=1.0, help="LoRA alpha (default: 1)")
