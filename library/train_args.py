@@ -221,6 +221,9 @@ def add_dit_arguments(parser: argparse.ArgumentParser) -> None:
         help="transformer blocks whose weights stay in CPU memory and are streamed in when needed: 1 to 35 for "
              "FLUX.1 (N // 2 double and (N - N // 2) * 2 single blocks), or 'auto' with --vram_budget_gb to pick "
              "the smallest N that fits")
+    add("--vram_budget_gb", type=float, default=None,
+        help="GPU memory to plan for with --blocks_to_swap auto, in GiB (e.g. 7.5 on an 8 GB card): the smallest "
+             "N whose peak predicted by the memory planner (tools/plan_memory.py) fits is used")
 
 
 def blocks_to_swap_arg(text: str) -> int | str:
