@@ -158,36 +158,42 @@ def test_merge_into_checkpoint_then_infer_equals_hooked(setup, trained, tmp_path
     assert diff < (1e-5 if save_precision is None else 3e-2)
 
 
-def test_merge_into_a_diffusers_checkpoint_and_clip(setup, tmp_path):
-    """A diffusers-layout transformer comes out with BFL names; lora_te1 modules go into the CLIP-L file."""
+def test_merge_into_a_diffusers_checkpoint_and_text_encoders(setup, tmp_path):
+    """A diffusers-layout transformer comes out with BFL names; lora_te1 / lora_te3 modules go into the CLIP-L /
+    T5 files."""
     from library import flux_utils
     from library.flux_diffusers_keys import bfl_to_diffusers
 
     models, _, _ = setup
     flux = load_flux(models["flux"])
     clip = flux_utils.load_clip_l(models["clip_l"], torch.float32, "cpu").eval()
+    t5 = flux_utils.load_t5xxl(models["t5xxl"], torch.float32, "cpu").eval()
     folder = tmp_path / "diffusers" / "transformer"
     folder.mkdir(parents=True)
     save_file_atomic(bfl_to_diffusers(flux.state_dict(), flux.params.hidden_size),
                      folder / "diffusion_pytorch_model.safetensors")
-    net = lora_flux.create_network(1.0, 3, 1.5, None, [clip, None], flux)
-    net.apply_to([clip, None], flux)
+    net = lora_flux.create_network(1.0, 3, 1.5, None, [clip, t5], flux, train_t5xxl="True")
+    net.apply_to([clip, t5], flux)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     inputs, ids = flux_inputs(flux), torch.randint(0, 40, (1, 7))
     with torch.no_grad():
-        want_flux, want_clip = run(flux, inputs), clip(ids).last_hidden_state
+        want_flux, want_clip, want_t5 = run(flux, inputs), clip(ids).last_hidden_state, t5(ids).last_hidden_state
     net.restore()
     net.save_weights(tmp_path / "l.safetensors", None, None)
     assert flux_merge_lora.main(["--flux_model", str(tmp_path / "diffusers"), "--clip_l", str(models["clip_l"]),
                                  "--save_to", str(tmp_path / "m.safetensors"), "--clip_l_save_to",
-                                 str(tmp_path / "c.safetensors"), "--models", str(tmp_path / "l.safetensors")]) == 0
+                                 str(tmp_path / "c.safetensors"), "--t5xxl", str(models["t5xxl"]), "--t5xxl_save_to",
+                                 str(tmp_path / "t.safetensors"), "--models", str(tmp_path / "l.safetensors")]) == 0
     assert (run(load_flux(tmp_path / "m.safetensors"), inputs) - want_flux).abs().max() < 1e-5
     merged_clip = flux_utils.load_clip_l(tmp_path / "c.safetensors", torch.float32, "cpu").eval()
+    merged_t5 = flux_utils.load_t5xxl(tmp_path / "t.safetensors", torch.float32, "cpu").eval()
     with torch.no_grad():
         assert (merged_clip(ids).last_hidden_state - want_clip).abs().max() < 1e-5
+        assert (merged_t5(ids).last_hidden_state - want_t5).abs().max() < 1e-5
+        assert (t5(ids).last_hidden_state - want_t5).abs().max() > 1e-3  # the T5 LoRA matters
 
 
 def _random_lora(names_shapes, rank, alpha, seed):
@@ -274,3 +280,38 @@ def test_merge_refuses_a_lora_for_another_model(setup, tmp_path, capsys):
                                  "--models", str(tmp_path / "l.safetensors")]) == 2
     assert "lora_unet_double_blocks_7_img_attn_proj" in capsys.readouterr().err
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_trainer_reads_foreign_network_and_base_weights(setup, trained, tmp_path):
+    """flux_train_network.py --network_weights (diffusers file, --dim_from_weights) and --base_weights (ComfyUI
+    file): the network starts from the file's exact updates, the base gets the ComfyUI LoRA merged."""
+    import flux_train_network as cli
+    from library.lora_training import LoRATrainer
+    from library.train_args import verify_training_args
+
+    models, toml, _ = setup
+    for fmt in ("diffusers", "comfyui"):
+        assert convert_flux_lora.main(["--src", "sd-scripts", "--dst", fmt, "--src_path", str(trained),
+                                       "--dst_path", str(tmp_path / f"{fmt}.safetensors")]) == 0
+    out = tmp_path / "out"
+    argv = ["--pretrained_model_name_or_path", str(models["flux"]), "--clip_l", str(models["clip_l"]),
+            "--t5xxl", str(models["t5xxl"]), "--ae", str(models["ae"]), "--tokenizer_cache_dir",
+            str(models["tokenizers"]), "--dataset_config", str(toml), "--output_dir", str(out),
+            "--network_module", "networks.lora_flux", "--network_weights", str(tmp_path / "diffusers.safetensors"),
+            "--dim_from_weights", "--base_weights", str(tmp_path / "comfyui.safetensors"),
+            "--base_weights_multiplier", "0.5", "--network_train_unet_only", "--learning_rate", "1e-12",
+            "--max_train_steps", "1", "--seed", "3", "--max_data_loader_n_workers", "0",
+            "--t5xxl_max_token_length", "16", "--model_prediction_type", "raw"]
+    args = cli.setup_parser().parse_args(argv)
+    verify_training_args(args, "network")
+    trainer = LoRATrainer(args)
+    assert trainer.run() == 0
+    original, _ = read_lora(load_tensors(trained))
+    saved, _ = read_lora(load_tensors(out / "last.safetensors"))
+    assert set(saved) == set(original)
+    assert max(float((saved[n].delta() - w.delta()).abs().max()) for n, w in original.items()) < 1e-6
+
+    base = load_tensors(models["flux"])["double_blocks.0.img_attn.qkv.weight"]
+    merged = trainer.models.flux.double_blocks[0].img_attn.qkv.weight.detach().float().cpu()
+    want = base + 0.5 * original["lora_unet_double_blocks_0_img_attn_qkv"].delta()
+    assert (merged - want).abs().max() < 1e-6
