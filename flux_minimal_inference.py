@@ -60,6 +60,10 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="multiplier of the ControlNet residuals (default: %(default)s)")
     p.add_argument("--offload", action="store_true",
                    help="keep models on the CPU and move each to the GPU only while it runs")
+    p.add_argument("--blocks_to_swap", type=int, default=0,
+                   help="keep the weights of N transformer blocks in CPU memory and stream them to the device as "
+                        "they are needed (1 to 35 for FLUX.1: N // 2 double and (N - N // 2) * 2 single blocks); "
+                        "combines with --offload for the text encoders and autoencoder")
     p.add_argument("--tiled_ae", action="store_true", help="decode in tiles to cap memory for large images")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     p.add_argument("--output_dir", default=".", help="folder for the PNG files (default: current folder)")
@@ -135,20 +139,29 @@ def run(args) -> int:
     info = flux_utils.analyze_checkpoint(args.ckpt_path)  # checks the file before anything heavy
     logger.info(f"transformer: {info.layout} layout, {info.model_type}, {info.params.depth} double + "
                 f"{info.params.depth_single_blocks} single blocks, stored as {', '.join(sorted(info.dtypes))}")
+    if args.blocks_to_swap:
+        from library.block_swap import split_blocks_to_swap
+
+        split_blocks_to_swap(args.blocks_to_swap, info.params.depth, info.params.depth_single_blocks)
     tokenizer = flux_utils.load_tokenizer(args.tokenizer_cache_dir, info.is_schnell, args.t5xxl_max_token_length,
                                           args.clip_l_tokenizer, args.t5xxl_tokenizer)
     loaded = {}
     for part, path in (("clip_l", args.clip_l), ("t5xxl", args.t5xxl), ("ae", args.ae), ("flux", args.ckpt_path)):
         logger.info(f"loading {part} from {path} as {dtypes[part]}")
-        loaded[part] = flux_utils.load_for_compute(part, path, dtypes[part], load_device, compute,
-                                                   info=info if part == "flux" else None)
+        swapped = part == "flux" and args.blocks_to_swap
+        loaded[part] = flux_utils.load_for_compute(part, path, dtypes[part], "cpu" if swapped else load_device,
+                                                   compute, info=info if part == "flux" else None)
     models = FluxModels(loaded["flux"], loaded["ae"], loaded["clip_l"], loaded["t5xxl"], tokenizer,
                         info.is_schnell, compute if is_fp8(dtypes["flux"]) else dtypes["flux"])
     placement = Placement(device, args.offload)
     from library.lora_loading import apply_loras
 
+    # hooked LoRAs live on the compute device (they are small and never offloaded)
     networks = apply_loras(args.lora_weights, loaded["flux"], loaded["clip_l"], loaded["t5xxl"],
-                           args.merge_lora_weights, load_device)
+                           args.merge_lora_weights, device)
+    if args.blocks_to_swap:  # after merging: the swapped weights' CPU copies are their masters
+        loaded["flux"].move_to_device_except_swap_blocks(device)
+        loaded["flux"].enable_block_swap(args.blocks_to_swap, device, "cpu", host_to_device_only=True)
     if args.controlnet:
         from library.flux_controlnet import ControlledFlux, load_controlnet
         from library.image_io import load_image

@@ -69,8 +69,8 @@ class Placement:
     @contextmanager
     def use(self, *models: torch.nn.Module):
         homes = [next(m.parameters()).device for m in models] if self.offload else []
-        if self.offload:
-            for m in models:
+        for m, home in zip(models, homes):
+            if home != self.device:  # one already there stays (and a block-swapped transformer must not move)
                 m.to(self.device)
         try:
             yield

@@ -229,12 +229,20 @@ class Flux(nn.Module):
         self.final_layer = LastLayer(h, params.out_channels)
         self.gradient_checkpointing = False
 
-    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block (and the embedders) in backward instead of keeping their activations."""
+    def enable_gradient_checkpointing(self, enabled: bool = True, cpu_offload: bool = False) -> None:
+        """Recompute each block (and the embedders) in backward instead of keeping their activations; with
+        `cpu_offload` the blocks' saved image/text inputs wait in CPU memory (library/offload_checkpoint.py)."""
         self.gradient_checkpointing = enabled
+        self.cpu_offload_checkpointing = enabled and cpu_offload
 
     def _call(self, module: nn.Module, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if getattr(self, "cpu_offload_checkpointing", False) and isinstance(
+                    module, (DoubleStreamBlock, SingleStreamBlock)):
+                from library.offload_checkpoint import offloaded_checkpoint
+
+                # the per-block streams (img, txt / x); vec, pe and the mask are shared by all blocks
+                return offloaded_checkpoint(module, args, (0, 1) if isinstance(module, DoubleStreamBlock) else (0,))
             return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 

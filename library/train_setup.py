@@ -18,8 +18,6 @@ VALIDATION_SIGMAS = (0.2, 0.4, 0.6, 0.8)  # fixed, so validation losses compare 
 
 # Options sd-scripts has that this suite does not implement yet: refused with a reason rather than ignored.
 NOT_YET_SUPPORTED = {
-    "blocks_to_swap": "block swapping is not implemented yet",
-    "cpu_offload_checkpointing": "CPU-offloaded checkpointing is not implemented yet; use --gradient_checkpointing",
     "deepspeed": "DeepSpeed is not wired in yet; use plain accelerate (DDP)",
     "huggingface_repo_id": "uploading to the Hugging Face Hub is not implemented",
     "resume_from_huggingface": "resuming from the Hugging Face Hub is not implemented; download the state first",
@@ -137,6 +135,8 @@ def load_models(args, accelerator, flux_dtype: torch.dtype | None = None) -> Tra
 
     device, dtype = accelerator.device, weight_dtype(args)
     info = flux_utils.analyze_checkpoint(args.pretrained_model_name_or_path)
+    blocks_to_swap = resolve_blocks_to_swap(args, info)
+    check_fp8_checkpoint(args, info)
     compute = torch.bfloat16 if (args.fp8_base and dtype == torch.float32 and device.type == "cuda") else dtype
     logger.info("loading %s (%s, %s layout)", args.pretrained_model_name_or_path, info.model_type, info.layout)
     _, flux = flux_utils.load_flow_model(args.pretrained_model_name_or_path,
@@ -150,11 +150,63 @@ def load_models(args, accelerator, flux_dtype: torch.dtype | None = None) -> Tra
     if t5_fp8:
         prepare_t5xxl_fp8(t5xxl, torch.float8_e4m3fn, compute)
     for m in (flux, ae, clip_l, t5xxl):
-        m.requires_grad_(False).eval().to(device)
+        m.requires_grad_(False).eval()
+        if not (m is flux and blocks_to_swap):  # placed by enable_block_swap once the trainable part exists
+            m.to(device)
     if args.gradient_checkpointing:
-        flux.enable_gradient_checkpointing()
+        flux.enable_gradient_checkpointing(cpu_offload=bool(getattr(args, "cpu_offload_checkpointing", False)))
     tokenizer = flux_utils.load_tokenizer(args.tokenizer_cache_dir, info.is_schnell, args.t5xxl_max_token_length)
     return TrainingModels(flux, ae, clip_l, t5xxl, tokenizer, info.is_schnell, dtype, compute)
+
+
+def resolve_blocks_to_swap(args, info) -> int:
+    """--blocks_to_swap as a count checked against the checkpoint's blocks ('auto' asks the memory planner)."""
+    from library.block_swap import max_blocks_to_swap, split_blocks_to_swap
+    from library.train_loop import TrainingError
+
+    n = getattr(args, "blocks_to_swap", None) or 0
+    limit = max_blocks_to_swap(info.params.depth, info.params.depth_single_blocks)
+    if n == "auto":
+        try:
+            from library.memory_plan import choose_blocks_to_swap
+        except ImportError:
+            raise TrainingError("--blocks_to_swap auto needs the memory planner (library/memory_plan.py), which "
+                                f"this installation lacks: give a number from 1 to {limit}") from None
+        n = args.blocks_to_swap = int(choose_blocks_to_swap(args))
+    try:
+        split_blocks_to_swap(n, info.params.depth, info.params.depth_single_blocks)
+    except ValueError as e:
+        raise TrainingError(f"{e} ({args.pretrained_model_name_or_path})") from None
+    return n
+
+
+def check_fp8_checkpoint(args, info) -> None:
+    """fp8 files are used as stored, which --fp8_base supports for float8_e4m3fn only (reference 8)."""
+    from library.train_loop import TrainingError
+
+    other = sorted(d for d in info.dtypes if d.startswith("F8") and d != "F8_E4M3")
+    if getattr(args, "fp8_base", False) and other:
+        raise TrainingError(f"{args.pretrained_model_name_or_path} stores {', '.join(other)} weights: --fp8_base "
+                            "trains on float8_e4m3fn (F8_E4M3) only; use a bf16/fp16 or e4m3fn checkpoint")
+
+
+def enable_block_swap(args, models: TrainingModels, accelerator) -> list:
+    """Place the transformer with --blocks_to_swap: blocks through the swappers, the rest on the device. The
+    swapped weights are copied host-to-device only when the blocks' own weights are frozen (LoRA); a trainer
+    that trains them (full fine-tuning) gets write-back, decided from requires_grad."""
+    n = getattr(args, "blocks_to_swap", None) or 0
+    if not n:
+        return []
+    flux, device = models.flux, accelerator.device
+    write_back = any(p.requires_grad for blocks in (flux.double_blocks, flux.single_blocks)
+                     for p in blocks.parameters())
+    flux.move_to_device_except_swap_blocks(device)
+    swappers = list(flux.enable_block_swap(n, device, "cpu", host_to_device_only=not write_back))
+    logger.info("--blocks_to_swap %d: %.2f GiB of block weights on %s (%.2f GiB in swap slots), the rest in CPU "
+                "memory, %s", n, sum(s.buffer_bytes + s.resident_bytes for s in swappers) / 2**30, device,
+                sum(s.buffer_bytes for s in swappers) / 2**30,
+                "copied back after each use (trained weights)" if write_back else "copied to the device only")
+    return swappers
 
 
 def prepare_caches(args, accelerator, models: TrainingModels, train_group, val_group) -> None:

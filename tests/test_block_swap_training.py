@@ -1,0 +1,150 @@
+"""--blocks_to_swap, --cpu_offload_checkpointing and --fp8_base through flux_train_network.py and inference, on CPU.
+
+The transformer file here has 4 double and 8 single blocks (the tiny preset's 2 + 2 cannot swap any: each stack
+keeps 2 blocks), so --blocks_to_swap goes up to 5. Compute and storage are both the CPU but separate memory (see
+tests/test_block_swap.py), so a wrong schedule changes the trained weights.
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import flux_minimal_inference
+import flux_train_network as cli
+from library.flux_checkpoint import analyze_checkpoint
+from library.flux_models import Flux
+from library.safetensors_io import save_file_atomic
+from library.train_args import TrainingArgumentError, verify_training_args
+from library.train_loop import TrainingError
+from tools.make_demo_dataset import make_demo_dataset
+from tools.make_tiny_models import make_tiny_models
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: two threads only spin on a shared, busy CPU
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("swap")
+    models = make_tiny_models(base / "models")
+    params = replace(analyze_checkpoint(models["flux"]).params, depth=4, depth_single_blocks=8)
+    torch.manual_seed(3)
+    models["flux"] = base / "models" / "flux_12_blocks.safetensors"
+    save_file_atomic(Flux(params).state_dict(), models["flux"], {"tiny": "true"})
+    toml = make_demo_dataset(base / "data", count=2, size=32)
+    return models, toml
+
+
+def train_argv(setup, out, *extra):
+    models, toml = setup
+    return ["--pretrained_model_name_or_path", str(models["flux"]), "--clip_l", str(models["clip_l"]),
+            "--t5xxl", str(models["t5xxl"]), "--ae", str(models["ae"]), "--tokenizer_cache_dir",
+            str(models["tokenizers"]), "--dataset_config", str(toml), "--output_dir", str(out),
+            "--network_module", "networks.lora_flux", "--network_dim", "4", "--learning_rate", "1e-2",
+            "--max_train_steps", "3", "--seed", "7", "--max_data_loader_n_workers", "0",
+            "--t5xxl_max_token_length", "16", "--model_prediction_type", "raw", "--network_train_unet_only",
+            "--cache_latents", "--cache_text_encoder_outputs", *extra]
+
+
+def run_trainer(argv):
+    from library.lora_training import LoRATrainer
+
+    args = cli.setup_parser().parse_args(argv)
+    verify_training_args(args, "network")
+    trainer = LoRATrainer(args)
+    return trainer, trainer.run()
+
+
+def lora(out):
+    return load_file(str(out / "last.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    _, code = run_trainer(train_argv(setup, out, "--gradient_checkpointing"))
+    assert code == 0
+    return lora(out)
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_lora_training_with_block_swap_trains_the_same_weights(setup, reference, tmp_path, n):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --w 32 --h 32 --s 2 --d 1\n")
+    trainer, code = run_trainer(train_argv(setup, tmp_path, "--gradient_checkpointing", "--blocks_to_swap", str(n),
+                                           "--sample_prompts", str(prompts), "--sample_every_n_steps", "2"))
+    assert code == 0
+    got = lora(tmp_path)
+    assert got.keys() == reference.keys()
+    assert all(torch.equal(got[k], reference[k]) for k in got), "block swapping changed the trained LoRA"
+    double, single = trainer.block_swappers
+    assert (double.schedule.num_swapped, single.schedule.num_swapped) == (n // 2, (n - n // 2) * 2)
+    for s in trainer.block_swappers:
+        assert s.host_to_device_only and s.stats.d2h_bytes == 0  # a frozen base is never copied back
+        assert s.resident() == s.schedule.initial
+    assert single.stats.h2d_bytes > 0
+    assert len(list((tmp_path / "sample").glob("*.png"))) == 1  # sampling ran on the swapped model
+
+
+def test_lora_training_with_block_swap_without_checkpointing(setup, tmp_path):
+    ref_out, swap_out = tmp_path / "ref", tmp_path / "swap"
+    assert run_trainer(train_argv(setup, ref_out))[1] == 0
+    assert run_trainer(train_argv(setup, swap_out, "--blocks_to_swap", "3"))[1] == 0
+    a, b = lora(ref_out), lora(swap_out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cpu_offload_checkpointing_trains_the_same_weights(setup, reference, tmp_path):
+    trainer, code = run_trainer(train_argv(setup, tmp_path, "--cpu_offload_checkpointing"))
+    assert code == 0
+    assert trainer.models.flux.cpu_offload_checkpointing  # implied --gradient_checkpointing, offload on
+    got = lora(tmp_path)
+    for k in got:
+        torch.testing.assert_close(got[k], reference[k], rtol=1e-5, atol=1e-7)
+
+
+def test_out_of_range_and_exclusive_options_are_refused(setup, tmp_path):
+    with pytest.raises(TrainingError, match=r"--blocks_to_swap 6 is out of range: .* can swap 1 to 5 blocks"):
+        run_trainer(train_argv(setup, tmp_path, "--blocks_to_swap", "6"))
+    with pytest.raises(TrainingArgumentError, match="--blocks_to_swap and --cpu_offload_checkpointing exclude"):
+        run_trainer(train_argv(setup, tmp_path, "--blocks_to_swap", "2", "--cpu_offload_checkpointing"))
+    code = cli.main(train_argv(setup, tmp_path, "--blocks_to_swap", "9"))
+    assert code == 2
+
+
+def test_auto_needs_the_planner_or_uses_it(setup, tmp_path, monkeypatch):
+    import importlib
+
+    args = cli.setup_parser().parse_args(train_argv(setup, tmp_path, "--blocks_to_swap", "auto"))
+    assert args.blocks_to_swap == "auto"
+    from library import train_setup
+
+    info = analyze_checkpoint(setup[0]["flux"])
+    try:
+        plan = importlib.import_module("library.memory_plan")
+    except ImportError:
+        with pytest.raises(TrainingError, match="--blocks_to_swap auto needs the memory planner"):
+            train_setup.resolve_blocks_to_swap(args, info)
+        return
+    monkeypatch.setattr(plan, "choose_blocks_to_swap", lambda a: 4, raising=False)
+    assert train_setup.resolve_blocks_to_swap(args, info) == 4 and args.blocks_to_swap == 4
+
+
+def test_minimal_inference_with_block_swap_renders_the_same_image(setup, tmp_path):
+    models, _ = setup
+    common = ["--ckpt_path", str(models["flux"]), "--clip_l", str(models["clip_l"]), "--t5xxl",
+              str(models["t5xxl"]), "--ae", str(models["ae"]), "--tokenizer_cache_dir", str(models["tokenizers"]),
+              "--dtype", "fp32", "--width", "32", "--height", "32", "--steps", "3", "--seed", "5", "--device", "cpu",
+              "--output_latents", "--t5xxl_max_token_length", "16"]
+    for name, extra in (("plain", []), ("swap", ["--blocks_to_swap", "5"])):
+        assert flux_minimal_inference.main([*common, "--output_dir", str(tmp_path / name), *extra]) == 0
+    a, b = (load_file(str(next((tmp_path / n).glob("*_latents.safetensors"))))["latents"] for n in ("plain", "swap"))
+    assert torch.equal(a, b)
+    assert flux_minimal_inference.main([*common, "--output_dir", str(tmp_path / "bad"), "--blocks_to_swap", "6"]) == 2
