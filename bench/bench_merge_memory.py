@@ -53,7 +53,8 @@ def write_lora(path: Path, params, rank: int) -> int:
         flux = Flux(params)
     sd = {}
     g = torch.Generator().manual_seed(0)
-    for name, module in lora_flux._linears(flux, lora_flux.LORA_PREFIX_FLUX, ("DoubleStreamBlock", "SingleStreamBlock")):
+    blocks = ("DoubleStreamBlock", "SingleStreamBlock")
+    for name, module in lora_flux._linears(flux, lora_flux.LORA_PREFIX_FLUX, blocks):
         sd[f"{name}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.01
         sd[f"{name}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.01
         sd[f"{name}.alpha"] = torch.tensor(float(rank))

@@ -400,7 +400,9 @@ def _split(target: str, w: LoRAWeights, n: int) -> list[tuple[int, LoRAWeights]]
         raise LoRAFormatError(f"{target}: {out_rows} output rows cannot be split into {n} parts")
     ups = w.up.split(rows, dim=0)
     used = [(u != 0).any(dim=0) for u in ups]
-    disjoint = all(not (used[a] & used[b]).any() for a in range(n) for b in range(a + 1, n))
+    # (an all-zero up, a fresh LoRA, keeps every part whole: its down still matters for further training)
+    disjoint = any(u.any() for u in used) and all(not (used[a] & used[b]).any()
+                                                  for a in range(n) for b in range(a + 1, n))
     parts = []
     for i, u in enumerate(ups):
         if disjoint:

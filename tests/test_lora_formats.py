@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from library import lora_formats as lf
-from library.flux_models import FLUX_PRESETS, Flux
+from library.flux_models import Flux
 from library.safetensors_io import load_tensors, save_file_atomic
 from networks import convert_flux_lora, lora_flux
 
@@ -123,8 +123,9 @@ def test_foreign_layouts_read_exactly():
             "transformer.single_transformer_blocks.0.attn.to_v.lora_B.weight": vb,
             "transformer.transformer_blocks.1.attn.to_out.0.lora_A.weight": pa,
             "transformer.transformer_blocks.1.attn.to_out.0.lora_B.weight": pb}
-    meta = {"lora_adapter_metadata": json.dumps({"transformer.r": 2, "transformer.lora_alpha": 8,
-                                                 "transformer.alpha_pattern": {"transformer_blocks.1.attn.to_out.0": 6}})}
+    adapter = {"transformer.r": 2, "transformer.lora_alpha": 8,
+               "transformer.alpha_pattern": {"transformer_blocks.1.attn.to_out.0": 6}}
+    meta = {"lora_adapter_metadata": json.dumps(adapter)}
     modules, layout = lf.read_lora(peft, meta)
     assert layout == "diffusers"
     linear1 = modules["lora_unet_single_blocks_0_linear1"].delta()
@@ -217,8 +218,9 @@ def test_foreign_files_apply_like_the_kohya_file(models, tiny_paths, tmp_path, f
     flux, clip, t5 = models
     sd = kohya_lora(models, split_qkv=True)
     save_file_atomic(sd, tmp_path / "kohya.safetensors")
-    assert convert_flux_lora.main(["--src", "sd-scripts", "--dst", fmt, "--src_path", str(tmp_path / "kohya.safetensors"),
-                                   "--dst_path", str(tmp_path / "other.safetensors")]) == 0
+    assert convert_flux_lora.main(["--src", "sd-scripts", "--dst", fmt, "--src_path",
+                                   str(tmp_path / "kohya.safetensors"), "--dst_path",
+                                   str(tmp_path / "other.safetensors")]) == 0
     inputs = flux_inputs(flux)
     ids = torch.randint(0, 40, (1, 7))
 
