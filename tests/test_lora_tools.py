@@ -315,3 +315,23 @@ def test_trainer_reads_foreign_network_and_base_weights(setup, trained, tmp_path
     merged = trainer.models.flux.double_blocks[0].img_attn.qkv.weight.detach().float().cpu()
     want = base + 0.5 * original["lora_unet_double_blocks_0_img_attn_qkv"].delta()
     assert (merged - want).abs().max() < 1e-6
+
+
+@pytest.mark.gpu
+def test_merge_and_extract_on_cuda_match_cpu(setup, trained, tmp_path):
+    """--working_device cuda / --device cuda compute the same files as the CPU (fp32, TF32 off)."""
+    models, _, _ = setup
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for device in ("cpu", "cuda"):
+        assert flux_merge_lora.main(["--flux_model", str(models["flux"]), "--save_to",
+                                     str(tmp_path / f"m_{device}.safetensors"), "--models", str(trained),
+                                     "--working_device", device]) == 0
+        assert flux_extract_lora.main(["--model_org", str(models["flux"]), "--model_tuned",
+                                       str(tmp_path / f"m_{device}.safetensors"), "--save_to",
+                                       str(tmp_path / f"x_{device}.safetensors"), "--dim", "8", "--clamp_quantile",
+                                       "1", "--device", device]) == 0
+    cpu, gpu = load_tensors(tmp_path / "m_cpu.safetensors"), load_tensors(tmp_path / "m_cuda.safetensors")
+    assert max(float((cpu[k].float() - gpu[k].float()).abs().max()) for k in cpu) < 1e-5
+    a, _ = read_lora(load_tensors(tmp_path / "x_cpu.safetensors"))
+    b, _ = read_lora(load_tensors(tmp_path / "x_cuda.safetensors"))
+    assert set(a) == set(b) and max(float((a[n].delta() - b[n].delta()).abs().max()) for n in a) < 1e-4
