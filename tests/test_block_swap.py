@@ -208,3 +208,104 @@ def test_swapper_refuses_unlike_blocks_and_device_pairs():
         BlockSwapper([torch.nn.Linear(4, 4) for _ in range(3)], 1, "cpu", "meta", host_to_device_only=True)
     with pytest.raises(ValueError, match="at most 2"):
         BlockSwapper([torch.nn.Linear(4, 4) for _ in range(3)], 3, "cpu", "cpu", host_to_device_only=True)
+
+
+# --- fp8 weights ----------------------------------------------------------------------------------------------------
+
+FP8_REL_TOLERANCE = 0.1  # relative L2 error of fp8 (e4m3fn, 3 mantissa bits) outputs against bf16 ones
+
+
+def _rel_error(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _bf16_inputs(device="cpu", seed=1):
+    return {k: v.to(device, torch.bfloat16) if v.is_floating_point() else v.to(device)
+            for k, v in _inputs(seed).items()}
+
+
+def test_fp8_weights_swap_exactly_and_stay_close_to_bf16(base):
+    from library.fp8 import prepare_fp8
+
+    bf16 = copy.deepcopy(base).to(torch.bfloat16)
+    fp8 = prepare_fp8(copy.deepcopy(base), torch.float8_e4m3fn, torch.bfloat16)
+    swapped = prepare_fp8(copy.deepcopy(base), torch.float8_e4m3fn, torch.bfloat16)
+    double, _ = swapped.enable_block_swap(5, "cpu", "cpu")
+    assert {d for d in double.layout.dtypes} == {torch.float8_e4m3fn, torch.bfloat16}  # fp8 weights, bf16 rest
+    with torch.no_grad():
+        want, got, ref = fp8(**_bf16_inputs()), swapped(**_bf16_inputs()), bf16(**_bf16_inputs())
+    assert torch.equal(got, want)
+    assert 0 < _rel_error(want, ref) < FP8_REL_TOLERANCE
+
+
+# --- CUDA: the real transfer path (pinned memory, side stream, events) -----------------------------------------------
+
+
+def _lora_model(base, device, n):
+    from networks import lora_flux
+
+    model = copy.deepcopy(base).to(torch.bfloat16)
+    model.requires_grad_(False)
+    torch.manual_seed(0)
+    network = lora_flux.create_network(1.0, 4, 1.0, None, [None, None], model)
+    network.apply_to([None, None], model, apply_text_encoder=False, apply_unet=True)
+    for p in network.parameters():  # non-zero up weights, so every LoRA gets a gradient and changes outputs
+        torch.nn.init.normal_(p, std=0.02)
+    network.to(device)
+    if n:
+        model.move_to_device_except_swap_blocks(device)
+        model.enable_block_swap(n, device, "cpu")
+    else:
+        model.to(device)
+    model.enable_gradient_checkpointing(True)
+    model.train()
+    return model, network
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_cuda_outputs_and_lora_gradients_equal_without_swap(base, n):
+    (ref, ref_net), (model, net) = _lora_model(base, "cuda", 0), _lora_model(base, "cuda", n)
+    for step in range(2):
+        outs = []
+        for m in (ref, model):
+            out = m(**_bf16_inputs("cuda", step))
+            out.float().square().mean().backward()
+            outs.append(out)
+        torch.cuda.synchronize()
+        assert torch.equal(*outs)
+        for (name, p), q in zip(ref_net.named_parameters(), net.parameters()):
+            assert torch.equal(p.grad, q.grad), name
+    for s in model.block_swappers:
+        assert s.resident() == s.schedule.initial and s.stats.d2h_bytes == 0
+        assert all(t.is_pinned() for t in s._store.values())
+
+
+@pytest.mark.gpu
+def test_cuda_swap_buffers_are_reused_and_memory_is_lower(base):
+    torch.cuda.empty_cache()
+    model, _ = _lora_model(base, "cuda", 5)
+    allocated = []
+    for step in range(3):
+        model(**_bf16_inputs("cuda", step)).float().square().mean().backward()
+        torch.cuda.synchronize()
+        allocated.append(torch.cuda.memory_allocated())
+    assert allocated[1] == allocated[2]  # no per-step allocation left behind (LoRA grads exist from step 1)
+    on_device = sum(p.numel() * p.element_size() for b in (*model.double_blocks, *model.single_blocks)
+                    for p in b.parameters() if p.device.type == "cuda")
+    total = sum(p.numel() * p.element_size() for b in (*model.double_blocks, *model.single_blocks)
+                for p in b.parameters())
+    assert on_device <= sum(s.buffer_bytes + s.resident_bytes for s in model.block_swappers) < total
+
+
+@pytest.mark.gpu
+def test_cuda_fp8_outputs_within_tolerance_of_bf16(base):
+    from library.fp8 import prepare_fp8
+
+    bf16 = copy.deepcopy(base).to("cuda", torch.bfloat16)
+    fp8 = prepare_fp8(copy.deepcopy(base), torch.float8_e4m3fn, torch.bfloat16)
+    fp8.move_to_device_except_swap_blocks("cuda")
+    fp8.enable_block_swap(3, "cuda", "cpu")
+    with torch.no_grad():
+        err = _rel_error(fp8(**_bf16_inputs("cuda")), bf16(**_bf16_inputs("cuda")))
+    assert err < FP8_REL_TOLERANCE
