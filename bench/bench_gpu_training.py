@@ -2,6 +2,7 @@
 """GPU benchmark of block swapping and fp8: LoRA training step time and peak memory, and inference time per image.
 
     python bench/bench_gpu_training.py [--blocks 0,8,18,28,35] [--json results.json]
+    python bench/bench_gpu_training.py --bytes     # no GPU needed: GPU-resident and moved bytes per setting
 
 The real FLUX.1-dev architecture (19 double + 38 single blocks, hidden 3072) with random weights made on the GPU
 (nothing is downloaded; speed and memory do not depend on the values). For each --blocks_to_swap N and for bf16 and
@@ -111,6 +112,35 @@ def infer(model, steps: int = 28) -> float:
     return time.perf_counter() - start
 
 
+def print_bytes(blocks: list[int]) -> int:
+    """Block weights on the GPU and bytes moved per LoRA training step (forward + backward) for each setting."""
+    from library.flux_models import FLUX_PRESETS, Flux
+    from library.fp8 import prepare_fp8
+
+    print("| blocks_to_swap | base | block weights on GPU GiB | of which swap slots GiB | host-to-device GiB/step "
+          "| sd-scripts' swap (both directions) GiB/step |")
+    print("|---|---|---|---|---|---|")
+    for fp8 in (False, True):
+        for n in blocks:
+            with torch.device("meta"):
+                model = Flux(FLUX_PRESETS["dev"]).to(torch.bfloat16)
+            if fp8:
+                prepare_fp8(model, torch.float8_e4m3fn, torch.bfloat16)
+            swappers = model.enable_block_swap(n, "meta", "meta") if n else []
+            if n:
+                on_gpu = sum(s.buffer_bytes + s.resident_bytes for s in swappers)
+                slots = sum(s.buffer_bytes for s in swappers)
+                moved = sum(2 * s.schedule.num_swapped * s.block_bytes for s in swappers)
+            else:
+                on_gpu = sum(p.numel() * p.element_size() for b in (*model.double_blocks, *model.single_blocks)
+                             for p in b.parameters())
+                slots = moved = 0
+            g = 2**30
+            print(f"| {n} | {'fp8' if fp8 else 'bf16'} | {on_gpu / g:.2f} | {slots / g:.2f} | {moved / g:.2f} | "
+                  f"{2 * moved / g:.2f} |")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--blocks", default="0,8,18,28,35", help="comma-separated --blocks_to_swap values")
@@ -118,7 +148,12 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first (default: 2)")
     p.add_argument("--no-inference", action="store_true", help="skip the 28-step inference timing")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--bytes", action="store_true",
+                   help="no GPU needed: print the bytes each setting keeps on the GPU and moves per step, from the "
+                        "real swappers on meta tensors")
     args = p.parse_args(argv)
+    if args.bytes:
+        return print_bytes([int(v) for v in args.blocks.split(",")])
     if not torch.cuda.is_available():
         print("bench_gpu_training.py needs a CUDA GPU; none is available here (see docs/benchmarks.md)",
               file=sys.stderr)
