@@ -199,3 +199,39 @@ def test_saved_model_loads_in_diffusers_with_the_same_outputs(setup, tmp_path):
         b = theirs(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=torch.tensor([0.7]),
                    img_ids=ids, txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]), return_dict=False)[0]
     assert (a - b).abs().max() < 2e-5
+
+
+@pytest.fixture(scope="module")
+def deep_flux(setup, tmp_path_factory):
+    """The tiny transformer with 4 double and 6 single blocks, so that blocks can be swapped (each stack keeps at
+    least 2 blocks resident)."""
+    from dataclasses import replace
+
+    from library import flux_utils
+    from library.flux_models import Flux
+    from library.safetensors_io import save_file_atomic
+
+    models, _ = setup
+    _, tiny = flux_utils.load_flow_model(models["flux"], torch.float32, "cpu")
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("deep") / "flux.safetensors"
+    save_file_atomic(Flux(replace(tiny.params, depth=4, depth_single_blocks=6)).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("mode", [(), ("--blockwise_fused_optimizers",),
+                                  ("--fused_backward_pass", "--optimizer_type", "adafactor")])
+def test_blocks_to_swap_trains_the_same_weights(setup, deep_flux, tmp_path, mode):
+    def train(out, *extra):
+        argv = ft_args(setup, out, "--max_train_steps", "3", *mode, *extra)
+        argv[argv.index("--pretrained_model_name_or_path") + 1] = str(deep_flux)
+        trainer, code = run_trainer(argv)
+        assert code == 0
+        return trainer
+
+    plain = train(tmp_path / "plain")
+    swapped = train(tmp_path / "swap", "--blocks_to_swap", "3")
+    assert [s.schedule.num_swapped for s in swapped.block_swappers] == [1, 4]  # 3 // 2 double, (3 - 3 // 2) * 2 single
+    assert swapped.losses == plain.losses
+    a, b = final_weights(tmp_path / "plain", "last"), final_weights(tmp_path / "swap", "last")
+    assert all(torch.equal(a[k], b[k]) for k in a)
