@@ -101,6 +101,16 @@ def test_lora_training_with_block_swap_without_checkpointing(setup, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_fp8_base_with_block_swap_trains_the_same_weights(setup, tmp_path):
+    fp8 = ("--fp8_base", "--mixed_precision", "bf16", "--gradient_checkpointing")
+    assert run_trainer(train_argv(setup, tmp_path / "ref", *fp8))[1] == 0
+    trainer, code = run_trainer(train_argv(setup, tmp_path / "swap", *fp8, "--blocks_to_swap", "4"))
+    assert code == 0
+    assert torch.float8_e4m3fn in trainer.block_swappers[0].layout.dtypes
+    a, b = lora(tmp_path / "ref"), lora(tmp_path / "swap")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_cpu_offload_checkpointing_trains_the_same_weights(setup, reference, tmp_path):
     trainer, code = run_trainer(train_argv(setup, tmp_path, "--cpu_offload_checkpointing"))
     assert code == 0
