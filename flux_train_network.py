@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from library.config_file import read_config_from_file
-from library.train_args import (TrainingArgumentError, setup_logging, training_parser, verify_training_args,
-                                warn_command_line_secrets, warn_ineffective)
+from library.train_args import training_parser
 
 TRAINER = "network"
 
@@ -21,29 +19,18 @@ def setup_parser():
     return training_parser(TRAINER, description="Train a LoRA for FLUX.1 (sd-scripts compatible arguments).")
 
 
+def make_trainer(args):
+    from library.lora_training import LoRATrainer  # after parsing: --help stays fast
+
+    if not args.network_module:
+        args.network_module = "networks.lora_flux"
+    return LoRATrainer(args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = setup_parser()
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
-    setup_logging(args)
-    warn_command_line_secrets(argv)
-    args = read_config_from_file(args, parser, argv)
-    from library.dataset_config import DatasetConfigError
-    from library.image_io import BadImageError
-    from library.safetensors_io import ModelFileError
-    from library.train_loop import TrainingError
+    from library.train_cli import main_for
 
-    try:
-        verify_training_args(args, TRAINER)
-        warn_ineffective(args, parser, TRAINER)
-        if not args.network_module:
-            args.network_module = "networks.lora_flux"
-        from library.lora_training import LoRATrainer
-
-        return LoRATrainer(args).run()
-    except (TrainingArgumentError, DatasetConfigError, BadImageError, ModelFileError, TrainingError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return main_for(TRAINER, setup_parser(), make_trainer, argv)
 
 
 if __name__ == "__main__":
