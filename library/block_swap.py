@@ -298,60 +298,62 @@ class BlockSwapper:
 
     @torch.no_grad()
     def _move(self, fetch: int, evict: int) -> None:
+        """Block `fetch` into the slot of block `evict` (write-back: `evict`'s weights and gradients out first).
+        On CUDA every copy is queued on the side stream behind an event of the compute stream; the host never
+        waits, the fetched block's first use waits for its event (`_wait`)."""
         slot = fetch % self.schedule.num_slots
         if self._slots_of[slot] != evict:
             raise RuntimeError(f"block swap: slot {slot} holds block {self._slots_of[slot]}, not {evict} (schedule "
                                "out of step)")
-        params_out = list(self.blocks[evict].parameters())
-        grads_out = [p.grad for p in params_out]
+        params_out, params_in = list(self.blocks[evict].parameters()), list(self.blocks[fetch].parameters())
+        grads_out = [p.grad for p in params_out] if not self.host_to_device_only else []
+        # gradients kept on storage from an earlier micro-batch (accumulation) come back with their weights;
+        # their device buffers are allocated on the compute stream before the event the copies wait for
+        grads_in = [(p, torch.empty_like(p.grad, device=self.compute)) for p in params_in
+                    if p.grad is not None and p.grad.device != self.compute]
         if self.cuda:
             freed = torch.cuda.Event()
             freed.record(torch.cuda.current_stream(self.compute))
-            ctx = torch.cuda.stream(self._stream)
-        else:
-            ctx = _nullcontext
-        with ctx:
+        with torch.cuda.stream(self._stream) if self.cuda else _nullcontext:
             if self.cuda:
                 self._stream.wait_event(freed)
             if not self.host_to_device_only:
                 self._store[evict].copy_(self._slots[slot], non_blocking=True)
                 self.stats.d2h_bytes += self.block_bytes
+                self._grads_to_storage(evict, params_out, grads_out)
             self._slots[slot].copy_(self._store[fetch], non_blocking=True)
             self.stats.h2d_bytes += self.block_bytes
+            for p, buf in grads_in:
+                buf.copy_(p.grad, non_blocking=True)
             if self.cuda:
                 ready = torch.cuda.Event()
                 ready.record(self._stream)
                 self._ready[fetch] = ready
         self._point(evict, self._store[evict])
         self._point(fetch, self._slots[slot])
+        if any(g is not None for g in grads_out):
+            for p, view in zip(params_out, self.layout.views(self._grad_store[evict])):
+                if p.grad is not None:
+                    p.grad = view
+        for p, buf in grads_in:
+            p.grad = buf
         self._slots_of[slot] = fetch
         self.stats.moves += 1
-        if not self.host_to_device_only:
-            self._move_grads(evict, params_out, grads_out, to_storage=True)
-        self._move_grads(fetch, list(self.blocks[fetch].parameters()), None, to_storage=False)
 
-    def _move_grads(self, b: int, params, grads, to_storage: bool) -> None:
-        """Write-back mode: gradients follow their weights (the optimizer needs both on one device)."""
-        if to_storage:
-            if all(g is None for g in grads):
-                return
-            if b not in self._grad_store:
-                self._grad_store[b] = torch.zeros(self.block_bytes, dtype=torch.uint8, device=self.storage,
-                                                  pin_memory=self.cuda and self.storage.type == "cpu")
-            ctx = torch.cuda.stream(self._stream) if self.cuda else _nullcontext
-            with ctx:
-                for view, p, g in zip(self.layout.views(self._grad_store[b]), params, grads):
-                    if g is None:
-                        continue
-                    if self.cuda and g.device.type == "cuda":
-                        g.record_stream(self._stream)
-                    view.copy_(g, non_blocking=True)
-                    p.grad = view
-            self.stats.d2h_bytes += self.block_bytes
-        else:  # fetched with gradients kept from an earlier pass (gradient accumulation): back to compute
-            for p in params:
-                if p.grad is not None and p.grad.device != self.compute:
-                    p.grad = p.grad.to(self.compute, non_blocking=True)
+    def _grads_to_storage(self, b: int, params, grads) -> None:
+        """Write-back mode: gradients follow their weights (an optimizer needs both on one device)."""
+        if all(g is None for g in grads):
+            return
+        if b not in self._grad_store:
+            self._grad_store[b] = torch.zeros(self.block_bytes, dtype=torch.uint8, device=self.storage,
+                                              pin_memory=self.cuda and self.storage.type == "cpu")
+        for view, g in zip(self.layout.views(self._grad_store[b]), grads):
+            if g is None:
+                continue
+            if self.cuda and g.device.type == "cuda":
+                g.record_stream(self._stream)  # freed by the host soon; the copy must finish first
+            view.copy_(g, non_blocking=True)
+        self.stats.d2h_bytes += self.block_bytes
 
     def _wait(self, b: int) -> None:
         ready = self._ready.pop(b, None)

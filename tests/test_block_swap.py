@@ -309,3 +309,27 @@ def test_cuda_fp8_outputs_within_tolerance_of_bf16(base):
     with torch.no_grad():
         err = _rel_error(fp8(**_bf16_inputs("cuda")), bf16(**_bf16_inputs("cuda")))
     assert err < FP8_REL_TOLERANCE
+
+
+@pytest.mark.gpu
+def test_cuda_full_fine_tune_with_accumulation_and_write_back(base):
+    """fp32 on CUDA: gradients accumulated over two micro-batches travel with their weights (pinned storage and
+    back) and an optimizer after backward updates the same weights as without swapping."""
+    ref = copy.deepcopy(base).cuda().train()
+    model = copy.deepcopy(base)
+    model.move_to_device_except_swap_blocks("cuda")
+    swappers = model.enable_block_swap(5, "cuda", "cpu", host_to_device_only=False)
+    model.train()
+    cuda_inputs = lambda s: {k: v.cuda() for k, v in _inputs(s).items()}  # noqa: E731
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ref, model)]
+    for step in range(2):
+        for m, opt in zip((ref, model), opts):
+            for micro in range(2):
+                m(**cuda_inputs(2 * step + micro)).square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    want, got = ref.state_dict(), model.state_dict()
+    for k in want:
+        torch.testing.assert_close(got[k].cpu(), want[k].cpu(), rtol=1e-5, atol=1e-6)
+    assert all(s.stats.d2h_bytes > 0 for s in swappers)
