@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -34,15 +34,15 @@ RUNTIME_OVERHEAD = {
     # through its own allocator (CUBLAS_WORKSPACE_CONFIG); two streams when a swap stream runs beside compute.
     "cublas_workspace": 2 * 32 * MIB,
 }
-# Caching-allocator slack: blocks are rounded (512 B, 2 MiB segments) and freed blocks split; a fraction of the
-# counted peak, as reserved exceeds allocated in steady-state training loops (torch.cuda.memory_reserved vs
-# max_memory_allocated). An assumption, stated where printed.
+# Caching-allocator slack: blocks are rounded (512 B, 2 MiB segments) and freed blocks split; a fraction of what
+# comes and goes in a step (activations, gradients, transients), as reserved exceeds allocated in steady-state
+# training loops (torch.cuda.memory_reserved vs max_memory_allocated). An assumption, stated where printed.
 ALLOCATOR_SLACK = 0.05
 SOURCES = {
     "cuda_context": "CUDA context with lazy loading, 300-500 MiB per nvidia-smi on current drivers (upper end)",
     "cublas_workspace": "PyTorch's cuBLAS workspace, 32 MiB per handle/stream on sm90, two streams",
-    "allocator_slack": f"{ALLOCATOR_SLACK:.0%} of the counted bytes for the caching allocator's rounding and "
-                       "fragmentation (assumption)",
+    "allocator_slack": f"{ALLOCATOR_SLACK:.0%} of activations, gradients and transients for the caching "
+                       "allocator's rounding and fragmentation (assumption)",
 }
 
 # The table of `--table`: sd-scripts' swap counts and the settings the issue names.
@@ -97,7 +97,6 @@ class MemoryPlan:
     peak_bytes: int
     parts: dict[str, int]
     seconds: float
-    block_flops: dict[str, float] = field(default_factory=dict)  # per block kind: forward FLOPs of one block
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -341,32 +340,63 @@ def optimizer_state_tensors(rig: StepRig) -> list:
 # --- the prediction -------------------------------------------------------------------------------------------------
 
 
-def plan_memory(s: PlanSettings) -> MemoryPlan:
-    """Run one step on `meta` and return the predicted peak device memory and its parts."""
-    from torch.utils.flop_counter import FlopCounterMode
+# Text encoders and the autoencoder stay on the device when their outputs are not cached (train_setup.free_unneeded).
+# Parameter counts: T5-XXL v1.1 encoder (24 layers of 4096/10240 plus a 32128-token embedding), CLIP-L's text model,
+# and the FLUX AE (environment.md).
+T5XXL_PARAMS, T5XXL_EMBEDDING = 4_762_310_656, 32128 * 4096
+CLIP_L_PARAMS = 123_060_480
+AE_PARAMS = 83_819_683
 
+
+def _encoder_bytes(s: PlanSettings) -> int:
+    size = torch.tensor([], dtype=s.weight_dtype).element_size()
+    total = 0
+    if not s.cache_text_encoder_outputs:
+        t5_fp8 = s.fp8_base and s.trainer == "network"
+        t5 = (T5XXL_PARAMS - T5XXL_EMBEDDING) * (1 if t5_fp8 else size) + T5XXL_EMBEDDING * size
+        total += t5 + CLIP_L_PARAMS * size
+    if not s.cache_latents:
+        total += AE_PARAMS * size
+    return total
+
+
+def _step_key(s: PlanSettings) -> PlanSettings:
+    """Settings whose counted step is the same: swapping in host-to-device-only mode, or with optimizers that step
+    inside backward, copies into buffers that exist before the step, so the step's allocations do not depend on
+    the swap count. Write-back with an optimizer after backward moves gradients to storage: counted per count."""
+    if s.trainer == "network" or s.fused_backward_pass or s.blockwise_fused_optimizers:
+        return replace(s, blocks_to_swap=0)
+    return s
+
+
+def count_step(rig: StepRig) -> dict[str, int]:
+    """Run the rig's step on `meta` under the counter: live bytes by tag at the step's peak."""
     from library.memory_count import LiveBytes, device_emulation
 
+    s = rig.settings
+    counter = LiveBytes("meta")
+    counter.ignore([*rig.flux.parameters(), *rig.flux.buffers(), *rig.trainable, *optimizer_state_tensors(rig),
+                    *_leaves(rig.batch), *_swapper_tensors(rig)])
+    for p in rig.trainable:  # a gradient is tagged as such once autograd has accumulated it
+        p.register_post_accumulate_grad_hook(lambda param: counter.retag(param.grad, "gradients")
+                                             if param.grad is not None else None)
+    with ExitStack() as stack:
+        autocast = s.weight_dtype if s.weight_dtype != torch.float32 else None
+        stack.enter_context(device_emulation(s.target, autocast))
+        stack.enter_context(counter)
+        rig.step(counter)
+    return counter.peak_by_tag()
+
+
+def plan_memory(s: PlanSettings, step: dict[str, int] | None = None) -> MemoryPlan:
+    """Predicted peak device memory of one training step and its parts. `step`: the counted step of settings with
+    the same `_step_key` (see plan_many); run here when not given."""
     started = time.perf_counter()
     if s.trainer not in ("network", "full"):
         raise ValueError(f"trainer must be network or full, got {s.trainer!r}")
     rig = build_rig(s, "meta")
     swap = _swap_accounting(rig)
-    states = optimizer_state_tensors(rig)
-    counter = LiveBytes("meta")
-    counter.ignore([*rig.flux.parameters(), *rig.flux.buffers(), *rig.trainable, *states, *_leaves(rig.batch),
-                    *_swapper_tensors(rig)])
-    for p in rig.trainable:  # a gradient is tagged as such once autograd has accumulated it
-        p.register_post_accumulate_grad_hook(lambda param: counter.retag(param.grad, "gradients")
-                                             if param.grad is not None else None)
-    flops = FlopCounterMode(display=False, depth=3)
-    with ExitStack() as stack:
-        autocast = s.weight_dtype if s.weight_dtype != torch.float32 else None
-        stack.enter_context(device_emulation(s.target, autocast))
-        # stack.enter_context(flops)
-        stack.enter_context(counter)
-        rig.step(counter)
-    at_peak = counter.peak_by_tag()
+    at_peak = count_step(rig) if step is None else step
     parts = {
         "resident_base_weights": swap["frozen"],
         "swap_buffers": swap["buffers"],
@@ -376,19 +406,33 @@ def plan_memory(s: PlanSettings) -> MemoryPlan:
         "activations": at_peak.get("forward", 0),
         "largest_transient": at_peak.get("backward", 0) + at_peak.get("optimizer", 0),
         "batch_inputs": _bytes(_leaves(rig.batch)),
+        "text_encoders_and_ae": _encoder_bytes(s),
     }
     notes = []
     if s.cpu_offload_checkpointing:
         notes.append("--cpu_offload_checkpointing: the checkpointed block inputs are counted on the device "
                      "(an upper bound; sd-scripts documents a saving below 1 GB)")
-    if not s.cache_text_encoder_outputs:
-        notes.append("text encoders not counted: plan with --cache_text_encoder_outputs (their outputs cached, "
-                     "the encoders off the device during training)")
+    if parts["text_encoders_and_ae"]:
+        notes.append("text encoders / AE kept on the device (outputs not cached): their weights are counted, their "
+                     "own forward passes are not")
     if s.target == "cuda":
-        counted = sum(parts.values())
-        parts["runtime_overhead"] = sum(RUNTIME_OVERHEAD.values()) + int(counted * ALLOCATOR_SLACK)
-    return MemoryPlan(s, sum(parts.values()), parts, time.perf_counter() - started,
-                      block_flops=_block_flops(flops, s), notes=notes)
+        moving = parts["gradients"] + parts["activations"] + parts["largest_transient"]
+        parts["runtime_overhead"] = sum(RUNTIME_OVERHEAD.values()) + int(moving * ALLOCATOR_SLACK)
+    return MemoryPlan(s, sum(parts.values()), parts, time.perf_counter() - started, notes=notes)
+
+
+def plan_many(settings: list[PlanSettings], progress=None) -> list[MemoryPlan]:
+    """plan_memory for each settings, counting the step once per `_step_key`."""
+    steps: dict[str, dict[str, int]] = {}
+    out = []
+    for s in settings:
+        key = repr(_step_key(s))
+        if key not in steps:
+            steps[key] = count_step(build_rig(_step_key(s), "meta"))
+        out.append(plan_memory(s, steps[key]))
+        if progress:
+            progress(out[-1])
+    return out
 
 
 def _swapper_tensors(rig: StepRig) -> list:
@@ -407,17 +451,6 @@ def _leaves(batch: dict) -> list:
     from torch.utils._pytree import tree_leaves
 
     return [t for t in tree_leaves(batch) if isinstance(t, torch.Tensor)]
-
-
-def _block_flops(flops, s: PlanSettings) -> dict[str, float]:
-    """Forward+backward FLOPs of the whole step and of one double / single block (for the swap speed model)."""
-    counts = flops.get_flop_counts()
-    total = lambda name: float(sum(counts.get(name, {}).values()))  # noqa: E731
-    p = s.params
-    doubles = [total(f"Flux.double_blocks.{i}") for i in range(p.depth)]
-    singles = [total(f"Flux.single_blocks.{i}") for i in range(p.depth_single_blocks)]
-    return {"step": total("Global"), "double_block": max(doubles, default=0.0),
-            "single_block": max(singles, default=0.0)}
 
 
 def _swap_accounting(rig: StepRig) -> dict:
@@ -446,30 +479,43 @@ def _swap_accounting(rig: StepRig) -> dict:
     return {"frozen": 0, "buffers": buffers, "trainable": trainable_out + fixed, "states": _bytes(states)}
 
 
-# --- checking the planner against a real step on the CPU -----------------------------------------------------------
+# --- --blocks_to_swap auto ------------------------------------------------------------------------------------------
 
 
-def measure_cpu_step(s: PlanSettings) -> dict[str, int]:
-    """Build the same rig on the CPU with real tensors, run one step, and read the CPU allocator's allocations and
-    frees from the profiler's memory events: {"peak_bytes", "before_step_bytes"} (the peak counts everything
-    allocated since the rig was built, weights and optimizer states included)."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+def choose_blocks_to_swap(args, trainer: str | None = None) -> int:
+    """The smallest --blocks_to_swap whose predicted peak fits --vram_budget_gb (GiB), for a parsed training command
+    line (the training setup calls this for --blocks_to_swap auto). Logs the choice and the predicted peak."""
+    import logging
 
-    if s.target != "cpu":
-        raise ValueError("measure_cpu_step runs on the CPU: plan it with target='cpu'")
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        rig = build_rig(s, "cpu")
-        with record_function("planned_step"):
-            rig.step()
-        del rig
-    events = prof.profiler.kineto_results.events()
-    step = next(e for e in events if e.name() == "planned_step")
-    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
-    live = peak = before = 0
-    for t, nbytes in memory:
-        if t < step.start_ns():
-            before += nbytes
-        live += nbytes
-        if step.start_ns() <= t <= step.end_ns():
-            peak = max(peak, live)
-    return {"peak_bytes": peak, "before_step_bytes": before}
+    from library.block_swap import max_blocks_to_swap
+
+    budget = getattr(args, "vram_budget_gb", None)
+    if not budget or budget <= 0:
+        raise ValueError("--blocks_to_swap auto needs --vram_budget_gb G, the GPU memory to fit in GiB (e.g. 7.5 "
+                         "on an 8 GB card)")
+    trainer = trainer or ("network" if hasattr(args, "network_module") else "full")
+    s = settings_from_args(args, trainer, "cuda")
+    limit = max_blocks_to_swap(s.params.depth, s.params.depth_single_blocks)
+    plans: dict[int, MemoryPlan] = {}
+    steps: dict[str, dict] = {}
+
+    def peak(n: int) -> int:
+        if n not in plans:
+            sn = replace(s, blocks_to_swap=n)
+            key = repr(_step_key(sn))
+            if key not in steps:
+                steps[key] = count_step(build_rig(_step_key(sn), "meta"))
+            plans[n] = plan_memory(sn, steps[key])
+        return plans[n].peak_bytes
+
+    fits = lambda n: peak(n) <= budget * GIB  # noqa: E731 (peaks fall as more blocks are swapped)
+    if not fits(limit):
+        raise ValueError(f"--vram_budget_gb {budget}: even --blocks_to_swap {limit} (the most) is predicted to "
+                         f"need {peak(limit) / GIB:.2f} GiB; lower the resolution or batch size, or use --fp8_base")
+    lo, hi = 0, limit
+    while lo < hi:  # the smallest n that fits
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+    logging.getLogger(__name__).info("--blocks_to_swap auto: %d blocks, predicted peak %.2f GiB of --vram_budget_gb "
+                                     "%.2f (tools/plan_memory.py shows the parts)", lo, peak(lo) / GIB, budget)
+    return lo

@@ -1,0 +1,126 @@
+"""Predict the peak GPU memory of a FLUX.1 training run before starting it (and before downloading the model).
+
+Takes a trainer's own arguments (command line or --config_file) and runs one real training step on tensors that
+hold no data (see library/memory_plan.py and docs/benchmarks.md):
+
+    python tools/plan_memory.py --model_preset dev --resolution 1024,1024 --network_dim 16 --fp8_base \
+        --mixed_precision bf16 --gradient_checkpointing --cache_text_encoder_outputs --cache_latents \
+        --optimizer_type AdamW8bit --blocks_to_swap 35
+    python tools/plan_memory.py --config_file configs/lora_flux_dev_8gb.toml --json
+    python tools/plan_memory.py --trainer full --model_preset dev --resolution 1024 --optimizer_type adafactor \
+        --fused_backward_pass --full_bf16 --mixed_precision bf16 --gradient_checkpointing --blocks_to_swap 8
+    python tools/plan_memory.py ... --table      # swap counts 0/8/18/28/35, fp8 or not, 512 and 1024, LoRA and full
+    python tools/plan_memory.py ... --speed      # modelled cost in time of each swap count
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def planner_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    add = p.add_argument_group("memory planner").add_argument
+    add("--trainer", choices=["network", "full"], default="network",
+        help="plan for flux_train_network.py (network, default) or flux_train.py (full)")
+    add("--model_preset", default=None, choices=["dev", "schnell", "tiny", "tiny-schnell"],
+        help="plan without a model file (default dev when --pretrained_model_name_or_path is not given; a given "
+             "file is read for its header only)")
+    add("--target", choices=["cuda", "cpu"], default="cuda",
+        help="device to predict for (default cuda: fused attention, CUDA runtime overhead; cpu: the CPU kernels)")
+    add("--json", action="store_true", help="print one JSON object: peak_bytes, parts, settings")
+    add("--table", action="store_true",
+        help="print the table of --blocks_to_swap 0/8/18/28/35, bf16 or fp8 base, 512 and 1024, LoRA and full "
+             "fine-tuning (Adafactor + fused backward, AdamW8bit); takes several minutes")
+    add("--speed", action="store_true", help="print the swap speed model for --blocks_to_swap 0/8/18/28/35")
+    add("--gpu_tflops", type=float, default=None, help="compute rate of the speed model (default: see --speed)")
+    add("--h2d_gbps", type=float, default=None, help="pinned host-to-device GB/s of the speed model")
+    return p
+
+
+def parse(argv: list[str]):
+    from library.config_file import read_config_from_file
+    from library.train_args import training_parser
+
+    planner = planner_parser()
+    known, rest = planner.parse_known_args(argv)
+    parser = training_parser(known.trainer, description=__doc__.split("\n")[0])
+    for action in planner._actions:  # one --help for both
+        parser._add_action(action)
+    args = parser.parse_args(argv)
+    args = read_config_from_file(args, parser, argv)
+    return args
+
+
+def _line(plan) -> str:
+    from library.memory_plan import GIB, MIB, RUNTIME_OVERHEAD, SOURCES
+
+    s = plan.settings
+    what = (f"LoRA rank {s.network_dim}" if s.trainer == "network" else "full fine-tuning")
+    flags = [f"{s.width}x{s.height}", f"batch {s.batch_size}", f"{s.mixed_precision} mixed precision",
+             "fp8 base" if (s.fp8_base or s.fp8_file) and s.trainer == "network" else "", 
+             f"{s.blocks_to_swap} blocks swapped" if s.blocks_to_swap else "no block swap",
+             "gradient checkpointing" if s.gradient_checkpointing else "no gradient checkpointing",
+             s.optimizer_type + (" + fused backward" if s.fused_backward_pass else "")
+             + (" (blockwise fused)" if s.blockwise_fused_optimizers else "")]
+    out = [f"predicted peak on {s.target}: {plan.peak_bytes / GIB:.2f} GiB ({plan.peak_bytes / 1e9:.2f} GB) for "
+           f"{s.model} {what}, " + ", ".join(f for f in flags if f)]
+    for name, nbytes in plan.parts.items():
+        out.append(f"  {name.replace('_', ' '):<24} {nbytes / GIB:8.3f} GiB")
+    if s.target == "cuda":
+        fixed = ", ".join(f"{k.replace('_', ' ')} {v / MIB:.0f} MiB" for k, v in RUNTIME_OVERHEAD.items())
+        out.append(f"  runtime overhead = {fixed}, plus {SOURCES['allocator_slack']}")
+        out.append(f"    sources: {SOURCES['cuda_context']}; {SOURCES['cublas_workspace']}")
+    out += [f"  note: {n}" for n in plan.notes]
+    out.append(f"  planned in {plan.seconds:.1f} s on meta tensors (no data)")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    from library.memory_plan import choose_blocks_to_swap, plan_memory, settings_from_args
+
+    try:
+        if args.blocks_to_swap == "auto":
+            args.blocks_to_swap = choose_blocks_to_swap(args, args.trainer)
+        s = settings_from_args(args, args.trainer, args.target)
+        if args.table:
+            from library.memory_report import format_table, run_table
+
+            rows = run_table(s, progress=lambda p: print(".", end="", file=sys.stderr, flush=True))
+            print(file=sys.stderr)
+            if args.json:
+                print(json.dumps([{"training": label, **plan.to_json()} for label, plan in rows]))
+            else:
+                print(format_table(rows))
+            return 0
+        if args.speed:
+            from library.memory_report import format_speed, speed_models
+            from library.swap_speed import ASSUMPTIONS, DEFAULT_H2D_GBPS, DEFAULT_TFLOPS
+
+            tflops, gbps = args.gpu_tflops or DEFAULT_TFLOPS, args.h2d_gbps or DEFAULT_H2D_GBPS
+            flops, models = speed_models(s, tflops=tflops, h2d_gbps=gbps)
+            if args.json:
+                print(json.dumps({"flops": flops, "tflops": tflops, "h2d_gbps": gbps, "assumptions": ASSUMPTIONS,
+                                  "models": [vars(m) | {"slowdown": m.slowdown} for m in models]}))
+            else:
+                print(format_speed(s, flops, models, tflops, gbps))
+                if not (args.gpu_tflops or args.h2d_gbps):
+                    print("assumptions: " + "; ".join(ASSUMPTIONS.values()))
+            return 0
+        plan = plan_memory(s)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.to_json()) if args.json else _line(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
