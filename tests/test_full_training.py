@@ -118,12 +118,14 @@ def test_resume_equals_uninterrupted(setup, tmp_path, mode):
 
 
 @pytest.mark.parametrize("fused, plain", [
-    (("--fused_backward_pass", "--optimizer_type", "adafactor"), ("--optimizer_type", "adafactor")),
+    (("--fused_backward_pass", "--optimizer_type", "adafactor", "--cpu_offload_checkpointing"),
+     ("--optimizer_type", "adafactor", "--gradient_checkpointing")),
     (("--blockwise_fused_optimizers", "--gradient_accumulation_steps", "2"), ("--gradient_accumulation_steps", "2")),
 ])
 def test_fused_modes_train_what_a_plain_step_trains(setup, tmp_path, fused, plain):
     """With clipping off (the fused modes clip per tensor / per block) the updates are the same as stepping the
-    whole model after backward, through the whole CLI path (hooks, accelerate, accumulation)."""
+    whole model after backward, through the whole CLI path (hooks, accelerate, accumulation, recomputation in
+    backward with --cpu_offload_checkpointing)."""
     common = ("--max_grad_norm", "0", "--max_train_steps", "2", "--output_name", "r")
     fused_trainer, code = run_trainer(ft_args(setup, tmp_path / "fused", *common, *fused))
     assert code == 0 and fused_trainer.fused_optimizer is not None
