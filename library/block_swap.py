@@ -93,22 +93,35 @@ class SwapSchedule:
         n, s, k = self.num_blocks, self.num_swapped, self.num_slots
         return tuple(b for b in range(n) if s and (b < s or b >= k))
 
-    def after_forward(self, i: int, backward_follows: bool) -> tuple[Move, ...]:
-        """Moves to start once block i has run forward. Block x always lives in slot x % K."""
-        s, k = self.num_swapped, self.num_slots
-        if i < s:
+    def before_forward(self, i: int, slots) -> tuple[Move, ...]:
+        """Moves that must happen before block i runs: none in a regular pass (its fetch was issued K - 1 blocks
+        earlier); in a pass that starts from another layout (a no-grad forward between a forward and its
+        backward, e.g. differential output preservation) the first blocks are fetched on demand."""
+        slot = i % self.num_slots
+        return ((i, slots[slot]),) if slots[slot] != i else ()
+
+    def after_forward(self, i: int, backward_follows: bool, start=None) -> tuple[Move, ...]:
+        """Moves to start once block i has run forward. Block x always lives in slot x % K; `start` is the layout
+        the pass began with (the initial one unless the pass is nested), which a forward-only pass restores."""
+        n, k = self.num_blocks, self.num_slots
+        if i + k < n:  # i < S: the slot's next block in this pass
             return ((i + k, i),)
-        if backward_follows or i < k:
+        home = (start or self.initial)[i % k]
+        if backward_follows or home == i:
             return ()
-        return ((i % k, i),)  # forward only: the slot gets its initial block back
+        return ((home, i),)  # the slot's last block in this pass: give the slot back its block from the start
 
     def after_backward(self, b: int) -> tuple[Move, ...]:
         """Moves to start once block b has been back-propagated."""
         return ((b - self.num_slots, b),) if self.num_swapped and b >= self.num_slots else ()
 
-    def simulate(self, first_trained: int | None = 0) -> list[tuple[str, int, tuple[int, ...]]]:
+    def simulate(self, first_trained: int | None = 0, nested_forward: bool = False
+                 ) -> list[tuple[str, int, tuple[int, ...]]]:
         """Run the schedule on slot contents: [(phase, block, slots before that step)] for one forward (and a
-        backward over blocks >= `first_trained`; None: forward only). Raises AssertionError on any violation."""
+        backward over blocks >= `first_trained`; None: forward only), with `nested_forward` a forward-only pass
+        between the forward and its backward. Raises AssertionError on any violation: a block that runs without
+        its weights, a backward in another slot than its forward, a fetch into a slot that does not hold the
+        evicted block, a regular pass that needs an on-demand fetch, a final layout other than the initial one."""
         slots = list(self.initial)
         where_forward: dict[int, int] = {}
         log = []
@@ -119,11 +132,21 @@ class SwapSchedule:
                 assert slots[fetch % self.num_slots] == evict, f"block {fetch}'s slot does not hold block {evict}"
                 slots[fetch % self.num_slots] = fetch
 
-        for i in range(self.num_blocks):
-            assert i in slots, f"forward {i}: not resident in {slots}"
-            log.append(("forward", i, tuple(slots)))
-            where_forward[i] = slots.index(i)
-            apply(self.after_forward(i, first_trained is not None and i >= first_trained))
+        def forward(phase, trained_from, start):
+            for i in range(self.num_blocks):
+                on_demand = self.before_forward(i, slots)
+                assert phase == "nested forward" or not on_demand, f"forward {i}: not prefetched"
+                apply(on_demand)
+                log.append((phase, i, tuple(slots)))
+                if phase == "forward":
+                    where_forward[i] = slots.index(i)
+                apply(self.after_forward(i, trained_from is not None and i >= trained_from, start))
+
+        forward("forward", first_trained, None)
+        if nested_forward:
+            start = tuple(slots)
+            forward("nested forward", None, start)
+            assert tuple(slots) == start, f"nested pass left {slots}, not {start}"
         if first_trained is not None:
             for b in range(self.num_blocks - 1, first_trained - 1, -1):
                 if b + 1 < self.num_blocks:
@@ -274,6 +297,7 @@ class BlockSwapper:
         self._backward_pending = False
         self._in_backward = False
         self._last_backward = None
+        self._pass_start = None
         if sch.num_swapped:
             for i, block in enumerate(self.blocks):
                 self._hooks.append(block.register_forward_pre_hook(self._make_pre_forward(i)))
@@ -380,10 +404,15 @@ class BlockSwapper:
         def hook(module, args):
             if _in_backward():  # gradient-checkpoint recomputation: the backward hooks placed it already
                 return
-            if i == 0 and (self._backward_pending or tuple(self._slots_of) != self.schedule.initial):
-                self.restore_layout()  # a backward that did not run (or stopped early)
-            if i not in self._slots_of:
-                raise RuntimeError(f"block swap: block {i} is not on {self.compute} before its forward")
+            if i == 0:
+                if torch.is_grad_enabled():  # a pass that may back-propagate starts from the initial layout
+                    if self._backward_pending or tuple(self._slots_of) != self.schedule.initial:
+                        self.restore_layout()  # a backward that did not run (or stopped early)
+                    self._pass_start = None
+                else:  # a no-grad pass (maybe between a forward and its backward) returns to where it started
+                    self._pass_start = tuple(self._slots_of)
+            for fetch, evict in self.schedule.before_forward(i, self._slots_of):
+                self._move(fetch, evict)
             self._wait(i)
         return hook
 
@@ -393,7 +422,7 @@ class BlockSwapper:
                 return
             outs = [o for o in (output if isinstance(output, tuple) else (output,)) if isinstance(o, torch.Tensor)]
             backward_follows = torch.is_grad_enabled() and any(o.requires_grad for o in outs)
-            for fetch, evict in self.schedule.after_forward(i, backward_follows):
+            for fetch, evict in self.schedule.after_forward(i, backward_follows, self._pass_start):
                 self._move(fetch, evict)
             if backward_follows:
                 self._backward_pending = True

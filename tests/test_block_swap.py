@@ -48,8 +48,9 @@ def test_schedule_every_n_on_dev_block_counts(n):
         schedule = swap_schedule(blocks, swapped)
         assert schedule.initial == tuple(range(blocks - swapped))
         for first_trained in (0, None, blocks // 2):  # LoRA/full FT, inference, a partly frozen stack
-            log = schedule.simulate(first_trained)
-            assert [b for phase, b, _ in log if phase == "forward"] == list(range(blocks))
+            for nested in (False, True):  # with a no-grad pass before the backward (differential output pres.)
+                log = schedule.simulate(first_trained, nested)
+                assert [b for phase, b, _ in log if phase == "forward"] == list(range(blocks))
         steps = [("forward", i) for i in range(blocks)] + [("backward", b) for b in range(blocks - 1, -1, -1)]
         issued = {}
         for t, (phase, b) in enumerate(steps):
@@ -156,8 +157,7 @@ def test_host_to_device_only_moves_nothing_back_and_frozen_weights_stay(base):
     model(**x).square().mean().backward()
     ref_x = _inputs()
     ref_x["img"].requires_grad_(True)
-    base.requires_grad_(False)
-    base(**ref_x).square().mean().backward()
+    copy.deepcopy(base).requires_grad_(False)(**ref_x).square().mean().backward()
     assert torch.equal(x["img"].grad, ref_x["img"].grad)
     for s in swappers:
         assert s.stats.d2h_bytes == 0 and s.stats.h2d_bytes == 2 * s.schedule.num_swapped * s.block_bytes * 1
@@ -173,9 +173,34 @@ def test_forward_without_backward_is_recovered(base):
     x["img"].requires_grad_(True)
     model(**x)  # no backward
     assert swappers[1].resident() != swappers[1].schedule.initial
-    with torch.no_grad():
+    with torch.no_grad():  # a no-grad pass in between works from, and keeps, the shifted layout
         assert torch.equal(model(**_inputs()), base(**_inputs()))
-    assert swappers[1].stats.restores == 1
+    assert swappers[1].stats.restores == 0
+    x = _inputs(2)
+    x["img"].requires_grad_(True)
+    model(**x).square().mean().backward()  # the next pass with gradients starts from the initial layout
+    ref_x = _inputs(2)
+    ref_x["img"].requires_grad_(True)
+    copy.deepcopy(base).train()(**ref_x).square().mean().backward()
+    assert torch.equal(x["img"].grad, ref_x["img"].grad)
+    assert swappers[1].stats.restores == 1 and swappers[1].resident() == swappers[1].schedule.initial
+
+
+def test_no_grad_forward_between_forward_and_backward(base):
+    """Differential output preservation runs the model under no_grad after the training forward and before its
+    backward: the swapped layout must survive it, and the gradients must not change."""
+    ref = copy.deepcopy(base).train()
+    model, swappers = _swapped(base, 5, write_back=True)
+    model.train()
+    for m in (ref, model):
+        out = m(**_inputs(1))
+        with torch.no_grad():
+            target = m(**_inputs(2))
+        (out - target).square().mean().backward()
+    for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for s in swappers:
+        assert s.resident() == s.schedule.initial and s.stats.restores == 0
 
 
 def test_placement_and_sizes_on_meta():
