@@ -263,3 +263,39 @@ def test_convert_cli_checks_src_and_carries_metadata(tmp_path, capsys):
     back = load_tensors(tmp_path / "o.safetensors")
     assert torch.allclose(back["transformer.x_embedder.lora_B.weight"] @ back["transformer.x_embedder.lora_A.weight"],
                           0.5 * sd["lora_unet_img_in.lora_up.weight"] @ sd["lora_unet_img_in.lora_down.weight"])
+
+
+def test_real_size_dev_lora_lands_on_real_diffusers_and_bfl_keys():
+    """FLUX.1-dev width (meta base model, real rank-2 LoRA tensors, every block module plus the conditioning
+    layers): each diffusers / ComfyUI module written names a real weight of the published key lists, shapes match."""
+    from conftest import read_key_fixture
+    from library.flux_models import FLUX_PRESETS
+
+    with torch.device("meta"):
+        flux = Flux(FLUX_PRESETS["dev"])
+    net = lora_flux.create_network(1.0, 2, 1.0, None, None, flux, split_qkv="True", in_dims="[2,2,2,2,2]")
+    net.apply_to(None, flux)
+    randomize(net, std=0.02)
+    modules, _ = lf.read_lora({k: v for k, v in net.state_dict().items()})
+    assert len(modules) == 304 + 8
+    for fmt, fixture, prefix in (("diffusers", "flux_dev_diffusers_keys.txt", "transformer."),
+                                 ("comfyui", "flux_dev_keys.txt", "diffusion_model.")):
+        shapes = read_key_fixture(fixture)
+        written = lf.write_lora(modules, fmt)
+        downs = {k[len(prefix):].rsplit(".lora_", 1)[0]: v for k, v in written.items() if ".lora_A" in k
+                 or ".lora_down" in k}
+        ups = {k[len(prefix):].rsplit(".lora_", 1)[0]: v for k, v in written.items() if ".lora_B" in k
+               or ".lora_up" in k}
+        assert set(downs) == set(ups)
+        for name in downs:
+            out_features, in_features = shapes[f"{name}.weight"]
+            assert downs[name].shape[1] == in_features and ups[name].shape[0] == out_features, (fmt, name)
+        back, _ = lf.read_lora(written)
+        assert set(back) == set(modules)
+        # the updates applied to random vectors (a real-width linear1 update alone is 264 MB in fp32)
+        probe = torch.randn(3072 * 4 + 3072, 4, generator=torch.Generator().manual_seed(0))
+
+        def apply(w):
+            return w.scale * (w.up @ (w.down @ probe[:w.down.shape[1]]))
+
+        assert max(float((apply(back[n]) - apply(w)).abs().max()) for n, w in modules.items()) <= 1e-6
