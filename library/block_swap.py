@@ -274,19 +274,17 @@ class BlockSwapper:
         pin = self.cuda and self.storage.type == "cpu"
         self._store: dict[int, torch.Tensor] = {}
         self._grad_store: dict[int, torch.Tensor] = {}
-        for b in sorted(swapped):
-            flat = torch.empty(self.block_bytes, dtype=torch.uint8, device=self.storage, pin_memory=pin)
-            for view, p in zip(self.layout.views(flat), self.blocks[b].parameters()):
-                view.copy_(p.data)
-            self._store[b] = flat
         self._slots = [torch.empty(self.block_bytes, dtype=torch.uint8, device=self.compute)
                        for _ in range(sch.num_slots)]
-        for slot, b in enumerate(sch.initial):
-            for view, p in zip(self.layout.views(self._slots[slot]), self.blocks[b].parameters()):
-                view.copy_(p.data)
-                p.data = view
-        for b in swapped.difference(sch.initial):
-            self._point(b, self._store[b])
+        for b in range(sch.num_blocks):  # block by block: the loaded tensors are freed as their copies are made
+            if b in swapped:
+                self._store[b] = torch.empty(self.block_bytes, dtype=torch.uint8, device=self.storage, pin_memory=pin)
+                for view, p in zip(self.layout.views(self._store[b]), self.blocks[b].parameters()):
+                    view.copy_(p.data)
+            if b < sch.num_slots:
+                for view, p in zip(self.layout.views(self._slots[b]), self.blocks[b].parameters()):
+                    view.copy_(p.data)
+            self._point(b, self._slots[b] if b < sch.num_slots else self._store[b])
         for block in self.blocks:
             for name, buf in list(block.named_buffers()):
                 _set_buffer(block, name, buf.to(self.compute))
