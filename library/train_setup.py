@@ -326,7 +326,8 @@ class TrainingSamples:
             paths = sample_images(self.models, self.prompts, self.args.output_dir, self.args.output_name,
                                   self.placement, epoch=epoch, step=step if epoch is None else None,
                                   apply_t5_attn_mask=self.args.apply_t5_attn_mask,
-                                  cached_conditioning=self.conditioning)
+                                  cached_conditioning=self.conditioning,
+                                  controlnet=getattr(trainer, "controlnet", None))  # the ControlNet trainer's
             log_sample_images(self.accelerator, paths, [p.prompt for p in self.prompts], trainer.global_step)
         self.accelerator.wait_for_everyone()
 

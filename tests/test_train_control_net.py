@@ -49,8 +49,14 @@ def run_trainer(argv):
 
 def test_cli_writes_an_sd_scripts_controlnet_that_inference_loads(setup, tmp_path):
     models, toml = setup
-    assert cli.main(train_args(setup, tmp_path / "out", "--output_name", "cn", "--save_precision", "bf16")) == 0
+    control = next((toml.parent / "conditioning").glob("*.png"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"a shape --w 32 --h 32 --s 2 --d 5 --cn {control}\na shape --w 32 --h 32 --s 2 --d 5\n")
+    assert cli.main(train_args(setup, tmp_path / "out", "--output_name", "cn", "--save_precision", "bf16",
+                               "--sample_prompts", str(prompts), "--sample_every_n_steps", "6")) == 0
     path = tmp_path / "out" / "cn.safetensors"
+    with_cn, without = (np.asarray(Image.open(p)) for p in sorted((tmp_path / "out" / "sample").glob("*.png")))
+    assert with_cn.shape == without.shape and not np.array_equal(with_cn, without)
     weights = load_file(str(path))
     assert weights["controlnet_blocks.0.weight"].dtype == torch.bfloat16
     assert weights["controlnet_blocks.1.weight"].abs().sum() > 0  # trained away from zero
@@ -61,7 +67,6 @@ def test_cli_writes_an_sd_scripts_controlnet_that_inference_loads(setup, tmp_pat
         md = f.metadata()
     assert md["modelspec.architecture"] == "flux-1-dev" and md["modelspec.resolution"] == "32x32"
 
-    control = next((toml.parent / "conditioning").glob("*.png"))
     common = ["--ckpt_path", *model_args(models)[1:], "--dtype", "fp32", "--device", "cpu", "--width", "32", "--height", "32",
               "--steps", "2", "--seed", "1", "--output_latents"]
 
