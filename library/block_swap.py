@@ -15,7 +15,9 @@ The schedule (`swap_schedule`) is a pure function, the same for both stacks:
   the slot it ran its forward in: autograd may have saved views of a weight (e.g. the transposed weight of a
   matmul) that point into the slot memory, so they must read the same block's weights again;
 * forward only (inference, validation, a frozen stack): blocks are sent back as soon as they have run, so the pass
-  also ends in the initial layout; it moves min(2S, N) blocks per pass.
+  also ends in the initial layout; it moves min(2S, N) blocks per pass. A no-grad pass between a forward and its
+  backward (differential output preservation) starts from the layout it finds and restores it, so the pending
+  backward is unaffected.
 
 Two modes for what leaves the compute device:
 
