@@ -158,3 +158,28 @@ def test_minimal_inference_with_block_swap_renders_the_same_image(setup, tmp_pat
     a, b = (load_file(str(next((tmp_path / n).glob("*_latents.safetensors"))))["latents"] for n in ("plain", "swap"))
     assert torch.equal(a, b)
     assert flux_minimal_inference.main([*common, "--output_dir", str(tmp_path / "bad"), "--blocks_to_swap", "6"]) == 2
+
+
+def test_fp8_checkpoints_other_than_e4m3fn_are_refused_for_fp8_base():
+    from types import SimpleNamespace
+
+    from library.train_setup import check_fp8_checkpoint
+
+    args = SimpleNamespace(fp8_base=True, pretrained_model_name_or_path="flux_e5m2.safetensors")
+    with pytest.raises(TrainingError, match=r"flux_e5m2.safetensors stores F8_E5M2 weights: --fp8_base .* e4m3fn"):
+        check_fp8_checkpoint(args, SimpleNamespace(dtypes={"F8_E5M2", "BF16"}))
+    check_fp8_checkpoint(args, SimpleNamespace(dtypes={"F8_E4M3", "BF16"}))  # used as stored
+    check_fp8_checkpoint(SimpleNamespace(fp8_base=False, pretrained_model_name_or_path="x"),
+                         SimpleNamespace(dtypes={"F8_E5M2"}))  # without --fp8_base it is upcast on load
+
+
+def test_blocks_to_swap_from_a_config_file(setup, tmp_path):
+    from library.config_file import read_config_from_file
+
+    parser = cli.setup_parser()
+    for value, want in (("18", 18), ('"auto"', "auto")):
+        config = tmp_path / "c.toml"
+        config.write_text(f"blocks_to_swap = {value}\n")
+        argv = ["--config_file", str(config)]
+        args = read_config_from_file(parser.parse_args(argv), parser, argv)
+        assert args.blocks_to_swap == want
