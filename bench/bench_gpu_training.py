@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 
-def build(fp8: bool, blocks_to_swap: int):
+def build(fp8: bool, blocks_to_swap: int, write_back: bool = False):
     from library.flux_models import FLUX_PRESETS, Flux
 
     with torch.device("meta"):
@@ -49,7 +49,7 @@ def build(fp8: bool, blocks_to_swap: int):
         prepare_fp8(model, torch.float8_e4m3fn, torch.bfloat16)
     model.requires_grad_(False)
     if blocks_to_swap:
-        model.enable_block_swap(blocks_to_swap, "cuda", "cpu", host_to_device_only=True)
+        model.enable_block_swap(blocks_to_swap, "cuda", "cpu", host_to_device_only=not write_back)
     return model
 
 
@@ -147,6 +147,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed training steps per setting (default: 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first (default: 2)")
     p.add_argument("--no-inference", action="store_true", help="skip the 28-step inference timing")
+    p.add_argument("--write-back", action="store_true",
+                   help="also time bf16 LoRA steps with write-back swapping (every evicted block copied back, as "
+                        "sd-scripts does): what host-to-device-only saves")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--bytes", action="store_true",
                    help="no GPU needed: print the bytes each setting keeps on the GPU and moves per step, from the "
@@ -163,22 +166,25 @@ def main(argv=None) -> int:
     print(f"device: {device}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     print("| blocks_to_swap | base | s/step (LoRA r16, 1024², ckpt) | peak GiB | inference s/image (28 steps) |")
     print("|---|---|---|---|---|")
-    for fp8 in (False, True):
-        for n in [int(v) for v in args.blocks.split(",")]:
-            model = build(fp8, n)
-            gc.collect()
-            torch.cuda.empty_cache()
-            step_s, peak = train(model, args.steps, args.warmup)
-            infer_s = None if args.no_inference else infer(model)
-            row = {"blocks_to_swap": n, "base": "fp8" if fp8 else "bf16", "seconds_per_step": step_s,
-                   "peak_bytes": peak, "inference_seconds_per_image": infer_s, "device": device,
-                   "torch": torch.__version__}
-            results.append(row)
-            print(f"| {n} | {row['base']} | {step_s:.2f} | {peak / 2**30:.2f} | "
-                  f"{'-' if infer_s is None else f'{infer_s:.1f}'} |", flush=True)
-            del model
-            gc.collect()
-            torch.cuda.empty_cache()
+    blocks = [int(v) for v in args.blocks.split(",")]
+    settings = [(fp8, n, False) for fp8 in (False, True) for n in blocks]
+    settings += [(False, n, True) for n in blocks if n and args.write_back]
+    for fp8, n, write_back in settings:
+        model = build(fp8, n, write_back)
+        gc.collect()
+        torch.cuda.empty_cache()
+        step_s, peak = train(model, args.steps, args.warmup)
+        infer_s = None if (args.no_inference or write_back) else infer(model)
+        base = ("fp8" if fp8 else "bf16") + (", write-back" if write_back else "")
+        row = {"blocks_to_swap": n, "base": base, "seconds_per_step": step_s,
+               "peak_bytes": peak, "inference_seconds_per_image": infer_s, "device": device,
+               "torch": torch.__version__}
+        results.append(row)
+        print(f"| {n} | {row['base']} | {step_s:.2f} | {peak / 2**30:.2f} | "
+              f"{'-' if infer_s is None else f'{infer_s:.1f}'} |", flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
