@@ -266,18 +266,21 @@ def test_convert_cli_checks_src_and_carries_metadata(tmp_path, capsys):
 
 
 def test_real_size_dev_lora_lands_on_real_diffusers_and_bfl_keys():
-    """FLUX.1-dev width (meta base model, real rank-2 LoRA tensors, every block module plus the conditioning
-    layers): each diffusers / ComfyUI module written names a real weight of the published key lists, shapes match."""
+    """FLUX.1-dev width (meta base model with 2 + 2 of its blocks, real rank-2 LoRA tensors, every block module plus
+    the conditioning layers): each diffusers / ComfyUI module written names a real weight of the published key
+    lists, with its shape, and the updates survive the round trip."""
+    from dataclasses import replace
+
     from conftest import read_key_fixture
     from library.flux_models import FLUX_PRESETS
 
     with torch.device("meta"):
-        flux = Flux(FLUX_PRESETS["dev"])
+        flux = Flux(replace(FLUX_PRESETS["dev"], depth=2, depth_single_blocks=2))
     net = lora_flux.create_network(1.0, 2, 1.0, None, None, flux, split_qkv="True", in_dims="[2,2,2,2,2]")
     net.apply_to(None, flux)
     randomize(net, std=0.02)
     modules, _ = lf.read_lora({k: v for k, v in net.state_dict().items()})
-    assert len(modules) == 304 + 8
+    assert len(modules) == 2 * 10 + 2 * 3 + 8
     for fmt, fixture, prefix in (("diffusers", "flux_dev_diffusers_keys.txt", "transformer."),
                                  ("comfyui", "flux_dev_keys.txt", "diffusion_model.")):
         shapes = read_key_fixture(fixture)
