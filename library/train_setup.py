@@ -202,6 +202,12 @@ def enable_block_swap(args, models: TrainingModels, accelerator) -> list:
                      for p in blocks.parameters())
     flux.move_to_device_except_swap_blocks(device)
     swappers = list(flux.enable_block_swap(n, device, "cpu", host_to_device_only=not write_back))
+    if write_back and not (getattr(args, "fused_backward_pass", False)
+                           or getattr(args, "blockwise_fused_optimizers", False)):
+        logger.warning("--blocks_to_swap with trained blocks and an optimizer stepping after backward: the swapped "
+                       "blocks' weights and gradients are in CPU memory then, so the optimizer updates them on the "
+                       "CPU (slower; bitsandbytes' 8-bit optimizers may not support it). --fused_backward_pass or "
+                       "--blockwise_fused_optimizers update each block on the GPU inside the backward")
     logger.info("--blocks_to_swap %d: %.2f GiB of block weights on %s (%.2f GiB in swap slots), the rest in CPU "
                 "memory, %s", n, sum(s.buffer_bytes + s.resident_bytes for s in swappers) / 2**30, device,
                 sum(s.buffer_bytes for s in swappers) / 2**30,

@@ -183,3 +183,27 @@ def test_blocks_to_swap_from_a_config_file(setup, tmp_path):
         argv = ["--config_file", str(config)]
         args = read_config_from_file(parser.parse_args(argv), parser, argv)
         assert args.blocks_to_swap == want
+
+
+def test_full_fine_tuning_with_block_swap_trains_the_same_model(setup, tmp_path, caplog):
+    """flux_train.py: the blocks' own weights train, so the swappers write back (chosen from requires_grad)."""
+    import flux_train
+    from library.full_training import FullTrainer
+
+    models, toml = setup
+
+    def run(out, *extra):
+        argv = train_argv(setup, out, "--output_name", "m", "--max_train_steps", "2", *extra)
+        argv = [a for a in argv if a not in ("--network_module", "networks.lora_flux", "--network_dim", "4",
+                                             "--network_train_unet_only")]
+        args = flux_train.setup_parser().parse_args(argv)
+        verify_training_args(args, "full")
+        trainer = FullTrainer(args)
+        assert trainer.run() == 0
+        return trainer, load_file(str(out / "m.safetensors"))
+
+    _, want = run(tmp_path / "ref")
+    trainer, got = run(tmp_path / "swap", "--blocks_to_swap", "5")
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert all(not s.host_to_device_only and s.stats.d2h_bytes > 0 for s in trainer.block_swappers)
+    assert "updates them on the CPU" in caplog.text  # the optimizer steps after backward: said once
