@@ -48,7 +48,7 @@ class FullTrainer(Trainer):
         return [flux]
 
     def param_groups(self):
-        return [{"params": list(self.models.flux.parameters()), "lr": self.args.learning_rate}], ["unet"]
+        return [{"params": list(self.models.flux.parameters())}], ["unet"]  # at --learning_rate
 
     def save_weights(self, path: Path, epoch: int, step: int, final: bool) -> None:
         from library.model_saving import save_dtype, save_model

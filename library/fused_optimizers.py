@@ -175,12 +175,6 @@ class BlockwiseOptimizers:
             o.zero_grad(set_to_none=set_to_none)
         self.arrived = [0] * len(self.blocks)
 
-    def train(self) -> None:
-        pass
-
-    def eval(self) -> None:
-        pass
-
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
@@ -217,12 +211,21 @@ def prepare_optimizer(args, accelerator, groups: list, named_params: list[tuple[
     if getattr(args, "blockwise_fused_optimizers", False) and not getattr(args, "fused_backward_pass", False):
         blocks = group_by_block(named_params)
         optimizers, schedulers, name, text = [], [], "", ""
-        for key, params in blocks:
-            name, text, optimizer = get_optimizer(args, [{"params": params, "lr": args.learning_rate}])
-            scheduler = get_scheduler(args, optimizer, accelerator.num_processes)
-            optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-            optimizers.append(optimizer)
-            schedulers.append(scheduler)
+        factory_logs = [logging.getLogger(n) for n in ("library.optimizers", "library.lr_schedulers")]
+        levels = [log.level for log in factory_logs]
+        try:
+            for i, (key, params) in enumerate(blocks):
+                if i == 1:  # the factories' notes were logged for the first block; the others are the same
+                    for log in factory_logs:
+                        log.setLevel(logging.ERROR)
+                name, text, optimizer = get_optimizer(args, [{"params": params}])
+                scheduler = get_scheduler(args, optimizer, accelerator.num_processes)
+                optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+                optimizers.append(optimizer)
+                schedulers.append(scheduler)
+        finally:
+            for log, level in zip(factory_logs, levels):
+                log.setLevel(level)
         logger.info("--blockwise_fused_optimizers: %d optimizers (%s)", len(blocks),
                     ", ".join(f"{k}{'' if i < 0 else i}" for (k, i), _ in blocks[:4]) + (", ..." if len(blocks) > 4
                                                                                         else ""))

@@ -221,8 +221,7 @@ def deep_flux(setup, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("mode", [(), ("--blockwise_fused_optimizers",),
-                                  ("--fused_backward_pass", "--optimizer_type", "adafactor")])
+@pytest.mark.parametrize("mode", [(), ("--fused_backward_pass", "--optimizer_type", "adafactor")])
 def test_blocks_to_swap_trains_the_same_weights(setup, deep_flux, tmp_path, mode):
     def train(out, *extra):
         argv = ft_args(setup, out, "--max_train_steps", "3", *mode, *extra)
