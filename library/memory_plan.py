@@ -109,24 +109,35 @@ class MemoryPlan:
 
 
 def _largest_image(args) -> tuple[int, int, int]:
-    """(width, height, batch) of the largest batch in pixels: --resolution, else the --dataset_config datasets
-    (their buckets never hold more pixels than the dataset's resolution)."""
+    """(width, height, batch) of the largest batch in pixels: from the --dataset_config datasets (their buckets never
+    hold more pixels than the dataset's resolution), else --resolution and --train_batch_size. The dataset file is
+    read for these values only, so a plan needs no images."""
+    import tomllib
+
     from library.dataset_schema import resolve_resolution
 
+    default_batch = getattr(args, "train_batch_size", None) or 1
     if getattr(args, "dataset_config", None):
-        from library.dataset_config import load_dataset_config
-
-        group = load_dataset_config(args)
-        best = max(((d.resolution[0] * d.resolution[1] * d.batch_size, d) for d in group.datasets
-                    if d.resolution), key=lambda x: x[0], default=None)
-        if best is None:
-            raise ValueError(f"--dataset_config {args.dataset_config}: no dataset has a resolution")
-        d = best[1]
-        return d.resolution[0], d.resolution[1], d.batch_size
+        try:
+            with open(args.dataset_config, "rb") as f:
+                config = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"--dataset_config {args.dataset_config}: cannot read it ({e})") from None
+        general = config.get("general", {})
+        sizes = []
+        for d in config.get("datasets", []) or [{}]:
+            res = d.get("resolution", general.get("resolution", getattr(args, "resolution", None)))
+            if res is None:
+                raise ValueError(f"--dataset_config {args.dataset_config}: a dataset has no resolution")
+            w, h = resolve_resolution(res)
+            sizes.append((w * h * d.get("batch_size", general.get("batch_size", default_batch)), w, h,
+                          d.get("batch_size", general.get("batch_size", default_batch))))
+        _, w, h, batch = max(sizes)
+        return w, h, batch
     if not getattr(args, "resolution", None):
         raise ValueError("give the image size: --resolution W,H or --dataset_config")
     w, h = resolve_resolution(args.resolution)
-    return w, h, getattr(args, "train_batch_size", 1) or 1
+    return w, h, default_batch
 
 
 def settings_from_args(args, trainer: str = "network", target: str = "cuda") -> PlanSettings:
@@ -135,7 +146,7 @@ def settings_from_args(args, trainer: str = "network", target: str = "cuda") -> 
 
     model_path = getattr(args, "pretrained_model_name_or_path", None)
     fp8_file = False
-    if model_path:
+    if model_path and not getattr(args, "model_preset", None):  # a preset plans without the file
         from library.flux_checkpoint import analyze_checkpoint
 
         info = analyze_checkpoint(model_path)  # header only

@@ -14,7 +14,9 @@ from library.memory_plan import (GIB, TABLE_RESOLUTIONS, TABLE_SWAPS, PlanSettin
 def count_flops(s: PlanSettings) -> dict[str, float]:
     """FLOPs of the step on `meta` (FlopCounterMode; a pass of its own, as the counter keeps tensors alive):
     {"step", "double_forward", "double_backward", "single_forward", "single_backward"} for one block of each
-    stack (backward includes the recomputation of gradient checkpointing)."""
+    stack. A block's forward is counted per module; its backward (with the recomputation of gradient
+    checkpointing) is the step's backward-to-forward ratio times its forward: the counter's module attribution
+    in backward is unreliable once gradient hooks run optimizer steps."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from library.memory_count import device_emulation
@@ -30,10 +32,10 @@ def count_flops(s: PlanSettings) -> dict[str, float]:
     total = lambda counts, name: float(sum(counts.get(name, {}).values()))  # noqa: E731
     w, f = whole.get_flop_counts(), forward.get_flop_counts()
     out = {"step": total(w, "Global")}
+    ratio = (out["step"] - total(f, "Global")) / max(total(f, "Global"), 1.0)
     for kind in ("double", "single"):
-        name = f"Flux.{kind}_blocks.0"
-        out[f"{kind}_forward"] = total(f, name)
-        out[f"{kind}_backward"] = total(w, name) - total(f, name)
+        out[f"{kind}_forward"] = total(f, f"Flux.{kind}_blocks.0")
+        out[f"{kind}_backward"] = ratio * out[f"{kind}_forward"]
     return out
 
 

@@ -18,17 +18,18 @@ from dataclasses import dataclass
 
 # Assumptions, stated wherever the model is printed.
 # Compute: RTX 4090 dense BF16 tensor throughput with FP32 accumulate, 165.2 TFLOPS (NVIDIA Ada Lovelace
-# architecture whitepaper, GeForce RTX 4090 column), at 50% utilisation: what FLUX.1-dev inference reaches on an
-# H100 (peers.md 3.3: 28 steps at 1024x1024 in 6.3-6.7 s, i.e. ~0.23 s per forward of the FLOPs counted here,
-# against 989 TFLOPS dense BF16 of an H100 SXM).
-DEFAULT_TFLOPS = 165.2 * 0.5
+# architecture whitepaper, GeForce RTX 4090 column), at the utilisation FLUX.1-dev reaches on an H100: peers.md 3.3
+# has 28 steps at 1024x1024 in 6.3-6.7 s, i.e. ~0.23 s per forward of the 74.7 TFLOP counted here, 325 TFLOP/s of
+# an H100 SXM's 989 dense BF16 TFLOPS, 33%.
+DEFAULT_TFLOPS = 165.2 * 0.33
 # Transfers: PCIe 4.0 x16 carries 31.5 GB/s per direction (16 GT/s x 16 lanes, 128b/130b); pinned copies reach
 # about 75-80% of it, as CUDA's bandwidthTest sample reports on such systems. Pageable memory is far slower (not
 # modelled: the swapper pins its storage copies).
 DEFAULT_H2D_GBPS = 24.0
 ASSUMPTIONS = {
     "compute": f"{DEFAULT_TFLOPS:.1f} TFLOP/s effective: RTX 4090 dense BF16 (165.2 TFLOPS, NVIDIA Ada whitepaper) "
-               "at 50% utilisation, the utilisation FLUX.1-dev inference reaches on an H100 (peers.md 3.3)",
+               "at 33% utilisation, what FLUX.1-dev inference reaches on an H100 (peers.md 3.3: ~0.23 s per 74.7 "
+               "TFLOP forward at 1024x1024, of 989 TFLOPS)",
     "h2d": f"{DEFAULT_H2D_GBPS:.0f} GB/s pinned host-to-device: PCIe 4.0 x16 (31.5 GB/s theoretical) at ~76%",
 }
 

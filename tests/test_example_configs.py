@@ -3,6 +3,7 @@
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import ROOT
@@ -40,3 +41,43 @@ def test_dataset_config_resolves(tmp_path, monkeypatch):
 def test_sample_prompts_parse():
     prompts = load_prompts(CONFIGS / "sample_prompts.txt")
     assert len(prompts) == 2 and prompts[1].image_size() == (832, 1216) and prompts[0].seed == 1
+
+
+CARD_CONFIGS = {24: "lora_flux_dev.toml", 16: "lora_flux_dev_16gb.toml", 12: "lora_flux_dev_12gb.toml",
+                8: "lora_flux_dev_8gb.toml"}
+
+
+def _card_config(card, tmp_path):
+    import re
+
+    parser = training_parser("network")
+    config = tmp_path / CARD_CONFIGS[card]
+    shutil.copy(CONFIGS / CARD_CONFIGS[card], config)
+    argv = ["--config_file", str(config)]
+    args = read_config_from_file(parser.parse_args(argv), parser, argv)
+    text = (CONFIGS / CARD_CONFIGS[card]).read_text()
+    peak = re.search(r"Predicted peak: ([\d.]+) GiB", text)
+    assert peak, f"{CARD_CONFIGS[card]} states no predicted peak"
+    return args, float(peak.group(1))
+
+
+
+@pytest.mark.parametrize("card", sorted(CARD_CONFIGS))
+def test_card_configs_parse_and_state_their_peak(card, tmp_path):
+    args, peak = _card_config(card, tmp_path)
+    verify_training_args(args, "network")
+    assert args.fp8_base and args.gradient_checkpointing and args.network_dim == 16
+    assert 0 <= (args.blocks_to_swap or 0) <= 35
+    assert peak <= card - 1  # a GiB of headroom for the desktop and other processes
+
+
+@pytest.mark.slow
+def test_8gb_config_prediction_matches_its_comment(tmp_path, monkeypatch):
+    """The planner's prediction for the 8 GB config (1024x1024, batch 1) is the one its comment states."""
+    from library.memory_plan import GIB, plan_memory, settings_from_args
+
+    monkeypatch.chdir(ROOT)
+    args, peak = _card_config(8, tmp_path)
+    args.pretrained_model_name_or_path = None  # plan from the dev preset, as a user before downloading
+    plan = plan_memory(settings_from_args(args, "network"))
+    assert plan.peak_bytes / GIB == pytest.approx(peak, abs=0.01)

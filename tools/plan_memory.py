@@ -29,8 +29,8 @@ def planner_parser() -> argparse.ArgumentParser:
     add("--trainer", choices=["network", "full"], default="network",
         help="plan for flux_train_network.py (network, default) or flux_train.py (full)")
     add("--model_preset", default=None, choices=["dev", "schnell", "tiny", "tiny-schnell"],
-        help="plan without a model file (default dev when --pretrained_model_name_or_path is not given; a given "
-             "file is read for its header only)")
+        help="plan for this model without its file (default: the header of --pretrained_model_name_or_path, "
+             "else dev)")
     add("--target", choices=["cuda", "cpu"], default="cuda",
         help="device to predict for (default cuda: fused attention, CUDA runtime overhead; cpu: the CPU kernels)")
     add("--json", action="store_true", help="print one JSON object: peak_bytes, parts, settings")
@@ -54,6 +54,8 @@ def parse(argv: list[str]):
         parser._add_action(action)
     args = parser.parse_args(argv)
     args = read_config_from_file(args, parser, argv)
+    if known.trainer == "network" and not args.network_module:
+        args.network_module = "networks.lora_flux"
     return args
 
 
@@ -85,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
     from library.memory_plan import choose_blocks_to_swap, plan_memory, settings_from_args
+    from library.train_args import verify_training_args
 
     try:
+        verify_training_args(args, args.trainer)  # the trainer's implications (e.g. *_to_disk -> caching)
         if args.blocks_to_swap == "auto":
             args.blocks_to_swap = choose_blocks_to_swap(args, args.trainer)
         s = settings_from_args(args, args.trainer, args.target)
