@@ -22,6 +22,8 @@ from library.train_setup import TrainingModels
 
 logger = logging.getLogger(__name__)
 
+STATE_WEIGHTS = "transformer.safetensors"  # the trained weights inside a --save_state folder
+
 
 class FullTrainer(Trainer):
     tracker_name = "finetuning"
@@ -49,6 +51,34 @@ class FullTrainer(Trainer):
 
     def param_groups(self):
         return [{"params": list(self.models.flux.parameters())}], ["unet"]  # at --learning_rate
+
+    # A state keeps the transformer as .safetensors, streamed, instead of accelerate's torch pickle of the whole
+    # state dict (which would be loaded whole into RAM and then copied: twice the model in memory on resume).
+    def checkpointed_modules(self) -> list[torch.nn.Module]:
+        return []
+
+    def save_state_weights(self, folder: Path) -> None:
+        from library.model_saving import save_model
+
+        save_model(self.accelerator.unwrap_model(self.models.flux).state_dict(), folder / STATE_WEIGHTS,
+                   streaming=True)
+
+    @torch.no_grad()
+    def load_state_weights(self, folder: Path) -> None:
+        from library.safetensors_io import TensorReader, sample_keys
+        from library.train_loop import TrainingError
+
+        path = folder / STATE_WEIGHTS
+        if not path.exists():
+            raise TrainingError(f"--resume {folder}: no {STATE_WEIGHTS} (a state saved by another trainer?)")
+        state = self.accelerator.unwrap_model(self.models.flux).state_dict()
+        with TensorReader(path) as reader:
+            keys = reader.keys()
+            if set(keys) != set(state):
+                raise TrainingError(f"{path}: its tensors do not match the model being trained (differing: "
+                                    f"{sample_keys(set(keys) ^ set(state), 3)})")
+            for key in keys:  # one tensor at a time, into the weights where they are (device, swap storage)
+                state[key].copy_(reader.get(key))
 
     def save_weights(self, path: Path, epoch: int, step: int, final: bool) -> None:
         from library.model_saving import save_dtype, save_model

@@ -57,6 +57,17 @@ class Trainer:
 
         return train_setup.build_dataset_groups(self.args, self.seed)
 
+    def checkpointed_modules(self) -> list[torch.nn.Module]:
+        """Modules whose weights accelerate's save_state keeps (as torch pickles). A trainer of large weights returns
+        none and writes them itself (save_state_weights / load_state_weights)."""
+        return self.trainable_modules
+
+    def save_state_weights(self, folder: Path) -> None:
+        """Weights this trainer writes into a state folder itself (main process only)."""
+
+    def load_state_weights(self, folder: Path) -> None:
+        """Read back what save_state_weights wrote (every process)."""
+
     def transformer_dtype(self) -> torch.dtype | None:
         """The transformer's dtype when it is not the weight dtype (None: the weight dtype)."""
         return None
@@ -125,7 +136,7 @@ class Trainer:
                                 "--learning_rate, --unet_lr, --text_encoder_lr and the network's lr arguments)")
         self.trainable_params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
         self.make_optimizer(groups)
-        acc.register_for_checkpointing(*self.trainable_modules)
+        acc.register_for_checkpointing(*self.checkpointed_modules())
         self.loss_fn = train_setup.make_loss_computer(args, self.models, acc, self.reference_model)
         self.loader = train_setup.make_loader(args, self.train_group, self.sampler)
         self._resume()
@@ -312,6 +323,7 @@ class Trainer:
         acc.wait_for_everyone()
         acc.save_state(str(folder))
         if acc.is_main_process:
+            self.save_state_weights(folder)
             position = {"current_epoch": self.epoch, "current_step": self.global_step, "seed": self.seed}
             atomic_write(folder / "train_state.json", lambda tmp: Path(tmp).write_text(json.dumps(position)))
             logger.info("saved state %s", folder)
@@ -326,6 +338,7 @@ class Trainer:
         if not state_file.exists():
             raise TrainingError(f"--resume {folder}: not a state folder of this suite (no train_state.json)")
         self.accelerator.load_state(str(folder))
+        self.load_state_weights(folder)
         position = json.loads(state_file.read_text())
         self.global_step = int(position["current_step"])
         if self.global_step >= self.args.max_train_steps:

@@ -110,6 +110,7 @@ def test_resume_equals_uninterrupted(setup, tmp_path, mode):
     full, code = run_trainer(ft_args(setup, tmp_path / "full", *common))
     assert code == 0
     state = tmp_path / "full" / "r-step00000002-state"
+    assert (state / "transformer.safetensors").exists() and not list(state.glob("custom_checkpoint_*"))
     resumed, code = run_trainer(ft_args(setup, tmp_path / "resumed", *common, "--resume", str(state)))
     assert code == 0 and resumed.global_step == 4 and len(resumed.losses) == 2  # continues at step 3
     assert resumed.losses == full.losses[2:]
@@ -231,8 +232,13 @@ def test_blocks_to_swap_trains_the_same_weights(setup, deep_flux, tmp_path, mode
         return trainer
 
     plain = train(tmp_path / "plain")
-    swapped = train(tmp_path / "swap", "--blocks_to_swap", "3")
+    swap = ("--blocks_to_swap", "3", "--save_every_n_steps", "2", "--save_state")
+    swapped = train(tmp_path / "swap", *swap)
     assert [s.schedule.num_swapped for s in swapped.block_swappers] == [1, 4]  # 3 // 2 double, (3 - 3 // 2) * 2 single
     assert swapped.losses == plain.losses
-    a, b = final_weights(tmp_path / "plain", "last"), final_weights(tmp_path / "swap", "last")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    # resuming loads the state's weights into the swapped blocks' CPU storage and the resident ones alike
+    train(tmp_path / "resumed", *swap, "--resume", str(tmp_path / "swap" / "at-step00000002-state"))
+    a = final_weights(tmp_path / "plain", "last")
+    for run in ("swap", "resumed"):
+        b = final_weights(tmp_path / run, "last")
+        assert all(torch.equal(a[k], b[k]) for k in a), run
