@@ -4,8 +4,8 @@
   its gradient is complete, then the gradient is freed: at most one parameter's gradient is alive. Clipping
   (`--max_grad_norm`) is per tensor, as in sd-scripts. bf16 weights are written back with stochastic rounding.
 * `--blockwise_fused_optimizers` (any optimizer): one optimizer and LR scheduler per transformer block
-  (`double_blocks.i`, `single_blocks.i`, each other top-level module); a block is stepped when its last gradient arrives,
-  so at most one block's gradients are alive. Clipping uses the block's norm (sd-scripts clips per tensor).
+  (`double_blocks.i`, `single_blocks.i`, each other top-level module); a block is stepped when its last gradient
+  arrives, so at most one block's gradients are alive. Clipping uses the block's norm (sd-scripts clips per tensor).
 
 Both work under gradient accumulation (the hooks act only on the micro-batch that syncs; the earlier micro-batches
 keep their gradients, so the memory bound holds for --gradient_accumulation_steps 1) and with several processes
