@@ -204,11 +204,16 @@ def prepare_optimizer(args, accelerator, groups: list, named_params: list[tuple[
     from library.lr_schedulers import get_scheduler
     from library.optimizers import get_optimizer
 
+    # only flux_train.py and flux_train_control_net.py have the full-training options; the LoRA trainer's parser
+    # also has --fused_backward_pass (sd-scripts' shared optimizer group), warned about as having no effect there
+    full_options = hasattr(args, "blockwise_fused_optimizers")
+    fused_backward = full_options and getattr(args, "fused_backward_pass", False)
+    blockwise = full_options and getattr(args, "blockwise_fused_optimizers", False) and not fused_backward
     settings = HookSettings(
         max_grad_norm=getattr(args, "max_grad_norm", 0.0) or 0.0,
         reduce=(lambda g: accelerator.reduce(g, reduction="mean")) if accelerator.num_processes > 1 else None,
         should_step=lambda: accelerator.sync_gradients)
-    if getattr(args, "blockwise_fused_optimizers", False) and not getattr(args, "fused_backward_pass", False):
+    if blockwise:
         blocks = group_by_block(named_params)
         optimizers, schedulers, name, text = [], [], "", ""
         factory_logs = [logging.getLogger(n) for n in ("library.optimizers", "library.lr_schedulers")]
@@ -235,7 +240,7 @@ def prepare_optimizer(args, accelerator, groups: list, named_params: list[tuple[
     scheduler = get_scheduler(args, optimizer, accelerator.num_processes)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     fused = None
-    if getattr(args, "fused_backward_pass", False):
+    if fused_backward:
         fused = FusedBackward(optimizer, [p for _, p in named_params], settings)
         logger.info("--fused_backward_pass: each parameter is stepped as soon as its gradient is complete")
     return name, text, optimizer, scheduler, fused

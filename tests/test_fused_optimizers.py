@@ -193,3 +193,19 @@ def test_streaming_writer_refuses_unstorable_dtypes(tmp_path):
     with pytest.raises(ValueError, match="c.weight"):
         save_model({"c.weight": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "x.safetensors", streaming=True)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_only_trainers_with_the_full_training_options_fuse():
+    """The LoRA trainer's parser has --fused_backward_pass too (sd-scripts' optimizer group) and warns that it has no
+    effect there: it must then really have none."""
+    import flux_train
+    import flux_train_network
+    from library.fused_optimizers import prepare_optimizer
+    from library.train_setup import make_accelerator
+
+    for parser, fused in ((flux_train.setup_parser(), True), (flux_train_network.setup_parser(), False)):
+        args = parser.parse_args(["--fused_backward_pass", "--optimizer_type", "adafactor", "--max_train_steps", "1"])
+        model = torch.nn.Linear(2, 2)
+        *_, hooks = prepare_optimizer(args, make_accelerator(args, "test"), [{"params": list(model.parameters())}],
+                                      list(model.named_parameters()))
+        assert isinstance(hooks, FusedBackward) if fused else hooks is None
