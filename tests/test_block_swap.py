@@ -298,9 +298,11 @@ def test_cuda_outputs_and_lora_gradients_equal_without_swap(base, n):
             out.float().square().mean().backward()
             outs.append(out)
         torch.cuda.synchronize()
-        assert torch.equal(*outs)
+        # not bit for bit: attention backward kernels may accumulate with atomics; a block run with another
+        # block's weights would be off by O(1)
+        assert _rel_error(outs[1], outs[0]) < 1e-3
         for (name, p), q in zip(ref_net.named_parameters(), net.parameters()):
-            assert torch.equal(p.grad, q.grad), name
+            assert _rel_error(q.grad, p.grad) < 2e-2, name
     for s in model.block_swappers:
         assert s.resident() == s.schedule.initial and s.stats.d2h_bytes == 0
         assert all(t.is_pinned() for t in s._store.values())
@@ -356,5 +358,5 @@ def test_cuda_full_fine_tune_with_accumulation_and_write_back(base):
     torch.cuda.synchronize()
     want, got = ref.state_dict(), model.state_dict()
     for k in want:
-        torch.testing.assert_close(got[k].cpu(), want[k].cpu(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[k].cpu(), want[k].cpu(), rtol=1e-4, atol=1e-5)
     assert all(s.stats.d2h_bytes > 0 for s in swappers)
