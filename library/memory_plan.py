@@ -14,8 +14,9 @@ What cannot run on `meta` is emulated and said so: CUDA autocast and the fused a
 from __future__ import annotations
 
 import argparse
+import logging
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -175,8 +176,9 @@ def settings_from_args(args, trainer: str = "network", target: str = "cuda") -> 
         fused_backward_pass=bool(getattr(args, "fused_backward_pass", False)),
         blockwise_fused_optimizers=bool(getattr(args, "blockwise_fused_optimizers", False)),
         full_bf16=bool(getattr(args, "full_bf16", False)),
-        cache_text_encoder_outputs=bool(getattr(args, "cache_text_encoder_outputs", False)),
-        cache_latents=bool(getattr(args, "cache_latents", False)),
+        cache_text_encoder_outputs=bool(getattr(args, "cache_text_encoder_outputs", False)
+                                        or getattr(args, "cache_text_encoder_outputs_to_disk", False)),
+        cache_latents=bool(getattr(args, "cache_latents", False) or getattr(args, "cache_latents_to_disk", False)),
         apply_t5_attn_mask=bool(getattr(args, "apply_t5_attn_mask", False)), target=target)
 
 
@@ -201,17 +203,23 @@ def _optimizer_args(s: PlanSettings) -> argparse.Namespace:
                               gradient_accumulation_steps=1, use_8bit_adam=False, use_lion_optimizer=False)
 
 
-def _make_optimizer(s: PlanSettings, groups):
-    import logging
-
-    from library.optimizers import get_optimizer
-
-    log = logging.getLogger("library.optimizers")
-    level, log.level = log.level, logging.WARNING  # one optimizer per parameter would log thousands of lines
+@contextmanager
+def _quiet(name: str):
+    """Planning builds many optimizers and swappers: keep their INFO lines out of the trainer's log."""
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.WARNING)
     try:
-        _, _, optimizer = get_optimizer(_optimizer_args(s), groups)
+        yield
     finally:
         log.setLevel(level)
+
+
+def _make_optimizer(s: PlanSettings, groups):
+    from library.optimizers import get_optimizer
+
+    with _quiet("library.optimizers"):
+        _, _, optimizer = get_optimizer(_optimizer_args(s), groups)
     if hasattr(optimizer, "_get_lr") and type(optimizer).__name__ == "Adafactor":
         # Adafactor reads its relative step size with .item(); the value does not change any tensor's size.
         optimizer._get_lr = lambda group, state: 1e-3
@@ -298,8 +306,9 @@ def build_rig(s: PlanSettings, device: str = "meta") -> StepRig:
     swappers = []
     if s.blocks_to_swap:
         # the real swapper on meta/meta: its slots are the compute-side bytes, its storage copies are not
-        swappers = list(flux.enable_block_swap(s.blocks_to_swap, device, device,
-                                               host_to_device_only=s.trainer == "network"))
+        with _quiet("library.block_swap"):
+            swappers = list(flux.enable_block_swap(s.blocks_to_swap, device, device,
+                                                   host_to_device_only=s.trainer == "network"))
     settings = FlowMatchingSettings(timestep_sampling="shift", model_prediction_type="raw", guidance_scale=1.0)
     compute = s.weight_dtype
     loss_fn = FluxLossComputer(settings, flux, torch.device(device), compute)
@@ -496,8 +505,6 @@ def _swap_accounting(rig: StepRig) -> dict:
 def choose_blocks_to_swap(args, trainer: str | None = None) -> int:
     """The smallest --blocks_to_swap whose predicted peak fits --vram_budget_gb (GiB), for a parsed training command
     line (the training setup calls this for --blocks_to_swap auto). Logs the choice and the predicted peak."""
-    import logging
-
     from library.block_swap import max_blocks_to_swap
 
     budget = getattr(args, "vram_budget_gb", None)

@@ -102,7 +102,10 @@ def test_choose_blocks_to_swap_picks_the_smallest_count_that_fits(tmp_path):
 
     path = tmp_path / "flux.safetensors"
     save_file_atomic({k: v.to(torch.bfloat16) for k, v in Flux(TINY_DEEP).state_dict().items()}, path)
-    argv = ["--pretrained_model_name_or_path", str(path), "--resolution", "128", "--mixed_precision", "bf16",
+    toml = tmp_path / "dataset.toml"  # read for its sizes only: the image folder need not exist
+    toml.write_text('[general]\nresolution = 128\n[[datasets]]\nbatch_size = 1\n'
+                    '  [[datasets.subsets]]\n  image_dir = "missing"\n')
+    argv = ["--pretrained_model_name_or_path", str(path), "--dataset_config", str(toml), "--mixed_precision", "bf16",
             "--gradient_checkpointing", "--cache_text_encoder_outputs", "--cache_latents", "--network_dim", "4",
             "--optimizer_type", "AdamW", "--t5xxl_max_token_length", "64", "--blocks_to_swap", "auto"]
     args = training_parser("network").parse_args(argv)
