@@ -14,11 +14,14 @@ from library.train_setup import TrainingModels
 
 logger = logging.getLogger(__name__)
 
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
-
-
 class ControlNetTrainer(Trainer):
     tracker_name = "controlnet_train"
+
+    def __init__(self, args):
+        # as in sd-scripts' ControlNet trainer the base stays in the weight dtype (warn_ineffective names --fp8_base)
+        args.fp8_base = args.fp8_base_unet = False
+        args.train_text_encoder = False
+        super().__init__(args)
 
     def build_dataset_groups(self):
         from library import train_setup
@@ -54,13 +57,14 @@ class ControlNetTrainer(Trainer):
         return [{"params": list(self.controlnet.parameters()), "lr": self.args.learning_rate}], ["controlnet"]
 
     def save_weights(self, path: Path, epoch: int, step: int, final: bool) -> None:
-        """The ControlNet's own tensor names (sd-scripts' file layout) with ModelSpec metadata of the base model."""
-        from library.flux_controlnet import controlnet_state_dict
-        from library.safetensors_io import save_file_atomic
+        """The ControlNet's own tensor names (sd-scripts' file layout) with ModelSpec metadata of the base model;
+        --save_precision and --mem_eff_save as for full models."""
+        from library.model_saving import save_dtype, save_model
         from library.training_metadata import modelspec_metadata
 
+        args = self.args
         resolution = self.train_group.datasets[0].config.resolution
-        metadata = modelspec_metadata(self.args, is_schnell=self.models.is_schnell, lora=False, resolution=resolution)
+        metadata = modelspec_metadata(args, is_schnell=self.models.is_schnell, lora=False, resolution=resolution)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file_atomic(controlnet_state_dict(self.controlnet, SAVE_DTYPES.get(self.args.save_precision)), path,
-                         metadata)
+        save_model(self.controlnet.state_dict(), path, metadata, save_dtype(args.save_precision),
+                   streaming=args.mem_eff_save)

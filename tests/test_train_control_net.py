@@ -106,7 +106,8 @@ def test_resume_equals_uninterrupted_and_weights_continue(setup, tmp_path):
     # --controlnet_model_name_or_path starts from saved weights (learning rate 0: they come back unchanged)
     start = tmp_path / "full" / "r-step00000003.safetensors"
     _, code = run_trainer(train_args(setup, tmp_path / "cont", "--controlnet_model_name_or_path", str(start),
-                                     "--learning_rate", "0", "--max_train_steps", "1", "--output_name", "c"))
+                                     "--learning_rate", "0", "--max_train_steps", "1", "--output_name", "c",
+                                     "--mem_eff_save"))
     assert code == 0
     s, c = load_file(str(start)), load_file(str(tmp_path / "cont" / "c.safetensors"))
     assert all(torch.equal(s[k], c[k]) for k in s)
