@@ -46,9 +46,12 @@ def run_trainer(argv):
 def test_cli_saves_a_bfl_model_that_our_inference_loads(setup, tmp_path):
     models, _ = setup
     out = tmp_path / "out"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --w 32 --h 32 --s 2 --d 1\n")
     r = subprocess.run([sys.executable, str(ROOT / "flux_train.py"),
                         *ft_args(setup, out, "--output_name", "ft", "--save_every_n_steps", "2",
-                                 "--save_last_n_steps", "1", "--max_train_steps", "6", "--fp8_base")],
+                                 "--save_last_n_steps", "1", "--max_train_steps", "6", "--fp8_base",
+                                 "--sample_prompts", str(prompts), "--sample_every_n_steps", "6")],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "--fp8_base has no effect" in r.stderr
@@ -62,6 +65,7 @@ def test_cli_saves_a_bfl_model_that_our_inference_loads(setup, tmp_path):
     assert md["modelspec.architecture"] == "flux-1-dev" and md["modelspec.sai_model_spec"] == "1.0.1"
     assert md["modelspec.title"] == "ft" and md["modelspec.resolution"] == "32x32"
     assert not any(k.startswith("ss_") for k in md)
+    assert [p.name.split("_")[1] for p in (out / "sample").glob("*.png")] == ["000006"]  # preview of the trained model
 
     import flux_minimal_inference as inference
 
