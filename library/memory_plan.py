@@ -258,12 +258,13 @@ class StepRig:
 def _build_flux(s: PlanSettings, device: str) -> Flux:
     from library.fp8 import prepare_fp8
 
+    fp8 = s.trainer == "network" and (s.fp8_base or s.fp8_file)  # the full trainers train (and cast) the weights
     dtype = s.weight_dtype
     if s.trainer == "full":
         dtype = torch.bfloat16 if s.full_bf16 else torch.float32
     with torch.device(device):
-        flux = Flux(s.params).to(dtype if not (s.fp8_base or s.fp8_file) else s.weight_dtype)
-    if s.trainer == "network" and (s.fp8_base or s.fp8_file):
+        flux = Flux(s.params).to(dtype)
+    if fp8:
         compute = s.weight_dtype if s.weight_dtype != torch.float32 else torch.bfloat16
         prepare_fp8(flux, torch.float8_e4m3fn, compute)
     if s.gradient_checkpointing:
