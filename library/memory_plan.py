@@ -80,6 +80,11 @@ class PlanSettings:
     cache_latents: bool = True
     apply_t5_attn_mask: bool = False
     target: str = "cuda"
+    # parameter counts of the models that stay on the device when their outputs are not cached (from the files'
+    # headers when given, else the real FLUX.1 ones)
+    t5xxl_params: int = 4_762_310_656
+    clip_l_params: int = 123_060_480
+    ae_params: int = 83_819_683
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -179,7 +184,9 @@ def settings_from_args(args, trainer: str = "network", target: str = "cuda") -> 
         cache_text_encoder_outputs=bool(getattr(args, "cache_text_encoder_outputs", False)
                                         or getattr(args, "cache_text_encoder_outputs_to_disk", False)),
         cache_latents=bool(getattr(args, "cache_latents", False) or getattr(args, "cache_latents_to_disk", False)),
-        apply_t5_attn_mask=bool(getattr(args, "apply_t5_attn_mask", False)), target=target)
+        apply_t5_attn_mask=bool(getattr(args, "apply_t5_attn_mask", False)), target=target,
+        **{f"{name}_params": n for name in ("t5xxl", "clip_l", "ae")
+           if (n := _param_count(getattr(args, name, None))) is not None})
 
 
 # --- the rig: the trainer's pieces for one step ---------------------------------------------------------------------
@@ -361,24 +368,30 @@ def optimizer_state_tensors(rig: StepRig) -> list:
 # --- the prediction -------------------------------------------------------------------------------------------------
 
 
-# Text encoders and the autoencoder stay on the device when their outputs are not cached (train_setup.free_unneeded).
-# Parameter counts: T5-XXL v1.1 encoder (24 layers of 4096/10240 plus a 32128-token embedding), CLIP-L's text model,
-# and the FLUX AE (environment.md).
-T5XXL_PARAMS, T5XXL_EMBEDDING = 4_762_310_656, 32128 * 4096
-CLIP_L_PARAMS = 123_060_480
-AE_PARAMS = 83_819_683
-
-
 def _encoder_bytes(s: PlanSettings) -> int:
+    """Text encoders and the autoencoder stay on the device when their outputs are not cached
+    (train_setup.free_unneeded). The defaults are T5-XXL v1.1's encoder (24 layers of 4096/10240 and a 32128-token
+    embedding), CLIP-L's text model and the FLUX AE (environment.md). fp8 T5 keeps its embedding (1/37 of it) in
+    the weight dtype."""
     size = torch.tensor([], dtype=s.weight_dtype).element_size()
     total = 0
     if not s.cache_text_encoder_outputs:
         t5_fp8 = s.fp8_base and s.trainer == "network"
-        t5 = (T5XXL_PARAMS - T5XXL_EMBEDDING) * (1 if t5_fp8 else size) + T5XXL_EMBEDDING * size
-        total += t5 + CLIP_L_PARAMS * size
+        total += int(s.t5xxl_params * ((1 + size / 37) if t5_fp8 else size)) + s.clip_l_params * size
     if not s.cache_latents:
-        total += AE_PARAMS * size
+        total += s.ae_params * size
     return total
+
+
+def _param_count(path) -> int | None:
+    """Parameters in a model file, from its header (None when there is no such file)."""
+    import os
+
+    from library.safetensors_io import read_header
+
+    if not path or not os.path.isfile(path):
+        return None
+    return sum(t.numel for t in read_header(path).tensors.values())
 
 
 def _step_key(s: PlanSettings) -> PlanSettings:

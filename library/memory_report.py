@@ -41,7 +41,7 @@ def count_flops(s: PlanSettings) -> dict[str, float]:
 
 def speed_models(s: PlanSettings, swaps=TABLE_SWAPS, tflops: float | None = None, h2d_gbps: float | None = None):
     """The swap speed model (library/swap_speed.py) of these settings for each count in `swaps`."""
-    from library.block_swap import BlockSwapper, split_blocks_to_swap
+    from library.block_swap import BlockSwapper, max_blocks_to_swap, split_blocks_to_swap
     from library.swap_speed import DEFAULT_H2D_GBPS, DEFAULT_TFLOPS, model_step
 
     flops = count_flops(s)
@@ -53,7 +53,8 @@ def speed_models(s: PlanSettings, swaps=TABLE_SWAPS, tflops: float | None = None
     per_block = {k: (flops[f"{k}_forward"], flops[f"{k}_backward"]) for k in kinds}
     other = flops["step"] - sum(len(kinds[k]) * sum(per_block[k]) for k in kinds)
     out = []
-    for n in swaps:
+    limit = max_blocks_to_swap(len(kinds["double"]), len(kinds["single"]))
+    for n in [n for n in swaps if n <= limit]:  # a smaller model swaps fewer
         nd, ns = split_blocks_to_swap(n, len(kinds["double"]), len(kinds["single"]))
         stacks = {"double": (len(kinds["double"]), nd, block_bytes["double"]),
                   "single": (len(kinds["single"]), ns, block_bytes["single"])}
@@ -104,11 +105,14 @@ TABLE_TRAINERS = (  # (label, settings changes); fp8 base applies to LoRA only (
 
 
 def table_settings(base: PlanSettings) -> list[tuple[str, PlanSettings]]:
+    from library.block_swap import max_blocks_to_swap
+
+    limit = max_blocks_to_swap(base.params.depth, base.params.depth_single_blocks)
     rows = []
     for label, changes in TABLE_TRAINERS:
         for fp8 in ((False, True) if changes["trainer"] == "network" else (False,)):
             for res in TABLE_RESOLUTIONS:
-                for n in TABLE_SWAPS:
+                for n in [n for n in TABLE_SWAPS if n <= limit]:
                     s = replace(base, **{**changes, "fp8_base": fp8 if changes["trainer"] == "network" else False},
                                 width=res, height=res, blocks_to_swap=n, gradient_checkpointing=True,
                                 cpu_offload_checkpointing=False, blockwise_fused_optimizers=False)
@@ -126,7 +130,7 @@ def format_table(rows: list[tuple[str, object]]) -> str:
         key = (label, "fp8" if s.fp8_base else "bf16", f"{s.width}x{s.height}")
         groups.setdefault(key, {})[s.blocks_to_swap] = plan.peak_bytes / GIB
     for (label, base, size), peaks in groups.items():
-        lines.append(f"| {label} | {base} | {size} | " + " | ".join(f"{peaks[n]:.2f}" for n in TABLE_SWAPS) + " |")
+        lines.append(f"| {label} | {base} | {size} | " + " | ".join(f"{peaks[n]:.2f}" if n in peaks else "-" for n in TABLE_SWAPS) + " |")
     return "\n".join(lines)
 
 

@@ -171,3 +171,13 @@ def test_cuda_peak_matches_prediction():
     torch.cuda.synchronize()
     predicted = plan.peak_bytes - plan.parts["runtime_overhead"]
     assert torch.cuda.max_memory_allocated() == pytest.approx(predicted, rel=0.10)
+
+
+def test_text_encoders_count_only_when_their_outputs_are_not_cached():
+    from library.memory_plan import _encoder_bytes
+
+    assert _encoder_bytes(PlanSettings()) == 0  # cached text-encoder outputs and latents
+    fp8 = _encoder_bytes(PlanSettings(cache_text_encoder_outputs=False, fp8_base=True))
+    bf16 = _encoder_bytes(PlanSettings(cache_text_encoder_outputs=False))
+    assert 4.9e9 < fp8 < 5.3e9 and 9.7e9 < bf16 < 9.8e9  # T5-XXL in fp8 (embedding kept) or bf16, plus CLIP-L
+    assert _encoder_bytes(PlanSettings(cache_latents=False)) == 83_819_683 * 2
