@@ -48,6 +48,16 @@ class LiveBytes(TorchDispatchMode):
                 self._ignored.add(id(st))
                 self._keep.append(st)
 
+    def release(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` now stands for memory off the device (e.g. checkpointed inputs offloaded to the CPU): its bytes
+        leave the count and it is never counted again."""
+        sid = id(tensor.untyped_storage())
+        key = self._ids.pop(sid, None)
+        if key is not None:
+            self._free(sid, key)
+        self.ignore([tensor])
+        return tensor
+
     def retag(self, tensor: torch.Tensor, tag: str) -> None:
         key = self._ids.get(id(tensor.untyped_storage()))
         if key is not None and key in self._sizes:

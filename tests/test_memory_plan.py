@@ -64,6 +64,8 @@ def test_checkpointing_and_swapping_lower_the_peak_as_expected():
     assert plans[0].parts["swap_buffers"] == 0
     no_ckpt = plan_memory(PlanSettings(**base, gradient_checkpointing=False))
     assert no_ckpt.parts["activations"] > 3 * plans[0].parts["activations"]
+    offload = plan_memory(PlanSettings(**base, cpu_offload_checkpointing=True))  # block inputs wait on the CPU
+    assert offload.parts["activations"] < plans[0].parts["activations"]
 
 
 def test_fused_attention_is_counted_without_the_attention_matrix():
@@ -94,6 +96,8 @@ def test_flux_dev_lora_targets_on_8gb():
     assert p["resident_base_weights"] < 0.1 * GIB and 0.8 * GIB < p["swap_buffers"] < 1.0 * GIB
     assert 1.4 * GIB < p["activations"] < 1.6 * GIB  # 57 checkpointed block inputs of 4608 x 3072 bf16
     assert p["runtime_overhead"] >= 512 * 2**20
+    offload = plan_memory(replace(s, blocks_to_swap=0, cpu_offload_checkpointing=True)).parts
+    assert offload["activations"] < 0.01 * GIB  # the 57 block inputs wait in CPU memory
 
 
 def test_choose_blocks_to_swap_picks_the_smallest_count_that_fits(tmp_path):
