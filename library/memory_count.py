@@ -120,9 +120,17 @@ _LOWER = ("linear", "conv2d", "scaled_dot_product_attention")
 _FP32 = ("layer_norm", "group_norm")
 
 
-def _cast_args(fn, dtype):
+def _cast_args(fn, dtype, cache: dict | None = None):
     def cast(x):
-        return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point()) or x.dtype == dtype:
+            return x
+        if cache is None or not (x.is_leaf and x.requires_grad):
+            return x.to(dtype)
+        # autocast keeps its casts of trained leaf tensors (fp32 master weights) until the region ends
+        key = (id(x), dtype)
+        if key not in cache:
+            cache[key] = (x, x.to(dtype))
+        return cache[key][1]
 
     def wrapper(*args, **kwargs):
         return fn(*(cast(a) for a in args), **{k: cast(v) for k, v in kwargs.items()})
@@ -155,19 +163,22 @@ def device_emulation(target: str, autocast_dtype: torch.dtype | None):
     * attention as the fused kernel of the target (flash / memory-efficient on CUDA, the CPU flash kernel on CPU),
       so no attention matrix is counted -- on `meta` torch would take the math path and materialise it;
     * with `autocast_dtype`, the casts CUDA autocast makes: matrix products and attention in that dtype,
-      layer/group norms in float32 (`meta` tensors have no autocast).
+      layer/group norms in float32 (`meta` tensors have no autocast); like autocast, the casts of trained leaf
+      tensors (fp32 master weights) are kept until the region ends.
 
     The functions are swapped on the module for the duration (not a TorchFunctionMode: gradient checkpointing
     recomputes blocks on `meta` outside such modes). Not thread-safe; the planner runs alone."""
     saved = {name: getattr(F, name) for name in (*_LOWER, *_FP32)}
+    cache: dict = {}
     try:
         F.scaled_dot_product_attention = _fused_attention(target)
         if autocast_dtype is not None:
             for name in _LOWER:
-                setattr(F, name, _cast_args(getattr(F, name), autocast_dtype))
+                setattr(F, name, _cast_args(getattr(F, name), autocast_dtype, cache))
             for name in _FP32:
                 setattr(F, name, _cast_args(getattr(F, name), torch.float32))
         yield
     finally:
+        cache.clear()
         for name, fn in saved.items():
             setattr(F, name, fn)
