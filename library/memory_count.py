@@ -120,7 +120,7 @@ _LOWER = ("linear", "conv2d", "scaled_dot_product_attention")
 _FP32 = ("layer_norm", "group_norm")
 
 
-def _cast_args(fn, dtype, cache: dict | None = None):
+def _cast_args(fn, dtype, cache: dict | None = None, on_cache=None):
     def cast(x):
         if not (isinstance(x, torch.Tensor) and x.is_floating_point()) or x.dtype == dtype:
             return x
@@ -130,6 +130,8 @@ def _cast_args(fn, dtype, cache: dict | None = None):
         key = (id(x), dtype)
         if key not in cache:
             cache[key] = (x, x.to(dtype))
+            if on_cache is not None:
+                on_cache(cache[key][1])
         return cache[key][1]
 
     def wrapper(*args, **kwargs):
@@ -157,14 +159,14 @@ def _fused_attention(target: str):
 
 
 @contextmanager
-def device_emulation(target: str, autocast_dtype: torch.dtype | None):
+def device_emulation(target: str, autocast_dtype: torch.dtype | None, on_cache=None):
     """Run `torch.nn.functional` as on `target` ("cuda" or "cpu") while computing on `meta`:
 
     * attention as the fused kernel of the target (flash / memory-efficient on CUDA, the CPU flash kernel on CPU),
       so no attention matrix is counted -- on `meta` torch would take the math path and materialise it;
     * with `autocast_dtype`, the casts CUDA autocast makes: matrix products and attention in that dtype,
       layer/group norms in float32 (`meta` tensors have no autocast); like autocast, the casts of trained leaf
-      tensors (fp32 master weights) are kept until the region ends.
+      tensors (fp32 master weights) are kept until the region ends (`on_cache` is called with each).
 
     The functions are swapped on the module for the duration (not a TorchFunctionMode: gradient checkpointing
     recomputes blocks on `meta` outside such modes). Not thread-safe; the planner runs alone."""
@@ -174,7 +176,7 @@ def device_emulation(target: str, autocast_dtype: torch.dtype | None):
         F.scaled_dot_product_attention = _fused_attention(target)
         if autocast_dtype is not None:
             for name in _LOWER:
-                setattr(F, name, _cast_args(getattr(F, name), autocast_dtype, cache))
+                setattr(F, name, _cast_args(getattr(F, name), autocast_dtype, cache, on_cache))
             for name in _FP32:
                 setattr(F, name, _cast_args(getattr(F, name), torch.float32))
         yield

@@ -416,7 +416,8 @@ def count_step(rig: StepRig) -> dict[str, int]:
                                              if param.grad is not None else None)
     with ExitStack() as stack:
         autocast = s.weight_dtype if s.weight_dtype != torch.float32 else None
-        stack.enter_context(device_emulation(s.target, autocast))
+        stack.enter_context(device_emulation(s.target, autocast,
+                                             on_cache=lambda t: counter.retag(t, "autocast_weight_copies")))
         if s.cpu_offload_checkpointing:
             stack.enter_context(_offload_to_storage(counter))
         stack.enter_context(counter)
@@ -463,6 +464,7 @@ def plan_memory(s: PlanSettings, step: dict[str, int] | None = None) -> MemoryPl
         "gradients": at_peak.get("gradients", 0),
         "optimizer_states": swap["states"],
         "activations": at_peak.get("forward", 0),
+        "autocast_weight_copies": at_peak.get("autocast_weight_copies", 0),
         "largest_transient": at_peak.get("backward", 0) + at_peak.get("optimizer", 0),
         "batch_inputs": _bytes(_leaves(rig.batch)),
         "text_encoders_and_ae": _encoder_bytes(s),
