@@ -122,7 +122,8 @@ def test_file_round_trip_and_refusals(tmp_path):
     assert not load_controlnet(tmp_path / "schnell.safetensors", TINY).params.guidance_embed
 
     save_file_atomic(Flux(TINY).state_dict(), tmp_path / "flux.safetensors")
-    with pytest.raises(ModelFileError, match="flux.safetensors: expected an sd-scripts FLUX ControlNet.*looks like a FLUX transformer"):
+    with pytest.raises(ModelFileError,
+                       match="flux.safetensors: expected an sd-scripts FLUX ControlNet.*looks like a FLUX transformer"):
         load_controlnet(tmp_path / "flux.safetensors", TINY)
     wide = FLUX_PRESETS["tiny"].__class__(**{**TINY.__dict__, "hidden_size": 128, "num_heads": 4})
     with pytest.raises(ModelFileError, match="width 64 does not match the transformer's hidden size 128"):

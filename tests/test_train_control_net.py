@@ -67,8 +67,8 @@ def test_cli_writes_an_sd_scripts_controlnet_that_inference_loads(setup, tmp_pat
         md = f.metadata()
     assert md["modelspec.architecture"] == "flux-1-dev" and md["modelspec.resolution"] == "32x32"
 
-    common = ["--ckpt_path", *model_args(models)[1:], "--dtype", "fp32", "--device", "cpu", "--width", "32", "--height", "32",
-              "--steps", "2", "--seed", "1", "--output_latents"]
+    common = ["--ckpt_path", *model_args(models)[1:], "--dtype", "fp32", "--device", "cpu", "--width", "32",
+              "--height", "32", "--steps", "2", "--seed", "1", "--output_latents"]
 
     def render(name, *extra):
         assert inference_cli.main([*common, "--output_dir", str(tmp_path / name), *extra]) == 0
@@ -127,8 +127,9 @@ def marker_columns(t: torch.Tensor) -> list[int]:
 
 
 def test_conditioning_images_are_cropped_exactly_like_their_targets(tmp_path):
-    """A 96x64 target with a bright band at x = 56..63 goes to a 64x64 bucket (scaled to 96x64? no: covered and
-    centre-cropped); conditioning images at half size and squashed to a square must land on the same columns."""
+    """A 96x64 target with a bright band at x = 56..63 is centre-cropped to 64x64; its conditioning images, one at
+    half size and one squashed to another size and aspect, must show the band on the same columns (resizing them
+    straight to the bucket, as sd-scripts does, would put it at about x = 37..42)."""
     from library.train_setup import build_dataset_groups
 
     images, cond = tmp_path / "images", tmp_path / "cond"
