@@ -48,6 +48,21 @@ def load_flow_model(ckpt_path: PathLike, dtype: torch.dtype | None, device: str 
     return model.is_schnell, model
 
 
+def load_controlnet(ckpt_path: PathLike | None, is_schnell: bool, dtype: torch.dtype | None,
+                    device: str | torch.device, disable_mmap: bool = False, base_params=None):
+    """An sd-scripts FLUX ControlNet for the dev (or schnell) transformer, or for `base_params` (a FluxParams):
+    loaded from `ckpt_path`, or new (random blocks, zero output projections, as sd-scripts) when it is None. See
+    `library.flux_controlnet.controlnet_from_transformer` for one that starts from the transformer's weights."""
+    from library.flux_controlnet import ControlNetFlux, load_controlnet as load
+    from library.flux_models import FLUX_PRESETS
+
+    params = base_params or FLUX_PRESETS["schnell" if is_schnell else "dev"]
+    if ckpt_path is None:
+        with torch.device(device):
+            return ControlNetFlux(params).to(dtype)
+    return load(ckpt_path, params, dtype, device)
+
+
 def load_ae(ckpt_path: PathLike, dtype: torch.dtype | None, device: str | torch.device, disable_mmap: bool = False):
     """Load the FLUX autoencoder (ae.safetensors)."""
     return flux_ae.load_ae(ckpt_path, dtype, device)

@@ -143,3 +143,15 @@ def test_control_image_covers_and_centre_crops():
     assert t.shape == (1, 3, 32, 32) and t.min() >= -1 and t.max() <= 1
     bright = (t[0, 0].mean(0) > 0).nonzero().flatten().tolist()
     assert bright and all(13 <= c <= 18 for c in bright)
+
+
+def test_flux_utils_load_controlnet_as_sd_scripts(tmp_path):
+    from library import flux_utils
+
+    new = flux_utils.load_controlnet(None, False, torch.float32, "cpu", base_params=TINY)
+    assert new.depths == (2, 0) and not new.controlnet_blocks[1].weight.any()
+    save_file_atomic(controlnet_state_dict(new), tmp_path / "cn.safetensors")
+    loaded = flux_utils.load_controlnet(tmp_path / "cn.safetensors", False, torch.bfloat16, "cpu", base_params=TINY)
+    assert loaded.dtype == torch.bfloat16 and loaded.state_dict().keys() == new.state_dict().keys()
+    with torch.device("meta"):
+        assert flux_utils.load_controlnet(None, True, None, "meta").params.hidden_size == 3072
