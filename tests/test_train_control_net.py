@@ -156,3 +156,27 @@ def test_conditioning_images_are_cropped_exactly_like_their_targets(tmp_path):
         # 96x64 scaled by 1 covers 64x64; centre crop x in [16, 80): the band sits at 40..47
         assert marker_columns(image) == list(range(40, 48))
         assert marker_columns(control) == marker_columns(image), batch["image_keys"]
+
+
+def test_example_configs_parse_and_resolve(tmp_path, monkeypatch):
+    import shutil
+
+    from conftest import ROOT
+    from library.config_file import read_config_from_file
+    from library.train_setup import build_dataset_groups
+
+    for folder in ("train/images", "train/canny"):
+        (tmp_path / folder).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / folder / "a.png")
+    (tmp_path / "train/images/a.txt").write_text("a caption")
+    (tmp_path / "configs").mkdir()
+    for name in ("controlnet_flux_dev.toml", "dataset_controlnet.toml"):
+        shutil.copy(ROOT / "configs" / name, tmp_path / "configs" / name)
+    monkeypatch.chdir(tmp_path)  # paths in the examples are relative to the launch folder
+    parser = cli.setup_parser()
+    argv = ["--config_file", "configs/controlnet_flux_dev.toml"]
+    args = verify_training_args(read_config_from_file(parser.parse_args(argv), parser, argv), "controlnet")
+    assert args.learning_rate == 2e-5 and args.cache_latents and args.dataset_config.endswith("controlnet.toml")
+    train, _ = build_dataset_groups(args, 0, controlnet=True)
+    (item,) = train.items
+    assert item.conditioning_path.name == "a.png" and item.subset.flip_aug
