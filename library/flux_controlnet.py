@@ -128,11 +128,10 @@ def controlnet_from_transformer(flux: Flux, controlnet_depth: int = CONTROLNET_D
                          f"a transformer with at least as many (it has {p.depth} / {p.depth_single_blocks})")
     cn = ControlNetFlux(p, controlnet_depth, controlnet_single_depth)
     source = flux.state_dict()
-    shared = {k: v for k, v in source.items() if k in cn.state_dict() and not k.startswith("controlnet_blocks")}
     with torch.no_grad():
         for name, t in cn.state_dict().items():
-            if name in shared:
-                t.copy_(shared[name].to(t.dtype))  # upcasts bf16/fp8 base weights
+            if name in source:  # all but controlnet_blocks*, pos_embed_input, input_hint_block
+                t.copy_(source[name].to(t.dtype))  # upcasts bf16 base weights
     return cn.to(device or flux.device, dtype)
 
 
