@@ -239,7 +239,9 @@ def blocks_to_swap_arg(text: str) -> int | str:
 def add_flux_arguments(parser: argparse.ArgumentParser) -> None:
     """FLUX training options (reference 1.12; the model paths are in `add_model_path_arguments`)."""
     add = parser.add_argument_group("FLUX").add_argument
-    add("--controlnet_model_name_or_path", type=str, default=None, help="ControlNet trainer: initial weights")
+    add("--controlnet_model_name_or_path", type=str, default=None,
+        help="ControlNet trainer: ControlNet .safetensors to continue from (sd-scripts layout); default: a new one "
+             "started from the transformer's first double blocks, zero outputs")
     add("--t5xxl_max_token_length", type=int, default=None, help="T5 tokens (default: 256 schnell, 512 dev)")
     add("--apply_t5_attn_mask", action="store_true", help="mask T5 padding in T5 and in the transformer")
     add("--guidance_scale", type=float, default=3.5, help="guidance embedding value while training (default: 3.5)")
