@@ -1,5 +1,5 @@
 """Tensor-by-tensor reading and writing of whole checkpoints, so tools that rewrite a model (LoRA merge, LoRA
-extraction) hold about one tensor at a time instead of the whole model.
+extraction, --mem_eff_save) hold about one tensor at a time instead of the whole model.
 
 `transformer_entries` lists a FLUX transformer's tensors under BFL names (BFL, ComfyUI-prefixed or diffusers
 files, shards) with a getter per tensor; `plain_entries` does the same for any other file (text encoders).
@@ -111,7 +111,8 @@ class StreamingWriter:
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data block to 8 bytes
+        # safetensors needs the data block 8-byte aligned; 256 (as sd-scripts' streaming writer) suits any dtype
+        raw += b" " * (-(8 + len(raw)) % 256)
         self._raw = raw
 
     def write(self, produce: Callable[[str], torch.Tensor]) -> Path:

@@ -10,20 +10,11 @@ multiple of 256 bytes, as sd-scripts' streaming writer does.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from typing import Mapping
 
 import torch
 
-from library.atomic_io import atomic_write
-
-DTYPE_CODES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-    torch.float8_e5m2: "F8_E5M2", torch.float8_e4m3fn: "F8_E4M3",
-}
 SAVE_PRECISIONS = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -52,24 +43,11 @@ def save_model(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, met
 def save_streaming(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                    metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
     """The --mem_eff_save writer: header first, then each tensor converted and written on its own."""
-    header: dict = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
-    offset = 0
-    for key, t in tensors.items():
-        target = _target_dtype(t, dtype)
-        if target not in DTYPE_CODES:
-            raise ValueError(f"{key}: dtype {target} cannot be stored in a .safetensors file")
-        size = t.numel() * torch.empty((), dtype=target).element_size()
-        header[key] = {"dtype": DTYPE_CODES[target], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * ((-(8 + len(raw))) % 256)
+    from library.checkpoint_stream import StreamingWriter
 
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for key, t in tensors.items():
-                data = t.detach().to("cpu", _target_dtype(t, dtype)).contiguous().reshape(-1)
-                f.write(memoryview(data.view(torch.uint8).numpy()))
+    def produce(key: str) -> torch.Tensor:
+        t = tensors[key]
+        return t.detach().to("cpu", _target_dtype(t, dtype))
 
-    atomic_write(path, write)
+    layout = [(key, tuple(t.shape), _target_dtype(t, dtype)) for key, t in tensors.items()]
+    StreamingWriter(path, layout, metadata).write(produce)
