@@ -23,6 +23,9 @@ from library.train_setup import TrainingModels
 logger = logging.getLogger(__name__)
 
 
+STATE_TRAINABLE = "trainable_weights.safetensors"  # the trained weights inside a --save_state folder
+
+
 class TrainingError(RuntimeError):
     """A run that cannot continue, with a message for the user (no traceback needed)."""
 
@@ -58,15 +61,36 @@ class Trainer:
         return train_setup.build_dataset_groups(self.args, self.seed)
 
     def checkpointed_modules(self) -> list[torch.nn.Module]:
-        """Modules whose weights accelerate's save_state keeps (as torch pickles). A trainer of large weights returns
-        none and writes them itself (save_state_weights / load_state_weights)."""
-        return self.trainable_modules
+        """Modules whose weights accelerate's save_state keeps. None: accelerate writes registered modules as
+        pickles and loads them with full unpickling, and a state folder is a file users pass around; the trainable
+        weights go into a safetensors file of their own instead (save_state_weights / load_state_weights)."""
+        return []
 
     def save_state_weights(self, folder: Path) -> None:
-        """Weights this trainer writes into a state folder itself (main process only)."""
+        """Write the trainable weights into a state folder (main process only)."""
+        from library.safetensors_io import save_file_atomic
 
+        tensors = {f"{i}.{k}": v.detach().to("cpu").clone()
+                   for i, m in enumerate(self.trainable_modules) for k, v in m.state_dict().items()}
+        save_file_atomic(tensors, folder / STATE_TRAINABLE)
+
+    @torch.no_grad()
     def load_state_weights(self, folder: Path) -> None:
-        """Read back what save_state_weights wrote (every process)."""
+        """Read back what save_state_weights wrote (every process), strictly."""
+        from library.safetensors_io import load_tensors, sample_keys
+
+        path = folder / STATE_TRAINABLE
+        if not path.exists():
+            raise TrainingError(f"--resume {folder}: no {STATE_TRAINABLE} (a state saved by another trainer or "
+                                "an older version?)")
+        tensors = load_tensors(path)
+        expected = {f"{i}.{k}" for i, m in enumerate(self.trainable_modules) for k in m.state_dict()}
+        if set(tensors) != expected:
+            raise TrainingError(f"{path}: its tensors do not match what is being trained (differing: "
+                                f"{sample_keys(set(tensors) ^ expected, 3)}); were the network options changed?")
+        for i, m in enumerate(self.trainable_modules):
+            prefix = f"{i}."
+            m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
     def transformer_dtype(self) -> torch.dtype | None:
         """The transformer's dtype when it is not the weight dtype (None: the weight dtype)."""

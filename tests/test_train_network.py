@@ -99,6 +99,8 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     assert code == 0
     state = tmp_path / "full" / "r-step00000003-state"
     assert json.loads((state / "train_state.json").read_text())["current_step"] == 3
+    # the trained weights are safetensors, not one of accelerate's fully unpickled custom checkpoints
+    assert (state / "trainable_weights.safetensors").exists() and not list(state.glob("custom_checkpoint*"))
     _, code = run_trainer(train_args(setup, tmp_path / "resumed", *common, "--resume", str(state)))
     assert code == 0
     a, b = lora_tensors(tmp_path / "full" / "r.safetensors"), lora_tensors(tmp_path / "resumed" / "r.safetensors")
