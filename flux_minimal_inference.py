@@ -110,13 +110,9 @@ def parse_interactive_line(line: str, settings):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = setup_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from library.train_cli import tool_main
+
+    return tool_main(setup_parser(), run, argv)
 
 
 def run(args) -> int:

@@ -4,6 +4,7 @@
 
 An entry point (flux_train_network.py, flux_train.py, flux_train_control_net.py) only names its trainer kind,
 its parser and how to build its Trainer; the errors users can fix end the program with `error: ...` and exit 2.
+`tool_main` is the same shell for the non-training tools.
 """
 
 from __future__ import annotations
@@ -30,6 +31,20 @@ def main_for(trainer: str, parser, make_trainer: Callable, argv: list[str] | Non
             adjust(args)
         return make_trainer(args).run()
     except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def tool_main(parser, run: Callable, argv: list[str] | None = None) -> int:
+    """The shell of the other tools (inference, LoRA convert/merge/extract): parse, log to stderr, run; a
+    ValueError or missing file is the user's to fix and ends with one `error: ...` line and exit 2."""
+    import logging
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
