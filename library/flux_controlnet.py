@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from library.flux_math import joint_attention_mask, position_embedding
-from library.flux_models import DoubleStreamBlock, Flux, FluxParams, MLPEmbedder, SingleStreamBlock
+from library.flux_models import DoubleStreamBlock, Flux, FluxParams, SingleStreamBlock, add_input_layers
 from library.flux_sampling import pack_latents
 from library.safetensors_io import (FILE_KINDS, ModelFileError, assign_weights, detect_kind, load_tensors, read_header,
                                     sample_keys)
@@ -57,11 +57,7 @@ class ControlNetFlux(nn.Module):
         params.validate()
         self.params = params
         h = params.hidden_size
-        self.img_in = nn.Linear(params.in_channels, h)
-        self.time_in = MLPEmbedder(256, h)
-        self.vector_in = MLPEmbedder(params.vec_in_dim, h)
-        self.guidance_in = MLPEmbedder(256, h) if params.guidance_embed else nn.Identity()
-        self.txt_in = nn.Linear(params.context_in_dim, h)
+        add_input_layers(self, params)
         self.double_blocks = nn.ModuleList(
             DoubleStreamBlock(h, params.num_heads, params.mlp_hidden_dim, params.qkv_bias)
             for _ in range(controlnet_depth))

@@ -209,6 +209,17 @@ class LastLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+def add_input_layers(module: nn.Module, params: FluxParams) -> None:
+    """The input stack under FLUX's names (img_in, time_in, vector_in, guidance_in, txt_in): the transformer's and
+    the ControlNet's, which must stay the same for ControlNets to start from (and load into) the transformer."""
+    h = params.hidden_size
+    module.img_in = nn.Linear(params.in_channels, h)
+    module.time_in = MLPEmbedder(256, h)
+    module.vector_in = MLPEmbedder(params.vec_in_dim, h)
+    module.guidance_in = MLPEmbedder(256, h) if params.guidance_embed else nn.Identity()
+    module.txt_in = nn.Linear(params.context_in_dim, h)
+
+
 class Flux(nn.Module):
     """FLUX.1 transformer. Inputs and outputs are packed latents (2x2 patches of 16 channels = 64 per token)."""
 
@@ -217,11 +228,7 @@ class Flux(nn.Module):
         params.validate()
         self.params = params
         h = params.hidden_size
-        self.img_in = nn.Linear(params.in_channels, h)
-        self.time_in = MLPEmbedder(256, h)
-        self.vector_in = MLPEmbedder(params.vec_in_dim, h)
-        self.guidance_in = MLPEmbedder(256, h) if params.guidance_embed else nn.Identity()
-        self.txt_in = nn.Linear(params.context_in_dim, h)
+        add_input_layers(self, params)
         self.double_blocks = nn.ModuleList(
             DoubleStreamBlock(h, params.num_heads, params.mlp_hidden_dim, params.qkv_bias) for _ in range(params.depth))
         self.single_blocks = nn.ModuleList(
