@@ -6,11 +6,14 @@ tests/test_block_swap.py), so a wrong schedule changes the trained weights.
 """
 
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import cli_runs
+from cli_runs import run_args
 import flux_minimal_inference
 import flux_train_network as cli
 from library.flux_checkpoint import analyze_checkpoint
@@ -43,23 +46,12 @@ def setup(tmp_path_factory):
 
 
 def train_argv(setup, out, *extra):
-    models, toml = setup
-    return ["--pretrained_model_name_or_path", str(models["flux"]), "--clip_l", str(models["clip_l"]),
-            "--t5xxl", str(models["t5xxl"]), "--ae", str(models["ae"]), "--tokenizer_cache_dir",
-            str(models["tokenizers"]), "--dataset_config", str(toml), "--output_dir", str(out),
-            "--network_module", "networks.lora_flux", "--network_dim", "4", "--learning_rate", "1e-2",
-            "--max_train_steps", "3", "--seed", "7", "--max_data_loader_n_workers", "0",
-            "--t5xxl_max_token_length", "16", "--model_prediction_type", "raw", "--network_train_unet_only",
-            "--cache_latents", "--cache_text_encoder_outputs", *extra]
+    return [*run_args(*setup, out), "--network_module", "networks.lora_flux", "--network_dim", "4",
+            "--learning_rate", "1e-2", "--max_train_steps", "3", "--network_train_unet_only", "--cache_latents",
+            "--cache_text_encoder_outputs", *extra]
 
 
-def run_trainer(argv):
-    from library.lora_training import LoRATrainer
-
-    args = cli.setup_parser().parse_args(argv)
-    verify_training_args(args, "network")
-    trainer = LoRATrainer(args)
-    return trainer, trainer.run()
+run_trainer = partial(cli_runs.run_trainer, "network")
 
 
 def lora(out):

@@ -4,12 +4,15 @@ resume, and what the fused optimizer and saving options change."""
 import logging
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import cli_runs
+from cli_runs import run_args
 import flux_train as cli
 from conftest import ROOT
 from library.train_args import TrainingArgumentError, verify_training_args
@@ -26,21 +29,10 @@ def setup(tmp_path_factory):
 
 
 def ft_args(setup, out, *extra):
-    models, toml = setup
-    return ["--pretrained_model_name_or_path", str(models["flux"]), "--clip_l", str(models["clip_l"]),
-            "--t5xxl", str(models["t5xxl"]), "--ae", str(models["ae"]), "--tokenizer_cache_dir",
-            str(models["tokenizers"]), "--dataset_config", str(toml), "--output_dir", str(out),
-            "--learning_rate", "1e-3", "--max_train_steps", "4", "--seed", "7", "--max_data_loader_n_workers", "0",
-            "--t5xxl_max_token_length", "16", "--model_prediction_type", "raw", "--cache_latents", *extra]
+    return [*run_args(*setup, out), "--learning_rate", "1e-3", "--max_train_steps", "4", "--cache_latents", *extra]
 
 
-def run_trainer(argv):
-    from library.full_training import FullTrainer
-
-    args = cli.setup_parser().parse_args(argv)
-    verify_training_args(args, "full")
-    trainer = FullTrainer(args)
-    return trainer, trainer.run()
+run_trainer = partial(cli_runs.run_trainer, "full")
 
 
 def test_cli_saves_a_bfl_model_that_our_inference_loads(setup, tmp_path):

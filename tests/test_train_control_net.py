@@ -2,6 +2,7 @@
 and conditioning images aligned with their targets whatever their sizes."""
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import cli_runs
+from cli_runs import model_args, run_args
 import flux_minimal_inference as inference_cli
 import flux_train_control_net as cli
 from library.train_args import verify_training_args
@@ -25,26 +28,11 @@ def setup(tmp_path_factory):
     return models, toml
 
 
-def model_args(models):
-    return ["--pretrained_model_name_or_path", str(models["flux"]), "--clip_l", str(models["clip_l"]),
-            "--t5xxl", str(models["t5xxl"]), "--ae", str(models["ae"]), "--tokenizer_cache_dir",
-            str(models["tokenizers"]), "--t5xxl_max_token_length", "16"]
-
-
 def train_args(setup, out, *extra):
-    models, toml = setup
-    return [*model_args(models), "--dataset_config", str(toml), "--output_dir", str(out), "--learning_rate", "1e-3",
-            "--max_train_steps", "6", "--seed", "7", "--max_data_loader_n_workers", "0",
-            "--model_prediction_type", "raw", *extra]
+    return [*run_args(*setup, out), "--learning_rate", "1e-3", "--max_train_steps", "6", *extra]
 
 
-def run_trainer(argv):
-    from library.controlnet_training import ControlNetTrainer
-
-    args = cli.setup_parser().parse_args(argv)
-    verify_training_args(args, "controlnet")
-    trainer = ControlNetTrainer(args)
-    return trainer, trainer.run()
+run_trainer = partial(cli_runs.run_trainer, "controlnet")
 
 
 def test_cli_writes_an_sd_scripts_controlnet_that_inference_loads(setup, tmp_path):

@@ -1,6 +1,7 @@
 """flux_train_network.py end to end on tiny models: files, metadata, options, resume, interruption, NaN."""
 
 import json
+from functools import partial
 import subprocess
 import sys
 
@@ -10,8 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import flux_train_network as cli
+import cli_runs
+from cli_runs import run_args
 from conftest import ROOT
-from library.train_args import verify_training_args
 from tools.make_demo_dataset import make_demo_dataset
 from tools.make_tiny_models import make_tiny_models
 
@@ -25,22 +27,11 @@ def setup(tmp_path_factory):
 
 
 def train_args(setup, out, *extra):
-    models, toml = setup
-    return ["--pretrained_model_name_or_path", str(models["flux"]), "--clip_l", str(models["clip_l"]),
-            "--t5xxl", str(models["t5xxl"]), "--ae", str(models["ae"]), "--tokenizer_cache_dir",
-            str(models["tokenizers"]), "--dataset_config", str(toml), "--output_dir", str(out),
-            "--network_module", "networks.lora_flux", "--network_dim", "4", "--learning_rate", "1e-3",
-            "--max_train_steps", "6", "--seed", "7", "--max_data_loader_n_workers", "0",
-            "--t5xxl_max_token_length", "16", "--model_prediction_type", "raw", *extra]
+    return [*run_args(*setup, out), "--network_module", "networks.lora_flux", "--network_dim", "4",
+            "--learning_rate", "1e-3", "--max_train_steps", "6", *extra]
 
 
-def run_trainer(argv):
-    from library.lora_training import LoRATrainer
-
-    args = cli.setup_parser().parse_args(argv)
-    verify_training_args(args, "network")
-    trainer = LoRATrainer(args)
-    return trainer, trainer.run()
+run_trainer = partial(cli_runs.run_trainer, "network")
 
 
 def test_cli_writes_kohya_lora_with_metadata_checkpoints_and_samples(setup, tmp_path):

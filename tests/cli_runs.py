@@ -1,0 +1,36 @@
+"""What the end-to-end trainer tests share: the tiny models' command-line arguments and running a trainer in process
+(the same parse -> verify -> Trainer path as the entry points, keeping the Trainer for inspection)."""
+
+from __future__ import annotations
+
+import importlib
+
+TRAINERS = {  # trainer kind -> (entry module, Trainer module, Trainer class)
+    "network": ("flux_train_network", "library.lora_training", "LoRATrainer"),
+    "full": ("flux_train", "library.full_training", "FullTrainer"),
+    "controlnet": ("flux_train_control_net", "library.controlnet_training", "ControlNetTrainer"),
+}
+
+
+def model_args(models: dict, t5_tokens: int = 16) -> list[str]:
+    """The four model files and tokenizers written by tools/make_tiny_models.py."""
+    return ["--pretrained_model_name_or_path", str(models["flux"]), "--clip_l", str(models["clip_l"]),
+            "--t5xxl", str(models["t5xxl"]), "--ae", str(models["ae"]), "--tokenizer_cache_dir",
+            str(models["tokenizers"]), "--t5xxl_max_token_length", str(t5_tokens)]
+
+
+def run_args(models: dict, toml, out) -> list[str]:
+    """Models, dataset, output folder and the settings every short test run uses."""
+    return [*model_args(models), "--dataset_config", str(toml), "--output_dir", str(out), "--seed", "7",
+            "--max_data_loader_n_workers", "0", "--model_prediction_type", "raw"]
+
+
+def run_trainer(kind: str, argv: list[str]):
+    """(trainer, exit status) of one in-process run."""
+    from library.train_args import verify_training_args
+
+    entry, module, cls = TRAINERS[kind]
+    args = importlib.import_module(entry).setup_parser().parse_args(argv)
+    verify_training_args(args, kind)
+    trainer = getattr(importlib.import_module(module), cls)(args)
+    return trainer, trainer.run()
