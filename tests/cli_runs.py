@@ -34,3 +34,24 @@ def run_trainer(kind: str, argv: list[str]):
     verify_training_args(args, kind)
     trainer = getattr(importlib.import_module(module), cls)(args)
     return trainer, trainer.run()
+
+
+def launch_two_ranks(work, argv: list[str], port: int):
+    """Run tests/two_rank_job.py on two CPU ranks through `accelerate launch` (gloo); returns the weights each rank
+    ended with (rank0, rank1)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(port)]
+    r = subprocess.run([*launcher, str(root / "tests" / "two_rank_job.py"), str(work), *argv],
+                       capture_output=True, text=True, cwd=root, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tuple(load_file(str(Path(work) / f"rank{i}_of_2.safetensors")) for i in range(2))

@@ -245,19 +245,9 @@ def test_blocks_to_swap_trains_the_same_weights(setup, deep_flux, tmp_path, mode
 def test_two_processes_train_identical_transformers(setup, tmp_path, mode):
     """Two CPU ranks through `accelerate launch` (gloo): the transformer's gradients are averaged by hand (after
     backward, or inside it by the fused hooks), so both ranks end with the same weights; only rank 0 writes."""
-    import os
-
     models, _ = setup
     argv = ft_args(setup, tmp_path / "out", "--output_name", "dist", "--max_train_steps", "2", *mode)
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", "29527"]
-    r = subprocess.run([*launcher, str(ROOT / "tests" / "two_rank_job.py"), str(tmp_path), *argv],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a = load_file(str(tmp_path / "rank0_of_2.safetensors"))
-    b = load_file(str(tmp_path / "rank1_of_2.safetensors"))
+    a, b = cli_runs.launch_two_ranks(tmp_path, argv, port=29527)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["img_in.weight"], load_file(str(models["flux"]))["img_in.weight"])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dist.safetensors"]

@@ -172,19 +172,9 @@ def test_validation_loss_tensorboard_and_fp8_base(setup, tmp_path):
 @pytest.mark.slow
 def test_two_processes_train_identical_weights_and_only_rank0_writes(setup, tmp_path):
     """Two CPU ranks through `accelerate launch` (gloo): each sees half of every epoch, gradients are averaged."""
-    import os
-
     argv = train_args(setup, tmp_path / "out", "--output_name", "dist", "--save_every_n_steps", "2",
                       "--network_train_unet_only")
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", "29517"]
-    r = subprocess.run([*launcher, str(ROOT / "tests" / "two_rank_job.py"), str(tmp_path), *argv],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a = load_file(str(tmp_path / "rank0_of_2.safetensors"))
-    b = load_file(str(tmp_path / "rank1_of_2.safetensors"))
+    a, b = cli_runs.launch_two_ranks(tmp_path, argv, port=29517)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == ["dist-step00000002.safetensors", "dist-step00000004.safetensors", "dist.safetensors"]
