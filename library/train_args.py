@@ -282,9 +282,13 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     add("--base_weights", type=str, default=None, nargs="*", help="LoRA files merged into the model before training")
     add("--base_weights_multiplier", type=float, default=None, nargs="*", help="multipliers of --base_weights")
     add("--no_half_vae", action="store_true", help="autoencoder in fp32")
-    add("--skip_until_initial_step", action="store_true", help="skip the data before --initial_step (or the state)")
-    add("--initial_epoch", type=int, default=None, help="1-based epoch to start from")
-    add("--initial_step", type=int, default=None, help="step to start from (overrides --initial_epoch)")
+    add("--skip_until_initial_step", action="store_true",
+        help="with --initial_step/--initial_epoch: skip the batches before that step (a --resume state always does)")
+    add("--initial_epoch", type=int, default=None,
+        help="1-based epoch to start from: the run starts at step (epoch - 1) x steps per epoch")
+    add("--initial_step", type=int, default=None,
+        help="step to start from (overrides --initial_epoch and a --resume state's step): the step counter and LR "
+             "schedule start there and the run ends at --max_train_steps")
     add("--validation_seed", type=int, default=None, help="seed of the validation split and loss")
     add("--validation_split", type=float, default=0.0, help="fraction of images held out for validation")
     add("--validate_every_n_steps", type=int, default=None, help="validation loss every N steps")

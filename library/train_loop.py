@@ -353,26 +353,51 @@ class Trainer:
             logger.info("saved state %s", folder)
 
     def _resume(self) -> None:
+        """Where the run starts: a --resume state (exactly where it stopped: step, schedule, RNG, data position) and/or
+        --initial_step / --initial_epoch, which override the step. Unlike sd-scripts, a run started at step N always
+        counts on from N and ends at --max_train_steps (never more steps than the budget); its data is skipped with
+        --skip_until_initial_step (or when resuming a state), otherwise its epoch starts from the beginning."""
         self._resume_epoch, self._skip_batches = 1, 0
-        resume = self.args.resume
-        if not resume:
+        args = self.args
+        resumed = None
+        if args.resume:
+            folder = Path(args.resume)
+            state_file = folder / "train_state.json"
+            if not state_file.exists():
+                raise TrainingError(f"--resume {folder}: not a state folder of this suite (no train_state.json)")
+            self.accelerator.load_state(str(folder))
+            self.load_state_weights(folder)
+            resumed = int(json.loads(state_file.read_text())["current_step"])
+        initial, initial_epoch = getattr(args, "initial_step", None), getattr(args, "initial_epoch", None)
+        if initial is None and initial_epoch is not None:
+            initial = (initial_epoch - 1) * self.steps_per_epoch
+        step = initial if initial is not None else resumed
+        if not step:
             return
-        folder = Path(resume)
-        state_file = folder / "train_state.json"
-        if not state_file.exists():
-            raise TrainingError(f"--resume {folder}: not a state folder of this suite (no train_state.json)")
-        self.accelerator.load_state(str(folder))
-        self.load_state_weights(folder)
-        position = json.loads(state_file.read_text())
-        self.global_step = int(position["current_step"])
-        if self.global_step >= self.args.max_train_steps:
-            raise TrainingError(f"--resume {folder}: it is at step {self.global_step}, already at or past "
-                                f"--max_train_steps {self.args.max_train_steps}")
-        done_epochs, steps_in_epoch = divmod(self.global_step, self.steps_per_epoch)
+        source = f"--resume {args.resume}" if initial is None else (
+            f"--initial_step {initial}" if getattr(args, "initial_step", None) is not None
+            else f"--initial_epoch {initial_epoch}")
+        if step >= args.max_train_steps:
+            raise TrainingError(f"{source}: the run would start at step {step}, already at or past "
+                                f"--max_train_steps {args.max_train_steps}")
+        if resumed is None:
+            self._advance_lr_schedule(step)
+        self.global_step = step
+        done_epochs, steps_in_epoch = divmod(step, self.steps_per_epoch)
         self.epoch = self._resume_epoch = done_epochs + 1
-        self._skip_batches = steps_in_epoch * self.args.gradient_accumulation_steps
-        logger.info("resumed from %s at step %d (epoch %d, skipping %d batches)", folder, self.global_step,
-                    self.epoch, self._skip_batches)
+        skip = resumed is not None or getattr(args, "skip_until_initial_step", False)
+        self._skip_batches = steps_in_epoch * args.gradient_accumulation_steps if skip else 0
+        logger.info("starting at step %d (%s): epoch %d, skipping %d batches", step, source, self.epoch,
+                    self._skip_batches)
+
+    def _advance_lr_schedule(self, steps: int) -> None:
+        """Put a fresh LR schedule where it would be after `steps` optimizer steps."""
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about scheduler steps before any optimizer step
+            for _ in range(steps):
+                self.lr_scheduler.step()
 
     def finish(self) -> None:
         acc, args = self.accelerator, self.args

@@ -24,9 +24,6 @@ NOT_YET_SUPPORTED = {
     "dataset_class": "custom dataset classes are not supported; use --dataset_config",
     "debug_dataset": "use tools/inspect_dataset.py to look at a dataset",
     "face_crop_aug_range": "face-crop augmentation is not implemented",
-    "initial_step": "starting at a given step is not implemented; use --resume with a saved state",
-    "initial_epoch": "starting at a given epoch is not implemented; use --resume with a saved state",
-    "skip_until_initial_step": "use --resume with a saved state",
     "torch_compile": "torch.compile is not applied yet",
 }
 

@@ -311,3 +311,38 @@ def test_fp16_training_and_the_full_fp16_eps_trap(setup, tmp_path, capsys):
     assert code == 0 and {p.dtype for p in trainer.network.parameters()} == {torch.float16}
     weights = load_file(str(tmp_path / "eps" / "last.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_initial_step_starts_the_count_schedule_and_data_there(setup, tmp_path, monkeypatch):
+    """--initial_step 4 --skip_until_initial_step runs steps 5..6 of the uninterrupted run: its batches and learning
+    rates; without the skip flag the step count and schedule start at 4 but its epoch starts from the beginning."""
+    seen, logged = [], []
+    original_call, original_log = FluxLossComputer.__call__, Trainer._log
+    monkeypatch.setattr(FluxLossComputer, "__call__",
+                        lambda self, batch: seen.append(tuple(batch["image_keys"])) or original_call(self, batch))
+    monkeypatch.setattr(Trainer, "_log", lambda self, values, step=None: (
+        logged.append(values["lr/unet"]) if "loss/current" in values else None, original_log(self, values, step))[1])
+    common = ("--lr_scheduler", "cosine", "--network_train_unet_only", "--max_train_steps", "6")
+
+    trainer, code = run_trainer(train_args(setup, tmp_path / "full", *common))
+    assert code == 0
+    full_batches, full_lrs = list(seen), list(logged)
+    seen.clear(), logged.clear()
+    trainer, code = run_trainer(train_args(setup, tmp_path / "skip", *common, "--initial_step", "4",
+                                           "--skip_until_initial_step"))
+    assert code == 0 and trainer.global_step == 6 and len(trainer.losses) == 2
+    assert seen == full_batches[4:] and logged == pytest.approx(full_lrs[4:])
+    with safe_open(str(tmp_path / "skip" / "last.safetensors"), "pt") as f:
+        assert f.metadata()["ss_steps"] == "6"
+
+    seen.clear(), logged.clear()
+    trainer, code = run_trainer(train_args(setup, tmp_path / "noskip", *common, "--initial_epoch", "2"))
+    assert code == 0 and trainer.global_step == 6 and len(trainer.losses) == 4  # epoch 2 starts at step 2
+    assert logged == pytest.approx(full_lrs[2:]) and seen[:2] == full_batches[2:4]
+
+    seen.clear(), logged.clear()
+    _, code = run_trainer(train_args(setup, tmp_path / "mid", *common, "--initial_step", "3"))
+    assert code == 0 and logged == pytest.approx(full_lrs[3:])
+    assert seen[:2] == full_batches[2:4]  # step 4 is in epoch 2, which starts from its first batch (no skip)
+
+    assert cli.main(train_args(setup, tmp_path / "bad", *common, "--initial_epoch", "4")) == 2  # step 6 of 6
