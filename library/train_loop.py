@@ -143,6 +143,7 @@ class Trainer:
         self.models = train_setup.load_models(args, self.accelerator, self.transformer_dtype())
         self.trainable_modules = self.build_trainable(self.models)
         self.block_swappers = train_setup.enable_block_swap(args, self.models, self.accelerator)
+        train_setup.compile_blocks(args, self.models)
         train_setup.prepare_caches(args, self.accelerator, self.models, self.train_group, self.val_group)
         self.samples = train_setup.prepare_sampling(args, self.models, self.accelerator)
         self.models.free_unneeded(args, self.accelerator.device)

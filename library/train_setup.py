@@ -24,7 +24,6 @@ NOT_YET_SUPPORTED = {
     "dataset_class": "custom dataset classes are not supported; use --dataset_config",
     "debug_dataset": "use tools/inspect_dataset.py to look at a dataset",
     "face_crop_aug_range": "face-crop augmentation is not implemented",
-    "torch_compile": "torch.compile is not applied yet",
 }
 
 
@@ -210,6 +209,20 @@ def enable_block_swap(args, models: TrainingModels, accelerator) -> list:
                 sum(s.buffer_bytes for s in swappers) / 2**30,
                 "copied back after each use (trained weights)" if write_back else "copied to the device only")
     return swappers
+
+
+def compile_blocks(args, models: TrainingModels) -> None:
+    """--torch_compile: compile each transformer block's forward with --dynamo_backend. Per block, because the 57
+    blocks share two graphs (one compile each instead of one huge graph), and the forward only, so that the hooks
+    around it (block swapping, gradient checkpointing) stay plain Python."""
+    if not getattr(args, "torch_compile", False):
+        return
+    backend = getattr(args, "dynamo_backend", None) or "inductor"
+    flux = models.flux
+    for block in (*flux.double_blocks, *flux.single_blocks):
+        block.forward = torch.compile(block.forward, backend=backend)
+    logger.info("--torch_compile: %d transformer blocks compiled with the %s backend (the first steps are slow "
+                "while it compiles)", len(flux.double_blocks) + len(flux.single_blocks), backend)
 
 
 def prepare_caches(args, accelerator, models: TrainingModels, train_group, val_group) -> None:

@@ -346,3 +346,24 @@ def test_initial_step_starts_the_count_schedule_and_data_there(setup, tmp_path, 
     assert seen[:2] == full_batches[2:4]  # step 4 is in epoch 2, which starts from its first batch (no skip)
 
     assert cli.main(train_args(setup, tmp_path / "bad", *common, "--initial_epoch", "4")) == 2  # step 6 of 6
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torch_compile_trains_the_same_lora(setup, tmp_path, backend):
+    """--torch_compile compiles each block's forward (dynamo tracing; aot_eager also traces the backward) and
+    changes nothing but speed; inductor's code generation is left to GPU runs."""
+    import torch._dynamo
+
+    common = ("--network_train_unet_only", "--max_train_steps", "2", "--gradient_checkpointing")
+    _, code = run_trainer(train_args(setup, tmp_path / "plain", *common))
+    assert code == 0
+    torch._dynamo.reset()
+    trainer, code = run_trainer(train_args(setup, tmp_path / "compiled", *common, "--torch_compile",
+                                           "--dynamo_backend", backend))
+    assert code == 0
+    flux = trainer.models.flux
+    assert all(hasattr(b.forward, "_torchdynamo_orig_callable") for b in (*flux.double_blocks, *flux.single_blocks))
+    a, b = unet_lora(tmp_path / "plain" / "last.safetensors"), unet_lora(tmp_path / "compiled" / "last.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    torch._dynamo.reset()
