@@ -59,6 +59,7 @@ def prepare_t5xxl_fp8(t5: nn.Module, storage_dtype: torch.dtype = torch.float8_e
     import types
 
     prepare_fp8(t5, storage_dtype, compute_dtype)
+    t5.keeps_ff_output_in_fp32 = False  # every Linear now computes in compute_dtype
     for module in t5.modules():
         if hasattr(module, "wi_0") and hasattr(module, "wo"):
             module.forward = types.MethodType(_t5_gated_ff_forward, module)

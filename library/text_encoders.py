@@ -240,7 +240,23 @@ def load_t5xxl(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     if "encoder.embed_tokens.weight" in model.state_dict():
         state["encoder.embed_tokens.weight"] = state["shared.weight"]
     assign_weights(model, state, path)
+    keep_t5_ff_output_in_fp32(model)
     return _finish(model, device)
+
+
+def keep_t5_ff_output_in_fp32(model) -> None:
+    """In an fp16 T5 put the feed-forward output projections (`wo`) back in fp32, as transformers does for T5
+    (`_keep_in_fp32_modules`): their activations exceed fp16's range in T5-XXL, which gives inf and then NaN text
+    embeddings. T5's own forward casts into them; `encode_prompts` runs such a T5 outside fp16 autocast."""
+    import torch
+
+    changed = False
+    for name, module in model.named_modules():
+        if name.endswith(".wo") and module.weight.dtype == torch.float16:
+            module.float()
+            changed = True
+    if changed:
+        model.keeps_ff_output_in_fp32 = True
 
 
 # ----------------------------------------------------------------------------------------------------------------

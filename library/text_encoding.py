@@ -6,6 +6,8 @@ here they are a plain object and a plain function the caller owns.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 CLIP_MAX_LENGTH = 77
@@ -78,7 +80,11 @@ def encode_prompts(clip_l, t5xxl, clip_ids: torch.Tensor | None, t5_ids: torch.T
             if t5_mask is None:
                 raise ValueError("apply_t5_attn_mask needs the T5 attention mask")
             mask = t5_mask.to(device)
-        t5_out = t5xxl(input_ids=t5_ids.to(device), attention_mask=mask).last_hidden_state
+        # an fp16 T5 keeps its `wo` projections in fp32 (text_encoders.keep_t5_ff_output_in_fp32): fp16 autocast
+        # would run them in fp16 again
+        fp32_ff = getattr(t5xxl, "keeps_ff_output_in_fp32", False)
+        with torch.autocast(device.type, enabled=False) if fp32_ff else contextlib.nullcontext():
+            t5_out = t5xxl(input_ids=t5_ids.to(device), attention_mask=mask).last_hidden_state
         if mask is not None:
             t5_out = t5_out * mask.unsqueeze(-1).to(t5_out.dtype)
         txt_ids = torch.zeros(t5_out.shape[0], t5_out.shape[1], 3, device=t5_out.device)

@@ -318,3 +318,43 @@ def test_encode_prompts(tokenizers, tiny_models):
     assert not torch.allclose(masked[~pad], t5_out[~pad])  # padding no longer attended
     only_clip = encode_prompts(clip, None, clip_ids, None, None)
     assert only_clip[1] is None and only_clip[2] is None and torch.equal(only_clip[0], l_pooled)
+
+
+def test_fp16_t5_keeps_its_ff_output_projections_in_fp32(tmp_path, tiny_models):
+    """As transformers does for T5: `wo` stays fp32 in an fp16 T5 (its activations overflow fp16 in T5-XXL), also
+    under fp16 autocast; an fp16 T5 whose `wo` outputs exceed fp16's range then still gives finite embeddings."""
+    save_t5xxl(tiny_models[1], tmp_path / "t5.safetensors")
+    fp16_file = _rewrite(tmp_path / "t5.safetensors", tmp_path / "t5_fp16.safetensors", cast=torch.float16)
+    for t5 in (load_t5xxl(tmp_path / "t5.safetensors", dtype="fp16"), load_t5xxl(fp16_file)):
+        ff = t5.encoder.block[0].layer[-1].DenseReluDense
+        assert ff.wo.weight.dtype == torch.float32 and ff.wi_0.weight.dtype == torch.float16
+        assert t5.keeps_ff_output_in_fp32
+    assert not getattr(load_t5xxl(tmp_path / "t5.safetensors", dtype="bf16"), "keeps_ff_output_in_fp32", False)
+
+    reference = load_t5xxl(tmp_path / "t5.safetensors", dtype="fp32")
+    ids = torch.randint(0, reference.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(input_ids=ids).last_hidden_state
+        with torch.autocast("cpu", dtype=torch.float16):
+            _, got, _, _ = encode_prompts(None, t5, None, ids, None)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
+
+    # activations beyond fp16's range inside `wo`: ours still follows the fp32 model, an all-fp16 T5 (whose overflow
+    # transformers clamps to a finite but wrong value) does not
+    for model in (t5, reference):
+        with torch.no_grad():
+            for block in model.encoder.block:
+                block.layer[-1].DenseReluDense.wo.weight.mul_(1e5)
+    with torch.no_grad():
+        all_fp16 = load_t5xxl(fp16_file)
+        for block, src in zip(all_fp16.encoder.block, t5.encoder.block):
+            block.layer[-1].DenseReluDense.wo.weight.data = src.layer[-1].DenseReluDense.wo.weight.data.half()
+        all_fp16.keeps_ff_output_in_fp32 = False
+        expected = reference(input_ids=ids).last_hidden_state
+        with torch.autocast("cpu", dtype=torch.float16):
+            _, ours, _, _ = encode_prompts(None, t5, None, ids, None)
+            _, naive, _, _ = encode_prompts(None, all_fp16, None, ids, None)
+    ours_err, naive_err = ((ours.float() - expected).abs().max().item(), (naive.float() - expected).abs().max().item())
+    print(f"max error vs fp32 with wo outputs past fp16 range: ours {ours_err:.3g}, all-fp16 {naive_err:.3g}")
+    assert ours_err < 5e-2 and naive_err > 10 * ours_err, (ours_err, naive_err)
