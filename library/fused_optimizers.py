@@ -148,8 +148,9 @@ class BlockwiseOptimizers:
         s = self.settings
         params = [p for p in self.blocks[i] if p.grad is not None]
         if s.reduce is not None:
-            for p in params:
-                p.grad = s.reduce(p.grad)
+            from library.grad_sync import average_gradients
+
+            average_gradients(params, s.reduce)
         if s.max_grad_norm and params:
             torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
         self.optimizers[i].step()

@@ -256,9 +256,9 @@ class Trainer:
     def _sync_and_clip(self) -> None:
         acc = self.accelerator
         if acc.num_processes > 1:  # the trainable weights live outside any DDP wrapper: average by hand
-            for p in self.trainable_params:
-                if p.grad is not None:
-                    p.grad = acc.reduce(p.grad, reduction="mean")
+            from library.grad_sync import average_gradients
+
+            average_gradients(self.trainable_params, lambda g: acc.reduce(g, reduction="mean"))
         if self.args.max_grad_norm:
             acc.clip_grad_norm_(self.trainable_params, self.args.max_grad_norm)
 
