@@ -202,6 +202,7 @@ def prepare_optimizer(args, accelerator, groups: list, named_params: list[tuple[
     """(optimizer_name, optimizer_args_text, optimizer, scheduler, fused) for the training loop, prepared by
     accelerate. `fused` is the hook object of a fused mode (None otherwise); `named_params` are the trainable
     parameters with their names in the model (for the blockwise grouping)."""
+    from library.grad_sync import process_mean
     from library.lr_schedulers import get_scheduler
     from library.optimizers import get_optimizer
 
@@ -212,7 +213,7 @@ def prepare_optimizer(args, accelerator, groups: list, named_params: list[tuple[
     blockwise = full_options and getattr(args, "blockwise_fused_optimizers", False) and not fused_backward
     settings = HookSettings(
         max_grad_norm=getattr(args, "max_grad_norm", 0.0) or 0.0,
-        reduce=(lambda g: accelerator.reduce(g, reduction="mean")) if accelerator.num_processes > 1 else None,
+        reduce=process_mean(accelerator) if accelerator.num_processes > 1 else None,
         should_step=lambda: accelerator.sync_gradients)
     if blockwise:
         blocks = group_by_block(named_params)

@@ -15,6 +15,19 @@ import torch
 DEFAULT_BUCKET_BYTES = 256 * 2**20
 
 
+def process_mean(accelerator) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A mean over processes for a tensor on any device: gradients of swapped blocks live in CPU memory, which
+    NCCL cannot reduce, so a bucket off the accelerator goes through it (one copy each way) and comes back."""
+    device = accelerator.device
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        if t.device == device:
+            return accelerator.reduce(t, reduction="mean")
+        return accelerator.reduce(t.to(device), reduction="mean").to(t.device)
+
+    return reduce
+
+
 @torch.no_grad()
 def average_gradients(params: Iterable[torch.Tensor], reduce: Callable[[torch.Tensor], torch.Tensor],
                       bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> int:

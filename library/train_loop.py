@@ -256,9 +256,9 @@ class Trainer:
     def _sync_and_clip(self) -> None:
         acc = self.accelerator
         if acc.num_processes > 1:  # the trainable weights live outside any DDP wrapper: average by hand
-            from library.grad_sync import average_gradients
+            from library.grad_sync import average_gradients, process_mean
 
-            average_gradients(self.trainable_params, lambda g: acc.reduce(g, reduction="mean"))
+            average_gradients(self.trainable_params, process_mean(acc))
         if self.args.max_grad_norm:
             acc.clip_grad_norm_(self.trainable_params, self.args.max_grad_norm)
 

@@ -27,3 +27,19 @@ def test_buckets_by_size_and_dtype_and_map_results_back():
             assert p.grad is None
         else:
             torch.testing.assert_close(p.grad, b * 2 + 1)
+
+
+def test_process_mean_reduces_on_the_accelerator_and_returns_home():
+    from library.grad_sync import process_mean
+
+    calls = []
+
+    class FakeAccelerator:
+        device = torch.device("meta")  # stands in for the GPU: any device other than the tensor's
+
+        def reduce(self, t, reduction):
+            calls.append((t.device.type, reduction))
+            return torch.full(t.shape, 7.0)  # the "reduced" result
+
+    out = process_mean(FakeAccelerator())(torch.ones(3))
+    assert calls == [("meta", "mean")] and out.device.type == "cpu" and torch.equal(out, torch.full((3,), 7.0))
