@@ -119,6 +119,8 @@ class Trainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            if getattr(self, "hub", None) is not None:
+                self.hub.wait()  # background uploads finish before the process ends
             if getattr(self, "accelerator", None) is not None:
                 self.accelerator.end_training()
 
@@ -142,6 +144,9 @@ class Trainer:
         self.train_group, self.val_group = self.build_dataset_groups()
         self.models = train_setup.load_models(args, self.accelerator, self.transformer_dtype())
         self.trainable_modules = self.build_trainable(self.models)
+        from library.hub import HubUploader
+
+        self.hub = HubUploader.from_args(args) if self.accelerator.is_main_process else None
         self.block_swappers = train_setup.enable_block_swap(args, self.models, self.accelerator)
         train_setup.compile_blocks(args, self.models)
         train_setup.prepare_caches(args, self.accelerator, self.models, self.train_group, self.val_group)
@@ -330,6 +335,8 @@ class Trainer:
             self.save_weights(path, self.epoch, self.global_step, final=False)
             self.last_saved.append(path)
             logger.info("saved %s", path)
+            if self.hub is not None:
+                self.hub.upload(path)
         if args.save_state:
             self._save_state(self._state_dir(epoch=epoch, step=step))
         if acc.is_main_process:
@@ -352,6 +359,8 @@ class Trainer:
             position = {"current_epoch": self.epoch, "current_step": self.global_step, "seed": self.seed}
             atomic_write(folder / "train_state.json", lambda tmp: Path(tmp).write_text(json.dumps(position)))
             logger.info("saved state %s", folder)
+            if getattr(self, "hub", None) is not None:
+                self.hub.upload(folder)
 
     def _resume(self) -> None:
         """Where the run starts: a --resume state (exactly where it stopped: step, schedule, RNG, data position) and/or
@@ -363,6 +372,13 @@ class Trainer:
         resumed = None
         if args.resume:
             folder = Path(args.resume)
+            if getattr(args, "resume_from_huggingface", False):
+                from library.hub import HubError, download_state
+
+                try:
+                    folder = download_state(args.resume, args.huggingface_token)
+                except HubError as e:
+                    raise TrainingError(str(e)) from None
             state_file = folder / "train_state.json"
             if not state_file.exists():
                 raise TrainingError(f"--resume {folder}: not a state folder of this suite (no train_state.json)")
@@ -410,3 +426,5 @@ class Trainer:
             self.save_weights(path, self.num_epochs, self.global_step, final=True)
             self.last_saved.append(path)
             logger.info("saved %s", path)
+            if self.hub is not None:
+                self.hub.upload(path, final=True)

@@ -19,8 +19,6 @@ VALIDATION_SIGMAS = (0.2, 0.4, 0.6, 0.8)  # fixed, so validation losses compare 
 # Options sd-scripts has that this suite does not implement yet: refused with a reason rather than ignored.
 NOT_YET_SUPPORTED = {
     "deepspeed": "DeepSpeed is not wired in yet; use plain accelerate (DDP)",
-    "huggingface_repo_id": "uploading to the Hugging Face Hub is not implemented",
-    "resume_from_huggingface": "resuming from the Hugging Face Hub is not implemented; download the state first",
     "dataset_class": "custom dataset classes are not supported; use --dataset_config",
     "debug_dataset": "use tools/inspect_dataset.py to look at a dataset",
     "face_crop_aug_range": "face-crop augmentation is not implemented",
