@@ -74,14 +74,8 @@ class ControlNetFlux(nn.Module):
     conditioning_vector = Flux.conditioning_vector
     enable_gradient_checkpointing = Flux.enable_gradient_checkpointing
     _call = Flux._call
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.img_in.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.img_in.weight.device
+    dtype = Flux.dtype
+    device = Flux.device
 
     @property
     def depths(self) -> tuple[int, int]:

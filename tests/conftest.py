@@ -41,3 +41,22 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def tiny_paths(tmp_path_factory):
+    """Tiny model files (tools/make_tiny_models.py) for the tests of one module."""
+    from tools.make_tiny_models import make_tiny_models
+
+    return make_tiny_models(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def models(tiny_paths):
+    """Fresh fp32 (flux, clip_l, t5xxl) per test, loaded from tiny_paths: tests hook and merge into them."""
+    from library import flux_utils
+
+    _, flux = flux_utils.load_flow_model(tiny_paths["flux"], torch.float32, "cpu")
+    clip = flux_utils.load_clip_l(tiny_paths["clip_l"], torch.float32, "cpu")
+    t5 = flux_utils.load_t5xxl(tiny_paths["t5xxl"], torch.float32, "cpu")
+    return flux.eval(), clip.eval(), t5.eval()

@@ -23,24 +23,6 @@ DOUBLE = {"img_mod_lin": (H, 6 * H), "img_attn_qkv": (H, 3 * H), "img_attn_proj"
 SINGLE = {"linear1": (H, 3 * H + MLP), "linear2": (H + MLP, H), "modulation_lin": (H, 3 * H)}
 
 
-@pytest.fixture(scope="module")
-def tiny_paths(tmp_path_factory):
-    from tools.make_tiny_models import make_tiny_models
-
-    return make_tiny_models(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture
-def models(tiny_paths):
-    """Fresh (flux, clip_l, t5xxl) per test: tests hook and merge into them."""
-    from library import flux_utils
-
-    _, flux = flux_utils.load_flow_model(tiny_paths["flux"], torch.float32, "cpu")
-    clip = flux_utils.load_clip_l(tiny_paths["clip_l"], torch.float32, "cpu")
-    t5 = flux_utils.load_t5xxl(tiny_paths["t5xxl"], torch.float32, "cpu")
-    return flux.eval(), clip.eval(), t5.eval()
-
-
 def flux_inputs(flux: Flux, batch: int = 2, n_img: int = 16, n_txt: int = 8, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     p = flux.params

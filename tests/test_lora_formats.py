@@ -19,23 +19,6 @@ from networks import convert_flux_lora, lora_flux
 H = 64  # tiny preset hidden size
 
 
-@pytest.fixture(scope="module")
-def tiny_paths(tmp_path_factory):
-    from tools.make_tiny_models import make_tiny_models
-
-    return make_tiny_models(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture
-def models(tiny_paths):
-    from library import flux_utils
-
-    _, flux = flux_utils.load_flow_model(tiny_paths["flux"], torch.float32, "cpu")
-    clip = flux_utils.load_clip_l(tiny_paths["clip_l"], torch.float32, "cpu")
-    t5 = flux_utils.load_t5xxl(tiny_paths["t5xxl"], torch.float32, "cpu")
-    return flux.eval(), clip.eval(), t5.eval()
-
-
 def randomize(module, seed=3, std=0.05):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
