@@ -400,9 +400,6 @@ def _contradictions(group: DatasetGroupConfig, args) -> list[str]:
     te = [f"--{n}" for n in ("cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk")
           if getattr(args, n, False)]
     for subset in group.all_subsets():
-        if subset.face_crop_aug_range is not None:  # accepted by the schema for sd-scripts' files, never ignored
-            problems.add(subset.where, f"'face_crop_aug_range'{_origin(subset, 'face_crop_aug_range')}: face-crop "
-                         "augmentation is not implemented; remove it")
         for key, why in _LATENT_CACHE_CONFLICTS.items():
             if latents and getattr(subset, key):
                 problems.add(subset.where, f"'{key}'{_origin(subset, key)} cannot be used with {latents[-1]}: "
@@ -416,8 +413,7 @@ def _contradictions(group: DatasetGroupConfig, args) -> list[str]:
 
 
 def validate_against_training_args(group: DatasetGroupConfig, args: argparse.Namespace) -> None:
-    """Reject dataset settings that contradict caching options of `args`, and face_crop_aug_range (not
-    implemented); raises DatasetConfigError.
+    """Reject dataset settings that contradict caching options of `args`; raises DatasetConfigError.
 
     Latent caching (`cache_latents`, `cache_latents_to_disk`) excludes random_crop and color_aug; text-encoder
     output caching excludes everything that changes a caption between epochs (shuffle, dropout, token warm-up,

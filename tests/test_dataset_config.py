@@ -441,11 +441,3 @@ def test_subset_defaults():
 def test_module_import_is_cheap():
     code = "import sys, library.dataset_config; assert not {'torch', 'numpy', 'PIL'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
-
-
-def test_face_crop_aug_range_is_refused_not_ignored(tmp_path, data):
-    path = write_toml(tmp_path, f"[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = '{data['chars']}'\n"
-                                "face_crop_aug_range = [2.0, 4.0]\n")
-    group = load_dataset_config(parse("--dataset_config", path))  # sd-scripts' files still parse
-    with pytest.raises(DatasetConfigError, match="'face_crop_aug_range': face-crop augmentation is not implemented"):
-        validate_against_training_args(group, parse())
