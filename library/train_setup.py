@@ -89,6 +89,12 @@ def build_dataset_groups(args, seed: int, controlnet: bool = False):
         dict(support_controlnet=as_mask)
     config = load_dataset_config(args, **kinds)
     validate_against_training_args(config, args)
+    face_crop = [s.where for s in config.all_subsets() if s.face_crop_aug_range is not None]
+    if face_crop:  # the schema reads sd-scripts' files; the option is refused, never silently ignored
+        from library.train_loop import TrainingError
+
+        raise TrainingError(f"face_crop_aug_range: face-crop augmentation is not implemented; remove it from "
+                            f"{'; '.join(face_crop)}")
     train, val = build_datasets(config, seed, skip_bad_images=args.skip_bad_images,
                                 max_train_steps=args.max_train_steps, conditioning_as_mask=as_mask)
     if len(train) == 0:

@@ -155,6 +155,13 @@ def test_unimplemented_options_are_refused_not_ignored(setup, tmp_path, capsys):
     assert cli.main(train_args(setup, tmp_path, "--face_crop_aug_range", "2,4", "--deepspeed")) == 2
     err = capsys.readouterr().err
     assert "--face_crop_aug_range" in err and "--deepspeed" in err and "not supported yet" in err
+    # the dataset TOML key too
+    models, toml = setup
+    with_face_crop = tmp_path / "face.toml"
+    with_face_crop.write_text(toml.read_text().replace(
+        "[[datasets.subsets]]", "[[datasets.subsets]]\n  face_crop_aug_range = [2.0, 4.0]", 1))
+    assert cli.main(train_args((models, with_face_crop), tmp_path)) == 2
+    assert "face_crop_aug_range: face-crop augmentation is not implemented" in capsys.readouterr().err
 
 
 def test_validation_loss_tensorboard_and_fp8_base(setup, tmp_path):
