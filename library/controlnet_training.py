@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from library.train_loop import Trainer
+from library.train_loop import Trainer, TrainingError
 from library.train_setup import TrainingModels
 
 logger = logging.getLogger(__name__)
@@ -21,6 +21,9 @@ class ControlNetTrainer(Trainer):
         # as in sd-scripts' ControlNet trainer the base stays in the weight dtype (warn_ineffective names --fp8_base)
         args.fp8_base = args.fp8_base_unet = False
         args.train_text_encoder = False
+        if getattr(args, "blocks_to_swap", None) == "auto":
+            raise TrainingError("--blocks_to_swap auto: the memory planner does not plan ControlNet training yet; "
+                                "give a number (at most 35 on FLUX.1-dev)")
         super().__init__(args)
 
     def build_dataset_groups(self):

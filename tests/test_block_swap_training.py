@@ -121,22 +121,21 @@ def test_out_of_range_and_exclusive_options_are_refused(setup, tmp_path):
     assert code == 2
 
 
-def test_auto_needs_the_planner_or_uses_it(setup, tmp_path, monkeypatch):
-    import importlib
+def test_auto_asks_the_planner_except_for_controlnets(setup, tmp_path, monkeypatch):
+    import flux_train_control_net
+    from library import memory_plan, train_setup
 
     args = cli.setup_parser().parse_args(train_argv(setup, tmp_path, "--blocks_to_swap", "auto"))
     assert args.blocks_to_swap == "auto"
-    from library import train_setup
-
     info = analyze_checkpoint(setup[0]["flux"])
-    try:
-        plan = importlib.import_module("library.memory_plan")
-    except ImportError:
-        with pytest.raises(TrainingError, match="--blocks_to_swap auto needs the memory planner"):
-            train_setup.resolve_blocks_to_swap(args, info)
-        return
-    monkeypatch.setattr(plan, "choose_blocks_to_swap", lambda a: 4, raising=False)
+    monkeypatch.setattr(memory_plan, "choose_blocks_to_swap", lambda a: 4)
     assert train_setup.resolve_blocks_to_swap(args, info) == 4 and args.blocks_to_swap == 4
+
+    from library.controlnet_training import ControlNetTrainer
+
+    cn_args = flux_train_control_net.setup_parser().parse_args(["--blocks_to_swap", "auto"])
+    with pytest.raises(TrainingError, match="does not plan ControlNet training yet; give a number"):
+        ControlNetTrainer(cn_args)
 
 
 def test_minimal_inference_with_block_swap_renders_the_same_image(setup, tmp_path):
