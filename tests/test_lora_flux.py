@@ -13,6 +13,7 @@ from torch import nn
 from conftest import read_key_fixture
 from library.flux_models import FLUX_PRESETS, Flux
 from library.safetensors_io import ModelFileError, load_tensors, read_header, save_file_atomic
+from model_helpers import diffusers_reference, flux_inputs, run
 from networks import lora_flux
 
 # Per-block modules, hand-listed: suffix -> (in, out) for the tiny preset (hidden 64, MLP 256).
@@ -21,21 +22,6 @@ DOUBLE = {"img_mod_lin": (H, 6 * H), "img_attn_qkv": (H, 3 * H), "img_attn_proj"
           "img_mlp_2": (MLP, H), "txt_mod_lin": (H, 6 * H), "txt_attn_qkv": (H, 3 * H), "txt_attn_proj": (H, H),
           "txt_mlp_0": (H, MLP), "txt_mlp_2": (MLP, H)}
 SINGLE = {"linear1": (H, 3 * H + MLP), "linear2": (H + MLP, H), "modulation_lin": (H, 3 * H)}
-
-
-def flux_inputs(flux: Flux, batch: int = 2, n_img: int = 16, n_txt: int = 8, seed: int = 1) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    p = flux.params
-    return dict(img=torch.randn(batch, n_img, p.in_channels, generator=g),
-                img_ids=torch.randint(0, 8, (1, n_img, 3), generator=g).float().expand(batch, -1, -1),
-                txt=torch.randn(batch, n_txt, p.context_in_dim, generator=g), txt_ids=torch.zeros(batch, n_txt, 3),
-                timesteps=torch.rand(batch, generator=g), y=torch.randn(batch, p.vec_in_dim, generator=g),
-                guidance=torch.full((batch,), 3.5))
-
-
-def run(flux: Flux, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():
-        return flux(**inputs)
 
 
 def randomize(network: nn.Module, std: float = 0.05, seed: int = 2) -> None:
@@ -536,18 +522,8 @@ def test_diffusers_loads_our_file_with_the_same_output(models, tmp_path, split_q
     """Double-block LoRA at tiny width through diffusers' kohya converter into FluxTransformer2DModel (its
     single-block split is hard-coded to 3072 wide, so single blocks are covered at real width below)."""
     pytest.importorskip("peft")
-    from diffusers import FluxTransformer2DModel
-
-    from library.flux_diffusers_keys import bfl_to_diffusers
-
     flux = models[0]
-    p = flux.params
-    reference = FluxTransformer2DModel(
-        patch_size=1, in_channels=p.in_channels, out_channels=p.out_channels, num_layers=p.depth,
-        num_single_layers=p.depth_single_blocks, attention_head_dim=p.head_dim, num_attention_heads=p.num_heads,
-        joint_attention_dim=p.context_in_dim, pooled_projection_dim=p.vec_in_dim, guidance_embeds=p.guidance_embed,
-        axes_dims_rope=p.axes_dim).eval()
-    reference.load_state_dict(bfl_to_diffusers(flux.state_dict(), p.hidden_size), strict=True)
+    reference = diffusers_reference(flux)
 
     net = make((flux, None, None), dim=6, alpha=2.0, train_blocks="double", split_qkv=str(split_qkv))
     randomize(net)

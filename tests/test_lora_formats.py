@@ -14,6 +14,7 @@ from safetensors import safe_open
 from library import lora_formats as lf
 from library.flux_models import Flux
 from library.safetensors_io import load_tensors, save_file_atomic
+from model_helpers import flux_inputs
 from networks import convert_flux_lora, lora_flux
 
 H = 64  # tiny preset hidden size
@@ -180,16 +181,6 @@ def test_kohya_files_load_unchanged(tmp_path):
     save_file_atomic(sd, tmp_path / "k.safetensors")
     loaded = lora_flux.load_lora_file(tmp_path / "k.safetensors")
     assert loaded["lora_unet_img_in.alpha"].dtype == torch.int64  # as stored: no conversion for kohya files
-
-
-def flux_inputs(flux: Flux, seed: int = 1) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    p = flux.params
-    return dict(img=torch.randn(2, 16, p.in_channels, generator=g),
-                img_ids=torch.randint(0, 8, (1, 16, 3), generator=g).float().expand(2, -1, -1),
-                txt=torch.randn(2, 8, p.context_in_dim, generator=g), txt_ids=torch.zeros(2, 8, 3),
-                timesteps=torch.rand(2, generator=g), y=torch.randn(2, p.vec_in_dim, generator=g),
-                guidance=torch.full((2,), 3.5))
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "comfyui"])

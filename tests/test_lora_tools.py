@@ -8,6 +8,7 @@ import torch
 
 from library.lora_formats import LoRAWeights, load_lora, read_lora
 from library.safetensors_io import load_tensors, save_file_atomic
+from model_helpers import diffusers_reference, flux_inputs, run
 from networks import convert_flux_lora, flux_extract_lora, flux_merge_lora, lora_flux
 
 
@@ -49,21 +50,6 @@ def load_flux(path):
     return flux_utils.load_flow_model(path, torch.float32, "cpu")[1].eval()
 
 
-def flux_inputs(flux, seed: int = 1) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    p = flux.params
-    return dict(img=torch.randn(2, 16, p.in_channels, generator=g),
-                img_ids=torch.randint(0, 8, (1, 16, 3), generator=g).float().expand(2, -1, -1),
-                txt=torch.randn(2, 8, p.context_in_dim, generator=g), txt_ids=torch.zeros(2, 8, 3),
-                timesteps=torch.rand(2, generator=g), y=torch.randn(2, p.vec_in_dim, generator=g),
-                guidance=torch.full((2,), 3.5))
-
-
-def run(flux, inputs):
-    with torch.no_grad():
-        return flux(**inputs)
-
-
 def hooked_output(flux, lora_path, inputs, multiplier=1.0):
     net, weights = lora_flux.create_network_from_weights(multiplier, lora_path, None, None, flux, for_inference=True)
     net.apply_to(None, flux, False, True)
@@ -71,21 +57,6 @@ def hooked_output(flux, lora_path, inputs, multiplier=1.0):
     out = run(flux, inputs)
     net.restore()
     return out
-
-
-def diffusers_model(flux):
-    from diffusers import FluxTransformer2DModel
-
-    from library.flux_diffusers_keys import bfl_to_diffusers
-
-    p = flux.params
-    model = FluxTransformer2DModel(
-        patch_size=1, in_channels=p.in_channels, out_channels=p.out_channels, num_layers=p.depth,
-        num_single_layers=p.depth_single_blocks, attention_head_dim=p.head_dim, num_attention_heads=p.num_heads,
-        joint_attention_dim=p.context_in_dim, pooled_projection_dim=p.vec_in_dim, guidance_embeds=p.guidance_embed,
-        axes_dims_rope=p.axes_dim).eval()
-    model.load_state_dict(bfl_to_diffusers(flux.state_dict(), p.hidden_size), strict=True)
-    return model
 
 
 def diffusers_output(model, inputs):
@@ -110,7 +81,7 @@ def test_our_trained_lora_in_diffusers_own_loader(setup, trained, tmp_path, caps
     assert convert_flux_lora.main(["--src", "sd-scripts", "--dst", "diffusers", "--src_path", str(trained),
                                    "--dst_path", str(dst)]) == 0
     converted = load_tensors(dst)
-    model = diffusers_model(flux)
+    model = diffusers_reference(flux)
     model.load_lora_adapter(converted, prefix="transformer")
     loaded = {n for n, m in model.named_modules() if hasattr(m, "lora_A") and "default_0" in getattr(m, "lora_A")}
     assert len(loaded) == len({k.split(".lora_")[0] for k in converted})  # every layer of the file was loaded

@@ -59,13 +59,21 @@ def make_demo_dataset(out: str | Path, count: int = 4, size: int = 64, resolutio
         name, rgb = colours[(i // len(SHAPES) + i) % len(colours)]
         draw(shape, rgb, size).save(images / f"{i:03d}_{name}_{shape}.png")
         (images / f"{i:03d}_{name}_{shape}.txt").write_text(f"a {name} {shape} on a white background\n")
+    return write_dataset_toml(out, images, resolution or size, repeats)
+
+
+def write_dataset_toml(out: Path, images: Path, resolution: int, repeats: int,
+                       conditioning: Path | None = None) -> Path:
+    """`OUT/dataset.toml`: one subset of `images` (with its ControlNet `conditioning` folder when given)."""
+    cond_line = f'  conditioning_data_dir = "{conditioning.resolve().as_posix()}"\n' if conditioning else ""
     toml = out / "dataset.toml"
     toml.write_text(
         "[general]\n"
-        f"resolution = {resolution or size}\n"
+        f"resolution = {resolution}\n"
         'caption_extension = ".txt"\n'
         "\n[[datasets]]\nbatch_size = 1\n"
-        f'  [[datasets.subsets]]\n  image_dir = "{images.resolve().as_posix()}"\n  num_repeats = {repeats}\n')
+        f'  [[datasets.subsets]]\n  image_dir = "{images.resolve().as_posix()}"\n{cond_line}'
+        f"  num_repeats = {repeats}\n")
     return toml
 
 
@@ -87,15 +95,7 @@ def make_controlnet_demo_dataset(out: str | Path, count: int = 3, size: int = 64
         draw(shape, COLOURS["red"], size).save(images / f"{i:03d}_{shape}.png")
         (images / f"{i:03d}_{shape}.txt").write_text(caption + "\n")
         silhouette(shape, size).save(cond / f"{i:03d}_{shape}.png")
-    toml = out / "dataset.toml"
-    toml.write_text(
-        "[general]\n"
-        f"resolution = {resolution or size}\n"
-        'caption_extension = ".txt"\n'
-        "\n[[datasets]]\nbatch_size = 1\n"
-        f'  [[datasets.subsets]]\n  image_dir = "{images.resolve().as_posix()}"\n'
-        f'  conditioning_data_dir = "{cond.resolve().as_posix()}"\n  num_repeats = {repeats}\n')
-    return toml
+    return write_dataset_toml(out, images, resolution or size, repeats, conditioning=cond)
 
 
 def main(argv: list[str] | None = None) -> int:
