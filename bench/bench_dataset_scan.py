@@ -42,7 +42,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from library.buckets import BucketPlanner, bucket_info, resize_and_crop  # noqa: E402
+from library.buckets import BucketPlanner, resize_and_crop  # noqa: E402
 from library.image_io import check_images, list_images, load_image  # noqa: E402
 
 ASPECTS = [(1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16), (5, 4), (4, 5), (2, 1), (1, 2), (21, 9)]
@@ -137,14 +137,9 @@ def decode_throughput(dataset, workers: int) -> float:
 
 
 def machine_line() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from machine import cpu_model
+
+    model = cpu_model()
     return f"{model}, {os.cpu_count()} cores"
 
 

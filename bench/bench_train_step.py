@@ -450,14 +450,9 @@ def machine_text() -> str:
     import torch
     import transformers
 
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from machine import cpu_model
+
+    cpu = cpu_model()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu}, {os.cpu_count()} cores, load {load:.2f}; Python {platform.python_version()}, torch "
             f"{torch.__version__} ({torch.get_num_threads()} threads), accelerate {accelerate.__version__}, "
