@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from library.dtypes import str_to_dtype  # noqa: E402
 from library.flux_models import FLUX_PRESETS, Flux  # noqa: E402
 from library.fused_optimizers import BlockwiseOptimizers, FusedBackward, HookSettings, group_by_block  # noqa: E402
+from library.memory_count import track_live_gradient_peak  # noqa: E402
 
 
 class _NoStep(torch.optim.Optimizer):
@@ -39,13 +40,7 @@ def peak_live_gradients(preset: str, dtype: torch.dtype, mode: str) -> int:
         model = Flux(FLUX_PRESETS[preset]).to(dtype)
     model.requires_grad_(True)
     params = list(model.parameters())
-    peak = [0]
-
-    def track(_):
-        peak[0] = max(peak[0], sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None))
-
-    for p in params:
-        p.register_post_accumulate_grad_hook(track)
+    peak = track_live_gradient_peak(params)
     if mode == "fused_backward_pass":
         FusedBackward(_NoStep(params), params, HookSettings())
     elif mode == "blockwise_fused_optimizers":
@@ -58,7 +53,7 @@ def peak_live_gradients(preset: str, dtype: torch.dtype, mode: str) -> int:
                 timesteps=torch.ones(1, **meta), y=torch.randn(1, p.vec_in_dim, **meta),
                 guidance=torch.ones(1, **meta) if p.guidance_embed else None)
     out.float().square().mean().backward()
-    return peak[0]
+    return peak()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -184,3 +185,17 @@ def device_emulation(target: str, autocast_dtype: torch.dtype | None, on_cache=N
         cache.clear()
         for name, fn in saved.items():
             setattr(F, name, fn)
+
+
+def track_live_gradient_peak(params) -> Callable[[], int]:
+    """Hook `params` so that the most gradient bytes alive at once during backward are recorded; returns a function
+    that reads that peak. Register before any fused-optimizer hooks, so each gradient is seen before it is freed."""
+    params = list(params)
+    peak = [0]
+
+    def track(_):
+        peak[0] = max(peak[0], sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None))
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(track)
+    return lambda: peak[0]

@@ -14,6 +14,7 @@ from transformers.optimization import Adafactor
 from library.flux_models import FLUX_PRESETS, Flux
 from library.fused_optimizers import (BlockwiseOptimizers, FusedBackward, HookSettings, block_key, group_by_block,
                                       step_param, stochastic_round_)
+from library.memory_count import track_live_gradient_peak
 from library.model_saving import save_model
 
 # a small preset: more blocks than the tiny one, so "one block" and "the whole model" are far apart
@@ -103,17 +104,10 @@ def test_blockwise_steps_blocks_left_without_gradients_when_the_loop_steps():
 def live_gradient_peak(model, install):
     """Largest number of gradient bytes alive at once during one backward. The tracking hooks are registered
     before the fused ones, so they see each gradient before it is stepped and freed."""
-    params = list(model.parameters())
-    peak = [0]
-
-    def track(_):
-        peak[0] = max(peak[0], sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None))
-
-    for p in params:
-        p.register_post_accumulate_grad_hook(track)
+    peak = track_live_gradient_peak(model.parameters())
     install(model)
     loss_of(model).backward()
-    return peak[0]
+    return peak()
 
 
 def test_memory_proof_live_gradients_are_one_block_not_the_whole_model():
