@@ -59,6 +59,12 @@ def tracker_init_kwargs(args, names: list[str]) -> dict[str, dict]:
     return kwargs
 
 
+def resolve_trackers(args) -> tuple[list[str], dict[str, dict]]:
+    """(tracker names, their init arguments), checked before any model loads; raises TrackerError."""
+    names = tracker_names(args)
+    return names, tracker_init_kwargs(args, names)
+
+
 def login(args, names: list[str]) -> None:
     """wandb login with --wandb_api_key (otherwise wandb uses WANDB_API_KEY or its stored login)."""
     if "wandb" in names and args.wandb_api_key:

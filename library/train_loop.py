@@ -40,6 +40,7 @@ class Trainer:
         self.stop_requested: str | None = None
         self.last_saved: list[Path] = []
         self.losses: list[float] = []  # loss of every optimizer step, for callers and tests
+        self.hub = None  # HubUploader with --huggingface_repo_id (main process)
 
     # --- hooks for subclasses -------------------------------------------------------------------------------------
 
@@ -119,7 +120,7 @@ class Trainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            if getattr(self, "hub", None) is not None:
+            if self.hub is not None:
                 self.hub.wait()  # background uploads finish before the process ends
             if getattr(self, "accelerator", None) is not None:
                 self.accelerator.end_training()
@@ -135,7 +136,13 @@ class Trainer:
 
         args = self.args
         train_setup.check_supported(args)
-        self.accelerator = train_setup.make_accelerator(args, self.tracker_name)
+        from library.trackers import TrackerError, resolve_trackers
+
+        try:
+            self.trackers, tracker_kwargs = resolve_trackers(args)
+        except TrackerError as e:
+            raise TrainingError(str(e)) from None
+        self.accelerator = train_setup.make_accelerator(args, self.trackers)
         self.seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
         args.seed = self.seed
         from accelerate.utils import set_seed
@@ -170,17 +177,12 @@ class Trainer:
         self.loss_fn = train_setup.make_loss_computer(args, self.models, acc, self.reference_model)
         self.loader = train_setup.make_loader(args, self.train_group, self.sampler)
         self._resume()
-        if acc.is_main_process and args.log_with:
-            from library.trackers import TrackerError, login, tracker_init_kwargs, tracker_names
+        if acc.is_main_process and self.trackers:
+            from library.trackers import login
 
-            try:
-                names = tracker_names(args)
-                init_kwargs = tracker_init_kwargs(args, names)
-            except TrackerError as e:
-                raise TrainingError(str(e)) from None
-            login(args, names)
+            login(args, self.trackers)
             acc.init_trackers(args.log_tracker_name or self.tracker_name, config=train_setup.tracker_config(args),
-                              init_kwargs=init_kwargs)
+                              init_kwargs=tracker_kwargs)
         logger.info("training: %d images with repeats, %d batches per epoch per process, %d steps per epoch, "
                     "%d epochs, %d steps", self.train_group.num_train_images, self.sampler.batches_per_epoch,
                     per_epoch, self.num_epochs, args.max_train_steps)
@@ -359,7 +361,7 @@ class Trainer:
             position = {"current_epoch": self.epoch, "current_step": self.global_step, "seed": self.seed}
             atomic_write(folder / "train_state.json", lambda tmp: Path(tmp).write_text(json.dumps(position)))
             logger.info("saved state %s", folder)
-            if getattr(self, "hub", None) is not None:
+            if self.hub is not None:
                 self.hub.upload(folder)
 
     def _resume(self) -> None:

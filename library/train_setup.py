@@ -38,7 +38,8 @@ def weight_dtype(args) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision or "no", torch.float32)
 
 
-def make_accelerator(args, tracker_name: str):
+def make_accelerator(args, trackers: list[str] | None = None):
+    """The run's Accelerator; `trackers` are the tracker names from trackers.resolve_trackers."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
@@ -47,23 +48,13 @@ def make_accelerator(args, tracker_name: str):
     # notebook, a test) left, so this run gets its own mixed precision and accumulation settings.
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-
-    from library.trackers import TrackerError, tracker_init_kwargs, tracker_names
-
-    try:  # checked before any model loads
-        trackers = tracker_names(args) or None
-        tracker_init_kwargs(args, trackers or [])
-    except TrackerError as e:
-        from library.train_loop import TrainingError
-
-        raise TrainingError(str(e)) from None
     logging_dir = None
     if args.logging_dir:
         import time
 
         logging_dir = str(Path(args.logging_dir) / f"{args.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
     return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                       mixed_precision=args.mixed_precision or "no", log_with=trackers,
+                       mixed_precision=args.mixed_precision or "no", log_with=trackers or None,
                        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir))
 
 

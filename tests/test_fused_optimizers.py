@@ -200,6 +200,6 @@ def test_only_trainers_with_the_full_training_options_fuse():
     for parser, fused in ((flux_train.setup_parser(), True), (flux_train_network.setup_parser(), False)):
         args = parser.parse_args(["--fused_backward_pass", "--optimizer_type", "adafactor", "--max_train_steps", "1"])
         model = torch.nn.Linear(2, 2)
-        *_, hooks = prepare_optimizer(args, make_accelerator(args, "test"), [{"params": list(model.parameters())}],
+        *_, hooks = prepare_optimizer(args, make_accelerator(args), [{"params": list(model.parameters())}],
                                       list(model.named_parameters()))
         assert isinstance(hooks, FusedBackward) if fused else hooks is None
