@@ -84,7 +84,7 @@ def build_dataset_groups(args, seed: int, controlnet: bool = False):
     if face_crop:  # the schema reads sd-scripts' files; the option is refused, never silently ignored
         from library.train_loop import TrainingError
 
-        raise TrainingError(f"face_crop_aug_range: face-crop augmentation is not implemented; remove it from "
+        raise TrainingError(f"face_crop_aug_range: {NOT_YET_SUPPORTED['face_crop_aug_range']}; remove it from "
                             f"{'; '.join(face_crop)}")
     train, val = build_datasets(config, seed, skip_bad_images=args.skip_bad_images,
                                 max_train_steps=args.max_train_steps, conditioning_as_mask=as_mask)
@@ -152,17 +152,13 @@ def load_models(args, accelerator, flux_dtype: torch.dtype | None = None) -> Tra
 
 def resolve_blocks_to_swap(args, info) -> int:
     """--blocks_to_swap as a count checked against the checkpoint's blocks ('auto' asks the memory planner)."""
-    from library.block_swap import max_blocks_to_swap, split_blocks_to_swap
+    from library.block_swap import split_blocks_to_swap
     from library.train_loop import TrainingError
 
     n = getattr(args, "blocks_to_swap", None) or 0
-    limit = max_blocks_to_swap(info.params.depth, info.params.depth_single_blocks)
     if n == "auto":
-        try:
-            from library.memory_plan import choose_blocks_to_swap
-        except ImportError:
-            raise TrainingError("--blocks_to_swap auto needs the memory planner (library/memory_plan.py), which "
-                                f"this installation lacks: give a number from 1 to {limit}") from None
+        from library.memory_plan import choose_blocks_to_swap
+
         n = args.blocks_to_swap = int(choose_blocks_to_swap(args))
     try:
         split_blocks_to_swap(n, info.params.depth, info.params.depth_single_blocks)
