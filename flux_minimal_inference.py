@@ -110,7 +110,7 @@ def parse_interactive_line(line: str, settings):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from library.train_cli import tool_main
+    from library.cli.main import tool_main
 
     return tool_main(setup_parser(), run, argv)
 
@@ -122,8 +122,8 @@ def run(args) -> int:
         raise ValueError("--controlnet and --control_image go together: give both or neither")
 
     from library import flux_utils
-    from library.dtypes import is_fp8, str_to_dtype
-    from library.flux_generation import FluxModels, GenerationSettings, Placement, generate, png_text, save_png, \
+    from library.formats.dtypes import is_fp8, str_to_dtype
+    from library.flow.generation import FluxModels, GenerationSettings, Placement, generate, png_text, save_png, \
         unique_path
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -136,7 +136,7 @@ def run(args) -> int:
     logger.info(f"transformer: {info.layout} layout, {info.model_type}, {info.params.depth} double + "
                 f"{info.params.depth_single_blocks} single blocks, stored as {', '.join(sorted(info.dtypes))}")
     if args.blocks_to_swap:
-        from library.block_swap import split_blocks_to_swap
+        from library.memory.block_swap import split_blocks_to_swap
 
         split_blocks_to_swap(args.blocks_to_swap, info.params.depth, info.params.depth_single_blocks)
     tokenizer = flux_utils.load_tokenizer(args.tokenizer_cache_dir, info.is_schnell, args.t5xxl_max_token_length,
@@ -150,7 +150,7 @@ def run(args) -> int:
     models = FluxModels(loaded["flux"], loaded["ae"], loaded["clip_l"], loaded["t5xxl"], tokenizer,
                         info.is_schnell, compute if is_fp8(dtypes["flux"]) else dtypes["flux"])
     placement = Placement(device, args.offload)
-    from library.lora_loading import apply_loras
+    from library.lora.loading import apply_loras
 
     # hooked LoRAs live on the compute device (they are small and never offloaded)
     networks = apply_loras(args.lora_weights, loaded["flux"], loaded["clip_l"], loaded["t5xxl"],
@@ -159,8 +159,8 @@ def run(args) -> int:
         loaded["flux"].move_to_device_except_swap_blocks(device)
         loaded["flux"].enable_block_swap(args.blocks_to_swap, device, "cpu", host_to_device_only=True)
     if args.controlnet:
-        from library.flux_controlnet import ControlledFlux, load_controlnet
-        from library.image_io import load_image
+        from library.models.controlnet import ControlledFlux, load_controlnet
+        from library.data.images import load_image
 
         controlnet = load_controlnet(args.controlnet, info.params, models.compute_dtype, load_device).eval()
         models.flux = ControlledFlux(loaded["flux"], controlnet, load_image(args.control_image)[0],
@@ -194,7 +194,7 @@ def run(args) -> int:
                         controlnet_scale=str(args.controlnet_scale))
         save_png(image, path, text)
         if args.output_latents:
-            from library.safetensors_io import save_file_atomic
+            from library.formats.safetensors_io import save_file_atomic
 
             save_file_atomic({"latents": latents[0].float().cpu()}, path.with_name(path.stem + "_latents.safetensors"),
                              {k: v for k, v in text.items() if k != "parameters"})

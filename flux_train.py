@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from library.train_args import training_parser
+from library.training.arguments import training_parser
 
 TRAINER = "full"
 
@@ -25,13 +25,13 @@ def setup_parser():
 
 
 def make_trainer(args):
-    from library.full_training import FullTrainer  # after parsing: --help stays fast
+    from library.training.recipes.full import FullTrainer  # after parsing: --help stays fast
 
     return FullTrainer(args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from library.train_cli import main_for
+    from library.cli.main import main_for
 
     return main_for(TRAINER, setup_parser(), make_trainer, argv)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from library.train_args import training_parser
+from library.training.arguments import training_parser
 
 TRAINER = "network"
 
@@ -20,7 +20,7 @@ def setup_parser():
 
 
 def make_trainer(args):
-    from library.lora_training import LoRATrainer  # after parsing: --help stays fast
+    from library.training.recipes.lora import LoRATrainer  # after parsing: --help stays fast
 
     if not args.network_module:
         args.network_module = "networks.lora_flux"
@@ -28,7 +28,7 @@ def make_trainer(args):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from library.train_cli import main_for
+    from library.cli.main import main_for
 
     return main_for(TRAINER, setup_parser(), make_trainer, argv)
 

@@ -42,8 +42,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from library.buckets import BucketPlanner, resize_and_crop  # noqa: E402
-from library.image_io import check_images, list_images, load_image  # noqa: E402
+from library.data.buckets import BucketPlanner, resize_and_crop  # noqa: E402
+from library.data.images import check_images, list_images, load_image  # noqa: E402
 
 ASPECTS = [(1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16), (5, 4), (4, 5), (2, 1), (1, 2), (21, 9)]
 

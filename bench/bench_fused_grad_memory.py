@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from library.dtypes import str_to_dtype  # noqa: E402
-from library.flux_models import FLUX_PRESETS, Flux  # noqa: E402
-from library.fused_optimizers import BlockwiseOptimizers, FusedBackward, HookSettings, group_by_block  # noqa: E402
-from library.memory_count import track_live_gradient_peak  # noqa: E402
+from library.formats.dtypes import str_to_dtype  # noqa: E402
+from library.models.transformer import FLUX_PRESETS, Flux  # noqa: E402
+from library.training.fused_optimizers import BlockwiseOptimizers, FusedBackward, HookSettings, group_by_block  # noqa: E402
+from library.planner.live_bytes import track_live_gradient_peak  # noqa: E402
 
 
 class _NoStep(torch.optim.Optimizer):

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 
 def build(fp8: bool, blocks_to_swap: int, write_back: bool = False):
-    from library.flux_models import FLUX_PRESETS, Flux
+    from library.models.transformer import FLUX_PRESETS, Flux
 
     with torch.device("meta"):
         model = Flux(FLUX_PRESETS["dev"])
@@ -44,7 +44,7 @@ def build(fp8: bool, blocks_to_swap: int, write_back: bool = False):
         for p in model.parameters():
             p.normal_(0, 0.02)  # random, small: keeps activations finite through 57 blocks
     if fp8:
-        from library.fp8 import prepare_fp8
+        from library.memory.fp8 import prepare_fp8
 
         prepare_fp8(model, torch.float8_e4m3fn, torch.bfloat16)
     model.requires_grad_(False)
@@ -54,7 +54,7 @@ def build(fp8: bool, blocks_to_swap: int, write_back: bool = False):
 
 
 def inputs(seed: int = 0, batch: int = 1, size: int = 1024, txt_len: int = 512):
-    from library.flux_sampling import prepare_img_ids
+    from library.flow.sampling import prepare_img_ids
 
     g = torch.Generator("cuda").manual_seed(seed)
     h = w = size // 16
@@ -95,7 +95,7 @@ def train(model, steps: int, warmup: int) -> tuple[float, int]:
 
 @torch.no_grad()
 def infer(model, steps: int = 28) -> float:
-    from library.flux_sampling import get_schedule
+    from library.flow.sampling import get_schedule
 
     model.eval()
     x = inputs(1)
@@ -114,8 +114,8 @@ def infer(model, steps: int = 28) -> float:
 
 def print_bytes(blocks: list[int]) -> int:
     """Block weights on the GPU and bytes moved per LoRA training step (forward + backward) for each setting."""
-    from library.flux_models import FLUX_PRESETS, Flux
-    from library.fp8 import prepare_fp8
+    from library.models.transformer import FLUX_PRESETS, Flux
+    from library.memory.fp8 import prepare_fp8
 
     print("| blocks_to_swap | base | block weights on GPU GiB | of which swap slots GiB | host-to-device GiB/step "
           "| sd-scripts' swap (both directions) GiB/step |")

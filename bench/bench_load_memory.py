@@ -11,7 +11,7 @@ How:
      requested layout (BFL, ComfyUI-prefixed BFL, diffusers folder). The file is streamed tensor by tensor from a
      small pool of random values, so writing it needs no model in RAM, and it is written by this (parent) process,
      never by the one measured.
-  2. Each measurement runs in a fresh Python process: it imports torch and library.flux_checkpoint, records its
+  2. Each measurement runs in a fresh Python process: it imports torch and library.models.checkpoint, records its
      RSS (the baseline), calls load_transformer (what flux_utils.load_flow_model runs), then reads one element of
      every 4 KiB page of every weight, as a first forward pass would (weights that still alias the file's memory
      map are only paged in then). It reports VmHWM (the kernel's peak RSS of the process) after the load and after
@@ -105,7 +105,7 @@ def plan_params(size_gb: float, element_size: int):
     import torch
     from dataclasses import replace
 
-    from library.flux_models import FLUX_PRESETS, Flux
+    from library.models.transformer import FLUX_PRESETS, Flux
 
     dev = FLUX_PRESETS["dev"]
 
@@ -132,8 +132,8 @@ def checkpoint_entries(params, layout: str) -> list[tuple[str, tuple[int, ...]]]
     """(key, shape) of every tensor of the checkpoint, in file order, from a model built on `meta`."""
     import torch
 
-    from library.flux_diffusers_keys import bfl_to_diffusers
-    from library.flux_models import Flux
+    from library.formats.diffusers_keys import bfl_to_diffusers
+    from library.models.transformer import Flux
 
     with torch.device("meta"):
         state = Flux(params).state_dict()
@@ -146,7 +146,7 @@ def checkpoint_entries(params, layout: str) -> list[tuple[str, tuple[int, ...]]]
 def random_pool(st_dtype: str) -> memoryview:
     import torch
 
-    from library.dtypes import SAFETENSORS_DTYPES
+    from library.formats.dtypes import SAFETENSORS_DTYPES
 
     g = torch.Generator().manual_seed(0)
     values = (torch.randn(POOL_ELEMENTS, generator=g) * 0.02).to(SAFETENSORS_DTYPES[st_dtype])
@@ -207,7 +207,7 @@ class ReadintoSafeOpen:
     own pages are touched; the page cache holds the file but is not counted in this process's RSS."""
 
     def __init__(self, filename, framework="pt", device="cpu", **_):
-        from library.safetensors_io import read_header
+        from library.formats.safetensors_io import read_header
 
         self._header = read_header(filename)
         self._file = open(filename, "rb")
@@ -273,8 +273,8 @@ def measure_child(path: str, load_dtype: str, reader: str) -> None:
 
     import torch
 
-    from library.dtypes import str_to_dtype
-    from library import flux_checkpoint
+    from library.formats.dtypes import str_to_dtype
+    from library.models import checkpoint as flux_checkpoint
 
     # the transformer loader: load_transformer (flux_utils.load_flow_model wraps it), load_flow_model before
     load = getattr(flux_checkpoint, "load_transformer", None) or flux_checkpoint.load_flow_model
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _same_checkpoint(path: Path, entries, st_dtype: str, meta: dict[str, str]) -> bool:
-    from library.safetensors_io import ModelFileError, read_header
+    from library.formats.safetensors_io import ModelFileError, read_header
 
     try:
         h = read_header(path)

@@ -1,4 +1,4 @@
-"""Peak RSS of saving a model with the plain writer and with --mem_eff_save (library/model_saving.py).
+"""Peak RSS of saving a model with the plain writer and with --mem_eff_save (library/formats/model_saving.py).
 
     python bench/bench_mem_eff_save.py [--size-mb 1024] [--save_precision bf16]
 
@@ -30,7 +30,7 @@ def child(size_mb: int, save_precision: str | None, streaming: bool, out: str) -
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from library.model_saving import save_dtype, save_model
+    from library.formats.model_saving import save_dtype, save_model
 
     per = 3072 * 3072 * 4
     tensors = {f"blocks.{i}.weight": torch.randn(3072, 3072) for i in range(max(1, size_mb * 2**20 // per))}

@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from library.flux_models import FLUX_PRESETS  # noqa: E402
-from library.memory_plan import GIB, PlanSettings, plan_many, plan_memory  # noqa: E402
+from library.models.transformer import FLUX_PRESETS  # noqa: E402
+from library.planner.plan import GIB, PlanSettings, plan_many, plan_memory  # noqa: E402
 
 SMALL = replace(FLUX_PRESETS["dev"], vec_in_dim=256, context_in_dim=256, hidden_size=512, num_heads=4, depth=2,
                 depth_single_blocks=4)
@@ -45,7 +45,7 @@ def header() -> str:
 
 
 def proof() -> None:
-    from library.memory_report import measure_cpu_step
+    from library.planner.report import measure_cpu_step
 
     print(header())
     print("| preset | training | predicted peak (MiB) | measured peak (MiB) | ratio | step part predicted / measured (MiB) |")
@@ -69,7 +69,7 @@ def proof() -> None:
 
 
 def cards() -> None:
-    from library.block_swap import max_blocks_to_swap
+    from library.memory.block_swap import max_blocks_to_swap
 
     print(header())
     print("| card | sd-scripts' row | our reading | predicted peak (GiB) | fits |")
@@ -97,7 +97,7 @@ def cards() -> None:
 
 
 def table() -> None:
-    from library.memory_report import format_table, run_table
+    from library.planner.report import format_table, run_table
 
     print(header())
     started = time.perf_counter()

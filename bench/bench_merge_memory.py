@@ -45,8 +45,8 @@ def child(ckpt: str, lora: str, out: str, save_precision: str | None) -> None:
 def write_lora(path: Path, params, rank: int) -> int:
     import torch
 
-    from library.flux_models import Flux
-    from library.safetensors_io import save_file_atomic
+    from library.models.transformer import Flux
+    from library.formats.safetensors_io import save_file_atomic
     from networks import lora_flux
 
     with torch.device("meta"):

@@ -83,7 +83,7 @@ PRESETS = {"tiny": (64, 32, 300), "small": (256, 64, 40)}
 
 def small_params():
     """The 'small' transformer: FLUX.1's structure and head size, hidden 512, 2 double + 4 single blocks."""
-    from library.flux_models import FLUX_PRESETS
+    from library.models.transformer import FLUX_PRESETS
 
     return replace(FLUX_PRESETS["dev"], hidden_size=512, num_heads=4, depth=2, depth_single_blocks=4,
                    axes_dim=(16, 56, 56))
@@ -97,8 +97,8 @@ def write_models(out: Path, preset: str) -> dict[str, Path]:
     import torch
     from safetensors import safe_open
 
-    from library.flux_models import Flux
-    from library.safetensors_io import save_file_atomic
+    from library.models.transformer import Flux
+    from library.formats.safetensors_io import save_file_atomic
     from tools.make_tiny_models import make_tiny_models
 
     paths = make_tiny_models(out, "tiny")
@@ -272,7 +272,7 @@ def run_child(args) -> int:
     import torch
 
     import flux_train_network
-    import library.lora_training as lora_training
+    import library.training.recipes.lora as lora_training
 
     spec = json.loads(Path(args.child).read_text())
     if args.threads:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from library.lora_formats import FORMATS  # noqa: E402  (light: imports torch only)
+from library.formats.lora_formats import FORMATS  # noqa: E402  (light: imports torch only)
 
 logger = logging.getLogger(__name__)
 # What --src names may be detected as (ai-toolkit and diffusers share one tensor layout).
@@ -40,8 +40,8 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from library.dtypes import str_to_dtype
-    from library.lora_formats import load_lora, save_lora
+    from library.formats.dtypes import str_to_dtype
+    from library.formats.lora_formats import load_lora, save_lora
 
     if Path(args.dst_path).suffix.lower() != ".safetensors":
         raise ValueError(f"--dst_path {args.dst_path}: LoRA files are written as .safetensors only")
@@ -55,7 +55,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from library.train_cli import tool_main
+    from library.cli.main import tool_main
 
     return tool_main(setup_parser(), run, argv)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from library.lora_formats import FORMATS  # noqa: E402
+from library.formats.lora_formats import FORMATS  # noqa: E402
 
 logger = logging.getLogger(__name__)
 PRECISIONS = ["float", "fp32", "fp16", "bf16"]
@@ -63,8 +63,8 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def _loras(args):
-    from library.lora_formats import load_lora
-    from library.lora_merge import WeightedLoRA
+    from library.formats.lora_formats import load_lora
+    from library.lora.merge import WeightedLoRA
 
     ratios = args.ratios or [1.0] * len(args.models)
     if len(ratios) != len(args.models):
@@ -79,9 +79,9 @@ def _loras(args):
 
 
 def merge_into_models(args, loras) -> None:
-    from library.dtypes import str_to_dtype
-    from library.lora_formats import CLIP, T5, UNET
-    from library.lora_merge import merge_into_file
+    from library.formats.dtypes import str_to_dtype
+    from library.formats.lora_formats import CLIP, T5, UNET
+    from library.lora.merge import merge_into_file
 
     save_dtype = str_to_dtype(args.save_precision)
     compute = str_to_dtype(args.precision)
@@ -110,9 +110,9 @@ def merge_into_models(args, loras) -> None:
 def merge_to_lora(args, loras, first_meta) -> None:
     import torch
 
-    from library.dtypes import str_to_dtype
-    from library.lora_formats import LoRAWeights, save_lora
-    from library.lora_merge import concat_loras, merged_lora_metadata, svd_merge_loras
+    from library.formats.dtypes import str_to_dtype
+    from library.formats.lora_formats import LoRAWeights, save_lora
+    from library.lora.merge import concat_loras, merged_lora_metadata, svd_merge_loras
 
     if args.new_rank is not None:
         if args.new_rank < 1:
@@ -151,7 +151,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from library.train_cli import tool_main
+    from library.cli.main import tool_main
 
     return tool_main(setup_parser(), run, argv)
 

@@ -210,9 +210,9 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
 
 def load_lora_file(file: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a LoRA .safetensors file as kohya keys: kohya files as they are, every other known layout (diffusers/
-    PEFT, ai-toolkit, ComfyUI, BFL names, OneTrainer, ...) converted exactly (library/lora_formats.py). Pickles
+    PEFT, ai-toolkit, ComfyUI, BFL names, OneTrainer, ...) converted exactly (library/formats/lora_formats.py). Pickles
     are refused by the reader with a message."""
-    from library.lora_formats import load_as_kohya
+    from library.formats.lora_formats import load_as_kohya
 
     return load_as_kohya(file)
 
@@ -449,8 +449,8 @@ class LoRANetwork(nn.Module):
         """Write the kohya file (.safetensors only). Weights are cast to `dtype` (None keeps them); alpha stays
         float32 so that a bf16/fp16 save does not round it. With metadata, sshs_model_hash and sshs_legacy_hash
         are added as sd-scripts computes them."""
-        from library.model_hashes import add_model_hashes
-        from library.safetensors_io import save_file_atomic
+        from library.formats.model_hashes import add_model_hashes
+        from library.formats.safetensors_io import save_file_atomic
 
         if os.path.splitext(str(file))[1].lower() != ".safetensors":
             raise ValueError(f"{file}: LoRA files are written as .safetensors only; pickled formats (.pt, .ckpt) "

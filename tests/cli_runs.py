@@ -6,9 +6,9 @@ from __future__ import annotations
 import importlib
 
 TRAINERS = {  # trainer kind -> (entry module, Trainer module, Trainer class)
-    "network": ("flux_train_network", "library.lora_training", "LoRATrainer"),
-    "full": ("flux_train", "library.full_training", "FullTrainer"),
-    "controlnet": ("flux_train_control_net", "library.controlnet_training", "ControlNetTrainer"),
+    "network": ("flux_train_network", "library.training.recipes.lora", "LoRATrainer"),
+    "full": ("flux_train", "library.training.recipes.full", "FullTrainer"),
+    "controlnet": ("flux_train_control_net", "library.training.recipes.controlnet", "ControlNetTrainer"),
 }
 
 
@@ -27,7 +27,7 @@ def run_args(models: dict, toml, out) -> list[str]:
 
 def run_trainer(kind: str, argv: list[str]):
     """(trainer, exit status) of one in-process run."""
-    from library.train_args import verify_training_args
+    from library.training.arguments import verify_training_args
 
     entry, module, cls = TRAINERS[kind]
     args = importlib.import_module(entry).setup_parser().parse_args(argv)

@@ -25,7 +25,7 @@ def diffusers_reference(flux):
     """diffusers' FluxTransformer2DModel with `flux`'s configuration and weights (through our key table)."""
     from diffusers import FluxTransformer2DModel
 
-    from library.flux_diffusers_keys import bfl_to_diffusers
+    from library.formats.diffusers_keys import bfl_to_diffusers
 
     p = flux.params
     model = FluxTransformer2DModel(

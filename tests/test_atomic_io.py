@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from library.atomic_io import atomic_write
+from library.formats.atomic_io import atomic_write
 
 
 def test_atomic_write_replaces_and_cleans_up(tmp_path):

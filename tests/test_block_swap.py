@@ -1,4 +1,4 @@
-"""Block swapping (library/block_swap.py): the schedule on FLUX.1-dev block counts, and the swapper on CPU.
+"""Block swapping (library/memory/block_swap.py): the schedule on FLUX.1-dev block counts, and the swapper on CPU.
 
 Storage and compute are both the CPU here, but they are separate memory: the swapped blocks' weights live in their
 own storage buffers and run from a few shared slot buffers, so a block fetched late, into the wrong slot or not at
@@ -11,9 +11,9 @@ import copy
 import pytest
 import torch
 
-from library.block_swap import (BlockSwapper, max_blocks_to_swap, restore_moves, split_blocks_to_swap,
+from library.memory.block_swap import (BlockSwapper, max_blocks_to_swap, restore_moves, split_blocks_to_swap,
                                 swap_schedule)
-from library.flux_models import Flux, params_with_overrides
+from library.models.transformer import Flux, params_with_overrides
 
 DEV_DOUBLE, DEV_SINGLE = 19, 38
 
@@ -250,7 +250,7 @@ def _bf16_inputs(device="cpu", seed=1):
 
 
 def test_fp8_weights_swap_exactly_and_stay_close_to_bf16(base):
-    from library.fp8 import prepare_fp8
+    from library.memory.fp8 import prepare_fp8
 
     bf16 = copy.deepcopy(base).to(torch.bfloat16)
     fp8 = prepare_fp8(copy.deepcopy(base), torch.float8_e4m3fn, torch.bfloat16)
@@ -327,7 +327,7 @@ def test_cuda_swap_buffers_are_reused_and_memory_is_lower(base):
 
 @pytest.mark.gpu
 def test_cuda_fp8_outputs_within_tolerance_of_bf16(base):
-    from library.fp8 import prepare_fp8
+    from library.memory.fp8 import prepare_fp8
 
     bf16 = copy.deepcopy(base).to("cuda", torch.bfloat16)
     fp8 = prepare_fp8(copy.deepcopy(base), torch.float8_e4m3fn, torch.bfloat16)

@@ -16,11 +16,11 @@ import cli_runs
 from cli_runs import run_args
 import flux_minimal_inference
 import flux_train_network as cli
-from library.flux_checkpoint import analyze_checkpoint
-from library.flux_models import Flux
-from library.safetensors_io import save_file_atomic
-from library.train_args import TrainingArgumentError, verify_training_args
-from library.train_loop import TrainingError
+from library.models.checkpoint import analyze_checkpoint
+from library.models.transformer import Flux
+from library.formats.safetensors_io import save_file_atomic
+from library.training.arguments import TrainingArgumentError, verify_training_args
+from library.training.loop import TrainingError
 from tools.make_demo_dataset import make_demo_dataset
 from tools.make_tiny_models import make_tiny_models
 
@@ -123,7 +123,8 @@ def test_out_of_range_and_exclusive_options_are_refused(setup, tmp_path):
 
 def test_auto_asks_the_planner_except_for_controlnets(setup, tmp_path, monkeypatch):
     import flux_train_control_net
-    from library import memory_plan, train_setup
+    from library.planner import plan as memory_plan
+    from library.training import setup as train_setup
 
     args = cli.setup_parser().parse_args(train_argv(setup, tmp_path, "--blocks_to_swap", "auto"))
     assert args.blocks_to_swap == "auto"
@@ -131,7 +132,7 @@ def test_auto_asks_the_planner_except_for_controlnets(setup, tmp_path, monkeypat
     monkeypatch.setattr(memory_plan, "choose_blocks_to_swap", lambda a: 4)
     assert train_setup.resolve_blocks_to_swap(args, info) == 4 and args.blocks_to_swap == 4
 
-    from library.controlnet_training import ControlNetTrainer
+    from library.training.recipes.controlnet import ControlNetTrainer
 
     cn_args = flux_train_control_net.setup_parser().parse_args(["--blocks_to_swap", "auto"])
     with pytest.raises(TrainingError, match="does not plan ControlNet training yet; give a number"):
@@ -154,7 +155,7 @@ def test_minimal_inference_with_block_swap_renders_the_same_image(setup, tmp_pat
 def test_fp8_checkpoints_other_than_e4m3fn_are_refused_for_fp8_base():
     from types import SimpleNamespace
 
-    from library.train_setup import check_fp8_checkpoint
+    from library.training.setup import check_fp8_checkpoint
 
     args = SimpleNamespace(fp8_base=True, pretrained_model_name_or_path="flux_e5m2.safetensors")
     with pytest.raises(TrainingError, match=r"flux_e5m2.safetensors stores F8_E5M2 weights: --fp8_base .* e4m3fn"):
@@ -165,7 +166,7 @@ def test_fp8_checkpoints_other_than_e4m3fn_are_refused_for_fp8_base():
 
 
 def test_blocks_to_swap_from_a_config_file(setup, tmp_path):
-    from library.config_file import read_config_from_file
+    from library.training.config_file import read_config_from_file
 
     parser = cli.setup_parser()
     for value, want in (("18", 18), ('"auto"', "auto")):
@@ -179,7 +180,7 @@ def test_blocks_to_swap_from_a_config_file(setup, tmp_path):
 def test_full_fine_tuning_with_block_swap_trains_the_same_model(setup, tmp_path, caplog):
     """flux_train.py: the blocks' own weights train, so the swappers write back (chosen from requires_grad)."""
     import flux_train
-    from library.full_training import FullTrainer
+    from library.training.recipes.full import FullTrainer
 
     models, toml = setup
 

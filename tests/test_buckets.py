@@ -6,8 +6,8 @@ import random
 import numpy as np
 import pytest
 
-from library.augment import color_aug, flip_horizontal, gamma, hue_shift
-from library.buckets import (
+from library.data.augment import color_aug, flip_horizontal, gamma, hue_shift
+from library.data.buckets import (
     BucketChoice,
     BucketPlanner,
     bucket_info,

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from library import cache_common, flux_utils
-from library.cache_common import CacheError, model_file_identity, npz_index, process_share
-from library.latent_cache import LatentCache, encode_latents, latent_seed, latents_npz_path
-from library.text_encoder_cache import TextEncoderCache, stack_outputs, te_npz_path, text_encoder_identity
-from library.text_encoding import FluxTokenizer, encode_prompts
+from library.data import cache_common
+from library import flux_utils
+from library.data.cache_common import CacheError, model_file_identity, npz_index, process_share
+from library.data.latent_cache import LatentCache, encode_latents, latent_seed, latents_npz_path
+from library.data.text_encoder_cache import TextEncoderCache, stack_outputs, te_npz_path, text_encoder_identity
+from library.models.text_encoding import FluxTokenizer, encode_prompts
 from tools.make_tiny_models import make_tiny_models
 
 T5_LEN = 16
@@ -25,7 +26,7 @@ T5_LEN = 16
 
 @dataclass(frozen=True)
 class Item:
-    """A dataset item as the caches see it (the protocol in library.cache_common)."""
+    """A dataset item as the caches see it (the protocol in library.data.cache_common)."""
 
     absolute_path: Path
     image_size: tuple[int, int] = (100, 70)

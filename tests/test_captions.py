@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from library.captions import (
+from library.data.captions import (
     CaptionOptions,
     deterministic_caption_options,
     find_caption_file,

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from library import flux_utils
-from library.flux_checkpoint import analyze_checkpoint
-from library.flux_diffusers_keys import bfl_to_diffusers
-from library.flux_models import FLUX_PRESETS, Flux
-from library.fp8 import Fp8Linear, prepare_fp8
-from library.safetensors_io import ModelFileError, read_header, save_file_atomic
+from library.models.checkpoint import analyze_checkpoint
+from library.formats.diffusers_keys import bfl_to_diffusers
+from library.models.transformer import FLUX_PRESETS, Flux
+from library.memory.fp8 import Fp8Linear, prepare_fp8
+from library.formats.safetensors_io import ModelFileError, read_header, save_file_atomic
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_folder_and_shard_errors(tmp_path):
 
 
 def test_tensor_reader_round_trips_every_dtype_and_shape(tmp_path):
-    from library.safetensors_io import load_tensors
+    from library.formats.safetensors_io import load_tensors
 
     tensors = {
         "f32": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(), "f16": torch.randn(2, 2, 2).half(),

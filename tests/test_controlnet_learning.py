@@ -60,8 +60,8 @@ def training_latents(image: Path) -> torch.Tensor:
 @pytest.mark.slow
 def test_trained_controlnet_steers_samples_to_the_paired_targets(tmp_path):
     from library import flux_utils
-    from library.flux_controlnet import controlnet_from_transformer, controlnet_state_dict
-    from library.safetensors_io import save_file_atomic
+    from library.models.controlnet import controlnet_from_transformer, controlnet_state_dict
+    from library.formats.safetensors_io import save_file_atomic
 
     models = make_tiny_models(tmp_path / "models", seed=0, init="trained-like", hidden_size=128)
     toml = make_controlnet_demo_dataset(tmp_path / "data", count=2, size=SIZE, caption=CAPTION)

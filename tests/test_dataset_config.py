@@ -1,4 +1,4 @@
-"""Dataset config resolution and validation (library/dataset_config.py): sd-scripts TOML/JSON, CLI fallbacks."""
+"""Dataset config resolution and validation (library/data/config.py): sd-scripts TOML/JSON, CLI fallbacks."""
 
 import argparse
 import json
@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from library.dataset_args import add_dataset_arguments
-from library.dataset_config import (DatasetConfigError, DatasetGroupConfig, SubsetConfig,
+from library.data.arguments import add_dataset_arguments
+from library.data.config import (DatasetConfigError, DatasetGroupConfig, SubsetConfig,
                                     load_dataset_config, resolve_resolution, validate_against_training_args)
 
 
@@ -439,5 +439,5 @@ def test_subset_defaults():
 
 
 def test_module_import_is_cheap():
-    code = "import sys, library.dataset_config; assert not {'torch', 'numpy', 'PIL'} & set(sys.modules)"
+    code = "import sys, library.data.config; assert not {'torch', 'numpy', 'PIL'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from library.dataset_args import add_dataset_arguments
-from library.dataset_config import load_dataset_config
-from library.datasets import (EpochBatchSampler, build_datasets, max_train_steps_for, num_train_epochs,
+from library.data.arguments import add_dataset_arguments
+from library.data.config import load_dataset_config
+from library.data.datasets import (EpochBatchSampler, build_datasets, max_train_steps_for, num_train_epochs,
                               steps_per_epoch)
-from library.image_io import BadImageError
+from library.data.images import BadImageError
 
 
 def make_image(path: Path, size, color=(200, 30, 30)):
@@ -209,9 +209,9 @@ def test_steps_and_epochs_arithmetic():
 
 def test_latent_and_text_encoder_caches_feed_batches(dataset_dir, tmp_path):
     from library import flux_utils
-    from library.cache_common import model_file_identity
-    from library.latent_cache import LatentCache
-    from library.text_encoder_cache import TextEncoderCache, text_encoder_identity
+    from library.data.cache_common import model_file_identity
+    from library.data.latent_cache import LatentCache
+    from library.data.text_encoder_cache import TextEncoderCache, text_encoder_identity
     from tools.make_tiny_models import make_tiny_models
 
     paths = make_tiny_models(tmp_path / "tiny")

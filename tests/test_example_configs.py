@@ -7,10 +7,10 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from library.config_file import read_config_from_file
-from library.dataset_config import load_dataset_config
-from library.sample_prompts import load_prompts
-from library.train_args import training_parser, verify_training_args
+from library.training.config_file import read_config_from_file
+from library.data.config import load_dataset_config
+from library.flow.prompts import load_prompts
+from library.training.arguments import training_parser, verify_training_args
 
 CONFIGS = ROOT / "configs"
 
@@ -74,7 +74,7 @@ def test_card_configs_parse_and_state_their_peak(card, tmp_path):
 @pytest.mark.slow
 def test_8gb_config_prediction_matches_its_comment(tmp_path, monkeypatch):
     """The planner's prediction for the 8 GB config (1024x1024, batch 1) is the one its comment states."""
-    from library.memory_plan import GIB, plan_memory, settings_from_args
+    from library.planner.plan import GIB, plan_memory, settings_from_args
 
     monkeypatch.chdir(ROOT)
     args, peak = _card_config(8, tmp_path)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from library.flow_matching import (
+from library.flow.matching import (
     FlowMatchingSettings,
     apply_model_prediction_type,
     compute_loss_weighting,

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from library.flux_ae import AE_PRESETS, AutoEncoder, _tiled, infer_ae_params, load_ae
-from library.safetensors_io import ModelFileError
+from library.models.autoencoder import AE_PRESETS, AutoEncoder, _tiled, infer_ae_params, load_ae
+from library.formats.safetensors_io import ModelFileError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINY = AE_PRESETS["tiny"]

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import read_key_fixture
-from library.flux_controlnet import (ControlledFlux, ControlNetFlux, controlnet_from_transformer,
+from library.models.controlnet import (ControlledFlux, ControlNetFlux, controlnet_from_transformer,
                                      controlnet_state_dict, load_controlnet, prepare_control_image)
-from library.flux_models import FLUX_PRESETS, Flux
-from library.flux_sampling import pack_latents, prepare_img_ids
-from library.safetensors_io import ModelFileError, save_file_atomic
+from library.models.transformer import FLUX_PRESETS, Flux
+from library.flow.sampling import pack_latents, prepare_img_ids
+from library.formats.safetensors_io import ModelFileError, save_file_atomic
 
 TINY = FLUX_PRESETS["tiny"]
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import read_key_fixture
-from library.flux_diffusers_keys import bfl_to_diffusers, diffusers_shapes_to_bfl, diffusers_to_bfl
-from library.flux_math import position_embedding, timestep_embedding
-from library.flux_models import FLUX_PRESETS, Flux, default_axes_dim
+from library.formats.diffusers_keys import bfl_to_diffusers, diffusers_shapes_to_bfl, diffusers_to_bfl
+from library.models.flux_math import position_embedding, timestep_embedding
+from library.models.transformer import FLUX_PRESETS, Flux, default_axes_dim
 
 
 def meta_model(preset: str) -> Flux:

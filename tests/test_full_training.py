@@ -15,7 +15,7 @@ import cli_runs
 from cli_runs import run_args
 import flux_train as cli
 from conftest import ROOT
-from library.train_args import TrainingArgumentError, verify_training_args
+from library.training.arguments import TrainingArgumentError, verify_training_args
 from tools.make_demo_dataset import make_demo_dataset
 from tools.make_tiny_models import make_tiny_models
 
@@ -166,7 +166,7 @@ def test_saved_model_loads_in_diffusers_with_the_same_outputs(setup, tmp_path):
     from diffusers.loaders import single_file_model
 
     from library import flux_utils
-    from library.flux_diffusers_keys import bfl_to_diffusers
+    from library.formats.diffusers_keys import bfl_to_diffusers
 
     _, code = run_trainer(ft_args(setup, tmp_path, "--max_train_steps", "1"))
     assert code == 0
@@ -207,8 +207,8 @@ def deep_flux(setup, tmp_path_factory):
     from dataclasses import replace
 
     from library import flux_utils
-    from library.flux_models import Flux
-    from library.safetensors_io import save_file_atomic
+    from library.models.transformer import Flux
+    from library.formats.safetensors_io import save_file_atomic
 
     models, _ = setup
     _, tiny = flux_utils.load_flow_model(models["flux"], torch.float32, "cpu")

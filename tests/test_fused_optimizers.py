@@ -11,11 +11,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers.optimization import Adafactor
 
-from library.flux_models import FLUX_PRESETS, Flux
-from library.fused_optimizers import (BlockwiseOptimizers, FusedBackward, HookSettings, block_key, group_by_block,
+from library.models.transformer import FLUX_PRESETS, Flux
+from library.training.fused_optimizers import (BlockwiseOptimizers, FusedBackward, HookSettings, block_key, group_by_block,
                                       step_param, stochastic_round_)
-from library.memory_count import track_live_gradient_peak
-from library.model_saving import save_model
+from library.planner.live_bytes import track_live_gradient_peak
+from library.formats.model_saving import save_model
 
 # a small preset: more blocks than the tiny one, so "one block" and "the whole model" are far apart
 SMALL = replace(FLUX_PRESETS["tiny"], depth=3, depth_single_blocks=6)
@@ -194,8 +194,8 @@ def test_only_trainers_with_the_full_training_options_fuse():
     effect there: it must then really have none."""
     import flux_train
     import flux_train_network
-    from library.fused_optimizers import prepare_optimizer
-    from library.train_setup import make_accelerator
+    from library.training.fused_optimizers import prepare_optimizer
+    from library.training.setup import make_accelerator
 
     for parser, fused in ((flux_train.setup_parser(), True), (flux_train_network.setup_parser(), False)):
         args = parser.parse_args(["--fused_backward_pass", "--optimizer_type", "adafactor", "--max_train_steps", "1"])

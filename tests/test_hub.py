@@ -11,7 +11,7 @@ import pytest
 import cli_runs
 import flux_train_network as cli
 from cli_runs import run_args
-from library.hub import HubError, parse_hub_resume
+from library.training.hub import HubError, parse_hub_resume
 from tools.make_demo_dataset import make_demo_dataset
 from tools.make_tiny_models import make_tiny_models
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from library.image_io import (
+from library.data.images import (
     BadImageError,
     ImageProbe,
     check_images,
@@ -278,7 +278,7 @@ def test_check_images_lists_every_bad_file(broken):
 
 def test_check_images_skip_bad_warns_and_keeps_good(broken, caplog):
     paths = sorted(broken.iterdir())
-    with caplog.at_level(logging.WARNING, logger="library.image_io"):
+    with caplog.at_level(logging.WARNING, logger="library.data.images"):
         good, bad = check_images(paths, skip_bad=True)
     assert [p.path.name for p in good] == ["good.jpg", "good.png"]
     assert len(bad) == 4

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from library.flux_diffusers_keys import bfl_to_diffusers
-from library.safetensors_io import save_file_atomic
+from library.formats.diffusers_keys import bfl_to_diffusers
+from library.formats.safetensors_io import save_file_atomic
 from tools.make_tiny_models import make_tiny_models
 
 import flux_minimal_inference as cli
@@ -114,7 +114,7 @@ def test_interactive_mode_reads_prompts_until_empty_line(tiny, tmp_path):
 
 
 def test_parse_interactive_line():
-    from library.flux_generation import GenerationSettings
+    from library.flow.generation import GenerationSettings
 
     s = cli.parse_interactive_line("a cat --w 512 --h 256 --s 8 --d 9 --g 2.5 --n ugly --c 3",
                                    GenerationSettings(prompt="", seed=1))
@@ -176,7 +176,7 @@ def test_schnell_uses_4_unshifted_steps_and_offload_gives_the_same_image(tmp_pat
 
 def test_python_api_from_readme(tiny):
     from library import flux_utils
-    from library.flux_generation import FluxModels, GenerationSettings, Placement, generate
+    from library.flow.generation import FluxModels, GenerationSettings, Placement, generate
 
     is_schnell, flux = flux_utils.load_flow_model(tiny["flux"], torch.float32, "cpu")
     ae = flux_utils.load_ae(tiny["ae"], torch.float32, "cpu")

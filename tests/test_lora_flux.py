@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import read_key_fixture
-from library.flux_models import FLUX_PRESETS, Flux
-from library.safetensors_io import ModelFileError, load_tensors, read_header, save_file_atomic
+from library.models.transformer import FLUX_PRESETS, Flux
+from library.formats.safetensors_io import ModelFileError, load_tensors, read_header, save_file_atomic
 from model_helpers import diffusers_reference, flux_inputs, run
 from networks import lora_flux
 
@@ -288,7 +288,7 @@ def test_save_load_round_trip_with_metadata_and_hashes(models, tmp_path):
 
 
 def test_model_hashes_ignore_non_ss_metadata_and_cover_legacy_offset():
-    from library.model_hashes import add_model_hashes
+    from library.formats.model_hashes import add_model_hashes
 
     tensors = {"a": torch.arange(600_000, dtype=torch.float32)}  # 2.4 MB: the legacy window holds data
     m1, m2, m3 = {"ss_x": "1"}, {"ss_x": "1", "modelspec.title": "t"}, {"ss_x": "2"}
@@ -486,7 +486,7 @@ def test_param_groups_lrs_loraplus_and_regex_lrs(models):
 
 
 def test_lora_on_fp8_linear(models):
-    from library.fp8 import Fp8Linear, prepare_fp8
+    from library.memory.fp8 import Fp8Linear, prepare_fp8
 
     flux = prepare_fp8(models[0].requires_grad_(False), compute_dtype=torch.float32)
     layer = flux.double_blocks[0].img_attn.qkv

@@ -1,4 +1,4 @@
-"""library/lora_formats.py and networks/convert_flux_lora.py: every layout read exactly, any to any conversion,
+"""library/formats/lora_formats.py and networks/convert_flux_lora.py: every layout read exactly, any to any conversion,
 loading foreign layouts through the trainer's / inference's loaders."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from library import lora_formats as lf
-from library.flux_models import Flux
-from library.safetensors_io import load_tensors, save_file_atomic
+from library.formats import lora_formats as lf
+from library.models.transformer import Flux
+from library.formats.safetensors_io import load_tensors, save_file_atomic
 from model_helpers import flux_inputs
 from networks import convert_flux_lora, lora_flux
 
@@ -187,7 +187,7 @@ def test_kohya_files_load_unchanged(tmp_path):
 def test_foreign_files_apply_like_the_kohya_file(models, tiny_paths, tmp_path, fmt):
     """--lora_weights (apply_loras, hooked and merged) and --network_weights (load_weights) read a converted
     file with the same effect as the kohya original, transformer and text encoders alike."""
-    from library.lora_loading import apply_loras
+    from library.lora.loading import apply_loras
 
     flux, clip, t5 = models
     sd = kohya_lora(models, split_qkv=True)
@@ -246,7 +246,7 @@ def test_real_size_dev_lora_lands_on_real_diffusers_and_bfl_keys():
     from dataclasses import replace
 
     from conftest import read_key_fixture
-    from library.flux_models import FLUX_PRESETS
+    from library.models.transformer import FLUX_PRESETS
 
     with torch.device("meta"):
         flux = Flux(replace(FLUX_PRESETS["dev"], depth=2, depth_single_blocks=2))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from library.lora_formats import LoRAWeights, load_lora, read_lora
-from library.safetensors_io import load_tensors, save_file_atomic
+from library.formats.lora_formats import LoRAWeights, load_lora, read_lora
+from library.formats.safetensors_io import load_tensors, save_file_atomic
 from model_helpers import diffusers_reference, flux_inputs, run
 from networks import convert_flux_lora, flux_extract_lora, flux_merge_lora, lora_flux
 
@@ -26,8 +26,8 @@ def trained(setup):
     """A LoRA trained by flux_train_network.py's CLI (4 steps): every block module with split_qkv, plus the
     conditioning layers (in_dims), transformer only."""
     import flux_train_network as cli
-    from library.lora_training import LoRATrainer
-    from library.train_args import verify_training_args
+    from library.training.recipes.lora import LoRATrainer
+    from library.training.arguments import verify_training_args
 
     models, toml, base = setup
     out = base / "trained"
@@ -133,7 +133,7 @@ def test_merge_into_a_diffusers_checkpoint_and_text_encoders(setup, tmp_path):
     """A diffusers-layout transformer comes out with BFL names; lora_te1 / lora_te3 modules go into the CLIP-L /
     T5 files."""
     from library import flux_utils
-    from library.flux_diffusers_keys import bfl_to_diffusers
+    from library.formats.diffusers_keys import bfl_to_diffusers
 
     models, _, _ = setup
     flux = load_flux(models["flux"])
@@ -174,7 +174,7 @@ def _random_lora(names_shapes, rank, alpha, seed):
 
 
 def test_merge_loras_into_one_concat_exact_and_svd(tmp_path):
-    from library.lora_formats import save_lora
+    from library.formats.lora_formats import save_lora
 
     shapes = {"lora_unet_double_blocks_0_img_attn_proj": (64, 64), "lora_unet_single_blocks_1_linear2": (64, 320)}
     a = _random_lora(shapes, 4, 2.0, 1)
@@ -257,8 +257,8 @@ def test_trainer_reads_foreign_network_and_base_weights(setup, trained, tmp_path
     """flux_train_network.py --network_weights (diffusers file, --dim_from_weights) and --base_weights (ComfyUI
     file): the network starts from the file's exact updates, the base gets the ComfyUI LoRA merged."""
     import flux_train_network as cli
-    from library.lora_training import LoRATrainer
-    from library.train_args import verify_training_args
+    from library.training.recipes.lora import LoRATrainer
+    from library.training.arguments import verify_training_args
 
     models, toml, _ = setup
     for fmt in ("diffusers", "comfyui"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from library.flux_ae import load_ae
+from library.models.autoencoder import load_ae
 from tools.make_tiny_models import POSTERIOR_STD, main, make_tiny_models
 
 

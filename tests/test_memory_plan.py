@@ -1,4 +1,4 @@
-"""The memory planner (library/memory_plan.py, tools/plan_memory.py): predictions checked against real steps."""
+"""The memory planner (library/planner/plan.py, tools/plan_memory.py): predictions checked against real steps."""
 
 import json
 from dataclasses import replace
@@ -6,9 +6,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from library.flux_models import FLUX_PRESETS, Flux
-from library.memory_plan import GIB, PlanSettings, choose_blocks_to_swap, plan_many, plan_memory
-from library.memory_report import measure_cpu_step
+from library.models.transformer import FLUX_PRESETS, Flux
+from library.planner.plan import GIB, PlanSettings, choose_blocks_to_swap, plan_many, plan_memory
+from library.planner.report import measure_cpu_step
 
 TINY = FLUX_PRESETS["tiny"]
 # FLUX.1's structure and head size at a small width (as bench/bench_train_step.py's small preset).
@@ -69,7 +69,7 @@ def test_checkpointing_and_swapping_lower_the_peak_as_expected():
 
 
 def test_fused_attention_is_counted_without_the_attention_matrix():
-    from library.memory_count import LiveBytes, device_emulation
+    from library.planner.live_bytes import LiveBytes, device_emulation
 
     q = torch.empty(1, 24, 4608, 128, device="meta", dtype=torch.bfloat16)
     for target in ("cuda", "cpu"):
@@ -101,8 +101,8 @@ def test_flux_dev_lora_targets_on_8gb():
 
 
 def test_choose_blocks_to_swap_picks_the_smallest_count_that_fits(tmp_path):
-    from library.safetensors_io import save_file_atomic
-    from library.train_args import training_parser
+    from library.formats.safetensors_io import save_file_atomic
+    from library.training.arguments import training_parser
 
     path = tmp_path / "flux.safetensors"
     save_file_atomic({k: v.to(torch.bfloat16) for k, v in Flux(TINY_DEEP).state_dict().items()}, path)
@@ -144,7 +144,7 @@ def test_cli_json_and_text(capsys):
 
 
 def test_swap_speed_model():
-    from library.swap_speed import StackCost, model_step, simulate_stack
+    from library.planner.swap_speed import StackCost, model_step, simulate_stack
 
     # transfers faster than a block's compute hide completely; a slow link bounds the forward by the transfers
     f, b = simulate_stack(StackCost(19, 9, forward_s=1.0, backward_s=2.0, transfer_s=0.5))
@@ -163,7 +163,7 @@ def test_swap_speed_model():
 def test_cuda_peak_matches_prediction():
     """On a GPU: the allocator's peak of a real step (small preset, bf16 autocast) within 10% of the prediction
     without the runtime overhead (which max_memory_allocated does not include)."""
-    from library.memory_plan import build_rig
+    from library.planner.plan import build_rig
 
     s = PlanSettings(model="small", params=SMALL, width=512, height=512, t5_tokens=128, optimizer_type="AdamW")
     plan = plan_memory(s)
@@ -178,7 +178,7 @@ def test_cuda_peak_matches_prediction():
 
 
 def test_text_encoders_count_only_when_their_outputs_are_not_cached():
-    from library.memory_plan import _encoder_bytes
+    from library.planner.plan import _encoder_bytes
 
     assert _encoder_bytes(PlanSettings()) == 0  # cached text-encoder outputs and latents
     fp8 = _encoder_bytes(PlanSettings(cache_text_encoder_outputs=False, fp8_base=True))

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from library.lr_schedulers import SCHEDULERS, get_scheduler, resolve_steps
-from library.optimizers import (OptimizerError, add_optimizer_arguments, get_optimizer, is_schedule_free,
+from library.training.lr_schedulers import SCHEDULERS, get_scheduler, resolve_steps
+from library.training.optimizers import (OptimizerError, add_optimizer_arguments, get_optimizer, is_schedule_free,
                                 optimizer_eval_mode, optimizer_metadata_text, optimizer_train_mode, parse_kv_args,
                                 resolve_optimizer_type)
 

@@ -1,4 +1,4 @@
-"""Sample prompts (library/sample_prompts.py) and sample images during training (library/training_samples.py)."""
+"""Sample prompts (library/flow/prompts.py) and sample images during training (library/training/samples.py)."""
 
 import json
 import random
@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from library.flux_generation import FluxModels, GenerationSettings, Placement, generate
-from library.flux_sampling import get_schedule
-from library.sample_prompts import SamplePrompt, SamplePromptError, load_prompts, parse_prompt_line
-from library.training_samples import (
+from library.flow.generation import FluxModels, GenerationSettings, Placement, generate
+from library.flow.sampling import get_schedule
+from library.flow.prompts import SamplePrompt, SamplePromptError, load_prompts, parse_prompt_line
+from library.training.samples import (
     SampleSchedule,
     precompute_prompt_conditioning,
     sample_image_stem,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from library.flux_sampling import (
+from library.flow.sampling import (
     Conditioning,
     denoise,
     get_noise,

@@ -7,12 +7,12 @@ import time
 import pytest
 import torch
 
-from library.safetensors_io import ModelFileError, read_header, save_file_atomic
-from library.text_encoders import (CLIP_L_CONFIG, T5_XXL_CONFIG, clip_l_config, clip_l_config_from_file,
+from library.formats.safetensors_io import ModelFileError, read_header, save_file_atomic
+from library.models.text_encoders import (CLIP_L_CONFIG, T5_XXL_CONFIG, clip_l_config, clip_l_config_from_file,
                                    load_clip_l, load_t5xxl, save_clip_l, save_t5xxl, t5xxl_config,
                                    t5xxl_config_from_file, tiny_clip_config, tiny_t5_config)
-from library.text_encoding import FluxTokenizer, encode_prompts, t5_max_length_for
-from library.tokenizer_loading import (TokenizerNotFoundError, load_clip_tokenizer, load_t5_tokenizer,
+from library.models.text_encoding import FluxTokenizer, encode_prompts, t5_max_length_for
+from library.models.tokenizers import (TokenizerNotFoundError, load_clip_tokenizer, load_t5_tokenizer,
                                        write_tiny_tokenizers)
 
 CLIP_DIR, T5_DIR = "openai_clip-vit-large-patch14", "google_t5-v1_1-xxl"
@@ -255,7 +255,7 @@ def test_tokenizer_offline_error_is_fast_and_lists_what_was_tried(tmp_path, monk
 
 
 def test_hub_tokenizer_is_saved_into_cache_dir(tmp_path, tok_dir, monkeypatch):
-    import library.tokenizer_loading as tl
+    import library.models.tokenizers as tl
 
     monkeypatch.setattr(tl, "_hub_snapshot", lambda repo_id, tried: tok_dir / CLIP_DIR)  # stands in for the hub
     load_clip_tokenizer(tmp_path / "cache")

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from library import config_file
-from library import train_args as ta
+from library.training import config_file
+from library.training import arguments as ta
 
 try:
-    from library.optimizers import add_optimizer_arguments
+    from library.training.optimizers import add_optimizer_arguments
 except ImportError:  # written concurrently by another engineer: a stand-in with sd-scripts' names (reference 1.9)
     def add_optimizer_arguments(parser):
         group = parser.add_argument_group("optimizer")
@@ -99,7 +99,7 @@ def test_chroma_is_refused_by_the_parser(capsys):
 
 
 def test_module_import_is_cheap():
-    code = ("import sys; sys.path.insert(0, '.'); import library.train_args as t, library.training_metadata; "
+    code = ("import sys; sys.path.insert(0, '.'); import library.training.arguments as t, library.formats.metadata; "
             "t.training_parser('network'); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'PIL', 'cv2')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])

@@ -15,7 +15,7 @@ import cli_runs
 from cli_runs import model_args, run_args
 import flux_minimal_inference as inference_cli
 import flux_train_control_net as cli
-from library.train_args import verify_training_args
+from library.training.arguments import verify_training_args
 from tools.make_demo_dataset import make_controlnet_demo_dataset, make_demo_dataset
 from tools.make_tiny_models import make_tiny_models
 
@@ -118,7 +118,7 @@ def test_conditioning_images_are_cropped_exactly_like_their_targets(tmp_path):
     """A 96x64 target with a bright band at x = 56..63 is centre-cropped to 64x64; its conditioning images, one at
     half size and one squashed to another size and aspect, must show the band on the same columns (resizing them
     straight to the bucket, as sd-scripts does, would put it at about x = 37..42)."""
-    from library.train_setup import build_dataset_groups
+    from library.training.setup import build_dataset_groups
 
     images, cond = tmp_path / "images", tmp_path / "cond"
     images.mkdir()
@@ -150,8 +150,8 @@ def test_example_configs_parse_and_resolve(tmp_path, monkeypatch):
     import shutil
 
     from conftest import ROOT
-    from library.config_file import read_config_from_file
-    from library.train_setup import build_dataset_groups
+    from library.training.config_file import read_config_from_file
+    from library.training.setup import build_dataset_groups
 
     for folder in ("train/images", "train/canny"):
         (tmp_path / folder).mkdir(parents=True)

@@ -100,7 +100,7 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
 
 
 def test_interruption_saves_a_resumable_state(setup, tmp_path, monkeypatch):
-    from library.lora_training import LoRATrainer
+    from library.training.recipes.lora import LoRATrainer
 
     _, code = run_trainer(train_args(setup, tmp_path / "ref", "--output_name", "x"))
     original = LoRATrainer.after_step
@@ -123,7 +123,7 @@ def test_interruption_saves_a_resumable_state(setup, tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_with_the_step_named(setup, tmp_path, monkeypatch, capsys):
-    from library.flux_train_step import FluxLossComputer
+    from library.training.loss import FluxLossComputer
 
     original = FluxLossComputer.__call__
     calls = []

@@ -15,9 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import flux_train_network as cli
-from library.flux_models import Flux
-from library.flux_train_step import FluxLossComputer
-from library.train_loop import Trainer
+from library.models.transformer import Flux
+from library.training.loss import FluxLossComputer
+from library.training.loop import Trainer
 from test_train_network import run_trainer, train_args
 from tools.make_demo_dataset import make_demo_dataset
 from tools.make_tiny_models import make_tiny_models

@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from library import train_args as ta
-from library import training_metadata as tm
+from library.training import arguments as ta
+from library.formats import metadata as tm
 
 try:
-    from library.optimizers import add_optimizer_arguments
+    from library.training.optimizers import add_optimizer_arguments
 except ImportError:  # written concurrently by another engineer
     def add_optimizer_arguments(parser):
         group = parser.add_argument_group("optimizer")

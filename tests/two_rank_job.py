@@ -8,8 +8,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flux_train_network as cli  # noqa: E402
-from library.lora_training import LoRATrainer  # noqa: E402
-from library.train_args import verify_training_args  # noqa: E402
+from library.training.recipes.lora import LoRATrainer  # noqa: E402
+from library.training.arguments import verify_training_args  # noqa: E402
 
 
 def main() -> int:
@@ -20,7 +20,7 @@ def main() -> int:
         trainer = LoRATrainer(args)
     else:
         import flux_train
-        from library.full_training import FullTrainer
+        from library.training.recipes.full import FullTrainer
 
         args = flux_train.setup_parser().parse_args(argv)
         verify_training_args(args, "full")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from library.dataset_args import add_dataset_arguments  # noqa: E402 (cheap: no torch)
+from library.data.arguments import add_dataset_arguments  # noqa: E402 (cheap: no torch)
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -49,8 +49,8 @@ class _Collect(logging.Handler):
 
 
 def image_records(group) -> list[dict]:
-    from library.buckets import get_crop_ltrb
-    from library.captions import text_encoder_cache_caption
+    from library.data.buckets import get_crop_ltrb
+    from library.data.captions import text_encoder_cache_caption
 
     records = []
     for ds in group.datasets:
@@ -68,7 +68,7 @@ def image_records(group) -> list[dict]:
 
 
 def caption_report(group, args) -> list[str]:
-    from library.captions import tag_frequency
+    from library.data.captions import tag_frequency
 
     captions = [i.caption for i in group.items]
     words = [len(c.split()) for c in captions] or [0]
@@ -79,7 +79,7 @@ def caption_report(group, args) -> list[str]:
         top = ", ".join(f"{t} ({n})" for t, n in tags.most_common(10))
         lines.append(f"tags: {len(tags)} distinct; most common: {top}")
     if args.tokenizer_cache_dir:
-        from library.tokenizer_loading import load_t5_tokenizer
+        from library.models.tokenizers import load_t5_tokenizer
 
         t5 = load_t5_tokenizer(args.tokenizer_cache_dir)
         lengths = [len(t5(c)["input_ids"]) for c in captions]
@@ -90,7 +90,7 @@ def caption_report(group, args) -> list[str]:
 
 
 def report(group, args) -> list[str]:
-    from library.datasets import max_train_steps_for, num_train_epochs, steps_per_epoch
+    from library.data.datasets import max_train_steps_for, num_train_epochs, steps_per_epoch
 
     out = []
     for ds in group.datasets:
@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inspect(args, unknown: list[str], collect: _Collect) -> int:
-    from library.dataset_config import DatasetConfigError, load_dataset_config
-    from library.datasets import build_datasets
-    from library.image_io import BadImageError
+    from library.data.config import DatasetConfigError, load_dataset_config
+    from library.data.datasets import build_datasets
+    from library.data.images import BadImageError
 
     problems: list[str] = []
     group = None

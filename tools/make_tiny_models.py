@@ -54,12 +54,12 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
     import torch
     from transformers import CLIPTextModel, T5EncoderModel
 
-    from library.dtypes import str_to_dtype
-    from library.flux_ae import AE_PRESETS, AutoEncoder
-    from library.flux_models import FLUX_PRESETS, Flux
-    from library.safetensors_io import save_file_atomic
-    from library.text_encoders import save_clip_l, save_t5xxl, tiny_clip_config, tiny_t5_config
-    from library.tokenizer_loading import write_tiny_tokenizers
+    from library.formats.dtypes import str_to_dtype
+    from library.models.autoencoder import AE_PRESETS, AutoEncoder
+    from library.models.transformer import FLUX_PRESETS, Flux
+    from library.formats.safetensors_io import save_file_atomic
+    from library.models.text_encoders import save_clip_l, save_t5xxl, tiny_clip_config, tiny_t5_config
+    from library.models.tokenizers import write_tiny_tokenizers
 
     if init not in INITS:
         raise ValueError(f"init {init!r} is not one of {', '.join(INITS)}")

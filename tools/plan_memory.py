@@ -1,7 +1,7 @@
 """Predict the peak GPU memory of a FLUX.1 training run before starting it (and before downloading the model).
 
 Takes a trainer's own arguments (command line or --config_file) and runs one real training step on tensors that
-hold no data (see library/memory_plan.py and docs/benchmarks.md):
+hold no data (see library/planner/plan.py and docs/benchmarks.md):
 
     python tools/plan_memory.py --model_preset dev --resolution 1024,1024 --network_dim 16 --fp8_base \
         --mixed_precision bf16 --gradient_checkpointing --cache_text_encoder_outputs --cache_latents \
@@ -44,8 +44,8 @@ def planner_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str]):
-    from library.config_file import read_config_from_file
-    from library.train_args import training_parser
+    from library.training.config_file import read_config_from_file
+    from library.training.arguments import training_parser
 
     planner = planner_parser()
     known, rest = planner.parse_known_args(argv)
@@ -60,7 +60,7 @@ def parse(argv: list[str]):
 
 
 def _line(plan) -> str:
-    from library.memory_plan import GIB, MIB, RUNTIME_OVERHEAD, SOURCES
+    from library.planner.plan import GIB, MIB, RUNTIME_OVERHEAD, SOURCES
 
     s = plan.settings
     what = (f"LoRA rank {s.network_dim}" if s.trainer == "network" else "full fine-tuning")
@@ -86,8 +86,8 @@ def _line(plan) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
-    from library.memory_plan import choose_blocks_to_swap, plan_memory, settings_from_args
-    from library.train_args import verify_training_args
+    from library.planner.plan import choose_blocks_to_swap, plan_memory, settings_from_args
+    from library.training.arguments import verify_training_args
 
     try:
         verify_training_args(args, args.trainer)  # the trainer's implications (e.g. *_to_disk -> caching)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             args.blocks_to_swap = choose_blocks_to_swap(args, args.trainer)
         s = settings_from_args(args, args.trainer, args.target)
         if args.table:
-            from library.memory_report import format_table, run_table
+            from library.planner.report import format_table, run_table
 
             rows = run_table(s, progress=lambda p: print(".", end="", file=sys.stderr, flush=True))
             print(file=sys.stderr)
@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(format_table(rows))
             return 0
         if args.speed:
-            from library.memory_report import format_speed, speed_models
-            from library.swap_speed import ASSUMPTIONS, DEFAULT_H2D_GBPS, DEFAULT_TFLOPS
+            from library.planner.report import format_speed, speed_models
+            from library.planner.swap_speed import ASSUMPTIONS, DEFAULT_H2D_GBPS, DEFAULT_TFLOPS
 
             tflops, gbps = args.gpu_tflops or DEFAULT_TFLOPS, args.h2d_gbps or DEFAULT_H2D_GBPS
             flops, models = speed_models(s, tflops=tflops, h2d_gbps=gbps)

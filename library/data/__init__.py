@@ -1,0 +1,1 @@
+"""Datasets: TOML schema and config, images, buckets, captions, items, batches, latent and text caches."""

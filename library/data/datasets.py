@@ -1,0 +1,284 @@
+"""Training datasets: bucketed batches built from resolved dataset configs, shared by every trainer.
+
+Each dataset item is a whole batch from one bucket (as in sd-scripts). Unlike sd-scripts, the order of an epoch is
+a pure function of (seed, epoch): the sampler hands `(epoch, index, step)` keys to `__getitem__`, so DataLoader
+workers need no shared state, every random choice (flip, crop, caption shuffle) is reproducible, and a resumed run
+sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from library.data.augment import color_aug, flip_horizontal
+from library.data.buckets import BucketPlanner, resize_and_crop
+from library.data.captions import process_caption
+from library.data.config import DatasetConfig, DatasetGroupConfig
+from library.data.items import ImageItem, balance_regularisation, collect_subset_items, split_for_validation
+from library.data.images import load_image
+
+logger = logging.getLogger(__name__)
+
+BatchKey = tuple[int, int, int]  # (epoch, batch index, global step for caption warm-up)
+
+
+@dataclass
+class BatchEntry:
+    bucket: int  # index into FluxDataset.buckets
+    start: int  # first position in the bucket's (shuffled) list
+
+
+class FluxDataset(torch.utils.data.Dataset):
+    """One `[[datasets]]` entry: its images in buckets, served as whole batches."""
+
+    def __init__(self, config: DatasetConfig, items: list[ImageItem], seed: int, *, max_train_steps: int = 0,
+                 conditioning_as_mask: bool = False):
+        self.config, self.items, self.seed = config, items, seed
+        self.max_train_steps = max_train_steps
+        self.conditioning_as_mask = conditioning_as_mask
+        self.tokenizer = self.latent_cache = self.te_cache = None  # see DatasetGroup.attach
+        self.planner = BucketPlanner(config.resolution, config.enable_bucket, config.min_bucket_reso,
+                                     config.max_bucket_reso, config.bucket_reso_steps, config.bucket_no_upscale)
+        buckets: dict[tuple[int, int], list[int]] = {}
+        self.ar_errors = []
+        for index, item in enumerate(items):
+            choice = self.planner.select(item.image_size)
+            item.bucket_reso, item.resized_size = choice.bucket_reso, choice.resized_size
+            self.ar_errors.append(abs(choice.ar_error))
+            buckets.setdefault(choice.bucket_reso, []).extend([index] * item.num_repeats)
+        self.bucket_resos = sorted(buckets)
+        self.buckets = [buckets[r] for r in self.bucket_resos]
+        bs = config.batch_size
+        self.entries = [BatchEntry(b, start) for b, content in enumerate(self.buckets)
+                        for start in range(0, len(content), bs)]
+
+    # --- sizes ----------------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def num_train_images(self) -> int:
+        """Images per epoch with repeats (regularisation included), as sd-scripts counts them."""
+        return sum(len(b) for b in self.buckets)
+
+    def bucket_table(self) -> list[dict]:
+        return [{"resolution": list(r), "count": len(b)} for r, b in zip(self.bucket_resos, self.buckets)]
+
+    # --- batches --------------------------------------------------------------------------------------------------
+
+    def _bucket_order(self, epoch: int, bucket: int) -> list[int]:
+        order = list(self.buckets[bucket])
+        random.Random(f"{self.seed}:{epoch}:{bucket}").shuffle(order)
+        return order
+
+    def __getitem__(self, key: int | BatchKey) -> dict:
+        epoch, index, step = (1, key, 0) if isinstance(key, int) else key
+        entry = self.entries[index]
+        members = self._bucket_order(epoch, entry.bucket)[entry.start: entry.start + self.config.batch_size]
+        samples = [self._sample(self.items[i], random.Random(f"{self.seed}:{epoch}:{index}:{j}"), epoch, step)
+                   for j, i in enumerate(members)]
+        return self._collate(samples)
+
+    def _sample(self, item: ImageItem, rng: random.Random, epoch: int, step: int) -> dict:
+        flipped = item.flip_aug and rng.random() < 0.5
+        out = {"item": item, "flipped": flipped, "loss_weight": self.config.prior_loss_weight if item.is_reg else 1.0}
+        if self.latent_cache is not None:
+            entry = self.latent_cache.get(item)
+            out["latents"] = entry.latents_flipped if flipped else entry.latents
+            mask = entry.alpha_mask
+            if mask is not None and flipped:
+                mask = torch.flip(mask, dims=[-1])
+            out["alpha_mask"] = mask
+            out["crop_ltrb"] = entry.crop_ltrb
+        else:
+            image, alpha, crop_ltrb, crop_left_top = self.load_pixels(item, rng)
+            if flipped:
+                image, alpha = flip_horizontal(image, alpha)
+            if item.subset.color_aug:
+                image = color_aug(image, rng)
+            out.update(image=_to_tensor(image), alpha_mask=torch.from_numpy(alpha) if alpha is not None else None,
+                       crop_ltrb=crop_ltrb, crop_left_top=crop_left_top)
+        if item.conditioning_path is not None:
+            cond = self.load_conditioning(item, flipped)
+            out["conditioning_image"] = cond
+            if self.conditioning_as_mask:  # masked loss from the conditioning image's red channel
+                out["alpha_mask"] = (cond[0] + 1) / 2
+        out["caption"] = (item.te_caption if self.te_cache is not None else
+                          process_caption(item.caption, item.caption_options, rng, epoch, step, self.max_train_steps))
+        return out
+
+    def load_pixels(self, item: ImageItem, rng: random.Random | None = None):
+        """(rgb at bucket size, alpha or None, crop_ltrb, crop left/top): decode, resize and crop one image."""
+        image, alpha = load_image(item.absolute_path, with_alpha=item.alpha_mask)
+        interpolation = item.resize_interpolation or self.config.resize_interpolation
+        return resize_and_crop(image, item.resized_size, item.bucket_reso, interpolation,
+                               item.subset.random_crop, rng, alpha)
+
+    def load_conditioning(self, item: ImageItem, flipped: bool) -> torch.Tensor:
+        """The conditioning image through the target's exact geometry: scaled to the target's original size first,
+        then the same resize and centre crop, so the two stay aligned whatever their own aspect ratios."""
+        import cv2
+
+        cond, _ = load_image(item.conditioning_path)
+        if (cond.shape[1], cond.shape[0]) != item.image_size:
+            cond = cv2.resize(cond, item.image_size, interpolation=cv2.INTER_AREA)
+        interpolation = item.resize_interpolation or self.config.resize_interpolation
+        cond, _, _, _ = resize_and_crop(cond, item.resized_size, item.bucket_reso, interpolation)
+        if flipped:
+            cond, _ = flip_horizontal(cond)
+        return _to_tensor(cond)
+
+    def _collate(self, samples: list[dict]) -> dict:
+        items = [s["item"] for s in samples]
+        captions = [s["caption"] for s in samples]
+        batch = {
+            "latents": torch.stack([s["latents"] for s in samples]) if "latents" in samples[0] else None,
+            "images": torch.stack([s["image"] for s in samples]) if "image" in samples[0] else None,
+            "alpha_masks": _stack_masks(samples),
+            "captions": captions,
+            "loss_weights": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32),
+            "custom_attributes": [i.subset.custom_attributes for i in items],
+            "network_multipliers": torch.full((len(items),), float(self.config.network_multiplier)),
+            "image_keys": [str(i.absolute_path) for i in items],
+            "original_sizes_hw": torch.tensor([[i.image_size[1], i.image_size[0]] for i in items]),
+            "target_sizes_hw": torch.tensor([[i.bucket_reso[1], i.bucket_reso[0]] for i in items]),
+            "crop_ltrb": [s.get("crop_ltrb") for s in samples],
+            "flippeds": [s["flipped"] for s in samples],
+            "conditioning_images": (torch.stack([s["conditioning_image"] for s in samples])
+                                    if "conditioning_image" in samples[0] else None),
+            "text_encoder_outputs_list": None,
+            "input_ids_list": None,
+        }
+        if self.te_cache is not None:
+            from library.data.text_encoder_cache import stack_outputs
+
+            batch["text_encoder_outputs_list"] = list(stack_outputs([self.te_cache.get(i) for i in items]))
+        elif self.tokenizer is not None:
+            batch["input_ids_list"] = list(self.tokenizer(captions))
+        return batch
+
+
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> (3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def _stack_masks(samples: list[dict]) -> torch.Tensor | None:
+    masks = [s.get("alpha_mask") for s in samples]
+    if all(m is None for m in masks):
+        return None
+    shape = next(m for m in masks if m is not None).shape
+    return torch.stack([m if m is not None else torch.ones(shape) for m in masks])
+
+
+class DatasetGroup(torch.utils.data.Dataset):
+    """All datasets of a run. Keys are (epoch, global batch index, step); see EpochBatchSampler."""
+
+    def __init__(self, datasets: Sequence[FluxDataset], seed: int):
+        self.datasets, self.seed = list(datasets), seed
+        self.offsets = np.cumsum([0] + [len(d) for d in self.datasets])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, key: int | BatchKey) -> dict:
+        epoch, index, step = (1, key, 0) if isinstance(key, int) else key
+        d = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        return self.datasets[d][(epoch, index - int(self.offsets[d]), step)]
+
+    def attach(self, tokenizer=None, latent_cache=None, te_cache=None) -> None:
+        """Give every dataset what its batches need once models exist: cached latents instead of images, cached
+        text-encoder outputs instead of token ids (a tokenizer otherwise)."""
+        for d in self.datasets:
+            d.tokenizer, d.latent_cache, d.te_cache = tokenizer, latent_cache, te_cache
+
+    @property
+    def items(self) -> list[ImageItem]:
+        return [i for d in self.datasets for i in d.items]
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self)))
+        random.Random(f"{self.seed}:order:{epoch}").shuffle(order)
+        return order
+
+    @property
+    def num_train_images(self) -> int:
+        return sum(d.num_train_images for d in self.datasets)
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Yields this process's keys of one epoch in its seeded order; `set_epoch` before iterating, `skip` batches
+    on resume. With several processes, rank r takes every n-th batch of the epoch order; the shorter ranks repeat
+    their first batch so every rank runs the same number of steps.
+
+    The step passed with each key counts batches from the start of training (for caption token warm-up)."""
+
+    def __init__(self, group: DatasetGroup, epoch: int = 1, skip: int = 0, process_index: int = 0,
+                 num_processes: int = 1):
+        self.group, self.epoch, self.skip = group, epoch, skip
+        self.process_index, self.num_processes = process_index, num_processes
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each process sees in a whole epoch."""
+        return math.ceil(len(self.group) / self.num_processes)
+
+    def __len__(self) -> int:
+        return max(self.batches_per_epoch - self.skip, 0)
+
+    def __iter__(self) -> Iterator[BatchKey]:
+        order = self.group.epoch_order(self.epoch)
+        mine = order[self.process_index::self.num_processes]
+        mine += mine[: self.batches_per_epoch - len(mine)]
+        base = (self.epoch - 1) * self.batches_per_epoch
+        for position in range(self.skip, len(mine)):
+            yield self.epoch, mine[position], base + position
+
+
+def build_datasets(group_config: DatasetGroupConfig, seed: int, *, skip_bad_images: bool = False,
+                   max_train_steps: int = 0, conditioning_as_mask: bool = False,
+                   ) -> tuple[DatasetGroup, DatasetGroup | None]:
+    """Training and validation DatasetGroups (validation None when no dataset asks for a split)."""
+    train, val = [], []
+    for index, config in enumerate(group_config.datasets):
+        subset_items = collect_subset_items(config, skip_bad_images)
+        split_seed = config.validation_seed if config.validation_seed is not None else seed + index
+        if config.kind == "dreambooth" and 0 < config.validation_split <= 1:
+            train_items, val_items = split_for_validation(subset_items, config.validation_split, split_seed)
+        else:
+            train_items, val_items = [i for s in subset_items for i in s.items], []
+        balance_regularisation(train_items)
+        train.append(FluxDataset(config, train_items, seed + index, max_train_steps=max_train_steps,
+                                 conditioning_as_mask=conditioning_as_mask))
+        if val_items:
+            val.append(FluxDataset(config, val_items, seed + index, max_train_steps=max_train_steps,
+                                   conditioning_as_mask=conditioning_as_mask))
+    return DatasetGroup(train, seed), (DatasetGroup(val, seed) if val else None)
+
+
+def steps_per_epoch(num_batches: int, num_processes: int = 1, gradient_accumulation_steps: int = 1) -> int:
+    """Optimizer steps per epoch: batches split over processes, then accumulated (reference 3.11)."""
+    return math.ceil(math.ceil(num_batches / num_processes) / gradient_accumulation_steps)
+
+
+def max_train_steps_for(num_batches: int, max_train_steps: int, max_train_epochs: int | None,
+                        num_processes: int = 1, gradient_accumulation_steps: int = 1) -> int:
+    """--max_train_epochs overrides --max_train_steps (reference 3.11)."""
+    if max_train_epochs:
+        return max_train_epochs * math.ceil(num_batches / num_processes / gradient_accumulation_steps)
+    return max_train_steps
+
+
+def num_train_epochs(max_train_steps: int, steps_in_epoch: int) -> int:
+    return math.ceil(max_train_steps / max(steps_in_epoch, 1))

@@ -1,0 +1,210 @@
+"""Finding the images of each subset: files, captions, sizes, repeats, regularisation balance, validation split.
+
+Everything here runs before any model loads. Every image (and ControlNet conditioning image) is probed from its
+header, so a bad file stops the run up front with the full list of problems (or is skipped with --skip_bad_images).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from library.formats.atomic_io import atomic_write
+from library.data.captions import (CaptionOptions, find_caption_file, finetune_caption, read_caption_file,
+                              text_encoder_cache_caption)
+from library.data.config import DatasetConfig, SubsetConfig
+from library.data.images import IMAGE_EXTENSIONS, BadImage, BadImageError, check_images, list_images
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class ImageItem:
+    """One training image. Satisfies the caches' item protocol (absolute_path, image_size, bucket_reso, flip_aug,
+    alpha_mask, te_caption)."""
+
+    absolute_path: Path
+    caption: str  # as read (before per-step processing)
+    subset: SubsetConfig
+    image_size: tuple[int, int]  # (W, H) after EXIF orientation
+    num_repeats: int = 1
+    conditioning_path: Path | None = None
+    conditioning_size: tuple[int, int] | None = None
+    bucket_reso: tuple[int, int] | None = None  # set by bucketing
+    resized_size: tuple[int, int] | None = None
+    caption_options: CaptionOptions = field(init=False)
+
+    def __post_init__(self):
+        self.caption_options = CaptionOptions.from_subset(self.subset)
+
+    @property
+    def flip_aug(self) -> bool:
+        return self.subset.flip_aug
+
+    @property
+    def alpha_mask(self) -> bool:
+        return self.subset.alpha_mask
+
+    @property
+    def is_reg(self) -> bool:
+        return self.subset.is_reg
+
+    @property
+    def resize_interpolation(self) -> str | None:
+        return self.subset.resize_interpolation  # already resolved subset > dataset > general
+
+    @property
+    def te_caption(self) -> str:
+        """The text encoded when text-encoder outputs are cached (deterministic processing only)."""
+        return text_encoder_cache_caption(self.caption, self.caption_options)
+
+
+@dataclass
+class SubsetItems:
+    subset: SubsetConfig
+    items: list[ImageItem]
+
+
+def _dreambooth_candidates(subset: SubsetConfig) -> list[tuple[Path, str | None]]:
+    """(image, caption or None) for every image of a DreamBooth or ControlNet subset."""
+    out = []
+    for path in list_images(subset.image_dir):
+        caption_file = find_caption_file(path, subset.caption_extension)
+        out.append((path.resolve(), read_caption_file(caption_file, subset.enable_wildcard) if caption_file else None))
+    return out
+
+
+def _finetune_candidates(subset: SubsetConfig) -> list[tuple[Path, str | None]]:
+    """(image, caption) from a fine-tuning metadata file: JSON {key: entry} or JSONL with `image_path`."""
+    path = Path(subset.metadata_file)
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".jsonl":
+            entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+            entries = {e["image_path"]: e for e in entries}
+        else:
+            entries = json.loads(text)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: cannot read the fine-tuning metadata ({e})") from None
+    if not isinstance(entries, dict):
+        raise ValueError(f"{path}: the metadata must be a JSON object of image entries")
+    out = []
+    for key, entry in entries.items():
+        image = Path(key)
+        if not image.is_absolute() and subset.image_dir is not None:
+            image = Path(subset.image_dir) / image
+        if not image.suffix and subset.image_dir is not None:  # sd-scripts keys may omit the extension
+            image = next((image.with_suffix(e) for e in IMAGE_EXTENSIONS if image.with_suffix(e).exists()), image)
+        out.append((image.resolve(), finetune_caption(entry, subset.caption_separator, subset.enable_wildcard)))
+    return out
+
+
+def _conditioning_image(subset: SubsetConfig, image: Path) -> Path | None:
+    folder = Path(subset.conditioning_data_dir)
+    return next((folder / (image.stem + e) for e in IMAGE_EXTENSIONS if (folder / (image.stem + e)).exists()), None)
+
+
+def collect_subset_items(dataset: DatasetConfig, skip_bad_images: bool = False) -> list[SubsetItems]:
+    """Images, captions and probed sizes of every subset of `dataset` (subsets with num_repeats < 1 are left out).
+
+    Raises BadImageError listing every unreadable image (and every missing conditioning image) of the dataset
+    unless `skip_bad_images`, in which case each is reported and skipped."""
+    found: list[tuple[SubsetConfig, list[tuple[Path, str | None, Path | None]]]] = []
+    missing_conditioning: list[BadImage] = []
+    for subset in dataset.subsets:
+        if subset.num_repeats < 1:
+            logger.warning("%s: num_repeats %d < 1, subset ignored", subset.where or subset.image_dir,
+                           subset.num_repeats)
+            continue
+        candidates = _finetune_candidates(subset) if subset.kind == "finetune" else _dreambooth_candidates(subset)
+        entries = []
+        for image, caption in candidates:
+            cond = None
+            if subset.kind == "controlnet":
+                cond = _conditioning_image(subset, image)
+                if cond is None:
+                    missing_conditioning.append(BadImage(image, f"no conditioning image with the same name in "
+                                                                f"{subset.conditioning_data_dir}"))
+                    continue
+            entries.append((image, caption, cond))
+        found.append((subset, entries))
+
+    paths = [p for _, entries in found for image, _, cond in entries for p in (image, cond) if p is not None]
+    probes, bad = check_images(paths, skip_bad=True)
+    bad += missing_conditioning
+    if bad and not skip_bad_images:
+        raise BadImageError(bad)
+    for b in missing_conditioning:
+        logger.warning("skipping image %s: %s", b.path, b.reason)
+    sizes = {p.path: p.size for p in probes}
+    bad_paths = {b.path for b in bad}
+
+    result = []
+    for subset, entries in found:
+        items, uncaptioned = [], []
+        for image, caption, cond in entries:
+            if image in bad_paths or cond in bad_paths:
+                continue
+            if caption is None:
+                uncaptioned.append(image)
+                caption = subset.class_tokens or ""
+            items.append(ImageItem(image, caption, subset, sizes[image], subset.num_repeats, cond,
+                                   sizes.get(cond) if cond else None))
+        if uncaptioned:
+            shown = ", ".join(str(p.name) for p in uncaptioned[:5]) + (" ..." if len(uncaptioned) > 5 else "")
+            fallback = f"class_tokens {subset.class_tokens!r}" if subset.class_tokens else "an empty caption"
+            logger.warning("%d image(s) without a caption file (%s) in %s use %s: %s", len(uncaptioned),
+                           subset.caption_extension, subset.image_dir, fallback, shown)
+        if subset.cache_info and subset.kind == "dreambooth":
+            write_metadata_cache(subset, items)
+        result.append(SubsetItems(subset, items))
+    return result
+
+
+def write_metadata_cache(subset: SubsetConfig, items: list[ImageItem]) -> None:
+    """sd-scripts' `metadata_cache.json` ({path: {caption, resolution}}); sizes here come from fast header probes,
+    so the file is written for tools that read it, never trusted over the images themselves."""
+    data = {str(i.absolute_path): {"caption": i.caption, "resolution": list(i.image_size)} for i in items}
+    path = Path(subset.image_dir) / "metadata_cache.json"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1), encoding="utf-8"))
+
+
+def balance_regularisation(items: list[ImageItem]) -> None:
+    """Raise the repeats of regularisation images round-robin until they are at least as many as the training
+    images (repeats counted), as sd-scripts does; warns when there are more regularisation images."""
+    train = sum(i.num_repeats for i in items if not i.is_reg)
+    reg = [i for i in items if i.is_reg]
+    if not reg:
+        return
+    n_reg = sum(i.num_repeats for i in reg)
+    if n_reg > train:
+        logger.warning("%d regularisation images (with repeats) outnumber the %d training images; "
+                       "not all of them are used every epoch", n_reg, train)
+    k = 0
+    while n_reg < train:
+        reg[k % len(reg)].num_repeats += 1
+        n_reg += 1
+        k += 1
+
+
+def split_for_validation(subset_items: list[SubsetItems], split: float, seed: int) -> tuple[list, list]:
+    """(training items, validation items) of a DreamBooth dataset: per non-regularisation subset, a shuffle seeded
+    by `seed`; the first ceil(n*(1-split)) train, the rest validate (always complementary, unlike sd-scripts
+    without validation_seed). Regularisation subsets stay in training; validation repeats are 1."""
+    train, val = [], []
+    for entry in subset_items:
+        if entry.subset.is_reg or split <= 0:
+            train += entry.items
+            continue
+        order = list(entry.items)
+        random.Random(seed).shuffle(order)
+        cut = math.ceil(len(order) * (1 - split))
+        train += order[:cut]
+        for item in order[cut:]:
+            item.num_repeats = 1
+            val.append(item)
+    return train, val

@@ -1,0 +1,1 @@
+"""Flow matching: noise schedules and losses, sampling, prompt files, image generation."""

@@ -1,0 +1,170 @@
+"""Text-to-image generation with loaded FLUX.1 components: prompt -> conditioning -> Euler loop -> decoded image.
+
+Used by flux_minimal_inference.py and meant for sample images during training. Loading lives elsewhere
+(library/models/loading.py); this module only moves models between devices when offloading is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from library.formats.atomic_io import atomic_write
+from library.flow.sampling import (
+    Conditioning,
+    denoise,
+    get_noise,
+    get_schedule,
+    packed_grid,
+    prepare_img_ids,
+    unpack_latents,
+)
+from library.models.text_encoding import FluxTokenizer, encode_prompts
+
+
+@dataclass
+class FluxModels:
+    flux: torch.nn.Module
+    ae: torch.nn.Module
+    clip_l: torch.nn.Module
+    t5xxl: torch.nn.Module
+    tokenizer: FluxTokenizer
+    is_schnell: bool
+    compute_dtype: torch.dtype  # dtype of the transformer's activations (bf16 for fp8 weights)
+
+
+@dataclass
+class GenerationSettings:
+    prompt: str
+    width: int = 1360
+    height: int = 768
+    steps: int | None = None  # None: 4 for schnell, 50 otherwise
+    guidance: float = 3.5
+    seed: int = 0
+    negative_prompt: str | None = None
+    cfg_scale: float = 1.0
+    lora_multipliers: tuple[float, ...] | None = None  # interactive --m; None keeps the current ones
+
+    def resolved_steps(self, is_schnell: bool) -> int:
+        return self.steps if self.steps is not None else (4 if is_schnell else 50)
+
+    def output_size(self) -> tuple[int, int]:
+        """(width, height) of the image actually produced: sizes round up to multiples of 16."""
+        h, w = packed_grid(self.height, self.width)
+        return w * 16, h * 16
+
+
+class Placement:
+    """Where models compute. With offload, a model visits `device` only while it runs and then goes back to where
+    it was (the CPU for inference with --offload; during training, a model already on the device stays there)."""
+
+    def __init__(self, device: torch.device, offload: bool):
+        self.device, self.offload = torch.device(device), offload
+
+    @contextmanager
+    def use(self, *models: torch.nn.Module):
+        homes = [next(m.parameters()).device for m in models] if self.offload else []
+        for m, home in zip(models, homes):
+            if home != self.device:  # one already there stays (and a block-swapped transformer must not move)
+                m.to(self.device)
+        try:
+            yield
+        finally:
+            for m, home in zip(models, homes):
+                if home != self.device:
+                    m.to(home)
+            if homes and self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def encode_prompt(models: FluxModels, prompt: str, placement: Placement, apply_t5_attn_mask: bool) -> Conditioning:
+    clip_ids, t5_ids, t5_mask = models.tokenizer([prompt])
+    with placement.use(models.clip_l, models.t5xxl), torch.no_grad():
+        l_pooled, t5_out, txt_ids, t5_mask = encode_prompts(models.clip_l, models.t5xxl, clip_ids, t5_ids, t5_mask,
+                                                           apply_t5_attn_mask=apply_t5_attn_mask)
+    for name, t in (("CLIP-L pooled output", l_pooled), ("T5-XXL output", t5_out)):
+        if torch.isnan(t).any():
+            raise ValueError(f"the {name} contains NaN (an fp16 T5-XXL overflows; use bf16 or fp32)")
+    to = dict(device=placement.device, dtype=models.compute_dtype)
+    return Conditioning(t5_out.to(**to), l_pooled.to(**to), txt_ids.to(**to),
+                        t5_mask.to(placement.device) if apply_t5_attn_mask else None)
+
+
+def generate(models: FluxModels, settings: GenerationSettings, placement: Placement,
+             apply_t5_attn_mask: bool = False, tiled_ae: bool = False, progress: bool = True,
+             return_latents: bool = False):
+    """Render one image; returns a PIL image of settings.output_size() (and, with `return_latents`, the
+    unpacked latents (1, 16, H/8, W/8) it was decoded from)."""
+    cond = encode_prompt(models, settings.prompt, placement, apply_t5_attn_mask)
+    negative = None
+    if settings.negative_prompt and settings.cfg_scale != 1.0:
+        negative = encode_prompt(models, settings.negative_prompt, placement, apply_t5_attn_mask)
+    latents = generate_latents(models, settings, cond, negative, placement, progress)
+    image = latents_to_image(models.ae, latents, placement, tiled_ae)
+    return (image, latents) if return_latents else image
+
+
+def generate_from_conditioning(models: FluxModels, settings: GenerationSettings, cond: Conditioning,
+                               negative: Conditioning | None, placement: Placement, tiled_ae: bool = False,
+                               progress: bool = True):
+    """Render from encoded prompts (e.g. precomputed before the text encoders were freed); a PIL image."""
+    latents = generate_latents(models, settings, cond, negative, placement, progress)
+    return latents_to_image(models.ae, latents, placement, tiled_ae)
+
+
+def generate_latents(models: FluxModels, settings: GenerationSettings, cond: Conditioning,
+                     negative: Conditioning | None, placement: Placement, progress: bool = True) -> torch.Tensor:
+    """Seeded noise, the schedule (unshifted for schnell), the Euler loop: latents (1, 16, H/8, W/8)."""
+    h, w = packed_grid(settings.height, settings.width)
+    noise = get_noise(1, settings.height, settings.width, settings.seed, models.compute_dtype, placement.device)
+    img_ids = prepare_img_ids(1, h, w).to(placement.device, models.compute_dtype)
+    timesteps = get_schedule(settings.resolved_steps(models.is_schnell), h * w, shift=not models.is_schnell)
+    with placement.use(models.flux):
+        latents = denoise(models.flux, noise, img_ids, cond, timesteps, settings.guidance, negative,
+                          settings.cfg_scale, progress=progress)
+    return unpack_latents(latents.float(), h, w)
+
+
+def latents_to_image(ae: torch.nn.Module, latents: torch.Tensor, placement: Placement, tiled_ae: bool = False):
+    """Decode latents (1, 16, H/8, W/8) to a PIL image."""
+    from PIL import Image
+
+    with placement.use(ae), torch.no_grad():
+        pixels = ae.decode(latents, tiled=tiled_ae)
+    array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def png_text(settings: GenerationSettings, model_name: str) -> dict[str, str]:
+    """Generation parameters stored in the PNG: one key per setting plus an A1111-style `parameters` line."""
+    fields = {k: "" if v is None else str(v) for k, v in asdict(settings).items()}
+    fields["model"] = model_name
+    summary = (f"Steps: {fields['steps']}, Seed: {settings.seed}, Size: {settings.width}x{settings.height}, "
+               f"Guidance: {settings.guidance}, CFG scale: {settings.cfg_scale}, Model: {model_name}")
+    negative = f"\nNegative prompt: {settings.negative_prompt}" if settings.negative_prompt else ""
+    fields["parameters"] = f"{settings.prompt}{negative}\n{summary}"
+    return fields
+
+
+def save_png(image, path: str | os.PathLike, text: dict[str, str]) -> Path:
+    """Write a PNG with text chunks atomically (temporary file, then rename)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in text.items():
+        info.add_itxt(k, v)
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), suffix=".png")
+
+
+def unique_path(folder: str | os.PathLike, stem: str, suffix: str = ".png") -> Path:
+    folder = Path(folder)
+    path, n = folder / f"{stem}{suffix}", 1
+    while path.exists():
+        path, n = folder / f"{stem}_{n}{suffix}", n + 1
+    return path
+

@@ -1,0 +1,1 @@
+"""Applying, merging and extracting LoRAs on the models."""

@@ -1,0 +1,1 @@
+"""GPU memory machinery that wraps or hooks a model from outside: block swap, fp8, offloaded checkpointing."""

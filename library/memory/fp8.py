@@ -1,0 +1,66 @@
+"""fp8 weight storage with per-layer upcast: Linear weights live in float8, arithmetic runs in a compute dtype.
+
+Norm scales, biases and embeddings are kept in the compute dtype (fp8 has too little precision for them), which is
+what sd-scripts does for T5-XXL and what fp8 FLUX files in the wild already store.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from library.formats.dtypes import is_fp8
+
+
+class Fp8Linear(nn.Linear):
+    """A Linear whose weight is stored in fp8 and cast to `compute_dtype` for each call (one layer at a time)."""
+
+    compute_dtype: torch.dtype = torch.bfloat16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
+        return F.linear(x.to(self.compute_dtype), self.weight.to(self.compute_dtype), bias)
+
+
+def prepare_fp8(model: nn.Module, storage_dtype: torch.dtype = torch.float8_e4m3fn,
+                compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Store every Linear weight of `model` in `storage_dtype` (already-fp8 weights are kept as stored) and every
+    other floating tensor in `compute_dtype`. Works in place and returns the model."""
+    if not is_fp8(storage_dtype):
+        raise ValueError(f"prepare_fp8 needs an fp8 storage dtype, got {storage_dtype}")
+    if is_fp8(compute_dtype):
+        raise ValueError("the compute dtype of fp8 weights must be a float type such as bfloat16")
+    fp8_weights = set()
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            w = module.weight
+            if not is_fp8(w.dtype):
+                w.data = w.data.to(storage_dtype)
+            fp8_weights.add(id(w))
+            module.__class__ = Fp8Linear
+            module.compute_dtype = compute_dtype
+    for p in [*model.parameters(), *model.buffers()]:
+        if id(p) not in fp8_weights and p.is_floating_point() and p.dtype != compute_dtype:
+            p.data = p.data.to(compute_dtype)
+    return model
+
+
+def _t5_gated_ff_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    # transformers casts the activations to wo's dtype before wo (to keep wo in fp32 for int8 T5); with an fp8
+    # wo that cast would round the activations to fp8, so this forward leaves the casting to Fp8Linear.
+    hidden = self.act(self.wi_0(hidden_states)) * self.wi_1(hidden_states)
+    return self.wo(self.dropout(hidden))
+
+
+def prepare_t5xxl_fp8(t5: nn.Module, storage_dtype: torch.dtype = torch.float8_e4m3fn,
+                      compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """prepare_fp8 for a transformers T5 encoder, without its activation cast to the weight dtype."""
+    import types
+
+    prepare_fp8(t5, storage_dtype, compute_dtype)
+    t5.keeps_ff_output_in_fp32 = False  # every Linear now computes in compute_dtype
+    for module in t5.modules():
+        if hasattr(module, "wi_0") and hasattr(module, "wo"):
+            module.forward = types.MethodType(_t5_gated_ff_forward, module)
+    return t5

@@ -1,0 +1,225 @@
+"""sd-scripts' FLUX ControlNet (`ControlNetFlux`, the XLabs design): files interchangeable with sd-scripts'.
+
+A small copy of the transformer's input stack and first double blocks reads the noisy latent plus an encoded control
+image and returns one residual per ControlNet block; the frozen transformer adds residual `b % n` to its image
+stream after double block `b` (library/models/transformer.py, `double_block_residuals`). Key names are the module's own
+parameter names, as sd-scripts saves them: `img_in.*`, `time_in.*`, `vector_in.*`, `guidance_in.*` (dev only),
+`txt_in.*`, `double_blocks.{i}.*`, `controlnet_blocks.{i}.*`, `pos_embed_input.*`, `input_hint_block.{0,2,...,14}.*`
+(and `single_blocks.*` / `controlnet_blocks_for_single.*` when a single depth is used).
+
+The output projections (`controlnet_blocks*`) and the last hint convolution start at zero, so a new ControlNet
+changes nothing until it is trained. Unlike sd-scripts (fresh random blocks), `controlnet_from_transformer` starts
+the copied input stack and blocks from the transformer's weights, as diffusers' `from_transformer` does: the blocks
+then already compute features the transformer understands.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from library.models.flux_math import joint_attention_mask, position_embedding
+from library.models.transformer import DoubleStreamBlock, Flux, FluxParams, SingleStreamBlock, add_input_layers
+from library.flow.sampling import pack_latents
+from library.formats.safetensors_io import (FILE_KINDS, ModelFileError, assign_weights, detect_kind, load_tensors, read_header,
+                                    sample_keys)
+
+CONTROLNET_DEPTH = 2  # sd-scripts' flux_train_control_net.py: 2 double blocks, no single blocks
+HINT_CHANNELS = 16
+REQUIRED_KEYS = ("controlnet_blocks.0.weight", "input_hint_block.0.weight", "pos_embed_input.weight")
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def _hint_encoder() -> nn.Sequential:
+    """3-channel image in [-1, 1] at pixel size -> (B, 16, H/8, W/8); 8 convolutions (3 with stride 2), the last one
+    zero. Module indices 0, 2, ..., 14 are the convolutions (the SiLUs between them hold no weights)."""
+    c = HINT_CHANNELS
+    layers: list[nn.Module] = [nn.Conv2d(3, c, 3, padding=1), nn.SiLU()]
+    for stride in (1, 2, 1, 2, 1, 2):
+        layers += [nn.Conv2d(c, c, 3, padding=1, stride=stride), nn.SiLU()]
+    layers.append(_zero(nn.Conv2d(c, c, 3, padding=1)))
+    return nn.Sequential(*layers)
+
+
+class ControlNetFlux(nn.Module):
+    """The ControlNet: forward returns (double-block residuals, single-block residuals), each (B, N_img, hidden)."""
+
+    def __init__(self, params: FluxParams, controlnet_depth: int = CONTROLNET_DEPTH, controlnet_single_depth: int = 0):
+        super().__init__()
+        params.validate()
+        self.params = params
+        h = params.hidden_size
+        add_input_layers(self, params)
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(h, params.num_heads, params.mlp_hidden_dim, params.qkv_bias)
+            for _ in range(controlnet_depth))
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(h, params.num_heads, params.mlp_hidden_dim) for _ in range(controlnet_single_depth))
+        self.controlnet_blocks = nn.ModuleList(_zero(nn.Linear(h, h)) for _ in range(controlnet_depth))
+        self.controlnet_blocks_for_single = nn.ModuleList(
+            _zero(nn.Linear(h, h)) for _ in range(controlnet_single_depth))
+        self.pos_embed_input = nn.Linear(params.in_channels, h)  # default init, as sd-scripts
+        self.input_hint_block = _hint_encoder()
+        self.gradient_checkpointing = False
+
+    # the input stack works exactly as the transformer's: share its code, not a copy of it
+    conditioning_vector = Flux.conditioning_vector
+    enable_gradient_checkpointing = Flux.enable_gradient_checkpointing
+    _call = Flux._call
+    dtype = Flux.dtype
+    device = Flux.device
+
+    @property
+    def depths(self) -> tuple[int, int]:
+        return len(self.double_blocks), len(self.single_blocks)
+
+    def forward(self, img, img_ids, controlnet_cond, txt, txt_ids, timesteps, y, guidance=None,
+                txt_attention_mask=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """img (B, N, 64) packed noisy latents, controlnet_cond (B, 3, 16h, 16w) in [-1, 1] for an h x w token grid;
+        the other inputs as for `Flux.forward`."""
+        n_txt = txt.shape[1]
+        hint = self._call(self.input_hint_block, controlnet_cond.to(img.dtype))
+        if hint.shape[-2] * hint.shape[-1] // 4 != img.shape[1]:
+            raise ValueError(f"control image {tuple(controlnet_cond.shape[-2:])} does not match the {img.shape[1]} "
+                             "latent tokens (it must be the image size: 16 pixels per token side)")
+        vec = self.conditioning_vector(timesteps, y, guidance, dtype=img.dtype)
+        img = self.img_in(img) + self.pos_embed_input(pack_latents(hint))
+        txt = self.txt_in(txt)
+        pe = position_embedding(torch.cat((txt_ids, img_ids), dim=1), self.params.axes_dim, self.params.theta)
+        mask = joint_attention_mask(txt_attention_mask, img.shape[1])
+        double = []
+        for block in self.double_blocks:
+            img, txt = self._call(block, img, txt, vec, pe, mask)
+            double.append(img)
+        single = []
+        x = torch.cat((txt, img), dim=1)
+        for block in self.single_blocks:  # image part of each single block (sd-scripts never trains these)
+            x = self._call(block, x, vec, pe, mask)
+            single.append(x[:, n_txt:])
+        return ([proj(s) for proj, s in zip(self.controlnet_blocks, double)],
+                [proj(s) for proj, s in zip(self.controlnet_blocks_for_single, single)])
+
+
+def controlnet_from_transformer(flux: Flux, controlnet_depth: int = CONTROLNET_DEPTH,
+                                controlnet_single_depth: int = 0, dtype: torch.dtype = torch.float32,
+                                device: torch.device | str | None = None) -> ControlNetFlux:
+    """A new ControlNet whose input stack and blocks are copies of the transformer's first blocks; zero outputs."""
+    p = flux.params
+    if controlnet_depth > p.depth or controlnet_single_depth > p.depth_single_blocks:
+        raise ValueError(f"a ControlNet of {controlnet_depth} double / {controlnet_single_depth} single blocks needs "
+                         f"a transformer with at least as many (it has {p.depth} / {p.depth_single_blocks})")
+    cn = ControlNetFlux(p, controlnet_depth, controlnet_single_depth)
+    source = flux.state_dict()
+    with torch.no_grad():
+        for name, t in cn.state_dict().items():
+            if name in source:  # all but controlnet_blocks*, pos_embed_input, input_hint_block
+                t.copy_(source[name].to(t.dtype))  # upcasts bf16 base weights
+    return cn.to(device or flux.device, dtype)
+
+
+def _count(keys, name: str) -> int:
+    idx = {int(m.group(1)) for k in keys if (m := re.match(rf"{name}\.(\d+)\.", k))}
+    return max(idx) + 1 if idx else 0
+
+
+def controlnet_params(path: str | Path, base: FluxParams) -> tuple[FluxParams, int, int]:
+    """(params, double depth, single depth) of a ControlNet file, from its header; checked against `base`."""
+    header = read_header(path)
+    keys = header.keys
+    if not all(k in header.tensors for k in REQUIRED_KEYS):
+        kind = detect_kind(keys)
+        if any(k.startswith("controlnet_x_embedder") for k in keys):
+            looks = "a diffusers-layout ControlNet (InstantX, jasperai, ...), not the sd-scripts/XLabs layout"
+        else:
+            looks = FILE_KINDS[kind] + (f" (sample keys: {sample_keys(keys)})" if kind == "unknown" else "")
+        raise ModelFileError(f"{path}: expected an sd-scripts FLUX ControlNet (keys {', '.join(REQUIRED_KEYS)}), "
+                             f"but this file looks like {looks}")
+    width = header.tensors["controlnet_blocks.0.weight"].shape[0]
+    if width != base.hidden_size:
+        raise ModelFileError(f"{path}: ControlNet width {width} does not match the transformer's hidden size "
+                             f"{base.hidden_size}: it was trained for another model")
+    depth, single = _count(keys, "double_blocks"), _count(keys, "single_blocks")
+    if _count(keys, "controlnet_blocks") != depth or _count(keys, "controlnet_blocks_for_single") != single:
+        raise ModelFileError(f"{path}: {depth} double / {single} single blocks but "
+                             f"{_count(keys, 'controlnet_blocks')} / {_count(keys, 'controlnet_blocks_for_single')} "
+                             "output projections; the file is incomplete")
+    from dataclasses import replace
+
+    return replace(base, guidance_embed="guidance_in.in_layer.weight" in header.tensors), depth, single
+
+
+def load_controlnet(path: str | Path, base: FluxParams, dtype: torch.dtype | None = torch.float32,
+                    device: torch.device | str = "cpu") -> ControlNetFlux:
+    """Load a ControlNet saved by sd-scripts or by this suite; strict (every tensor present, right shapes)."""
+    params, depth, single = controlnet_params(path, base)
+    with torch.device("meta"):
+        cn = ControlNetFlux(params, depth, single)
+    assign_weights(cn, load_tensors(path, dtype=dtype), path)
+    return cn.to(device)
+
+
+def controlnet_state_dict(cn: ControlNetFlux, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Tensors to save: the module's own names (as sd-scripts), optionally cast; detached CPU copies."""
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+            for k, v in cn.state_dict().items()}
+
+
+# --- inference ----------------------------------------------------------------------------------------------------
+
+
+def prepare_control_image(image, width: int, height: int) -> torch.Tensor:
+    """An HxWx3 uint8 control image scaled to cover width x height and centre-cropped (aspect kept, as training
+    crops its targets), as (1, 3, height, width) in [-1, 1]."""
+    import math
+
+    import numpy as np
+
+    from library.data.buckets import resize_and_crop
+    from library.data.datasets import _to_tensor
+
+    h, w = image.shape[:2]
+    scale = max(width / w, height / h)
+    resized = (max(width, math.ceil(w * scale - 1e-6)), max(height, math.ceil(h * scale - 1e-6)))
+    out, _, _, _ = resize_and_crop(image, resized, (width, height))
+    return _to_tensor(np.array(out))[None]  # a writable copy (decoded images can be read-only)
+
+
+class ControlledFlux(nn.Module):
+    """The transformer steered by a ControlNet, with the transformer's call signature (a drop-in for sampling):
+    every call runs the ControlNet on the same inputs and adds its residuals times `scale`."""
+
+    def __init__(self, flux: Flux, controlnet: ControlNetFlux, control_image, scale: float = 1.0):
+        super().__init__()
+        self.flux, self.controlnet, self.scale = flux, controlnet, scale
+        self.control_image = control_image  # HxWx3 uint8; prepared per output size
+        self._prepared: dict[tuple[int, int], torch.Tensor] = {}
+
+    @property
+    def params(self) -> FluxParams:
+        return self.flux.params
+
+    @property
+    def is_schnell(self) -> bool:
+        return self.flux.is_schnell
+
+    def control_tensor(self, width: int, height: int) -> torch.Tensor:
+        if (width, height) not in self._prepared:
+            self._prepared = {(width, height): prepare_control_image(self.control_image, width, height)}
+        return self._prepared[(width, height)]
+
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, txt_attention_mask=None, **kwargs):
+        rows, cols = (int(v) + 1 for v in img_ids[0, -1, 1:].tolist())  # the last token is the bottom-right one
+        cond = self.control_tensor(cols * 16, rows * 16).to(img.device, img.dtype).expand(img.shape[0], -1, -1, -1)
+        double, single = self.controlnet(img, img_ids, cond, txt, txt_ids, timesteps, y, guidance,
+                                         txt_attention_mask)
+        return self.flux(img, img_ids, txt, txt_ids, timesteps, y, guidance, txt_attention_mask,
+                         double_block_residuals=[r * self.scale for r in double] or None,
+                         single_block_residuals=[r * self.scale for r in single] or None, **kwargs)

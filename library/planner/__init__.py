@@ -1,0 +1,1 @@
+"""The memory planner: a training step simulated on meta tensors, its report and swap-speed model."""

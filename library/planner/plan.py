@@ -1,0 +1,580 @@
+"""Predict the peak device memory of one training step without a GPU (issue 7, the memory planner).
+
+The trainer's own pieces run one full step -- the FLUX transformer with the chosen checkpointing, the LoRA network
+or the full model as the trainable part, `FluxLossComputer` for the loss, backward, the optimizer of
+`--optimizer_type` stepping with its states, and the block swapper's placement -- at the real model size on `meta`
+tensors, which hold no data. `library.planner.live_bytes.LiveBytes` counts what the step allocates; weights, swap buffers
+and optimizer states, which exist before the step, are counted from the tensors themselves. The same rig runs on
+the CPU with real data (`run_step(..., device="cpu")`), which is how tests check the planner against a measurement.
+
+What cannot run on `meta` is emulated and said so: CUDA autocast and the fused attention kernels
+(`memory_count.device_emulation`), and the runtime overhead outside PyTorch's allocator (`RUNTIME_OVERHEAD`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from library.models.transformer import FLUX_PRESETS, Flux, FluxParams
+
+GIB = 1024**3
+MIB = 1024**2
+
+# Memory on a CUDA device that PyTorch's allocator statistics do not show, added to every CUDA prediction.
+RUNTIME_OVERHEAD = {
+    # The CUDA context with lazy module loading (CUDA >= 11.7, PyTorch's default): about 300-500 MiB on recent
+    # drivers, as nvidia-smi shows for a process that has only run `torch.zeros(1, device="cuda")`. Upper end taken.
+    "cuda_context": 512 * MIB,
+    # cuBLAS/cuBLASLt workspace: PyTorch allocates 32 MiB per handle and stream on Hopper (4 MiB x 8 before),
+    # through its own allocator (CUBLAS_WORKSPACE_CONFIG); two streams when a swap stream runs beside compute.
+    "cublas_workspace": 2 * 32 * MIB,
+}
+# Caching-allocator slack: blocks are rounded (512 B, 2 MiB segments) and freed blocks split; a fraction of what
+# comes and goes in a step (activations, gradients, transients), as reserved exceeds allocated in steady-state
+# training loops (torch.cuda.memory_reserved vs max_memory_allocated). An assumption, stated where printed.
+ALLOCATOR_SLACK = 0.05
+SOURCES = {
+    "cuda_context": "CUDA context with lazy loading, 300-500 MiB per nvidia-smi on current drivers (upper end)",
+    "cublas_workspace": "PyTorch's cuBLAS workspace, 32 MiB per handle/stream on sm90, two streams",
+    "allocator_slack": f"{ALLOCATOR_SLACK:.0%} of activations, gradients and transients for the caching "
+                       "allocator's rounding and fragmentation (assumption)",
+}
+
+# The table of `--table`: sd-scripts' swap counts and the settings the issue names.
+TABLE_SWAPS = (0, 8, 18, 28, 35)
+TABLE_RESOLUTIONS = (512, 1024)
+
+
+@dataclass
+class PlanSettings:
+    """What one prediction is for. `target` is the device kind planned for: "cuda" or "cpu"."""
+
+    trainer: str = "network"  # network (LoRA) or full
+    model: str = "dev"  # a preset name or a checkpoint path
+    params: FluxParams = field(default_factory=lambda: FLUX_PRESETS["dev"])
+    width: int = 1024
+    height: int = 1024
+    batch_size: int = 1
+    t5_tokens: int = 512
+    mixed_precision: str = "bf16"
+    fp8_base: bool = False
+    fp8_file: bool = False  # the checkpoint is stored in fp8 already
+    gradient_checkpointing: bool = True
+    cpu_offload_checkpointing: bool = False
+    blocks_to_swap: int = 0
+    network_dim: int = 16
+    network_alpha: float = 16.0
+    network_args: list = field(default_factory=list)
+    optimizer_type: str = "AdamW8bit"
+    optimizer_args: list = field(default_factory=list)
+    fused_backward_pass: bool = False
+    blockwise_fused_optimizers: bool = False
+    full_bf16: bool = False
+    cache_text_encoder_outputs: bool = True
+    cache_latents: bool = True
+    apply_t5_attn_mask: bool = False
+    target: str = "cuda"
+    # parameter counts of the models that stay on the device when their outputs are not cached (from the files'
+    # headers when given, else the real FLUX.1 ones)
+    t5xxl_params: int = 4_762_310_656
+    clip_l_params: int = 123_060_480
+    ae_params: int = 83_819_683
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision, torch.float32)
+
+    def describe(self) -> dict:
+        out = asdict(self)
+        out["params"] = {"depth": self.params.depth, "depth_single_blocks": self.params.depth_single_blocks,
+                         "hidden_size": self.params.hidden_size}
+        return out
+
+
+@dataclass
+class MemoryPlan:
+    settings: PlanSettings
+    peak_bytes: int
+    parts: dict[str, int]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"peak_bytes": self.peak_bytes, "peak_gib": round(self.peak_bytes / GIB, 3), "parts": self.parts,
+                "settings": self.settings.describe(), "seconds": round(self.seconds, 2), "notes": self.notes,
+                "overhead_sources": SOURCES if self.settings.target == "cuda" else {}}
+
+
+# --- settings from a trainer's arguments --------------------------------------------------------------------------
+
+
+def _largest_image(args) -> tuple[int, int, int]:
+    """(width, height, batch) of the largest batch in pixels: from the --dataset_config datasets (their buckets never
+    hold more pixels than the dataset's resolution), else --resolution and --train_batch_size. The dataset file is
+    read for these values only, so a plan needs no images."""
+    import tomllib
+
+    from library.data.schema import resolve_resolution
+
+    default_batch = getattr(args, "train_batch_size", None) or 1
+    if getattr(args, "dataset_config", None):
+        try:
+            with open(args.dataset_config, "rb") as f:
+                config = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"--dataset_config {args.dataset_config}: cannot read it ({e})") from None
+        general = config.get("general", {})
+        sizes = []
+        for d in config.get("datasets", []) or [{}]:
+            res = d.get("resolution", general.get("resolution", getattr(args, "resolution", None)))
+            if res is None:
+                raise ValueError(f"--dataset_config {args.dataset_config}: a dataset has no resolution")
+            w, h = resolve_resolution(res)
+            sizes.append((w * h * d.get("batch_size", general.get("batch_size", default_batch)), w, h,
+                          d.get("batch_size", general.get("batch_size", default_batch))))
+        _, w, h, batch = max(sizes)
+        return w, h, batch
+    if not getattr(args, "resolution", None):
+        raise ValueError("give the image size: --resolution W,H or --dataset_config")
+    w, h = resolve_resolution(args.resolution)
+    return w, h, default_batch
+
+
+def settings_from_args(args, trainer: str = "network", target: str = "cuda") -> PlanSettings:
+    """The PlanSettings of a training command line (already parsed, --config_file applied)."""
+    from library.training.optimizers import resolve_optimizer_type
+
+    model_path = getattr(args, "pretrained_model_name_or_path", None)
+    fp8_file = False
+    if model_path and not getattr(args, "model_preset", None):  # a preset plans without the file
+        from library.models.checkpoint import analyze_checkpoint
+
+        info = analyze_checkpoint(model_path)  # header only
+        params, model = info.params, model_path
+        fp8_file = any(d.startswith("F8") for d in info.dtypes)
+    else:
+        model = getattr(args, "model_preset", None) or "dev"
+        if model not in FLUX_PRESETS:
+            raise ValueError(f"--model_preset {model}: expected one of {', '.join(FLUX_PRESETS)}")
+        params = FLUX_PRESETS[model]
+    width, height, batch = _largest_image(args)
+    schnell = not params.guidance_embed
+    swap = getattr(args, "blocks_to_swap", None)
+    return PlanSettings(
+        trainer=trainer, model=model, params=params, width=width, height=height, batch_size=batch,
+        t5_tokens=getattr(args, "t5xxl_max_token_length", None) or (256 if schnell else 512),
+        mixed_precision=getattr(args, "mixed_precision", "no") or "no",
+        fp8_base=bool(getattr(args, "fp8_base", False)) and trainer == "network", fp8_file=fp8_file,
+        gradient_checkpointing=bool(args.gradient_checkpointing or getattr(args, "cpu_offload_checkpointing", False)),
+        cpu_offload_checkpointing=bool(getattr(args, "cpu_offload_checkpointing", False)),
+        blocks_to_swap=swap if isinstance(swap, int) else 0,
+        network_dim=getattr(args, "network_dim", None) or 4,
+        network_alpha=getattr(args, "network_alpha", None) or 1.0,
+        network_args=list(getattr(args, "network_args", None) or []),
+        optimizer_type=resolve_optimizer_type(args), optimizer_args=list(getattr(args, "optimizer_args", None) or []),
+        fused_backward_pass=bool(getattr(args, "fused_backward_pass", False)),
+        blockwise_fused_optimizers=bool(getattr(args, "blockwise_fused_optimizers", False)),
+        full_bf16=bool(getattr(args, "full_bf16", False)),
+        cache_text_encoder_outputs=bool(getattr(args, "cache_text_encoder_outputs", False)
+                                        or getattr(args, "cache_text_encoder_outputs_to_disk", False)),
+        cache_latents=bool(getattr(args, "cache_latents", False) or getattr(args, "cache_latents_to_disk", False)),
+        apply_t5_attn_mask=bool(getattr(args, "apply_t5_attn_mask", False)), target=target,
+        **{f"{name}_params": n for name in ("t5xxl", "clip_l", "ae")
+           if (n := _param_count(getattr(args, name, None))) is not None})
+
+
+# --- the rig: the trainer's pieces for one step ---------------------------------------------------------------------
+
+
+def _bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor) or t.device.type == "cpu" and t.dim() == 0:
+            continue
+        st = t.untyped_storage()
+        if id(st) not in seen:
+            seen.add(id(st))
+            total += st.nbytes()
+    return total
+
+
+def _optimizer_args(s: PlanSettings) -> argparse.Namespace:
+    return argparse.Namespace(optimizer_type=s.optimizer_type, optimizer_args=s.optimizer_args, learning_rate=1e-4,
+                              lr_scheduler="constant", fused_backward_pass=s.fused_backward_pass,
+                              gradient_accumulation_steps=1, use_8bit_adam=False, use_lion_optimizer=False)
+
+
+@contextmanager
+def _quiet(name: str):
+    """Planning builds many optimizers and swappers: keep their INFO lines out of the trainer's log."""
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _make_optimizer(s: PlanSettings, groups):
+    from library.training.optimizers import get_optimizer
+
+    with _quiet("library.training.optimizers"):
+        _, _, optimizer = get_optimizer(_optimizer_args(s), groups)
+    if hasattr(optimizer, "_get_lr") and type(optimizer).__name__ == "Adafactor":
+        # Adafactor reads its relative step size with .item(); the value does not change any tensor's size.
+        optimizer._get_lr = lambda group, state: 1e-3
+    return optimizer
+
+
+@dataclass
+class StepRig:
+    settings: PlanSettings
+    flux: Flux
+    loss_fn: object
+    batch: dict
+    trainable: list
+    optimizers: list  # one, or one per parameter (fused backward) / per block (blockwise fused)
+    fused: bool
+    frozen: list
+    swappers: list = field(default_factory=list)
+
+    def step(self, counter=None) -> torch.Tensor:
+        """One training step as the loop runs it: loss, backward (with fused optimizer steps), optimizer step."""
+        from contextlib import nullcontext
+
+        phase = counter.in_phase if counter is not None else (lambda _: nullcontext())
+        with phase("forward"):
+            loss = self.loss_fn(self.batch)
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            if not self.fused:
+                for o in self.optimizers:
+                    o.step()
+                    o.zero_grad(set_to_none=True)
+        return loss
+
+
+def _build_flux(s: PlanSettings, device: str) -> Flux:
+    from library.memory.fp8 import prepare_fp8
+
+    fp8 = s.trainer == "network" and (s.fp8_base or s.fp8_file)  # the full trainers train (and cast) the weights
+    dtype = s.weight_dtype
+    if s.trainer == "full":
+        dtype = torch.bfloat16 if s.full_bf16 else torch.float32
+    with torch.device(device):
+        flux = Flux(s.params).to(dtype)
+    if fp8:
+        compute = s.weight_dtype if s.weight_dtype != torch.float32 else torch.bfloat16
+        prepare_fp8(flux, torch.float8_e4m3fn, compute)
+    if s.gradient_checkpointing:
+        flux.enable_gradient_checkpointing(cpu_offload=s.cpu_offload_checkpointing)
+    return flux.train(s.gradient_checkpointing)
+
+
+def _batch(s: PlanSettings, device: str) -> dict:
+    b, h, w = s.batch_size, s.height // 8, s.width // 8
+    p = s.params
+    gen = dict(device=device, dtype=torch.float32)
+    mask = torch.ones(b, s.t5_tokens, device=device, dtype=torch.int64)
+    return {"latents": torch.randn(b, 16, h, w, **gen),
+            "text_encoder_outputs_list": (torch.randn(b, p.vec_in_dim, **gen), torch.randn(b, s.t5_tokens,
+                                          p.context_in_dim, **gen), torch.zeros(b, s.t5_tokens, 3, **gen), mask),
+            "loss_weights": torch.ones(b, **gen), "captions": [""] * b}
+
+
+def build_rig(s: PlanSettings, device: str = "meta") -> StepRig:
+    """The trainer's pieces for one step on `device` ("meta" to plan; "cpu" to run for real)."""
+    from library.flow.matching import FlowMatchingSettings
+    from library.training.loss import FluxLossComputer
+
+    flux = _build_flux(s, device)
+    flux.requires_grad_(s.trainer == "full")
+    if s.trainer == "network":
+        import networks.lora_flux as lora_flux
+        from library.training.arguments import parse_network_args
+
+        with torch.device(device):
+            net = lora_flux.create_network(1.0, s.network_dim, s.network_alpha, None, [], flux,
+                                           **parse_network_args(s.network_args))
+            net.apply_to([], flux, apply_text_encoder=False, apply_unet=True)
+        net.to(device)
+        groups, _ = net.prepare_optimizer_params_with_multiple_te_lrs(None, None, 1e-4)
+        trainable = [p for g in groups for p in g["params"]]
+        optimizers, fused = [_make_optimizer(s, groups)], False
+    else:
+        trainable, (optimizers, fused) = list(flux.parameters()), _full_optimizers(s, flux)
+    swappers = []
+    if s.blocks_to_swap:
+        # the real swapper on meta/meta: its slots are the compute-side bytes, its storage copies are not
+        with _quiet("library.memory.block_swap"):
+            swappers = list(flux.enable_block_swap(s.blocks_to_swap, device, device,
+                                                   host_to_device_only=s.trainer == "network"))
+    settings = FlowMatchingSettings(timestep_sampling="shift", model_prediction_type="raw", guidance_scale=1.0)
+    compute = s.weight_dtype
+    loss_fn = FluxLossComputer(settings, flux, torch.device(device), compute)
+    frozen = [p for p in flux.parameters() if not p.requires_grad]
+    rig = StepRig(s, flux, loss_fn, _batch(s, device), trainable, optimizers, fused, frozen, swappers)
+    _prime_optimizer_states(rig)
+    return rig
+
+
+def _full_optimizers(s: PlanSettings, flux: Flux):
+    """The full fine-tuning optimizer as library/training/fused_optimizers.py sets it up: (optimizers, fused)."""
+    from library.training.fused_optimizers import BlockwiseOptimizers, FusedBackward, HookSettings, group_by_block
+
+    named = list(flux.named_parameters())
+    if s.fused_backward_pass:
+        optimizer = _make_optimizer(s, [p for _, p in named])
+        FusedBackward(optimizer, [p for _, p in named], HookSettings())
+        return [optimizer], True
+    if s.blockwise_fused_optimizers:
+        blocks = group_by_block(named)
+        optimizers = [_make_optimizer(s, params) for _, params in blocks]
+        BlockwiseOptimizers(optimizers, [p for _, p in blocks], HookSettings())
+        return optimizers, True
+    return [_make_optimizer(s, [p for _, p in named])], False
+
+
+def _prime_optimizer_states(rig: StepRig) -> None:
+    """Create the optimizer states a steady-state step starts with (one step on zero gradients, each parameter
+    stepped the way the trainer steps it)."""
+    from library.training.fused_optimizers import step_param
+
+    with torch.no_grad():
+        for o in rig.optimizers:
+            for group in o.param_groups:
+                for p in group["params"]:
+                    p.grad = torch.zeros_like(p)
+                    if rig.fused and rig.settings.fused_backward_pass:
+                        step_param(o, p, group)
+                        p.grad = None
+            if not (rig.fused and rig.settings.fused_backward_pass):
+                o.step()
+            o.zero_grad(set_to_none=True)
+
+
+def optimizer_state_tensors(rig: StepRig) -> list:
+    return [v for o in rig.optimizers for st in o.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+
+
+# --- the prediction -------------------------------------------------------------------------------------------------
+
+
+def _encoder_bytes(s: PlanSettings) -> int:
+    """Text encoders and the autoencoder stay on the device when their outputs are not cached
+    (train_setup.free_unneeded). The defaults are T5-XXL v1.1's encoder (24 layers of 4096/10240 and a 32128-token
+    embedding), CLIP-L's text model and the FLUX AE (environment.md). fp8 T5 keeps its embedding (1/37 of it) in
+    the weight dtype."""
+    size = torch.tensor([], dtype=s.weight_dtype).element_size()
+    total = 0
+    if not s.cache_text_encoder_outputs:
+        t5_fp8 = s.fp8_base and s.trainer == "network"
+        total += int(s.t5xxl_params * ((1 + size / 37) if t5_fp8 else size)) + s.clip_l_params * size
+    if not s.cache_latents:
+        total += s.ae_params * size
+    return total
+
+
+def _param_count(path) -> int | None:
+    """Parameters in a model file, from its header (None when there is no such file)."""
+    import os
+
+    from library.formats.safetensors_io import read_header
+
+    if not path or not os.path.isfile(path):
+        return None
+    return sum(t.numel for t in read_header(path).tensors.values())
+
+
+def _step_key(s: PlanSettings) -> PlanSettings:
+    """Settings whose counted step is the same: swapping in host-to-device-only mode, or with optimizers that step
+    inside backward, copies into buffers that exist before the step, so the step's allocations do not depend on
+    the swap count. Write-back with an optimizer after backward moves gradients to storage: counted per count."""
+    if s.trainer == "network" or s.fused_backward_pass or s.blockwise_fused_optimizers:
+        return replace(s, blocks_to_swap=0)
+    return s
+
+
+def count_step(rig: StepRig) -> dict[str, int]:
+    """Run the rig's step on `meta` under the counter: live bytes by tag at the step's peak."""
+    from library.planner.live_bytes import LiveBytes, device_emulation
+
+    s = rig.settings
+    counter = LiveBytes("meta")
+    counter.ignore([*rig.flux.parameters(), *rig.flux.buffers(), *rig.trainable, *optimizer_state_tensors(rig),
+                    *_leaves(rig.batch), *_swapper_tensors(rig)])
+    for p in rig.trainable:  # a gradient is tagged as such once autograd has accumulated it
+        p.register_post_accumulate_grad_hook(lambda param: counter.retag(param.grad, "gradients")
+                                             if param.grad is not None else None)
+    with ExitStack() as stack:
+        autocast = s.weight_dtype if s.weight_dtype != torch.float32 else None
+        stack.enter_context(device_emulation(s.target, autocast,
+                                             on_cache=lambda t: counter.retag(t, "autocast_weight_copies")))
+        if s.cpu_offload_checkpointing:
+            stack.enter_context(_offload_to_storage(counter))
+        stack.enter_context(counter)
+        rig.step(counter)
+    return counter.peak_by_tag()
+
+
+@contextmanager
+def _offload_to_storage(counter):
+    """--cpu_offload_checkpointing on `meta` (library/memory/offload_checkpoint.py needs autocast and pinned memory, which
+    `meta` lacks): blocks are checkpointed as usual and the inputs it would send to the CPU leave the count. Not
+    counted: a block's inputs while that block runs forward, and while they come back for its backward (tens of MB
+    at 1024x1024)."""
+    import torch.utils.checkpoint
+
+    from library.memory import offload_checkpoint
+
+    def planned(block, args, offload):
+        for i in offload:
+            counter.release(args[i])
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+
+    saved = offload_checkpoint.offloaded_checkpoint
+    offload_checkpoint.offloaded_checkpoint = planned
+    try:
+        yield
+    finally:
+        offload_checkpoint.offloaded_checkpoint = saved
+
+
+def plan_memory(s: PlanSettings, step: dict[str, int] | None = None) -> MemoryPlan:
+    """Predicted peak device memory of one training step and its parts. `step`: the counted step of settings with
+    the same `_step_key` (see plan_many); run here when not given."""
+    started = time.perf_counter()
+    if s.trainer not in ("network", "full"):
+        raise ValueError(f"trainer must be network or full, got {s.trainer!r}")
+    rig = build_rig(s, "meta")
+    swap = _swap_accounting(rig)
+    at_peak = count_step(rig) if step is None else step
+    parts = {
+        "resident_base_weights": swap["frozen"],
+        "swap_buffers": swap["buffers"],
+        "trainable_weights": swap["trainable"],
+        "gradients": at_peak.get("gradients", 0),
+        "optimizer_states": swap["states"],
+        "activations": at_peak.get("forward", 0),
+        "autocast_weight_copies": at_peak.get("autocast_weight_copies", 0),
+        "largest_transient": at_peak.get("backward", 0) + at_peak.get("optimizer", 0),
+        "batch_inputs": _bytes(_leaves(rig.batch)),
+        "text_encoders_and_ae": _encoder_bytes(s),
+    }
+    notes = []
+    if s.cpu_offload_checkpointing:
+        notes.append("--cpu_offload_checkpointing: the block inputs wait in CPU memory; one block's inputs on "
+                     "the device while it runs (tens of MB at 1024x1024) are not counted")
+    if parts["text_encoders_and_ae"]:
+        notes.append("text encoders / AE kept on the device (outputs not cached): their weights are counted, their "
+                     "own forward passes are not")
+    if s.target == "cuda":
+        moving = parts["gradients"] + parts["activations"] + parts["largest_transient"]
+        parts["runtime_overhead"] = sum(RUNTIME_OVERHEAD.values()) + int(moving * ALLOCATOR_SLACK)
+    return MemoryPlan(s, sum(parts.values()), parts, time.perf_counter() - started, notes=notes)
+
+
+def plan_many(settings: list[PlanSettings], progress=None) -> list[MemoryPlan]:
+    """plan_memory for each settings, counting the step once per `_step_key`."""
+    steps: dict[str, dict[str, int]] = {}
+    out = []
+    for s in settings:
+        key = repr(_step_key(s))
+        if key not in steps:
+            steps[key] = count_step(build_rig(_step_key(s), "meta"))
+        out.append(plan_memory(s, steps[key]))
+        if progress:
+            progress(out[-1])
+    return out
+
+
+def _swapper_tensors(rig: StepRig) -> list:
+    """The swappers' slots and storage copies (allocated before the step). Write-back mode allocates gradient
+    storage on the first eviction: it is created here, on the storage side, so the step does not count it."""
+    out = []
+    for sw in rig.swappers:
+        if not sw.host_to_device_only:
+            for b in sw._store:
+                sw._grad_store.setdefault(b, torch.zeros(sw.block_bytes, dtype=torch.uint8, device=sw.storage))
+        out += [*sw._slots, *sw._store.values(), *sw._grad_store.values()]
+    return out
+
+
+def _leaves(batch: dict) -> list:
+    from torch.utils._pytree import tree_leaves
+
+    return [t for t in tree_leaves(batch) if isinstance(t, torch.Tensor)]
+
+
+def _swap_accounting(rig: StepRig) -> dict:
+    """Compute-side bytes of the transformer's weights, from the block swappers when there are any: frozen weights
+    resident, trainable weights resident, the swappers' slot buffers, and the optimizer states on the device."""
+    s = rig.settings
+    in_blocks = {id(p) for sw in rig.swappers for b in sw.blocks for p in b.parameters()}
+    outside = [p for p in rig.flux.parameters() if id(p) not in in_blocks]
+    frozen_out = _bytes([p for p in outside if not p.requires_grad])
+    trainable_out = _bytes([p for p in outside if p.requires_grad])
+    fixed = sum(sw.resident_bytes for sw in rig.swappers)
+    buffers = sum(sw.buffer_bytes for sw in rig.swappers)
+    if s.trainer == "network":
+        lora = _bytes(rig.trainable)
+        return {"frozen": frozen_out + fixed, "buffers": buffers,
+                "trainable": lora, "states": _bytes(optimizer_state_tensors(rig))}
+    if not rig.swappers:
+        return {"frozen": 0, "buffers": 0, "trainable": _bytes(rig.trainable),
+                "states": _bytes(optimizer_state_tensors(rig))}
+    # Between steps the swapped-out blocks' parameters are in storage memory; an optimizer stepping after backward
+    # creates and keeps their states there. Fused modes step each block in backward, while it is on the device.
+    stored = {id(p) for sw in rig.swappers for b in range(sw.schedule.num_slots, sw.schedule.num_blocks)
+              for p in sw.blocks[b].parameters()}
+    states = [v for o in rig.optimizers for p, st in o.state.items() for v in st.values()
+              if isinstance(v, torch.Tensor) and (rig.fused or id(p) not in stored)]
+    return {"frozen": 0, "buffers": buffers, "trainable": trainable_out + fixed, "states": _bytes(states)}
+
+
+# --- --blocks_to_swap auto ------------------------------------------------------------------------------------------
+
+
+def choose_blocks_to_swap(args, trainer: str | None = None) -> int:
+    """The smallest --blocks_to_swap whose predicted peak fits --vram_budget_gb (GiB), for a parsed training command
+    line (the training setup calls this for --blocks_to_swap auto). Logs the choice and the predicted peak."""
+    from library.memory.block_swap import max_blocks_to_swap
+
+    budget = getattr(args, "vram_budget_gb", None)
+    if not budget or budget <= 0:
+        raise ValueError("--blocks_to_swap auto needs --vram_budget_gb G, the GPU memory to fit in GiB (e.g. 7.5 "
+                         "on an 8 GB card)")
+    trainer = trainer or ("network" if hasattr(args, "network_module") else "full")
+    s = settings_from_args(args, trainer, "cuda")
+    limit = max_blocks_to_swap(s.params.depth, s.params.depth_single_blocks)
+    plans: dict[int, MemoryPlan] = {}
+    steps: dict[str, dict] = {}
+
+    def peak(n: int) -> int:
+        if n not in plans:
+            sn = replace(s, blocks_to_swap=n)
+            key = repr(_step_key(sn))
+            if key not in steps:
+                steps[key] = count_step(build_rig(_step_key(sn), "meta"))
+            plans[n] = plan_memory(sn, steps[key])
+        return plans[n].peak_bytes
+
+    fits = lambda n: peak(n) <= budget * GIB  # noqa: E731 (peaks fall as more blocks are swapped)
+    if not fits(limit):
+        raise ValueError(f"--vram_budget_gb {budget}: even --blocks_to_swap {limit} (the most) is predicted to "
+                         f"need {peak(limit) / GIB:.2f} GiB; lower the resolution or batch size, or use --fp8_base")
+    lo, hi = 0, limit
+    while lo < hi:  # the smallest n that fits
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+    logging.getLogger(__name__).info("--blocks_to_swap auto: %d blocks, predicted peak %.2f GiB of --vram_budget_gb "
+                                     "%.2f (tools/plan_memory.py shows the parts)", lo, peak(lo) / GIB, budget)
+    return lo

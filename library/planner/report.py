@@ -1,0 +1,155 @@
+"""What the memory planner reports beyond one prediction: the --table of swap counts, the swap speed model with
+the FLOPs it needs, and the check of a prediction against a real step on the CPU (tests and docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from library.planner.plan import (GIB, TABLE_RESOLUTIONS, TABLE_SWAPS, PlanSettings, _build_flux, build_rig,
+                                 plan_many)
+
+
+def count_flops(s: PlanSettings) -> dict[str, float]:
+    """FLOPs of the step on `meta` (FlopCounterMode; a pass of its own, as the counter keeps tensors alive):
+    {"step", "double_forward", "double_backward", "single_forward", "single_backward"} for one block of each
+    stack. A block's forward is counted per module; its backward (with the recomputation of gradient
+    checkpointing) is the step's backward-to-forward ratio times its forward: the counter's module attribution
+    in backward is unreliable once gradient hooks run optimizer steps."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from library.planner.live_bytes import device_emulation
+
+    rig = build_rig(replace(s, blocks_to_swap=0), "meta")
+    autocast = s.weight_dtype if s.weight_dtype != torch.float32 else None
+    whole, forward = FlopCounterMode(display=False, depth=3), FlopCounterMode(display=False, depth=3)
+    with device_emulation(s.target, autocast):
+        with forward, torch.no_grad():
+            rig.loss_fn(rig.batch)
+        with whole:
+            rig.step()
+    total = lambda counts, name: float(sum(counts.get(name, {}).values()))  # noqa: E731
+    w, f = whole.get_flop_counts(), forward.get_flop_counts()
+    out = {"step": total(w, "Global")}
+    ratio = (out["step"] - total(f, "Global")) / max(total(f, "Global"), 1.0)
+    for kind in ("double", "single"):
+        out[f"{kind}_forward"] = total(f, f"Flux.{kind}_blocks.0")
+        out[f"{kind}_backward"] = ratio * out[f"{kind}_forward"]
+    return out
+
+
+def speed_models(s: PlanSettings, swaps=TABLE_SWAPS, tflops: float | None = None, h2d_gbps: float | None = None):
+    """The swap speed model (library/planner/swap_speed.py) of these settings for each count in `swaps`."""
+    from library.memory.block_swap import BlockSwapper, max_blocks_to_swap, split_blocks_to_swap
+    from library.planner.swap_speed import DEFAULT_H2D_GBPS, DEFAULT_TFLOPS, model_step
+
+    flops = count_flops(s)
+    with torch.device("meta"):
+        flux = _build_flux(s, "meta")
+    kinds = {"double": list(flux.double_blocks), "single": list(flux.single_blocks)}
+    block_bytes = {k: BlockSwapper(b, 0, "meta", "meta", host_to_device_only=True).block_bytes
+                   for k, b in kinds.items()}
+    per_block = {k: (flops[f"{k}_forward"], flops[f"{k}_backward"]) for k in kinds}
+    other = flops["step"] - sum(len(kinds[k]) * sum(per_block[k]) for k in kinds)
+    out = []
+    limit = max_blocks_to_swap(len(kinds["double"]), len(kinds["single"]))
+    for n in [n for n in swaps if n <= limit]:  # a smaller model swaps fewer
+        nd, ns = split_blocks_to_swap(n, len(kinds["double"]), len(kinds["single"]))
+        stacks = {"double": (len(kinds["double"]), nd, block_bytes["double"]),
+                  "single": (len(kinds["single"]), ns, block_bytes["single"])}
+        out.append(model_step(n, stacks, per_block, max(other, 0.0), write_back=s.trainer != "network",
+                              tflops=tflops or DEFAULT_TFLOPS, h2d_gbps=h2d_gbps or DEFAULT_H2D_GBPS))
+    return flops, out
+
+
+# --- checking the planner against a real step on the CPU -----------------------------------------------------------
+
+
+def measure_cpu_step(s: PlanSettings) -> dict[str, int]:
+    """Build the same rig on the CPU with real tensors, run one step, and read the CPU allocator's allocations and
+    frees from the profiler's memory events: {"peak_bytes", "before_step_bytes"} (the peak counts everything
+    allocated since the rig was built, weights and optimizer states included)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    if s.target != "cpu":
+        raise ValueError("measure_cpu_step runs on the CPU: plan it with target='cpu'")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        rig = build_rig(s, "cpu")
+        with record_function("planned_step"):
+            rig.step()
+        del rig
+    events = prof.profiler.kineto_results.events()
+    step = next(e for e in events if e.name() == "planned_step")
+    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    live = peak = before = 0
+    for t, nbytes in memory:
+        if t < step.start_ns():
+            before += nbytes
+        live += nbytes
+        if step.start_ns() <= t <= step.end_ns():
+            peak = max(peak, live)
+    return {"peak_bytes": peak, "before_step_bytes": before}
+
+
+# --- the --table ----------------------------------------------------------------------------------------------------
+
+TABLE_TRAINERS = (  # (label, settings changes); fp8 base applies to LoRA only (the full trainers train the weights)
+    ("LoRA", dict(trainer="network")),
+    ("full, Adafactor + fused backward", dict(trainer="full", optimizer_type="Adafactor", optimizer_args=[
+        "scale_parameter=False", "relative_step=False", "warmup_init=False"], fused_backward_pass=True,
+        full_bf16=True, fp8_base=False)),
+    ("full, AdamW8bit", dict(trainer="full", optimizer_type="AdamW8bit", optimizer_args=[], full_bf16=True,
+                             fused_backward_pass=False, fp8_base=False)),
+)
+
+
+def table_settings(base: PlanSettings) -> list[tuple[str, PlanSettings]]:
+    from library.memory.block_swap import max_blocks_to_swap
+
+    limit = max_blocks_to_swap(base.params.depth, base.params.depth_single_blocks)
+    rows = []
+    for label, changes in TABLE_TRAINERS:
+        for fp8 in ((False, True) if changes["trainer"] == "network" else (False,)):
+            for res in TABLE_RESOLUTIONS:
+                for n in [n for n in TABLE_SWAPS if n <= limit]:
+                    s = replace(base, **{**changes, "fp8_base": fp8 if changes["trainer"] == "network" else False},
+                                width=res, height=res, blocks_to_swap=n, gradient_checkpointing=True,
+                                cpu_offload_checkpointing=False, blockwise_fused_optimizers=False)
+                    rows.append((label, s))
+    return rows
+
+
+def format_table(rows: list[tuple[str, object]]) -> str:
+    """Markdown: one row per (trainer, fp8, resolution), one column per swap count, GiB."""
+    lines = ["| training | base | size | " + " | ".join(f"swap {n}" for n in TABLE_SWAPS) + " |",
+             "|---|---|---|" + "---:|" * len(TABLE_SWAPS)]
+    groups: dict[tuple, dict[int, float]] = {}
+    for label, plan in rows:
+        s = plan.settings
+        key = (label, "fp8" if s.fp8_base else "bf16", f"{s.width}x{s.height}")
+        groups.setdefault(key, {})[s.blocks_to_swap] = plan.peak_bytes / GIB
+    for (label, base, size), peaks in groups.items():
+        lines.append(f"| {label} | {base} | {size} | " + " | ".join(f"{peaks[n]:.2f}" if n in peaks else "-" for n in TABLE_SWAPS) + " |")
+    return "\n".join(lines)
+
+
+def run_table(base: PlanSettings, progress=None) -> list[tuple[str, object]]:
+    rows = table_settings(base)
+    plans = plan_many([s for _, s in rows], progress=progress)
+    return [(label, plan) for (label, _), plan in zip(rows, plans)]
+
+
+def format_speed(s: PlanSettings, flops: dict, models, tflops: float, h2d_gbps: float) -> str:
+    lines = [f"swap speed model: {s.width}x{s.height}, batch {s.batch_size}, "
+             f"{'fp8' if s.fp8_base else 'bf16'} base, {'host-to-device only' if s.trainer == 'network' else 'write-back'}"
+             f"; {tflops:.1f} TFLOP/s compute, {h2d_gbps:.1f} GB/s pinned host-to-device",
+             f"step {flops['step'] / 1e12:.1f} TFLOP; one double block {flops['double_forward'] / 1e12:.2f} forward + "
+             f"{flops['double_backward'] / 1e12:.2f} backward TFLOP, one single block "
+             f"{flops['single_forward'] / 1e12:.2f} + {flops['single_backward'] / 1e12:.2f}",
+             "| blocks_to_swap | moved per step (GB) | transfer time (s) | modelled step (s) | slowdown |",
+             "|---:|---:|---:|---:|---:|"]
+    for m in models:
+        lines.append(f"| {m.num_swapped} | {m.bytes_per_step / 1e9:.1f} | {m.bytes_per_step / (h2d_gbps * 1e9):.2f} | "
+                     f"{m.step_s:.2f} | {m.slowdown:.2f}x |")
+    return "\n".join(lines)

@@ -1,0 +1,432 @@
+"""The one training loop of the suite: setup -> train -> save -> cleanup, shared by every trainer.
+
+A trainer subclasses `Trainer` and says only what differs: what is trained (`build_trainable`), its optimizer
+parameter groups, and how its weights are saved. Everything else -- accelerate, datasets and caches, the epoch
+loop with gradient accumulation, clipping, NaN checks, logging, sampling, validation, checkpoints, save/resume and
+Ctrl-C handling -- lives here once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+
+from library.training.setup import TrainingModels
+
+logger = logging.getLogger(__name__)
+
+
+STATE_TRAINABLE = "trainable_weights.safetensors"  # the trained weights inside a --save_state folder
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot continue, with a message for the user (no traceback needed)."""
+
+
+class Trainer:
+    tracker_name = "network_train"
+
+    def __init__(self, args):
+        self.args = args
+        self.global_step = 0
+        self.epoch = 1
+        self.stop_requested: str | None = None
+        self.last_saved: list[Path] = []
+        self.losses: list[float] = []  # loss of every optimizer step, for callers and tests
+        self.hub = None  # HubUploader with --huggingface_repo_id (main process)
+
+    # --- hooks for subclasses -------------------------------------------------------------------------------------
+
+    def build_trainable(self, models: TrainingModels) -> list[torch.nn.Module]:
+        """Create what is trained; return the modules whose mode follows training/eval."""
+        raise TypeError(f"{type(self).__name__} must define build_trainable")
+
+    def param_groups(self) -> tuple[list, list[str]]:
+        """(optimizer parameter groups, a description per group for logging)."""
+        raise TypeError(f"{type(self).__name__} must define param_groups")
+
+    def save_weights(self, path: Path, epoch: int, step: int, final: bool) -> None:
+        raise TypeError(f"{type(self).__name__} must define save_weights")
+
+    def build_dataset_groups(self):
+        """(training, validation) DatasetGroups; the ControlNet trainer takes ControlNet subsets only."""
+        from library.training import setup as train_setup
+
+        return train_setup.build_dataset_groups(self.args, self.seed)
+
+    def checkpointed_modules(self) -> list[torch.nn.Module]:
+        """Modules whose weights accelerate's save_state keeps. None: accelerate writes registered modules as
+        pickles and loads them with full unpickling, and a state folder is a file users pass around; the trainable
+        weights go into a safetensors file of their own instead (save_state_weights / load_state_weights)."""
+        return []
+
+    def save_state_weights(self, folder: Path) -> None:
+        """Write the trainable weights into a state folder (main process only)."""
+        from library.formats.safetensors_io import save_file_atomic
+
+        tensors = {f"{i}.{k}": v.detach().to("cpu").clone()
+                   for i, m in enumerate(self.trainable_modules) for k, v in m.state_dict().items()}
+        save_file_atomic(tensors, folder / STATE_TRAINABLE)
+
+    @torch.no_grad()
+    def load_state_weights(self, folder: Path) -> None:
+        """Read back what save_state_weights wrote (every process), strictly."""
+        from library.formats.safetensors_io import load_tensors, sample_keys
+
+        path = folder / STATE_TRAINABLE
+        if not path.exists():
+            raise TrainingError(f"--resume {folder}: no {STATE_TRAINABLE} (a state saved by another trainer or "
+                                "an older version?)")
+        tensors = load_tensors(path)
+        expected = {f"{i}.{k}" for i, m in enumerate(self.trainable_modules) for k in m.state_dict()}
+        if set(tensors) != expected:
+            raise TrainingError(f"{path}: its tensors do not match what is being trained (differing: "
+                                f"{sample_keys(set(tensors) ^ expected, 3)}); were the network options changed?")
+        for i, m in enumerate(self.trainable_modules):
+            prefix = f"{i}."
+            m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+    def transformer_dtype(self) -> torch.dtype | None:
+        """The transformer's dtype when it is not the weight dtype (None: the weight dtype)."""
+        return None
+
+    def reference_model(self):
+        """A context manager that switches the trainable delta off (for differential output preservation)."""
+        return None
+
+    def checkpoint_extension(self) -> str:
+        return ".safetensors"
+
+    # --- lifecycle ------------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, self._on_signal)
+        try:
+            self.setup()
+            self.train()
+            if self.stop_requested:
+                return 130
+            self.finish()
+            return 0
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if self.hub is not None:
+                self.hub.wait()  # background uploads finish before the process ends
+            if getattr(self, "accelerator", None) is not None:
+                self.accelerator.end_training()
+
+    def _on_signal(self, signum, frame):
+        if self.stop_requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.stop_requested = signal.Signals(signum).name
+        logger.warning("%s received: saving a resumable state after the current step", self.stop_requested)
+
+    def setup(self) -> None:
+        from library.training import setup as train_setup
+
+        args = self.args
+        train_setup.check_supported(args)
+        from library.training.trackers import TrackerError, resolve_trackers
+
+        try:
+            self.trackers, tracker_kwargs = resolve_trackers(args)
+        except TrackerError as e:
+            raise TrainingError(str(e)) from None
+        self.accelerator = train_setup.make_accelerator(args, self.trackers)
+        self.seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
+        args.seed = self.seed
+        from accelerate.utils import set_seed
+
+        set_seed(self.seed)
+        self.train_group, self.val_group = self.build_dataset_groups()
+        self.models = train_setup.load_models(args, self.accelerator, self.transformer_dtype())
+        self.trainable_modules = self.build_trainable(self.models)
+        from library.training.hub import HubUploader
+
+        self.hub = HubUploader.from_args(args) if self.accelerator.is_main_process else None
+        self.block_swappers = train_setup.enable_block_swap(args, self.models, self.accelerator)
+        train_setup.compile_blocks(args, self.models)
+        train_setup.prepare_caches(args, self.accelerator, self.models, self.train_group, self.val_group)
+        self.samples = train_setup.prepare_sampling(args, self.models, self.accelerator)
+        self.models.free_unneeded(args, self.accelerator.device)
+
+        acc = self.accelerator
+        self.sampler = train_setup.make_sampler(self.train_group, acc)
+        per_epoch = math.ceil(self.sampler.batches_per_epoch / args.gradient_accumulation_steps)
+        if args.max_train_epochs:
+            args.max_train_steps = args.max_train_epochs * per_epoch
+        self.steps_per_epoch = per_epoch
+        self.num_epochs = math.ceil(args.max_train_steps / max(per_epoch, 1))
+        groups, self.lr_descriptions = self.param_groups()
+        if not any(g["params"] if isinstance(g, dict) else True for g in groups):
+            raise TrainingError("nothing to train: every parameter group has a learning rate of 0 (check "
+                                "--learning_rate, --unet_lr, --text_encoder_lr and the network's lr arguments)")
+        self.trainable_params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+        self.make_optimizer(groups)
+        acc.register_for_checkpointing(*self.checkpointed_modules())
+        self.loss_fn = train_setup.make_loss_computer(args, self.models, acc, self.reference_model)
+        self.loader = train_setup.make_loader(args, self.train_group, self.sampler)
+        self._resume()
+        if acc.is_main_process and self.trackers:
+            from library.training.trackers import login
+
+            login(args, self.trackers)
+            acc.init_trackers(args.log_tracker_name or self.tracker_name, config=train_setup.tracker_config(args),
+                              init_kwargs=tracker_kwargs)
+        logger.info("training: %d images with repeats, %d batches per epoch per process, %d steps per epoch, "
+                    "%d epochs, %d steps", self.train_group.num_train_images, self.sampler.batches_per_epoch,
+                    per_epoch, self.num_epochs, args.max_train_steps)
+
+    def make_optimizer(self, groups: list) -> None:
+        """Optimizer and LR scheduler, prepared by accelerate; with --fused_backward_pass or
+        --blockwise_fused_optimizers they step inside backward (library/training/fused_optimizers.py)."""
+        from library.training.fused_optimizers import prepare_optimizer
+
+        ids = {id(p) for p in self.trainable_params}
+        named = [(n, p) for m in self.trainable_modules for n, p in m.named_parameters() if id(p) in ids]
+        self.optimizer_name, self.optimizer_text, self.optimizer, self.lr_scheduler, self.fused_optimizer = \
+            prepare_optimizer(self.args, self.accelerator, groups, named)
+
+    # --- the loop -------------------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        from tqdm import tqdm
+
+        args, acc = self.args, self.accelerator
+        bar = tqdm(total=args.max_train_steps, initial=self.global_step, desc="steps",
+                   disable=not acc.is_local_main_process, smoothing=0)
+        self._maybe_sample(at_first=True)
+        recent: list[float] = []
+        for epoch in range(self.epoch, self.num_epochs + 1):
+            self.epoch = epoch
+            skip = self._skip_batches if epoch == self._resume_epoch else 0
+            self.sampler.set_epoch(epoch, skip)
+            self._set_train_mode(True)
+            epoch_losses = []
+            for batch in self.loader:
+                with acc.accumulate(*self.trainable_modules), acc.autocast():
+                    loss = self.loss_fn(batch)
+                    if not torch.isfinite(loss):
+                        raise TrainingError(
+                            f"the loss became {loss.item()} at step {self.global_step + 1} (epoch {epoch}); training "
+                            f"stopped. Files saved so far are kept: {', '.join(map(str, self.last_saved)) or 'none'}. "
+                            "Lower the learning rate, use bf16 instead of fp16, or check the data")
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        self._sync_and_clip()
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                recent.append(loss.detach().item())
+                if not acc.sync_gradients:
+                    continue
+                self.global_step += 1
+                step_loss = sum(recent) / len(recent)
+                recent.clear()
+                epoch_losses.append(step_loss)
+                self.losses.append(step_loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+                self._log({"loss/current": step_loss,
+                           "loss/average": sum(epoch_losses) / len(epoch_losses), **self._lrs()})
+                self.after_step()
+                if self.stop_requested:
+                    self._save_state(self._state_dir(step=self.global_step))
+                    logger.warning("stopped by %s at step %d; resume with --resume %s", self.stop_requested,
+                                   self.global_step, self._state_dir(step=self.global_step))
+                    return
+                if self.global_step >= args.max_train_steps:
+                    break
+            if epoch_losses:
+                self._log({"loss/epoch_average": sum(epoch_losses) / len(epoch_losses)}, step=epoch)
+            self.after_epoch(epoch)
+            if self.global_step >= args.max_train_steps:
+                break
+        bar.close()
+
+    def _set_train_mode(self, training: bool) -> None:
+        for m in self.trainable_modules:
+            m.train(training)
+        if self.args.gradient_checkpointing:
+            self.models.flux.train(training)  # checkpointing runs in training mode only
+
+    def _sync_and_clip(self) -> None:
+        acc = self.accelerator
+        if acc.num_processes > 1:  # the trainable weights live outside any DDP wrapper: average by hand
+            from library.training.grad_sync import average_gradients, process_mean
+
+            average_gradients(self.trainable_params, process_mean(acc))
+        if self.args.max_grad_norm:
+            acc.clip_grad_norm_(self.trainable_params, self.args.max_grad_norm)
+
+    def _lrs(self) -> dict[str, float]:
+        return {f"lr/{d}": lr for d, lr in zip(self.lr_descriptions, self.lr_scheduler.get_last_lr())}
+
+    def _log(self, values: dict, step: int | None = None) -> None:
+        if self.args.log_with:
+            self.accelerator.log(values, step=self.global_step if step is None else step)
+
+    # --- after steps and epochs -----------------------------------------------------------------------------------
+
+    def after_step(self) -> None:
+        args, step = self.args, self.global_step
+        self._maybe_sample(step=step)
+        if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < args.max_train_steps:
+            self._save_checkpoint(step=step)
+        if getattr(args, "validate_every_n_steps", None) and step % args.validate_every_n_steps == 0:
+            self.validate("step")
+
+    def after_epoch(self, epoch: int) -> None:
+        args = self.args
+        self._maybe_sample(epoch=epoch)
+        from library.formats.metadata import is_epoch_save
+
+        if is_epoch_save(args, epoch, self.num_epochs):
+            self._save_checkpoint(epoch=epoch)
+        every = getattr(args, "validate_every_n_epochs", None) or 1
+        if self.val_group is not None and epoch % every == 0:
+            self.validate("epoch")
+
+    def _maybe_sample(self, **when) -> None:
+        if self.samples is not None and self.samples.schedule.should_sample(**when):
+            self.samples.run(self, **{k: v for k, v in when.items() if k != "at_first"})
+
+    def validate(self, kind: str) -> float | None:
+        """Validation loss at fixed sigmas and seeded noise, so values compare across steps."""
+        from library.training import setup as train_setup
+
+        if self.val_group is None:
+            return None
+        self._set_train_mode(False)
+        value = train_setup.validation_loss(self.args, self.val_group, self.loss_fn, self.accelerator)
+        self._set_train_mode(True)
+        self._log({f"loss/validation/{kind}_average": value})
+        logger.info("validation loss (%s %d): %.5f", kind, self.global_step if kind == "step" else self.epoch, value)
+        return value
+
+    # --- saving and resuming --------------------------------------------------------------------------------------
+
+    def _checkpoint_path(self, epoch: int | None = None, step: int | None = None) -> Path:
+        from library.formats.metadata import checkpoint_filename
+
+        return Path(self.args.output_dir) / checkpoint_filename(self.args.output_name, self.checkpoint_extension(),
+                                                                epoch=epoch, step=step)
+
+    def _state_dir(self, epoch: int | None = None, step: int | None = None) -> Path:
+        from library.formats.metadata import state_dirname
+
+        return Path(self.args.output_dir) / state_dirname(self.args.output_name, epoch=epoch, step=step)
+
+    def _save_checkpoint(self, epoch: int | None = None, step: int | None = None) -> None:
+        from library.formats.metadata import files_to_remove_for_save_last_n
+
+        acc, args = self.accelerator, self.args
+        acc.wait_for_everyone()
+        path = self._checkpoint_path(epoch=epoch, step=step)
+        if acc.is_main_process:
+            self.save_weights(path, self.epoch, self.global_step, final=False)
+            self.last_saved.append(path)
+            logger.info("saved %s", path)
+            if self.hub is not None:
+                self.hub.upload(path)
+        if args.save_state:
+            self._save_state(self._state_dir(epoch=epoch, step=step))
+        if acc.is_main_process:
+            for old in files_to_remove_for_save_last_n(args, Path(args.output_dir), self.checkpoint_extension(),
+                                                       epoch=epoch, step=step, num_train_epochs=self.num_epochs):
+                if old.is_dir():
+                    shutil.rmtree(old)
+                elif old.exists():
+                    old.unlink()
+
+    def _save_state(self, folder: Path) -> None:
+        """Optimizer, scheduler, RNG and trainable weights (accelerate), plus our epoch/step bookkeeping."""
+        from library.formats.atomic_io import atomic_write
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        acc.save_state(str(folder))
+        if acc.is_main_process:
+            self.save_state_weights(folder)
+            position = {"current_epoch": self.epoch, "current_step": self.global_step, "seed": self.seed}
+            atomic_write(folder / "train_state.json", lambda tmp: Path(tmp).write_text(json.dumps(position)))
+            logger.info("saved state %s", folder)
+            if self.hub is not None:
+                self.hub.upload(folder)
+
+    def _resume(self) -> None:
+        """Where the run starts: a --resume state (exactly where it stopped: step, schedule, RNG, data position) and/or
+        --initial_step / --initial_epoch, which override the step. Unlike sd-scripts, a run started at step N always
+        counts on from N and ends at --max_train_steps (never more steps than the budget); its data is skipped with
+        --skip_until_initial_step (or when resuming a state), otherwise its epoch starts from the beginning."""
+        self._resume_epoch, self._skip_batches = 1, 0
+        args = self.args
+        resumed = None
+        if args.resume:
+            folder = Path(args.resume)
+            if getattr(args, "resume_from_huggingface", False):
+                from library.training.hub import HubError, download_state
+
+                try:
+                    folder = download_state(args.resume, args.huggingface_token)
+                except HubError as e:
+                    raise TrainingError(str(e)) from None
+            state_file = folder / "train_state.json"
+            if not state_file.exists():
+                raise TrainingError(f"--resume {folder}: not a state folder of this suite (no train_state.json)")
+            self.accelerator.load_state(str(folder))
+            self.load_state_weights(folder)
+            resumed = int(json.loads(state_file.read_text())["current_step"])
+        initial, initial_epoch = getattr(args, "initial_step", None), getattr(args, "initial_epoch", None)
+        if initial is None and initial_epoch is not None:
+            initial = (initial_epoch - 1) * self.steps_per_epoch
+        step = initial if initial is not None else resumed
+        if not step:
+            return
+        source = f"--resume {args.resume}" if initial is None else (
+            f"--initial_step {initial}" if getattr(args, "initial_step", None) is not None
+            else f"--initial_epoch {initial_epoch}")
+        if step >= args.max_train_steps:
+            raise TrainingError(f"{source}: the run would start at step {step}, already at or past "
+                                f"--max_train_steps {args.max_train_steps}")
+        if resumed is None:
+            self._advance_lr_schedule(step)
+        self.global_step = step
+        done_epochs, steps_in_epoch = divmod(step, self.steps_per_epoch)
+        self.epoch = self._resume_epoch = done_epochs + 1
+        skip = resumed is not None or getattr(args, "skip_until_initial_step", False)
+        self._skip_batches = steps_in_epoch * args.gradient_accumulation_steps if skip else 0
+        logger.info("starting at step %d (%s): epoch %d, skipping %d batches", step, source, self.epoch,
+                    self._skip_batches)
+
+    def _advance_lr_schedule(self, steps: int) -> None:
+        """Put a fresh LR schedule where it would be after `steps` optimizer steps."""
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about scheduler steps before any optimizer step
+            for _ in range(steps):
+                self.lr_scheduler.step()
+
+    def finish(self) -> None:
+        acc, args = self.accelerator, self.args
+        acc.wait_for_everyone()
+        if args.save_state or getattr(args, "save_state_on_train_end", False):
+            self._save_state(self._state_dir())
+        if acc.is_main_process:
+            path = self._checkpoint_path()
+            self.save_weights(path, self.num_epochs, self.global_step, final=True)
+            self.last_saved.append(path)
+            logger.info("saved %s", path)
+            if self.hub is not None:
+                self.hub.upload(path, final=True)

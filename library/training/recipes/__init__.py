@@ -1,0 +1,1 @@
+"""What each trainer adds to the shared loop: LoRA, full fine-tuning, ControlNet."""

@@ -1,0 +1,158 @@
+"""LoRA training on the shared loop: what is trained (a `--network_module` network) and how it is saved."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import random
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from library.training.arguments import parse_network_args
+from library.training.loop import Trainer, TrainingError
+from library.training.setup import TrainingModels
+
+logger = logging.getLogger(__name__)
+
+
+def datasets_info(group) -> list[dict]:
+    """What training_metadata.lora_metadata records about each dataset (ss_datasets, ss_bucket_info, tags)."""
+    from library.data.captions import tag_frequency
+
+    out = []
+    for ds in group.datasets:
+        c = ds.config
+        subsets = []
+        for s in c.subsets:
+            items = [i for i in ds.items if i.subset is s]
+            subsets.append({**{k: getattr(s, k) for k in (
+                "is_reg", "class_tokens", "num_repeats", "color_aug", "flip_aug", "random_crop", "shuffle_caption",
+                "keep_tokens", "keep_tokens_separator", "secondary_separator", "enable_wildcard", "caption_prefix",
+                "caption_suffix", "resize_interpolation")},
+                "image_dir": str(s.image_dir) if s.image_dir else None,
+                "metadata_file": str(s.metadata_file) if s.metadata_file else None, "img_count": len(items)})
+        tags = {}
+        for s in c.subsets:
+            folder = Path(str(s.image_dir or s.metadata_file)).name
+            tags[folder] = tag_frequency([i.caption for i in ds.items if i.subset is s])
+        out.append({
+            "is_dreambooth": c.kind == "dreambooth", "batch_size": c.batch_size,
+            "num_train_images": sum(i.num_repeats for i in ds.items if not i.is_reg),
+            "num_reg_images": sum(i.num_repeats for i in ds.items if i.is_reg), "resolution": c.resolution,
+            "enable_bucket": c.enable_bucket, "bucket_no_upscale": c.bucket_no_upscale,
+            "min_bucket_reso": c.min_bucket_reso, "max_bucket_reso": c.max_bucket_reso,
+            "resize_interpolation": c.resize_interpolation, "tag_frequency": tags, "buckets": ds.bucket_table(),
+            "mean_img_ar_error": sum(ds.ar_errors) / len(ds.ar_errors) if ds.ar_errors else None,
+            "subsets": subsets})
+    return out
+
+
+class LoRATrainer(Trainer):
+    tracker_name = "network_train"
+
+    def build_trainable(self, models: TrainingModels) -> list[torch.nn.Module]:
+        args = self.args
+        try:
+            self.network_module = importlib.import_module(args.network_module)
+        except ImportError as e:
+            raise TrainingError(f"--network_module {args.network_module}: cannot import it ({e})") from None
+        text_encoders = [models.clip_l, models.t5xxl]
+        self._merge_base_weights(models, text_encoders)
+        net_kwargs = parse_network_args(args.network_args)
+        self.training_started_at, self.session_id = time.time(), random.randint(0, 2**32 - 1)
+        self.net_kwargs = net_kwargs
+        if args.dim_from_weights:
+            if not args.network_weights:
+                raise TrainingError("--dim_from_weights needs --network_weights")
+            network, _ = self.network_module.create_network_from_weights(1.0, args.network_weights, models.ae,
+                                                                         text_encoders, models.flux, **net_kwargs)
+        else:
+            network = self.network_module.create_network(1.0, args.network_dim, args.network_alpha, models.ae,
+                                                         text_encoders, models.flux,
+                                                         neuron_dropout=args.network_dropout, **net_kwargs)
+        train_unet = not args.network_train_text_encoder_only
+        train_te = not args.network_train_unet_only
+        network.apply_to(text_encoders, models.flux, train_te, train_unet)
+        self.train_text_encoder = args.train_text_encoder = train_te and any(
+            n.startswith(("lora_te1", "lora_te3")) for n, _ in network.named_modules() if "." not in n)
+        if self.train_text_encoder and args.cache_text_encoder_outputs:
+            raise TrainingError("text-encoder LoRA training needs live text encoding: drop "
+                                "--cache_text_encoder_outputs or add --network_train_unet_only")
+        if args.network_weights:  # with --dim_from_weights too: the dims came from it, now the values
+            info = network.load_weights(args.network_weights)
+            logger.info("loaded --network_weights %s: %s", args.network_weights, info)
+        if args.full_bf16 or args.full_fp16:
+            network.to(models.weight_dtype)
+        network.to(self.accelerator.device)
+        if hasattr(network, "prepare_grad_etc"):
+            network.prepare_grad_etc(models.clip_l, models.flux)
+        self.network = network
+        return [network]
+
+    def _merge_base_weights(self, models: TrainingModels, text_encoders) -> None:
+        """--base_weights: LoRAs merged into the frozen base before training."""
+        multipliers = self.args.base_weights_multiplier or []
+        for i, path in enumerate(self.args.base_weights or []):
+            m = multipliers[i] if i < len(multipliers) else 1.0
+            net, weights = self.network_module.create_network_from_weights(m, path, models.ae, text_encoders,
+                                                                           models.flux, for_inference=True)
+            net.merge_to(text_encoders, models.flux, weights, models.weight_dtype, self.accelerator.device)
+            logger.info("merged --base_weights %s x %s", path, m)
+
+    def param_groups(self):
+        args = self.args
+        te_lr = args.text_encoder_lr
+        if isinstance(te_lr, list) and len(te_lr) == 0:
+            te_lr = None
+        groups, descriptions = self.network.prepare_optimizer_params_with_multiple_te_lrs(
+            te_lr, args.unet_lr, args.learning_rate)
+        return groups, [f"{d}" if d else f"group{i}" for i, d in enumerate(descriptions)]
+
+    @contextmanager
+    def reference_model(self):
+        self.network.set_multiplier(0.0)
+        try:
+            yield
+        finally:
+            self.network.set_multiplier(1.0)
+
+    def after_step(self) -> None:
+        if self.args.scale_weight_norms:
+            keys_scaled, mean_norm, max_norm = self.network.apply_max_norm_regularization(
+                self.args.scale_weight_norms, self.accelerator.device)
+            self._log({"keys_scaled": keys_scaled, "average_key_norm": mean_norm, "max_key_norm": max_norm})
+        super().after_step()
+
+    def training_metadata(self) -> dict[str, str]:
+        """ss_* metadata fixed for the run (computed once, at the first save)."""
+        from library.training.optimizers import optimizer_metadata_text
+        from library.formats.metadata import lora_metadata
+
+        if getattr(self, "_metadata", None) is None:
+            args, info = self.args, datasets_info(self.train_group)
+            self._metadata = lora_metadata(
+                args, network_module=args.network_module, network_dim=args.network_dim,
+                network_alpha=args.network_alpha, datasets_info=info,
+                num_train_images=sum(d["num_train_images"] for d in info),
+                num_reg_images=sum(d["num_reg_images"] for d in info),
+                num_validation_images=len(self.val_group.items) if self.val_group is not None else 0,
+                num_batches_per_epoch=self.sampler.batches_per_epoch, num_epochs=self.num_epochs,
+                max_train_steps=args.max_train_steps,
+                optimizer_text=optimizer_metadata_text(self.optimizer_name, self.optimizer_text),
+                session_id=self.session_id, training_started_at=self.training_started_at,
+                num_processes=self.accelerator.num_processes)
+        return self._metadata
+
+    def save_weights(self, path: Path, epoch: int, step: int, final: bool) -> None:
+        from library.formats.metadata import modelspec_metadata, update_for_save
+
+        save_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}.get(
+            self.args.save_precision)
+        resolution = self.train_group.datasets[0].config.resolution
+        spec = modelspec_metadata(self.args, is_schnell=self.models.is_schnell, lora=True, resolution=resolution)
+        metadata = update_for_save(self.training_metadata(), epoch, step, modelspec=spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.network.save_weights(str(path), save_dtype, metadata)
