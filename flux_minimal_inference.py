@@ -161,10 +161,11 @@ def run(args) -> int:
     if args.controlnet:
         from library.models.controlnet import ControlledFlux, load_controlnet
         from library.data.images import load_image
+        from library.data.tensors import control_image_source
 
         controlnet = load_controlnet(args.controlnet, info.params, models.compute_dtype, load_device).eval()
-        models.flux = ControlledFlux(loaded["flux"], controlnet, load_image(args.control_image)[0],
-                                     args.controlnet_scale)
+        control = control_image_source(load_image(args.control_image)[0])
+        models.flux = ControlledFlux(loaded["flux"], controlnet, control, args.controlnet_scale)
         logger.info(f"ControlNet {args.controlnet} ({controlnet.depths[0]} double blocks) x {args.controlnet_scale} "
                     f"with control image {args.control_image}")
 

@@ -54,7 +54,7 @@ def build(fp8: bool, blocks_to_swap: int, write_back: bool = False):
 
 
 def inputs(seed: int = 0, batch: int = 1, size: int = 1024, txt_len: int = 512):
-    from library.flow.sampling import prepare_img_ids
+    from library.models.packing import prepare_img_ids
 
     g = torch.Generator("cuda").manual_seed(seed)
     h = w = size // 16

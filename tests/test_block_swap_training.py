@@ -20,7 +20,7 @@ from library.models.checkpoint import analyze_checkpoint
 from library.models.transformer import Flux
 from library.formats.safetensors_io import save_file_atomic
 from library.training.arguments import TrainingArgumentError, verify_training_args
-from library.training.loop import TrainingError
+from library.training.errors import TrainingError
 from tools.make_demo_dataset import make_demo_dataset
 from tools.make_tiny_models import make_tiny_models
 

@@ -18,7 +18,7 @@ from library import flux_utils
 from library.data.cache_common import CacheError, model_file_identity, npz_index, process_share
 from library.data.latent_cache import LatentCache, encode_latents, latent_seed, latents_npz_path
 from library.data.text_encoder_cache import TextEncoderCache, stack_outputs, te_npz_path, text_encoder_identity
-from library.models.text_encoding import FluxTokenizer, encode_prompts
+from library.models.text_encoding import FluxTokenizer, caption_encoder, encode_prompts
 from tools.make_tiny_models import make_tiny_models
 
 T5_LEN = 16
@@ -330,7 +330,7 @@ def te_cache(models, **kw) -> TextEncoderCache:
 
 def run_te(cache, items, models, tokenizer=None, **kw) -> int:
     _, _, clip_l, t5, tok = models
-    return cache.cache(items, tokenizer or tok, clip_l, t5, **kw)
+    return cache.cache(items, caption_encoder(tokenizer or tok, clip_l, t5, cache.apply_t5_attn_mask), **kw)
 
 
 @pytest.mark.parametrize("mask", [False, True])

@@ -227,7 +227,9 @@ def test_latent_and_text_encoder_caches_feed_batches(dataset_dir, tmp_path):
     clip_l = flux_utils.load_clip_l(paths["clip_l"], torch.float32, "cpu")
     t5 = flux_utils.load_t5xxl(paths["t5xxl"], torch.float32, "cpu")
     te = TextEncoderCache(False, text_encoder_identity(paths["clip_l"], paths["t5xxl"], "fp32"), t5_max_length=16)
-    te.cache(train.items, tokenizer, clip_l, t5, progress=False)
+    from library.models.text_encoding import caption_encoder
+
+    te.cache(train.items, caption_encoder(tokenizer, clip_l, t5), progress=False)
     train.attach(tokenizer=tokenizer, latent_cache=latents, te_cache=te)
     batch = train[next(iter(EpochBatchSampler(train)))]
     h, w = batch["target_sizes_hw"][0].tolist()

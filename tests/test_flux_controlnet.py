@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from conftest import read_key_fixture
+from library.data.tensors import control_image_source, prepare_control_image
 from library.models.controlnet import (ControlledFlux, ControlNetFlux, controlnet_from_transformer,
-                                     controlnet_state_dict, load_controlnet, prepare_control_image)
+                                     controlnet_state_dict, load_controlnet)
 from library.models.transformer import FLUX_PRESETS, Flux
-from library.flow.sampling import pack_latents, prepare_img_ids
+from library.models.packing import pack_latents, prepare_img_ids
 from library.formats.safetensors_io import ModelFileError, save_file_atomic
 
 TINY = FLUX_PRESETS["tiny"]
@@ -59,7 +60,8 @@ def test_new_controlnet_starts_from_the_transformer_and_changes_nothing():
     double, single = cn(controlnet_cond=cond, **x)
     assert len(double) == 2 and single == [] and all(r.shape == (1, 6, 64) and not r.any() for r in double)
     with torch.no_grad():
-        assert torch.equal(ControlledFlux(flux, cn, np.zeros((32, 48, 3), np.uint8))(**x), flux(**x))
+        blank = control_image_source(np.zeros((32, 48, 3), np.uint8))
+        assert torch.equal(ControlledFlux(flux, cn, blank)(**x), flux(**x))
     with pytest.raises(ValueError, match="needs a transformer with at least"):
         controlnet_from_transformer(flux, controlnet_depth=3)
 
@@ -92,9 +94,9 @@ def test_residuals_enter_double_blocks_repeated_and_scaled():
     image = (np.random.default_rng(0).random((32, 48, 3)) * 255).astype(np.uint8)
     other = 255 - image
     with torch.no_grad():
-        a = ControlledFlux(flux, cn, image)(**x)
-        b = ControlledFlux(flux, cn, other)(**x)
-        zero = ControlledFlux(flux, cn, image, scale=0.0)(**x)
+        a = ControlledFlux(flux, cn, control_image_source(image))(**x)
+        b = ControlledFlux(flux, cn, control_image_source(other))(**x)
+        zero = ControlledFlux(flux, cn, control_image_source(image), scale=0.0)(**x)
     assert not torch.allclose(a, b) and torch.allclose(zero, flux(**x), atol=1e-6)
 
 

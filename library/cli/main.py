@@ -55,6 +55,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from library.data.images import BadImageError
     from library.formats.safetensors_io import ModelFileError
     from library.training.arguments import TrainingArgumentError
-    from library.training.loop import TrainingError
+    from library.training.errors import TrainingError
 
     return (TrainingArgumentError, DatasetConfigError, BadImageError, ModelFileError, TrainingError, ValueError)

@@ -23,6 +23,7 @@ from library.data.captions import process_caption
 from library.data.config import DatasetConfig, DatasetGroupConfig
 from library.data.items import ImageItem, balance_regularisation, collect_subset_items, split_for_validation
 from library.data.images import load_image
+from library.data.tensors import to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class FluxDataset(torch.utils.data.Dataset):
                 image, alpha = flip_horizontal(image, alpha)
             if item.subset.color_aug:
                 image = color_aug(image, rng)
-            out.update(image=_to_tensor(image), alpha_mask=torch.from_numpy(alpha) if alpha is not None else None,
+            out.update(image=to_tensor(image), alpha_mask=torch.from_numpy(alpha) if alpha is not None else None,
                        crop_ltrb=crop_ltrb, crop_left_top=crop_left_top)
         if item.conditioning_path is not None:
             cond = self.load_conditioning(item, flipped)
@@ -134,7 +135,7 @@ class FluxDataset(torch.utils.data.Dataset):
         cond, _, _, _ = resize_and_crop(cond, item.resized_size, item.bucket_reso, interpolation)
         if flipped:
             cond, _ = flip_horizontal(cond)
-        return _to_tensor(cond)
+        return to_tensor(cond)
 
     def _collate(self, samples: list[dict]) -> dict:
         items = [s["item"] for s in samples]
@@ -164,11 +165,6 @@ class FluxDataset(torch.utils.data.Dataset):
         elif self.tokenizer is not None:
             batch["input_ids_list"] = list(self.tokenizer(captions))
         return batch
-
-
-def _to_tensor(image: np.ndarray) -> torch.Tensor:
-    """HxWx3 uint8 -> (3, H, W) float in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
 def _stack_masks(samples: list[dict]) -> torch.Tensor | None:

@@ -26,7 +26,6 @@ import torch
 from library.data.cache_common import (FORMAT_VERSION, CacheError, NoOp, TextEncoderCacheItem, differing_fields,
                                   load_npz, log_stale, meta_from_array, meta_to_array, model_file_identity,
                                   npz_index, process_share, progress_bar, warn_foreign_files, write_npz_atomic)
-from library.models.text_encoding import encode_prompts
 
 TE_SUFFIX = "_flux_te.npz"
 OUTPUT_KEYS = ("l_pooled", "t5_out", "txt_ids", "t5_attn_mask")
@@ -161,16 +160,17 @@ class TextEncoderCache:
             jobs[key] = (key, item.te_caption, self.expected_meta(item))
         return list(jobs.values())
 
-    def cache(self, items: Sequence[TextEncoderCacheItem], tokenizer, clip_l, t5xxl, process_index: int = 0,
-              num_processes: int = 1, wait_for_everyone: Callable[[], None] = NoOp, progress: bool = True) -> int:
+    def cache(self, items: Sequence[TextEncoderCacheItem], encode: Callable[[list[str]], TEOutputs],
+              process_index: int = 0, num_processes: int = 1, wait_for_everyone: Callable[[], None] = NoOp,
+              progress: bool = True) -> int:
         """Encode every item whose entry is missing or stale; returns how many entries this process encoded.
 
-        `tokenizer` is a FluxTokenizer with `t5_max_length` equal to this cache's. On disk with several processes
-        the k-th distinct file goes to process k % num_processes; all meet in `wait_for_everyone()` at the end.
+        `encode(captions)` returns `(l_pooled, t5_out, txt_ids, t5_mask)` for a list of captions, T5 padded to this
+        cache's `t5_max_length` and masked as its `apply_t5_attn_mask` says (library.models.text_encoding.
+        caption_encoder builds one from the tokenizer and the encoders: the cache knows no model). On disk with
+        several processes the k-th distinct file goes to process k % num_processes; all meet in
+        `wait_for_everyone()` at the end.
         """
-        if getattr(tokenizer, "t5_max_length", self.t5_max_length) != self.t5_max_length:
-            raise ValueError(f"tokenizer T5 length {tokenizer.t5_max_length} differs from the cache's "
-                             f"t5_max_length {self.t5_max_length}")
         jobs = self._jobs(items)  # on every process, so a conflict stops every process alike
         if self.cache_to_disk and num_processes > 1:
             jobs = [jobs[i] for i in process_share([j[0][0] for j in jobs], process_index, num_processes)]
@@ -190,18 +190,16 @@ class TextEncoderCache:
         try:
             for start in range(0, len(todo), self.batch_size):
                 batch = todo[start:start + self.batch_size]
-                self._encode_batch(batch, tokenizer, clip_l, t5xxl)
+                self._encode_batch(batch, encode)
                 bar.update(len(batch))
         finally:
             bar.close()
         wait_for_everyone()
         return len(todo)
 
-    def _encode_batch(self, batch, tokenizer, clip_l, t5xxl) -> None:
-        clip_ids, t5_ids, t5_mask = tokenizer([caption for _, caption, _ in batch])
+    def _encode_batch(self, batch, encode: Callable[[list[str]], TEOutputs]) -> None:
         with torch.no_grad():
-            l_pooled, t5_out, txt_ids, t5_mask = encode_prompts(clip_l, t5xxl, clip_ids, t5_ids, t5_mask,
-                                                                self.apply_t5_attn_mask)
+            l_pooled, t5_out, txt_ids, t5_mask = encode([caption for _, caption, _ in batch])
         if t5_out.shape[1] != self.t5_max_length:
             raise CacheError(f"T5 output has {t5_out.shape[1]} tokens, expected {self.t5_max_length}")
         l_pooled, t5_out, txt_ids, t5_mask = (_to_numpy(t) for t in (l_pooled, t5_out, txt_ids.float(), t5_mask))

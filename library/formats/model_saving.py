@@ -43,7 +43,7 @@ def save_model(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, met
 def save_streaming(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                    metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
     """The --mem_eff_save writer: header first, then each tensor converted and written on its own."""
-    from library.models.checkpoint_stream import StreamingWriter
+    from library.formats.streaming_writer import StreamingWriter
 
     def produce(key: str) -> torch.Tensor:
         t = tensors[key]

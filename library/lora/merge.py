@@ -14,7 +14,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from library.models.checkpoint_stream import Readers, StreamingWriter, plain_entries, transformer_entries
+from library.formats.streaming_writer import StreamingWriter
+from library.models.checkpoint_stream import Readers, plain_entries, transformer_entries
 from library.formats.lora_formats import UNET, LoRAWeights
 from library.formats.safetensors_io import read_header
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from library.models.flux_math import joint_attention_mask, position_embedding
 from library.models.transformer import DoubleStreamBlock, Flux, FluxParams, SingleStreamBlock, add_input_layers
-from library.flow.sampling import pack_latents
+from library.models.packing import pack_latents
 from library.formats.safetensors_io import (FILE_KINDS, ModelFileError, assign_weights, detect_kind, load_tensors, read_header,
                                     sample_keys)
 
@@ -172,34 +173,23 @@ def controlnet_state_dict(cn: ControlNetFlux, dtype: torch.dtype | None = None) 
             for k, v in cn.state_dict().items()}
 
 
-# --- inference ----------------------------------------------------------------------------------------------------
-
-
-def prepare_control_image(image, width: int, height: int) -> torch.Tensor:
-    """An HxWx3 uint8 control image scaled to cover width x height and centre-cropped (aspect kept, as training
-    crops its targets), as (1, 3, height, width) in [-1, 1]."""
-    import math
-
-    import numpy as np
-
-    from library.data.buckets import resize_and_crop
-    from library.data.datasets import _to_tensor
-
-    h, w = image.shape[:2]
-    scale = max(width / w, height / h)
-    resized = (max(width, math.ceil(w * scale - 1e-6)), max(height, math.ceil(h * scale - 1e-6)))
-    out, _, _, _ = resize_and_crop(image, resized, (width, height))
-    return _to_tensor(np.array(out))[None]  # a writable copy (decoded images can be read-only)
+# --- the transformer with a ControlNet: one wrapper for training, sampling and the planner ----------------------
 
 
 class ControlledFlux(nn.Module):
-    """The transformer steered by a ControlNet, with the transformer's call signature (a drop-in for sampling):
-    every call runs the ControlNet on the same inputs and adds its residuals times `scale`."""
+    """The transformer steered by a ControlNet, with the transformer's call signature: every call runs the ControlNet
+    on the same inputs and adds its residuals times `scale`. Training, sample images, inference and the memory
+    planner all use this one wrapper.
 
-    def __init__(self, flux: Flux, controlnet: ControlNetFlux, control_image, scale: float = 1.0):
+    The conditioning image (B or 1, 3, H, W) in [-1, 1] at the output size comes, per call, from `controlnet_cond`
+    (training passes each batch's images) or else from `control`: a tensor, or a function (width, height) -> tensor
+    for sampling at any size (library.data.images.prepare_control_image makes one from a picture)."""
+
+    def __init__(self, flux: Flux, controlnet: ControlNetFlux,
+                 control: torch.Tensor | Callable[[int, int], torch.Tensor] | None = None, scale: float = 1.0):
         super().__init__()
         self.flux, self.controlnet, self.scale = flux, controlnet, scale
-        self.control_image = control_image  # HxWx3 uint8; prepared per output size
+        self.control = control
         self._prepared: dict[tuple[int, int], torch.Tensor] = {}
 
     @property
@@ -211,15 +201,23 @@ class ControlledFlux(nn.Module):
         return self.flux.is_schnell
 
     def control_tensor(self, width: int, height: int) -> torch.Tensor:
+        if self.control is None:
+            raise ValueError("ControlledFlux: no conditioning image (pass controlnet_cond or give a control)")
+        if torch.is_tensor(self.control):
+            return self.control
         if (width, height) not in self._prepared:
-            self._prepared = {(width, height): prepare_control_image(self.control_image, width, height)}
+            self._prepared = {(width, height): self.control(width, height)}
         return self._prepared[(width, height)]
 
-    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, txt_attention_mask=None, **kwargs):
-        rows, cols = (int(v) + 1 for v in img_ids[0, -1, 1:].tolist())  # the last token is the bottom-right one
-        cond = self.control_tensor(cols * 16, rows * 16).to(img.device, img.dtype).expand(img.shape[0], -1, -1, -1)
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, txt_attention_mask=None, *,
+                controlnet_cond: torch.Tensor | None = None, **kwargs):
+        if controlnet_cond is None:
+            rows, cols = (int(v) + 1 for v in img_ids[0, -1, 1:].tolist())  # the last token is the bottom-right one
+            controlnet_cond = self.control_tensor(cols * 16, rows * 16).expand(img.shape[0], -1, -1, -1)
+        cond = controlnet_cond.to(img.device, img.dtype)
         double, single = self.controlnet(img, img_ids, cond, txt, txt_ids, timesteps, y, guidance,
                                          txt_attention_mask)
+        if self.scale != 1.0:
+            double, single = [r * self.scale for r in double], [r * self.scale for r in single]
         return self.flux(img, img_ids, txt, txt_ids, timesteps, y, guidance, txt_attention_mask,
-                         double_block_residuals=[r * self.scale for r in double] or None,
-                         single_block_residuals=[r * self.scale for r in single] or None, **kwargs)
+                         double_block_residuals=double or None, single_block_residuals=single or None, **kwargs)

@@ -25,7 +25,7 @@ from library.models import text_encoders
 from library.formats.dtypes import compute_dtype_for, is_fp8, str_to_dtype
 from library.models.checkpoint import FluxCheckpointInfo, analyze_checkpoint, load_transformer
 from library.models.transformer import Flux
-from library.flow.sampling import pack_latents, prepare_img_ids, unpack_latents  # noqa: F401 (public API)
+from library.models.packing import pack_latents, prepare_img_ids, unpack_latents  # noqa: F401 (public API)
 from library.formats.safetensors_io import ModelFileError  # noqa: F401 (public API)
 from library.models.text_encoding import FluxTokenizer, encode_prompts, t5_max_length_for  # noqa: F401 (public API)
 from library.models.tokenizers import load_clip_tokenizer, load_t5_tokenizer

@@ -89,3 +89,15 @@ def encode_prompts(clip_l, t5xxl, clip_ids: torch.Tensor | None, t5_ids: torch.T
             t5_out = t5_out * mask.unsqueeze(-1).to(t5_out.dtype)
         txt_ids = torch.zeros(t5_out.shape[0], t5_out.shape[1], 3, device=t5_out.device)
     return l_pooled, t5_out, txt_ids, t5_mask
+
+
+def caption_encoder(tokenizer, clip_l, t5xxl, apply_t5_attn_mask: bool = False):
+    """captions -> (l_pooled, t5_out, txt_ids, t5_mask) without gradients: what the text-encoder cache and any other
+    consumer that knows no model is given, so text is tokenized and encoded in this one place."""
+
+    @torch.no_grad()
+    def encode(captions: list[str]):
+        clip_ids, t5_ids, t5_mask = tokenizer(captions)
+        return encode_prompts(clip_l, t5xxl, clip_ids, t5_ids, t5_mask, apply_t5_attn_mask)
+
+    return encode

@@ -18,16 +18,13 @@ from pathlib import Path
 
 import torch
 
+from library.training.errors import TrainingError
 from library.training.setup import TrainingModels
 
 logger = logging.getLogger(__name__)
 
 
 STATE_TRAINABLE = "trainable_weights.safetensors"  # the trained weights inside a --save_state folder
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot continue, with a message for the user (no traceback needed)."""
 
 
 class Trainer:

@@ -14,7 +14,7 @@ import torch
 
 from library.flow.matching import (FlowMatchingSettings, apply_model_prediction_type, conditional_loss, flow_target,
                                    guidance_vector, huber_c_for, noisy_input, reduce_loss, sample_sigmas)
-from library.flow.sampling import pack_latents, prepare_img_ids, unpack_latents
+from library.models.packing import pack_latents, prepare_img_ids, unpack_latents
 from library.models.text_encoding import encode_prompts
 
 

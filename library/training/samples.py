@@ -187,8 +187,10 @@ def _with_control(models: FluxModels, controlnet: torch.nn.Module | None, prompt
 
     from library.models.controlnet import ControlledFlux
     from library.data.images import load_image
+    from library.data.tensors import control_image_source
 
-    return replace(models, flux=ControlledFlux(models.flux, controlnet, load_image(prompt.controlnet_image)[0]))
+    control = control_image_source(load_image(prompt.controlnet_image)[0])
+    return replace(models, flux=ControlledFlux(models.flux, controlnet, control))
 
 
 def sample_images(models: FluxModels, prompts: Sequence[SamplePrompt], output_dir: str | os.PathLike,

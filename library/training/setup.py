@@ -27,7 +27,7 @@ NOT_YET_SUPPORTED = {
 
 def check_supported(args) -> None:
     """Refuse options that would otherwise be silently ignored (one message listing all of them)."""
-    from library.training.loop import TrainingError
+    from library.training.errors import TrainingError
 
     used = [(name, why) for name, why in NOT_YET_SUPPORTED.items() if getattr(args, name, None)]
     if used:
@@ -82,7 +82,7 @@ def build_dataset_groups(args, seed: int, controlnet: bool = False):
     validate_against_training_args(config, args)
     face_crop = [s.where for s in config.all_subsets() if s.face_crop_aug_range is not None]
     if face_crop:  # the schema reads sd-scripts' files; the option is refused, never silently ignored
-        from library.training.loop import TrainingError
+        from library.training.errors import TrainingError
 
         raise TrainingError(f"face_crop_aug_range: {NOT_YET_SUPPORTED['face_crop_aug_range']}; remove it from "
                             f"{'; '.join(face_crop)}")
@@ -153,7 +153,7 @@ def load_models(args, accelerator, flux_dtype: torch.dtype | None = None) -> Tra
 def resolve_blocks_to_swap(args, info) -> int:
     """--blocks_to_swap as a count checked against the checkpoint's blocks ('auto' asks the memory planner)."""
     from library.memory.block_swap import split_blocks_to_swap
-    from library.training.loop import TrainingError
+    from library.training.errors import TrainingError
 
     n = getattr(args, "blocks_to_swap", None) or 0
     if n == "auto":
@@ -169,7 +169,7 @@ def resolve_blocks_to_swap(args, info) -> int:
 
 def check_fp8_checkpoint(args, info) -> None:
     """fp8 files are used as stored, which --fp8_base supports for float8_e4m3fn only (reference 8)."""
-    from library.training.loop import TrainingError
+    from library.training.errors import TrainingError
 
     other = sorted(d for d in info.dtypes if d.startswith("F8") and d != "F8_E4M3")
     if getattr(args, "fp8_base", False) and other:
@@ -235,6 +235,7 @@ def prepare_caches(args, accelerator, models: TrainingModels, train_group, val_g
                                    **(split if args.cache_latents_to_disk else {"progress": split["progress"]}))
     if args.cache_text_encoder_outputs:
         from library.data.text_encoder_cache import TextEncoderCache, text_encoder_identity
+        from library.models.text_encoding import caption_encoder
 
         batch_size = args.text_encoder_batch_size or train_group.datasets[0].config.batch_size
         te_cache = TextEncoderCache(args.cache_text_encoder_outputs_to_disk,
@@ -243,7 +244,8 @@ def prepare_caches(args, accelerator, models: TrainingModels, train_group, val_g
                                     apply_t5_attn_mask=args.apply_t5_attn_mask,
                                     t5_max_length=models.tokenizer.t5_max_length)
         items = [i for g in groups for i in g.items]
-        te_cache.cache(items, models.tokenizer, models.clip_l, models.t5xxl,
+        encode = caption_encoder(models.tokenizer, models.clip_l, models.t5xxl, args.apply_t5_attn_mask)
+        te_cache.cache(items, encode,
                        **(split if args.cache_text_encoder_outputs_to_disk else {"progress": split["progress"]}))
     for group in groups:
         group.attach(tokenizer=models.tokenizer, latent_cache=latent_cache, te_cache=te_cache)

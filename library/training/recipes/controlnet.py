@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from library.training.loop import Trainer, TrainingError
+from library.training.errors import TrainingError
+from library.training.loop import Trainer
 from library.training.setup import TrainingModels
 
 logger = logging.getLogger(__name__)

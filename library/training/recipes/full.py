@@ -66,7 +66,7 @@ class FullTrainer(Trainer):
     @torch.no_grad()
     def load_state_weights(self, folder: Path) -> None:
         from library.formats.safetensors_io import TensorReader, sample_keys
-        from library.training.loop import TrainingError
+        from library.training.errors import TrainingError
 
         path = folder / STATE_WEIGHTS
         if not path.exists():
