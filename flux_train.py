@@ -15,25 +15,24 @@ from __future__ import annotations
 import sys
 
 from library.training.arguments import training_parser
-
-TRAINER = "full"
+from library.training.recipes.command_lines import FULL as COMMAND_LINE
 
 
 def setup_parser():
-    return training_parser(TRAINER, description="Fine-tune the whole FLUX.1 transformer (sd-scripts compatible "
+    return training_parser(COMMAND_LINE, description="Fine-tune the whole FLUX.1 transformer (sd-scripts compatible "
                                                 "arguments).")
 
 
-def make_trainer(args):
+def recipe():
     from library.training.recipes.full import FullTrainer  # after parsing: --help stays fast
 
-    return FullTrainer(args)
+    return FullTrainer
 
 
 def main(argv: list[str] | None = None) -> int:
     from library.cli.main import main_for
 
-    return main_for(TRAINER, setup_parser(), make_trainer, argv)
+    return main_for(COMMAND_LINE, setup_parser(), recipe, argv)
 
 
 if __name__ == "__main__":

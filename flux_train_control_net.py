@@ -16,24 +16,23 @@ from __future__ import annotations
 import sys
 
 from library.training.arguments import training_parser
-
-TRAINER = "controlnet"
+from library.training.recipes.command_lines import CONTROLNET as COMMAND_LINE
 
 
 def setup_parser():
-    return training_parser(TRAINER, description="Train a FLUX.1 ControlNet (sd-scripts compatible arguments).")
+    return training_parser(COMMAND_LINE, description="Train a FLUX.1 ControlNet (sd-scripts compatible arguments).")
 
 
-def make_trainer(args):
+def recipe():
     from library.training.recipes.controlnet import ControlNetTrainer  # after parsing: --help stays fast
 
-    return ControlNetTrainer(args)
+    return ControlNetTrainer
 
 
 def main(argv: list[str] | None = None) -> int:
     from library.cli.main import main_for
 
-    return main_for(TRAINER, setup_parser(), make_trainer, argv)
+    return main_for(COMMAND_LINE, setup_parser(), recipe, argv)
 
 
 if __name__ == "__main__":

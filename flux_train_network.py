@@ -11,26 +11,23 @@ from __future__ import annotations
 import sys
 
 from library.training.arguments import training_parser
-
-TRAINER = "network"
+from library.training.recipes.command_lines import LORA as COMMAND_LINE
 
 
 def setup_parser():
-    return training_parser(TRAINER, description="Train a LoRA for FLUX.1 (sd-scripts compatible arguments).")
+    return training_parser(COMMAND_LINE, description="Train a LoRA for FLUX.1 (sd-scripts compatible arguments).")
 
 
-def make_trainer(args):
+def recipe():
     from library.training.recipes.lora import LoRATrainer  # after parsing: --help stays fast
 
-    if not args.network_module:
-        args.network_module = "networks.lora_flux"
-    return LoRATrainer(args)
+    return LoRATrainer
 
 
 def main(argv: list[str] | None = None) -> int:
     from library.cli.main import main_for
 
-    return main_for(TRAINER, setup_parser(), make_trainer, argv)
+    return main_for(COMMAND_LINE, setup_parser(), recipe, argv)
 
 
 if __name__ == "__main__":

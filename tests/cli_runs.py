@@ -30,8 +30,9 @@ def run_trainer(kind: str, argv: list[str]):
     from library.training.arguments import verify_training_args
 
     entry, module, cls = TRAINERS[kind]
-    args = importlib.import_module(entry).setup_parser().parse_args(argv)
-    verify_training_args(args, kind)
+    entry = importlib.import_module(entry)
+    args = entry.setup_parser().parse_args(argv)
+    verify_training_args(args, entry.COMMAND_LINE)
     trainer = getattr(importlib.import_module(module), cls)(args)
     return trainer, trainer.run()
 

@@ -16,6 +16,7 @@ import cli_runs
 from cli_runs import run_args
 import flux_minimal_inference
 import flux_train_network as cli
+from library.training.recipes.command_lines import FULL
 from library.models.checkpoint import analyze_checkpoint
 from library.models.transformer import Flux
 from library.formats.safetensors_io import save_file_atomic
@@ -123,20 +124,23 @@ def test_out_of_range_and_exclusive_options_are_refused(setup, tmp_path):
 
 def test_auto_asks_the_planner_except_for_controlnets(setup, tmp_path, monkeypatch):
     import flux_train_control_net
+    from library.cli.main import run_settings
     from library.planner import plan as memory_plan
-    from library.training import setup as train_setup
+    from library.training.recipes.controlnet import ControlNetTrainer
+    from library.training.recipes.lora import LoRATrainer
 
     args = cli.setup_parser().parse_args(train_argv(setup, tmp_path, "--blocks_to_swap", "auto"))
     assert args.blocks_to_swap == "auto"
-    info = analyze_checkpoint(setup[0]["flux"])
-    monkeypatch.setattr(memory_plan, "choose_blocks_to_swap", lambda a: 4)
-    assert train_setup.resolve_blocks_to_swap(args, info) == 4 and args.blocks_to_swap == 4
-
-    from library.training.recipes.controlnet import ControlNetTrainer
+    asked = []
+    monkeypatch.setattr(memory_plan, "choose_blocks_to_swap", lambda a, trainer: asked.append(trainer) or 4)
+    assert run_settings(args, cli.COMMAND_LINE, LoRATrainer.memory_profile).blocks_to_swap == 4
+    assert asked == ["network"] and args.blocks_to_swap == "auto"  # the arguments keep what the user asked for
 
     cn_args = flux_train_control_net.setup_parser().parse_args(["--blocks_to_swap", "auto"])
     with pytest.raises(TrainingError, match="does not plan ControlNet training yet; give a number"):
         ControlNetTrainer(cn_args)
+    with pytest.raises(TrainingError, match="does not plan ControlNet training yet; give a number"):
+        run_settings(cn_args, flux_train_control_net.COMMAND_LINE, ControlNetTrainer.memory_profile)
 
 
 def test_minimal_inference_with_block_swap_renders_the_same_image(setup, tmp_path):
@@ -157,12 +161,11 @@ def test_fp8_checkpoints_other_than_e4m3fn_are_refused_for_fp8_base():
 
     from library.training.setup import check_fp8_checkpoint
 
-    args = SimpleNamespace(fp8_base=True, pretrained_model_name_or_path="flux_e5m2.safetensors")
+    path = "flux_e5m2.safetensors"
     with pytest.raises(TrainingError, match=r"flux_e5m2.safetensors stores F8_E5M2 weights: --fp8_base .* e4m3fn"):
-        check_fp8_checkpoint(args, SimpleNamespace(dtypes={"F8_E5M2", "BF16"}))
-    check_fp8_checkpoint(args, SimpleNamespace(dtypes={"F8_E4M3", "BF16"}))  # used as stored
-    check_fp8_checkpoint(SimpleNamespace(fp8_base=False, pretrained_model_name_or_path="x"),
-                         SimpleNamespace(dtypes={"F8_E5M2"}))  # without --fp8_base it is upcast on load
+        check_fp8_checkpoint(True, path, SimpleNamespace(dtypes={"F8_E5M2", "BF16"}))
+    check_fp8_checkpoint(True, path, SimpleNamespace(dtypes={"F8_E4M3", "BF16"}))  # used as stored
+    check_fp8_checkpoint(False, "x", SimpleNamespace(dtypes={"F8_E5M2"}))  # without --fp8_base it is upcast on load
 
 
 def test_blocks_to_swap_from_a_config_file(setup, tmp_path):
@@ -189,7 +192,7 @@ def test_full_fine_tuning_with_block_swap_trains_the_same_model(setup, tmp_path,
         argv = [a for a in argv if a not in ("--network_module", "networks.lora_flux", "--network_dim", "4",
                                              "--network_train_unet_only")]
         args = flux_train.setup_parser().parse_args(argv)
-        verify_training_args(args, "full")
+        verify_training_args(args, FULL)
         trainer = FullTrainer(args)
         assert trainer.run() == 0
         return trainer, load_file(str(out / "m.safetensors"))

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
+from library.training.recipes.command_lines import LORA
 from library.training.config_file import read_config_from_file
 from library.data.config import load_dataset_config
 from library.flow.prompts import load_prompts
@@ -16,13 +17,13 @@ CONFIGS = ROOT / "configs"
 
 
 def test_training_config_file_parses_and_verifies(tmp_path):
-    parser = training_parser("network")
+    parser = training_parser(LORA)
     config = tmp_path / "lora_flux_dev.toml"
     shutil.copy(CONFIGS / "lora_flux_dev.toml", config)
     argv = ["--config_file", str(config)]
     args = read_config_from_file(parser.parse_args(argv), parser, argv)
     assert args.network_dim == 16 and args.network_alpha == 16.0 and args.fp8_base and args.learning_rate == 1e-4
-    verify_training_args(args, "network")
+    verify_training_args(args, LORA)
 
 
 def test_dataset_config_resolves(tmp_path, monkeypatch):
@@ -30,7 +31,7 @@ def test_dataset_config_resolves(tmp_path, monkeypatch):
         (tmp_path / folder).mkdir(parents=True)
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / folder / "a.png")
     monkeypatch.chdir(tmp_path)  # paths in the example are relative to the launch folder
-    parser = training_parser("network")
+    parser = training_parser(LORA)
     args = parser.parse_args(["--dataset_config", str(CONFIGS / "dataset_lora.toml")])
     group = load_dataset_config(args)
     (ds,) = group.datasets
@@ -50,7 +51,7 @@ CARD_CONFIGS = {24: "lora_flux_dev.toml", 16: "lora_flux_dev_16gb.toml", 12: "lo
 def _card_config(card, tmp_path):
     import re
 
-    parser = training_parser("network")
+    parser = training_parser(LORA)
     config = tmp_path / CARD_CONFIGS[card]
     shutil.copy(CONFIGS / CARD_CONFIGS[card], config)
     argv = ["--config_file", str(config)]
@@ -65,7 +66,7 @@ def _card_config(card, tmp_path):
 @pytest.mark.parametrize("card", sorted(CARD_CONFIGS))
 def test_card_configs_parse_and_state_their_peak(card, tmp_path):
     args, peak = _card_config(card, tmp_path)
-    verify_training_args(args, "network")
+    verify_training_args(args, LORA)
     assert args.fp8_base and args.gradient_checkpointing and args.network_dim == 16
     assert 0 <= (args.blocks_to_swap or 0) <= 35
     assert peak <= card - 1  # a GiB of headroom for the desktop and other processes

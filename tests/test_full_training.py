@@ -15,6 +15,7 @@ import cli_runs
 from cli_runs import run_args
 import flux_train as cli
 from conftest import ROOT
+from library.training.recipes.command_lines import FULL
 from library.training.arguments import TrainingArgumentError, verify_training_args
 from tools.make_demo_dataset import make_demo_dataset
 from tools.make_tiny_models import make_tiny_models
@@ -146,14 +147,14 @@ def test_trained_weights_are_float32_unless_full_bf16(setup, tmp_path):
 def test_argument_checks_and_deprecated_swap_options(setup, tmp_path, caplog):
     parse = lambda *extra: cli.setup_parser().parse_args(ft_args(setup, tmp_path, *extra))  # noqa: E731
     with caplog.at_level(logging.WARNING):
-        args = verify_training_args(parse("--double_blocks_to_swap", "6", "--single_blocks_to_swap", "9"), "full")
+        args = verify_training_args(parse("--double_blocks_to_swap", "6", "--single_blocks_to_swap", "9"), FULL)
     assert args.blocks_to_swap == 6 + 9 // 2 and "deprecated" in caplog.text
     with pytest.raises(TrainingArgumentError) as e:
-        verify_training_args(parse("--fused_backward_pass", "--mixed_precision", "fp16"), "full")
+        verify_training_args(parse("--fused_backward_pass", "--mixed_precision", "fp16"), FULL)
     assert "requires --optimizer_type adafactor" in str(e.value) and "fp16" in str(e.value)
     with pytest.raises(TrainingArgumentError, match="gradient_accumulation_steps 1"):
         verify_training_args(parse("--fused_backward_pass", "--optimizer_type", "adafactor",
-                                   "--gradient_accumulation_steps", "2"), "full")
+                                   "--gradient_accumulation_steps", "2"), FULL)
     assert cli.main(ft_args(setup, tmp_path, "--blockwise_fused_optimizers", "--optimizer_type",
                             "AdamWScheduleFree")) == 2
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from library.training.recipes.command_lines import LORA
 from library.formats.lora_formats import LoRAWeights, load_lora, read_lora
 from library.formats.safetensors_io import load_tensors, save_file_atomic
 from model_helpers import diffusers_reference, flux_inputs, run
@@ -39,7 +40,7 @@ def trained(setup):
             "--network_train_unet_only", "--learning_rate", "3e-2", "--max_train_steps", "4", "--seed", "3",
             "--max_data_loader_n_workers", "0", "--t5xxl_max_token_length", "16", "--model_prediction_type", "raw"]
     args = cli.setup_parser().parse_args(argv)
-    verify_training_args(args, "network")
+    verify_training_args(args, LORA)
     assert LoRATrainer(args).run() == 0
     return out / "trained.safetensors"
 
@@ -274,7 +275,7 @@ def test_trainer_reads_foreign_network_and_base_weights(setup, trained, tmp_path
             "--max_train_steps", "1", "--seed", "3", "--max_data_loader_n_workers", "0",
             "--t5xxl_max_token_length", "16", "--model_prediction_type", "raw"]
     args = cli.setup_parser().parse_args(argv)
-    verify_training_args(args, "network")
+    verify_training_args(args, LORA)
     trainer = LoRATrainer(args)
     assert trainer.run() == 0
     original, _ = read_lora(load_tensors(trained))

@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from library.training.recipes.command_lines import LORA
 from library.models.transformer import FLUX_PRESETS, Flux
 from library.planner.plan import GIB, PlanSettings, choose_blocks_to_swap, plan_many, plan_memory
 from library.planner.report import measure_cpu_step
@@ -112,7 +113,7 @@ def test_choose_blocks_to_swap_picks_the_smallest_count_that_fits(tmp_path):
     argv = ["--pretrained_model_name_or_path", str(path), "--dataset_config", str(toml), "--mixed_precision", "bf16",
             "--gradient_checkpointing", "--cache_text_encoder_outputs", "--cache_latents", "--network_dim", "4",
             "--optimizer_type", "AdamW", "--t5xxl_max_token_length", "64", "--blocks_to_swap", "auto"]
-    args = training_parser("network").parse_args(argv)
+    args = training_parser(LORA).parse_args(argv)
     base = PlanSettings(model=str(path), params=TINY_DEEP, width=128, height=128, t5_tokens=64, network_dim=4,
                         network_alpha=1.0, optimizer_type="AdamW")
     peaks = [p.peak_bytes for p in plan_many([replace(base, blocks_to_swap=n) for n in range(3)])]

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from library.training.lr_schedulers import SCHEDULERS, get_scheduler, resolve_steps
+from library.training.lr_schedulers import SCHEDULERS, get_scheduler, resolve_steps, scheduler_name
 from library.training.optimizers import (OptimizerError, add_optimizer_arguments, get_optimizer, is_schedule_free,
                                 optimizer_eval_mode, optimizer_metadata_text, optimizer_train_mode, parse_kv_args,
                                 resolve_optimizer_type)
@@ -230,7 +230,7 @@ def test_adafactor_relative_step_forces_its_scheduler():
     name, text, optimizer = get_optimizer(args, groups)
     assert (name, text) == ("transformers.optimization.Adafactor", "relative_step=True")
     assert optimizer.defaults["lr"] is None and all(g["lr"] is None for g in optimizer.param_groups)
-    assert args.lr_scheduler == "adafactor:0.001"
+    assert scheduler_name(args, optimizer) == "adafactor:0.001"
     scheduler = get_scheduler(args, optimizer, 1)
     assert type(scheduler).__name__ == "AdafactorSchedule" and scheduler.get_last_lr() == [1e-3, 1e-3]
     train_steps(optimizer, net)
@@ -246,7 +246,7 @@ def test_adafactor_relative_step_forces_its_scheduler():
 def test_adafactor_warmup_init_forces_relative_step():
     args = make_args("--optimizer_type", "Adafactor", "--optimizer_args", "relative_step=False", "warmup_init=True")
     _, text, optimizer = get_optimizer(args, model().parameters())
-    assert text == "relative_step=True,warmup_init=True" and args.lr_scheduler.startswith("adafactor:")
+    assert text == "relative_step=True,warmup_init=True" and scheduler_name(args, optimizer).startswith("adafactor:")
 
 
 # --- schedulers ---------------------------------------------------------------------------------------------------

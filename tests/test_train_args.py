@@ -11,6 +11,7 @@ import pytest
 
 from library.training import config_file
 from library.training import arguments as ta
+from library.training.recipes import command_lines
 
 try:
     from library.training.optimizers import add_optimizer_arguments
@@ -45,8 +46,11 @@ LORA_CLI = (
 ).split()
 
 
+TRAINERS = {"network": command_lines.LORA, "full": command_lines.FULL, "controlnet": command_lines.CONTROLNET}
+
+
 def parser(trainer="network"):
-    return ta.training_parser(trainer, add_optimizer_arguments=add_optimizer_arguments)
+    return ta.training_parser(TRAINERS[trainer], add_optimizer_arguments=add_optimizer_arguments)
 
 
 def parse(argv, trainer="network"):
@@ -82,7 +86,7 @@ def test_defaults_that_define_behaviour():
 
 
 def test_every_option_has_help_and_trainers_compose():
-    for trainer in ta.TRAINERS:
+    for trainer in TRAINERS:
         p = parser(trainer)
         missing = [a.option_strings[0] for a in p._actions if a.option_strings and not a.help]
         assert not missing, f"{trainer}: no help for {missing}"
@@ -100,7 +104,7 @@ def test_chroma_is_refused_by_the_parser(capsys):
 
 def test_module_import_is_cheap():
     code = ("import sys; sys.path.insert(0, '.'); import library.training.arguments as t, library.formats.metadata; "
-            "t.training_parser('network'); "
+            "from library.training.recipes.command_lines import LORA; t.training_parser(LORA); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'PIL', 'cv2')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert out.returncode == 0, out.stderr
@@ -219,7 +223,7 @@ def test_one_warning_names_exactly_the_ineffective_options_set(caplog):
     args = p.parse_args(["--clip_skip", "2", "--xformers", "--noise_offset", "0.1", "--multires_noise_discount", "0.3",
                          "--fused_backward_pass", "--seed", "1", "--sdpa"])
     with caplog.at_level(logging.WARNING):
-        named = ta.warn_ineffective(args, p)
+        named = ta.warn_ineffective(args, p, command_lines.LORA)
     assert named == ["--xformers", "--sdpa", "--clip_skip", "--noise_offset", "--fused_backward_pass"]
     records = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(records) == 1
@@ -232,18 +236,18 @@ def test_one_warning_names_exactly_the_ineffective_options_set(caplog):
 def test_no_warning_for_defaults_and_trainer_specific_lists(caplog):
     p = parser()
     with caplog.at_level(logging.WARNING):
-        assert ta.warn_ineffective(p.parse_args([]), p) == []
+        assert ta.warn_ineffective(p.parse_args([]), p, command_lines.LORA) == []
     assert not caplog.records
     full = parser("full")
     args = full.parse_args(["--save_model_as", "safetensors", "--weighted_captions", "--fused_backward_pass"])
-    assert ta.warn_ineffective(args, full, "full") == ["--weighted_captions", "--save_model_as"]
-    assert ta.warn_ineffective(full.parse_args(["--fp8_base"]), full, "full") == ["--fp8_base"]
-    assert ta.warn_ineffective(full.parse_args(["--fp8_base"]), parser("network")) == []  # effective for LoRA
+    assert ta.warn_ineffective(args, full, command_lines.FULL) == ["--weighted_captions", "--save_model_as"]
+    assert ta.warn_ineffective(full.parse_args(["--fp8_base"]), full, command_lines.FULL) == ["--fp8_base"]
+    assert ta.warn_ineffective(full.parse_args(["--fp8_base"]), parser("network"), command_lines.LORA) == []  # effective for LoRA
 
 
 def test_every_ineffective_option_exists_in_a_parser():
     names = set(vars(parse([]))) | set(vars(parse([], "full"))) | set(vars(parse([], "controlnet")))
-    for table in (ta.INEFFECTIVE_FOR_FLUX, *ta.INEFFECTIVE_BY_TRAINER.values()):
+    for table in (ta.INEFFECTIVE_FOR_FLUX, *(c.ineffective for c in command_lines.ALL)):
         assert set(table) <= names
 
 
@@ -252,7 +256,7 @@ def test_every_ineffective_option_exists_in_a_parser():
 
 def verify(argv, trainer="network"):
     args = parse((["--network_module", "networks.lora_flux"] if trainer == "network" else []) + argv, trainer)
-    return ta.verify_training_args(args, trainer)
+    return ta.verify_training_args(args, TRAINERS[trainer])
 
 
 def test_realistic_command_line_verifies():
@@ -316,7 +320,7 @@ def test_every_problem_is_reported_at_once():
     args = parse(["--full_bf16", "--weighted_captions", "--blocks_to_swap", "2", "--cpu_offload_checkpointing"])
     args.model_type = "chroma"  # set programmatically: the parser refuses it
     with pytest.raises(ta.TrainingArgumentError) as e:
-        ta.verify_training_args(args)
+        ta.verify_training_args(args, command_lines.LORA)
     assert len(e.value.problems) == 5  # chroma, weighted captions, full_bf16, swap+offload, network_module
     assert str(e.value).count("\n  ") == 5
 
@@ -340,5 +344,5 @@ def test_save_last_n_without_a_save_interval_is_noted(caplog):
 
 
 def test_unknown_trainer_is_a_programming_error():
-    with pytest.raises(ValueError, match="trainer must be one of"):
+    with pytest.raises(TypeError, match="TrainerCommandLine"):
         ta.verify_training_args(argparse.Namespace(), "lora")

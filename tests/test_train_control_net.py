@@ -16,6 +16,7 @@ from cli_runs import model_args, run_args
 import flux_minimal_inference as inference_cli
 import flux_train_control_net as cli
 from library.training.arguments import verify_training_args
+from library.training.recipes.controlnet import ControlNetTrainer
 from tools.make_demo_dataset import make_controlnet_demo_dataset, make_demo_dataset
 from tools.make_tiny_models import make_tiny_models
 
@@ -136,7 +137,7 @@ def test_conditioning_images_are_cropped_exactly_like_their_targets(tmp_path):
                     f'image_dir = "{images.as_posix()}"\nconditioning_data_dir = "{cond.as_posix()}"\n'
                     'caption_extension = ".txt"\n')
     args = cli.setup_parser().parse_args(["--dataset_config", str(toml), "--pretrained_model_name_or_path", "x"])
-    train, _ = build_dataset_groups(args, 0, controlnet=True)
+    train, _ = build_dataset_groups(args, 0, ControlNetTrainer(args).dataset_kinds())
     batches = [train[i] for i in range(len(train))]
     for batch in batches:
         image, control = batch["images"][0], batch["conditioning_images"][0]
@@ -163,8 +164,8 @@ def test_example_configs_parse_and_resolve(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # paths in the examples are relative to the launch folder
     parser = cli.setup_parser()
     argv = ["--config_file", "configs/controlnet_flux_dev.toml"]
-    args = verify_training_args(read_config_from_file(parser.parse_args(argv), parser, argv), "controlnet")
+    args = verify_training_args(read_config_from_file(parser.parse_args(argv), parser, argv), cli.COMMAND_LINE)
     assert args.learning_rate == 2e-5 and args.cache_latents and args.dataset_config.endswith("controlnet.toml")
-    train, _ = build_dataset_groups(args, 0, controlnet=True)
+    train, _ = build_dataset_groups(args, 0, ControlNetTrainer(args).dataset_kinds())
     (item,) = train.items
     assert item.conditioning_path.name == "a.png" and item.subset.flip_aug

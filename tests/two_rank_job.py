@@ -16,14 +16,14 @@ def main() -> int:
     dump_dir, argv = Path(sys.argv[1]), sys.argv[2:]
     if "--network_module" in argv:
         args = cli.setup_parser().parse_args(argv)
-        verify_training_args(args, "network")
+        verify_training_args(args, cli.COMMAND_LINE)
         trainer = LoRATrainer(args)
     else:
         import flux_train
         from library.training.recipes.full import FullTrainer
 
         args = flux_train.setup_parser().parse_args(argv)
-        verify_training_args(args, "full")
+        verify_training_args(args, flux_train.COMMAND_LINE)
         trainer = FullTrainer(args)
     code = trainer.run()
     from safetensors.torch import save_file

@@ -17,10 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def command_line(trainer: str):
+    """The planned recipe's command line, by the planner's name for it."""
+    from library.training.recipes import command_lines
+
+    return {"network": command_lines.LORA, "full": command_lines.FULL}[trainer]
 
 
 def planner_parser() -> argparse.ArgumentParser:
@@ -49,23 +57,22 @@ def parse(argv: list[str]):
 
     planner = planner_parser()
     known, rest = planner.parse_known_args(argv)
-    parser = training_parser(known.trainer, description=__doc__.split("\n")[0])
+    parser = training_parser(command_line(known.trainer), description=__doc__.split("\n")[0])
     for action in planner._actions:  # one --help for both
         parser._add_action(action)
+    if known.trainer == "network":
+        parser.set_defaults(network_module="networks.lora_flux")  # the network the planner builds
     args = parser.parse_args(argv)
-    args = read_config_from_file(args, parser, argv)
-    if known.trainer == "network" and not args.network_module:
-        args.network_module = "networks.lora_flux"
-    return args
+    return read_config_from_file(args, parser, argv)
 
 
 def _line(plan) -> str:
     from library.planner.plan import GIB, MIB, RUNTIME_OVERHEAD, SOURCES
 
     s = plan.settings
-    what = (f"LoRA rank {s.network_dim}" if s.trainer == "network" else "full fine-tuning")
+    what = "full fine-tuning" if s.profile.trains_transformer else f"LoRA rank {s.network_dim}"
     flags = [f"{s.width}x{s.height}", f"batch {s.batch_size}", f"{s.mixed_precision} mixed precision",
-             "fp8 base" if (s.fp8_base or s.fp8_file) and s.trainer == "network" else "", 
+             "fp8 base" if (s.fp8_base or s.fp8_file) and s.profile.fp8_base else "",
              f"{s.blocks_to_swap} blocks swapped" if s.blocks_to_swap else "no block swap",
              "gradient checkpointing" if s.gradient_checkpointing else "no gradient checkpointing",
              s.optimizer_type + (" + fused backward" if s.fused_backward_pass else "")
@@ -90,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     from library.training.arguments import verify_training_args
 
     try:
-        verify_training_args(args, args.trainer)  # the trainer's implications (e.g. *_to_disk -> caching)
-        if args.blocks_to_swap == "auto":
-            args.blocks_to_swap = choose_blocks_to_swap(args, args.trainer)
+        verify_training_args(args, command_line(args.trainer))  # the trainer's implications (*_to_disk -> caching)
         s = settings_from_args(args, args.trainer, args.target)
+        if args.blocks_to_swap == "auto":
+            s = replace(s, blocks_to_swap=choose_blocks_to_swap(args, args.trainer))
         if args.table:
             from library.planner.report import format_table, run_table
 

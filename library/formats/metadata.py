@@ -324,15 +324,15 @@ def network_args_dict(args, network_args=None) -> dict:
     return out
 
 
-def lora_metadata(args, *, network_module: str, network_dim, network_alpha, network_args=None,
-                  datasets_info: list[dict], num_train_images: int, num_reg_images: int,
+def lora_metadata(args, *, seed: int | None = None, network_module: str, network_dim, network_alpha,
+                  network_args=None, datasets_info: list[dict], num_train_images: int, num_reg_images: int,
                   num_validation_images: int = 0, num_batches_per_epoch: int, num_epochs: int, max_train_steps: int,
                   optimizer_text: str, session_id: int, training_started_at: float, num_processes: int = 1,
                   sd_model_hashes: tuple[str, str] | None = None, vae_hashes: tuple[str, str] | None = None,
                   commit: str | None = None) -> dict[str, str]:
     """Every ss_* key sd-scripts' LoRA trainer writes before the first save (13.3), values as str().
 
-    `args` is the parsed training namespace (its --seed already drawn when it was None). `network_dim` and
+    `args` is the parsed training namespace; `seed` the run's seed (default --seed). `network_dim` and
     `network_alpha` are recorded as given (sd-scripts records the command-line values). `network_args` is a list
     of "k=v" or a dict (default: args.network_args); "dropout" is added as sd-scripts does. `datasets_info`: one
     dict per dataset (with --dataset_config they become ss_datasets; without it, the first one gives the bucket
@@ -369,7 +369,7 @@ def lora_metadata(args, *, network_module: str, network_dim, network_alpha, netw
         "ss_network_dropout": get("network_dropout"), "ss_mixed_precision": get("mixed_precision"),
         "ss_full_fp16": bool(get("full_fp16")), "ss_v2": bool(get("v2")), "ss_base_model_version": "flux1",
         "ss_clip_skip": get("clip_skip"), "ss_max_token_length": get("max_token_length"),
-        "ss_cache_latents": bool(get("cache_latents")), "ss_seed": get("seed"), "ss_lowram": get("lowram", False),
+        "ss_cache_latents": bool(get("cache_latents")), "ss_seed": seed if seed is not None else get("seed"), "ss_lowram": get("lowram", False),
         "ss_noise_offset": get("noise_offset"), "ss_multires_noise_iterations": get("multires_noise_iterations"),
         "ss_multires_noise_discount": get("multires_noise_discount"),
         "ss_adaptive_noise_scale": get("adaptive_noise_scale"), "ss_zero_terminal_snr": get("zero_terminal_snr"),

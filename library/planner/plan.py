@@ -22,6 +22,12 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from library.models.transformer import FLUX_PRESETS, Flux, FluxParams
+from library.training.recipes.full import FullTrainer
+from library.training.recipes.lora import LoRATrainer
+from library.training.settings import MemoryProfile
+
+# the recipes the planner simulates, by the name tools/plan_memory.py --trainer gives them
+PLANNED_RECIPES = {r.memory_profile.name: r.memory_profile for r in (LoRATrainer, FullTrainer)}
 
 GIB = 1024**3
 MIB = 1024**2
@@ -55,7 +61,7 @@ TABLE_RESOLUTIONS = (512, 1024)
 class PlanSettings:
     """What one prediction is for. `target` is the device kind planned for: "cuda" or "cpu"."""
 
-    trainer: str = "network"  # network (LoRA) or full
+    trainer: str = "network"  # the planned recipe by its planner name (PLANNED_RECIPES): network (LoRA) or full
     model: str = "dev"  # a preset name or a checkpoint path
     params: FluxParams = field(default_factory=lambda: FLUX_PRESETS["dev"])
     width: int = 1024
@@ -85,6 +91,14 @@ class PlanSettings:
     t5xxl_params: int = 4_762_310_656
     clip_l_params: int = 123_060_480
     ae_params: int = 83_819_683
+
+    @property
+    def profile(self) -> MemoryProfile:
+        """The planned recipe's memory profile."""
+        try:
+            return PLANNED_RECIPES[self.trainer]
+        except KeyError:
+            raise ValueError(f"trainer must be one of {', '.join(PLANNED_RECIPES)}, got {self.trainer!r}") from None
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -170,7 +184,7 @@ def settings_from_args(args, trainer: str = "network", target: str = "cuda") -> 
         trainer=trainer, model=model, params=params, width=width, height=height, batch_size=batch,
         t5_tokens=getattr(args, "t5xxl_max_token_length", None) or (256 if schnell else 512),
         mixed_precision=getattr(args, "mixed_precision", "no") or "no",
-        fp8_base=bool(getattr(args, "fp8_base", False)) and trainer == "network", fp8_file=fp8_file,
+        fp8_base=bool(getattr(args, "fp8_base", False)) and PLANNED_RECIPES[trainer].fp8_base, fp8_file=fp8_file,
         gradient_checkpointing=bool(args.gradient_checkpointing or getattr(args, "cpu_offload_checkpointing", False)),
         cpu_offload_checkpointing=bool(getattr(args, "cpu_offload_checkpointing", False)),
         blocks_to_swap=swap if isinstance(swap, int) else 0,
@@ -265,9 +279,9 @@ class StepRig:
 def _build_flux(s: PlanSettings, device: str) -> Flux:
     from library.memory.fp8 import prepare_fp8
 
-    fp8 = s.trainer == "network" and (s.fp8_base or s.fp8_file)  # the full trainers train (and cast) the weights
+    fp8 = s.profile.fp8_base and (s.fp8_base or s.fp8_file)  # a recipe that trains the weights casts them
     dtype = s.weight_dtype
-    if s.trainer == "full":
+    if s.profile.trains_transformer:
         dtype = torch.bfloat16 if s.full_bf16 else torch.float32
     with torch.device(device):
         flux = Flux(s.params).to(dtype)
@@ -296,8 +310,8 @@ def build_rig(s: PlanSettings, device: str = "meta") -> StepRig:
     from library.training.loss import FluxLossComputer
 
     flux = _build_flux(s, device)
-    flux.requires_grad_(s.trainer == "full")
-    if s.trainer == "network":
+    flux.requires_grad_(s.profile.trains_transformer)
+    if not s.profile.trains_transformer:  # a LoRA network on the frozen transformer
         import networks.lora_flux as lora_flux
         from library.training.arguments import parse_network_args
 
@@ -316,7 +330,7 @@ def build_rig(s: PlanSettings, device: str = "meta") -> StepRig:
         # the real swapper on meta/meta: its slots are the compute-side bytes, its storage copies are not
         with _quiet("library.memory.block_swap"):
             swappers = list(flux.enable_block_swap(s.blocks_to_swap, device, device,
-                                                   host_to_device_only=s.trainer == "network"))
+                                                   host_to_device_only=not s.profile.trains_transformer))
     settings = FlowMatchingSettings(timestep_sampling="shift", model_prediction_type="raw", guidance_scale=1.0)
     compute = s.weight_dtype
     loss_fn = FluxLossComputer(settings, flux, torch.device(device), compute)
@@ -376,7 +390,7 @@ def _encoder_bytes(s: PlanSettings) -> int:
     size = torch.tensor([], dtype=s.weight_dtype).element_size()
     total = 0
     if not s.cache_text_encoder_outputs:
-        t5_fp8 = s.fp8_base and s.trainer == "network"
+        t5_fp8 = s.fp8_base and s.profile.fp8_base
         total += int(s.t5xxl_params * ((1 + size / 37) if t5_fp8 else size)) + s.clip_l_params * size
     if not s.cache_latents:
         total += s.ae_params * size
@@ -398,7 +412,7 @@ def _step_key(s: PlanSettings) -> PlanSettings:
     """Settings whose counted step is the same: swapping in host-to-device-only mode, or with optimizers that step
     inside backward, copies into buffers that exist before the step, so the step's allocations do not depend on
     the swap count. Write-back with an optimizer after backward moves gradients to storage: counted per count."""
-    if s.trainer == "network" or s.fused_backward_pass or s.blockwise_fused_optimizers:
+    if not s.profile.trains_transformer or s.fused_backward_pass or s.blockwise_fused_optimizers:
         return replace(s, blocks_to_swap=0)
     return s
 
@@ -452,8 +466,7 @@ def plan_memory(s: PlanSettings, step: dict[str, int] | None = None) -> MemoryPl
     """Predicted peak device memory of one training step and its parts. `step`: the counted step of settings with
     the same `_step_key` (see plan_many); run here when not given."""
     started = time.perf_counter()
-    if s.trainer not in ("network", "full"):
-        raise ValueError(f"trainer must be network or full, got {s.trainer!r}")
+    s.profile  # noqa: B018 (refuses a recipe the planner does not plan)
     rig = build_rig(s, "meta")
     swap = _swap_accounting(rig)
     at_peak = count_step(rig) if step is None else step
@@ -524,7 +537,7 @@ def _swap_accounting(rig: StepRig) -> dict:
     trainable_out = _bytes([p for p in outside if p.requires_grad])
     fixed = sum(sw.resident_bytes for sw in rig.swappers)
     buffers = sum(sw.buffer_bytes for sw in rig.swappers)
-    if s.trainer == "network":
+    if not s.profile.trains_transformer:
         lora = _bytes(rig.trainable)
         return {"frozen": frozen_out + fixed, "buffers": buffers,
                 "trainable": lora, "states": _bytes(optimizer_state_tensors(rig))}
@@ -543,16 +556,16 @@ def _swap_accounting(rig: StepRig) -> dict:
 # --- --blocks_to_swap auto ------------------------------------------------------------------------------------------
 
 
-def choose_blocks_to_swap(args, trainer: str | None = None) -> int:
+def choose_blocks_to_swap(args, trainer: str = "network") -> int:
     """The smallest --blocks_to_swap whose predicted peak fits --vram_budget_gb (GiB), for a parsed training command
-    line (the training setup calls this for --blocks_to_swap auto). Logs the choice and the predicted peak."""
+    line of the recipe the planner calls `trainer` (library/cli calls this for --blocks_to_swap auto). Logs the
+    choice and the predicted peak."""
     from library.memory.block_swap import max_blocks_to_swap
 
     budget = getattr(args, "vram_budget_gb", None)
     if not budget or budget <= 0:
         raise ValueError("--blocks_to_swap auto needs --vram_budget_gb G, the GPU memory to fit in GiB (e.g. 7.5 "
                          "on an 8 GB card)")
-    trainer = trainer or ("network" if hasattr(args, "network_module") else "full")
     s = settings_from_args(args, trainer, "cuda")
     limit = max_blocks_to_swap(s.params.depth, s.params.depth_single_blocks)
     plans: dict[int, MemoryPlan] = {}

@@ -58,7 +58,7 @@ def speed_models(s: PlanSettings, swaps=TABLE_SWAPS, tflops: float | None = None
         nd, ns = split_blocks_to_swap(n, len(kinds["double"]), len(kinds["single"]))
         stacks = {"double": (len(kinds["double"]), nd, block_bytes["double"]),
                   "single": (len(kinds["single"]), ns, block_bytes["single"])}
-        out.append(model_step(n, stacks, per_block, max(other, 0.0), write_back=s.trainer != "network",
+        out.append(model_step(n, stacks, per_block, max(other, 0.0), write_back=s.profile.trains_transformer,
                               tflops=tflops or DEFAULT_TFLOPS, h2d_gbps=h2d_gbps or DEFAULT_H2D_GBPS))
     return flops, out
 
@@ -110,10 +110,11 @@ def table_settings(base: PlanSettings) -> list[tuple[str, PlanSettings]]:
     limit = max_blocks_to_swap(base.params.depth, base.params.depth_single_blocks)
     rows = []
     for label, changes in TABLE_TRAINERS:
-        for fp8 in ((False, True) if changes["trainer"] == "network" else (False,)):
+        profile = replace(base, trainer=changes["trainer"]).profile
+        for fp8 in ((False, True) if profile.fp8_base else (False,)):
             for res in TABLE_RESOLUTIONS:
                 for n in [n for n in TABLE_SWAPS if n <= limit]:
-                    s = replace(base, **{**changes, "fp8_base": fp8 if changes["trainer"] == "network" else False},
+                    s = replace(base, **{**changes, "fp8_base": fp8},
                                 width=res, height=res, blocks_to_swap=n, gradient_checkpointing=True,
                                 cpu_offload_checkpointing=False, blockwise_fused_optimizers=False)
                     rows.append((label, s))
@@ -142,7 +143,7 @@ def run_table(base: PlanSettings, progress=None) -> list[tuple[str, object]]:
 
 def format_speed(s: PlanSettings, flops: dict, models, tflops: float, h2d_gbps: float) -> str:
     lines = [f"swap speed model: {s.width}x{s.height}, batch {s.batch_size}, "
-             f"{'fp8' if s.fp8_base else 'bf16'} base, {'host-to-device only' if s.trainer == 'network' else 'write-back'}"
+             f"{'fp8' if s.fp8_base else 'bf16'} base, {'write-back' if s.profile.trains_transformer else 'host-to-device only'}"
              f"; {tflops:.1f} TFLOP/s compute, {h2d_gbps:.1f} GB/s pinned host-to-device",
              f"step {flops['step'] / 1e12:.1f} TFLOP; one double block {flops['double_forward'] / 1e12:.2f} forward + "
              f"{flops['double_backward'] / 1e12:.2f} backward TFLOP, one single block "

@@ -22,10 +22,25 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 logger = logging.getLogger(__name__)
 
-TRAINERS = ("network", "full", "controlnet")  # flux_train_network.py, flux_train.py, flux_train_control_net.py
+
+@dataclass(frozen=True)
+class TrainerCommandLine:
+    """What one trainer adds to the shared command line, as data: the shared parser, checks and warnings read it
+    instead of branching on a trainer name (library/training/recipes/command_lines.py holds one per recipe)."""
+
+    script: str  # the entry point, for messages
+    training: str  # what it trains, for messages ("LoRA training")
+    add_arguments: Callable[[argparse.ArgumentParser], None]  # the trainer's own argument group
+    checks: Callable[[argparse.Namespace, Callable], list[str]]  # its own checks: (args, get) -> problems
+    dataset_kinds: Mapping[str, bool] = field(default_factory=dict)  # add_dataset_arguments' support_* flags
+    ineffective: Mapping[str, str] = field(default_factory=dict)  # option -> why it does nothing in this trainer
+    refused: Mapping[str, str] = field(default_factory=dict)  # option -> why it cannot work in this trainer
+    fp8_base: bool = False  # the frozen transformer may be stored in fp8 (--fp8_base_unet implies --fp8_base)
 
 
 class TrainingArgumentError(ValueError):
@@ -317,25 +332,23 @@ def add_full_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--use_safetensors", action="store_true", help="sd-scripts option; the model is always saved as .safetensors")
 
 
-def training_parser(trainer: str, description: str | None = None, add_optimizer_arguments=None):
-    """The whole parser of one trainer ("network", "full" or "controlnet"), composed as in reference 1.1."""
+def training_parser(trainer: TrainerCommandLine, description: str | None = None, add_optimizer_arguments=None):
+    """The whole parser of one trainer, composed as in reference 1.1."""
     from library.data.arguments import add_dataset_arguments
     if add_optimizer_arguments is None:
         from library.training.optimizers import add_optimizer_arguments
-    _check_trainer(trainer)
     parser = argparse.ArgumentParser(description=description)
     add_logging_arguments(parser)
     add_model_path_arguments(parser)
     add_modelspec_arguments(parser)
-    cn = trainer == "controlnet"
-    add_dataset_arguments(parser, support_dreambooth=not cn, support_controlnet=cn)
+    add_dataset_arguments(parser, **trainer.dataset_kinds)
     add_training_arguments(parser)
     add_deepspeed_arguments(parser)
     add_optimizer_arguments(parser)
     add_custom_train_arguments(parser)
     add_dit_arguments(parser)
     add_flux_arguments(parser)
-    (add_network_arguments if trainer == "network" else add_full_train_arguments)(parser)
+    trainer.add_arguments(parser)
     return parser
 
 
@@ -348,11 +361,6 @@ def parse_network_args(items: list[str] | None) -> dict[str, str]:
         key, value = item.split("=", 1)
         out[key] = value
     return out
-
-
-def _check_trainer(trainer: str) -> None:
-    if trainer not in TRAINERS:
-        raise ValueError(f"trainer must be one of {', '.join(TRAINERS)}, got {trainer!r}")
 
 
 def option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -390,27 +398,14 @@ INEFFECTIVE_FOR_FLUX: dict[str, str] = {
     "min_snr_gamma": _SNR, "scale_v_pred_loss_like_noise_pred": _SNR, "v_pred_like_loss": _SNR,
     "debiased_estimation_loss": _SNR,
 }
-_FULL_ONLY = {
-    "weighted_captions": "FLUX captions are not weighted; the text is used as written",
-    "fp8_base": "the trained model is not stored in fp8",
-    "save_model_as": "the model is always saved as .safetensors",
-    "use_safetensors": "the model is always saved as .safetensors",
-    "fused_optimizer_groups": "it has no effect in sd-scripts either; see --blockwise_fused_optimizers",
-}
-INEFFECTIVE_BY_TRAINER: dict[str, dict[str, str]] = {
-    "network": {"controlnet_model_name_or_path": "only flux_train_control_net.py uses it",
-                "fused_backward_pass": "only flux_train.py and flux_train_control_net.py use it"},
-    "full": {**_FULL_ONLY, "controlnet_model_name_or_path": "only flux_train_control_net.py uses it"},
-    "controlnet": dict(_FULL_ONLY),
-}
 
 
-def warn_ineffective(args: argparse.Namespace, parser: argparse.ArgumentParser, trainer: str = "network") -> list[str]:
+def warn_ineffective(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                     trainer: TrainerCommandLine) -> list[str]:
     """Log ONE warning naming every option without effect on FLUX that `args` sets to a non-default value.
 
     Returns the option names warned about (in parser order), empty when none."""
-    _check_trainer(trainer)
-    reasons = {**INEFFECTIVE_FOR_FLUX, **INEFFECTIVE_BY_TRAINER[trainer]}
+    reasons = {**INEFFECTIVE_FOR_FLUX, **trainer.ineffective}
     defaults = parser_defaults(parser)
     named = [(a.option_strings[0], reasons[dest]) for dest, a in option_actions(parser).items()
              if dest in reasons and getattr(args, dest, defaults.get(dest)) != defaults.get(dest)]
@@ -420,26 +415,25 @@ def warn_ineffective(args: argparse.Namespace, parser: argparse.ArgumentParser, 
     return [n for n, _ in named]
 
 
-def _unsupported(args: argparse.Namespace, trainer: str) -> list[str]:
+def _unsupported(args: argparse.Namespace, trainer: TrainerCommandLine) -> list[str]:
     problems = []
     if getattr(args, "model_type", "flux") != "flux":
         problems.append(f"--model_type {args.model_type} is not supported: this suite trains FLUX.1 (dev, schnell) "
                         "only; drop --model_type")
-    if trainer == "network" and getattr(args, "weighted_captions", False):
-        problems.append("--weighted_captions is not supported for FLUX: its tokenizers have no (word:weight) "
-                        "syntax; remove the option")
+    problems += [f"--{name} {why}" for name, why in trainer.refused.items() if getattr(args, name, False)]
     return problems
 
 
 # --- checks and implications (reference 1.16) ---------------------------------------------------------------------
 
 
-def verify_training_args(args: argparse.Namespace, trainer: str = "network") -> argparse.Namespace:
+def verify_training_args(args: argparse.Namespace, trainer: TrainerCommandLine) -> argparse.Namespace:
     """Apply sd-scripts' implications to `args` (in place, each logged) and reject contradictions.
 
     Raises TrainingArgumentError listing every problem. Dataset-level checks (resolution, buckets, caption options
     against caching) belong to `library.data.config`; optimizer checks to `library.training.optimizers`."""
-    _check_trainer(trainer)
+    if not isinstance(trainer, TrainerCommandLine):
+        raise TypeError(f"verify_training_args needs a recipe's TrainerCommandLine, got {trainer!r}")
     get = lambda name, default=None: getattr(args, name, default)  # noqa: E731 (args of any trainer)
     problems = _unsupported(args, trainer)
 
@@ -450,7 +444,7 @@ def verify_training_args(args: argparse.Namespace, trainer: str = "network") -> 
 
     imply("cache_latents_to_disk", "cache_latents")
     imply("cache_text_encoder_outputs_to_disk", "cache_text_encoder_outputs")
-    if trainer == "network":
+    if trainer.fp8_base:
         imply("fp8_base_unet", "fp8_base")
     imply("cpu_offload_checkpointing", "gradient_checkpointing")
     for name in ("sample_every_n_steps", "sample_every_n_epochs"):
@@ -464,7 +458,7 @@ def verify_training_args(args: argparse.Namespace, trainer: str = "network") -> 
     for flag, dtype in (("full_fp16", "fp16"), ("full_bf16", "bf16")):
         if get(flag) and get("mixed_precision") != dtype:
             problems.append(f"--{flag} requires --mixed_precision {dtype} (got {get('mixed_precision')})")
-    if trainer == "network" and get("fp8_base") and get("mixed_precision", "no") == "no":
+    if trainer.fp8_base and get("fp8_base") and get("mixed_precision", "no") == "no":
         problems.append("--fp8_base / --fp8_base_unet require --mixed_precision bf16 or fp16: fp8 weights are "
                         "computed in the autocast dtype")
     swap = get("blocks_to_swap")
@@ -484,7 +478,7 @@ def verify_training_args(args: argparse.Namespace, trainer: str = "network") -> 
     thumbnail = get("metadata_thumbnail")
     if thumbnail and not thumbnail.startswith("data:") and not os.path.isfile(thumbnail):
         problems.append(f"--metadata_thumbnail {thumbnail}: no such image file (or give a data: URL)")
-    problems += (_network_checks if trainer == "network" else _full_checks)(args, get)
+    problems += trainer.checks(args, get)
     _saving_notes(get)
     if problems:
         raise TrainingArgumentError(problems)
@@ -510,7 +504,7 @@ def _deprecated(args: argparse.Namespace, get) -> None:
         args.skip_cache_check = True
 
 
-def _network_checks(args: argparse.Namespace, get) -> list[str]:
+def network_checks(args: argparse.Namespace, get) -> list[str]:
     problems = []
     if not get("network_module"):
         problems.append("--network_module is required (e.g. --network_module networks.lora_flux)")
@@ -545,7 +539,7 @@ def _network_checks(args: argparse.Namespace, get) -> list[str]:
     return problems
 
 
-def _full_checks(args: argparse.Namespace, get) -> list[str]:
+def full_checks(args: argparse.Namespace, get) -> list[str]:
     problems = []
     optimizer = (get("optimizer_type") or "").lower()
     if get("fused_backward_pass"):

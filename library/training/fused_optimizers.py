@@ -198,10 +198,12 @@ class SchedulerGroup:
 # --- set-up -------------------------------------------------------------------------------------------------------
 
 
-def prepare_optimizer(args, accelerator, groups: list, named_params: list[tuple[str, torch.nn.Parameter]]):
+def prepare_optimizer(args, accelerator, groups: list, named_params: list[tuple[str, torch.nn.Parameter]],
+                      max_train_steps: int | None = None):
     """(optimizer_name, optimizer_args_text, optimizer, scheduler, fused) for the training loop, prepared by
     accelerate. `fused` is the hook object of a fused mode (None otherwise); `named_params` are the trainable
-    parameters with their names in the model (for the blockwise grouping)."""
+    parameters with their names in the model (for the blockwise grouping); `max_train_steps` the run's resolved
+    length (default --max_train_steps)."""
     from library.training.grad_sync import process_mean
     from library.training.lr_schedulers import get_scheduler
     from library.training.optimizers import get_optimizer
@@ -226,7 +228,7 @@ def prepare_optimizer(args, accelerator, groups: list, named_params: list[tuple[
                     for log in factory_logs:
                         log.setLevel(logging.ERROR)
                 name, text, optimizer = get_optimizer(args, [{"params": params}])
-                scheduler = get_scheduler(args, optimizer, accelerator.num_processes)
+                scheduler = get_scheduler(args, optimizer, accelerator.num_processes, max_train_steps)
                 optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
                 optimizers.append(optimizer)
                 schedulers.append(scheduler)
@@ -239,7 +241,7 @@ def prepare_optimizer(args, accelerator, groups: list, named_params: list[tuple[
         fused = BlockwiseOptimizers(optimizers, [p for _, p in blocks], settings)
         return name, text, fused, SchedulerGroup(schedulers), fused
     name, text, optimizer = get_optimizer(args, groups)
-    scheduler = get_scheduler(args, optimizer, accelerator.num_processes)
+    scheduler = get_scheduler(args, optimizer, accelerator.num_processes, max_train_steps)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     fused = None
     if fused_backward:

@@ -1,25 +1,38 @@
 """The one training loop of the suite: setup -> train -> save -> cleanup, shared by every trainer.
 
-A trainer subclasses `Trainer` and says only what differs: what is trained (`build_trainable`), its optimizer
-parameter groups, and how its weights are saved. Everything else -- accelerate, datasets and caches, the epoch
-loop with gradient accumulation, clipping, NaN checks, logging, sampling, validation, checkpoints, save/resume and
-Ctrl-C handling -- lives here once.
+A recipe (library/training/recipes/) subclasses `Trainer` and says only what differs, through the hooks below:
+what is trained (`build_trainable`), its optimizer parameter groups, how its weights are saved, which dataset kinds
+it reads (`dataset_kinds`), the model the loss and the sample images run (`denoiser`, `model_inputs`,
+`sampling_model`), and its command line and memory profile (class attributes). Everything else -- accelerate,
+datasets and caches, the epoch loop with gradient accumulation, clipping, NaN checks, logging, sampling,
+validation, checkpoints, save/resume and Ctrl-C handling -- lives here once, and knows no recipe.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import random
 import shutil
 import signal
+import warnings
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
+from tqdm import tqdm
 
+from library.formats.atomic_io import atomic_write
+from library.formats.metadata import checkpoint_filename, files_to_remove_for_save_last_n, is_epoch_save, state_dirname
+from library.formats.safetensors_io import load_tensors, sample_keys, save_file_atomic
+from library.training import setup as train_setup
+from library.training.arguments import TrainerCommandLine
 from library.training.errors import TrainingError
+from library.training.fused_optimizers import prepare_optimizer
+from library.training.grad_sync import average_gradients, process_mean
+from library.training.hub import HubError, HubUploader, download_state
+from library.training.settings import DatasetKinds, MemoryProfile, RunSettings, StepBudget
 from library.training.setup import TrainingModels
+from library.training.trackers import TrackerError, login, resolve_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +42,15 @@ STATE_TRAINABLE = "trainable_weights.safetensors"  # the trained weights inside 
 
 class Trainer:
     tracker_name = "network_train"
+    command_line: TrainerCommandLine  # the recipe's command line (library/training/recipes/command_lines.py)
+    memory_profile: MemoryProfile | None = None  # what the memory planner simulates; None: not planned
 
-    def __init__(self, args):
+    def __init__(self, args, settings: RunSettings | None = None):
+        """`settings`: resolved by the caller (library/cli resolves --blocks_to_swap auto with the planner)."""
         self.args = args
+        self.settings = settings or RunSettings.from_args(args, fp8_allowed=self.command_line.fp8_base,
+                                                          training=self.command_line.training)
+        self.seed = self.settings.seed
         self.global_step = 0
         self.epoch = 1
         self.stop_requested: str | None = None
@@ -52,11 +71,29 @@ class Trainer:
     def save_weights(self, path: Path, epoch: int, step: int, final: bool) -> None:
         raise TypeError(f"{type(self).__name__} must define save_weights")
 
-    def build_dataset_groups(self):
-        """(training, validation) DatasetGroups; the ControlNet trainer takes ControlNet subsets only."""
-        from library.training import setup as train_setup
+    def dataset_kinds(self) -> DatasetKinds:
+        """Which dataset kinds the recipe reads and what conditioning images are for: by default DreamBooth and
+        fine-tuning subsets, and ControlNet subsets only as loss masks (with --masked_loss)."""
+        masked = bool(getattr(self.args, "masked_loss", False))
+        return DatasetKinds(support_controlnet=masked, conditioning_as_mask=masked)
 
-        return train_setup.build_dataset_groups(self.args, self.seed)
+    def denoiser(self) -> torch.nn.Module:
+        """The model the loss runs (the transformer's call signature): the transformer, or a recipe's wrapper
+        around it (the ControlNet recipe's ControlledFlux)."""
+        return self.models.flux
+
+    def model_inputs(self, batch) -> dict:
+        """Extra keyword inputs of `denoiser()` taken from a batch (the ControlNet recipe: its conditioning images)."""
+        return {}
+
+    def sampling_model(self, prompt) -> torch.nn.Module:
+        """The model that renders one sample prompt (the ControlNet recipe: steered by the prompt's --cn image)."""
+        return self.models.flux
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """True when text encoding must run live with gradients (a text-encoder LoRA)."""
+        return False
 
     def checkpointed_modules(self) -> list[torch.nn.Module]:
         """Modules whose weights accelerate's save_state keeps. None: accelerate writes registered modules as
@@ -66,8 +103,6 @@ class Trainer:
 
     def save_state_weights(self, folder: Path) -> None:
         """Write the trainable weights into a state folder (main process only)."""
-        from library.formats.safetensors_io import save_file_atomic
-
         tensors = {f"{i}.{k}": v.detach().to("cpu").clone()
                    for i, m in enumerate(self.trainable_modules) for k, v in m.state_dict().items()}
         save_file_atomic(tensors, folder / STATE_TRAINABLE)
@@ -75,8 +110,6 @@ class Trainer:
     @torch.no_grad()
     def load_state_weights(self, folder: Path) -> None:
         """Read back what save_state_weights wrote (every process), strictly."""
-        from library.formats.safetensors_io import load_tensors, sample_keys
-
         path = folder / STATE_TRAINABLE
         if not path.exists():
             raise TrainingError(f"--resume {folder}: no {STATE_TRAINABLE} (a state saved by another trainer or "
@@ -129,41 +162,28 @@ class Trainer:
         logger.warning("%s received: saving a resumable state after the current step", self.stop_requested)
 
     def setup(self) -> None:
-        from library.training import setup as train_setup
-
         args = self.args
         train_setup.check_supported(args)
-        from library.training.trackers import TrackerError, resolve_trackers
-
         try:
             self.trackers, tracker_kwargs = resolve_trackers(args)
         except TrackerError as e:
             raise TrainingError(str(e)) from None
         self.accelerator = train_setup.make_accelerator(args, self.trackers)
-        self.seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
-        args.seed = self.seed
-        from accelerate.utils import set_seed
-
         set_seed(self.seed)
-        self.train_group, self.val_group = self.build_dataset_groups()
-        self.models = train_setup.load_models(args, self.accelerator, self.transformer_dtype())
+        self.train_group, self.val_group = train_setup.build_dataset_groups(args, self.seed, self.dataset_kinds())
+        self.models = train_setup.load_models(args, self.settings, self.accelerator, self.transformer_dtype())
         self.trainable_modules = self.build_trainable(self.models)
-        from library.training.hub import HubUploader
-
         self.hub = HubUploader.from_args(args) if self.accelerator.is_main_process else None
-        self.block_swappers = train_setup.enable_block_swap(args, self.models, self.accelerator)
+        self.block_swappers = train_setup.enable_block_swap(args, self.settings.blocks_to_swap, self.models,
+                                                            self.accelerator)
         train_setup.compile_blocks(args, self.models)
         train_setup.prepare_caches(args, self.accelerator, self.models, self.train_group, self.val_group)
         self.samples = train_setup.prepare_sampling(args, self.models, self.accelerator)
-        self.models.free_unneeded(args, self.accelerator.device)
+        self.models.free_unneeded(args, self.accelerator.device, keep_text_encoders=self.trains_text_encoder)
 
         acc = self.accelerator
         self.sampler = train_setup.make_sampler(self.train_group, acc)
-        per_epoch = math.ceil(self.sampler.batches_per_epoch / args.gradient_accumulation_steps)
-        if args.max_train_epochs:
-            args.max_train_steps = args.max_train_epochs * per_epoch
-        self.steps_per_epoch = per_epoch
-        self.num_epochs = math.ceil(args.max_train_steps / max(per_epoch, 1))
+        self.budget = StepBudget.from_counts(args, self.sampler.batches_per_epoch)
         groups, self.lr_descriptions = self.param_groups()
         if not any(g["params"] if isinstance(g, dict) else True for g in groups):
             raise TrainingError("nothing to train: every parameter group has a learning rate of 0 (check "
@@ -171,40 +191,36 @@ class Trainer:
         self.trainable_params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
         self.make_optimizer(groups)
         acc.register_for_checkpointing(*self.checkpointed_modules())
-        self.loss_fn = train_setup.make_loss_computer(args, self.models, acc, self.reference_model)
-        self.loader = train_setup.make_loader(args, self.train_group, self.sampler)
+        self.loss_fn = train_setup.make_loss_computer(args, self.models, acc, self.denoiser(), self.model_inputs,
+                                                      self.reference_model, self.trains_text_encoder)
+        self.loader = train_setup.make_loader(args, self.seed, self.train_group, self.sampler)
         self._resume()
         if acc.is_main_process and self.trackers:
-            from library.training.trackers import login
-
             login(args, self.trackers)
-            acc.init_trackers(args.log_tracker_name or self.tracker_name, config=train_setup.tracker_config(args),
-                              init_kwargs=tracker_kwargs)
+            acc.init_trackers(args.log_tracker_name or self.tracker_name,
+                              config=train_setup.tracker_config(args, self.seed), init_kwargs=tracker_kwargs)
         logger.info("training: %d images with repeats, %d batches per epoch per process, %d steps per epoch, "
                     "%d epochs, %d steps", self.train_group.num_train_images, self.sampler.batches_per_epoch,
-                    per_epoch, self.num_epochs, args.max_train_steps)
+                    self.budget.steps_per_epoch, self.budget.num_epochs, self.budget.max_train_steps)
 
     def make_optimizer(self, groups: list) -> None:
         """Optimizer and LR scheduler, prepared by accelerate; with --fused_backward_pass or
         --blockwise_fused_optimizers they step inside backward (library/training/fused_optimizers.py)."""
-        from library.training.fused_optimizers import prepare_optimizer
-
         ids = {id(p) for p in self.trainable_params}
         named = [(n, p) for m in self.trainable_modules for n, p in m.named_parameters() if id(p) in ids]
         self.optimizer_name, self.optimizer_text, self.optimizer, self.lr_scheduler, self.fused_optimizer = \
-            prepare_optimizer(self.args, self.accelerator, groups, named)
+            prepare_optimizer(self.args, self.accelerator, groups, named, self.budget.max_train_steps)
 
     # --- the loop -------------------------------------------------------------------------------------------------
 
     def train(self) -> None:
-        from tqdm import tqdm
-
-        args, acc = self.args, self.accelerator
-        bar = tqdm(total=args.max_train_steps, initial=self.global_step, desc="steps",
+        acc = self.accelerator
+        max_steps = self.budget.max_train_steps
+        bar = tqdm(total=max_steps, initial=self.global_step, desc="steps",
                    disable=not acc.is_local_main_process, smoothing=0)
         self._maybe_sample(at_first=True)
         recent: list[float] = []
-        for epoch in range(self.epoch, self.num_epochs + 1):
+        for epoch in range(self.epoch, self.budget.num_epochs + 1):
             self.epoch = epoch
             skip = self._skip_batches if epoch == self._resume_epoch else 0
             self.sampler.set_epoch(epoch, skip)
@@ -242,12 +258,12 @@ class Trainer:
                     logger.warning("stopped by %s at step %d; resume with --resume %s", self.stop_requested,
                                    self.global_step, self._state_dir(step=self.global_step))
                     return
-                if self.global_step >= args.max_train_steps:
+                if self.global_step >= max_steps:
                     break
             if epoch_losses:
                 self._log({"loss/epoch_average": sum(epoch_losses) / len(epoch_losses)}, step=epoch)
             self.after_epoch(epoch)
-            if self.global_step >= args.max_train_steps:
+            if self.global_step >= max_steps:
                 break
         bar.close()
 
@@ -260,8 +276,6 @@ class Trainer:
     def _sync_and_clip(self) -> None:
         acc = self.accelerator
         if acc.num_processes > 1:  # the trainable weights live outside any DDP wrapper: average by hand
-            from library.training.grad_sync import average_gradients, process_mean
-
             average_gradients(self.trainable_params, process_mean(acc))
         if self.args.max_grad_norm:
             acc.clip_grad_norm_(self.trainable_params, self.args.max_grad_norm)
@@ -270,7 +284,7 @@ class Trainer:
         return {f"lr/{d}": lr for d, lr in zip(self.lr_descriptions, self.lr_scheduler.get_last_lr())}
 
     def _log(self, values: dict, step: int | None = None) -> None:
-        if self.args.log_with:
+        if self.trackers:
             self.accelerator.log(values, step=self.global_step if step is None else step)
 
     # --- after steps and epochs -----------------------------------------------------------------------------------
@@ -278,7 +292,7 @@ class Trainer:
     def after_step(self) -> None:
         args, step = self.args, self.global_step
         self._maybe_sample(step=step)
-        if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < args.max_train_steps:
+        if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < self.budget.max_train_steps:
             self._save_checkpoint(step=step)
         if getattr(args, "validate_every_n_steps", None) and step % args.validate_every_n_steps == 0:
             self.validate("step")
@@ -286,9 +300,7 @@ class Trainer:
     def after_epoch(self, epoch: int) -> None:
         args = self.args
         self._maybe_sample(epoch=epoch)
-        from library.formats.metadata import is_epoch_save
-
-        if is_epoch_save(args, epoch, self.num_epochs):
+        if is_epoch_save(args, epoch, self.budget.num_epochs):
             self._save_checkpoint(epoch=epoch)
         every = getattr(args, "validate_every_n_epochs", None) or 1
         if self.val_group is not None and epoch % every == 0:
@@ -300,12 +312,10 @@ class Trainer:
 
     def validate(self, kind: str) -> float | None:
         """Validation loss at fixed sigmas and seeded noise, so values compare across steps."""
-        from library.training import setup as train_setup
-
         if self.val_group is None:
             return None
         self._set_train_mode(False)
-        value = train_setup.validation_loss(self.args, self.val_group, self.loss_fn, self.accelerator)
+        value = train_setup.validation_loss(self.args, self.seed, self.val_group, self.loss_fn, self.accelerator)
         self._set_train_mode(True)
         self._log({f"loss/validation/{kind}_average": value})
         logger.info("validation loss (%s %d): %.5f", kind, self.global_step if kind == "step" else self.epoch, value)
@@ -314,19 +324,13 @@ class Trainer:
     # --- saving and resuming --------------------------------------------------------------------------------------
 
     def _checkpoint_path(self, epoch: int | None = None, step: int | None = None) -> Path:
-        from library.formats.metadata import checkpoint_filename
-
         return Path(self.args.output_dir) / checkpoint_filename(self.args.output_name, self.checkpoint_extension(),
                                                                 epoch=epoch, step=step)
 
     def _state_dir(self, epoch: int | None = None, step: int | None = None) -> Path:
-        from library.formats.metadata import state_dirname
-
         return Path(self.args.output_dir) / state_dirname(self.args.output_name, epoch=epoch, step=step)
 
     def _save_checkpoint(self, epoch: int | None = None, step: int | None = None) -> None:
-        from library.formats.metadata import files_to_remove_for_save_last_n
-
         acc, args = self.accelerator, self.args
         acc.wait_for_everyone()
         path = self._checkpoint_path(epoch=epoch, step=step)
@@ -340,7 +344,7 @@ class Trainer:
             self._save_state(self._state_dir(epoch=epoch, step=step))
         if acc.is_main_process:
             for old in files_to_remove_for_save_last_n(args, Path(args.output_dir), self.checkpoint_extension(),
-                                                       epoch=epoch, step=step, num_train_epochs=self.num_epochs):
+                                                       epoch=epoch, step=step, num_train_epochs=self.budget.num_epochs):
                 if old.is_dir():
                     shutil.rmtree(old)
                 elif old.exists():
@@ -348,8 +352,6 @@ class Trainer:
 
     def _save_state(self, folder: Path) -> None:
         """Optimizer, scheduler, RNG and trainable weights (accelerate), plus our epoch/step bookkeeping."""
-        from library.formats.atomic_io import atomic_write
-
         acc = self.accelerator
         acc.wait_for_everyone()
         acc.save_state(str(folder))
@@ -372,8 +374,6 @@ class Trainer:
         if args.resume:
             folder = Path(args.resume)
             if getattr(args, "resume_from_huggingface", False):
-                from library.training.hub import HubError, download_state
-
                 try:
                     folder = download_state(args.resume, args.huggingface_token)
                 except HubError as e:
@@ -386,20 +386,20 @@ class Trainer:
             resumed = int(json.loads(state_file.read_text())["current_step"])
         initial, initial_epoch = getattr(args, "initial_step", None), getattr(args, "initial_epoch", None)
         if initial is None and initial_epoch is not None:
-            initial = (initial_epoch - 1) * self.steps_per_epoch
+            initial = (initial_epoch - 1) * self.budget.steps_per_epoch
         step = initial if initial is not None else resumed
         if not step:
             return
         source = f"--resume {args.resume}" if initial is None else (
             f"--initial_step {initial}" if getattr(args, "initial_step", None) is not None
             else f"--initial_epoch {initial_epoch}")
-        if step >= args.max_train_steps:
+        if step >= self.budget.max_train_steps:
             raise TrainingError(f"{source}: the run would start at step {step}, already at or past "
-                                f"--max_train_steps {args.max_train_steps}")
+                                f"--max_train_steps {self.budget.max_train_steps}")
         if resumed is None:
             self._advance_lr_schedule(step)
         self.global_step = step
-        done_epochs, steps_in_epoch = divmod(step, self.steps_per_epoch)
+        done_epochs, steps_in_epoch = divmod(step, self.budget.steps_per_epoch)
         self.epoch = self._resume_epoch = done_epochs + 1
         skip = resumed is not None or getattr(args, "skip_until_initial_step", False)
         self._skip_batches = steps_in_epoch * args.gradient_accumulation_steps if skip else 0
@@ -408,8 +408,6 @@ class Trainer:
 
     def _advance_lr_schedule(self, steps: int) -> None:
         """Put a fresh LR schedule where it would be after `steps` optimizer steps."""
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about scheduler steps before any optimizer step
             for _ in range(steps):
@@ -422,7 +420,7 @@ class Trainer:
             self._save_state(self._state_dir())
         if acc.is_main_process:
             path = self._checkpoint_path()
-            self.save_weights(path, self.num_epochs, self.global_step, final=True)
+            self.save_weights(path, self.budget.num_epochs, self.global_step, final=True)
             self.last_saved.append(path)
             logger.info("saved %s", path)
             if self.hub is not None:

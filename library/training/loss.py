@@ -1,6 +1,7 @@
-"""One FLUX flow-matching loss evaluation for a batch, shared by the LoRA, full and ControlNet trainers.
+"""One FLUX flow-matching loss evaluation for a batch, shared by every recipe.
 
-batch -> latents (cached or encoded) and text conditioning (cached or encoded) -> sigma and noise -> transformer
+batch -> latents (cached or encoded) and text conditioning (cached or encoded) -> sigma and noise -> the recipe's
+model (the transformer, or a wrapper such as ControlledFlux, with the recipe's extra inputs from the batch)
 -> prediction-type transform -> element-wise loss -> weighting, masks, per-sample weights -> scalar.
 """
 
@@ -32,7 +33,7 @@ class FluxLossComputer:
     cached; `train_text_encoders` keeps gradients through live text encoding (text-encoder LoRA)."""
 
     settings: FlowMatchingSettings
-    flux: torch.nn.Module
+    model: torch.nn.Module  # called with the transformer's signature: the transformer or a recipe's wrapper of it
     device: torch.device
     dtype: torch.dtype  # activations' dtype (weight dtype or the autocast dtype)
     ae: torch.nn.Module | None = None
@@ -43,8 +44,8 @@ class FluxLossComputer:
     train_text_encoders: bool = False
     # a context in which the trainable delta is switched off (LoRA multiplier 0): differential output preservation
     reference_model: Callable[[], ContextManager] | None = None
-    # ControlNet training: its residuals, from the batch's conditioning_images, enter the transformer's blocks
-    controlnet: torch.nn.Module | None = None
+    # a recipe's extra keyword inputs of `model` taken from the batch (ControlNet: its conditioning images)
+    model_inputs: Callable[[object], dict] | None = None
 
     def latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         if batch.get("latents") is not None:
@@ -70,22 +71,16 @@ class FluxLossComputer:
         return TextConditioning(l_pooled.to(**to), t5_out.to(**to), txt_ids.to(**to), mask)
 
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, text: TextConditioning,
-                control: torch.Tensor | None = None) -> torch.Tensor:
-        """Transformer velocity for latents (B, 16, h, w), unpacked back to that shape; `control` (B, 3, 8h, 8w)
-        in [-1, 1] is the ControlNet's conditioning image."""
+                extra: dict | None = None) -> torch.Tensor:
+        """The model's velocity for latents (B, 16, h, w), unpacked back to that shape; `extra`: the recipe's
+        additional model inputs for this batch."""
         b, _, h, w = noisy.shape
         img_ids = prepare_img_ids(b, h // 2, w // 2).to(self.device, self.dtype)
         inputs = dict(img=pack_latents(noisy), img_ids=img_ids, txt=text.t5_out, txt_ids=text.txt_ids,
                       timesteps=sigmas.to(self.dtype), y=text.l_pooled,
                       guidance=guidance_vector(self.settings, b, self.device, self.dtype),
                       txt_attention_mask=text.t5_mask)
-        residuals = {}
-        if self.controlnet is not None:
-            if control is None:
-                raise RuntimeError("ControlNet training needs batches with conditioning_images")
-            double, single = self.controlnet(controlnet_cond=control.to(self.device, self.dtype), **inputs)
-            residuals = dict(double_block_residuals=double or None, single_block_residuals=single or None)
-        return unpack_latents(self.flux(**inputs, **residuals), h // 2, w // 2)
+        return unpack_latents(self.model(**inputs, **(extra or {})), h // 2, w // 2)
 
     def __call__(self, batch: dict, *, sigmas: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -100,10 +95,10 @@ class FluxLossComputer:
             sigmas = sample_sigmas(self.settings, b, self.device, generator, image_seq_len=(h // 2) * (w // 2))
         sigmas = sigmas.to(self.device)
         noisy = noisy_input(latents, noise, sigmas, self.settings, generator).to(self.dtype)
-        control = batch.get("conditioning_images")
-        pred, weighting = apply_model_prediction_type(self.predict(noisy, sigmas, text, control), noisy, sigmas,
+        extra = self.model_inputs(batch) if self.model_inputs is not None else None
+        pred, weighting = apply_model_prediction_type(self.predict(noisy, sigmas, text, extra), noisy, sigmas,
                                                       self.settings)
-        target = self._preserved_target(batch, flow_target(noise, latents), noisy, sigmas, text)
+        target = self._preserved_target(batch, flow_target(noise, latents), noisy, sigmas, text, extra)
         huber_c = huber_c_for(self.settings, sigmas) if self.settings.loss_type in ("huber", "smooth_l1") else None
         loss = conditional_loss(pred.float(), target.float(), self.settings.loss_type, huber_c)
         mask = self._mask(batch) if self.masked_loss or batch.get("alpha_masks") is not None else None
@@ -113,13 +108,14 @@ class FluxLossComputer:
         mask = batch.get("alpha_masks")
         return mask.to(self.device, torch.float32) if mask is not None else None
 
-    def _preserved_target(self, batch, target, noisy, sigmas, text):
+    def _preserved_target(self, batch, target, noisy, sigmas, text, extra):
         """Differential output preservation: samples whose subset sets custom_attributes.diff_output_preservation
         learn the base model's prediction (delta switched off) instead of the data."""
         keep = [bool(a.get("diff_output_preservation")) for a in batch.get("custom_attributes", [])]
         if not any(keep) or self.reference_model is None:
             return target
         with torch.no_grad(), (self.reference_model() or nullcontext()):
-            base, _ = apply_model_prediction_type(self.predict(noisy, sigmas, text), noisy, sigmas, self.settings)
+            base, _ = apply_model_prediction_type(self.predict(noisy, sigmas, text, extra), noisy, sigmas,
+                                                  self.settings)
         idx = torch.tensor(keep, device=target.device)
         return torch.where(idx[:, None, None, None], base.to(target.dtype), target)

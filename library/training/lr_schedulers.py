@@ -27,7 +27,8 @@ import math
 from functools import partial
 from typing import Any, Callable
 
-from library.training.optimizers import OptimizerError, import_class, is_schedule_free, parse_kv_args, steps_or_fraction
+from library.training.optimizers import (OptimizerError, import_class, is_schedule_free, parse_kv_args, steps_or_fraction,
+                                         unwrap_optimizer)
 
 logger = logging.getLogger(__name__)
 
@@ -150,23 +151,34 @@ def resolve_steps(value: Any, total_ticks: int, num_processes: int, what: str) -
 # --- the factory ------------------------------------------------------------------------------------------------
 
 
-def get_scheduler(args: argparse.Namespace, optimizer: Any, num_processes: int = 1) -> Any:
+def scheduler_name(args: argparse.Namespace, optimizer: Any) -> str:
+    """--lr_scheduler, except for an Adafactor that computes its own learning rate (relative_step): that one needs
+    its own schedule, `adafactor:<--learning_rate>` (reference 15.1; sd-scripts writes it back into args)."""
+    inner = unwrap_optimizer(optimizer)
+    if type(inner).__name__ == "Adafactor" and getattr(inner, "defaults", {}).get("relative_step"):
+        return f"adafactor:{args.learning_rate}"
+    return str(getattr(args, "lr_scheduler", None) or "constant")
+
+
+def get_scheduler(args: argparse.Namespace, optimizer: Any, num_processes: int = 1,
+                  max_train_steps: int | None = None) -> Any:
     """The LR scheduler of --lr_scheduler / --lr_scheduler_type for `optimizer` (reference 15.2).
 
-    Uses args.max_train_steps, lr_warmup_steps, lr_decay_steps, lr_scheduler_num_cycles, lr_scheduler_power,
+    Uses `max_train_steps` (the run's resolved count; default args.max_train_steps), lr_warmup_steps, lr_decay_steps, lr_scheduler_num_cycles, lr_scheduler_power,
     lr_scheduler_timescale, lr_scheduler_min_lr_ratio, lr_scheduler_args and learning_rate (adafactor).
     `num_processes`: how often the scheduler advances per optimizer step (accelerate's prepared scheduler: the
     number of processes). Returns a `torch.optim.lr_scheduler.LRScheduler`.
     """
     from torch.optim.lr_scheduler import LambdaLR
 
-    name = str(getattr(args, "lr_scheduler", None) or "constant").strip().lower()
+    name = scheduler_name(args, optimizer).strip().lower()
     custom = (getattr(args, "lr_scheduler_type", None) or "").strip()
     kwargs = parse_kv_args(getattr(args, "lr_scheduler_args", None), "--lr_scheduler_args")
-    if not getattr(args, "max_train_steps", None):
+    max_train_steps = max_train_steps or getattr(args, "max_train_steps", None)
+    if not max_train_steps:
         raise OptimizerError("the LR scheduler needs max_train_steps (resolve --max_train_epochs first)")
     num_processes = max(1, int(num_processes))
-    total = int(args.max_train_steps) * num_processes
+    total = int(max_train_steps) * num_processes
     warmup = resolve_steps(getattr(args, "lr_warmup_steps", 0), total, num_processes, "--lr_warmup_steps")
     decay = resolve_steps(getattr(args, "lr_decay_steps", 0), total, num_processes, "--lr_decay_steps")
     if warmup > total:

@@ -234,7 +234,7 @@ def get_optimizer(args: argparse.Namespace, trainable_params: Iterable) -> tuple
     defaults such as `momentum=0.9` for SGDNesterov and `relative_step=True` for Adafactor).
 
     Adafactor with relative_step (its default) computes its own LR: the LR is passed as None, group LRs are dropped
-    and `args.lr_scheduler` is set to `adafactor:<learning_rate>` (reference 15.1).
+    and its schedule becomes `adafactor:<learning_rate>` (reference 15.1; `lr_schedulers.scheduler_name`).
     """
     optimizer_type = resolve_optimizer_type(args)
     kwargs = parse_kv_args(getattr(args, "optimizer_args", None), "--optimizer_args")
@@ -334,7 +334,6 @@ def _prepare_adafactor(args: argparse.Namespace, kwargs: dict, params: list) -> 
     current = getattr(args, "lr_scheduler", "constant")
     if not str(current).startswith("adafactor"):
         logger.warning("Adafactor with relative_step: --lr_scheduler %s replaced by %s", current, forced)
-    args.lr_scheduler = forced
     if getattr(args, "max_grad_norm", 0.0):
         logger.info("Adafactor clips its updates itself (clip_threshold); --max_grad_norm 0 turns the extra "
                     "gradient clipping off")
@@ -344,24 +343,24 @@ def _prepare_adafactor(args: argparse.Namespace, kwargs: dict, params: list) -> 
 # --- schedule-free optimizers ---------------------------------------------------------------------------------
 
 
-def _unwrap(optimizer: Any) -> Any:
+def unwrap_optimizer(optimizer: Any) -> Any:
     """The optimizer inside accelerate's AcceleratedOptimizer (or the optimizer itself)."""
     return getattr(optimizer, "optimizer", optimizer)
 
 
 def is_schedule_free(optimizer: Any) -> bool:
     """True for schedule-free optimizers (ScheduleFree in the class name): they need train()/eval() switches."""
-    inner = _unwrap(optimizer)
+    inner = unwrap_optimizer(optimizer)
     return "schedulefree" in type(inner).__name__.lower() and hasattr(inner, "eval")
 
 
 def optimizer_train_mode(optimizer: Any) -> None:
     """Put a schedule-free optimizer in training mode (before training steps); a no-op for the others."""
     if is_schedule_free(optimizer):
-        _unwrap(optimizer).train()
+        unwrap_optimizer(optimizer).train()
 
 
 def optimizer_eval_mode(optimizer: Any) -> None:
     """Put a schedule-free optimizer in evaluation mode (around sampling, saving, validation); a no-op otherwise."""
     if is_schedule_free(optimizer):
-        _unwrap(optimizer).eval()
+        unwrap_optimizer(optimizer).eval()

@@ -21,9 +21,9 @@ import random
 import secrets
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -177,36 +177,20 @@ def sample_image_stem(output_name: str | None, prompt_index: int, seed: int | No
     return f"{prefix}{number}_{prompt_index:02d}_{timestamp}{suffix}"
 
 
-def _with_control(models: FluxModels, controlnet: torch.nn.Module | None, prompt: SamplePrompt) -> FluxModels:
-    """`models` whose transformer is steered by `controlnet` with the prompt's --cn image (unchanged without)."""
-    if controlnet is None or not prompt.controlnet_image:
-        if controlnet is not None:
-            logger.warning("sample %d has no --cn control image: rendered without the ControlNet", prompt.index)
-        return models
-    from dataclasses import replace
-
-    from library.models.controlnet import ControlledFlux
-    from library.data.images import load_image
-    from library.data.tensors import control_image_source
-
-    control = control_image_source(load_image(prompt.controlnet_image)[0])
-    return replace(models, flux=ControlledFlux(models.flux, controlnet, control))
-
-
 def sample_images(models: FluxModels, prompts: Sequence[SamplePrompt], output_dir: str | os.PathLike,
                   output_name: str | None, placement: Placement, *, epoch: int | None = None, step: int | None = None,
                   apply_t5_attn_mask: bool = False, cached_conditioning: dict[str, Conditioning] | None = None,
                   seed_rng_state_restore: bool = True, tiled_ae: bool = False, process_index: int = 0,
                   num_processes: int = 1, progress: bool = False,
-                  controlnet: torch.nn.Module | None = None) -> list[Path]:
+                  model_for_prompt: Callable[[SamplePrompt], torch.nn.Module] | None = None) -> list[Path]:
     """Render the prompts into `<output_dir>/sample/` and return the PNG paths, in prompt order.
 
     `epoch` names the images `e{epoch:06d}` (epoch-end calls), otherwise `step` names them `{step:06d}`.
     Conditioning comes from `cached_conditioning` when it holds the text, else from the text encoders. With several
     processes each renders `prompts[process_index::num_processes]`. Models are in eval mode while sampling, and
     the global RNG states are restored afterwards (unless seed_rng_state_restore is False), so sampling does not
-    change the training run's randomness. With a `controlnet` (ControlNet training), prompts with `--cn IMAGE`
-    render through it with that control image.
+    change the training run's randomness. `model_for_prompt(prompt)` gives the model that renders a prompt (a
+    recipe's: the ControlNet recipe steers the transformer with the prompt's `--cn` image); default the transformer.
     """
     if epoch is None and step is None:
         raise ValueError("sample_images needs epoch= or step=")
@@ -215,7 +199,7 @@ def sample_images(models: FluxModels, prompts: Sequence[SamplePrompt], output_di
     rng = RngState() if seed_rng_state_restore else None
     paths = []
     try:
-        with eval_mode(models.flux, models.ae, models.clip_l, models.t5xxl, controlnet):
+        with eval_mode(models.flux, models.ae, models.clip_l, models.t5xxl):
             for prompt in prompts[process_index::num_processes]:
                 seed = prompt.seed if prompt.seed is not None else secrets.randbits(32)
                 torch.manual_seed(seed)  # as sd-scripts: anything random inside the models follows the seed
@@ -227,8 +211,10 @@ def sample_images(models: FluxModels, prompts: Sequence[SamplePrompt], output_di
                                              cached_conditioning)
                 logger.info("sample %d: %dx%d, %d steps, seed %d: %s", prompt.index, settings.width,
                             settings.height, settings.steps, seed, settings.prompt)
-                image = generate_from_conditioning(_with_control(models, controlnet, prompt), settings, cond,
-                                                   negative, placement, tiled_ae, progress)
+                model = model_for_prompt(prompt) if model_for_prompt is not None else models.flux
+                with eval_mode(model):
+                    image = generate_from_conditioning(replace(models, flux=model), settings, cond, negative,
+                                                       placement, tiled_ae, progress)
                 stem = sample_image_stem(output_name, prompt.index, prompt.seed, epoch=epoch, step=step)
                 text = png_text(settings, model_name)
                 text.update(sample_index=str(prompt.index), epoch="" if epoch is None else str(epoch),

@@ -6,10 +6,33 @@ Plain functions over `args`, so each reads on its own and every trainer shares t
 from __future__ import annotations
 
 import logging
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import ProjectConfiguration
+
+from library.data.cache_common import model_file_identity
+from library.data.config import load_dataset_config, validate_against_training_args
+from library.data.datasets import EpochBatchSampler, build_datasets
+from library.data.latent_cache import LatentCache
+from library.data.text_encoder_cache import TextEncoderCache, text_encoder_identity
+from library.flow.generation import FluxModels, Placement
+from library.flow.matching import FlowMatchingSettings
+from library.flow.prompts import load_prompts
+from library.memory.block_swap import split_blocks_to_swap
+from library.memory.fp8 import prepare_fp8, prepare_t5xxl_fp8
+from library.models import loading as flux_utils
+from library.models.text_encoding import caption_encoder
+from library.training.errors import TrainingError
+from library.training.loss import FluxLossComputer
+from library.training.samples import SampleSchedule, precompute_prompt_conditioning, sample_images
+from library.training.settings import DatasetKinds, RunSettings
+from library.training.trackers import log_sample_images
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +50,6 @@ NOT_YET_SUPPORTED = {
 
 def check_supported(args) -> None:
     """Refuse options that would otherwise be silently ignored (one message listing all of them)."""
-    from library.training.errors import TrainingError
-
     used = [(name, why) for name, why in NOT_YET_SUPPORTED.items() if getattr(args, name, None)]
     if used:
         raise TrainingError("not supported yet: " + "; ".join(f"--{n}: {why}" for n, why in used))
@@ -40,54 +61,40 @@ def weight_dtype(args) -> torch.dtype:
 
 def make_accelerator(args, trackers: list[str] | None = None):
     """The run's Accelerator; `trackers` are the tracker names from trackers.resolve_trackers."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import ProjectConfiguration
-
     # accelerate keeps its settings in process-wide singletons: clear what an earlier run in this process (a
     # notebook, a test) left, so this run gets its own mixed precision and accumulation settings.
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     logging_dir = None
     if args.logging_dir:
-        import time
-
         logging_dir = str(Path(args.logging_dir) / f"{args.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
     return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                        mixed_precision=args.mixed_precision or "no", log_with=trackers or None,
                        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir))
 
 
-def tracker_config(args) -> dict:
-    """Arguments worth logging, without secrets or paths of the user's machine (as --log_config intends)."""
+def tracker_config(args, seed: int) -> dict:
+    """Arguments worth logging, without secrets or paths of the user's machine (as --log_config intends), with the
+    run's seed (drawn when --seed was not given)."""
     if not getattr(args, "log_config", False):
         return {}
     secret = ("token", "api_key", "password")
-    return {k: v for k, v in vars(args).items()
+    return {k: v for k, v in {**vars(args), "seed": seed}.items()
             if isinstance(v, (int, float, str, bool)) and not any(s in k for s in secret)
             and not (isinstance(v, str) and ("/" in v or "\\" in v))}
 
 
-def build_dataset_groups(args, seed: int, controlnet: bool = False):
+def build_dataset_groups(args, seed: int, kinds: DatasetKinds):
     """Training and validation DatasetGroups from --dataset_config or the command-line fallbacks, validated
-    before any model loads. `controlnet`: ControlNet subsets only, their conditioning images as control inputs
-    (otherwise ControlNet subsets are loss masks, with --masked_loss)."""
-    from library.data.config import load_dataset_config, validate_against_training_args
-    from library.data.datasets import build_datasets
-
-    as_mask = bool(getattr(args, "masked_loss", False)) and not controlnet
-    kinds = dict(support_dreambooth=False, support_finetuning=False, support_controlnet=True) if controlnet else \
-        dict(support_controlnet=as_mask)
-    config = load_dataset_config(args, **kinds)
+    before any model loads; `kinds`: the subsets the recipe reads and what conditioning images are for."""
+    config = load_dataset_config(args, **kinds.config_flags())
     validate_against_training_args(config, args)
     face_crop = [s.where for s in config.all_subsets() if s.face_crop_aug_range is not None]
     if face_crop:  # the schema reads sd-scripts' files; the option is refused, never silently ignored
-        from library.training.errors import TrainingError
-
         raise TrainingError(f"face_crop_aug_range: {NOT_YET_SUPPORTED['face_crop_aug_range']}; remove it from "
                             f"{'; '.join(face_crop)}")
     train, val = build_datasets(config, seed, skip_bad_images=args.skip_bad_images,
-                                max_train_steps=args.max_train_steps, conditioning_as_mask=as_mask)
+                                max_train_steps=args.max_train_steps, conditioning_as_mask=kinds.conditioning_as_mask)
     if len(train) == 0:
         raise ValueError("the datasets hold no images to train on")
     return train, val
@@ -104,11 +111,11 @@ class TrainingModels:
     weight_dtype: torch.dtype
     compute_dtype: torch.dtype
 
-    def free_unneeded(self, args, device) -> None:
+    def free_unneeded(self, args, device, keep_text_encoders: bool = False) -> None:
         """Move the text encoders and AE off the accelerator when their outputs are cached (sampling moves them
-        back one at a time)."""
+        back one at a time); `keep_text_encoders`: they are trained."""
         moved = []
-        if args.cache_text_encoder_outputs and not getattr(args, "train_text_encoder", False):
+        if args.cache_text_encoder_outputs and not keep_text_encoders:
             moved += [self.clip_l, self.t5xxl]
         if args.cache_latents:
             moved.append(self.ae)
@@ -118,23 +125,21 @@ class TrainingModels:
             torch.cuda.empty_cache()
 
 
-def load_models(args, accelerator, flux_dtype: torch.dtype | None = None) -> TrainingModels:
+def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtype | None = None) -> TrainingModels:
     """The four models on the accelerator, frozen. `flux_dtype`: the transformer's dtype when it differs from the
     weight dtype (full fine-tuning keeps float32 weights under autocast)."""
-    from library.models import loading as flux_utils
-    from library.memory.fp8 import prepare_fp8, prepare_t5xxl_fp8
-
     device, dtype = accelerator.device, weight_dtype(args)
     info = flux_utils.analyze_checkpoint(args.pretrained_model_name_or_path)
-    blocks_to_swap = resolve_blocks_to_swap(args, info)
-    check_fp8_checkpoint(args, info)
-    compute = torch.bfloat16 if (args.fp8_base and dtype == torch.float32 and device.type == "cuda") else dtype
+    blocks_to_swap = check_blocks_to_swap(args, settings.blocks_to_swap, info)
+    check_fp8_checkpoint(settings.fp8_base, args.pretrained_model_name_or_path, info)
+    fp8 = settings.fp8_base
+    compute = torch.bfloat16 if (fp8 and dtype == torch.float32 and device.type == "cuda") else dtype
     logger.info("loading %s (%s, %s layout)", args.pretrained_model_name_or_path, info.model_type, info.layout)
     _, flux = flux_utils.load_flow_model(args.pretrained_model_name_or_path,
-                                         None if args.fp8_base else (flux_dtype or dtype), "cpu", info=info)
-    if args.fp8_base:
+                                         None if fp8 else (flux_dtype or dtype), "cpu", info=info)
+    if fp8:
         prepare_fp8(flux, torch.float8_e4m3fn, compute)
-    t5_fp8 = args.fp8_base and not args.fp8_base_unet
+    t5_fp8 = settings.fp8_t5xxl
     ae = flux_utils.load_ae(args.ae, torch.float32 if getattr(args, "no_half_vae", False) else dtype, "cpu")
     clip_l = flux_utils.load_clip_l(args.clip_l, dtype, "cpu")
     t5xxl = flux_utils.load_t5xxl(args.t5xxl, None if t5_fp8 else dtype, "cpu")
@@ -150,16 +155,8 @@ def load_models(args, accelerator, flux_dtype: torch.dtype | None = None) -> Tra
     return TrainingModels(flux, ae, clip_l, t5xxl, tokenizer, info.is_schnell, dtype, compute)
 
 
-def resolve_blocks_to_swap(args, info) -> int:
-    """--blocks_to_swap as a count checked against the checkpoint's blocks ('auto' asks the memory planner)."""
-    from library.memory.block_swap import split_blocks_to_swap
-    from library.training.errors import TrainingError
-
-    n = getattr(args, "blocks_to_swap", None) or 0
-    if n == "auto":
-        from library.planner.plan import choose_blocks_to_swap
-
-        n = args.blocks_to_swap = int(choose_blocks_to_swap(args))
+def check_blocks_to_swap(args, n: int, info) -> int:
+    """The run's --blocks_to_swap count, checked against the checkpoint's blocks."""
     try:
         split_blocks_to_swap(n, info.params.depth, info.params.depth_single_blocks)
     except ValueError as e:
@@ -167,21 +164,18 @@ def resolve_blocks_to_swap(args, info) -> int:
     return n
 
 
-def check_fp8_checkpoint(args, info) -> None:
+def check_fp8_checkpoint(fp8_base: bool, path, info) -> None:
     """fp8 files are used as stored, which --fp8_base supports for float8_e4m3fn only (reference 8)."""
-    from library.training.errors import TrainingError
-
     other = sorted(d for d in info.dtypes if d.startswith("F8") and d != "F8_E4M3")
-    if getattr(args, "fp8_base", False) and other:
-        raise TrainingError(f"{args.pretrained_model_name_or_path} stores {', '.join(other)} weights: --fp8_base "
+    if fp8_base and other:
+        raise TrainingError(f"{path} stores {', '.join(other)} weights: --fp8_base "
                             "trains on float8_e4m3fn (F8_E4M3) only; use a bf16/fp16 or e4m3fn checkpoint")
 
 
-def enable_block_swap(args, models: TrainingModels, accelerator) -> list:
-    """Place the transformer with --blocks_to_swap: blocks through the swappers, the rest on the device. The
+def enable_block_swap(args, n: int, models: TrainingModels, accelerator) -> list:
+    """Place the transformer with `n` blocks swapped: blocks through the swappers, the rest on the device. The
     swapped weights are copied host-to-device only when the blocks' own weights are frozen (LoRA); a trainer
     that trains them (full fine-tuning) gets write-back, decided from requires_grad."""
-    n = getattr(args, "blocks_to_swap", None) or 0
     if not n:
         return []
     flux, device = models.flux, accelerator.device
@@ -218,15 +212,11 @@ def compile_blocks(args, models: TrainingModels) -> None:
 
 def prepare_caches(args, accelerator, models: TrainingModels, train_group, val_group) -> None:
     """Encode latents and text-encoder outputs once when asked to, then point the datasets at the caches."""
-    from library.data.cache_common import model_file_identity
-
     groups = [g for g in (train_group, val_group) if g is not None]
     latent_cache = te_cache = None
     split = dict(process_index=accelerator.process_index, num_processes=accelerator.num_processes,
                  wait_for_everyone=accelerator.wait_for_everyone, progress=accelerator.is_local_main_process)
     if args.cache_latents:
-        from library.data.latent_cache import LatentCache
-
         latent_cache = LatentCache(args.cache_latents_to_disk, model_file_identity(args.ae),
                                    skip_cache_check=args.skip_cache_check, batch_size=args.vae_batch_size)
         for group in groups:
@@ -234,9 +224,6 @@ def prepare_caches(args, accelerator, models: TrainingModels, train_group, val_g
                 latent_cache.cache(ds.items, models.ae, ds.load_pixels, accelerator.device, models.ae.dtype,
                                    **(split if args.cache_latents_to_disk else {"progress": split["progress"]}))
     if args.cache_text_encoder_outputs:
-        from library.data.text_encoder_cache import TextEncoderCache, text_encoder_identity
-        from library.models.text_encoding import caption_encoder
-
         batch_size = args.text_encoder_batch_size or train_group.datasets[0].config.batch_size
         te_cache = TextEncoderCache(args.cache_text_encoder_outputs_to_disk,
                                     text_encoder_identity(args.clip_l, args.t5xxl, str(models.weight_dtype)),
@@ -252,43 +239,36 @@ def prepare_caches(args, accelerator, models: TrainingModels, train_group, val_g
 
 
 def make_sampler(group, accelerator):
-    from library.data.datasets import EpochBatchSampler
-
     return EpochBatchSampler(group, process_index=accelerator.process_index,
                              num_processes=accelerator.num_processes)
 
 
-def make_loader(args, group, sampler):
-    import os
-
+def make_loader(args, seed: int, group, sampler):
     workers = min(args.max_data_loader_n_workers, os.cpu_count() or 1)
     # A private generator: creating each epoch's iterator must not draw from the global RNG, or a resumed run
     # (which restores that RNG mid-epoch) would see different noise than an uninterrupted one.
     return torch.utils.data.DataLoader(group, batch_size=None, sampler=sampler, num_workers=workers,
                                        persistent_workers=bool(args.persistent_data_loader_workers and workers),
-                                       generator=torch.Generator().manual_seed(args.seed))
+                                       generator=torch.Generator().manual_seed(seed))
 
 
-def make_loss_computer(args, models: TrainingModels, accelerator, reference_model):
-    from library.flow.matching import FlowMatchingSettings
-    from library.training.loss import FluxLossComputer
-
-    return FluxLossComputer(FlowMatchingSettings.from_args(args), models.flux, accelerator.device,
+def make_loss_computer(args, models: TrainingModels, accelerator, denoiser, model_inputs, reference_model,
+                       train_text_encoders: bool):
+    """The loss of the recipe's `denoiser` (the transformer or a wrapper of it) with its `model_inputs(batch)`."""
+    return FluxLossComputer(FlowMatchingSettings.from_args(args), denoiser, accelerator.device,
                             models.compute_dtype, ae=models.ae, clip_l=models.clip_l, t5xxl=models.t5xxl,
                             apply_t5_attn_mask=args.apply_t5_attn_mask, masked_loss=args.masked_loss,
-                            train_text_encoders=getattr(args, "train_text_encoder", False),
-                            reference_model=reference_model)
+                            train_text_encoders=train_text_encoders, reference_model=reference_model,
+                            model_inputs=model_inputs)
 
 
 @torch.no_grad()
-def validation_loss(args, val_group, loss_fn, accelerator) -> float:
+def validation_loss(args, seed: int, val_group, loss_fn, accelerator) -> float:
     """Mean loss over the validation batches at VALIDATION_SIGMAS, with noise drawn from a generator seeded per
-    batch (validation_seed, else seed): the same inputs at every evaluation."""
-    from library.data.datasets import EpochBatchSampler
-
+    batch (validation_seed, else the run's seed): the same inputs at every evaluation."""
     sampler = EpochBatchSampler(val_group, epoch=1, process_index=accelerator.process_index,
                                 num_processes=accelerator.num_processes)
-    seed = args.validation_seed if getattr(args, "validation_seed", None) is not None else args.seed
+    seed = args.validation_seed if getattr(args, "validation_seed", None) is not None else seed
     total, count = torch.zeros((), device=accelerator.device), 0
     limit = getattr(args, "max_validation_steps", None)
     for n, key in enumerate(sampler):
@@ -310,9 +290,6 @@ class TrainingSamples:
     """Preview images during training: the schedule and the models to render with."""
 
     def __init__(self, args, models: TrainingModels, accelerator, prompts):
-        from library.flow.generation import FluxModels, Placement
-        from library.training.samples import SampleSchedule, precompute_prompt_conditioning
-
         self.args, self.accelerator, self.prompts = args, accelerator, prompts
         self.schedule = SampleSchedule.from_args(args)
         self.models = FluxModels(models.flux, models.ae, models.clip_l, models.t5xxl, models.tokenizer,
@@ -326,17 +303,14 @@ class TrainingSamples:
                                                                args.apply_t5_attn_mask)
 
     def run(self, trainer, epoch: int | None = None, step: int | None = None) -> None:
-        from library.training.samples import sample_images
-
+        """Render the prompts, each with the model the trainer's recipe gives for it (`sampling_model`)."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            from library.training.trackers import log_sample_images
-
             paths = sample_images(self.models, self.prompts, self.args.output_dir, self.args.output_name,
                                   self.placement, epoch=epoch, step=step if epoch is None else None,
                                   apply_t5_attn_mask=self.args.apply_t5_attn_mask,
                                   cached_conditioning=self.conditioning,
-                                  controlnet=getattr(trainer, "controlnet", None))  # the ControlNet trainer's
+                                  model_for_prompt=trainer.sampling_model)
             log_sample_images(self.accelerator, paths, [p.prompt for p in self.prompts], trainer.global_step)
         self.accelerator.wait_for_everyone()
 
@@ -344,6 +318,4 @@ class TrainingSamples:
 def prepare_sampling(args, models: TrainingModels, accelerator) -> TrainingSamples | None:
     if not args.sample_prompts:
         return None
-    from library.flow.prompts import load_prompts
-
     return TrainingSamples(args, models, accelerator, load_prompts(args.sample_prompts))

@@ -24,7 +24,7 @@ def tracker_names(args) -> list[str]:
     """The trackers --log_with asks for (tensorboard when only --logging_dir is given), checked to be installed."""
     log_with = args.log_with
     if log_with is None and args.logging_dir:
-        log_with = args.log_with = "tensorboard"
+        log_with = "tensorboard"
     if not log_with:
         return []
     names = ["tensorboard", "wandb"] if log_with == "all" else [log_with]

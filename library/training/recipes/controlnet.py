@@ -1,5 +1,9 @@
-"""ControlNet training on the shared loop: what is trained (an sd-scripts FLUX ControlNet beside the frozen
-transformer) and how it is saved. Data, caching, the loss step, saving and resuming are the shared ones.
+"""ControlNet training on the shared loop: an sd-scripts FLUX ControlNet trained beside the frozen transformer.
+
+The recipe trains the ControlNet, reads ControlNet subsets only (their conditioning images are the control input),
+and hands the loss, the sample images and the planner one model: `ControlledFlux(transformer, controlnet)`, fed
+each batch's conditioning images (`model_inputs`) or each sample prompt's `--cn` image (`sampling_model`). Data,
+caching, the loss step, saving and resuming are the shared ones.
 """
 
 from __future__ import annotations
@@ -9,32 +13,31 @@ from pathlib import Path
 
 import torch
 
+from library.data.images import load_image
+from library.data.tensors import control_image_source
+from library.formats.metadata import modelspec_metadata
+from library.formats.model_saving import save_dtype, save_model
+from library.models.controlnet import ControlledFlux, controlnet_from_transformer, load_controlnet
 from library.training.errors import TrainingError
 from library.training.loop import Trainer
+from library.training.recipes import command_lines
+from library.training.settings import DatasetKinds
 from library.training.setup import TrainingModels
 
 logger = logging.getLogger(__name__)
 
+
 class ControlNetTrainer(Trainer):
+    """As in sd-scripts' ControlNet trainer the base stays in the weight dtype (no fp8; warn_ineffective names
+    --fp8_base) and the text encoders are frozen."""
+
     tracker_name = "controlnet_train"
+    command_line = command_lines.CONTROLNET
 
-    def __init__(self, args):
-        # as in sd-scripts' ControlNet trainer the base stays in the weight dtype (warn_ineffective names --fp8_base)
-        args.fp8_base = args.fp8_base_unet = False
-        args.train_text_encoder = False
-        if getattr(args, "blocks_to_swap", None) == "auto":
-            raise TrainingError("--blocks_to_swap auto: the memory planner does not plan ControlNet training yet; "
-                                "give a number (at most 35 on FLUX.1-dev)")
-        super().__init__(args)
-
-    def build_dataset_groups(self):
-        from library.training import setup as train_setup
-
-        return train_setup.build_dataset_groups(self.args, self.seed, controlnet=True)
+    def dataset_kinds(self) -> DatasetKinds:
+        return DatasetKinds(support_dreambooth=False, support_finetuning=False, support_controlnet=True)
 
     def build_trainable(self, models: TrainingModels) -> list[torch.nn.Module]:
-        from library.models.controlnet import controlnet_from_transformer, load_controlnet
-
         args, device = self.args, self.accelerator.device
         if args.controlnet_model_name_or_path:
             controlnet = load_controlnet(args.controlnet_model_name_or_path, models.flux.params, torch.float32, device)
@@ -53,9 +56,21 @@ class ControlNetTrainer(Trainer):
         self.controlnet = controlnet
         return [controlnet]
 
-    def setup(self) -> None:
-        super().setup()
-        self.loss_fn.controlnet = self.controlnet
+    def denoiser(self) -> torch.nn.Module:
+        return ControlledFlux(self.models.flux, self.controlnet)
+
+    def model_inputs(self, batch) -> dict:
+        control = batch.get("conditioning_images")
+        if control is None:
+            raise TrainingError("ControlNet training needs batches with conditioning images (ControlNet subsets)")
+        return {"controlnet_cond": control}
+
+    def sampling_model(self, prompt) -> torch.nn.Module:
+        if not prompt.controlnet_image:
+            logger.warning("sample %d has no --cn control image: rendered without the ControlNet", prompt.index)
+            return self.models.flux
+        return ControlledFlux(self.models.flux, self.controlnet,
+                              control_image_source(load_image(prompt.controlnet_image)[0]))
 
     def param_groups(self):
         return [{"params": list(self.controlnet.parameters()), "lr": self.args.learning_rate}], ["controlnet"]
@@ -63,9 +78,6 @@ class ControlNetTrainer(Trainer):
     def save_weights(self, path: Path, epoch: int, step: int, final: bool) -> None:
         """The ControlNet's own tensor names (sd-scripts' file layout) with ModelSpec metadata of the base model;
         --save_precision and --mem_eff_save as for full models."""
-        from library.formats.model_saving import save_dtype, save_model
-        from library.formats.metadata import modelspec_metadata
-
         args = self.args
         resolution = self.train_group.datasets[0].config.resolution
         metadata = modelspec_metadata(args, is_schnell=self.models.is_schnell, lora=False, resolution=resolution)

@@ -17,7 +17,13 @@ from pathlib import Path
 
 import torch
 
+from library.formats.metadata import modelspec_metadata
+from library.formats.model_saving import save_dtype, save_model
+from library.formats.safetensors_io import TensorReader, sample_keys
+from library.training.errors import TrainingError
 from library.training.loop import Trainer
+from library.training.recipes import command_lines
+from library.training.settings import MemoryProfile
 from library.training.setup import TrainingModels
 
 logger = logging.getLogger(__name__)
@@ -26,13 +32,11 @@ STATE_WEIGHTS = "transformer.safetensors"  # the trained weights inside a --save
 
 
 class FullTrainer(Trainer):
-    tracker_name = "finetuning"
+    """The trained transformer is never stored in fp8 (warn_ineffective says so); the text encoders are frozen."""
 
-    def __init__(self, args):
-        # the trained transformer is never stored in fp8 (warn_ineffective says so); the text encoders are frozen
-        args.fp8_base = args.fp8_base_unet = False
-        args.train_text_encoder = False
-        super().__init__(args)
+    tracker_name = "finetuning"
+    command_line = command_lines.FULL
+    memory_profile = MemoryProfile(name="full", trains_transformer=True, fp8_base=False)
 
     def transformer_dtype(self) -> torch.dtype | None:
         """Trained weights: the weight dtype with --full_bf16/--full_fp16, else float32 (autocast computes in the
@@ -58,16 +62,11 @@ class FullTrainer(Trainer):
         return []
 
     def save_state_weights(self, folder: Path) -> None:
-        from library.formats.model_saving import save_model
-
         save_model(self.accelerator.unwrap_model(self.models.flux).state_dict(), folder / STATE_WEIGHTS,
                    streaming=True)
 
     @torch.no_grad()
     def load_state_weights(self, folder: Path) -> None:
-        from library.formats.safetensors_io import TensorReader, sample_keys
-        from library.training.errors import TrainingError
-
         path = folder / STATE_WEIGHTS
         if not path.exists():
             raise TrainingError(f"--resume {folder}: no {STATE_WEIGHTS} (a state saved by another trainer?)")
@@ -81,9 +80,6 @@ class FullTrainer(Trainer):
                 state[key].copy_(reader.get(key))
 
     def save_weights(self, path: Path, epoch: int, step: int, final: bool) -> None:
-        from library.formats.model_saving import save_dtype, save_model
-        from library.formats.metadata import modelspec_metadata
-
         resolution = self.train_group.datasets[0].config.resolution
         metadata = modelspec_metadata(self.args, is_schnell=self.models.is_schnell, lora=False, resolution=resolution)
         flux = self.accelerator.unwrap_model(self.models.flux)

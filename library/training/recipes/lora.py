@@ -11,9 +11,14 @@ from pathlib import Path
 
 import torch
 
+from library.data.captions import tag_frequency
+from library.formats.metadata import lora_metadata, modelspec_metadata, update_for_save
 from library.training.arguments import parse_network_args
 from library.training.errors import TrainingError
 from library.training.loop import Trainer
+from library.training.optimizers import optimizer_metadata_text
+from library.training.recipes import command_lines
+from library.training.settings import MemoryProfile
 from library.training.setup import TrainingModels
 
 logger = logging.getLogger(__name__)
@@ -21,8 +26,6 @@ logger = logging.getLogger(__name__)
 
 def datasets_info(group) -> list[dict]:
     """What training_metadata.lora_metadata records about each dataset (ss_datasets, ss_bucket_info, tags)."""
-    from library.data.captions import tag_frequency
-
     out = []
     for ds in group.datasets:
         c = ds.config
@@ -53,13 +56,25 @@ def datasets_info(group) -> list[dict]:
 
 class LoRATrainer(Trainer):
     tracker_name = "network_train"
+    command_line = command_lines.LORA
+    memory_profile = MemoryProfile(name="network", trains_transformer=False, fp8_base=True)
+    default_network_module = "networks.lora_flux"
+
+    def __init__(self, args, settings=None):
+        super().__init__(args, settings)
+        self.network_module_name = args.network_module or self.default_network_module
+        self.train_text_encoder = False  # decided by the network (text-encoder LoRA modules) in build_trainable
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.train_text_encoder
 
     def build_trainable(self, models: TrainingModels) -> list[torch.nn.Module]:
         args = self.args
         try:
-            self.network_module = importlib.import_module(args.network_module)
+            self.network_module = importlib.import_module(self.network_module_name)
         except ImportError as e:
-            raise TrainingError(f"--network_module {args.network_module}: cannot import it ({e})") from None
+            raise TrainingError(f"--network_module {self.network_module_name}: cannot import it ({e})") from None
         text_encoders = [models.clip_l, models.t5xxl]
         self._merge_base_weights(models, text_encoders)
         net_kwargs = parse_network_args(args.network_args)
@@ -77,7 +92,7 @@ class LoRATrainer(Trainer):
         train_unet = not args.network_train_text_encoder_only
         train_te = not args.network_train_unet_only
         network.apply_to(text_encoders, models.flux, train_te, train_unet)
-        self.train_text_encoder = args.train_text_encoder = train_te and any(
+        self.train_text_encoder = train_te and any(
             n.startswith(("lora_te1", "lora_te3")) for n, _ in network.named_modules() if "." not in n)
         if self.train_text_encoder and args.cache_text_encoder_outputs:
             raise TrainingError("text-encoder LoRA training needs live text encoding: drop "
@@ -129,27 +144,22 @@ class LoRATrainer(Trainer):
 
     def training_metadata(self) -> dict[str, str]:
         """ss_* metadata fixed for the run (computed once, at the first save)."""
-        from library.training.optimizers import optimizer_metadata_text
-        from library.formats.metadata import lora_metadata
-
         if getattr(self, "_metadata", None) is None:
             args, info = self.args, datasets_info(self.train_group)
             self._metadata = lora_metadata(
-                args, network_module=args.network_module, network_dim=args.network_dim,
+                args, seed=self.seed, network_module=self.network_module_name, network_dim=args.network_dim,
                 network_alpha=args.network_alpha, datasets_info=info,
                 num_train_images=sum(d["num_train_images"] for d in info),
                 num_reg_images=sum(d["num_reg_images"] for d in info),
                 num_validation_images=len(self.val_group.items) if self.val_group is not None else 0,
-                num_batches_per_epoch=self.sampler.batches_per_epoch, num_epochs=self.num_epochs,
-                max_train_steps=args.max_train_steps,
+                num_batches_per_epoch=self.sampler.batches_per_epoch, num_epochs=self.budget.num_epochs,
+                max_train_steps=self.budget.max_train_steps,
                 optimizer_text=optimizer_metadata_text(self.optimizer_name, self.optimizer_text),
                 session_id=self.session_id, training_started_at=self.training_started_at,
                 num_processes=self.accelerator.num_processes)
         return self._metadata
 
     def save_weights(self, path: Path, epoch: int, step: int, final: bool) -> None:
-        from library.formats.metadata import modelspec_metadata, update_for_save
-
         save_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}.get(
             self.args.save_precision)
         resolution = self.train_group.datasets[0].config.resolution

@@ -1,0 +1,36 @@
+"""Each recipe's command line as data (`TrainerCommandLine`): its argument group, checks, dataset kinds and the
+options it ignores or refuses. Cheap to import (no torch), so the entry points build their parser from it and
+`--help` stays fast; the recipe classes refer to the same objects."""
+
+from __future__ import annotations
+
+from library.training.arguments import (TrainerCommandLine, add_full_train_arguments, add_network_arguments,
+                                        full_checks, network_checks)
+
+_FULL_MODEL = {  # options that do nothing when the whole model (or a ControlNet) is trained and saved
+    "weighted_captions": "FLUX captions are not weighted; the text is used as written",
+    "fp8_base": "the trained model is not stored in fp8",
+    "save_model_as": "the model is always saved as .safetensors",
+    "use_safetensors": "the model is always saved as .safetensors",
+    "fused_optimizer_groups": "it has no effect in sd-scripts either; see --blockwise_fused_optimizers",
+}
+_CONTROLNET_ONLY = {"controlnet_model_name_or_path": "only flux_train_control_net.py uses it"}
+
+LORA = TrainerCommandLine(
+    script="flux_train_network.py", training="LoRA training", add_arguments=add_network_arguments,
+    checks=network_checks, fp8_base=True,
+    ineffective={**_CONTROLNET_ONLY, "fused_backward_pass": "only flux_train.py and flux_train_control_net.py use it"},
+    refused={"weighted_captions": "is not supported for FLUX: its tokenizers have no (word:weight) syntax; remove "
+                                  "the option"})
+
+FULL = TrainerCommandLine(
+    script="flux_train.py", training="full fine-tuning", add_arguments=add_full_train_arguments,
+    checks=full_checks,
+    ineffective={**_FULL_MODEL, **_CONTROLNET_ONLY})
+
+CONTROLNET = TrainerCommandLine(
+    script="flux_train_control_net.py", training="ControlNet training", add_arguments=add_full_train_arguments,
+    checks=full_checks,
+    dataset_kinds=dict(support_dreambooth=False, support_controlnet=True), ineffective=dict(_FULL_MODEL))
+
+ALL = (LORA, FULL, CONTROLNET)
