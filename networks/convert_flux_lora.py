@@ -18,7 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from library.formats.lora_formats import FORMATS  # noqa: E402  (light: imports torch only)
+from library.cli.main import tool_main  # noqa: E402 (imports follow the path set-up: runs as a script)
+from library.formats.dtypes import str_to_dtype  # noqa: E402
+from library.formats.lora_formats import FORMATS, load_lora, save_lora  # noqa: E402
 
 logger = logging.getLogger(__name__)
 # What --src names may be detected as (ai-toolkit and diffusers share one tensor layout).
@@ -40,9 +42,6 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from library.formats.dtypes import str_to_dtype
-    from library.formats.lora_formats import load_lora, save_lora
-
     if Path(args.dst_path).suffix.lower() != ".safetensors":
         raise ValueError(f"--dst_path {args.dst_path}: LoRA files are written as .safetensors only")
     modules, metadata, layout = load_lora(args.src_path)
@@ -55,8 +54,6 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from library.cli.main import tool_main
-
     return tool_main(setup_parser(), run, argv)
 
 

@@ -19,7 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from library.formats.lora_formats import FORMATS  # noqa: E402
+from library.cli.main import tool_main  # noqa: E402 (imports follow the path set-up: runs as a script)
+from library.formats.atomic_io import atomic_write  # noqa: E402
+from library.formats.dtypes import str_to_dtype  # noqa: E402
+from library.formats.lora_formats import FORMATS, save_lora  # noqa: E402
+from library.lora.extract import extract_lora  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +48,6 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from library.formats.dtypes import str_to_dtype
-    from library.lora.extract import extract_lora
-    from library.formats.lora_formats import save_lora
-
     if args.dim < 1:
         raise ValueError(f"--dim {args.dim}: must be at least 1")
     if not 0 < args.clamp_quantile <= 1:
@@ -71,8 +71,6 @@ def run(args) -> int:
     save_lora(args.save_to, result.modules, args.format, metadata, str_to_dtype(args.save_precision),
               hashes=metadata is not None)
     if args.error_report:
-        from library.formats.atomic_io import atomic_write
-
         text = json.dumps({"relative_error": result.errors, "unchanged": result.unchanged}, indent=1)
         atomic_write(args.error_report, lambda tmp: Path(tmp).write_text(text))
     logger.info("saved %s", args.save_to)
@@ -80,8 +78,6 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from library.cli.main import tool_main
-
     return tool_main(setup_parser(), run, argv)
 
 

@@ -21,7 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from library.formats.lora_formats import FORMATS  # noqa: E402
+from library.cli.main import tool_main  # noqa: E402 (imports follow the path set-up: runs as a script)
+from library.formats.dtypes import str_to_dtype  # noqa: E402
+from library.formats.lora_formats import CLIP, FORMATS, T5, UNET, LoRAWeights, load_lora, save_lora  # noqa: E402
+from library.lora.merge import (WeightedLoRA, concat_loras, merge_into_file, merged_lora_metadata,  # noqa: E402
+                                svd_merge_loras)
 
 logger = logging.getLogger(__name__)
 PRECISIONS = ["float", "fp32", "fp16", "bf16"]
@@ -63,9 +67,6 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def _loras(args):
-    from library.formats.lora_formats import load_lora
-    from library.lora.merge import WeightedLoRA
-
     ratios = args.ratios or [1.0] * len(args.models)
     if len(ratios) != len(args.models):
         raise ValueError(f"--ratios has {len(ratios)} values for {len(args.models)} --models")
@@ -79,10 +80,6 @@ def _loras(args):
 
 
 def merge_into_models(args, loras) -> None:
-    from library.formats.dtypes import str_to_dtype
-    from library.formats.lora_formats import CLIP, T5, UNET
-    from library.lora.merge import merge_into_file
-
     save_dtype = str_to_dtype(args.save_precision)
     compute = str_to_dtype(args.precision)
     jobs = [(args.flux_model, args.save_to, UNET), (args.clip_l, args.clip_l_save_to, CLIP),
@@ -110,9 +107,6 @@ def merge_into_models(args, loras) -> None:
 def merge_to_lora(args, loras, first_meta) -> None:
     import torch
 
-    from library.formats.dtypes import str_to_dtype
-    from library.formats.lora_formats import LoRAWeights, save_lora
-    from library.lora.merge import concat_loras, merged_lora_metadata, svd_merge_loras
 
     if args.new_rank is not None:
         if args.new_rank < 1:
@@ -151,8 +145,6 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from library.cli.main import tool_main
-
     return tool_main(setup_parser(), run, argv)
 
 

@@ -18,6 +18,9 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from library.formats.lora_formats import load_as_kohya
+from library.formats.model_hashes import add_model_hashes
+from library.formats.safetensors_io import save_file_atomic
 from networks.lora_modules import LoRAInfModule, LoRAModule
 
 logger = logging.getLogger(__name__)
@@ -212,8 +215,6 @@ def load_lora_file(file: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a LoRA .safetensors file as kohya keys: kohya files as they are, every other known layout (diffusers/
     PEFT, ai-toolkit, ComfyUI, BFL names, OneTrainer, ...) converted exactly (library/formats/lora_formats.py). Pickles
     are refused by the reader with a message."""
-    from library.formats.lora_formats import load_as_kohya
-
     return load_as_kohya(file)
 
 
@@ -449,9 +450,6 @@ class LoRANetwork(nn.Module):
         """Write the kohya file (.safetensors only). Weights are cast to `dtype` (None keeps them); alpha stays
         float32 so that a bf16/fp16 save does not round it. With metadata, sshs_model_hash and sshs_legacy_hash
         are added as sd-scripts computes them."""
-        from library.formats.model_hashes import add_model_hashes
-        from library.formats.safetensors_io import save_file_atomic
-
         if os.path.splitext(str(file))[1].lower() != ".safetensors":
             raise ValueError(f"{file}: LoRA files are written as .safetensors only; pickled formats (.pt, .ckpt) "
                              "can run code when loaded and are never written by this suite")

@@ -28,6 +28,8 @@ from typing import Mapping
 import torch
 
 from library.formats.diffusers_keys import DOUBLE_BLOCK_MAP, GLOBAL_MAP, SINGLE_BLOCK_MAP, SWAPPED_HALVES
+from library.formats.model_hashes import add_model_hashes
+from library.formats.safetensors_io import load_tensors, read_header, save_file_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -483,8 +485,6 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], fmt: str,
 
 def load_lora(path) -> tuple[dict[str, LoRAWeights], dict[str, str], str]:
     """Read a LoRA file of any supported layout: (modules, metadata, detected layout). Errors name the file."""
-    from library.formats.safetensors_io import load_tensors, read_header
-
     header = read_header(path)
     try:
         modules, layout = read_lora(load_tensors(path), header.metadata)
@@ -495,8 +495,6 @@ def load_lora(path) -> tuple[dict[str, LoRAWeights], dict[str, str], str]:
 
 def load_as_kohya(path) -> dict[str, torch.Tensor]:
     """A LoRA file as a kohya state dict (kohya files unchanged, other layouts converted exactly)."""
-    from library.formats.safetensors_io import load_tensors, read_header
-
     header = read_header(path)
     tensors = load_tensors(path)
     try:
@@ -528,9 +526,6 @@ def save_lora(path, modules: Mapping[str, LoRAWeights], fmt: str, metadata: Mapp
               dtype: torch.dtype | None = None, hashes: bool = False) -> None:
     """Write `modules` as a .safetensors file in `fmt`, atomically. Weights are cast to `dtype` (None keeps them);
     alphas stay float32. sd-scripts' model hashes are (re)computed when `hashes` or the metadata has them."""
-    from library.formats.model_hashes import add_model_hashes
-    from library.formats.safetensors_io import save_file_atomic
-
     sd = write_lora(modules, fmt)
     if dtype is not None:
         sd = {k: v if k.endswith(".alpha") else v.to(dtype) for k, v in sd.items()}

@@ -18,6 +18,8 @@ import os
 import time
 from pathlib import Path
 
+from library.formats.atomic_io import atomic_write
+
 DEFAULT_NAMES = {"epoch": "epoch", "step": "at", "last": "last"}  # when --output_name is not given (13.1)
 TRAIN_STATE_FILE = "train_state.json"
 MODELSPEC_VERSION = "1.0.1"
@@ -140,8 +142,6 @@ def train_state_json(current_epoch: int, current_step: int, **extra) -> str:
 
 def write_train_state(state_dir: str | os.PathLike, current_epoch: int, current_step: int, **extra) -> Path:
     """Write `<state_dir>/train_state.json` atomically."""
-    from library.formats.atomic_io import atomic_write
-
     text = train_state_json(current_epoch, current_step, **extra)
     return atomic_write(Path(state_dir) / TRAIN_STATE_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 

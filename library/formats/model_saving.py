@@ -15,6 +15,9 @@ from typing import Mapping
 
 import torch
 
+from library.formats.safetensors_io import save_file_atomic
+from library.formats.streaming_writer import StreamingWriter
+
 SAVE_PRECISIONS = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -35,7 +38,6 @@ def save_model(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, met
     if streaming:
         save_streaming(tensors, path, metadata, dtype)
         return
-    from library.formats.safetensors_io import save_file_atomic
 
     save_file_atomic({k: v.detach().to("cpu", _target_dtype(v, dtype)) for k, v in tensors.items()}, path, metadata)
 
@@ -43,8 +45,6 @@ def save_model(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, met
 def save_streaming(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                    metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
     """The --mem_eff_save writer: header first, then each tensor converted and written on its own."""
-    from library.formats.streaming_writer import StreamingWriter
-
     def produce(key: str) -> torch.Tensor:
         t = tensors[key]
         return t.detach().to("cpu", _target_dtype(t, dtype))

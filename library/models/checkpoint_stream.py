@@ -15,9 +15,10 @@ from typing import Callable
 
 import torch
 
+from library.formats.diffusers_keys import count_diffusers_blocks, key_rules
 from library.formats.dtypes import SAFETENSORS_DTYPES
 from library.formats.safetensors_io import TensorReader, read_header
-
+from library.models.checkpoint import analyze_checkpoint
 
 
 @dataclass
@@ -47,9 +48,6 @@ class Readers:
 
 def transformer_entries(path: str | os.PathLike, readers: Readers) -> tuple[list[Entry], object]:
     """The transformer's tensors under BFL names, in the BFL file order, each read on demand."""
-    from library.models.checkpoint import analyze_checkpoint
-    from library.formats.diffusers_keys import count_diffusers_blocks, key_rules
-
     info = analyze_checkpoint(path)
     owner = {k: f for f, keys in info.file_keys.items() for k in keys}
     headers = {f: read_header(f) for f in info.file_keys}

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from library.memory.block_swap import swap_schedule
+
 # Assumptions, stated wherever the model is printed.
 # Compute: RTX 4090 dense BF16 tensor throughput with FP32 accumulate, 165.2 TFLOPS (NVIDIA Ada Lovelace
 # architecture whitepaper, GeForce RTX 4090 column), at the utilisation FLUX.1-dev reaches on an H100: peers.md 3.3
@@ -48,8 +50,6 @@ class StackCost:
 
 def simulate_stack(c: StackCost) -> tuple[float, float]:
     """(forward seconds, backward seconds) of one stack with the swap schedule, transfers overlapping compute."""
-    from library.memory.block_swap import swap_schedule
-
     sch = swap_schedule(c.num_blocks, c.num_swapped)
     k = sch.num_slots
     per_move = c.transfer_s * (2 if c.write_back else 1)
@@ -111,8 +111,6 @@ def model_step(blocks_to_swap: int, stacks: dict[str, tuple[int, int, int]], flo
 
 def _moves_per_step(n: int, s: int) -> int:
     """Block transfers to the compute device in one forward+backward (2 per swapped block)."""
-    from library.memory.block_swap import swap_schedule
-
     sch = swap_schedule(n, s)
     moves = sum(len(sch.after_forward(i, True)) for i in range(n))
     return moves + sum(len(sch.after_backward(b)) for b in range(1, n))

@@ -25,6 +25,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+from library.data.arguments import add_dataset_arguments
+from library.training import optimizers
+
 logger = logging.getLogger(__name__)
 
 
@@ -334,9 +337,7 @@ def add_full_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def training_parser(trainer: TrainerCommandLine, description: str | None = None, add_optimizer_arguments=None):
     """The whole parser of one trainer, composed as in reference 1.1."""
-    from library.data.arguments import add_dataset_arguments
-    if add_optimizer_arguments is None:
-        from library.training.optimizers import add_optimizer_arguments
+    add_optimizer_arguments = add_optimizer_arguments or optimizers.add_optimizer_arguments
     parser = argparse.ArgumentParser(description=description)
     add_logging_arguments(parser)
     add_model_path_arguments(parser)

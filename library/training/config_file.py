@@ -12,10 +12,22 @@ import sys
 import tomllib
 from pathlib import Path
 
-from library.training.arguments import (option_actions, add_custom_train_arguments, add_deepspeed_arguments, add_dit_arguments,
-                                add_flux_arguments, add_full_train_arguments, add_logging_arguments,
-                                add_model_path_arguments, add_modelspec_arguments, add_network_arguments,
-                                add_training_arguments, parser_defaults)
+from library.data.arguments import add_dataset_arguments
+from library.formats.atomic_io import atomic_write
+from library.training.arguments import (
+    add_custom_train_arguments,
+    add_deepspeed_arguments,
+    add_dit_arguments,
+    add_flux_arguments,
+    add_full_train_arguments,
+    add_logging_arguments,
+    add_model_path_arguments,
+    add_modelspec_arguments,
+    add_network_arguments,
+    add_training_arguments,
+    option_actions,
+    parser_defaults,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +109,6 @@ def _unknown_key(key: str, actions: dict) -> str | None:
 @functools.lru_cache(maxsize=1)
 def _all_flux_option_names() -> frozenset[str]:
     """Options of any FLUX trainer (keys a shared config file may hold for another trainer)."""
-    from library.data.arguments import add_dataset_arguments
-
     p = argparse.ArgumentParser(conflict_handler="resolve", add_help=False)
     for add in (add_logging_arguments, add_model_path_arguments, add_modelspec_arguments, add_training_arguments,
                 add_deepspeed_arguments, add_custom_train_arguments, add_dit_arguments, add_flux_arguments,
@@ -147,8 +157,6 @@ def _convert_one(action: argparse.Action, value):
 
 def write_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser, path: str) -> None:
     """Write the options that differ from the defaults as flat TOML (secrets left out); refuse to overwrite."""
-    from library.formats.atomic_io import atomic_write
-
     if os.path.exists(path):
         parser.exit(1, f"error: config file {path} already exists: not overwritten\n")
     defaults = parser_defaults(parser)

@@ -24,6 +24,10 @@ from typing import Callable, Iterable
 
 import torch
 
+from library.training.grad_sync import average_gradients, process_mean
+from library.training.lr_schedulers import get_scheduler
+from library.training.optimizers import get_optimizer
+
 logger = logging.getLogger(__name__)
 
 
@@ -148,8 +152,6 @@ class BlockwiseOptimizers:
         s = self.settings
         params = [p for p in self.blocks[i] if p.grad is not None]
         if s.reduce is not None:
-            from library.training.grad_sync import average_gradients
-
             average_gradients(params, s.reduce)
         if s.max_grad_norm and params:
             torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
@@ -204,10 +206,6 @@ def prepare_optimizer(args, accelerator, groups: list, named_params: list[tuple[
     accelerate. `fused` is the hook object of a fused mode (None otherwise); `named_params` are the trainable
     parameters with their names in the model (for the blockwise grouping); `max_train_steps` the run's resolved
     length (default --max_train_steps)."""
-    from library.training.grad_sync import process_mean
-    from library.training.lr_schedulers import get_scheduler
-    from library.training.optimizers import get_optimizer
-
     # only flux_train.py and flux_train_control_net.py have the full-training options; the LoRA trainer's parser
     # also has --fused_backward_pass (sd-scripts' shared optimizer group), warned about as having no effect there
     full_options = hasattr(args, "blockwise_fused_optimizers")
