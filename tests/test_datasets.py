@@ -29,6 +29,11 @@ def parse(argv):
     return parser.parse_args(argv)
 
 
+def bucket_of(group, image_key: str) -> tuple[int, int]:
+    """(width, height) of the bucket the group put the image in."""
+    return next(i.bucket_reso for i in group.items if str(i.absolute_path) == image_key)
+
+
 def write_config(tmp_path, body: str) -> Path:
     path = tmp_path / "dataset.toml"
     path.write_text(body)
@@ -96,14 +101,15 @@ def test_batches_share_a_bucket_and_carry_everything(dataset_dir):
     seen = 0
     for key in EpochBatchSampler(train, epoch=1):
         batch = train[key]
-        images = batch["images"]
+        images = batch.images
         assert images.ndim == 4 and images.shape[1] == 3 and -1 <= images.min() and images.max() <= 1
-        bucket = tuple(batch["target_sizes_hw"][0].tolist())
-        assert all(tuple(t.tolist()) == bucket for t in batch["target_sizes_hw"])
-        assert images.shape[2:] == bucket
-        weights = batch["loss_weights"].tolist()
+        buckets = {bucket_of(train, path) for path in batch.image_keys}
+        assert len(buckets) == 1
+        w, h = buckets.pop()
+        assert images.shape[2:] == (h, w)
+        weights = batch.loss_weights.tolist()
         assert all(w == 1.0 for w in weights)
-        assert len(batch["captions"]) == images.shape[0] == len(batch["image_keys"])
+        assert len(batch.captions) == images.shape[0] == len(batch.image_keys)
         seen += images.shape[0]
     assert seen == 24  # one epoch visits every image repeat exactly once
 
@@ -114,7 +120,7 @@ def test_epoch_order_is_seeded_and_reproducible(dataset_dir):
     b, _ = build(dataset_dir, config, seed=1)
 
     def epoch_keys(group, epoch):
-        return [group[k]["image_keys"] for k in EpochBatchSampler(group, epoch=epoch)]
+        return [group[k].image_keys for k in EpochBatchSampler(group, epoch=epoch)]
 
     assert epoch_keys(a, 1) == epoch_keys(b, 1)
     assert epoch_keys(a, 1) != epoch_keys(a, 2)
@@ -127,9 +133,9 @@ def test_dataloader_workers_give_the_same_batches(dataset_dir):
     config = BASIC.format(train=dataset_dir / "train", reg=dataset_dir / "reg")
     train, _ = build(dataset_dir, config)
     sampler = EpochBatchSampler(train, epoch=3)
-    direct = [train[k]["images"] for k in sampler]
+    direct = [train[k].images for k in sampler]
     loader = torch.utils.data.DataLoader(train, batch_size=None, sampler=sampler, num_workers=2)
-    via_workers = [b["images"] for b in loader]
+    via_workers = [b.images for b in loader]
     assert len(direct) == len(via_workers)
     assert all(torch.equal(x, y) for x, y in zip(direct, via_workers))
 
@@ -141,8 +147,8 @@ def test_prior_loss_weight_and_caption_processing(dataset_dir):
     weights, captions = [], []
     for key in EpochBatchSampler(train):
         batch = train[key]
-        weights += batch["loss_weights"].tolist()
-        captions += [c for c, k in zip(batch["captions"], batch["image_keys"]) if "img" in k]
+        weights += batch.loss_weights.tolist()
+        captions += [c for c, k in zip(batch.captions, batch.image_keys) if "img" in k]
     assert sorted(set(weights)) == [0.25, 1.0] and weights.count(0.25) == 12
     assert all(c.startswith("pre photo of sks, ") for c in captions)  # keep_tokens keeps the first tag
     assert len(set(captions)) > 4  # the other tags are shuffled per sample
@@ -196,8 +202,8 @@ caption_extension = ".txt"
     batch = train[0]
     # target 128x64 -> covers 64x64 at 128x64 -> centre crop x in [32, 96); marker at x=96 of 128 falls outside,
     # so scaled to the target size first and cropped the same way, the marker column is gone
-    assert batch["conditioning_images"].shape == (1, 3, 64, 64) == batch["images"].shape
-    assert batch["conditioning_images"].max() < 1.0
+    assert batch.conditioning_images.shape == (1, 3, 64, 64) == batch.images.shape
+    assert batch.conditioning_images.max() < 1.0
 
 
 def test_steps_and_epochs_arithmetic():
@@ -232,10 +238,10 @@ def test_latent_and_text_encoder_caches_feed_batches(dataset_dir, tmp_path):
     te.cache(train.items, caption_encoder(tokenizer, clip_l, t5), progress=False)
     train.attach(tokenizer=tokenizer, latent_cache=latents, te_cache=te)
     batch = train[next(iter(EpochBatchSampler(train)))]
-    h, w = batch["target_sizes_hw"][0].tolist()
-    assert batch["images"] is None and batch["latents"].shape[1:] == (16, h // 8, w // 8)
-    l_pooled, t5_out, txt_ids, mask = batch["text_encoder_outputs_list"]
-    assert t5_out.shape[:2] == (batch["latents"].shape[0], 16) and batch["input_ids_list"] is None
+    w, h = bucket_of(train, batch.image_keys[0])
+    assert batch.images is None and batch.latents.shape[1:] == (16, h // 8, w // 8)
+    l_pooled, t5_out, txt_ids, mask = batch.text_encoder_outputs
+    assert t5_out.shape[:2] == (batch.latents.shape[0], 16) and batch.token_ids is None
 
 
 def test_sampler_shards_an_epoch_between_processes(dataset_dir):

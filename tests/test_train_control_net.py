@@ -140,11 +140,11 @@ def test_conditioning_images_are_cropped_exactly_like_their_targets(tmp_path):
     train, _ = build_dataset_groups(args, 0, ControlNetTrainer(args).dataset_kinds())
     batches = [train[i] for i in range(len(train))]
     for batch in batches:
-        image, control = batch["images"][0], batch["conditioning_images"][0]
+        image, control = batch.images[0], batch.conditioning_images[0]
         assert image.shape == control.shape == (3, 64, 64)
         # 96x64 scaled by 1 covers 64x64; centre crop x in [16, 80): the band sits at 40..47
         assert marker_columns(image) == list(range(40, 48))
-        assert marker_columns(control) == marker_columns(image), batch["image_keys"]
+        assert marker_columns(control) == marker_columns(image), batch.image_keys
 
 
 def test_example_configs_parse_and_resolve(tmp_path, monkeypatch):

@@ -319,7 +319,7 @@ def test_initial_step_starts_the_count_schedule_and_data_there(setup, tmp_path, 
     seen, logged = [], []
     original_call, original_log = FluxLossComputer.__call__, Trainer._log
     monkeypatch.setattr(FluxLossComputer, "__call__",
-                        lambda self, batch: seen.append(tuple(batch["image_keys"])) or original_call(self, batch))
+                        lambda self, batch: seen.append(tuple(batch.image_keys)) or original_call(self, batch))
     monkeypatch.setattr(Trainer, "_log", lambda self, values, step=None: (
         logged.append(values["lr/unet"]) if "loss/current" in values else None, original_log(self, values, step))[1])
     common = ("--lr_scheduler", "cosine", "--network_train_unet_only", "--max_train_steps", "6")

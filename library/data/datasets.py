@@ -18,12 +18,14 @@ import numpy as np
 import torch
 
 from library.data.augment import color_aug, flip_horizontal
+from library.data.batch import Batch, TextEncoderOutputs, TokenIds
 from library.data.buckets import BucketPlanner, resize_and_crop
 from library.data.captions import process_caption
 from library.data.config import DatasetConfig, DatasetGroupConfig
 from library.data.items import ImageItem, balance_regularisation, collect_subset_items, split_for_validation
 from library.data.images import load_image
 from library.data.tensors import to_tensor
+from library.data.text_encoder_cache import stack_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ class FluxDataset(torch.utils.data.Dataset):
         random.Random(f"{self.seed}:{epoch}:{bucket}").shuffle(order)
         return order
 
-    def __getitem__(self, key: int | BatchKey) -> dict:
+    def __getitem__(self, key: int | BatchKey) -> Batch:
         epoch, index, step = (1, key, 0) if isinstance(key, int) else key
         entry = self.entries[index]
         members = self._bucket_order(epoch, entry.bucket)[entry.start: entry.start + self.config.batch_size]
@@ -98,15 +100,13 @@ class FluxDataset(torch.utils.data.Dataset):
             if mask is not None and flipped:
                 mask = torch.flip(mask, dims=[-1])
             out["alpha_mask"] = mask
-            out["crop_ltrb"] = entry.crop_ltrb
         else:
-            image, alpha, crop_ltrb, crop_left_top = self.load_pixels(item, rng)
+            image, alpha, _, _ = self.load_pixels(item, rng)
             if flipped:
                 image, alpha = flip_horizontal(image, alpha)
             if item.subset.color_aug:
                 image = color_aug(image, rng)
-            out.update(image=to_tensor(image), alpha_mask=torch.from_numpy(alpha) if alpha is not None else None,
-                       crop_ltrb=crop_ltrb, crop_left_top=crop_left_top)
+            out.update(image=to_tensor(image), alpha_mask=torch.from_numpy(alpha) if alpha is not None else None)
         if item.conditioning_path is not None:
             cond = self.load_conditioning(item, flipped)
             out["conditioning_image"] = cond
@@ -137,34 +137,27 @@ class FluxDataset(torch.utils.data.Dataset):
             cond, _ = flip_horizontal(cond)
         return to_tensor(cond)
 
-    def _collate(self, samples: list[dict]) -> dict:
+    def _collate(self, samples: list[dict]) -> Batch:
         items = [s["item"] for s in samples]
         captions = [s["caption"] for s in samples]
-        batch = {
-            "latents": torch.stack([s["latents"] for s in samples]) if "latents" in samples[0] else None,
-            "images": torch.stack([s["image"] for s in samples]) if "image" in samples[0] else None,
-            "alpha_masks": _stack_masks(samples),
-            "captions": captions,
-            "loss_weights": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32),
-            "custom_attributes": [i.subset.custom_attributes for i in items],
-            "network_multipliers": torch.full((len(items),), float(self.config.network_multiplier)),
-            "image_keys": [str(i.absolute_path) for i in items],
-            "original_sizes_hw": torch.tensor([[i.image_size[1], i.image_size[0]] for i in items]),
-            "target_sizes_hw": torch.tensor([[i.bucket_reso[1], i.bucket_reso[0]] for i in items]),
-            "crop_ltrb": [s.get("crop_ltrb") for s in samples],
-            "flippeds": [s["flipped"] for s in samples],
-            "conditioning_images": (torch.stack([s["conditioning_image"] for s in samples])
-                                    if "conditioning_image" in samples[0] else None),
-            "text_encoder_outputs_list": None,
-            "input_ids_list": None,
-        }
+        text_encoder_outputs = token_ids = None
         if self.te_cache is not None:
-            from library.data.text_encoder_cache import stack_outputs
-
-            batch["text_encoder_outputs_list"] = list(stack_outputs([self.te_cache.get(i) for i in items]))
+            text_encoder_outputs = TextEncoderOutputs(*stack_outputs([self.te_cache.get(i) for i in items]))
         elif self.tokenizer is not None:
-            batch["input_ids_list"] = list(self.tokenizer(captions))
-        return batch
+            token_ids = TokenIds(*self.tokenizer(captions))
+        return Batch(
+            captions=captions,
+            loss_weights=torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32),
+            latents=torch.stack([s["latents"] for s in samples]) if "latents" in samples[0] else None,
+            images=torch.stack([s["image"] for s in samples]) if "image" in samples[0] else None,
+            alpha_masks=_stack_masks(samples),
+            conditioning_images=(torch.stack([s["conditioning_image"] for s in samples])
+                                 if "conditioning_image" in samples[0] else None),
+            text_encoder_outputs=text_encoder_outputs,
+            token_ids=token_ids,
+            custom_attributes=[i.subset.custom_attributes for i in items],
+            image_keys=[str(i.absolute_path) for i in items],
+        )
 
 
 def _stack_masks(samples: list[dict]) -> torch.Tensor | None:
@@ -185,7 +178,7 @@ class DatasetGroup(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def __getitem__(self, key: int | BatchKey) -> dict:
+    def __getitem__(self, key: int | BatchKey) -> Batch:
         epoch, index, step = (1, key, 0) if isinstance(key, int) else key
         d = int(np.searchsorted(self.offsets, index, side="right") - 1)
         return self.datasets[d][(epoch, index - int(self.offsets[d]), step)]

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from library.data.batch import Batch, TextEncoderOutputs
 from library.models.transformer import FLUX_PRESETS, Flux, FluxParams
 from library.training.recipes.full import FullTrainer
 from library.training.recipes.lora import LoRATrainer
@@ -252,7 +253,7 @@ class StepRig:
     settings: PlanSettings
     flux: Flux
     loss_fn: object
-    batch: dict
+    batch: Batch
     trainable: list
     optimizers: list  # one, or one per parameter (fused backward) / per block (blockwise fused)
     fused: bool
@@ -293,15 +294,16 @@ def _build_flux(s: PlanSettings, device: str) -> Flux:
     return flux.train(s.gradient_checkpointing)
 
 
-def _batch(s: PlanSettings, device: str) -> dict:
+def _batch(s: PlanSettings, device: str) -> Batch:
     b, h, w = s.batch_size, s.height // 8, s.width // 8
     p = s.params
     gen = dict(device=device, dtype=torch.float32)
     mask = torch.ones(b, s.t5_tokens, device=device, dtype=torch.int64)
-    return {"latents": torch.randn(b, 16, h, w, **gen),
-            "text_encoder_outputs_list": (torch.randn(b, p.vec_in_dim, **gen), torch.randn(b, s.t5_tokens,
-                                          p.context_in_dim, **gen), torch.zeros(b, s.t5_tokens, 3, **gen), mask),
-            "loss_weights": torch.ones(b, **gen), "captions": [""] * b}
+    latents = torch.randn(b, 16, h, w, **gen)  # drawn before the text outputs: a "cpu" rig keeps its numbers
+    text = TextEncoderOutputs(l_pooled=torch.randn(b, p.vec_in_dim, **gen),
+                              t5_out=torch.randn(b, s.t5_tokens, p.context_in_dim, **gen),
+                              txt_ids=torch.zeros(b, s.t5_tokens, 3, **gen), t5_attn_mask=mask)
+    return Batch(captions=[""] * b, loss_weights=torch.ones(b, **gen), latents=latents, text_encoder_outputs=text)
 
 
 def build_rig(s: PlanSettings, device: str = "meta") -> StepRig:
@@ -521,10 +523,10 @@ def _swapper_tensors(rig: StepRig) -> list:
     return out
 
 
-def _leaves(batch: dict) -> list:
+def _leaves(batch: Batch) -> list:
     from torch.utils._pytree import tree_leaves
 
-    return [t for t in tree_leaves(batch) if isinstance(t, torch.Tensor)]
+    return [t for t in tree_leaves(vars(batch)) if isinstance(t, torch.Tensor)]
 
 
 def _swap_accounting(rig: StepRig) -> dict:

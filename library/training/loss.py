@@ -13,6 +13,7 @@ from typing import Callable, ContextManager
 
 import torch
 
+from library.data.batch import Batch
 from library.flow.matching import (FlowMatchingSettings, apply_model_prediction_type, conditional_loss, flow_target,
                                    guidance_vector, huber_c_for, noisy_input, reduce_loss, sample_sigmas)
 from library.models.packing import pack_latents, prepare_img_ids, unpack_latents
@@ -47,21 +48,21 @@ class FluxLossComputer:
     # a recipe's extra keyword inputs of `model` taken from the batch (ControlNet: its conditioning images)
     model_inputs: Callable[[object], dict] | None = None
 
-    def latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        if batch.get("latents") is not None:
-            return batch["latents"].to(self.device, self.dtype)
+    def latents(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        if batch.latents is not None:
+            return batch.latents.to(self.device, self.dtype)
         if self.ae is None:
             raise RuntimeError("batch has no cached latents and no autoencoder was kept to encode images")
         with torch.no_grad():
-            latents = self.ae.encode(batch["images"].to(self.device, self.ae.dtype), sample=True, generator=generator)
+            latents = self.ae.encode(batch.images.to(self.device, self.ae.dtype), sample=True, generator=generator)
         return torch.nan_to_num(latents, 0.0).to(self.dtype)
 
-    def text(self, batch: dict) -> TextConditioning:
-        cached = batch.get("text_encoder_outputs_list")
+    def text(self, batch: Batch) -> TextConditioning:
+        cached = batch.text_encoder_outputs
         if cached is not None:
             l_pooled, t5_out, txt_ids, t5_mask = cached
         else:
-            clip_ids, t5_ids, t5_mask = batch["input_ids_list"]
+            clip_ids, t5_ids, t5_mask = batch.token_ids
             grad = torch.enable_grad() if self.train_text_encoders else torch.no_grad()
             with grad:
                 l_pooled, t5_out, txt_ids, t5_mask = encode_prompts(self.clip_l, self.t5xxl, clip_ids, t5_ids,
@@ -82,7 +83,7 @@ class FluxLossComputer:
                       txt_attention_mask=text.t5_mask)
         return unpack_latents(self.model(**inputs, **(extra or {})), h // 2, w // 2)
 
-    def __call__(self, batch: dict, *, sigmas: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+    def __call__(self, batch: Batch, *, sigmas: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean loss of the batch. Validation passes fixed `sigmas` and `noise` so its numbers compare across steps."""
         latents = self.latents(batch, generator)
@@ -101,17 +102,17 @@ class FluxLossComputer:
         target = self._preserved_target(batch, flow_target(noise, latents), noisy, sigmas, text, extra)
         huber_c = huber_c_for(self.settings, sigmas) if self.settings.loss_type in ("huber", "smooth_l1") else None
         loss = conditional_loss(pred.float(), target.float(), self.settings.loss_type, huber_c)
-        mask = self._mask(batch) if self.masked_loss or batch.get("alpha_masks") is not None else None
-        return reduce_loss(loss, weighting, mask, batch["loss_weights"].to(self.device))
+        mask = self._mask(batch) if self.masked_loss or batch.alpha_masks is not None else None
+        return reduce_loss(loss, weighting, mask, batch.loss_weights.to(self.device))
 
-    def _mask(self, batch: dict) -> torch.Tensor | None:
-        mask = batch.get("alpha_masks")
+    def _mask(self, batch: Batch) -> torch.Tensor | None:
+        mask = batch.alpha_masks
         return mask.to(self.device, torch.float32) if mask is not None else None
 
     def _preserved_target(self, batch, target, noisy, sigmas, text, extra):
         """Differential output preservation: samples whose subset sets custom_attributes.diff_output_preservation
         learn the base model's prediction (delta switched off) instead of the data."""
-        keep = [bool(a.get("diff_output_preservation")) for a in batch.get("custom_attributes", [])]
+        keep = [bool(a.get("diff_output_preservation")) for a in batch.custom_attributes]
         if not any(keep) or self.reference_model is None:
             return target
         with torch.no_grad(), (self.reference_model() or nullcontext()):

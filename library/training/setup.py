@@ -277,7 +277,7 @@ def validation_loss(args, seed: int, val_group, loss_fn, accelerator) -> float:
         batch = val_group[key]
         for sigma in VALIDATION_SIGMAS:
             generator = torch.Generator("cpu").manual_seed(seed * 1000 + n)
-            b = len(batch["captions"])
+            b = len(batch.captions)
             with accelerator.autocast():
                 total += loss_fn(batch, sigmas=torch.full((b,), sigma), generator=generator).float()
             count += 1

@@ -60,7 +60,7 @@ class ControlNetTrainer(Trainer):
         return ControlledFlux(self.models.flux, self.controlnet)
 
     def model_inputs(self, batch) -> dict:
-        control = batch.get("conditioning_images")
+        control = batch.conditioning_images
         if control is None:
             raise TrainingError("ControlNet training needs batches with conditioning images (ControlNet subsets)")
         return {"controlnet_cond": control}
