@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from library.memory.checkpointing import enable_gradient_checkpointing
 from library.training.errors import TrainingError
 from library.training.loop import Trainer
 from library.training.setup import TrainingModels
@@ -47,7 +48,7 @@ class ControlNetTrainer(Trainer):
         if args.full_bf16 or args.full_fp16:
             controlnet.to(models.weight_dtype)
         if args.gradient_checkpointing:
-            controlnet.enable_gradient_checkpointing()
+            enable_gradient_checkpointing(controlnet)
         controlnet.requires_grad_(True).train()
         logger.info("trainable parameters: %d", sum(p.numel() for p in controlnet.parameters()))
         self.controlnet = controlnet
