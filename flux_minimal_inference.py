@@ -123,6 +123,8 @@ def run(args) -> int:
 
     from library import flux_utils
     from library.formats.dtypes import is_fp8, str_to_dtype
+    from library.memory.block_swap import (enable_flux_block_swap, move_to_device_except_swap_blocks,
+                                           split_blocks_to_swap)
     from library.flow.generation import FluxModels, GenerationSettings, Placement, generate, png_text, save_png, \
         unique_path
 
@@ -136,8 +138,6 @@ def run(args) -> int:
     logger.info(f"transformer: {info.layout} layout, {info.model_type}, {info.params.depth} double + "
                 f"{info.params.depth_single_blocks} single blocks, stored as {', '.join(sorted(info.dtypes))}")
     if args.blocks_to_swap:
-        from library.memory.block_swap import split_blocks_to_swap
-
         split_blocks_to_swap(args.blocks_to_swap, info.params.depth, info.params.depth_single_blocks)
     tokenizer = flux_utils.load_tokenizer(args.tokenizer_cache_dir, info.is_schnell, args.t5xxl_max_token_length,
                                           args.clip_l_tokenizer, args.t5xxl_tokenizer)
@@ -156,8 +156,8 @@ def run(args) -> int:
     networks = apply_loras(args.lora_weights, loaded["flux"], loaded["clip_l"], loaded["t5xxl"],
                            args.merge_lora_weights, device)
     if args.blocks_to_swap:  # after merging: the swapped weights' CPU copies are their masters
-        loaded["flux"].move_to_device_except_swap_blocks(device)
-        loaded["flux"].enable_block_swap(args.blocks_to_swap, device, "cpu", host_to_device_only=True)
+        move_to_device_except_swap_blocks(loaded["flux"], device)
+        enable_flux_block_swap(loaded["flux"], args.blocks_to_swap, device, "cpu", host_to_device_only=True)
     if args.controlnet:
         from library.models.controlnet import ControlledFlux, load_controlnet
         from library.data.images import load_image

@@ -33,6 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from library.memory.block_swap import enable_flux_block_swap  # noqa: E402
+from library.memory.checkpointing import enable_gradient_checkpointing  # noqa: E402
+
 
 def build(fp8: bool, blocks_to_swap: int, write_back: bool = False):
     from library.models.transformer import FLUX_PRESETS, Flux
@@ -49,7 +52,7 @@ def build(fp8: bool, blocks_to_swap: int, write_back: bool = False):
         prepare_fp8(model, torch.float8_e4m3fn, torch.bfloat16)
     model.requires_grad_(False)
     if blocks_to_swap:
-        model.enable_block_swap(blocks_to_swap, "cuda", "cpu", host_to_device_only=not write_back)
+        enable_flux_block_swap(model, blocks_to_swap, "cuda", "cpu", host_to_device_only=not write_back)
     return model
 
 
@@ -72,7 +75,7 @@ def train(model, steps: int, warmup: int) -> tuple[float, int]:
     network.apply_to([None, None], model, apply_text_encoder=False, apply_unet=True)
     network.to("cuda")
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
-    model.enable_gradient_checkpointing(True)
+    enable_gradient_checkpointing(model)
     model.train()
     times = []
     for step in range(warmup + steps):
@@ -126,7 +129,7 @@ def print_bytes(blocks: list[int]) -> int:
                 model = Flux(FLUX_PRESETS["dev"]).to(torch.bfloat16)
             if fp8:
                 prepare_fp8(model, torch.float8_e4m3fn, torch.bfloat16)
-            swappers = model.enable_block_swap(n, "meta", "meta") if n else []
+            swappers = enable_flux_block_swap(model, n, "meta", "meta") if n else []
             if n:
                 on_gpu = sum(s.buffer_bytes + s.resident_bytes for s in swappers)
                 slots = sum(s.buffer_bytes for s in swappers)

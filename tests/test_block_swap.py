@@ -11,8 +11,10 @@ import copy
 import pytest
 import torch
 
-from library.memory.block_swap import (BlockSwapper, max_blocks_to_swap, restore_moves, split_blocks_to_swap,
-                                swap_schedule)
+from library.memory.block_swap import (BlockSwapper, enable_flux_block_swap, max_blocks_to_swap,
+                                       move_to_device_except_swap_blocks, restore_moves, split_blocks_to_swap,
+                                       swap_schedule)
+from library.memory.checkpointing import enable_gradient_checkpointing
 from library.models.transformer import Flux, params_with_overrides
 
 DEV_DOUBLE, DEV_SINGLE = 19, 38
@@ -97,8 +99,9 @@ def base():
 
 def _swapped(base, n, write_back, checkpointing=False):
     model = copy.deepcopy(base)
-    model.enable_gradient_checkpointing(checkpointing)
-    swappers = model.enable_block_swap(n, "cpu", "cpu", host_to_device_only=not write_back)
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    swappers = enable_flux_block_swap(model, n, "cpu", "cpu", host_to_device_only=not write_back)
     return model, swappers
 
 
@@ -118,7 +121,8 @@ def test_forward_only_outputs_equal_and_layout_restored(base, n):
 def test_full_fine_tune_steps_equal_with_write_back(base, n, checkpointing):
     """A plain torch optimizer over the whole model: same losses and same trained weights, bit for bit."""
     ref, _ = copy.deepcopy(base).train(), None
-    ref.enable_gradient_checkpointing(checkpointing)
+    if checkpointing:
+        enable_gradient_checkpointing(ref)
     model, swappers = _swapped(base, n, write_back=True, checkpointing=checkpointing)
     model.train()
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (ref, model)]
@@ -206,7 +210,7 @@ def test_no_grad_forward_between_forward_and_backward(base):
 def test_placement_and_sizes_on_meta():
     with torch.device("meta"):
         model = Flux(PARAMS)
-    double, single = model.enable_block_swap(5, "meta", "meta")
+    double, single = enable_flux_block_swap(model, 5, "meta", "meta")
     assert (double.schedule.num_swapped, single.schedule.num_swapped) == (2, 6)
     block = double.block_bytes
     assert block >= sum(p.numel() * 4 for p in model.double_blocks[0].parameters())
@@ -215,7 +219,7 @@ def test_placement_and_sizes_on_meta():
     assert all(p.device.type == "meta" for p in model.parameters())
     with pytest.raises(RuntimeError, match="move_to_device_except_swap_blocks"):
         model.to("meta")
-    model.move_to_device_except_swap_blocks("meta")  # allowed: the blocks are skipped
+    move_to_device_except_swap_blocks(model, "meta")  # allowed: the blocks are skipped
 
 
 def test_fewer_swapped_than_resident_keeps_the_middle_blocks_fixed(base):
@@ -255,7 +259,7 @@ def test_fp8_weights_swap_exactly_and_stay_close_to_bf16(base):
     bf16 = copy.deepcopy(base).to(torch.bfloat16)
     fp8 = prepare_fp8(copy.deepcopy(base), torch.float8_e4m3fn, torch.bfloat16)
     swapped = prepare_fp8(copy.deepcopy(base), torch.float8_e4m3fn, torch.bfloat16)
-    double, _ = swapped.enable_block_swap(5, "cpu", "cpu")
+    double, _ = enable_flux_block_swap(swapped, 5, "cpu", "cpu")
     assert {d for d in double.layout.dtypes} == {torch.float8_e4m3fn, torch.bfloat16}  # fp8 weights, bf16 rest
     with torch.no_grad():
         want, got, ref = fp8(**_bf16_inputs()), swapped(**_bf16_inputs()), bf16(**_bf16_inputs())
@@ -278,11 +282,11 @@ def _lora_model(base, device, n):
         torch.nn.init.normal_(p, std=0.02)
     network.to(device)
     if n:
-        model.move_to_device_except_swap_blocks(device)
-        model.enable_block_swap(n, device, "cpu")
+        move_to_device_except_swap_blocks(model, device)
+        enable_flux_block_swap(model, n, device, "cpu")
     else:
         model.to(device)
-    model.enable_gradient_checkpointing(True)
+    enable_gradient_checkpointing(model)
     model.train()
     return model, network
 
@@ -331,8 +335,8 @@ def test_cuda_fp8_outputs_within_tolerance_of_bf16(base):
 
     bf16 = copy.deepcopy(base).to("cuda", torch.bfloat16)
     fp8 = prepare_fp8(copy.deepcopy(base), torch.float8_e4m3fn, torch.bfloat16)
-    fp8.move_to_device_except_swap_blocks("cuda")
-    fp8.enable_block_swap(3, "cuda", "cpu")
+    move_to_device_except_swap_blocks(fp8, "cuda")
+    enable_flux_block_swap(fp8, 3, "cuda", "cpu")
     with torch.no_grad():
         err = _rel_error(fp8(**_bf16_inputs("cuda")), bf16(**_bf16_inputs("cuda")))
     assert err < FP8_REL_TOLERANCE
@@ -344,8 +348,8 @@ def test_cuda_full_fine_tune_with_accumulation_and_write_back(base):
     back) and an optimizer after backward updates the same weights as without swapping."""
     ref = copy.deepcopy(base).cuda().train()
     model = copy.deepcopy(base)
-    model.move_to_device_except_swap_blocks("cuda")
-    swappers = model.enable_block_swap(5, "cuda", "cpu", host_to_device_only=False)
+    move_to_device_except_swap_blocks(model, "cuda")
+    swappers = enable_flux_block_swap(model, 5, "cuda", "cpu", host_to_device_only=False)
     model.train()
     cuda_inputs = lambda s: {k: v.cuda() for k, v in _inputs(s).items()}  # noqa: E731
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ref, model)]

@@ -8,20 +8,21 @@ tests/test_block_swap.py), so a wrong schedule changes the trained weights.
 from dataclasses import replace
 from functools import partial
 
+import cli_runs
 import pytest
 import torch
+from cli_runs import run_args
 from safetensors.torch import load_file
 
-import cli_runs
-from cli_runs import run_args
 import flux_minimal_inference
 import flux_train_network as cli
-from library.training.recipes.command_lines import FULL
+from library.formats.safetensors_io import save_file_atomic
+from library.memory.checkpointing import is_cpu_offload_checkpointing
 from library.models.checkpoint import analyze_checkpoint
 from library.models.transformer import Flux
-from library.formats.safetensors_io import save_file_atomic
 from library.training.arguments import TrainingArgumentError, verify_training_args
 from library.training.errors import TrainingError
+from library.training.recipes.command_lines import FULL
 from tools.make_demo_dataset import make_demo_dataset
 from tools.make_tiny_models import make_tiny_models
 
@@ -107,7 +108,7 @@ def test_fp8_base_with_block_swap_trains_the_same_weights(setup, tmp_path):
 def test_cpu_offload_checkpointing_trains_the_same_weights(setup, reference, tmp_path):
     trainer, code = run_trainer(train_argv(setup, tmp_path, "--cpu_offload_checkpointing"))
     assert code == 0
-    assert trainer.models.flux.cpu_offload_checkpointing  # implied --gradient_checkpointing, offload on
+    assert is_cpu_offload_checkpointing(trainer.models.flux)  # implied --gradient_checkpointing, offload on
     got = lora(tmp_path)
     for k in got:
         torch.testing.assert_close(got[k], reference[k], rtol=1e-5, atol=1e-7)

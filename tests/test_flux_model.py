@@ -7,6 +7,7 @@ import torch
 
 from conftest import read_key_fixture
 from library.formats.diffusers_keys import bfl_to_diffusers, diffusers_shapes_to_bfl, diffusers_to_bfl
+from library.memory.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 from library.models.flux_math import position_embedding, timestep_embedding
 from library.models.transformer import FLUX_PRESETS, Flux, default_axes_dim
 
@@ -173,15 +174,27 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(**inputs).square().mean().backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    model.enable_gradient_checkpointing()
+    enable_gradient_checkpointing(model)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         out = model(**inputs)
     out.square().mean().backward()
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, plain[n], atol=1e-6), n
-    model.enable_gradient_checkpointing(False)
+    disable_gradient_checkpointing(model)
     saved_plain = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved_plain.append(t.numel()) or t, lambda t: t):
         model(**inputs)
     assert sum(saved) < sum(saved_plain) / 2  # far fewer activations kept for backward
+
+
+def test_checkpointing_keeps_the_keys_and_wraps_a_forward_replaced_later():
+    model = Flux(FLUX_PRESETS["tiny"]).train()
+    keys = list(model.state_dict())
+    enable_gradient_checkpointing(model)
+    assert list(model.state_dict()) == keys
+    block = model.double_blocks[0]
+    compiled, calls = block.forward, []
+    block.forward = lambda *args: calls.append(1) or compiled(*args)  # as --torch_compile replaces it afterwards
+    model(**make_inputs(model.params, batch=1)).square().mean().backward()
+    assert len(calls) == 2  # run again in backward: the checkpoint is around the replaced forward

@@ -29,8 +29,8 @@ Two modes for what leaves the compute device:
   tensors. Swapped blocks' parameters are on the storage device while the optimizer steps after backward.
 
 Blocks are moved by `prepare()` and must not be moved by `.to()` afterwards (it raises): move the rest of a model
-with `Flux.move_to_device_except_swap_blocks`. Devices may be any pair whose tensors a parameter can be re-pointed
-between (CPU/CPU with separate buffers for tests, CUDA/CPU, meta/meta for planning without data).
+with `move_to_device_except_swap_blocks(model, device)`. Devices may be any pair whose tensors a parameter can be
+re-pointed between (CPU/CPU with separate buffers for tests, CUDA/CPU, meta/meta for planning without data).
 """
 
 from __future__ import annotations
@@ -487,7 +487,7 @@ def _in_backward() -> bool:
 
 def _refuse_move(fn, *args, **kwargs):
     raise RuntimeError("this block's weights are managed by block swapping: move the rest of the model with "
-                       "move_to_device_except_swap_blocks(device) instead of .to()")
+                       "library.memory.block_swap.move_to_device_except_swap_blocks(model, device) instead of .to()")
 
 
 def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -500,7 +500,9 @@ def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def enable_flux_block_swap(model, num_blocks: int, compute_device, storage_device="cpu", *,
                            host_to_device_only: bool = True) -> tuple[BlockSwapper, BlockSwapper]:
-    """Split `num_blocks` sd-scripts' way and build (double, single) swappers; both are prepared."""
+    """Keep the weights of `num_blocks` blocks of a Flux (sd-scripts' split: n // 2 double, (n - n // 2) * 2 single)
+    in `storage_device` memory and stream them in: returns the (double, single) BlockSwappers, both prepared, also
+    kept as `model.block_swappers`. Use host_to_device_only=False when the blocks' own weights are trained."""
     nd, ns = split_blocks_to_swap(num_blocks, len(model.double_blocks), len(model.single_blocks))
     swappers = tuple(BlockSwapper(list(blocks), n, compute_device, storage_device,
                                   host_to_device_only=host_to_device_only).prepare()

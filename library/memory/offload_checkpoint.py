@@ -13,13 +13,15 @@ first block's inputs do not, so a zero-size tensor that requires grad is passed 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
 _OFFLOADED = object()  # marks an argument that waits on the CPU
 
 
-def offloaded_checkpoint(block: torch.nn.Module, args: tuple, offload: tuple[int, ...]):
+def offloaded_checkpoint(block: Callable, args: tuple, offload: tuple[int, ...]):
     """Call `block(*args)` with the tensors at positions `offload` kept on the CPU until backward."""
     anchor = torch.empty(0, requires_grad=True)
     return _OffloadedBlock.apply(block, offload, anchor, *args)

@@ -69,12 +69,9 @@ class ControlNetFlux(nn.Module):
             _zero(nn.Linear(h, h)) for _ in range(controlnet_single_depth))
         self.pos_embed_input = nn.Linear(params.in_channels, h)  # default init, as sd-scripts
         self.input_hint_block = _hint_encoder()
-        self.gradient_checkpointing = False
 
     # the input stack works exactly as the transformer's: share its code, not a copy of it
     conditioning_vector = Flux.conditioning_vector
-    enable_gradient_checkpointing = Flux.enable_gradient_checkpointing
-    _call = Flux._call
     dtype = Flux.dtype
     device = Flux.device
 
@@ -87,7 +84,7 @@ class ControlNetFlux(nn.Module):
         """img (B, N, 64) packed noisy latents, controlnet_cond (B, 3, 16h, 16w) in [-1, 1] for an h x w token grid;
         the other inputs as for `Flux.forward`."""
         n_txt = txt.shape[1]
-        hint = self._call(self.input_hint_block, controlnet_cond.to(img.dtype))
+        hint = self.input_hint_block(controlnet_cond.to(img.dtype))
         if hint.shape[-2] * hint.shape[-1] // 4 != img.shape[1]:
             raise ValueError(f"control image {tuple(controlnet_cond.shape[-2:])} does not match the {img.shape[1]} "
                              "latent tokens (it must be the image size: 16 pixels per token side)")
@@ -98,12 +95,12 @@ class ControlNetFlux(nn.Module):
         mask = joint_attention_mask(txt_attention_mask, img.shape[1])
         double = []
         for block in self.double_blocks:
-            img, txt = self._call(block, img, txt, vec, pe, mask)
+            img, txt = block(img, txt, vec, pe, mask)
             double.append(img)
         single = []
         x = torch.cat((txt, img), dim=1)
         for block in self.single_blocks:  # image part of each single block (sd-scripts never trains these)
-            x = self._call(block, x, vec, pe, mask)
+            x = block(x, vec, pe, mask)
             single.append(x[:, n_txt:])
         return ([proj(s) for proj, s in zip(self.controlnet_blocks, double)],
                 [proj(s) for proj, s in zip(self.controlnet_blocks_for_single, single)])

@@ -22,7 +22,7 @@ import torch
 
 from library.models import autoencoder as flux_ae
 from library.models import text_encoders
-from library.formats.dtypes import compute_dtype_for, is_fp8, str_to_dtype
+from library.formats.dtypes import compute_dtype_for
 from library.models.checkpoint import FluxCheckpointInfo, analyze_checkpoint, load_transformer
 from library.models.transformer import Flux
 from library.models.packing import pack_latents, prepare_img_ids, unpack_latents  # noqa: F401 (public API)
@@ -90,27 +90,8 @@ def load_tokenizer(tokenizer_cache_dir: PathLike | None = None, is_schnell: bool
     return FluxTokenizer(clip, t5, t5_max_length_for(is_schnell, t5xxl_max_token_length))
 
 
-def load_for_compute(kind: str, path: PathLike, dtype: torch.dtype | str | None, device: str | torch.device,
-                     compute_dtype: torch.dtype = torch.bfloat16, info: FluxCheckpointInfo | None = None):
-    """Load one component ("flux", "ae", "clip_l", "t5xxl") to run in `dtype`; an fp8 dtype stores the Linear
-    weights in fp8 (an fp8 file is used as stored) and computes in `compute_dtype`."""
-    from library.memory.fp8 import prepare_fp8, prepare_t5xxl_fp8
-
-    dtype = str_to_dtype(dtype)
-    fp8 = is_fp8(dtype)
-    load_dtype = None if fp8 else dtype
-    if kind == "flux":
-        model = load_transformer(path, load_dtype, "cpu", info=info)
-    else:
-        model = {"ae": flux_ae.load_ae, "clip_l": text_encoders.load_clip_l,
-                 "t5xxl": text_encoders.load_t5xxl}[kind](path, load_dtype, "cpu")
-    if fp8:
-        (prepare_t5xxl_fp8 if kind == "t5xxl" else prepare_fp8)(model, dtype, compute_dtype)
-    return model.to(device)
-
-
 __all__ = [
     "FluxTokenizer", "ModelFileError", "analyze_checkpoint", "analyze_checkpoint_state", "compute_dtype_for",
-    "encode_prompts", "load_ae", "load_clip_l", "load_controlnet", "load_flow_model", "load_for_compute", "load_t5xxl",
-    "load_tokenizer", "pack_latents", "prepare_img_ids", "unpack_latents",
+    "encode_prompts", "load_ae", "load_clip_l", "load_controlnet", "load_flow_model", "load_t5xxl", "load_tokenizer",
+    "pack_latents", "prepare_img_ids", "unpack_latents",
 ]

@@ -11,7 +11,6 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from library.models.flux_math import attention, joint_attention_mask, position_embedding, timestep_embedding
@@ -234,47 +233,6 @@ class Flux(nn.Module):
         self.single_blocks = nn.ModuleList(
             SingleStreamBlock(h, params.num_heads, params.mlp_hidden_dim) for _ in range(params.depth_single_blocks))
         self.final_layer = LastLayer(h, params.out_channels)
-        self.gradient_checkpointing = False
-
-    def enable_gradient_checkpointing(self, enabled: bool = True, cpu_offload: bool = False) -> None:
-        """Recompute each block (and the embedders) in backward instead of keeping their activations; with
-        `cpu_offload` the blocks' saved image/text inputs wait in CPU memory (library/memory/offload_checkpoint.py)."""
-        self.gradient_checkpointing = enabled
-        self.cpu_offload_checkpointing = enabled and cpu_offload
-
-    def _call(self, module: nn.Module, *args):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            if getattr(self, "cpu_offload_checkpointing", False) and isinstance(
-                    module, (DoubleStreamBlock, SingleStreamBlock)):
-                from library.memory.offload_checkpoint import offloaded_checkpoint
-
-                # the per-block streams (img, txt / x); vec, pe and the mask are shared by all blocks
-                return offloaded_checkpoint(module, args, (0, 1) if isinstance(module, DoubleStreamBlock) else (0,))
-            return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
-        return module(*args)
-
-    # -- block swapping (library/memory/block_swap.py: the swappers hook the blocks; the forward is unchanged) ----------
-
-    def enable_block_swap(self, num_blocks: int, compute_device, storage_device="cpu", *,
-                          host_to_device_only: bool = True):
-        """Keep the weights of `num_blocks` blocks (sd-scripts' split: n // 2 double, (n - n // 2) * 2 single) in
-        `storage_device` memory and stream them in; returns the (double, single) BlockSwappers. Use
-        host_to_device_only=False when the blocks' own weights are trained."""
-        from library.memory.block_swap import enable_flux_block_swap
-
-        return enable_flux_block_swap(self, num_blocks, compute_device, storage_device,
-                                      host_to_device_only=host_to_device_only)
-
-    def move_to_device_except_swap_blocks(self, device) -> None:
-        """Move everything but the transformer blocks (placed by enable_block_swap)."""
-        from library.memory.block_swap import move_to_device_except_swap_blocks
-
-        move_to_device_except_swap_blocks(self, device)
-
-    def prepare_block_swap_before_forward(self) -> None:
-        """sd-scripts' name: put the swapped blocks back in their initial layout (normally already so)."""
-        for swapper in getattr(self, "block_swappers", ()):
-            swapper.restore_layout()
 
     @property
     def is_schnell(self) -> bool:
@@ -291,12 +249,12 @@ class Flux(nn.Module):
     def conditioning_vector(self, timesteps, y, guidance=None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """time + guidance + pooled-text embedding, computed in `dtype` (the activations' dtype; weights may be fp8)."""
         dtype = dtype or y.dtype
-        vec = self._call(self.time_in, timestep_embedding(timesteps, 256).to(dtype))
+        vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
         if self.params.guidance_embed:
             if guidance is None:
                 raise ValueError("this FLUX model has a guidance embedder (dev): pass `guidance`")
-            vec = vec + self._call(self.guidance_in, timestep_embedding(guidance, 256).to(dtype))
-        return vec + self._call(self.vector_in, y.to(dtype))
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
+        return vec + self.vector_in(y.to(dtype))
 
     def forward(
         self,
@@ -335,13 +293,13 @@ class Flux(nn.Module):
         mask = joint_attention_mask(txt_attention_mask, img.shape[1], attention_mask)
 
         for i, block in enumerate(self.double_blocks):
-            img, txt = self._call(block, img, txt, vec, pe, mask)
+            img, txt = block(img, txt, vec, pe, mask)
             if double_block_residuals:
                 img = img + double_block_residuals[i % len(double_block_residuals)]
 
         x = torch.cat((txt, img), dim=1)
         for i, block in enumerate(self.single_blocks):
-            x = self._call(block, x, vec, pe, mask)
+            x = block(x, vec, pe, mask)
             if single_block_residuals:
                 r = single_block_residuals[i % len(single_block_residuals)]
                 x = torch.cat((x[:, :n_txt], x[:, n_txt:] + r), dim=1)

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from library.data.batch import Batch, TextEncoderOutputs
+from library.memory.block_swap import enable_flux_block_swap
+from library.memory.checkpointing import enable_gradient_checkpointing
 from library.models.transformer import FLUX_PRESETS, Flux, FluxParams
 from library.training.recipes.full import FullTrainer
 from library.training.recipes.lora import LoRATrainer
@@ -290,7 +292,7 @@ def _build_flux(s: PlanSettings, device: str) -> Flux:
         compute = s.weight_dtype if s.weight_dtype != torch.float32 else torch.bfloat16
         prepare_fp8(flux, torch.float8_e4m3fn, compute)
     if s.gradient_checkpointing:
-        flux.enable_gradient_checkpointing(cpu_offload=s.cpu_offload_checkpointing)
+        enable_gradient_checkpointing(flux, cpu_offload=s.cpu_offload_checkpointing)
     return flux.train(s.gradient_checkpointing)
 
 
@@ -331,7 +333,7 @@ def build_rig(s: PlanSettings, device: str = "meta") -> StepRig:
     if s.blocks_to_swap:
         # the real swapper on meta/meta: its slots are the compute-side bytes, its storage copies are not
         with _quiet("library.memory.block_swap"):
-            swappers = list(flux.enable_block_swap(s.blocks_to_swap, device, device,
+            swappers = list(enable_flux_block_swap(flux, s.blocks_to_swap, device, device,
                                                    host_to_device_only=not s.profile.trains_transformer))
     settings = FlowMatchingSettings(timestep_sampling="shift", model_prediction_type="raw", guidance_scale=1.0)
     compute = s.weight_dtype

@@ -34,6 +34,9 @@ from library.training.samples import SampleSchedule, precompute_prompt_condition
 from library.training.settings import DatasetKinds, RunSettings
 from library.training.trackers import log_sample_images
 
+from library.memory.block_swap import enable_flux_block_swap, move_to_device_except_swap_blocks
+from library.memory.checkpointing import enable_gradient_checkpointing
+
 logger = logging.getLogger(__name__)
 
 VALIDATION_SIGMAS = (0.2, 0.4, 0.6, 0.8)  # fixed, so validation losses compare across steps
@@ -150,7 +153,7 @@ def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtyp
         if not (m is flux and blocks_to_swap):  # placed by enable_block_swap once the trainable part exists
             m.to(device)
     if args.gradient_checkpointing:
-        flux.enable_gradient_checkpointing(cpu_offload=bool(getattr(args, "cpu_offload_checkpointing", False)))
+        enable_gradient_checkpointing(flux, cpu_offload=bool(getattr(args, "cpu_offload_checkpointing", False)))
     tokenizer = flux_utils.load_tokenizer(args.tokenizer_cache_dir, info.is_schnell, args.t5xxl_max_token_length)
     return TrainingModels(flux, ae, clip_l, t5xxl, tokenizer, info.is_schnell, dtype, compute)
 
@@ -181,8 +184,8 @@ def enable_block_swap(args, n: int, models: TrainingModels, accelerator) -> list
     flux, device = models.flux, accelerator.device
     write_back = any(p.requires_grad for blocks in (flux.double_blocks, flux.single_blocks)
                      for p in blocks.parameters())
-    flux.move_to_device_except_swap_blocks(device)
-    swappers = list(flux.enable_block_swap(n, device, "cpu", host_to_device_only=not write_back))
+    move_to_device_except_swap_blocks(flux, device)
+    swappers = list(enable_flux_block_swap(flux, n, device, "cpu", host_to_device_only=not write_back))
     if write_back and not (getattr(args, "fused_backward_pass", False)
                            or getattr(args, "blockwise_fused_optimizers", False)):
         logger.warning("--blocks_to_swap with trained blocks and an optimizer stepping after backward: the swapped "

@@ -17,6 +17,7 @@ from library.data.images import load_image
 from library.data.tensors import control_image_source
 from library.formats.metadata import modelspec_metadata
 from library.formats.model_saving import save_dtype, save_model
+from library.memory.checkpointing import enable_gradient_checkpointing
 from library.models.controlnet import ControlledFlux, controlnet_from_transformer, load_controlnet
 from library.training.errors import TrainingError
 from library.training.loop import Trainer
@@ -50,7 +51,7 @@ class ControlNetTrainer(Trainer):
         if args.full_bf16 or args.full_fp16:
             controlnet.to(models.weight_dtype)
         if args.gradient_checkpointing:
-            controlnet.enable_gradient_checkpointing()
+            enable_gradient_checkpointing(controlnet)
         controlnet.requires_grad_(True).train()
         logger.info("trainable parameters: %d", sum(p.numel() for p in controlnet.parameters()))
         self.controlnet = controlnet
