@@ -9,6 +9,7 @@ import json
 import pytest
 
 from library.training import arguments as ta
+from library.training.recipes import command_lines
 from library.formats import metadata as tm
 
 try:
@@ -47,7 +48,7 @@ ss_dataset_dirs ss_reg_dataset_dirs ss_tag_frequency ss_bucket_info""".split()
 
 
 def parse(argv):
-    p = ta.training_parser("network", add_optimizer_arguments=add_optimizer_arguments)
+    p = ta.training_parser(command_lines.LORA, add_optimizer_arguments=add_optimizer_arguments)
     return p.parse_args(["--network_module", "networks.lora_flux"] + argv)
 
 
