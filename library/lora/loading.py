@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from networks import lora_flux
+
 logger = logging.getLogger(__name__)
 
 
@@ -25,8 +27,6 @@ def apply_loras(specs: list[str], flux: torch.nn.Module, clip_l, t5xxl, merge: b
     """Load each LoRA file and either merge it into the base weights (`merge`) or hook it into the models.
 
     Returns the hooked networks (empty when merged), whose `set_multiplier` changes their strength later."""
-    from networks import lora_flux
-
     networks = []
     text_encoders = [clip_l, t5xxl]
     for spec in specs:

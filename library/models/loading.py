@@ -20,15 +20,17 @@ from pathlib import Path
 
 import torch
 
+from library.formats.dtypes import compute_dtype_for
+from library.formats.safetensors_io import ModelFileError  # noqa: F401 (public API)
 from library.models import autoencoder as flux_ae
 from library.models import text_encoders
-from library.formats.dtypes import compute_dtype_for
 from library.models.checkpoint import FluxCheckpointInfo, analyze_checkpoint, load_transformer
-from library.models.transformer import Flux
+from library.models.controlnet import ControlNetFlux
+from library.models.controlnet import load_controlnet as load
 from library.models.packing import pack_latents, prepare_img_ids, unpack_latents  # noqa: F401 (public API)
-from library.formats.safetensors_io import ModelFileError  # noqa: F401 (public API)
 from library.models.text_encoding import FluxTokenizer, encode_prompts, t5_max_length_for  # noqa: F401 (public API)
 from library.models.tokenizers import load_clip_tokenizer, load_t5_tokenizer
+from library.models.transformer import FLUX_PRESETS, Flux
 
 PathLike = str | os.PathLike
 
@@ -54,9 +56,6 @@ def load_controlnet(ckpt_path: PathLike | None, is_schnell: bool, dtype: torch.d
     """An sd-scripts FLUX ControlNet for the dev (or schnell) transformer, or for `base_params` (a FluxParams):
     loaded from `ckpt_path`, or new (random blocks, zero output projections, as sd-scripts) when it is None. See
     `library.models.controlnet.controlnet_from_transformer` for one that starts from the transformer's weights."""
-    from library.models.controlnet import ControlNetFlux, load_controlnet as load
-    from library.models.transformer import FLUX_PRESETS
-
     params = base_params or FLUX_PRESETS["schnell" if is_schnell else "dev"]
     if ckpt_path is None:
         with torch.device(device):

@@ -3,12 +3,13 @@
 The trainer's own pieces run one full step -- the FLUX transformer with the chosen checkpointing, the LoRA network
 or the full model as the trainable part, `FluxLossComputer` for the loss, backward, the optimizer of
 `--optimizer_type` stepping with its states, and the block swapper's placement -- at the real model size on `meta`
-tensors, which hold no data. `library.planner.live_bytes.LiveBytes` counts what the step allocates; weights, swap buffers
-and optimizer states, which exist before the step, are counted from the tensors themselves. The same rig runs on
+tensors, which hold no data. `library.planner.live_bytes.LiveBytes` counts what the step allocates; weights, swap
+buffers and optimizer states, which exist before the step, are counted from the tensors themselves. The same rig
+runs on
 the CPU with real data (`run_step(..., device="cpu")`), which is how tests check the planner against a measurement.
 
 What cannot run on `meta` is emulated and said so: CUDA autocast and the fused attention kernels
-(`memory_count.device_emulation`), and the runtime overhead outside PyTorch's allocator (`RUNTIME_OVERHEAD`).
+(`live_bytes.device_emulation`), and the runtime overhead outside PyTorch's allocator (`RUNTIME_OVERHEAD`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,23 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+import networks.lora_flux as lora_flux
 from library.data.batch import Batch, TextEncoderOutputs
-from library.memory.block_swap import enable_flux_block_swap
+from library.data.schema import resolve_resolution
+from library.flow.matching import FlowMatchingSettings
+from library.formats.safetensors_io import read_header
+from library.memory import offload_checkpoint
+from library.memory.block_swap import enable_flux_block_swap, max_blocks_to_swap
 from library.memory.checkpointing import enable_gradient_checkpointing
+from library.memory.fp8 import prepare_fp8
+from library.models.checkpoint import analyze_checkpoint
 from library.models.transformer import FLUX_PRESETS, Flux, FluxParams
+from library.planner.live_bytes import LiveBytes, device_emulation
+from library.training.arguments import parse_network_args
+from library.training.fused_optimizers import (BlockwiseOptimizers, FusedBackward, HookSettings, group_by_block,
+                                               step_param)
+from library.training.loss import FluxLossComputer
+from library.training.optimizers import get_optimizer, resolve_optimizer_type
 from library.training.recipes.full import FullTrainer
 from library.training.recipes.lora import LoRATrainer
 from library.training.settings import MemoryProfile
@@ -137,8 +151,6 @@ def _largest_image(args) -> tuple[int, int, int]:
     read for these values only, so a plan needs no images."""
     import tomllib
 
-    from library.data.schema import resolve_resolution
-
     default_batch = getattr(args, "train_batch_size", None) or 1
     if getattr(args, "dataset_config", None):
         try:
@@ -165,12 +177,9 @@ def _largest_image(args) -> tuple[int, int, int]:
 
 def settings_from_args(args, trainer: str = "network", target: str = "cuda") -> PlanSettings:
     """The PlanSettings of a training command line (already parsed, --config_file applied)."""
-    from library.training.optimizers import resolve_optimizer_type
-
     model_path = getattr(args, "pretrained_model_name_or_path", None)
     fp8_file = False
     if model_path and not getattr(args, "model_preset", None):  # a preset plans without the file
-        from library.models.checkpoint import analyze_checkpoint
 
         info = analyze_checkpoint(model_path)  # header only
         params, model = info.params, model_path
@@ -240,8 +249,6 @@ def _quiet(name: str):
 
 
 def _make_optimizer(s: PlanSettings, groups):
-    from library.training.optimizers import get_optimizer
-
     with _quiet("library.training.optimizers"):
         _, _, optimizer = get_optimizer(_optimizer_args(s), groups)
     if hasattr(optimizer, "_get_lr") and type(optimizer).__name__ == "Adafactor":
@@ -280,8 +287,6 @@ class StepRig:
 
 
 def _build_flux(s: PlanSettings, device: str) -> Flux:
-    from library.memory.fp8 import prepare_fp8
-
     fp8 = s.profile.fp8_base and (s.fp8_base or s.fp8_file)  # a recipe that trains the weights casts them
     dtype = s.weight_dtype
     if s.profile.trains_transformer:
@@ -310,14 +315,9 @@ def _batch(s: PlanSettings, device: str) -> Batch:
 
 def build_rig(s: PlanSettings, device: str = "meta") -> StepRig:
     """The trainer's pieces for one step on `device` ("meta" to plan; "cpu" to run for real)."""
-    from library.flow.matching import FlowMatchingSettings
-    from library.training.loss import FluxLossComputer
-
     flux = _build_flux(s, device)
     flux.requires_grad_(s.profile.trains_transformer)
     if not s.profile.trains_transformer:  # a LoRA network on the frozen transformer
-        import networks.lora_flux as lora_flux
-        from library.training.arguments import parse_network_args
 
         with torch.device(device):
             net = lora_flux.create_network(1.0, s.network_dim, s.network_alpha, None, [], flux,
@@ -346,8 +346,6 @@ def build_rig(s: PlanSettings, device: str = "meta") -> StepRig:
 
 def _full_optimizers(s: PlanSettings, flux: Flux):
     """The full fine-tuning optimizer as library/training/fused_optimizers.py sets it up: (optimizers, fused)."""
-    from library.training.fused_optimizers import BlockwiseOptimizers, FusedBackward, HookSettings, group_by_block
-
     named = list(flux.named_parameters())
     if s.fused_backward_pass:
         optimizer = _make_optimizer(s, [p for _, p in named])
@@ -364,8 +362,6 @@ def _full_optimizers(s: PlanSettings, flux: Flux):
 def _prime_optimizer_states(rig: StepRig) -> None:
     """Create the optimizer states a steady-state step starts with (one step on zero gradients, each parameter
     stepped the way the trainer steps it)."""
-    from library.training.fused_optimizers import step_param
-
     with torch.no_grad():
         for o in rig.optimizers:
             for group in o.param_groups:
@@ -405,8 +401,6 @@ def _param_count(path) -> int | None:
     """Parameters in a model file, from its header (None when there is no such file)."""
     import os
 
-    from library.formats.safetensors_io import read_header
-
     if not path or not os.path.isfile(path):
         return None
     return sum(t.numel for t in read_header(path).tensors.values())
@@ -423,8 +417,6 @@ def _step_key(s: PlanSettings) -> PlanSettings:
 
 def count_step(rig: StepRig) -> dict[str, int]:
     """Run the rig's step on `meta` under the counter: live bytes by tag at the step's peak."""
-    from library.planner.live_bytes import LiveBytes, device_emulation
-
     s = rig.settings
     counter = LiveBytes("meta")
     counter.ignore([*rig.flux.parameters(), *rig.flux.buffers(), *rig.trainable, *optimizer_state_tensors(rig),
@@ -450,8 +442,6 @@ def _offload_to_storage(counter):
     counted: a block's inputs while that block runs forward, and while they come back for its backward (tens of MB
     at 1024x1024)."""
     import torch.utils.checkpoint
-
-    from library.memory import offload_checkpoint
 
     def planned(block, args, offload):
         for i in offload:
@@ -564,8 +554,6 @@ def choose_blocks_to_swap(args, trainer: str = "network") -> int:
     """The smallest --blocks_to_swap whose predicted peak fits --vram_budget_gb (GiB), for a parsed training command
     line of the recipe the planner calls `trainer` (library/cli calls this for --blocks_to_swap auto). Logs the
     choice and the predicted peak."""
-    from library.memory.block_swap import max_blocks_to_swap
-
     budget = getattr(args, "vram_budget_gb", None)
     if not budget or budget <= 0:
         raise ValueError("--blocks_to_swap auto needs --vram_budget_gb G, the GPU memory to fit in GiB (e.g. 7.5 "

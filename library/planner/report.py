@@ -7,8 +7,10 @@ from dataclasses import replace
 
 import torch
 
-from library.planner.plan import (GIB, TABLE_RESOLUTIONS, TABLE_SWAPS, PlanSettings, _build_flux, build_rig,
-                                 plan_many)
+from library.memory.block_swap import BlockSwapper, max_blocks_to_swap, split_blocks_to_swap
+from library.planner.live_bytes import device_emulation
+from library.planner.plan import GIB, TABLE_RESOLUTIONS, TABLE_SWAPS, PlanSettings, _build_flux, build_rig, plan_many
+from library.planner.swap_speed import DEFAULT_H2D_GBPS, DEFAULT_TFLOPS, model_step
 
 
 def count_flops(s: PlanSettings) -> dict[str, float]:
@@ -18,8 +20,6 @@ def count_flops(s: PlanSettings) -> dict[str, float]:
     checkpointing) is the step's backward-to-forward ratio times its forward: the counter's module attribution
     in backward is unreliable once gradient hooks run optimizer steps."""
     from torch.utils.flop_counter import FlopCounterMode
-
-    from library.planner.live_bytes import device_emulation
 
     rig = build_rig(replace(s, blocks_to_swap=0), "meta")
     autocast = s.weight_dtype if s.weight_dtype != torch.float32 else None
@@ -41,9 +41,6 @@ def count_flops(s: PlanSettings) -> dict[str, float]:
 
 def speed_models(s: PlanSettings, swaps=TABLE_SWAPS, tflops: float | None = None, h2d_gbps: float | None = None):
     """The swap speed model (library/planner/swap_speed.py) of these settings for each count in `swaps`."""
-    from library.memory.block_swap import BlockSwapper, max_blocks_to_swap, split_blocks_to_swap
-    from library.planner.swap_speed import DEFAULT_H2D_GBPS, DEFAULT_TFLOPS, model_step
-
     flops = count_flops(s)
     with torch.device("meta"):
         flux = _build_flux(s, "meta")
@@ -105,8 +102,6 @@ TABLE_TRAINERS = (  # (label, settings changes); fp8 base applies to LoRA only (
 
 
 def table_settings(base: PlanSettings) -> list[tuple[str, PlanSettings]]:
-    from library.memory.block_swap import max_blocks_to_swap
-
     limit = max_blocks_to_swap(base.params.depth, base.params.depth_single_blocks)
     rows = []
     for label, changes in TABLE_TRAINERS:
