@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${QUICKSTART_DIR:-quickstart}
+# One intra-op thread for the tiny models (more only spin on a busy 2-core machine); set OMP_NUM_THREADS to override.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 PY=.venv/bin/python
 ACCELERATE=.venv/bin/accelerate
 
