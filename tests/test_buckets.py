@@ -8,13 +8,13 @@ import pytest
 
 from library.data.augment import color_aug, flip_horizontal, gamma, hue_shift
 from library.data.buckets import (
-    BucketChoice,
-    BucketPlanner,
-    bucket_info,
-    get_crop_ltrb,
-    make_bucket_resolutions,
-    resize_and_crop,
-)
+                                  BucketChoice,
+                                  BucketPlanner,
+                                  bucket_info,
+                                  get_crop_ltrb,
+                                  make_bucket_resolutions,
+                                  resize_and_crop,
+                                  )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,16 +11,16 @@ from types import SimpleNamespace
 import pytest
 
 from library.data.captions import (
-    CaptionOptions,
-    deterministic_caption_options,
-    find_caption_file,
-    finetune_caption,
-    has_wildcard_choice,
-    process_caption,
-    read_caption_file,
-    tag_frequency,
-    text_encoder_cache_caption,
-)
+                                   CaptionOptions,
+                                   deterministic_caption_options,
+                                   find_caption_file,
+                                   finetune_caption,
+                                   has_wildcard_choice,
+                                   process_caption,
+                                   read_caption_file,
+                                   tag_frequency,
+                                   text_encoder_cache_caption,
+                                   )
 
 
 def run(caption, seed=0, epoch=1, step=0, max_train_steps=0, **options):

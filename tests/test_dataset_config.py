@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import ROOT
 from library.data.arguments import add_dataset_arguments
 from library.data.config import (DatasetConfigError, DatasetGroupConfig, SubsetConfig,
-                                    load_dataset_config, resolve_resolution, validate_against_training_args)
+                                 load_dataset_config, resolve_resolution, validate_against_training_args)
 
 
 def make_images(folder: Path, names=("a.png", "b.JPG")) -> Path:

@@ -11,7 +11,7 @@ from PIL import Image
 from library.data.arguments import add_dataset_arguments
 from library.data.config import load_dataset_config
 from library.data.datasets import (EpochBatchSampler, build_datasets, max_train_steps_for, num_train_epochs,
-                              steps_per_epoch)
+                                   steps_per_epoch)
 from library.data.images import BadImageError
 
 

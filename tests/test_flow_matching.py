@@ -7,20 +7,20 @@ import pytest
 import torch
 
 from library.flow.matching import (
-    FlowMatchingSettings,
-    apply_model_prediction_type,
-    compute_loss_weighting,
-    conditional_loss,
-    discrete_sigma_table,
-    flow_target,
-    guidance_vector,
-    huber_c_for,
-    noisy_input,
-    packed_seq_len,
-    reduce_loss,
-    sample_sigmas,
-    timestep_density,
-)
+                                   FlowMatchingSettings,
+                                   apply_model_prediction_type,
+                                   compute_loss_weighting,
+                                   conditional_loss,
+                                   discrete_sigma_table,
+                                   flow_target,
+                                   guidance_vector,
+                                   huber_c_for,
+                                   noisy_input,
+                                   packed_seq_len,
+                                   reduce_loss,
+                                   sample_sigmas,
+                                   timestep_density,
+                                   )
 
 
 def gen(seed=0):

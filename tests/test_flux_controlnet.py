@@ -8,7 +8,7 @@ import torch
 from conftest import read_key_fixture
 from library.data.tensors import control_image_source, prepare_control_image
 from library.models.controlnet import (ControlledFlux, ControlNetFlux, controlnet_from_transformer,
-                                     controlnet_state_dict, load_controlnet)
+                                       controlnet_state_dict, load_controlnet)
 from library.models.transformer import FLUX_PRESETS, Flux
 from library.models.packing import pack_latents, prepare_img_ids
 from library.formats.safetensors_io import ModelFileError, save_file_atomic

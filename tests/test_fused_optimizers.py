@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from transformers.optimization import Adafactor
 
 from library.models.transformer import FLUX_PRESETS, Flux
-from library.training.fused_optimizers import (BlockwiseOptimizers, FusedBackward, HookSettings, block_key, group_by_block,
-                                      step_param, stochastic_round_)
+from library.training.fused_optimizers import (BlockwiseOptimizers, FusedBackward, HookSettings, block_key,
+                                               group_by_block, step_param, stochastic_round_)
 from library.planner.live_bytes import track_live_gradient_peak
 from library.formats.model_saving import save_model
 

@@ -10,13 +10,13 @@ import pytest
 from PIL import Image, ImageFile
 
 from library.data.images import (
-    BadImageError,
-    ImageProbe,
-    check_images,
-    list_images,
-    load_image,
-    probe_image,
-)
+                                 BadImageError,
+                                 ImageProbe,
+                                 check_images,
+                                 list_images,
+                                 load_image,
+                                 probe_image,
+                                 )
 
 
 def _exif(orientation):

@@ -12,8 +12,8 @@ import torch
 
 from library.training.lr_schedulers import SCHEDULERS, get_scheduler, resolve_steps, scheduler_name
 from library.training.optimizers import (OptimizerError, add_optimizer_arguments, get_optimizer, is_schedule_free,
-                                optimizer_eval_mode, optimizer_metadata_text, optimizer_train_mode, parse_kv_args,
-                                resolve_optimizer_type)
+                                         optimizer_eval_mode, optimizer_metadata_text, optimizer_train_mode,
+                                         parse_kv_args, resolve_optimizer_type)
 
 
 def make_args(*argv: str, max_train_steps: int = 10, gradient_accumulation_steps: int = 1) -> argparse.Namespace:

@@ -14,11 +14,11 @@ from library.flow.generation import FluxModels, GenerationSettings, Placement, g
 from library.flow.sampling import get_schedule
 from library.flow.prompts import SamplePrompt, SamplePromptError, load_prompts, parse_prompt_line
 from library.training.samples import (
-    SampleSchedule,
-    precompute_prompt_conditioning,
-    sample_image_stem,
-    sample_images,
-)
+                                      SampleSchedule,
+                                      precompute_prompt_conditioning,
+                                      sample_image_stem,
+                                      sample_images,
+                                      )
 from tools.make_tiny_models import make_tiny_models
 
 

@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from library.flow.sampling import (
-    Conditioning,
-    denoise,
-    get_noise,
-    get_schedule,
-    pack_latents,
-    packed_grid,
-    prepare_img_ids,
-    shift_mu,
-    unpack_latents,
-)
+                                   Conditioning,
+                                   denoise,
+                                   get_noise,
+                                   get_schedule,
+                                   pack_latents,
+                                   packed_grid,
+                                   prepare_img_ids,
+                                   shift_mu,
+                                   unpack_latents,
+                                   )
 
 
 def test_pack_unpack_round_trip_and_patch_order():

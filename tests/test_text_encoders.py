@@ -9,8 +9,8 @@ import torch
 
 from library.formats.safetensors_io import ModelFileError, read_header, save_file_atomic
 from library.models.text_encoders import (CLIP_L_CONFIG, T5_XXL_CONFIG, clip_l_config, clip_l_config_from_file,
-                                   load_clip_l, load_t5xxl, save_clip_l, save_t5xxl, t5xxl_config,
-                                   t5xxl_config_from_file, tiny_clip_config, tiny_t5_config)
+                                          load_clip_l, load_t5xxl, save_clip_l, save_t5xxl, t5xxl_config,
+                                          t5xxl_config_from_file, tiny_clip_config, tiny_t5_config)
 from library.models.text_encoding import FluxTokenizer, encode_prompts, t5_max_length_for
 from library.models.tokenizers import (TokenizerNotFoundError, load_clip_tokenizer, load_t5_tokenizer,
                                        write_tiny_tokenizers)

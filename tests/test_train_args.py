@@ -242,7 +242,8 @@ def test_no_warning_for_defaults_and_trainer_specific_lists(caplog):
     args = full.parse_args(["--save_model_as", "safetensors", "--weighted_captions", "--fused_backward_pass"])
     assert ta.warn_ineffective(args, full, command_lines.FULL) == ["--weighted_captions", "--save_model_as"]
     assert ta.warn_ineffective(full.parse_args(["--fp8_base"]), full, command_lines.FULL) == ["--fp8_base"]
-    assert ta.warn_ineffective(full.parse_args(["--fp8_base"]), parser("network"), command_lines.LORA) == []  # effective for LoRA
+    # effective for LoRA
+    assert ta.warn_ineffective(full.parse_args(["--fp8_base"]), parser("network"), command_lines.LORA) == []
 
 
 def test_every_ineffective_option_exists_in_a_parser():

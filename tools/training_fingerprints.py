@@ -1,4 +1,5 @@
-"""SHA-256 of the files (tensors and metadata, less wall-clock times) the three trainers write with fixed seeds on the tiny models, through the command lines only.
+"""SHA-256 of the files (tensors and metadata, less wall-clock times) the three trainers write with fixed seeds on
+the tiny models, through the command lines only.
 
 Used to show that a change that should not change behaviour (a refactor) leaves every output bit-identical: run it
 before and after and compare the printed lines. It drives the entry points as subprocesses, so it does not depend on

@@ -24,8 +24,8 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from library.data.schema import (  # noqa: F401 (INTERPOLATIONS, resolve_resolution: re-exported)
-    BadValue, CLI_NAMES, COMMAND_LINE_ONLY, HINTS, IMAGE_EXTENSIONS, INTERPOLATIONS, INVALID, KIND_KEYS,
-    KIND_NAMES, KIND_ONLY, LEVEL_KEYS, LEVEL_NAMES, NO_CLI_FALLBACK, convert_value, resolve_resolution, show_value,
+    CLI_NAMES, COMMAND_LINE_ONLY, HINTS, IMAGE_EXTENSIONS, INTERPOLATIONS, INVALID, KIND_KEYS, KIND_NAMES, KIND_ONLY,
+    LEVEL_KEYS, LEVEL_NAMES, NO_CLI_FALLBACK, BadValue, convert_value, resolve_resolution, show_value,
 )
 
 logger = logging.getLogger(__name__)

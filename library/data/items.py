@@ -15,7 +15,7 @@ from pathlib import Path
 
 from library.formats.atomic_io import atomic_write
 from library.data.captions import (CaptionOptions, find_caption_file, finetune_caption, read_caption_file,
-                              text_encoder_cache_caption)
+                                   text_encoder_cache_caption)
 from library.data.config import DatasetConfig, SubsetConfig
 from library.data.images import IMAGE_EXTENSIONS, BadImage, BadImageError, check_images, list_images
 

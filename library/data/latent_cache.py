@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from library.data.cache_common import (FORMAT_VERSION, CacheError, LatentCacheItem, NoOp, differing_fields, load_npz,
-                                  log_stale, meta_from_array, meta_to_array, npz_index, process_share,
-                                  progress_bar, warn_foreign_files, write_npz_atomic)
+                                       log_stale, meta_from_array, meta_to_array, npz_index, process_share,
+                                       progress_bar, warn_foreign_files, write_npz_atomic)
 
 logger = logging.getLogger(__name__)
 

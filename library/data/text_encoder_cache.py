@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from library.data.cache_common import (FORMAT_VERSION, CacheError, NoOp, TextEncoderCacheItem, differing_fields,
-                                  load_npz, log_stale, meta_from_array, meta_to_array, model_file_identity,
-                                  npz_index, process_share, progress_bar, warn_foreign_files, write_npz_atomic)
+                                       load_npz, log_stale, meta_from_array, meta_to_array, model_file_identity,
+                                       npz_index, process_share, progress_bar, warn_foreign_files, write_npz_atomic)
 
 TE_SUFFIX = "_flux_te.npz"
 OUTPUT_KEYS = ("l_pooled", "t5_out", "txt_ids", "t5_attn_mask")

@@ -16,14 +16,14 @@ import torch
 
 from library.formats.atomic_io import atomic_write
 from library.flow.sampling import (
-    Conditioning,
-    denoise,
-    get_noise,
-    get_schedule,
-    packed_grid,
-    prepare_img_ids,
-    unpack_latents,
-)
+                                   Conditioning,
+                                   denoise,
+                                   get_noise,
+                                   get_schedule,
+                                   packed_grid,
+                                   prepare_img_ids,
+                                   unpack_latents,
+                                   )
 from library.models.text_encoding import FluxTokenizer, encode_prompts
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from library.models.packing import (LATENT_CHANNELS, PATCH, PIXELS_PER_TOKEN, pack_latents,  # noqa: F401
-                                     packed_grid, prepare_img_ids, prepare_txt_ids, unpack_latents)
+                                    packed_grid, prepare_img_ids, prepare_txt_ids, unpack_latents)
 
 
 def get_noise(batch_size: int, height: int, width: int, seed: int, dtype=torch.float32, device="cpu"):

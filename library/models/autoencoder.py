@@ -16,14 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from library.formats.safetensors_io import (
-    ModelFileError,
-    SafetensorsHeader,
-    assign_weights,
-    expect_kind,
-    load_tensors,
-    read_header,
-    strip_prefix,
-)
+                                            ModelFileError,
+                                            SafetensorsHeader,
+                                            assign_weights,
+                                            expect_kind,
+                                            load_tensors,
+                                            read_header,
+                                            strip_prefix,
+                                            )
 
 
 @dataclass(frozen=True)

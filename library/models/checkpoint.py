@@ -16,17 +16,17 @@ import torch
 from library.formats.diffusers_keys import UnknownKeysError, diffusers_shapes_to_bfl, diffusers_to_bfl
 from library.models.transformer import Flux, FluxParams, default_axes_dim
 from library.formats.safetensors_io import (
-    TRANSFORMER_PREFIXES,
-    ModelFileError,
-    SafetensorsHeader,
-    TensorReader,
-    assign_weights,
-    detect_kind,
-    expect_kind,
-    load_tensors,
-    read_header,
-    sample_keys,
-)
+                                            TRANSFORMER_PREFIXES,
+                                            ModelFileError,
+                                            SafetensorsHeader,
+                                            TensorReader,
+                                            assign_weights,
+                                            detect_kind,
+                                            expect_kind,
+                                            load_tensors,
+                                            read_header,
+                                            sample_keys,
+                                            )
 
 ROLE = "the FLUX transformer (--ckpt_path)"
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.safetensors$")

@@ -25,8 +25,8 @@ from torch import nn
 from library.models.flux_math import joint_attention_mask, position_embedding
 from library.models.transformer import DoubleStreamBlock, Flux, FluxParams, SingleStreamBlock, add_input_layers
 from library.models.packing import pack_latents
-from library.formats.safetensors_io import (FILE_KINDS, ModelFileError, assign_weights, detect_kind, load_tensors, read_header,
-                                    sample_keys)
+from library.formats.safetensors_io import (FILE_KINDS, ModelFileError, assign_weights, detect_kind, load_tensors,
+                                            read_header, sample_keys)
 
 CONTROLNET_DEPTH = 2  # sd-scripts' flux_train_control_net.py: 2 double blocks, no single blocks
 HINT_CHANNELS = 16

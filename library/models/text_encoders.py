@@ -20,7 +20,7 @@ import torch
 
 from library.formats.dtypes import str_to_dtype
 from library.formats.safetensors_io import (ModelFileError, assign_weights, expect_kind, load_tensors, read_header,
-                                    save_file_atomic, strip_prefix)
+                                            save_file_atomic, strip_prefix)
 
 CONFIG_METADATA_KEY = "flux_suite.config"
 

@@ -437,7 +437,8 @@ def count_step(rig: StepRig) -> dict[str, int]:
 
 @contextmanager
 def _offload_to_storage(counter):
-    """--cpu_offload_checkpointing on `meta` (library/memory/offload_checkpoint.py needs autocast and pinned memory, which
+    """--cpu_offload_checkpointing on `meta` (library/memory/offload_checkpoint.py needs autocast and pinned memory,
+    which
     `meta` lacks): blocks are checkpointed as usual and the inputs it would send to the CPU leave the count. Not
     counted: a block's inputs while that block runs forward, and while they come back for its backward (tens of MB
     at 1024x1024)."""

@@ -138,7 +138,8 @@ def run_table(base: PlanSettings, progress=None) -> list[tuple[str, object]]:
 
 def format_speed(s: PlanSettings, flops: dict, models, tflops: float, h2d_gbps: float) -> str:
     lines = [f"swap speed model: {s.width}x{s.height}, batch {s.batch_size}, "
-             f"{'fp8' if s.fp8_base else 'bf16'} base, {'write-back' if s.profile.trains_transformer else 'host-to-device only'}"
+             f"{'fp8' if s.fp8_base else 'bf16'} base, "
+             f"{'write-back' if s.profile.trains_transformer else 'host-to-device only'}"
              f"; {tflops:.1f} TFLOP/s compute, {h2d_gbps:.1f} GB/s pinned host-to-device",
              f"step {flops['step'] / 1e12:.1f} TFLOP; one double block {flops['double_forward'] / 1e12:.2f} forward + "
              f"{flops['double_backward'] / 1e12:.2f} backward TFLOP, one single block "

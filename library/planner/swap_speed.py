@@ -3,7 +3,8 @@
 Inputs: the FLOPs of one block's forward and of its backward (with the recomputation gradient checkpointing adds),
 counted by torch's FlopCounterMode on `meta` tensors at the planned image size; the bytes of one block (the
 swapper's slot size); an assumed compute rate and an assumed pinned host-to-device bandwidth. The two stacks are
-simulated event by event with the schedule of `library.memory.block_swap.SwapSchedule`: a block computes once its weights
+simulated event by event with the schedule of `library.memory.block_swap.SwapSchedule`: a block computes once its
+weights
 are in its slot; a transfer starts once the slot's previous block has finished computing and the copy stream is
 free (one copy stream, as the swapper uses; write-back mode copies the evicted block out first). The step time is
 the sum over the stacks plus everything else (embedders, final layer, loss), which never waits. The slowdown is

@@ -1,7 +1,8 @@
 """sd-scripts' training command line for the FLUX trainers: argument groups, --config_file, checks (reference 1).
 
 Names, types and defaults are sd-scripts' (reference 1.2-1.14), so existing command lines and `--config_file`
-TOMLs parse unchanged. Dataset options live in `library.data.arguments`, optimizer options in `library.training.optimizers`.
+TOMLs parse unchanged. Dataset options live in `library.data.arguments`, optimizer options in
+`library.training.optimizers`.
 
 Differences from sd-scripts, on the side of saying so:
 

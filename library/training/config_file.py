@@ -15,19 +15,19 @@ from pathlib import Path
 from library.data.arguments import add_dataset_arguments
 from library.formats.atomic_io import atomic_write
 from library.training.arguments import (
-    add_custom_train_arguments,
-    add_deepspeed_arguments,
-    add_dit_arguments,
-    add_flux_arguments,
-    add_full_train_arguments,
-    add_logging_arguments,
-    add_model_path_arguments,
-    add_modelspec_arguments,
-    add_network_arguments,
-    add_training_arguments,
-    option_actions,
-    parser_defaults,
-)
+                                        add_custom_train_arguments,
+                                        add_deepspeed_arguments,
+                                        add_dit_arguments,
+                                        add_flux_arguments,
+                                        add_full_train_arguments,
+                                        add_logging_arguments,
+                                        add_model_path_arguments,
+                                        add_modelspec_arguments,
+                                        add_network_arguments,
+                                        add_training_arguments,
+                                        option_actions,
+                                        parser_defaults,
+                                        )
 
 logger = logging.getLogger(__name__)
 

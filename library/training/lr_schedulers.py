@@ -27,8 +27,8 @@ import math
 from functools import partial
 from typing import Any, Callable
 
-from library.training.optimizers import (OptimizerError, import_class, is_schedule_free, parse_kv_args, steps_or_fraction,
-                                         unwrap_optimizer)
+from library.training.optimizers import (OptimizerError, import_class, is_schedule_free, parse_kv_args,
+                                         steps_or_fraction, unwrap_optimizer)
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,8 @@ def get_scheduler(args: argparse.Namespace, optimizer: Any, num_processes: int =
                   max_train_steps: int | None = None) -> Any:
     """The LR scheduler of --lr_scheduler / --lr_scheduler_type for `optimizer` (reference 15.2).
 
-    Uses `max_train_steps` (the run's resolved count; default args.max_train_steps), lr_warmup_steps, lr_decay_steps, lr_scheduler_num_cycles, lr_scheduler_power,
+    Uses `max_train_steps` (the run's resolved count; default args.max_train_steps), lr_warmup_steps,
+    lr_decay_steps, lr_scheduler_num_cycles, lr_scheduler_power,
     lr_scheduler_timescale, lr_scheduler_min_lr_ratio, lr_scheduler_args and learning_rate (adafactor).
     `num_processes`: how often the scheduler advances per optimizer step (accelerate's prepared scheduler: the
     number of processes). Returns a `torch.optim.lr_scheduler.LRScheduler`.
