@@ -18,6 +18,10 @@ How:
      DataLoader (batch_size=1) with 0, 1 and 2 workers, repeats interleaved. Worker start-up is included.
      (Do not call cv2.setNumThreads inside forked DataLoader workers: with OpenCV 5.0 the call hangs forever once
      the parent process has used OpenCV's thread pool.)
+  4. Content identity (the caches' staleness check): `file_content_hash` (BLAKE2b of every byte) of the scan set's
+     images, cold (evicted first) and warm; and `weights_fingerprint` of a `--model-mb` safetensors file of random
+     bytes: cold and sampled (first run, 64 MiB read), remembered (later runs: an index lookup), and a full BLAKE2b
+     read of the same file for comparison.
 
     python bench/bench_dataset_scan.py                 # 10,000 images, 200 decodes (~1 min)
     python bench/bench_dataset_scan.py --n 2000 --decode-n 50 --markdown
@@ -27,10 +31,12 @@ The process exits 1 when the best 10,000-image-equivalent scan time exceeds --li
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
 import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -42,6 +48,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from library.data import cache_common  # noqa: E402
 from library.data.buckets import BucketPlanner, resize_and_crop  # noqa: E402
 from library.data.images import check_images, list_images, load_image  # noqa: E402
 
@@ -136,6 +143,39 @@ def decode_throughput(dataset, workers: int) -> float:
     return count / (time.perf_counter() - t0)
 
 
+def hash_images(paths: list[Path]) -> float:
+    t0 = time.perf_counter()
+    for p in paths:
+        cache_common.file_content_hash(p)
+    return time.perf_counter() - t0
+
+
+def fingerprint_costs(folder: Path, megabytes: int) -> dict[str, float]:
+    """Seconds of weights_fingerprint on a fresh file (cold: sampled read), remembered, and a full cold read."""
+    path = folder / "model.safetensors"
+    header = json.dumps({"w": {"dtype": "U8", "shape": [megabytes << 20], "data_offsets": [0, megabytes << 20]}})
+    header = header.encode() + b" " * (-len(header) % 8)
+    rng = np.random.default_rng(0)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        for _ in range(megabytes):
+            f.write(rng.bytes(1 << 20))
+    os.environ[cache_common.FINGERPRINT_INDEX_ENV] = str(folder / "fingerprints.json")  # not the user's index
+    out = {}
+    evict([path])
+    t0 = time.perf_counter()
+    cache_common.weights_fingerprint(path)
+    out["first run (cold, sampled)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cache_common.weights_fingerprint(path)
+    out["later runs (remembered)"] = time.perf_counter() - t0
+    evict([path])
+    t0 = time.perf_counter()
+    cache_common.file_content_hash(path)
+    out["full BLAKE2b read (cold), for comparison"] = time.perf_counter() - t0
+    return out
+
+
 def machine_line() -> str:
     from machine import cpu_model
 
@@ -159,6 +199,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="repeats of each warm scan and decode variant")
     ap.add_argument("--limit", type=float, default=5.0, help="seconds allowed for 10,000 images (best pass)")
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one, removed)")
+    ap.add_argument("--model-mb", type=int, default=1024, help="size of the model file fingerprinted (MiB)")
     ap.add_argument("--markdown", action="store_true", help="print the result tables as markdown")
     args = ap.parse_args()
 
@@ -192,6 +233,11 @@ def main() -> int:
                 rates[w].append(decode_throughput(dataset, w))
         decode_rows = [(w, statistics.median(r), max(r)) for w, r in rates.items()]
         buckets_used = sorted({tuple(b["resolution"]) for b in info["buckets"].values()})
+
+        evict(paths)
+        hash_cold = hash_images(paths)
+        hash_warm = [hash_images(paths) for _ in range(args.repeats)]
+        fingerprints = fingerprint_costs(work, args.model_mb)
     finally:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -207,6 +253,13 @@ def main() -> int:
     print(f"\ndecode + resize + centre crop, {len(dataset)} JPEGs ~1200x900 -> 1024-class buckets:")
     print("\n" + _table(["DataLoader workers", "images/s (median)", "images/s (best)"],
                         [[str(w), f"{m:.1f}", f"{b:.1f}"] for w, m, b in decode_rows], args.markdown))
+    print(f"\ncontent hash (BLAKE2b) of the {count} scan images ({total_bytes / 1e6:.1f} MB), one thread:")
+    print("\n" + _table(["pass", "s", "s per 10,000 images"],
+                        [[name, f"{t:.2f}", f"{t * 10_000 / count:.2f}"]
+                         for name, t in (("cold", hash_cold), ("warm (median)", statistics.median(hash_warm)))],
+                        args.markdown))
+    print(f"\nmodel fingerprint of a {args.model_mb} MiB safetensors file:")
+    print("\n" + _table(["case", "s"], [[k, f"{v:.3f}"] for k, v in fingerprints.items()], args.markdown))
     return 0 if best <= args.limit else 1
 
 

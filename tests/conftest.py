@@ -7,6 +7,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from library.data.cache_common import FINGERPRINT_INDEX_ENV  # noqa: E402 (after the path insert)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -26,6 +27,19 @@ def read_key_fixture(name: str) -> dict[str, tuple[int, ...]]:
             key, shape = line.split("\t")
             out[key] = tuple(int(s) for s in shape.strip("[]").split(",") if s.strip())
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fingerprint_index(tmp_path_factory):
+    """Model fingerprints are remembered in a file of the test session, not in the user's ~/.cache (subprocess runs
+    inherit it through the environment)."""
+    before = os.environ.get(FINGERPRINT_INDEX_ENV)
+    os.environ[FINGERPRINT_INDEX_ENV] = str(tmp_path_factory.mktemp("fingerprints") / "fingerprints.json")
+    yield
+    if before is None:
+        os.environ.pop(FINGERPRINT_INDEX_ENV, None)
+    else:
+        os.environ[FINGERPRINT_INDEX_ENV] = before
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ work split between processes, RAM mode (CPU, fp32, tiny models)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -35,6 +36,7 @@ class Item:
     alpha_mask: bool = False
     te_caption: str = "a photo of a cat"
     resize_interpolation: str | None = None
+    relative_path: str | None = None
 
 
 def load_pixels(item):
@@ -112,7 +114,8 @@ def test_latent_file_layout_is_sd_scripts(tmp_path, models):
     assert got["flux_suite_meta_6x8"].dtype.kind == "U" and got["flux_suite_meta_6x8"].shape == ()
     meta = cache_common.meta_from_array(got["flux_suite_meta_6x8"])
     assert meta["ae"] == "ae:1" and meta["bucket_reso"] == [64, 48] and meta["flip"] and meta["alpha_mask"]
-    assert meta["posterior"] == "mean" and meta["crop_ltrb"] == [0, 2, 64, 46] and meta["format"] == 1
+    assert meta["posterior"] == "mean" and meta["crop_ltrb"] == [0, 2, 64, 46]
+    assert meta["format"] == cache_common.FORMAT_VERSION
 
     rgb, alpha, _ = load_pixels(item)
     expected = ae.encode(pixels_tensor(rgb))[0]
@@ -240,7 +243,7 @@ def test_sampled_latents_are_seeded_per_image(tmp_path, models):
     for it in items:
         assert torch.equal(one.get(it).latents, three.get(it).latents)
     rgb = load_pixels(items[1])[0]
-    g = torch.Generator().manual_seed(latent_seed(items[1].absolute_path))
+    g = torch.Generator().manual_seed(latent_seed(items[1]))
     expected = ae.encode(pixels_tensor(rgb), sample=True, generator=g)[0]
     expected_flip = ae.encode(pixels_tensor(np.ascontiguousarray(rgb[:, ::-1])), sample=True, generator=g)[0]
     torch.testing.assert_close(three.get(items[1]).latents, expected, atol=1e-5, rtol=1e-5)
@@ -249,6 +252,22 @@ def test_sampled_latents_are_seeded_per_image(tmp_path, models):
     x = torch.cat([pixels_tensor(rgb)] * 2)
     gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
     assert not torch.equal(*encode_latents(ae, x, gens))
+
+
+def test_sampled_latents_follow_the_relative_path_not_the_folder(tmp_path, models):
+    """A dataset moved to another folder gets the same latents (issue 14, defect 9): the seed is the path relative
+    to the dataset root."""
+    ae = models[1]
+    here = Item(tmp_path / "a" / "sub" / "x.png", relative_path="sub/x.png")
+    there = Item(tmp_path / "b" / "sub" / "x.png", relative_path="sub/x.png")
+    cache = LatentCache(False, "ae")
+
+    def pixels(item):  # the same image in both folders
+        return load_pixels(Item(Path("x.png")))
+
+    cache.cache([here, there], ae, pixels, "cpu", torch.float32, progress=False)
+    assert torch.equal(cache.get(here).latents, cache.get(there).latents)
+    assert latent_seed(here) != latent_seed(replace(here, relative_path="other/x.png"))
 
 
 def test_memory_mode(tmp_path, ae_counter):
@@ -317,6 +336,110 @@ def test_model_file_identity(tmp_path, models):
     assert te == {"clip_l": model_file_identity(paths["clip_l"]), "t5xxl": model_file_identity(paths["t5xxl"]),
                   "dtype": "bfloat16"}
     assert TextEncoderCache(True, {"versions": (1, 2)}).identity == {"versions": [1, 2]}
+
+
+def _same_header_variant(src: Path, dst: Path) -> None:
+    """A copy of a safetensors file with the same name, size and header but other weights (another fine-tune)."""
+    data = bytearray(src.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    data[start:] = bytes(b ^ 0x5A for b in data[start:])
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(bytes(data))
+
+
+def _bump_mtime(path: Path) -> None:
+    """A replaced file has its own mtime; set one clearly apart from the old (file systems tick coarsely)."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+
+
+def test_same_size_image_edit_recomputes_latents(tmp_path, ae_counter):
+    ae, seen = ae_counter
+    image = tmp_path / "a.png"
+    image.write_bytes(b"first version " * 10)
+    item = Item(image)
+    cache = LatentCache(True, "ae")
+    assert run_latents(cache, [item], ae) == 1 and run_latents(cache, [item], ae) == 0
+    st = image.stat()
+    image.write_bytes(b"other version " * 10)  # same size, and the same mtime as before
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert run_latents(cache, [item], ae) == 1 and cache.is_valid(item)
+    assert run_latents(LatentCache(True, "ae", skip_cache_check=True), [item], ae) == 0
+    meta = cache_common.meta_from_array(np.load(cache.npz_path(item))["flux_suite_meta_6x8"])
+    assert meta["image_hash"] == cache_common.file_content_hash(image)
+
+
+@pytest.mark.parametrize("where", ["other folder", "replaced in place"])
+def test_other_ae_with_same_name_size_and_header_recomputes_latents(tmp_path, models, ae_counter, where):
+    ae, seen = ae_counter
+    first = tmp_path / "models" / "ae.safetensors"
+    first.parent.mkdir()
+    first.write_bytes(Path(models[0]["ae"]).read_bytes())
+    item = Item(tmp_path / "img.png")
+    assert run_latents(LatentCache(True, model_file_identity(first)), [item], ae) == 1
+    assert run_latents(LatentCache(True, model_file_identity(first)), [item], ae) == 0
+    second = tmp_path / "other" / "ae.safetensors" if where == "other folder" else first
+    _same_header_variant(Path(models[0]["ae"]), second)
+    _bump_mtime(second)
+    assert second.stat().st_size == first.stat().st_size and second.name == first.name
+    assert run_latents(LatentCache(True, model_file_identity(second)), [item], ae) == 1
+
+
+@pytest.mark.parametrize("which", ["clip_l", "t5xxl"])
+def test_other_text_encoder_with_same_name_size_and_header_recomputes(tmp_path, models, te_counter, which):
+    paths = {k: tmp_path / k / Path(models[0][k]).name for k in ("clip_l", "t5xxl")}
+    for k, dst in paths.items():
+        dst.parent.mkdir()
+        dst.write_bytes(Path(models[0][k]).read_bytes())
+    item = Item(tmp_path / "img.png")
+    ident = text_encoder_identity(paths["clip_l"], paths["t5xxl"], "fp32")
+    assert run_te(te_cache(models, identity=ident), [item], models) == 1
+    assert run_te(te_cache(models, identity=text_encoder_identity(paths["clip_l"], paths["t5xxl"], "fp32")),
+                  [item], models) == 0
+    _same_header_variant(Path(models[0][which]), paths[which])
+    _bump_mtime(paths[which])
+    changed = text_encoder_identity(paths["clip_l"], paths["t5xxl"], "fp32")
+    other = {"clip_l": "t5xxl", "t5xxl": "clip_l"}[which]
+    assert changed[which] != ident[which] and changed[other] == ident[other]
+    assert run_te(te_cache(models, identity=changed), [item], models) == 1
+
+
+def test_model_fingerprints_are_remembered(tmp_path, models, monkeypatch):
+    """Unchanged model files are not read again (path + size + mtime + ctime + inode), also in a new process."""
+    index = tmp_path / "index" / "fingerprints.json"
+    monkeypatch.setenv(cache_common.FINGERPRINT_INDEX_ENV, str(index))
+    reads = []
+    real = cache_common._sampled_digest
+    monkeypatch.setattr(cache_common, "_sampled_digest", lambda path, size: reads.append(path) or real(path, size))
+    ae = tmp_path / "ae.safetensors"
+    ae.write_bytes(Path(models[0]["ae"]).read_bytes())
+    ident = model_file_identity(ae)
+    assert len(reads) == 1 and index.exists()
+    assert model_file_identity(ae) == ident and len(reads) == 1  # remembered: no data read
+    assert str(ae.resolve()) in json.loads(index.read_text())
+    _bump_mtime(ae)  # touched: read again, same content, same identity
+    assert model_file_identity(ae) == ident and len(reads) == 2
+    index.write_text("not json")  # a damaged index is rebuilt
+    assert model_file_identity(ae) == ident and len(reads) == 3 and json.loads(index.read_text())
+
+
+def test_large_weights_are_sampled(tmp_path, monkeypatch):
+    """Past SAMPLE_CHUNK * SAMPLE_CHUNKS data bytes only strided chunks are read: a change inside one (first, middle,
+    last) changes the fingerprint; a change between them is, as documented, not seen."""
+    from safetensors.numpy import save_file
+
+    monkeypatch.setattr(cache_common, "SAMPLE_CHUNK", 16)
+    monkeypatch.setattr(cache_common, "SAMPLE_CHUNKS", 5)  # chunks at 0, 246, 492, 738, 984 of 1000 data bytes
+    path = tmp_path / "big.safetensors"
+    save_file({"w": np.arange(1000, dtype=np.uint8)}, str(path))
+    data = path.read_bytes()
+    start = 8 + int.from_bytes(data[:8], "little")
+    base = cache_common._sampled_digest(path, len(data))
+    for offset, seen in ((0, True), (500, True), (999, True), (100, False)):
+        changed = bytearray(data)
+        changed[start + offset] ^= 1
+        path.write_bytes(bytes(changed))
+        assert (cache_common._sampled_digest(path, len(data)) != base) == seen, offset
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,10 +9,11 @@ import torch
 from PIL import Image
 
 from library.data.arguments import add_dataset_arguments
-from library.data.config import load_dataset_config
+from library.data.config import SubsetConfig, load_dataset_config
 from library.data.datasets import (EpochBatchSampler, build_datasets, max_train_steps_for, num_train_epochs,
                                    steps_per_epoch)
 from library.data.images import BadImageError
+from library.data.items import ImageItem
 
 
 def make_image(path: Path, size, color=(200, 30, 30)):
@@ -251,3 +252,14 @@ def test_sampler_shards_an_epoch_between_processes(dataset_dir):
     assert len(ranks[0]) == len(ranks[1]) == -(-len(whole) // 2)
     assert set(ranks[0]) | set(ranks[1]) == set(whole)
     assert not set(ranks[0][: len(whole) // 2]) & set(ranks[1][: len(whole) // 2])
+
+
+def test_relative_path_is_relative_to_the_dataset_root(tmp_path):
+    """Per-item seeds come from it, so it must not change when the dataset moves (issue 14, defect 9)."""
+    image = (tmp_path / "data" / "sub" / "x.png").resolve()
+    dreambooth = ImageItem(image, "c", SubsetConfig(image_dir=tmp_path / "data"), (8, 8))
+    finetune = ImageItem(image, "c", SubsetConfig(metadata_file=tmp_path / "data" / "meta.json"), (8, 8))
+    finetune_dir = ImageItem(image, "c", SubsetConfig(image_dir=tmp_path / "data" / "sub",
+                                                      metadata_file=tmp_path / "meta.json"), (8, 8))
+    assert (dreambooth.relative_path, finetune.relative_path, finetune_dir.relative_path) == \
+        ("sub/x.png", "sub/x.png", "x.png")

@@ -188,3 +188,19 @@ def test_two_processes_train_identical_weights_and_only_rank0_writes(setup, tmp_
     final = load_file(str(tmp_path / "out" / "dist.safetensors"))
     assert torch.equal(final["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"],
                        a["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"])
+
+
+def test_a_moved_dataset_trains_the_same_lora(setup, tmp_path):
+    """The same images and seed in another folder give bit-identical weights (issue 14, defect 9: the posterior
+    sample of cached latents was seeded from the absolute image path)."""
+    models, _ = setup
+    weights = []
+    for folder in (tmp_path / "a", tmp_path / "somewhere" / "else"):
+        toml = make_demo_dataset(folder / "data", count=2, size=32)
+        _, code = run_trainer([*run_args(models, toml, folder / "out"), "--network_module", "networks.lora_flux",
+                               "--network_dim", "4", "--learning_rate", "1e-2", "--max_train_steps", "2",
+                               "--network_train_unet_only", "--cache_latents", "--cache_latents_to_disk"])
+        assert code == 0
+        weights.append(lora_tensors(folder / "out" / "last.safetensors"))
+    a, b = weights
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -24,7 +24,7 @@ from library.formats.safetensors_io import read_header
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when what we store, or how we compute it, changes: every file of ours becomes stale
+FORMAT_VERSION = 2  # bump when what we store, or how we compute it, changes: every file of ours becomes stale
 
 
 class CacheError(ValueError):
@@ -35,7 +35,9 @@ class LatentCacheItem(Protocol):
     """What the latent cache needs from a dataset item.
 
     An item may also carry `resize_interpolation: str | None` (the filter used to reach the bucket size; None means
-    the default choice); it is read with getattr and recorded in the provenance when present.
+    the default choice); it is read with getattr and recorded in the provenance when present. Likewise
+    `relative_path: str`, the image's path relative to its dataset root, seeds its posterior sample (the file name
+    when absent), so a dataset moved to another folder gets the same latents.
     """
 
     absolute_path: Path  # the image file
@@ -61,11 +63,10 @@ class CacheItem(LatentCacheItem, TextEncoderCacheItem, Protocol):
 
 
 def model_file_identity(path: str | os.PathLike) -> str:
-    """`<file name>:<16 hex digits>` from the safetensors header bytes and the file size.
+    """`<file name>:<16 hex digits>` from the content fingerprint of the weights (`weights_fingerprint`).
 
-    Reading the header only is cheap even for 24 GB files, and it changes whenever the weights file does (names,
-    dtypes, shapes and offsets are all in it; a re-save with other values changes the size or the metadata in
-    practice). A folder (diffusers layout) combines its .safetensors files in name order.
+    The header alone missed a different file of the same architecture, dtype and size (another fine-tune): names,
+    shapes and offsets are all the same. A folder (diffusers layout) combines its .safetensors files in name order.
     """
     path = Path(path)
     files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
@@ -74,11 +75,105 @@ def model_file_identity(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     for f in files:
         read_header(f)  # validates (pickles, truncation) with the suite's usual messages
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            digest.update(fh.read(n))
-        digest.update(str(f.stat().st_size).encode())
+        digest.update(weights_fingerprint(f).encode())
     return f"{path.name}:{digest.hexdigest()[:16]}"
+
+
+FINGERPRINT_INDEX_ENV = "FLUX_SUITE_FINGERPRINTS"
+FINGERPRINT_SCHEME = 1  # bump when what weights_fingerprint reads changes: remembered fingerprints are recomputed
+SAMPLE_CHUNK = 1 << 16  # 64 KiB
+SAMPLE_CHUNKS = 1024  # at most 64 MiB read per file: about 1 s from an SSD, seconds from a disk, once per file
+
+
+def weights_fingerprint(path: str | os.PathLike) -> str:
+    """BLAKE2b (32 hex digits) of a safetensors file's size, its header and a strided sample of its data section.
+
+    Data sections up to SAMPLE_CHUNK * SAMPLE_CHUNKS bytes (64 MiB: CLIP-L, tiny models) are read whole. Larger ones
+    are sampled: SAMPLE_CHUNKS chunks of SAMPLE_CHUNK bytes at evenly spaced offsets, the first and last included,
+    so a 24 GB file costs a 64 MiB read instead of minutes. What it detects: any change of size, of the header
+    (names, dtypes, shapes, offsets, metadata) or of a byte inside a sampled chunk (about 0.3 % of a 24 GB file). A
+    different fine-tune, a merge or a re-quantisation of the same architecture changes every tensor, so every
+    chunk; an edit confined to a few bytes between chunks goes unseen (delete the caches, or rename the file).
+
+    Computed once per file: the result is remembered in `fingerprint_index_path()` by real path, size, mtime,
+    ctime and inode, and reused while all of those stay the same.
+    """
+    path = Path(path)
+    st = path.stat()
+    real = os.path.realpath(path)
+    stamp = [FINGERPRINT_SCHEME, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    index = _read_index()
+    entry = index.get(real)
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("fingerprint"), str):
+        return entry["fingerprint"]
+    fingerprint = _sampled_digest(path, st.st_size)
+    index[real] = {"stamp": stamp, "fingerprint": fingerprint}
+    _write_index(index)
+    return fingerprint
+
+
+def _sampled_digest(path: Path, size: int) -> str:
+    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        digest.update(fh.read(n))
+        start = 8 + n
+        length = size - start
+        if length <= SAMPLE_CHUNK * SAMPLE_CHUNKS:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        else:
+            step = (length - SAMPLE_CHUNK) / (SAMPLE_CHUNKS - 1)
+            for i in range(SAMPLE_CHUNKS):
+                fh.seek(start + round(i * step))
+                digest.update(fh.read(SAMPLE_CHUNK))
+    return digest.hexdigest()
+
+
+def fingerprint_index_path() -> Path:
+    """Where model fingerprints are remembered: $FLUX_SUITE_FINGERPRINTS, else
+    `$XDG_CACHE_HOME/flux-train-suite/fingerprints.json` (`~/.cache/...`). A user cache rather than a file beside
+    each model: model folders are often read-only or shared."""
+    override = os.environ.get(FINGERPRINT_INDEX_ENV)
+    if override:
+        return Path(override).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "flux-train-suite" / "fingerprints.json"
+
+
+def _read_index() -> dict:
+    try:
+        data = json.loads(fingerprint_index_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # none yet, or unreadable: fingerprints are recomputed and the index rewritten
+    return data if isinstance(data, dict) else {}
+
+
+def _write_index(index: dict) -> None:
+    """Atomic rewrite (concurrent runs may each win; a lost entry is only recomputed), dropping files now gone."""
+    index = {k: v for k, v in index.items() if os.path.exists(k)}
+    target = fingerprint_index_path()
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=0, sort_keys=True)
+
+    try:
+        atomic_write(target, write)
+    except OSError as e:  # a read-only home costs a re-read per run, nothing else
+        logger.info("cannot remember model fingerprints in %s (%s); they are recomputed on every run", target, e)
+
+
+def file_content_hash(path: str | os.PathLike) -> str | None:
+    """BLAKE2b (32 hex digits) of every byte of a file, e.g. an image; None when it cannot be read."""
+    digest = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def meta_to_array(meta: Mapping[str, object]) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 @dataclass(eq=False)
 class ImageItem:
     """One training image. Satisfies the caches' item protocol (absolute_path, image_size, bucket_reso, flip_aug,
-    alpha_mask, te_caption)."""
+    alpha_mask, te_caption; relative_path seeds the latent cache's posterior sample)."""
 
     absolute_path: Path
     caption: str  # as read (before per-step processing)
@@ -56,6 +57,16 @@ class ImageItem:
     @property
     def resize_interpolation(self) -> str | None:
         return self.subset.resize_interpolation  # already resolved subset > dataset > general
+
+    @property
+    def relative_path(self) -> str:
+        """The image's path relative to its dataset root (POSIX separators), the seed of its per-item randomness:
+        the subset's image_dir, or the metadata file's folder for a fine-tuning subset without one. A dataset moved
+        to another folder keeps every seed, so it trains the same."""
+        root = self.subset.image_dir
+        if root is None:
+            root = Path(self.subset.metadata_file).parent
+        return Path(os.path.relpath(self.absolute_path, Path(root).resolve())).as_posix()
 
     @property
     def te_caption(self) -> str:

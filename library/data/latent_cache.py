@@ -6,12 +6,14 @@ File `<image stem>_<W:04d>x<H:04d>_flux.npz` (W, H: original image size); per re
 
 Unlike sd-scripts, which only checks that a key exists (reference 17 item 10), every entry we write carries a
 provenance record `flux_suite_meta_<h>x<w>` (JSON: AE identity, bucket, resize filter, flip, alpha mask, sample
-or mean, image file size, format version); an entry whose record differs from the current settings is recomputed.
-Files written by sd-scripts (no record) are used when their keys and shapes fit, with one warning.
+or mean, image file size and content hash, format version); an entry whose record differs from the current settings
+is recomputed, so an image edited in place is re-encoded even when its size stays the same. Files written by
+sd-scripts (no record) are used when their keys and shapes fit, with one warning.
 
 Posterior: sd-scripts encodes a random sample of the AE posterior. We sample too by default, but with one
-generator per image seeded from a hash of the image path (`latent_seed`), so re-caching gives identical latents
-whatever the batch size or the set of files being recomputed. `sample=False` stores the posterior mean.
+generator per image seeded from a hash of the image's path relative to its dataset root (`latent_seed`), so
+re-caching gives identical latents whatever the batch size, the set of files being recomputed or the folder the
+dataset was moved to. `sample=False` stores the posterior mean.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from library.data.cache_common import (FORMAT_VERSION, CacheError, LatentCacheItem, NoOp, differing_fields, load_npz,
-                                       log_stale, meta_from_array, meta_to_array, npz_index, process_share,
-                                       progress_bar, warn_foreign_files, write_npz_atomic)
+from library.data.cache_common import (FORMAT_VERSION, CacheError, LatentCacheItem, NoOp, differing_fields,
+                                       file_content_hash, load_npz, log_stale, meta_from_array, meta_to_array,
+                                       npz_index, process_share, progress_bar, warn_foreign_files, write_npz_atomic)
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +73,15 @@ def resolution_suffix(bucket_reso: tuple[int, int]) -> str:
     return f"_{h // LATENT_STRIDE}x{w // LATENT_STRIDE}"
 
 
-def latent_seed(image_path: str | os.PathLike) -> int:
-    """Seed of an image's posterior sample: the first 8 bytes of SHA-256 of its path (63 bits)."""
-    digest = hashlib.sha256(os.fspath(image_path).encode("utf-8")).digest()
+def latent_seed(item: LatentCacheItem) -> int:
+    """Seed of an image's posterior sample: the first 8 bytes of SHA-256 of `item.relative_path` (63 bits).
+
+    The path relative to the dataset root, not the absolute one: the same dataset in another folder must give the
+    same latents, hence the same training (an absolute path made a moved dataset train a different LoRA). Items
+    without `relative_path` use the file name.
+    """
+    relative = getattr(item, "relative_path", None) or Path(item.absolute_path).name
+    digest = hashlib.sha256(str(relative).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
@@ -106,14 +114,17 @@ def _meta_differences(stored: dict, expected: dict) -> list[str]:
     """Fields that make a stored entry unusable for `expected`.
 
     Flipped latents or an alpha mask that are stored but not needed do no harm; crop_ltrb is a record only (it
-    follows from the image size and bucket, both compared); the image file size is skipped when the image is gone.
+    follows from the image size and bucket, both compared); the image file size and hash are skipped when the image
+    is gone, the hash also when `expected` has none (RAM mode: entries never outlive the run).
     """
     ignore = {"crop_ltrb"}
     for flag in ("flip", "alpha_mask"):
         if stored.get(flag) is True and expected.get(flag) is False:
             ignore.add(flag)
     if expected.get("image_file_size") is None:
-        ignore.add("image_file_size")
+        ignore.update(("image_file_size", "image_hash"))
+    if "image_hash" not in expected:
+        ignore.add("image_hash")
     return differing_fields(stored, expected, ignore)
 
 
@@ -148,6 +159,7 @@ class LatentCache:
         self.sample = sample
         self.trust_foreign = trust_foreign
         self._memory: dict[tuple[str, str], tuple[LatentEntry, dict]] = {}
+        self._hashes: dict[str, str | None] = {}  # image content hashes of the current call: each image read once
 
     # -- naming and provenance -----------------------------------------------------------------------------------
 
@@ -175,14 +187,23 @@ class LatentCache:
             "image_file_size": file_size,
         }
 
+    def _image_hash(self, path: str | os.PathLike) -> str | None:
+        """Content hash of an image file, in disk mode only: added to the provenance when an entry is checked or
+        written (not in expected_meta, so --skip_cache_check reads no image bytes for existing files)."""
+        key = os.fspath(path)
+        if key not in self._hashes:
+            self._hashes[key] = file_content_hash(path)
+        return self._hashes[key]
+
     # -- validity ------------------------------------------------------------------------------------------------
 
     def is_valid(self, item: LatentCacheItem, expected_meta: dict | None = None) -> bool:
         """Whether `item` can be served from the cache without encoding."""
-        status, _ = self._status(self._key(item), expected_meta or self.expected_meta(item))
+        self._hashes.clear()
+        status, _ = self._status(self._key(item), expected_meta or self.expected_meta(item), item.absolute_path)
         return status in ("valid", "foreign")
 
-    def _status(self, key: tuple[str, str], expected: dict) -> tuple[str, str]:
+    def _status(self, key: tuple[str, str], expected: dict, image_path: Path) -> tuple[str, str]:
         """("valid" | "foreign" | "missing" | "stale", reason)."""
         if not self.cache_to_disk:
             stored = self._memory.get(key)
@@ -212,6 +233,8 @@ class LatentCache:
             stored = meta_from_array(load_npz(path, [META_KEY + suffix])[META_KEY + suffix])
         except _UNREADABLE:
             return "stale", "unreadable file"
+        if expected.get("image_file_size") is not None:
+            expected = {**expected, "image_hash": self._image_hash(image_path)}
         diff = _meta_differences(stored, expected)
         return ("stale", "changed " + "/".join(diff)) if diff else ("valid", "")
 
@@ -245,12 +268,13 @@ class LatentCache:
         processes meet in `wait_for_everyone()` at the end. In RAM every process caches everything.
         `ae` must already sit on `device` in `dtype` (the images are sent there).
         """
+        self._hashes.clear()  # an image may have changed since the last call
         jobs = self._jobs(items)  # all items on every process, so a conflict stops every process alike
         if self.cache_to_disk and num_processes > 1:
             jobs = [jobs[i] for i in process_share([j.key[0] for j in jobs], process_index, num_processes)]
         todo, foreign, reasons = [], [], Counter()
         for job in jobs:
-            status, reason = self._status(job.key, job.meta)
+            status, reason = self._status(job.key, job.meta, job.item.absolute_path)
             if status == "foreign":
                 foreign.append(Path(job.key[0]))
             elif status != "valid":
@@ -259,6 +283,9 @@ class LatentCache:
         warn_foreign_files("latent", foreign, "their settings (AE, resize, sampling) cannot be checked",
                            process_index, num_processes)
         log_stale("latent", reasons)
+        if self.cache_to_disk:  # hashed before the pixels are read: an edit in between makes the entry stale
+            for job in todo:
+                job.meta["image_hash"] = self._image_hash(job.item.absolute_path)
 
         todo.sort(key=lambda j: (j.meta["bucket_reso"][0] * j.meta["bucket_reso"][1], j.meta["bucket_reso"],
                                  j.meta["flip"], j.meta["alpha_mask"]))
@@ -309,7 +336,7 @@ class LatentCache:
             x = torch.cat([x, torch.flip(x, dims=[-1])])
         generators = None
         if self.sample:
-            generators = [torch.Generator().manual_seed(latent_seed(j.item.absolute_path)) for j in batch]
+            generators = [torch.Generator().manual_seed(latent_seed(j.item)) for j in batch]
             generators = generators * 2 if flip else generators  # flipped images take each seed's second draw
         z = encode_latents(ae, x.to(device=device, dtype=dtype), generators).float().cpu()
         n = len(batch)
