@@ -30,6 +30,7 @@ from library.training.errors import TrainingError
 from library.training.fused_optimizers import prepare_optimizer
 from library.training.grad_sync import average_gradients, process_mean
 from library.training.hub import HubError, HubUploader, download_state
+from library.training.outputs import check_output_paths, reason, write_or_rescue
 from library.training.settings import DatasetKinds, MemoryProfile, RunSettings, StepBudget
 from library.training.setup import TrainingModels
 from library.training.trackers import TrackerError, login, resolve_trackers
@@ -171,6 +172,9 @@ class Trainer:
         self.accelerator = train_setup.make_accelerator(args, self.trackers)
         set_seed(self.seed)
         self.train_group, self.val_group = train_setup.build_dataset_groups(args, self.seed, self.dataset_kinds())
+        # every folder the run writes, before the models load: a bad path must not cost a whole run
+        check_output_paths(args, {i.absolute_path.parent for g in (self.train_group, self.val_group) if g
+                                  for i in g.items})
         self.models = train_setup.load_models(args, self.settings, self.accelerator, self.transformer_dtype())
         self.trainable_modules = self.build_trainable(self.models)
         self.hub = HubUploader.from_args(args) if self.accelerator.is_main_process else None
@@ -214,10 +218,16 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------------------------------
 
     def train(self) -> None:
+        bar = tqdm(total=self.budget.max_train_steps, initial=self.global_step, desc="steps",
+                   disable=not self.accelerator.is_local_main_process, smoothing=0)
+        try:
+            self._train(bar)
+        finally:
+            bar.close()  # an error then starts on a line of its own
+
+    def _train(self, bar) -> None:
         acc = self.accelerator
         max_steps = self.budget.max_train_steps
-        bar = tqdm(total=max_steps, initial=self.global_step, desc="steps",
-                   disable=not acc.is_local_main_process, smoothing=0)
         self._maybe_sample(at_first=True)
         recent: list[float] = []
         for epoch in range(self.epoch, self.budget.num_epochs + 1):
@@ -265,7 +275,6 @@ class Trainer:
             self.after_epoch(epoch)
             if self.global_step >= max_steps:
                 break
-        bar.close()
 
     def _set_train_mode(self, training: bool) -> None:
         for m in self.trainable_modules:
@@ -334,14 +343,12 @@ class Trainer:
         acc, args = self.accelerator, self.args
         acc.wait_for_everyone()
         path = self._checkpoint_path(epoch=epoch, step=step)
+        rescued: list[str] = []
         if acc.is_main_process:
-            self.save_weights(path, self.epoch, self.global_step, final=False)
-            self.last_saved.append(path)
-            logger.info("saved %s", path)
-            if self.hub is not None:
-                self.hub.upload(path)
+            self._save_weights(path, self.epoch, self.global_step, False, rescued)
         if args.save_state:
-            self._save_state(self._state_dir(epoch=epoch, step=step))
+            self._save_state(self._state_dir(epoch=epoch, step=step), rescued)
+        self._stop_if_rescued(rescued)
         if acc.is_main_process:
             for old in files_to_remove_for_save_last_n(args, Path(args.output_dir), self.checkpoint_extension(),
                                                        epoch=epoch, step=step, num_train_epochs=self.budget.num_epochs):
@@ -350,18 +357,47 @@ class Trainer:
                 elif old.exists():
                     old.unlink()
 
-    def _save_state(self, folder: Path) -> None:
-        """Optimizer, scheduler, RNG and trainable weights (accelerate), plus our epoch/step bookkeeping."""
+    def _save_weights(self, path: Path, epoch: int, step: int, final: bool, rescued: list[str]) -> None:
+        """Save the trained weights (main process); when `path` cannot be written they go to a rescue file, noted
+        in `rescued`."""
+        place, error = write_or_rescue(path, lambda p: self.save_weights(p, epoch, step, final=final))
+        self.last_saved.append(place)
+        logger.info("saved %s", place)
+        if error is not None:
+            rescued.append(f"could not write {path} ({reason(error)}); the weights are saved in {place} instead")
+        elif self.hub is not None:
+            self.hub.upload(path, final=final)
+
+    def _save_state(self, folder: Path, rescued: list[str] | None = None) -> None:
+        """Optimizer, scheduler, RNG and trainable weights (accelerate), plus our epoch/step bookkeeping; when
+        `folder` cannot be written, into a rescue folder, noted in `rescued` (without a list: stop at once)."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        place, error = write_or_rescue(folder, self._write_state)
+        if acc.is_main_process:
+            logger.info("saved state %s", place)
+            if error is None and self.hub is not None:
+                self.hub.upload(folder)
+        if error is not None:
+            notes = [f"could not write {folder} ({reason(error)}); the resumable state is saved in {place} "
+                     f"instead (resume with --resume {place})"]
+            if rescued is None:
+                self._stop_if_rescued(notes)
+            rescued += notes
+
+    def _write_state(self, folder: Path) -> None:
+        acc = self.accelerator
         acc.save_state(str(folder))
         if acc.is_main_process:
             self.save_state_weights(folder)
             position = {"current_epoch": self.epoch, "current_step": self.global_step, "seed": self.seed}
             atomic_write(folder / "train_state.json", lambda tmp: Path(tmp).write_text(json.dumps(position)))
-            logger.info("saved state %s", folder)
-            if self.hub is not None:
-                self.hub.upload(folder)
+
+    def _stop_if_rescued(self, rescued: list[str]) -> None:
+        """A save that had to go elsewhere stops the run: the output folder is broken (or full), and what was
+        trained is safe only where the message says."""
+        if rescued:
+            raise TrainingError(f"saving at step {self.global_step} failed, training stopped: {'; '.join(rescued)}")
 
     def _resume(self) -> None:
         """Where the run starts: a --resume state (exactly where it stopped: step, schedule, RNG, data position) and/or
@@ -416,12 +452,9 @@ class Trainer:
     def finish(self) -> None:
         acc, args = self.accelerator, self.args
         acc.wait_for_everyone()
+        rescued: list[str] = []
         if args.save_state or getattr(args, "save_state_on_train_end", False):
-            self._save_state(self._state_dir())
+            self._save_state(self._state_dir(), rescued)
         if acc.is_main_process:
-            path = self._checkpoint_path()
-            self.save_weights(path, self.budget.num_epochs, self.global_step, final=True)
-            self.last_saved.append(path)
-            logger.info("saved %s", path)
-            if self.hub is not None:
-                self.hub.upload(path, final=True)
+            self._save_weights(self._checkpoint_path(), self.budget.num_epochs, self.global_step, True, rescued)
+        self._stop_if_rescued(rescued)

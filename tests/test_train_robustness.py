@@ -1,0 +1,156 @@
+"""Issue #14: nothing trained is lost to a bad output path or a failing save, a damaged state is refused before it is
+used, and images corrupted behind a valid header are found up front or skipped."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import flux_train_network as cli
+from test_train_network import run_trainer, train_args
+from tools.make_demo_dataset import make_demo_dataset
+from tools.make_tiny_models import make_tiny_models
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("robust")
+    return make_tiny_models(base / "models"), make_demo_dataset(base / "data", count=2, size=32)
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in re.split(r"[\r\n]", err) if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+# --- defect 2: output paths -------------------------------------------------------------------------------------
+
+def test_output_dir_that_is_a_file_fails_before_models_load(setup, tmp_path, capsys, monkeypatch):
+    from library.training import setup as train_setup
+
+    monkeypatch.setattr(train_setup, "load_models", lambda *a, **k: pytest.fail("models loaded"))
+    out = tmp_path / "out"
+    out.write_text("a file the user made")
+    assert cli.main(train_args(setup, out)) == 2
+    line = error_line(capsys)
+    assert f"--output_dir {out}: is a file, expected a folder" in line
+    assert out.read_text() == "a file the user made"
+
+
+@pytest.mark.parametrize("option", ["--logging_dir", "--sample_prompts"])
+def test_logging_and_sample_folders_are_checked_up_front(setup, tmp_path, capsys, monkeypatch, option):
+    from library.training import setup as train_setup
+
+    monkeypatch.setattr(train_setup, "load_models", lambda *a, **k: pytest.fail("models loaded"))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    if option == "--logging_dir":
+        extra, named = ["--logging_dir", str(blocker / "logs")], f"--logging_dir {blocker / 'logs'}"
+    else:
+        prompts = tmp_path / "p.txt"
+        prompts.write_text("a cat --w 32 --h 32 --s 1\n")
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "sample").write_text("x")
+        extra, named = ["--sample_prompts", str(prompts)], f"the sample folder {tmp_path / 'out' / 'sample'}"
+    assert cli.main(train_args(setup, tmp_path / "out", *extra)) == 2
+    line = error_line(capsys)
+    assert named in line and "is a file" in line
+
+
+def test_cache_to_disk_needs_writable_image_folders(setup, tmp_path, capsys, monkeypatch):
+    from library.training import outputs
+
+    real = outputs.check_writable_folder
+
+    def read_only_images(path, what):
+        if "image folder" in what:
+            raise outputs.TrainingError(f"{what} {path}: not writable (Read-only file system); expected a folder "
+                                        "this user can write to")
+        real(path, what)
+
+    monkeypatch.setattr(outputs, "check_writable_folder", read_only_images)
+    assert cli.main(train_args(setup, tmp_path / "out", "--cache_latents_to_disk")) == 2
+    assert "--cache_latents_to_disk: the image folder" in error_line(capsys)
+
+
+def test_not_writable_and_full_disk_are_named(tmp_path, monkeypatch):
+    from library.training import outputs
+
+    def no_write(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_write)
+    with pytest.raises(outputs.TrainingError, match=r"--output_dir .*: not writable \(Permission denied\)"):
+        outputs.check_writable_folder(tmp_path / "o", "--output_dir")
+    monkeypatch.undo()
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda p: type("U", (), {"free": 100})())
+    with pytest.raises(outputs.TrainingError, match=r"--output_dir .*: the disk is full \(100 bytes free\)"):
+        outputs.check_writable_folder(tmp_path / "o", "--output_dir")
+
+
+def _fail_in(folder):
+    """A save_weights / save_state stand-in that fails with ENOSPC for paths inside `folder`."""
+    def check(path):
+        if str(path).startswith(str(folder)):
+            raise OSError(28, "No space left on device")
+    return check
+
+
+def test_final_save_that_fails_keeps_the_weights_in_a_rescue_file(setup, tmp_path, capsys, monkeypatch):
+    from library.training.recipes.lora import LoRATrainer
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "out"
+    original, fail = LoRATrainer.save_weights, _fail_in(out)
+
+    def full_disk(self, path, *a, **k):
+        fail(path)
+        original(self, path, *a, **k)
+
+    monkeypatch.setattr(LoRATrainer, "save_weights", full_disk)
+    assert cli.main(train_args(setup, out, "--output_name", "mine", "--max_train_steps", "2")) == 2
+    line = error_line(capsys)
+    rescued = list((tmp_path / "tmp").glob("mine-rescued-*.safetensors"))
+    assert len(rescued) == 1 and f"could not write {out / 'mine.safetensors'} (No space left on device)" in line
+    assert f"the weights are saved in {rescued[0]} instead" in line
+    assert any(k.endswith("lora_down.weight") for k in load_file(str(rescued[0])))
+
+
+def test_checkpoint_and_state_that_fail_mid_run_stop_with_both_rescued(setup, tmp_path, capsys, monkeypatch):
+    from library.training.loop import Trainer
+    from library.training.recipes.lora import LoRATrainer
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "out"
+    fail = _fail_in(out)
+    original_weights, original_state = LoRATrainer.save_weights, Trainer._write_state
+
+    def full_disk_weights(self, path, *a, **k):
+        fail(path)
+        original_weights(self, path, *a, **k)
+
+    def full_disk_state(self, folder):
+        fail(folder)
+        original_state(self, folder)
+
+    monkeypatch.setattr(LoRATrainer, "save_weights", full_disk_weights)
+    monkeypatch.setattr(Trainer, "_write_state", full_disk_state)
+    argv = train_args(setup, out, "--output_name", "m", "--save_every_n_steps", "2", "--save_state")
+    assert cli.main(argv) == 2
+    line = error_line(capsys)
+    assert "saving at step 2 failed, training stopped" in line
+    state = next((tmp_path / "tmp").glob("m-step00000002-state-rescued-*"))
+    assert f"resume with --resume {state}" in line and (state / "train_state.json").exists()
+    assert not (out / "m.safetensors").exists()
+    # the rescued state resumes into a working folder
+    monkeypatch.undo()
+    _, code = run_trainer(train_args(setup, tmp_path / "fixed", "--output_name", "m", "--resume", str(state)))
+    assert code == 0 and (tmp_path / "fixed" / "m.safetensors").exists()
