@@ -154,3 +154,84 @@ def test_checkpoint_and_state_that_fail_mid_run_stop_with_both_rescued(setup, tm
     monkeypatch.undo()
     _, code = run_trainer(train_args(setup, tmp_path / "fixed", "--output_name", "m", "--resume", str(state)))
     assert code == 0 and (tmp_path / "fixed" / "m.safetensors").exists()
+
+
+# --- defect 4: damaged states -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved_state(setup, tmp_path_factory):
+    """A full 6-step run with a state at step 3 (the reference for resumes)."""
+    out = tmp_path_factory.mktemp("state")
+    _, code = run_trainer(train_args(setup, out, "--save_every_n_steps", "3", "--save_state", "--output_name", "r"))
+    assert code == 0
+    return out
+
+
+def damaged_copy(saved_state, tmp_path, damage):
+    import shutil
+
+    state = tmp_path / "state"
+    shutil.copytree(saved_state / "r-step00000003-state", state)
+    damage(state)
+    return state
+
+
+def resume_args(setup, tmp_path, state, *extra):
+    return train_args(setup, tmp_path / "out", "--save_every_n_steps", "3", "--save_state", "--output_name", "r",
+                      "--resume", str(state), *extra)
+
+
+def test_empty_random_states_stop_the_resume_unless_inexact(setup, saved_state, tmp_path, capsys, caplog):
+    state = damaged_copy(saved_state, tmp_path, lambda s: (s / "random_states_0.pkl").write_bytes(b""))
+    assert cli.main(resume_args(setup, tmp_path, state)) == 2
+    line = error_line(capsys)
+    assert f"{state / 'random_states_0.pkl'}: the random states cannot be restored" in line
+    assert "--resume_inexact" in line and not (tmp_path / "out" / "r.safetensors").exists()
+    assert cli.main(resume_args(setup, tmp_path, state, "--resume_inexact")) == 0
+    assert "going on with fresh random states" in caplog.text
+    assert (tmp_path / "out" / "r.safetensors").exists()
+
+
+def test_truncated_optimizer_state_is_one_line(setup, saved_state, tmp_path, capsys):
+    def cut(s):
+        data = (s / "optimizer.bin").read_bytes()
+        (s / "optimizer.bin").write_bytes(data[: len(data) // 2])
+
+    state = damaged_copy(saved_state, tmp_path, cut)
+    assert cli.main(resume_args(setup, tmp_path, state)) == 2
+    assert f"{state / 'optimizer.bin'}: damaged" in error_line(capsys)
+
+
+@pytest.mark.parametrize("name", ["scheduler.bin", "trainable_weights.safetensors", "train_state.json"])
+def test_missing_or_damaged_state_files_are_named(setup, saved_state, tmp_path, capsys, name):
+    def damage(s):
+        if name == "trainable_weights.safetensors":
+            data = (s / name).read_bytes()
+            (s / name).write_bytes(data[:-100])
+        elif name == "train_state.json":
+            (s / name).write_text("{")
+        else:
+            (s / name).unlink()
+
+    state = damaged_copy(saved_state, tmp_path, damage)
+    assert cli.main(resume_args(setup, tmp_path, state)) == 2
+    line = error_line(capsys)
+    assert str(state / name) in line and ("missing" in line or "damaged" in line or "truncated" in line)
+
+
+def test_resume_with_another_network_dim_names_the_setting(setup, saved_state, tmp_path, capsys):
+    argv = resume_args(setup, tmp_path, saved_state / "r-step00000003-state")
+    argv[argv.index("--network_dim") + 1] = "8"
+    assert cli.main(argv) == 2
+    line = error_line(capsys)
+    assert "trainable_weights.safetensors: " in line and "this run's has [8, " in line
+    assert "saved with --network_dim 4" in line and "this run has 8" in line
+
+
+def test_exact_resume_of_an_intact_state_is_unchanged(setup, saved_state, tmp_path):
+    state = damaged_copy(saved_state, tmp_path, lambda s: None)
+    _, code = run_trainer(resume_args(setup, tmp_path, state))
+    assert code == 0
+    a = load_file(str(saved_state / "r.safetensors"))
+    b = load_file(str(tmp_path / "out" / "r.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -15,15 +15,17 @@ import logging
 import shutil
 import signal
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
+from accelerate.utils import load as accelerate_load
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from library.formats.atomic_io import atomic_write
 from library.formats.metadata import checkpoint_filename, files_to_remove_for_save_last_n, is_epoch_save, state_dirname
-from library.formats.safetensors_io import load_tensors, sample_keys, save_file_atomic
+from library.formats.safetensors_io import ModelFileError, load_tensors, read_header, sample_keys, save_file_atomic
 from library.training import setup as train_setup
 from library.training.arguments import TrainerCommandLine
 from library.training.errors import TrainingError
@@ -39,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 
 STATE_TRAINABLE = "trainable_weights.safetensors"  # the trained weights inside a --save_state folder
+RANDOM_STATE_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")  # what accelerate restores
 
 
 class Trainer:
@@ -123,6 +126,16 @@ class Trainer:
         for i, m in enumerate(self.trainable_modules):
             prefix = f"{i}."
             m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+    def state_weight_shapes(self) -> tuple[str, dict[str, tuple[int, ...]]]:
+        """(file name inside a state folder, {tensor name: shape}) of what save_state_weights writes, so a state
+        is checked against this run before anything is loaded."""
+        return STATE_TRAINABLE, {f"{i}.{k}": tuple(v.shape) for i, m in enumerate(self.trainable_modules)
+                                 for k, v in m.state_dict().items()}
+
+    def state_mismatch(self, key: str, saved: tuple[int, ...], expected: tuple[int, ...]) -> str:
+        """Which setting makes a saved trainable tensor's shape differ from this run's (for the one-line error)."""
+        return "the state was saved with other options for what is trained; resume with the same ones"
 
     def transformer_dtype(self) -> torch.dtype | None:
         """The transformer's dtype when it is not the weight dtype (None: the weight dtype)."""
@@ -414,12 +427,14 @@ class Trainer:
                     folder = download_state(args.resume, args.huggingface_token)
                 except HubError as e:
                     raise TrainingError(str(e)) from None
-            state_file = folder / "train_state.json"
-            if not state_file.exists():
-                raise TrainingError(f"--resume {folder}: not a state folder of this suite (no train_state.json)")
-            self.accelerator.load_state(str(folder))
+            resumed = self._verify_state(folder)
+            try:
+                self.accelerator.load_state(str(folder))
+            except (ValueError, RuntimeError, KeyError, OSError) as e:
+                raise TrainingError(f"--resume {folder}: the optimizer or scheduler state does not fit this run "
+                                    f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); resume with the "
+                                    "--optimizer_type, --lr_scheduler and options of the run that saved it") from None
             self.load_state_weights(folder)
-            resumed = int(json.loads(state_file.read_text())["current_step"])
         initial, initial_epoch = getattr(args, "initial_step", None), getattr(args, "initial_epoch", None)
         if initial is None and initial_epoch is not None:
             initial = (initial_epoch - 1) * self.budget.steps_per_epoch
@@ -441,6 +456,70 @@ class Trainer:
         self._skip_batches = steps_in_epoch * args.gradient_accumulation_steps if skip else 0
         logger.info("starting at step %d (%s): epoch %d, skipping %d batches", step, source, self.epoch,
                     self._skip_batches)
+
+    def _verify_state(self, folder: Path) -> int:
+        """Check a --resume state folder before anything is loaded from it: every file present and readable, the
+        saved trainable weights shaped as this run's; returns its step. A problem is one line naming the file;
+        random states that cannot be restored stop the run unless --resume_inexact."""
+        state_file = folder / "train_state.json"
+        if not state_file.exists():
+            raise TrainingError(f"--resume {folder}: not a state folder of this suite (no train_state.json)")
+        try:
+            step = json.loads(state_file.read_text())["current_step"]
+            if not isinstance(step, int) or step < 0:
+                raise ValueError(f"current_step {step!r}")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TrainingError(f"{state_file}: damaged ({type(e).__name__}: {e}); expected the JSON --save_state "
+                                "writes, with current_step") from None
+        name, expected = self.state_weight_shapes()
+        try:
+            header = read_header(folder / name)
+            size = (folder / name).stat().st_size
+        except ModelFileError as e:
+            raise TrainingError(f"--resume: {e} (the state's trained weights)") from None
+        if any(header.data_start + t.end > size for t in header.tensors.values()):
+            raise TrainingError(f"{folder / name}: truncated ({size:,} bytes; its header needs more); the state is "
+                                "damaged: resume from another one")
+        for key, shape in expected.items():
+            saved = header.tensors.get(key)
+            if saved is not None and tuple(saved.shape) != shape:
+                raise TrainingError(f"{folder / name}: {key} has shape {list(saved.shape)}, this run's has "
+                                    f"{list(shape)}: {self.state_mismatch(key, tuple(saved.shape), shape)}")
+        acc = self.accelerator
+        archives = [f"optimizer{f'_{i}' if i else ''}.bin" for i in range(len(acc._optimizers))]
+        archives += [f"scheduler{f'_{i}' if i else ''}.bin" for i in range(len(acc._schedulers))]
+        archives += ["scaler.pt"] if acc.scaler is not None else []
+        for archive in archives:
+            try:  # torch.save writes zip archives; the directory at their end is missing from a cut-off file
+                zipfile.ZipFile(folder / archive).close()
+            except (OSError, zipfile.BadZipFile) as e:
+                problem = "missing" if not (folder / archive).exists() else f"damaged ({e})"
+                raise TrainingError(f"{folder / archive}: {problem}; the state cannot be resumed: resume from "
+                                    "another state") from None
+        self._check_random_states(folder / f"random_states_{acc.process_index}.pkl")
+        return step
+
+    def _check_random_states(self, path: Path) -> None:
+        """Random states that cannot be restored make a resumed run differ from an uninterrupted one; accelerate only
+        logs that, so check them first (loaded the way accelerate loads them: weights_only, its safe globals)."""
+        try:
+            states = accelerate_load(path)
+            missing = [k for k in RANDOM_STATE_KEYS if k not in states]
+            if missing:
+                raise KeyError(f"no {', '.join(missing)}")
+            problem = None
+        except Exception as e:  # an empty, cut-off or foreign file: pickle, zip and key errors alike
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty or damaged'}"
+            if not path.exists():
+                problem = "missing"
+        if problem is None:
+            return
+        if not getattr(self.args, "resume_inexact", False):
+            raise TrainingError(f"{path}: the random states cannot be restored ({problem}), so the resumed run would "
+                                "differ from an uninterrupted one; resume from another state, or pass "
+                                "--resume_inexact to go on with fresh random states")
+        logger.warning("%s: the random states cannot be restored (%s); --resume_inexact: going on with fresh random "
+                       "states, so the result differs from an uninterrupted run", path, problem)
 
     def _advance_lr_schedule(self, steps: int) -> None:
         """Put a fresh LR schedule where it would be after `steps` optimizer steps."""
