@@ -235,3 +235,111 @@ def test_exact_resume_of_an_intact_state_is_unchanged(setup, saved_state, tmp_pa
     a = load_file(str(saved_state / "r.safetensors"))
     b = load_file(str(tmp_path / "out" / "r.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- defect 5: data corrupted behind a valid header ---------------------------------------------------------------
+
+def corrupt_idat(path):
+    """Flip bytes in the middle of a PNG's first IDAT chunk and fix its CRC: every length, CRC and end marker stays
+    valid, so only a full decode notices."""
+    import struct
+    import zlib
+
+    data = bytearray(path.read_bytes())
+    pos = 8
+    while True:
+        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
+        if ctype == b"IDAT":
+            start = pos + 8
+            for i in range(start + length // 2, min(start + length // 2 + 32, start + length)):
+                data[i] ^= 0x5A
+            data[start + length:start + length + 4] = struct.pack(">I", zlib.crc32(data[pos + 4:start + length]))
+            break
+        pos += 12 + length
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def corrupt_dataset(tmp_path):
+    toml = make_demo_dataset(tmp_path / "data", count=4, size=32)
+    bad = sorted((tmp_path / "data" / "images").glob("*.png"))[1]
+    corrupt_idat(bad)
+    return toml, bad
+
+
+def test_corrupt_png_passes_the_header_probe_but_not_a_decode(corrupt_dataset):
+    from library.data.images import BadImageError, load_image, probe_image, verify_images
+
+    _, bad = corrupt_dataset
+    assert probe_image(bad).size == (32, 32)
+    with pytest.raises(BadImageError, match="cannot decode image"):
+        load_image(bad)
+    assert [b.path for b in verify_images(sorted(bad.parent.glob("*.png")))] == [bad]
+
+
+def test_inspect_dataset_verify_images_reports_it(corrupt_dataset, capsys):
+    from tools.inspect_dataset import main
+
+    toml, bad = corrupt_dataset
+    assert main(["--dataset_config", str(toml)]) == 0
+    capsys.readouterr()
+    assert main(["--dataset_config", str(toml), "--verify_images"]) == 1
+    err = capsys.readouterr().err
+    assert "1 problem(s)" in err and f"{bad}: cannot decode image" in err
+
+
+def test_trainer_verify_images_refuses_it_before_models_load(setup, corrupt_dataset, tmp_path, capsys, monkeypatch):
+    from library.training import setup as train_setup
+
+    monkeypatch.setattr(train_setup, "load_models", lambda *a, **k: pytest.fail("models loaded"))
+    toml, bad = corrupt_dataset
+    assert cli.main(train_args((setup[0], toml), tmp_path / "out", "--verify_images")) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"error: {bad}: cannot decode image")
+
+
+def test_decode_failure_mid_run_is_one_line_naming_the_file(setup, corrupt_dataset, tmp_path, capsys):
+    toml, bad = corrupt_dataset
+    assert cli.main(train_args((setup[0], toml), tmp_path / "out", "--max_train_steps", "4")) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"error: {bad}: cannot decode image") and "--skip_bad_images" in line
+
+
+def test_skip_bad_images_skips_a_decode_failure_mid_run(setup, corrupt_dataset, tmp_path, caplog):
+    toml, bad = corrupt_dataset
+    argv = train_args((setup[0], toml), tmp_path / "a", "--skip_bad_images", "--max_train_steps", "8",
+                      "--output_name", "s")
+    trainer, code = run_trainer(argv)
+    assert code == 0 and (tmp_path / "a" / "s.safetensors").exists()
+    assert list(trainer.skipped_images) == [str(bad)]
+    named = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"skipping image {bad}")]
+    assert len(named) == 1  # logged once, though the image comes up every epoch
+    assert any("image(s) could not be decoded and were skipped (1 in this run)" in r.getMessage()
+               for r in caplog.records)
+    # the substitution is a function of the seed and the files: a second run trains the same weights
+    run_trainer(train_args((setup[0], toml), tmp_path / "b", "--skip_bad_images", "--max_train_steps", "8",
+                           "--output_name", "s"))
+    a, b = load_file(str(tmp_path / "a" / "s.safetensors")), load_file(str(tmp_path / "b" / "s.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_skip_bad_images_resume_is_exact(setup, corrupt_dataset, tmp_path):
+    toml, _ = corrupt_dataset
+    common = ("--skip_bad_images", "--max_train_steps", "8", "--output_name", "s", "--save_every_n_steps", "3",
+              "--save_state")
+    run_trainer(train_args((setup[0], toml), tmp_path / "full", *common))
+    _, code = run_trainer(train_args((setup[0], toml), tmp_path / "resumed", *common, "--resume",
+                                     str(tmp_path / "full" / "s-step00000003-state")))
+    assert code == 0
+    a = load_file(str(tmp_path / "full" / "s.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "s.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_worker_reraised_bad_image_error_keeps_one_line():
+    from library.data.images import BadImageError
+
+    message = ("Caught BadImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+               '  File "x.py", line 1, in f\nlibrary.data.images.BadImageError: /d/a.png: cannot decode image (x)\n')
+    e = BadImageError(message)
+    assert str(e) == "/d/a.png: cannot decode image (x)" and e.reason == "cannot decode image (x)"

@@ -60,6 +60,7 @@ class Trainer:
         self.stop_requested: str | None = None
         self.last_saved: list[Path] = []
         self.losses: list[float] = []  # loss of every optimizer step, for callers and tests
+        self.skipped_images: dict[str, str] = {}  # images that failed to decode mid-run (--skip_bad_images)
         self.hub = None  # HubUploader with --huggingface_repo_id (main process)
 
     # --- hooks for subclasses -------------------------------------------------------------------------------------
@@ -249,7 +250,9 @@ class Trainer:
             self.sampler.set_epoch(epoch, skip)
             self._set_train_mode(True)
             epoch_losses = []
+            skipped_before = len(self.skipped_images)
             for batch in self.loader:
+                self._note_skipped(batch.skipped_images)
                 with acc.accumulate(*self.trainable_modules), acc.autocast():
                     loss = self.loss_fn(batch)
                     if not torch.isfinite(loss):
@@ -285,9 +288,21 @@ class Trainer:
                     break
             if epoch_losses:
                 self._log({"loss/epoch_average": sum(epoch_losses) / len(epoch_losses)}, step=epoch)
+            if len(self.skipped_images) > skipped_before:
+                logger.warning("epoch %d: %d image(s) could not be decoded and were skipped (%d in this run): %s",
+                               epoch, len(self.skipped_images) - skipped_before, len(self.skipped_images),
+                               ", ".join(list(self.skipped_images)[skipped_before:]))
             self.after_epoch(epoch)
             if self.global_step >= max_steps:
                 break
+
+    def _note_skipped(self, skipped: list[tuple[str, str]]) -> None:
+        """Log each image that failed to decode mid-run once (DataLoader workers cannot share what they logged)."""
+        for path, why in skipped:
+            if path not in self.skipped_images:
+                self.skipped_images[path] = why
+                logger.warning("skipping image %s: %s (--skip_bad_images: another image of its bucket takes its "
+                               "place)", path, why)
 
     def _set_train_mode(self, training: bool) -> None:
         for m in self.trainable_modules:
