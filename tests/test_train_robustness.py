@@ -82,6 +82,9 @@ def test_cache_to_disk_needs_writable_image_folders(setup, tmp_path, capsys, mon
 def test_not_writable_and_full_disk_are_named(tmp_path, monkeypatch):
     from library.training import outputs
 
+    with pytest.raises(outputs.TrainingError, match="--output_dir: not given"):
+        outputs.check_output_paths(type("Args", (), {"output_dir": None})())
+
     def no_write(*a, **k):
         raise PermissionError(13, "Permission denied")
 

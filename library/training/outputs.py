@@ -54,6 +54,8 @@ def check_writable_folder(path: str | os.PathLike, what: str) -> None:
 def check_output_paths(args, image_folders: Iterable[Path] = ()) -> None:
     """Every folder the run will write to: --output_dir (checkpoints and states), its sample/ folder with
     --sample_prompts, --logging_dir, and the image folders when caches go to disk beside the images."""
+    if not args.output_dir:  # the final save needs one: say so now, not after training
+        raise TrainingError("--output_dir: not given; expected the folder for checkpoints, states and samples")
     check_writable_folder(args.output_dir, "--output_dir")
     if getattr(args, "sample_prompts", None):
         check_writable_folder(Path(args.output_dir) / "sample", "--sample_prompts: the sample folder")
