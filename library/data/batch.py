@@ -43,3 +43,5 @@ class Batch:
     token_ids: TokenIds | None = None
     custom_attributes: list[dict] = field(default_factory=list)  # each sample's subset's, e.g. diff_output_preservation
     image_keys: list[str] = field(default_factory=list)  # image paths: which samples these are (read by tests)
+    # (path, reason) of images that failed to decode and were replaced (--skip_bad_images), for the run's summary
+    skipped_images: list[tuple[str, str]] = field(default_factory=list)

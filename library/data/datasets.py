@@ -12,6 +12,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -23,7 +24,7 @@ from library.data.buckets import BucketPlanner, resize_and_crop
 from library.data.captions import process_caption
 from library.data.config import DatasetConfig, DatasetGroupConfig
 from library.data.items import ImageItem, balance_regularisation, collect_subset_items, split_for_validation
-from library.data.images import load_image
+from library.data.images import BadImage, BadImageError, load_image
 from library.data.tensors import to_tensor
 from library.data.text_encoder_cache import stack_outputs
 
@@ -42,8 +43,10 @@ class FluxDataset(torch.utils.data.Dataset):
     """One `[[datasets]]` entry: its images in buckets, served as whole batches."""
 
     def __init__(self, config: DatasetConfig, items: list[ImageItem], seed: int, *, max_train_steps: int = 0,
-                 conditioning_as_mask: bool = False):
+                 conditioning_as_mask: bool = False, skip_bad_images: bool = False):
         self.config, self.items, self.seed = config, items, seed
+        self.skip_bad_images = skip_bad_images
+        self.undecodable: dict[Path, str] = {}  # files that failed to decode mid-run (this process), with reason
         self.max_train_steps = max_train_steps
         self.conditioning_as_mask = conditioning_as_mask
         self.tokenizer = self.latent_cache = self.te_cache = None  # see DatasetGroup.attach
@@ -86,9 +89,36 @@ class FluxDataset(torch.utils.data.Dataset):
         epoch, index, step = (1, key, 0) if isinstance(key, int) else key
         entry = self.entries[index]
         members = self._bucket_order(epoch, entry.bucket)[entry.start: entry.start + self.config.batch_size]
-        samples = [self._sample(self.items[i], random.Random(f"{self.seed}:{epoch}:{index}:{j}"), epoch, step)
-                   for j, i in enumerate(members)]
-        return self._collate(samples)
+        skipped: list[BadImage] = []
+        samples = [self._sample_or_substitute(i, entry.bucket, f"{self.seed}:{epoch}:{index}:{j}", epoch, step,
+                                              skipped) for j, i in enumerate(members)]
+        batch = self._collate(samples)
+        batch.skipped_images = [(str(b.path), b.reason) for b in skipped]
+        return batch
+
+    def _sample_or_substitute(self, index: int, bucket: int, rng_key: str, epoch: int, step: int,
+                              skipped: list[BadImage]) -> dict:
+        """The sample of item `index`; with --skip_bad_images, an image that fails to decode is replaced by the next
+        good one of the same bucket in the epoch's order (the batch keeps its shape, and the choice depends only on
+        the key and the files, so a resumed run makes the same one); the failures go into `skipped`."""
+        candidates = [index]
+        if self.skip_bad_images:
+            candidates += [i for i in dict.fromkeys(self._bucket_order(epoch, bucket)) if i != index]
+        for i in candidates:
+            item = self.items[i]
+            known = self.undecodable.get(item.absolute_path)
+            try:
+                if known is not None:
+                    raise BadImageError([BadImage(item.absolute_path, known)])
+                return self._sample(item, random.Random(rng_key), epoch, step)
+            except BadImageError as e:
+                if not self.skip_bad_images:
+                    raise BadImageError([BadImage(e.path, f"{e.reason} (--skip_bad_images skips such files)")]) \
+                        from None
+                self.undecodable.setdefault(item.absolute_path, e.reason)
+                skipped.append(e.bad_images[0])
+        raise BadImageError([BadImage(self.items[index].absolute_path, "no image of its bucket "
+                                      f"{self.bucket_resos[bucket]} can be decoded")])
 
     def _sample(self, item: ImageItem, rng: random.Random, epoch: int, step: int) -> dict:
         flipped = item.flip_aug and rng.random() < 0.5
@@ -236,23 +266,24 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
 
 def build_datasets(group_config: DatasetGroupConfig, seed: int, *, skip_bad_images: bool = False,
-                   max_train_steps: int = 0, conditioning_as_mask: bool = False,
+                   max_train_steps: int = 0, conditioning_as_mask: bool = False, verify_images: bool = False,
                    ) -> tuple[DatasetGroup, DatasetGroup | None]:
-    """Training and validation DatasetGroups (validation None when no dataset asks for a split)."""
+    """Training and validation DatasetGroups (validation None when no dataset asks for a split). `verify_images`:
+    decode every image in full up front (see collect_subset_items)."""
     train, val = [], []
     for index, config in enumerate(group_config.datasets):
-        subset_items = collect_subset_items(config, skip_bad_images)
+        subset_items = collect_subset_items(config, skip_bad_images, verify=verify_images)
         split_seed = config.validation_seed if config.validation_seed is not None else seed + index
         if config.kind == "dreambooth" and 0 < config.validation_split <= 1:
             train_items, val_items = split_for_validation(subset_items, config.validation_split, split_seed)
         else:
             train_items, val_items = [i for s in subset_items for i in s.items], []
         balance_regularisation(train_items)
-        train.append(FluxDataset(config, train_items, seed + index, max_train_steps=max_train_steps,
-                                 conditioning_as_mask=conditioning_as_mask))
+        options = dict(max_train_steps=max_train_steps, conditioning_as_mask=conditioning_as_mask,
+                       skip_bad_images=skip_bad_images)
+        train.append(FluxDataset(config, train_items, seed + index, **options))
         if val_items:
-            val.append(FluxDataset(config, val_items, seed + index, max_train_steps=max_train_steps,
-                                   conditioning_as_mask=conditioning_as_mask))
+            val.append(FluxDataset(config, val_items, seed + index, **options))
     return DatasetGroup(train, seed), (DatasetGroup(val, seed) if val else None)
 
 

@@ -48,7 +48,14 @@ _JPEG_PADDING = b"\x00\xff\r\n\t "  # bytes some writers leave after EOI
 class BadImageError(ValueError):
     """One or more images that cannot be used; the message lists every file with its reason."""
 
-    def __init__(self, bad_images: Sequence["BadImage"]):
+    def __init__(self, bad_images: Sequence["BadImage"] | str):
+        if isinstance(bad_images, str):
+            # A DataLoader worker's error is re-raised as BadImageError(message with the worker's traceback):
+            # keep its last line, which is ours ("<path>: <reason>")
+            last = bad_images.rstrip().splitlines()[-1] if bad_images.strip() else ""
+            last = last.split("BadImageError: ", 1)[-1]
+            path, _, reason = last.partition(": ")
+            bad_images = [BadImage(Path(path), reason)]
         self.bad_images = list(bad_images)
         if len(self.bad_images) == 1:
             message = f"{self.bad_images[0].path}: {self.bad_images[0].reason}"
@@ -309,6 +316,27 @@ def check_images(
     for b in bad:
         logger.warning("skipping image %s: %s", b.path, b.reason)
     return good, bad
+
+
+def _decode_or_bad(path: Path) -> BadImage | None:
+    try:
+        load_image(path)
+        return None
+    except BadImageError as e:
+        return e.bad_images[0]
+
+
+def verify_images(paths: Iterable[str | os.PathLike], num_threads: int | None = None) -> list[BadImage]:
+    """Decode every image in full (`--verify_images`): finds data corrupted behind a valid header, which the
+    header probe cannot see. Costs a decode per image (measured on one core: 0.14 ms for a 64x64 demo PNG, 7 ms
+    for 512x512, 20-37 ms for a 1024x1024 JPEG/PNG); decoders release the GIL, so `num_threads` > 1 helps."""
+    paths = [Path(p) for p in paths]
+    if num_threads and num_threads > 1 and len(paths) > 8:
+        with ThreadPoolExecutor(num_threads) as pool:
+            results = list(pool.map(_decode_or_bad, paths, chunksize=8))
+    else:
+        results = [_decode_or_bad(p) for p in paths]
+    return [r for r in results if r is not None]
 
 
 # ----------------------------------------------------------------------------------------------------------------

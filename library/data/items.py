@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from library.formats.atomic_io import atomic_write
 from library.data.captions import (CaptionOptions, find_caption_file, finetune_caption, read_caption_file,
                                    text_encoder_cache_caption)
 from library.data.config import DatasetConfig, SubsetConfig
-from library.data.images import IMAGE_EXTENSIONS, BadImage, BadImageError, check_images, list_images
+from library.data.images import IMAGE_EXTENSIONS, BadImage, BadImageError, check_images, list_images, verify_images
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +120,13 @@ def _conditioning_image(subset: SubsetConfig, image: Path) -> Path | None:
     return next((folder / (image.stem + e) for e in IMAGE_EXTENSIONS if (folder / (image.stem + e)).exists()), None)
 
 
-def collect_subset_items(dataset: DatasetConfig, skip_bad_images: bool = False) -> list[SubsetItems]:
+def collect_subset_items(dataset: DatasetConfig, skip_bad_images: bool = False,
+                         verify: bool = False) -> list[SubsetItems]:
     """Images, captions and probed sizes of every subset of `dataset` (subsets with num_repeats < 1 are left out).
 
     Raises BadImageError listing every unreadable image (and every missing conditioning image) of the dataset
-    unless `skip_bad_images`, in which case each is reported and skipped."""
+    unless `skip_bad_images`, in which case each is reported and skipped. `verify`: also decode every image in
+    full (--verify_images), which finds data corrupted behind a valid header."""
     found: list[tuple[SubsetConfig, list[tuple[Path, str | None, Path | None]]]] = []
     missing_conditioning: list[BadImage] = []
     for subset in dataset.subsets:
@@ -146,10 +149,17 @@ def collect_subset_items(dataset: DatasetConfig, skip_bad_images: bool = False) 
 
     paths = [p for _, entries in found for image, _, cond in entries for p in (image, cond) if p is not None]
     probes, bad = check_images(paths, skip_bad=True)
-    bad += missing_conditioning
+    undecodable = []
+    if verify:
+        started = time.perf_counter()
+        undecodable = verify_images([p.path for p in probes], num_threads=min(8, os.cpu_count() or 1))
+        seconds = time.perf_counter() - started
+        logger.info("--verify_images: %d images decoded in %.1f s (%.1f ms each)", len(probes), seconds,
+                    1000 * seconds / max(len(probes), 1))
+    bad += undecodable + missing_conditioning
     if bad and not skip_bad_images:
         raise BadImageError(bad)
-    for b in missing_conditioning:
+    for b in undecodable + missing_conditioning:
         logger.warning("skipping image %s: %s", b.path, b.reason)
     sizes = {p.path: p.size for p in probes}
     bad_paths = {b.path for b in bad}

@@ -138,6 +138,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--save_state", action="store_true", help="save the training state with every checkpoint (for --resume)")
     add("--save_state_on_train_end", action="store_true", help="save the training state at the end")
     add("--resume", type=str, default=None, help="state folder to resume from")
+    add("--resume_inexact", action="store_true",
+        help="resume even when the state's random states cannot be restored (fresh ones are drawn: the result "
+             "differs from an uninterrupted run); without it such a state stops the run")
     add("--max_token_length", type=int, default=None, choices=[None, 150, 225],
         help="CLIP token length of SD models; no effect on FLUX (use --t5xxl_max_token_length)")
     add("--mem_eff_attn", action="store_true", help="SD option; FLUX always uses torch SDPA")

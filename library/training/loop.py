@@ -15,21 +15,24 @@ import logging
 import shutil
 import signal
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
+from accelerate.utils import load as accelerate_load
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from library.formats.atomic_io import atomic_write
 from library.formats.metadata import checkpoint_filename, files_to_remove_for_save_last_n, is_epoch_save, state_dirname
-from library.formats.safetensors_io import load_tensors, sample_keys, save_file_atomic
+from library.formats.safetensors_io import ModelFileError, load_tensors, read_header, sample_keys, save_file_atomic
 from library.training import setup as train_setup
 from library.training.arguments import TrainerCommandLine
 from library.training.errors import TrainingError
 from library.training.fused_optimizers import prepare_optimizer
 from library.training.grad_sync import average_gradients, process_mean
 from library.training.hub import HubError, HubUploader, download_state
+from library.training.outputs import check_output_paths, reason, write_or_rescue
 from library.training.settings import DatasetKinds, MemoryProfile, RunSettings, StepBudget
 from library.training.setup import TrainingModels
 from library.training.trackers import TrackerError, login, resolve_trackers
@@ -38,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 
 STATE_TRAINABLE = "trainable_weights.safetensors"  # the trained weights inside a --save_state folder
+RANDOM_STATE_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")  # what accelerate restores
 
 
 class Trainer:
@@ -56,6 +60,7 @@ class Trainer:
         self.stop_requested: str | None = None
         self.last_saved: list[Path] = []
         self.losses: list[float] = []  # loss of every optimizer step, for callers and tests
+        self.skipped_images: dict[str, str] = {}  # images that failed to decode mid-run (--skip_bad_images)
         self.hub = None  # HubUploader with --huggingface_repo_id (main process)
 
     # --- hooks for subclasses -------------------------------------------------------------------------------------
@@ -123,6 +128,16 @@ class Trainer:
             prefix = f"{i}."
             m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
+    def state_weight_shapes(self) -> tuple[str, dict[str, tuple[int, ...]]]:
+        """(file name inside a state folder, {tensor name: shape}) of what save_state_weights writes, so a state
+        is checked against this run before anything is loaded."""
+        return STATE_TRAINABLE, {f"{i}.{k}": tuple(v.shape) for i, m in enumerate(self.trainable_modules)
+                                 for k, v in m.state_dict().items()}
+
+    def state_mismatch(self, key: str, saved: tuple[int, ...], expected: tuple[int, ...]) -> str:
+        """Which setting makes a saved trainable tensor's shape differ from this run's (for the one-line error)."""
+        return "the state was saved with other options for what is trained; resume with the same ones"
+
     def transformer_dtype(self) -> torch.dtype | None:
         """The transformer's dtype when it is not the weight dtype (None: the weight dtype)."""
         return None
@@ -171,6 +186,9 @@ class Trainer:
         self.accelerator = train_setup.make_accelerator(args, self.trackers)
         set_seed(self.seed)
         self.train_group, self.val_group = train_setup.build_dataset_groups(args, self.seed, self.dataset_kinds())
+        # every folder the run writes, before the models load: a bad path must not cost a whole run
+        check_output_paths(args, {i.absolute_path.parent for g in (self.train_group, self.val_group) if g
+                                  for i in g.items})
         self.models = train_setup.load_models(args, self.settings, self.accelerator, self.transformer_dtype())
         self.trainable_modules = self.build_trainable(self.models)
         self.hub = HubUploader.from_args(args) if self.accelerator.is_main_process else None
@@ -214,10 +232,16 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------------------------------
 
     def train(self) -> None:
+        bar = tqdm(total=self.budget.max_train_steps, initial=self.global_step, desc="steps",
+                   disable=not self.accelerator.is_local_main_process, smoothing=0)
+        try:
+            self._train(bar)
+        finally:
+            bar.close()  # an error then starts on a line of its own
+
+    def _train(self, bar) -> None:
         acc = self.accelerator
         max_steps = self.budget.max_train_steps
-        bar = tqdm(total=max_steps, initial=self.global_step, desc="steps",
-                   disable=not acc.is_local_main_process, smoothing=0)
         self._maybe_sample(at_first=True)
         recent: list[float] = []
         for epoch in range(self.epoch, self.budget.num_epochs + 1):
@@ -226,7 +250,9 @@ class Trainer:
             self.sampler.set_epoch(epoch, skip)
             self._set_train_mode(True)
             epoch_losses = []
+            skipped_before = len(self.skipped_images)
             for batch in self.loader:
+                self._note_skipped(batch.skipped_images)
                 with acc.accumulate(*self.trainable_modules), acc.autocast():
                     loss = self.loss_fn(batch)
                     if not torch.isfinite(loss):
@@ -262,10 +288,21 @@ class Trainer:
                     break
             if epoch_losses:
                 self._log({"loss/epoch_average": sum(epoch_losses) / len(epoch_losses)}, step=epoch)
+            if len(self.skipped_images) > skipped_before:
+                logger.warning("epoch %d: %d image(s) could not be decoded and were skipped (%d in this run): %s",
+                               epoch, len(self.skipped_images) - skipped_before, len(self.skipped_images),
+                               ", ".join(list(self.skipped_images)[skipped_before:]))
             self.after_epoch(epoch)
             if self.global_step >= max_steps:
                 break
-        bar.close()
+
+    def _note_skipped(self, skipped: list[tuple[str, str]]) -> None:
+        """Log each image that failed to decode mid-run once (DataLoader workers cannot share what they logged)."""
+        for path, why in skipped:
+            if path not in self.skipped_images:
+                self.skipped_images[path] = why
+                logger.warning("skipping image %s: %s (--skip_bad_images: another image of its bucket takes its "
+                               "place)", path, why)
 
     def _set_train_mode(self, training: bool) -> None:
         for m in self.trainable_modules:
@@ -334,14 +371,12 @@ class Trainer:
         acc, args = self.accelerator, self.args
         acc.wait_for_everyone()
         path = self._checkpoint_path(epoch=epoch, step=step)
+        rescued: list[str] = []
         if acc.is_main_process:
-            self.save_weights(path, self.epoch, self.global_step, final=False)
-            self.last_saved.append(path)
-            logger.info("saved %s", path)
-            if self.hub is not None:
-                self.hub.upload(path)
+            self._save_weights(path, self.epoch, self.global_step, False, rescued)
         if args.save_state:
-            self._save_state(self._state_dir(epoch=epoch, step=step))
+            self._save_state(self._state_dir(epoch=epoch, step=step), rescued)
+        self._stop_if_rescued(rescued)
         if acc.is_main_process:
             for old in files_to_remove_for_save_last_n(args, Path(args.output_dir), self.checkpoint_extension(),
                                                        epoch=epoch, step=step, num_train_epochs=self.budget.num_epochs):
@@ -350,18 +385,47 @@ class Trainer:
                 elif old.exists():
                     old.unlink()
 
-    def _save_state(self, folder: Path) -> None:
-        """Optimizer, scheduler, RNG and trainable weights (accelerate), plus our epoch/step bookkeeping."""
+    def _save_weights(self, path: Path, epoch: int, step: int, final: bool, rescued: list[str]) -> None:
+        """Save the trained weights (main process); when `path` cannot be written they go to a rescue file, noted
+        in `rescued`."""
+        place, error = write_or_rescue(path, lambda p: self.save_weights(p, epoch, step, final=final))
+        self.last_saved.append(place)
+        logger.info("saved %s", place)
+        if error is not None:
+            rescued.append(f"could not write {path} ({reason(error)}); the weights are saved in {place} instead")
+        elif self.hub is not None:
+            self.hub.upload(path, final=final)
+
+    def _save_state(self, folder: Path, rescued: list[str] | None = None) -> None:
+        """Optimizer, scheduler, RNG and trainable weights (accelerate), plus our epoch/step bookkeeping; when
+        `folder` cannot be written, into a rescue folder, noted in `rescued` (without a list: stop at once)."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        place, error = write_or_rescue(folder, self._write_state)
+        if acc.is_main_process:
+            logger.info("saved state %s", place)
+            if error is None and self.hub is not None:
+                self.hub.upload(folder)
+        if error is not None:
+            notes = [f"could not write {folder} ({reason(error)}); the resumable state is saved in {place} "
+                     f"instead (resume with --resume {place})"]
+            if rescued is None:
+                self._stop_if_rescued(notes)
+            rescued += notes
+
+    def _write_state(self, folder: Path) -> None:
+        acc = self.accelerator
         acc.save_state(str(folder))
         if acc.is_main_process:
             self.save_state_weights(folder)
             position = {"current_epoch": self.epoch, "current_step": self.global_step, "seed": self.seed}
             atomic_write(folder / "train_state.json", lambda tmp: Path(tmp).write_text(json.dumps(position)))
-            logger.info("saved state %s", folder)
-            if self.hub is not None:
-                self.hub.upload(folder)
+
+    def _stop_if_rescued(self, rescued: list[str]) -> None:
+        """A save that had to go elsewhere stops the run: the output folder is broken (or full), and what was
+        trained is safe only where the message says."""
+        if rescued:
+            raise TrainingError(f"saving at step {self.global_step} failed, training stopped: {'; '.join(rescued)}")
 
     def _resume(self) -> None:
         """Where the run starts: a --resume state (exactly where it stopped: step, schedule, RNG, data position) and/or
@@ -378,12 +442,14 @@ class Trainer:
                     folder = download_state(args.resume, args.huggingface_token)
                 except HubError as e:
                     raise TrainingError(str(e)) from None
-            state_file = folder / "train_state.json"
-            if not state_file.exists():
-                raise TrainingError(f"--resume {folder}: not a state folder of this suite (no train_state.json)")
-            self.accelerator.load_state(str(folder))
+            resumed = self._verify_state(folder)
+            try:
+                self.accelerator.load_state(str(folder))
+            except (ValueError, RuntimeError, KeyError, OSError) as e:
+                raise TrainingError(f"--resume {folder}: the optimizer or scheduler state does not fit this run "
+                                    f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); resume with the "
+                                    "--optimizer_type, --lr_scheduler and options of the run that saved it") from None
             self.load_state_weights(folder)
-            resumed = int(json.loads(state_file.read_text())["current_step"])
         initial, initial_epoch = getattr(args, "initial_step", None), getattr(args, "initial_epoch", None)
         if initial is None and initial_epoch is not None:
             initial = (initial_epoch - 1) * self.budget.steps_per_epoch
@@ -406,6 +472,70 @@ class Trainer:
         logger.info("starting at step %d (%s): epoch %d, skipping %d batches", step, source, self.epoch,
                     self._skip_batches)
 
+    def _verify_state(self, folder: Path) -> int:
+        """Check a --resume state folder before anything is loaded from it: every file present and readable, the
+        saved trainable weights shaped as this run's; returns its step. A problem is one line naming the file;
+        random states that cannot be restored stop the run unless --resume_inexact."""
+        state_file = folder / "train_state.json"
+        if not state_file.exists():
+            raise TrainingError(f"--resume {folder}: not a state folder of this suite (no train_state.json)")
+        try:
+            step = json.loads(state_file.read_text())["current_step"]
+            if not isinstance(step, int) or step < 0:
+                raise ValueError(f"current_step {step!r}")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TrainingError(f"{state_file}: damaged ({type(e).__name__}: {e}); expected the JSON --save_state "
+                                "writes, with current_step") from None
+        name, expected = self.state_weight_shapes()
+        try:
+            header = read_header(folder / name)
+            size = (folder / name).stat().st_size
+        except ModelFileError as e:
+            raise TrainingError(f"--resume: {e} (the state's trained weights)") from None
+        if any(header.data_start + t.end > size for t in header.tensors.values()):
+            raise TrainingError(f"{folder / name}: truncated ({size:,} bytes; its header needs more); the state is "
+                                "damaged: resume from another one")
+        for key, shape in expected.items():
+            saved = header.tensors.get(key)
+            if saved is not None and tuple(saved.shape) != shape:
+                raise TrainingError(f"{folder / name}: {key} has shape {list(saved.shape)}, this run's has "
+                                    f"{list(shape)}: {self.state_mismatch(key, tuple(saved.shape), shape)}")
+        acc = self.accelerator
+        archives = [f"optimizer{f'_{i}' if i else ''}.bin" for i in range(len(acc._optimizers))]
+        archives += [f"scheduler{f'_{i}' if i else ''}.bin" for i in range(len(acc._schedulers))]
+        archives += ["scaler.pt"] if acc.scaler is not None else []
+        for archive in archives:
+            try:  # torch.save writes zip archives; the directory at their end is missing from a cut-off file
+                zipfile.ZipFile(folder / archive).close()
+            except (OSError, zipfile.BadZipFile) as e:
+                problem = "missing" if not (folder / archive).exists() else f"damaged ({e})"
+                raise TrainingError(f"{folder / archive}: {problem}; the state cannot be resumed: resume from "
+                                    "another state") from None
+        self._check_random_states(folder / f"random_states_{acc.process_index}.pkl")
+        return step
+
+    def _check_random_states(self, path: Path) -> None:
+        """Random states that cannot be restored make a resumed run differ from an uninterrupted one; accelerate only
+        logs that, so check them first (loaded the way accelerate loads them: weights_only, its safe globals)."""
+        try:
+            states = accelerate_load(path)
+            missing = [k for k in RANDOM_STATE_KEYS if k not in states]
+            if missing:
+                raise KeyError(f"no {', '.join(missing)}")
+            problem = None
+        except Exception as e:  # an empty, cut-off or foreign file: pickle, zip and key errors alike
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty or damaged'}"
+            if not path.exists():
+                problem = "missing"
+        if problem is None:
+            return
+        if not getattr(self.args, "resume_inexact", False):
+            raise TrainingError(f"{path}: the random states cannot be restored ({problem}), so the resumed run would "
+                                "differ from an uninterrupted one; resume from another state, or pass "
+                                "--resume_inexact to go on with fresh random states")
+        logger.warning("%s: the random states cannot be restored (%s); --resume_inexact: going on with fresh random "
+                       "states, so the result differs from an uninterrupted run", path, problem)
+
     def _advance_lr_schedule(self, steps: int) -> None:
         """Put a fresh LR schedule where it would be after `steps` optimizer steps."""
         with warnings.catch_warnings():
@@ -416,12 +546,9 @@ class Trainer:
     def finish(self) -> None:
         acc, args = self.accelerator, self.args
         acc.wait_for_everyone()
+        rescued: list[str] = []
         if args.save_state or getattr(args, "save_state_on_train_end", False):
-            self._save_state(self._state_dir())
+            self._save_state(self._state_dir(), rescued)
         if acc.is_main_process:
-            path = self._checkpoint_path()
-            self.save_weights(path, self.budget.num_epochs, self.global_step, final=True)
-            self.last_saved.append(path)
-            logger.info("saved %s", path)
-            if self.hub is not None:
-                self.hub.upload(path, final=True)
+            self._save_weights(self._checkpoint_path(), self.budget.num_epochs, self.global_step, True, rescued)
+        self._stop_if_rescued(rescued)

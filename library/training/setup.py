@@ -97,6 +97,7 @@ def build_dataset_groups(args, seed: int, kinds: DatasetKinds):
         raise TrainingError(f"face_crop_aug_range: {NOT_YET_SUPPORTED['face_crop_aug_range']}; remove it from "
                             f"{'; '.join(face_crop)}")
     train, val = build_datasets(config, seed, skip_bad_images=args.skip_bad_images,
+                                verify_images=getattr(args, "verify_images", False),
                                 max_train_steps=args.max_train_steps, conditioning_as_mask=kinds.conditioning_as_mask)
     if len(train) == 0:
         raise ValueError("the datasets hold no images to train on")

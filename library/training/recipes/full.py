@@ -65,6 +65,13 @@ class FullTrainer(Trainer):
         save_model(self.accelerator.unwrap_model(self.models.flux).state_dict(), folder / STATE_WEIGHTS,
                    streaming=True)
 
+    def state_weight_shapes(self) -> tuple[str, dict[str, tuple[int, ...]]]:
+        state = self.accelerator.unwrap_model(self.models.flux).state_dict()
+        return STATE_WEIGHTS, {k: tuple(v.shape) for k, v in state.items()}
+
+    def state_mismatch(self, key: str, saved: tuple[int, ...], expected: tuple[int, ...]) -> str:
+        return "the state was saved from another model size; resume with the --pretrained_model_name_or_path it used"
+
     @torch.no_grad()
     def load_state_weights(self, folder: Path) -> None:
         path = folder / STATE_WEIGHTS

@@ -159,6 +159,12 @@ class LoRATrainer(Trainer):
                 num_processes=self.accelerator.num_processes)
         return self._metadata
 
+    def state_mismatch(self, key: str, saved: tuple[int, ...], expected: tuple[int, ...]) -> str:
+        if key.endswith("lora_down.weight") and saved[0] != expected[0]:  # a LoRA module's rank is its down rows
+            return (f"the state was saved with --network_dim {saved[0]} (or a network_args dim for this module), "
+                    f"this run has {expected[0]}; resume with the same --network_dim and --network_args")
+        return "the state was saved with other network options; resume with the same --network_dim and --network_args"
+
     def save_weights(self, path: Path, epoch: int, step: int, final: bool) -> None:
         save_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}.get(
             self.args.save_precision)
