@@ -124,8 +124,30 @@ def test_parse_interactive_line():
     assert (nxt.width, nxt.steps, nxt.seed, nxt.negative_prompt, nxt.cfg_scale) == (512, 8, None, None, 3.0)
     with pytest.raises(ValueError, match="--x"):
         cli.parse_interactive_line("a cat --x 1", s)
-    with pytest.raises(ValueError, match="--w needs a int"):
+    with pytest.raises(ValueError, match="--w must be an integer 1 or more, got 'wide'"):
         cli.parse_interactive_line("a cat --w wide", s)
+    with pytest.raises(ValueError, match="--s must be 1 or more, got 0"):  # the command line's checks
+        cli.parse_interactive_line("a cat --s 0", s)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--width", "-16"], "argument --width: must be 1 or more, got -16"),
+    (["--height", "0"], "argument --height: must be 1 or more, got 0"),
+    (["--steps", "0"], "argument --steps: must be 1 or more, got 0"),
+    (["--seed", "-5"], "argument --seed: must be from 0 to 4294967295, got -5"),
+    (["--blocks_to_swap", "-1"], "argument --blocks_to_swap: must be 0 or more, got -1"),
+    (["--stpes", "4"], "unknown option --stpes (did you mean --steps?); see --help"),
+    (["--widt", "64"], "unknown option --widt (did you mean --width?)"),  # never an abbreviation of --width
+])
+def test_bad_options_are_one_line_before_anything_loads(tmp_path, capsys, argv, message):
+    args = ["--ckpt_path", "missing.safetensors", "--ae", "a", "--clip_l", "c", "--t5xxl", "t",
+            "--output_dir", str(tmp_path), *argv]
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: {message}" in err and "usage:" not in err, err
+    assert err.count("\n") == 1 and not list(tmp_path.iterdir())
+    assert cli.setup_parser().parse_args(args[:10] + ["--guidance", "-1.5"]).guidance == -1.5  # any float
 
 
 @pytest.mark.parametrize("role", ["--ckpt_path", "--ae", "--clip_l", "--t5xxl"])
