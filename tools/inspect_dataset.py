@@ -4,7 +4,8 @@
     python tools/inspect_dataset.py --dataset_config dataset.toml --json > images.jsonl
 
 Nothing is loaded but image headers (and, with --tokenizer_cache_dir, the tokenizers to count caption tokens).
-Exit status 0 when no problem was found, 1 otherwise.
+Exit status 0 when no problem was found, 1 otherwise; notes (a setting without effect, a value rounded) are
+listed but never fail the check.
 """
 
 from __future__ import annotations
@@ -40,14 +41,16 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 class _Collect(logging.Handler):
-    """Keeps the warnings the dataset code logs, so the report can list them as problems."""
+    """Keeps the warnings the dataset code logs, so the report can list them once: those logged with
+    `extra=library.data.NOTE` (a valid setting remarked on) as notes, the others as problems."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
+        self.notes: list[str] = []
         self.messages: list[str] = []
 
     def emit(self, record):
-        self.messages.append(record.getMessage())
+        (self.notes if getattr(record, "note", False) else self.messages).append(record.getMessage())
 
 
 def image_records(group) -> list[dict]:
@@ -158,6 +161,10 @@ def _inspect(args, unknown: list[str], collect: _Collect) -> int:
         print("\n".join(report(group, args)))
     if unknown:
         print(f"note: training arguments not used for inspection: {' '.join(unknown)}", file=sys.stderr)
+    if collect.notes:  # informational: they never fail the check
+        print(f"\n{len(collect.notes)} note(s):", file=sys.stderr)
+        for note in collect.notes:
+            print(f"- {note}", file=sys.stderr)
     if problems:
         print(f"\n{len(problems)} problem(s):", file=sys.stderr)
         for p in problems:
