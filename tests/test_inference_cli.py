@@ -59,10 +59,15 @@ def test_cli_writes_png_reproducibly_with_parameters(tiny, tmp_path):
 def test_size_not_multiple_of_16_rounds_up_with_message(tiny, tmp_path, caplog):
     args = base_args(tiny, tmp_path, "--seed", "1")
     args[args.index("--width") + 1] = "70"
+    args[args.index("--height") + 1] = "50"
     with caplog.at_level("INFO"):
         assert cli.main(args) == 0
-    assert Image.open(only_png(tmp_path)).size == (80, 48)
-    assert "70x48 is not a multiple of 16: the image will be 80x48" in caplog.text
+    image = Image.open(only_png(tmp_path))
+    assert image.size == (80, 64)
+    assert "70x50 is not a multiple of 16: the image will be 80x64" in caplog.text
+    # the metadata records the size rendered (what re-renders this image), and what was asked for
+    assert (image.text["width"], image.text["height"], image.text["requested_size"]) == ("80", "64", "70x50")
+    assert "Size: 80x64," in image.text["parameters"]
 
 
 def test_cfg_with_negative_prompt_changes_the_image(tiny, tmp_path):
