@@ -13,6 +13,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from library.formats.atomic_io import remove_stale_temporaries
 from library.formats.command_line import ArgumentParser, non_negative_int, positive_int, seed_int
 
 logger = logging.getLogger("flux_minimal_inference")
@@ -133,6 +134,7 @@ def run(args) -> int:
     from library.flow.generation import FluxModels, GenerationSettings, Placement, generate, png_text, save_png, \
         unique_path
 
+    remove_stale_temporaries(args.output_dir)  # PNGs of a run killed while writing (not its subfolders: maybe ".")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     base = str_to_dtype(args.dtype)
     compute = torch.bfloat16 if is_fp8(base) else base

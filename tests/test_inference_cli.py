@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
+from test_atomic_io import dead_pid
 from library.formats.diffusers_keys import bfl_to_diffusers
 from library.formats.safetensors_io import save_file_atomic
 from tools.make_tiny_models import make_tiny_models
@@ -60,8 +61,11 @@ def test_size_not_multiple_of_16_rounds_up_with_message(tiny, tmp_path, caplog):
     args = base_args(tiny, tmp_path, "--seed", "1")
     args[args.index("--width") + 1] = "70"
     args[args.index("--height") + 1] = "50"
+    stale = tmp_path / f".old.png.flux-tmp-{dead_pid()}-abcdefgh.png"  # a run killed while writing its PNG
+    stale.write_bytes(b"half a PNG")
     with caplog.at_level("INFO"):
         assert cli.main(args) == 0
+    assert not stale.exists()
     image = Image.open(only_png(tmp_path))
     assert image.size == (80, 64)
     assert "70x50 is not a multiple of 16: the image will be 80x64" in caplog.text
