@@ -13,12 +13,15 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from library.formats.atomic_io import remove_stale_temporaries
+from library.formats.command_line import ArgumentParser, non_negative_int, positive_int, seed_int
+
 logger = logging.getLogger("flux_minimal_inference")
 DTYPE_HELP = "bf16, fp16, fp32 or an fp8 type (fp8, fp8_e4m3fn, fp8_e5m2)"
 
 
 def setup_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="FLUX.1 text-to-image inference (sd-scripts compatible arguments).")
+    p = ArgumentParser(description="FLUX.1 text-to-image inference (sd-scripts compatible arguments).")
     p.add_argument("--ckpt_path", required=True,
                    help="FLUX transformer: BFL .safetensors (flux1-dev.safetensors), ComfyUI-prefixed, fp8, or a "
                         "diffusers folder/file")
@@ -31,22 +34,23 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg_scale", type=float, default=1.0,
                    help="classifier-free guidance scale; 1 disables it (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=3.5, help="embedded guidance scale for dev (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: 4 for schnell, 50 for dev)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
-    p.add_argument("--width", type=int, default=1360, help="image width; rounded up to a multiple of 16")
-    p.add_argument("--height", type=int, default=768, help="image height; rounded up to a multiple of 16")
+    p.add_argument("--steps", type=positive_int, default=None, help="Euler steps (default: 4 for schnell, 50 for dev)")
+    p.add_argument("--seed", type=seed_int, default=None, help="random seed (default: a random one, printed)")
+    p.add_argument("--width", type=positive_int, default=1360, help="image width; rounded up to a multiple of 16")
+    p.add_argument("--height", type=positive_int, default=768, help="image height; rounded up to a multiple of 16")
     p.add_argument("--dtype", default="bfloat16", help=f"dtype of every component unless set below: {DTYPE_HELP}")
     for part in ("flux", "clip_l", "t5xxl", "ae"):
         p.add_argument(f"--{part}_dtype", default=None, help=f"dtype of the {part} component (default: --dtype)")
     p.add_argument("--apply_t5_attn_mask", action="store_true", help="mask T5 padding tokens in T5 and attention")
-    p.add_argument("--t5xxl_max_token_length", type=int, default=None,
+    p.add_argument("--t5xxl_max_token_length", type=positive_int, default=None,
                    help="T5 tokens (default: 256 for schnell, 512 for dev)")
     p.add_argument("--tokenizer_cache_dir", default=None,
                    help="folder with tokenizers in sd-scripts' layout (openai_clip-vit-large-patch14, "
                         "google_t5-v1_1-xxl); hub downloads are saved there")
     p.add_argument("--clip_l_tokenizer", default=None,
                    help="CLIP tokenizer folder or hub id (default: openai/clip-vit-large-patch14)")
-    p.add_argument("--t5xxl_tokenizer", default=None, help="T5 tokenizer folder or hub id (default: google/t5-v1_1-xxl)")
+    p.add_argument("--t5xxl_tokenizer", default=None,
+                   help="T5 tokenizer folder or hub id (default: google/t5-v1_1-xxl)")
     p.add_argument("--lora_weights", nargs="*", default=[],
                    help="LoRA files to apply, each `path` or `path;multiplier` (kohya/sd-scripts, diffusers/PEFT, "
                         "ai-toolkit, ComfyUI, ...: auto-detected, docs/lora_formats.md)")
@@ -60,7 +64,7 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="multiplier of the ControlNet residuals (default: %(default)s)")
     p.add_argument("--offload", action="store_true",
                    help="keep models on the CPU and move each to the GPU only while it runs")
-    p.add_argument("--blocks_to_swap", type=int, default=0,
+    p.add_argument("--blocks_to_swap", type=non_negative_int, default=0,
                    help="keep the weights of N transformer blocks in CPU memory and stream them to the device as "
                         "they are needed (1 to 35 for FLUX.1: N // 2 double and (N - N // 2) * 2 single blocks); "
                         "combines with --offload for the text encoders and autoencoder")
@@ -81,9 +85,9 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 _floats.__name__ = "comma-separated list of numbers"
-INTERACTIVE_OPTIONS = {"w": ("width", int), "h": ("height", int), "s": ("steps", int), "d": ("seed", int),
-                       "g": ("guidance", float), "n": ("negative_prompt", str), "c": ("cfg_scale", float),
-                       "m": ("lora_multipliers", _floats)}
+INTERACTIVE_OPTIONS = {"w": ("width", positive_int), "h": ("height", positive_int), "s": ("steps", positive_int),
+                       "d": ("seed", seed_int), "g": ("guidance", float), "n": ("negative_prompt", str),
+                       "c": ("cfg_scale", float), "m": ("lora_multipliers", _floats)}
 
 
 def parse_interactive_line(line: str, settings):
@@ -102,6 +106,8 @@ def parse_interactive_line(line: str, settings):
         value = value.strip()
         try:
             updates[name] = None if (name == "negative_prompt" and value == "-") else kind(value)
+        except argparse.ArgumentTypeError as e:  # the command line's checks: "must be 1 or more, got 0"
+            raise ValueError(f"--{letter} {e}") from None
         except ValueError:
             raise ValueError(f"--{letter} needs a {kind.__name__}, got {value!r}") from None
     if not updates["prompt"]:
@@ -128,6 +134,7 @@ def run(args) -> int:
     from library.flow.generation import FluxModels, GenerationSettings, Placement, generate, png_text, save_png, \
         unique_path
 
+    remove_stale_temporaries(args.output_dir)  # PNGs of a run killed while writing (not its subfolders: maybe ".")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     base = str_to_dtype(args.dtype)
     compute = torch.bfloat16 if is_fp8(base) else base

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from library.cli.main import tool_main  # noqa: E402 (imports follow the path set-up: runs as a script)
+from library.formats.command_line import ArgumentParser  # noqa: E402
 from library.formats.dtypes import str_to_dtype  # noqa: E402
 from library.formats.lora_formats import FORMATS, load_lora, save_lora  # noqa: E402
 
@@ -29,7 +30,7 @@ SRC_LAYOUTS = {"sd-scripts": {"sd-scripts"}, "ai-toolkit": {"diffusers"}, "diffu
 
 
 def setup_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--src", default="ai-toolkit", choices=[*FORMATS, "auto"],
                    help="layout of --src_path (default ai-toolkit, as sd-scripts); 'auto' accepts any readable "
                         "layout (also OneTrainer, LyCORIS-LoRA, BFL-named files)")

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from library.cli.main import tool_main  # noqa: E402 (imports follow the path set-up: runs as a script)
+from library.formats.command_line import ArgumentParser, positive_int  # noqa: E402
 from library.formats.atomic_io import atomic_write  # noqa: E402
 from library.formats.dtypes import str_to_dtype  # noqa: E402
 from library.formats.lora_formats import FORMATS, save_lora  # noqa: E402
@@ -29,11 +30,11 @@ logger = logging.getLogger(__name__)
 
 
 def setup_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model_org", required=True, help="base transformer (BFL, ComfyUI-prefixed or diffusers)")
     p.add_argument("--model_tuned", required=True, help="fine-tuned transformer of the same architecture")
     p.add_argument("--save_to", required=True, help="LoRA file to write (.safetensors)")
-    p.add_argument("--dim", type=int, default=4, help="rank of every module (capped at the weight's size)")
+    p.add_argument("--dim", type=positive_int, default=4, help="rank of every module (capped at the weight's size)")
     p.add_argument("--clamp_quantile", type=float, default=0.99,
                    help="clamp up/down entries to this quantile of their absolute values (1 = no clamping)")
     p.add_argument("--device", default=None, help="device for the SVDs (cuda is much faster; default cpu)")
@@ -48,8 +49,6 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    if args.dim < 1:
-        raise ValueError(f"--dim {args.dim}: must be at least 1")
     if not 0 < args.clamp_quantile <= 1:
         raise ValueError(f"--clamp_quantile {args.clamp_quantile}: must be in (0, 1]")
     result = extract_lora(args.model_org, args.model_tuned, args.dim, args.clamp_quantile, args.device or "cpu")

@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from library.cli.main import tool_main  # noqa: E402 (imports follow the path set-up: runs as a script)
+from library.formats.command_line import ArgumentParser, positive_int  # noqa: E402
 from library.formats.dtypes import str_to_dtype  # noqa: E402
 from library.formats.lora_formats import CLIP, FORMATS, T5, UNET, LoRAWeights, load_lora, save_lora  # noqa: E402
 from library.lora.merge import (WeightedLoRA, concat_loras, merge_into_file, merged_lora_metadata,  # noqa: E402
@@ -32,7 +33,7 @@ PRECISIONS = ["float", "fp32", "fp16", "bf16"]
 
 
 def setup_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--flux_model", default=None, help="FLUX transformer to merge into (BFL, ComfyUI or diffusers)")
     p.add_argument("--clip_l", default=None, help="CLIP-L file to merge lora_te1 modules into")
     p.add_argument("--t5xxl", default=None, help="T5-XXL file to merge lora_te3 modules into")
@@ -57,7 +58,7 @@ def setup_parser() -> argparse.ArgumentParser:
                         "factors is not an exact merge and is not offered)")
     p.add_argument("--shuffle", action="store_true", help="with --concat: permute the rank order (no effect on the "
                    "update)")
-    p.add_argument("--new_rank", type=int, default=None,
+    p.add_argument("--new_rank", type=positive_int, default=None,
                    help="LoRA + LoRA: re-factorise each module's summed update to this rank by SVD")
     p.add_argument("--clamp_quantile", type=float, default=1.0,
                    help="with --new_rank: clamp factors to this quantile of their absolute values (1 = off)")
@@ -109,8 +110,6 @@ def merge_to_lora(args, loras, first_meta) -> None:
 
 
     if args.new_rank is not None:
-        if args.new_rank < 1:
-            raise ValueError(f"--new_rank {args.new_rank}: must be at least 1")
         modules, errors = svd_merge_loras(loras, args.new_rank, args.clamp_quantile, args.working_device)
         worst = max(errors, key=errors.get)
         logger.info("SVD to rank %d: relative error mean %.3e, max %.3e (%s)", args.new_rank,

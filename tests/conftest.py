@@ -12,17 +12,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def shared_dir() -> Path:
-    """shared/ sits beside the checkout (../shared), in CI as in development."""
-    for base in (ROOT, *ROOT.parents):
-        if (base / "shared" / "fixtures").is_dir():
-            return base / "shared"
-    pytest.skip("shared/fixtures not found beside the checkout")
+# key/shape tables of the real model files, kept in the checkout: a test never reads outside the repository
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
 def read_key_fixture(name: str) -> dict[str, tuple[int, ...]]:
+    """A fixture's lines "key\t[d0, d1, ...]" as {key: shape}."""
     out = {}
-    for line in (shared_dir() / "fixtures" / name).read_text().splitlines():
+    for line in (FIXTURES / name).read_text().splitlines():
         if line.strip():
             key, shape = line.split("\t")
             out[key] = tuple(int(s) for s in shape.strip("[]").split(",") if s.strip())

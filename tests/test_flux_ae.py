@@ -1,26 +1,19 @@
 """FLUX autoencoder: exact BFL layout, numerics against diffusers, tiling, loading (CPU, fp32, tiny config)."""
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from conftest import read_key_fixture
 from library.models.autoencoder import AE_PRESETS, AutoEncoder, _tiled, infer_ae_params, load_ae
 from library.formats.safetensors_io import ModelFileError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINY = AE_PRESETS["tiny"]
 
 
 def fixture_shapes() -> dict[str, tuple[int, ...]]:
-    # lines look like: "decoder.conv_in.weight\t[512, 16, 3, 3]"
-    shapes = {}
-    for line in (SHARED / "fixtures" / "ae_keys.txt").read_text().splitlines():
-        key, shape = line.split("\t")
-        shapes[key] = tuple(int(s) for s in shape.strip("[]").split(",") if s.strip())
-    return shapes
+    return read_key_fixture("ae_keys.txt")
 
 
 @pytest.fixture(scope="module")

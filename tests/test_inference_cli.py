@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
+from test_atomic_io import dead_pid
 from library.formats.diffusers_keys import bfl_to_diffusers
 from library.formats.safetensors_io import save_file_atomic
 from tools.make_tiny_models import make_tiny_models
@@ -59,10 +60,18 @@ def test_cli_writes_png_reproducibly_with_parameters(tiny, tmp_path):
 def test_size_not_multiple_of_16_rounds_up_with_message(tiny, tmp_path, caplog):
     args = base_args(tiny, tmp_path, "--seed", "1")
     args[args.index("--width") + 1] = "70"
+    args[args.index("--height") + 1] = "50"
+    stale = tmp_path / f".old.png.flux-tmp-{dead_pid()}-abcdefgh.png"  # a run killed while writing its PNG
+    stale.write_bytes(b"half a PNG")
     with caplog.at_level("INFO"):
         assert cli.main(args) == 0
-    assert Image.open(only_png(tmp_path)).size == (80, 48)
-    assert "70x48 is not a multiple of 16: the image will be 80x48" in caplog.text
+    assert not stale.exists()
+    image = Image.open(only_png(tmp_path))
+    assert image.size == (80, 64)
+    assert "70x50 is not a multiple of 16: the image will be 80x64" in caplog.text
+    # the metadata records the size rendered (what re-renders this image), and what was asked for
+    assert (image.text["width"], image.text["height"], image.text["requested_size"]) == ("80", "64", "70x50")
+    assert "Size: 80x64," in image.text["parameters"]
 
 
 def test_cfg_with_negative_prompt_changes_the_image(tiny, tmp_path):
@@ -124,8 +133,30 @@ def test_parse_interactive_line():
     assert (nxt.width, nxt.steps, nxt.seed, nxt.negative_prompt, nxt.cfg_scale) == (512, 8, None, None, 3.0)
     with pytest.raises(ValueError, match="--x"):
         cli.parse_interactive_line("a cat --x 1", s)
-    with pytest.raises(ValueError, match="--w needs a int"):
+    with pytest.raises(ValueError, match="--w must be an integer 1 or more, got 'wide'"):
         cli.parse_interactive_line("a cat --w wide", s)
+    with pytest.raises(ValueError, match="--s must be 1 or more, got 0"):  # the command line's checks
+        cli.parse_interactive_line("a cat --s 0", s)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--width", "-16"], "argument --width: must be 1 or more, got -16"),
+    (["--height", "0"], "argument --height: must be 1 or more, got 0"),
+    (["--steps", "0"], "argument --steps: must be 1 or more, got 0"),
+    (["--seed", "-5"], "argument --seed: must be from 0 to 4294967295, got -5"),
+    (["--blocks_to_swap", "-1"], "argument --blocks_to_swap: must be 0 or more, got -1"),
+    (["--stpes", "4"], "unknown option --stpes (did you mean --steps?); see --help"),
+    (["--widt", "64"], "unknown option --widt (did you mean --width?)"),  # never an abbreviation of --width
+])
+def test_bad_options_are_one_line_before_anything_loads(tmp_path, capsys, argv, message):
+    args = ["--ckpt_path", "missing.safetensors", "--ae", "a", "--clip_l", "c", "--t5xxl", "t",
+            "--output_dir", str(tmp_path), *argv]
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: {message}" in err and "usage:" not in err, err
+    assert err.count("\n") == 1 and not list(tmp_path.iterdir())
+    assert cli.setup_parser().parse_args(args[:10] + ["--guidance", "-1.5"]).guidance == -1.5  # any float
 
 
 @pytest.mark.parametrize("role", ["--ckpt_path", "--ae", "--clip_l", "--t5xxl"])

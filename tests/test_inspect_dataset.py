@@ -60,3 +60,19 @@ def test_problems_are_listed_and_exit_status_is_1(tmp_path):
                         str(bad_config)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "interpolation_type" in r.stderr and "/nonexistent" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_notes_are_listed_but_only_problems_fail(tmp_path, capsys):
+    # sd-scripts' own example configs combine bucket_no_upscale with min/max_bucket_reso: a note, not a problem
+    config = make_dataset(tmp_path)
+    config.write_text(config.read_text().replace("enable_bucket = true\n", "enable_bucket = true\n"
+                                                 "bucket_no_upscale = true\n"))
+    assert main(["--dataset_config", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert "1 note(s):\n- min_bucket_reso and max_bucket_reso are ignored with bucket_no_upscale" in err
+    assert "problem" not in err.replace("no problems found", "")
+    # a note beside a problem: both listed, the problem fails the check
+    (tmp_path / "imgs" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    assert main(["--dataset_config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "1 note(s):" in err and "1 problem(s):" in err and "bad.jpg" in err.split("problem(s):")[1]

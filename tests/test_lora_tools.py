@@ -307,3 +307,19 @@ def test_merge_and_extract_on_cuda_match_cpu(setup, trained, tmp_path):
     a, _ = read_lora(load_tensors(tmp_path / "x_cpu.safetensors"))
     b, _ = read_lora(load_tensors(tmp_path / "x_cuda.safetensors"))
     assert set(a) == set(b) and max(float((a[n].delta() - b[n].delta()).abs().max()) for n in a) < 1e-4
+
+
+@pytest.mark.parametrize("tool, argv, message", [
+    (flux_extract_lora, ["--dim", "0"], "argument --dim: must be 1 or more, got 0"),
+    (flux_merge_lora, ["--new_rank", "-4"], "argument --new_rank: must be 1 or more, got -4"),
+    (flux_merge_lora, ["--ratio", "0.5"], "unknown option --ratio (did you mean --ratios?)"),  # no abbreviations
+    (convert_flux_lora, ["--dst_pth", "x"], "unknown option --dst_pth (did you mean --dst_path?)"),
+])
+def test_tool_options_are_checked_in_one_line(capsys, tool, argv, message):
+    required = {flux_extract_lora: ["--model_org", "a", "--model_tuned", "b", "--save_to", "c"],
+                flux_merge_lora: ["--save_to", "c", "--models", "l"],
+                convert_flux_lora: ["--src_path", "a", "--dst_path", "b"]}[tool]
+    with pytest.raises(SystemExit) as e:
+        tool.main(required + argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: {message}" in err and err.count("\n") == 1, err

@@ -347,3 +347,76 @@ def test_save_last_n_without_a_save_interval_is_noted(caplog):
 def test_unknown_trainer_is_a_programming_error():
     with pytest.raises(TypeError, match="TrainerCommandLine"):
         ta.verify_training_args(argparse.Namespace(), "lora")
+
+
+# --- one line for every mistake, at parse time (issue 14, defect 6) ----------------------------------------------
+
+
+def parse_error(argv, capsys, trainer="network") -> str:
+    with pytest.raises(SystemExit) as e:
+        parse(argv, trainer)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "usage:" not in err, err
+    return err
+
+
+def test_unknown_options_name_the_closest_ones_in_one_line(capsys):
+    assert "error: unknown option --netwrk_dim (did you mean --network_dim?); see --help" in \
+        parse_error(["--netwrk_dim", "8"], capsys)
+    assert "unknown option --zzz_unknown; see --help" in parse_error(["--zzz_unknown"], capsys)
+    err = parse_error(["--learing_rate=1e-4", "--mixed_precison", "bf16"], capsys, "full")
+    assert "--learing_rate (did you mean --learning_rate?); unknown option --mixed_precison" in err
+
+
+def test_abbreviations_are_refused(capsys):
+    assert "unknown option --network_di (did you mean --network_dim?)" in parse_error(["--network_di", "8"], capsys)
+    assert parse(["--network_dim", "8"]).network_dim == 8
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--network_dim", "0"], "argument --network_dim: must be 1 or more, got 0"),
+    (["--learning_rate", "-1"], "argument --learning_rate: must be 0 or more, got -1"),
+    (["--learning_rate", "nan"], "argument --learning_rate: must be 0 or more, got nan"),
+    (["--unet_lr=-1e-4"], "argument --unet_lr: must be 0 or more, got -1e-4"),
+    (["--text_encoder_lr", "1e-4", "-1"], "argument --text_encoder_lr: must be 0 or more, got -1"),
+    (["--max_train_steps", "ten"], "argument --max_train_steps: must be an integer 0 or more, got 'ten'"),
+    (["--max_train_epochs", "0"], "argument --max_train_epochs: must be 1 or more, got 0"),
+    (["--train_batch_size", "0"], "argument --train_batch_size: must be 1 or more, got 0"),
+    (["--gradient_accumulation_steps", "-2"], "argument --gradient_accumulation_steps: must be 1 or more, got -2"),
+    (["--save_every_n_steps", "0"], "argument --save_every_n_steps: must be 1 or more, got 0"),
+    (["--save_every_n_epochs", "0"], "argument --save_every_n_epochs: must be 1 or more, got 0"),
+    (["--seed", "-1"], "argument --seed: must be from 0 to 4294967295, got -1"),
+    (["--caption_dropout_rate", "1.5"], "argument --caption_dropout_rate: must be from 0 to 1, got 1.5"),
+    (["--network_alpha", "-4"], "argument --network_alpha: must be 0 or more, got -4"),
+    (["--discrete_flow_shift", "0"], "argument --discrete_flow_shift: must be above 0, got 0"),
+    (["--lr_scheduler_num_cycles", "0"], "argument --lr_scheduler_num_cycles: must be 1 or more, got 0"),
+])
+def test_values_are_checked_as_they_are_parsed(argv, message, capsys):
+    assert message in parse_error(argv, capsys)
+
+
+def test_learning_rate_0_of_one_part_freezes_it_as_in_sd_scripts():
+    args = parse(["--unet_lr", "0", "--text_encoder_lr", "0", "1e-5"])
+    assert args.unet_lr == 0 and args.text_encoder_lr == [0, 1e-5]
+    assert parse(["--guidance_scale", "-2", "--seed", "0"]).guidance_scale == -2  # any float
+
+
+def test_max_train_steps_0_needs_max_train_epochs():
+    with pytest.raises(ta.TrainingArgumentError, match=r"--max_train_steps 0: must be 1 or more \(or give "
+                                                       r"--max_train_epochs\)"):
+        verify(["--max_train_steps", "0"])
+    assert verify(["--max_train_steps", "0", "--max_train_epochs", "2"]).max_train_epochs == 2
+
+
+def test_config_file_values_get_the_same_checks(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("network_dim = 0\nlearning_rate = -1e-4\ntrain_batch_size = 2\nseed = true\n")
+    with pytest.raises(SystemExit) as e:
+        read_config(["--config_file", str(cfg)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1
+    assert "'network_dim' must be 1 or more, got 0" in err and "'learning_rate' must be 0 or more, got -0.0001" in err
+    assert "'seed' takes a number, not True" in err and "train_batch_size" not in err
+    cfg.write_text("network_dim = 8\nlearning_rate = 1e-4\ntext_encoder_lr = [0, 1e-5]\n")
+    args = read_config(["--config_file", str(cfg)])
+    assert (args.network_dim, args.learning_rate, args.text_encoder_lr) == (8, 1e-4, [0.0, 1e-5])

@@ -14,6 +14,7 @@ import flux_train_network as cli
 import cli_runs
 from cli_runs import run_args
 from conftest import ROOT
+from test_atomic_io import dead_pid
 from tools.make_demo_dataset import make_demo_dataset
 from tools.make_tiny_models import make_tiny_models
 
@@ -146,9 +147,15 @@ def test_bad_dataset_fails_before_models_load(setup, tmp_path, capsys):
     argv = train_args(setup, tmp_path)
     argv[argv.index("--dataset_config") + 1] = str(bad)
     argv[argv.index("--pretrained_model_name_or_path") + 1] = "/also/missing.safetensors"
+    (tmp_path / "n-state").mkdir()  # a run killed while saving left its temporaries; start-up removes them
+    stale = [tmp_path / f".n.safetensors.flux-tmp-{dead_pid()}-abcdefgh.tmp",
+             tmp_path / "n-state" / f".train_state.json.flux-tmp-{dead_pid()}-abcdefgh.tmp"]
+    for p in stale:
+        p.write_text("half")
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "/nonexistent" in err and "missing.safetensors" not in err
+    assert not any(p.exists() for p in stale)
 
 
 def test_unimplemented_options_are_refused_not_ignored(setup, tmp_path, capsys):

@@ -5,7 +5,8 @@
 
 Nothing is loaded but image headers (and, with --tokenizer_cache_dir, the tokenizers to count caption tokens);
 --verify_images decodes every image in full, which finds data corrupted behind a valid header.
-Exit status 0 when no problem was found, 1 otherwise.
+Exit status 0 when no problem was found, 1 otherwise; notes (a setting without effect, a value rounded) are
+listed but never fail the check.
 """
 
 from __future__ import annotations
@@ -20,33 +21,37 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from library.data.arguments import add_dataset_arguments  # noqa: E402 (cheap: no torch)
+from library.formats.command_line import ArgumentParser, non_negative_int, positive_int, seed_int  # noqa: E402
 
 
 def setup_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Validate a dataset config and its images; show buckets and steps.")
+    p = ArgumentParser(description="Validate a dataset config and its images; show buckets and steps.")
     add_dataset_arguments(p, support_controlnet=True)
     g = p.add_argument_group("steps")
-    g.add_argument("--max_train_steps", type=int, default=1600, help="as in training (default: %(default)s)")
-    g.add_argument("--max_train_epochs", type=int, default=None, help="overrides --max_train_steps")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--num_processes", type=int, default=1, help="GPUs that will share the batches")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--max_train_steps", type=non_negative_int, default=1600,
+                   help="as in training (default: %(default)s)")
+    g.add_argument("--max_train_epochs", type=positive_int, default=None, help="overrides --max_train_steps")
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
+    g.add_argument("--num_processes", type=positive_int, default=1, help="GPUs that will share the batches")
+    g.add_argument("--seed", type=seed_int, default=42)
     g.add_argument("--tokenizer_cache_dir", default=None,
                    help="tokenizers (sd-scripts layout) to count caption tokens against --t5xxl_max_token_length")
-    g.add_argument("--t5xxl_max_token_length", type=int, default=512)
+    g.add_argument("--t5xxl_max_token_length", type=positive_int, default=512)
     g.add_argument("--json", action="store_true", help="print one JSON record per image instead of the report")
     return p
 
 
 class _Collect(logging.Handler):
-    """Keeps the warnings the dataset code logs, so the report can list them as problems."""
+    """Keeps the warnings the dataset code logs, so the report can list them once: those logged with
+    `extra=library.data.NOTE` (a valid setting remarked on) as notes, the others as problems."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
+        self.notes: list[str] = []
         self.messages: list[str] = []
 
     def emit(self, record):
-        self.messages.append(record.getMessage())
+        (self.notes if getattr(record, "note", False) else self.messages).append(record.getMessage())
 
 
 def image_records(group) -> list[dict]:
@@ -60,7 +65,8 @@ def image_records(group) -> list[dict]:
             records.append({
                 "path": str(item.absolute_path), "dataset": ds.config.index, "image_size": list(item.image_size),
                 "bucket": [bw, bh], "resized_size": [rw, rh], "crop_left_top": [(rw - bw) // 2, (rh - bh) // 2],
-                "crop_ltrb": [round(v, 2) for v in get_crop_ltrb(item.bucket_reso, item.image_size)], "repeats": item.num_repeats,
+                "crop_ltrb": [round(v, 2) for v in get_crop_ltrb(item.bucket_reso, item.image_size)],
+                "repeats": item.num_repeats,
                 "is_reg": item.is_reg, "random_crop": item.subset.random_crop,
                 "caption": text_encoder_cache_caption(item.caption, item.caption_options)
                 if not item.caption_options.enable_wildcard else item.caption,
@@ -157,6 +163,10 @@ def _inspect(args, unknown: list[str], collect: _Collect) -> int:
         print("\n".join(report(group, args)))
     if unknown:
         print(f"note: training arguments not used for inspection: {' '.join(unknown)}", file=sys.stderr)
+    if collect.notes:  # informational: they never fail the check
+        print(f"\n{len(collect.notes)} note(s):", file=sys.stderr)
+        for note in collect.notes:
+            print(f"- {note}", file=sys.stderr)
     if problems:
         print(f"\n{len(problems)} problem(s):", file=sys.stderr)
         for p in problems:

@@ -23,6 +23,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from library.formats.command_line import ArgumentParser, positive_float  # noqa: E402 (cheap: no torch)
+
 
 def command_line(trainer: str):
     """The planned recipe's command line, by the planner's name for it."""
@@ -32,7 +34,7 @@ def command_line(trainer: str):
 
 
 def planner_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
+    p = ArgumentParser(add_help=False)
     add = p.add_argument_group("memory planner").add_argument
     add("--trainer", choices=["network", "full"], default="network",
         help="plan for flux_train_network.py (network, default) or flux_train.py (full)")
@@ -46,8 +48,9 @@ def planner_parser() -> argparse.ArgumentParser:
         help="print the table of --blocks_to_swap 0/8/18/28/35, bf16 or fp8 base, 512 and 1024, LoRA and full "
              "fine-tuning (Adafactor + fused backward, AdamW8bit); takes several minutes")
     add("--speed", action="store_true", help="print the swap speed model for --blocks_to_swap 0/8/18/28/35")
-    add("--gpu_tflops", type=float, default=None, help="compute rate of the speed model (default: see --speed)")
-    add("--h2d_gbps", type=float, default=None, help="pinned host-to-device GB/s of the speed model")
+    add("--gpu_tflops", type=positive_float, default=None,
+        help="compute rate of the speed model (default: see --speed)")
+    add("--h2d_gbps", type=positive_float, default=None, help="pinned host-to-device GB/s of the speed model")
     return p
 
 

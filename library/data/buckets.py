@@ -18,6 +18,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from library.data import NOTE
+
 logger = logging.getLogger(__name__)
 
 Size = tuple[int, int]  # (width, height) everywhere in this module
@@ -80,21 +82,21 @@ class BucketPlanner:
 
         if not enable_bucket:
             if bucket_no_upscale:
-                logger.warning("bucket_no_upscale has no effect without enable_bucket; ignoring it")
+                logger.warning("bucket_no_upscale has no effect without enable_bucket; ignoring it", extra=NOTE)
             self.predefined_resos = [self.resolution]
         elif bucket_no_upscale:
             if (min_bucket_reso, max_bucket_reso) != (256, 1024):
                 logger.warning("min_bucket_reso and max_bucket_reso are ignored with bucket_no_upscale "
-                               "(buckets follow the image sizes, capped at the area of resolution)")
+                               "(buckets follow the image sizes, capped at the area of resolution)", extra=NOTE)
         else:
             rounded_min = min_bucket_reso - min_bucket_reso % steps
             rounded_max = max_bucket_reso + (-max_bucket_reso) % steps
             if rounded_min != min_bucket_reso:
                 logger.warning("min_bucket_reso %d is not a multiple of bucket_reso_steps %d; rounded down to %d",
-                               min_bucket_reso, steps, rounded_min)
+                               min_bucket_reso, steps, rounded_min, extra=NOTE)
             if rounded_max != max_bucket_reso:
                 logger.warning("max_bucket_reso %d is not a multiple of bucket_reso_steps %d; rounded up to %d",
-                               max_bucket_reso, steps, rounded_max)
+                               max_bucket_reso, steps, rounded_max, extra=NOTE)
             if rounded_min <= 0:
                 raise ValueError(f"min_bucket_reso {min_bucket_reso} rounds down to {rounded_min} with "
                                  f"bucket_reso_steps {steps}; it must be at least {steps}")

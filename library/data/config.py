@@ -23,6 +23,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from library.data import NOTE
 from library.data.schema import (  # noqa: F401 (INTERPOLATIONS, resolve_resolution: re-exported)
     CLI_NAMES, COMMAND_LINE_ONLY, HINTS, IMAGE_EXTENSIONS, INTERPOLATIONS, INVALID, KIND_KEYS, KIND_NAMES, KIND_ONLY,
     LEVEL_KEYS, LEVEL_NAMES, NO_CLI_FALLBACK, BadValue, convert_value, resolve_resolution, show_value,
@@ -371,11 +372,11 @@ def _check_dataset(dataset: DatasetConfig, ctx: _Context):
     if steps % 16 == 0 and lo % steps:
         dataset.min_bucket_reso = max(steps, lo - lo % steps)
         logger.warning("%s: min_bucket_reso %d is not a multiple of bucket_reso_steps %d: rounded down to %d",
-                       where, lo, steps, dataset.min_bucket_reso)
+                       where, lo, steps, dataset.min_bucket_reso, extra=NOTE)
     if steps % 16 == 0 and hi % steps:
         dataset.max_bucket_reso = hi + steps - hi % steps
         logger.warning("%s: max_bucket_reso %d is not a multiple of bucket_reso_steps %d: rounded up to %d",
-                       where, hi, steps, dataset.max_bucket_reso)
+                       where, hi, steps, dataset.max_bucket_reso, extra=NOTE)
 
 
 def _origin(config, key: str) -> str:

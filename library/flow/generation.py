@@ -144,7 +144,11 @@ def png_text(settings: GenerationSettings, model_name: str) -> dict[str, str]:
     """Generation parameters stored in the PNG: one key per setting plus an A1111-style `parameters` line."""
     fields = {k: "" if v is None else str(v) for k, v in asdict(settings).items()}
     fields["model"] = model_name
-    summary = (f"Steps: {fields['steps']}, Seed: {settings.seed}, Size: {settings.width}x{settings.height}, "
+    width, height = settings.output_size()  # the size rendered (rounded up to 16), which re-renders the same image
+    fields.update(width=str(width), height=str(height))
+    if (width, height) != (settings.width, settings.height):
+        fields["requested_size"] = f"{settings.width}x{settings.height}"
+    summary = (f"Steps: {fields['steps']}, Seed: {settings.seed}, Size: {width}x{height}, "
                f"Guidance: {settings.guidance}, CFG scale: {settings.cfg_scale}, Model: {model_name}")
     negative = f"\nNegative prompt: {settings.negative_prompt}" if settings.negative_prompt else ""
     fields["parameters"] = f"{settings.prompt}{negative}\n{summary}"

@@ -12,7 +12,9 @@ Differences from sd-scripts, on the side of saying so:
   get the option's type (a TOML `network_alpha = 16` is 16.0, `text_encoder_lr = 1e-4` becomes `[1e-4]`);
 * `--network_alpha` defaults to 1.0, not the int 1 (reference 17.25: int64 alpha tensors);
 * `--cpu_offload_checkpointing` implies `--gradient_checkpointing` in every trainer (sd-scripts' LoRA trainer
-  silently does nothing without it).
+  silently does nothing without it);
+* options are never abbreviated, an unknown option names the closest ones, and numbers are checked as they are
+  parsed (`--network_dim 0`, `--learning_rate -1`: one line naming what is allowed; `library.formats.command_line`).
 
 Only cheap imports here: the trainers' --help must stay fast.
 """
@@ -27,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from library.data.arguments import add_dataset_arguments
+from library.formats.command_line import (ArgumentParser, fraction, non_negative_float, non_negative_int,
+                                          positive_float, positive_int, seed_int)
 from library.training import optimizers
 
 logger = logging.getLogger(__name__)
@@ -128,13 +132,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--async_upload", action="store_true", help="upload in the background (the final upload waits)")
     add("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"],
         help="dtype of saved weights (default: as trained)")
-    add("--save_every_n_epochs", type=int, default=None, help="save a checkpoint every N epochs")
-    add("--save_every_n_steps", type=int, default=None, help="save a checkpoint every N steps")
-    add("--save_n_epoch_ratio", type=int, default=None, help="save about N checkpoints over the run (by epochs)")
-    add("--save_last_n_epochs", type=int, default=None, help="keep only the last N epoch checkpoints")
-    add("--save_last_n_epochs_state", type=int, default=None, help="keep only the last N epoch states")
-    add("--save_last_n_steps", type=int, default=None, help="delete step checkpoints older than N steps")
-    add("--save_last_n_steps_state", type=int, default=None, help="delete step states older than N steps")
+    add("--save_every_n_epochs", type=positive_int, default=None, help="save a checkpoint every N epochs")
+    add("--save_every_n_steps", type=positive_int, default=None, help="save a checkpoint every N steps")
+    add("--save_n_epoch_ratio", type=positive_int, default=None,
+        help="save about N checkpoints over the run (by epochs)")
+    add("--save_last_n_epochs", type=positive_int, default=None, help="keep only the last N epoch checkpoints")
+    add("--save_last_n_epochs_state", type=positive_int, default=None, help="keep only the last N epoch states")
+    add("--save_last_n_steps", type=positive_int, default=None, help="delete step checkpoints older than N steps")
+    add("--save_last_n_steps_state", type=positive_int, default=None, help="delete step states older than N steps")
     add("--save_state", action="store_true", help="save the training state with every checkpoint (for --resume)")
     add("--save_state_on_train_end", action="store_true", help="save the training state at the end")
     add("--resume", type=str, default=None, help="state folder to resume from")
@@ -153,18 +158,20 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi", "fx2trt",
                  "onnxrt", "tensort", "ipex", "tvm"], help="torch.compile backend (default: inductor)")
     add("--vae", type=str, default=None, help="SD VAE; no effect on FLUX (use --ae)")
-    add("--max_train_steps", type=int, default=1600, help="optimizer steps (default: 1600)")
-    add("--max_train_epochs", type=int, default=None, help="epochs; overrides --max_train_steps")
-    add("--max_data_loader_n_workers", type=int, default=8, help="DataLoader worker processes (default: 8)")
+    add("--max_train_steps", type=non_negative_int, default=1600, help="optimizer steps (default: 1600)")
+    add("--max_train_epochs", type=positive_int, default=None, help="epochs; overrides --max_train_steps")
+    add("--max_data_loader_n_workers", type=non_negative_int, default=8,
+        help="DataLoader worker processes (default: 8)")
     add("--persistent_data_loader_workers", action="store_true", help="keep DataLoader workers between epochs")
-    add("--seed", type=int, default=None, help="random seed (default: a random one, recorded in the metadata)")
+    add("--seed", type=seed_int, default=None, help="random seed (default: a random one, recorded in the metadata)")
     add("--gradient_checkpointing", action="store_true", help="recompute block activations in the backward pass")
-    add("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
+    add("--gradient_accumulation_steps", type=positive_int, default=1,
+        help="micro-batches per optimizer step (default: 1)")
     add("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="autocast dtype")
     add("--full_fp16", action="store_true", help="trained weights in fp16 (needs --mixed_precision fp16)")
     add("--full_bf16", action="store_true", help="trained weights in bf16 (needs --mixed_precision bf16)")
     add("--fp8_base", action="store_true", help="frozen base model weights in fp8 (float8_e4m3fn)")
-    add("--ddp_timeout", type=int, default=None, help="distributed process group timeout in minutes")
+    add("--ddp_timeout", type=positive_int, default=None, help="distributed process group timeout in minutes")
     add("--ddp_gradient_as_bucket_view", action="store_true", help="DDP gradient_as_bucket_view")
     add("--ddp_static_graph", action="store_true", help="DDP static_graph")
     add("--clip_skip", type=int, default=None, help="SD option; no effect on FLUX")
@@ -182,7 +189,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--multires_noise_iterations", type=int, default=None, help="SD multires noise; no effect on FLUX")
     add("--multires_noise_discount", type=float, default=0.3, help="SD multires noise; no effect on FLUX")
     add("--adaptive_noise_scale", type=float, default=None, help="SD noise offset option; no effect on FLUX")
-    add("--ip_noise_gamma", type=float, default=None, help="input perturbation noise strength (e.g. 0.1)")
+    add("--ip_noise_gamma", type=non_negative_float, default=None, help="input perturbation noise strength (e.g. 0.1)")
     add("--ip_noise_gamma_random_strength", action="store_true", help="draw the strength from U(0, gamma)")
     add("--zero_terminal_snr", action="store_true", help="SD noise schedule fix; no effect on FLUX")
     add("--min_timestep", type=int, default=None, help="SD option; FLUX draws sigma by --timestep_sampling")
@@ -190,8 +197,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--loss_type", type=str, default="l2", choices=["l1", "l2", "huber", "smooth_l1"], help="loss (default: l2)")
     add("--huber_schedule", type=str, default="snr", choices=["constant", "exponential", "snr"],
         help="schedule of the Huber parameter over timesteps (default: snr)")
-    add("--huber_c", type=float, default=0.1, help="Huber parameter (default: 0.1)")
-    add("--huber_scale", type=float, default=1.0, help="Huber scale (default: 1.0)")
+    add("--huber_c", type=positive_float, default=0.1, help="Huber parameter (default: 0.1)")
+    add("--huber_scale", type=positive_float, default=1.0, help="Huber scale (default: 1.0)")
     add("--lowram", action="store_true", help="keep models on the GPU while caching / merging base weights")
     add("--highvram", action="store_true", help="skip CUDA cache clears while caching")
     add("--sample_every_n_steps", type=int, default=None, help="sample images every N steps")
@@ -239,13 +246,13 @@ def add_dit_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform"],
         help="timestep density of --timestep_sampling sigma and loss weighting (default: uniform)")
     add("--logit_mean", type=float, default=0.0, help="logit_normal mean (default: 0.0)")
-    add("--logit_std", type=float, default=1.0, help="logit_normal standard deviation (default: 1.0)")
+    add("--logit_std", type=positive_float, default=1.0, help="logit_normal standard deviation (default: 1.0)")
     add("--mode_scale", type=float, default=1.29, help="scale of the 'mode' density (default: 1.29)")
     add("--blocks_to_swap", type=blocks_to_swap_arg, default=None,
         help="transformer blocks whose weights stay in CPU memory and are streamed in when needed: 1 to 35 for "
              "FLUX.1 (N // 2 double and (N - N // 2) * 2 single blocks), or 'auto' with --vram_budget_gb to pick "
              "the smallest N that fits")
-    add("--vram_budget_gb", type=float, default=None,
+    add("--vram_budget_gb", type=positive_float, default=None,
         help="GPU memory to plan for with --blocks_to_swap auto, in GiB (e.g. 7.5 on an 8 GB card): the smallest "
              "N whose peak predicted by the memory planner (tools/plan_memory.py) fits is used")
 
@@ -266,16 +273,18 @@ def add_flux_arguments(parser: argparse.ArgumentParser) -> None:
     add("--controlnet_model_name_or_path", type=str, default=None,
         help="ControlNet trainer: ControlNet .safetensors to continue from (sd-scripts layout); default: a new one "
              "started from the transformer's first double blocks, zero outputs")
-    add("--t5xxl_max_token_length", type=int, default=None, help="T5 tokens (default: 256 schnell, 512 dev)")
+    add("--t5xxl_max_token_length", type=positive_int, default=None, help="T5 tokens (default: 256 schnell, 512 dev)")
     add("--apply_t5_attn_mask", action="store_true", help="mask T5 padding in T5 and in the transformer")
     add("--guidance_scale", type=float, default=3.5, help="guidance embedding value while training (default: 3.5)")
     add("--timestep_sampling", type=str, default="sigma",
         choices=["sigma", "uniform", "sigmoid", "shift", "flux_shift"],
         help="how sigma is drawn (default: sigma)")
-    add("--sigmoid_scale", type=float, default=1.0, help="scale for sigmoid / shift / flux_shift (default: 1.0)")
+    add("--sigmoid_scale", type=positive_float, default=1.0,
+        help="scale for sigmoid / shift / flux_shift (default: 1.0)")
     add("--model_prediction_type", type=str, default="sigma_scaled", choices=["raw", "additive", "sigma_scaled"],
         help="how the prediction is turned into the loss input (default: sigma_scaled; raw recommended)")
-    add("--discrete_flow_shift", type=float, default=3.0, help="shift of 'shift' and 'sigma' sampling (default: 3.0)")
+    add("--discrete_flow_shift", type=positive_float, default=3.0,
+        help="shift of 'shift' and 'sigma' sampling (default: 3.0)")
 
 
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:
@@ -287,22 +296,23 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no_metadata", action="store_true", help="write only the minimal ss_* metadata")
     add("--save_model_as", type=str, default="safetensors", choices=[None, "ckpt", "pt", "safetensors"],
         help="LoRA file format (default: safetensors)")
-    add("--unet_lr", type=float, default=None, help="learning rate of the transformer LoRA (default: --learning_rate)")
-    add("--text_encoder_lr", type=float, default=None, nargs="*",
+    add("--unet_lr", type=non_negative_float, default=None,
+        help="learning rate of the transformer LoRA (default: --learning_rate)")
+    add("--text_encoder_lr", type=non_negative_float, default=None, nargs="*",
         help="learning rate of the CLIP-L [and T5] LoRA (default: --learning_rate)")
     add("--fp8_base_unet", action="store_true", help="fp8 transformer only; text encoders stay in the weight dtype")
     add("--network_weights", type=str, default=None,
         help="LoRA weights to start from (any layout: kohya, diffusers/PEFT, ComfyUI, ...; docs/lora_formats.md)")
     add("--network_module", type=str, default=None, help="network module, e.g. networks.lora_flux")
-    add("--network_dim", type=int, default=None, help="LoRA rank (default: 4)")
-    add("--network_alpha", type=float, default=1.0, help="LoRA alpha (default: 1)")
-    add("--network_dropout", type=float, default=None, help="dropout on the LoRA bottleneck")
+    add("--network_dim", type=positive_int, default=None, help="LoRA rank (default: 4)")
+    add("--network_alpha", type=non_negative_float, default=1.0, help="LoRA alpha (default: 1)")
+    add("--network_dropout", type=fraction, default=None, help="dropout on the LoRA bottleneck")
     add("--network_args", type=str, default=None, nargs="*", help="key=value network options")
     add("--network_train_unet_only", action="store_true", help="train the transformer LoRA only")
     add("--network_train_text_encoder_only", action="store_true", help="train the text encoder LoRA only")
     add("--training_comment", type=str, default=None, help="comment recorded as ss_training_comment")
     add("--dim_from_weights", action="store_true", help="take ranks from --network_weights")
-    add("--scale_weight_norms", type=float, default=None, help="max norm of each LoRA update (e.g. 1.0)")
+    add("--scale_weight_norms", type=positive_float, default=None, help="max norm of each LoRA update (e.g. 1.0)")
     add("--base_weights", type=str, default=None, nargs="*", help="LoRA files merged into the model before training")
     add("--base_weights_multiplier", type=float, default=None, nargs="*", help="multipliers of --base_weights")
     add("--no_half_vae", action="store_true", help="autoencoder in fp32")
@@ -313,11 +323,11 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     add("--initial_step", type=int, default=None,
         help="step to start from (overrides --initial_epoch and a --resume state's step): the step counter and LR "
              "schedule start there and the run ends at --max_train_steps")
-    add("--validation_seed", type=int, default=None, help="seed of the validation split and loss")
-    add("--validation_split", type=float, default=0.0, help="fraction of images held out for validation")
-    add("--validate_every_n_steps", type=int, default=None, help="validation loss every N steps")
-    add("--validate_every_n_epochs", type=int, default=None, help="validation loss every N epochs")
-    add("--max_validation_steps", type=int, default=None, help="at most N validation batches")
+    add("--validation_seed", type=seed_int, default=None, help="seed of the validation split and loss")
+    add("--validation_split", type=fraction, default=0.0, help="fraction of images held out for validation")
+    add("--validate_every_n_steps", type=positive_int, default=None, help="validation loss every N steps")
+    add("--validate_every_n_epochs", type=positive_int, default=None, help="validation loss every N epochs")
+    add("--max_validation_steps", type=positive_int, default=None, help="at most N validation batches")
     add("--split_mode", action="store_true", help="deprecated: means --blocks_to_swap 18")
 
 
@@ -328,8 +338,8 @@ def add_full_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--fused_optimizer_groups", type=int, default=None, help="sd-scripts option that has no effect")
     add("--blockwise_fused_optimizers", action="store_true", help="one optimizer per block, stepped in backward")
     add("--skip_latents_validity_check", action="store_true", help="deprecated: same as --skip_cache_check")
-    add("--double_blocks_to_swap", type=int, default=None, help="deprecated: use --blocks_to_swap")
-    add("--single_blocks_to_swap", type=int, default=None, help="deprecated: use --blocks_to_swap")
+    add("--double_blocks_to_swap", type=non_negative_int, default=None, help="deprecated: use --blocks_to_swap")
+    add("--single_blocks_to_swap", type=non_negative_int, default=None, help="deprecated: use --blocks_to_swap")
     add("--cpu_offload_checkpointing", action="store_true",
         help="gradient checkpointing whose saved block inputs wait in CPU memory (implies "
              "--gradient_checkpointing; not with --blocks_to_swap)")
@@ -342,7 +352,7 @@ def add_full_train_arguments(parser: argparse.ArgumentParser) -> None:
 def training_parser(trainer: TrainerCommandLine, description: str | None = None, add_optimizer_arguments=None):
     """The whole parser of one trainer, composed as in reference 1.1."""
     add_optimizer_arguments = add_optimizer_arguments or optimizers.add_optimizer_arguments
-    parser = argparse.ArgumentParser(description=description)
+    parser = ArgumentParser(description=description)  # no abbreviations, one-line errors
     add_logging_arguments(parser)
     add_model_path_arguments(parser)
     add_modelspec_arguments(parser)
@@ -466,6 +476,8 @@ def verify_training_args(args: argparse.Namespace, trainer: TrainerCommandLine) 
     if trainer.fp8_base and get("fp8_base") and get("mixed_precision", "no") == "no":
         problems.append("--fp8_base / --fp8_base_unet require --mixed_precision bf16 or fp16: fp8 weights are "
                         "computed in the autocast dtype")
+    if get("max_train_steps") == 0 and get("max_train_epochs") is None:  # the type allows 0 for --max_train_epochs
+        problems.append("--max_train_steps 0: must be 1 or more (or give --max_train_epochs)")
     swap = get("blocks_to_swap")
     if swap is not None and swap != "auto" and swap < 0:
         problems.append(f"--blocks_to_swap must be 0 or more, got {swap}")

@@ -136,16 +136,17 @@ def _convert(action: argparse.Action, value):
 
 def _convert_one(action: argparse.Action, value):
     kind = action.type
+    number = getattr(kind, "base", kind)  # a checked number type (library.formats.command_line) checks TOML values too
     if not isinstance(value, (str, int, float, bool)):
         raise TypeError(f"must be a plain value, not {value!r}")
     if kind in (None, str):
         if isinstance(value, bool):
             raise TypeError(f"takes text, not {value!r}")
         value = str(value)
-    elif kind in (int, float):
+    elif number in (int, float):
         if isinstance(value, bool):
             raise TypeError(f"takes a number, not {value!r}")
-        if kind is int and isinstance(value, float) and not value.is_integer():
+        if number is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(f"takes an integer, not {value!r}")
         value = kind(value)
     elif isinstance(value, str) or kind is Path:

@@ -23,7 +23,7 @@ from accelerate.utils import load as accelerate_load
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from library.formats.atomic_io import atomic_write
+from library.formats.atomic_io import atomic_write, remove_stale_temporaries
 from library.formats.metadata import checkpoint_filename, files_to_remove_for_save_last_n, is_epoch_save, state_dirname
 from library.formats.safetensors_io import ModelFileError, load_tensors, read_header, sample_keys, save_file_atomic
 from library.training import setup as train_setup
@@ -184,6 +184,10 @@ class Trainer:
         except TrackerError as e:
             raise TrainingError(str(e)) from None
         self.accelerator = train_setup.make_accelerator(args, self.trackers)
+        if self.accelerator.is_main_process:  # leftovers of a run killed mid-save (only the main process saves)
+            for folder in (args.output_dir, args.resume):  # checkpoints, samples/, state folders
+                if folder:
+                    remove_stale_temporaries(folder, subfolders=True)
         set_seed(self.seed)
         self.train_group, self.val_group = train_setup.build_dataset_groups(args, self.seed, self.dataset_kinds())
         # every folder the run writes, before the models load: a bad path must not cost a whole run

@@ -22,6 +22,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from library.formats.command_line import fraction, non_negative_float, positive_int
+
 logger = logging.getLogger(__name__)
 
 
@@ -68,8 +70,8 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
              "name or a module.Class path")
     add("--use_8bit_adam", action="store_true", help="legacy: same as --optimizer_type AdamW8bit (bitsandbytes)")
     add("--use_lion_optimizer", action="store_true", help="legacy: same as --optimizer_type Lion (lion-pytorch)")
-    add("--learning_rate", type=float, default=2e-6, help="learning rate (default: 2e-6)")
-    add("--max_grad_norm", type=float, default=1.0,
+    add("--learning_rate", type=non_negative_float, default=2e-6, help="learning rate (default: 2e-6)")
+    add("--max_grad_norm", type=non_negative_float, default=1.0,
         help="gradient clipping norm; 0 disables clipping (default: 1.0)")
     add("--optimizer_args", type=str, default=None, nargs="*",
         help='extra optimizer arguments as key=value Python literals, e.g. "weight_decay=0.01 betas=(0.9,0.99)"')
@@ -86,16 +88,16 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lr_decay_steps", type=steps_or_fraction, default=0,
         help="decay steps of warmup_stable_decay, or a fraction (< 1) or percentage of the training steps "
              "(default: 0)")
-    add("--lr_scheduler_num_cycles", type=int, default=1,
+    add("--lr_scheduler_num_cycles", type=positive_int, default=1,
         help="restarts of cosine_with_restarts; cycles of cosine_with_min_lr / warmup_stable_decay (default: 1)")
     add("--lr_scheduler_power", type=float, default=1,
         help="power of the polynomial scheduler (default: 1)")
     add("--fused_backward_pass", action="store_true",
         help="step Adafactor per parameter during the backward pass to save memory (full fine-tuning and "
              "ControlNet; needs --optimizer_type adafactor and --gradient_accumulation_steps 1)")
-    add("--lr_scheduler_timescale", type=int, default=None,
+    add("--lr_scheduler_timescale", type=positive_int, default=None,
         help="time scale of inverse_sqrt in optimizer steps (default: the warm-up steps, or 10000 without one)")
-    add("--lr_scheduler_min_lr_ratio", type=float, default=None,
+    add("--lr_scheduler_min_lr_ratio", type=fraction, default=None,
         help="minimum LR as a ratio of the initial LR, for cosine_with_min_lr and warmup_stable_decay")
 
 
