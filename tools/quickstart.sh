@@ -16,7 +16,8 @@ MODELS=(--clip_l "$OUT/models/clip_l.safetensors" --t5xxl "$OUT/models/t5xxl.saf
         --ae "$OUT/models/ae.safetensors" --tokenizer_cache_dir "$OUT/models/tokenizers" --t5xxl_max_token_length 32)
 SECONDS=0
 
-$PY tools/make_tiny_models.py --out "$OUT/models" --init trained-like --hidden_size 128
+$PY tools/make_tiny_models.py --out "$OUT/models" --init trained-like --hidden_size 128 --fit_ae_steps 800
+echo "models done at ${SECONDS}s"
 $PY tools/make_demo_dataset.py --out "$OUT/data" --count 2 --size 64
 rm -rf "$OUT/samples" "$OUT/loss.csv"
 
@@ -41,6 +42,6 @@ for caption_file in "$OUT"/data/images/*.txt; do
   done
 done
 
-$PY tools/quickstart_report.py --images "$OUT/data/images" --samples "$OUT/samples" --loss_csv "$OUT/loss.csv" \
-  --out "$OUT"
+$PY tools/quickstart_report.py --images "$OUT/data/images" --samples "$OUT/samples" \
+  --ae "$OUT/models/ae.safetensors" --loss_csv "$OUT/loss.csv" --out "$OUT"
 echo "quickstart took ${SECONDS}s. Look at $OUT/result.png and $OUT/loss.png (LoRA: $OUT/output/demo_lora.safetensors)"

@@ -1,16 +1,12 @@
 """Draw the quick start's result: what the LoRA learned, side by side with the base model, and the loss curve.
 
     python tools/quickstart_report.py --images quickstart/data/images --samples quickstart/samples \
-        --loss_csv quickstart/loss.csv --out quickstart
+        --ae quickstart/models/ae.safetensors --loss_csv quickstart/loss.csv --out quickstart
 
-writes OUT/result.png: one row per training image (its caption above), columns: the training image, its latents (as
-the trainer cached them), the base model's sample and the LoRA's sample for that caption (same seed), and OUT/loss.png
-from the trainer's `--loss_csv`.
-
-Samples are shown as latents, not decoded images: the tiny AE's decoder is random (the tiny models are not trained),
-so every decoded PNG is coloured noise, even of the training latents. The latents are drawn in RGB from their three
-principal components over the training latents (one mapping for every panel), so the LoRA has learned when its panel
-looks like the training latents' panel; each sample's MSE to its training latents is printed under it.
+writes OUT/result.png: one row per training image (its caption above), columns: the training image, its latents as
+the trainer cached them (and trained on) decoded by the AE (the best a LoRA can show through this AE), and the base
+model's and the LoRA's samples for that caption (same seed), decoded; each sample's MSE to the training latents is
+printed under it. OUT/loss.png plots the trainer's `--loss_csv`. Everything is drawn with PIL.
 """
 
 from __future__ import annotations
@@ -20,10 +16,12 @@ import csv
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 CELL = 128  # pixels per panel side
 PAD = 8
 TEXT = 14  # height of a text line with PIL's default font
-COLUMNS = ("training image", "training latents", "base model sample", "LoRA sample")
+COLUMNS = ("training image", "its latents, decoded", "base model sample", "LoRA sample")
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -32,6 +30,7 @@ def setup_parser() -> argparse.ArgumentParser:
                                                    "caches (<stem>_<W>x<H>_flux.npz, from --cache_latents_to_disk)")
     p.add_argument("--samples", required=True, help="folder of <stem>_base/ and <stem>_lora/, each holding the "
                                                     "*_latents.safetensors of flux_minimal_inference --output_latents")
+    p.add_argument("--ae", required=True, help="the AE file the samples were made with")
     p.add_argument("--loss_csv", default=None, help="the trainer's --loss_csv (step,loss,lr); no loss.png without")
     p.add_argument("--out", required=True, help="output folder")
     return p
@@ -61,44 +60,28 @@ def sample_latents(folder: Path):
     return z.reshape(z.shape[-3:])  # (16, h, w), without a batch dimension
 
 
-def rgb_mapping(latents):
-    """Centre, top-3 principal directions and per-component range of the cells of `latents` (a list of 16 x h x w)."""
+def decode(ae, z):
+    """A 16 x h x w latent as a CELL x CELL picture, through the AE's decoder."""
     import torch
-
-    cells = torch.cat([z.flatten(1).T for z in latents])  # (cells, 16)
-    centre = cells.mean(0)
-    _, _, v = torch.linalg.svd(cells - centre, full_matrices=False)
-    axes = v[:3].T  # (16, 3); fewer than 3 cells leave fewer directions
-    if axes.shape[1] < 3:
-        axes = torch.cat([axes, torch.zeros(axes.shape[0], 3 - axes.shape[1])], 1)
-    proj = (cells - centre) @ axes
-    low, high = proj.min(0).values, proj.max(0).values
-    return centre, axes, low, (high - low).clamp_min(1e-6)
-
-
-def latents_to_image(z, mapping):
-    """A 16 x h x w latent as a CELL x CELL RGB picture (nearest upscaling: one block per latent cell)."""
     from PIL import Image
 
-    centre, axes, low, span = mapping
-    h, w = z.shape[-2:]
-    rgb = (((z.flatten(1).T - centre) @ axes - low) / span).clamp(0, 1)
-    pixels = (rgb.reshape(h, w, 3) * 255).round().byte().numpy()
+    with torch.no_grad():
+        x = ae.decode(z[None].to(ae.dtype))[0].float().clamp(-1, 1)
+    pixels = ((x + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     return Image.fromarray(pixels, "RGB").resize((CELL, CELL), Image.NEAREST)
 
 
-def draw_result(rows: list[dict], path: Path) -> Path:
-    """rows: caption, image (PIL), target/base/lora latents. Writes the labelled grid to `path`."""
+def draw_result(rows: list[dict], ae, path: Path) -> Path:
+    """rows: caption, image (PIL), target/base/lora latents, decoded by `ae`. Writes the labelled grid to `path`."""
     from PIL import Image, ImageDraw
 
-    mapping = rgb_mapping([r["target"] for r in rows])
     width = PAD + len(COLUMNS) * (CELL + PAD)
     row_height = TEXT + CELL + 2 * TEXT + PAD
     top = 2 * TEXT + PAD
     canvas = Image.new("RGB", (width, top + len(rows) * row_height), "white")
     d = ImageDraw.Draw(canvas)
-    d.text((PAD, 2), "Latents in RGB: 3 principal components of the training latents (the tiny AE's decoder "
-                     "is random).", fill="black")
+    d.text((PAD, 2), "Same caption and seed with and without the LoRA; all latents decoded by the tiny AE.",
+           fill="black")
     for c, title in enumerate(COLUMNS):
         d.text((PAD + c * (CELL + PAD), TEXT + 2), title, fill="black")
     for r, row in enumerate(rows):
@@ -106,7 +89,7 @@ def draw_result(rows: list[dict], path: Path) -> Path:
         d.text((PAD, y), f'"{row["caption"]}"', fill="black")
         y += TEXT
         panels = [row["image"].convert("RGB").resize((CELL, CELL), Image.NEAREST)]
-        panels += [latents_to_image(row[k], mapping) for k in ("target", "base", "lora")]
+        panels += [decode(ae, row[k]) for k in ("target", "base", "lora")]
         for c, panel in enumerate(panels):
             canvas.paste(panel, (PAD + c * (CELL + PAD), y))
         for c, key in ((2, "base"), (3, "lora")):
@@ -157,9 +140,12 @@ def draw_loss(losses: list[float], path: Path, size: tuple[int, int] = (640, 360
     return path
 
 
-def make_report(images: str | Path, samples: str | Path, out: str | Path,
+def make_report(images: str | Path, samples: str | Path, ae: str | Path, out: str | Path,
                 loss_csv: str | Path | None = None) -> dict[str, Path]:
+    import torch
     from PIL import Image
+
+    from library.models.autoencoder import load_ae
 
     images, samples, out = Path(images), Path(samples), Path(out)
     rows = []
@@ -170,7 +156,7 @@ def make_report(images: str | Path, samples: str | Path, out: str | Path,
                      "lora": sample_latents(samples / f"{image.stem}_lora")})
     if not rows:
         raise FileNotFoundError(f"no training images (*.png) in {images}")
-    written = {"result": draw_result(rows, out / "result.png")}
+    written = {"result": draw_result(rows, load_ae(ae, dtype=torch.float32), out / "result.png")}
     if loss_csv:
         written["loss"] = draw_loss(read_losses(Path(loss_csv)), out / "loss.png")
     for row in rows:
@@ -183,7 +169,7 @@ def make_report(images: str | Path, samples: str | Path, out: str | Path,
 
 def main(argv: list[str] | None = None) -> int:
     args = setup_parser().parse_args(argv)
-    for name, path in make_report(args.images, args.samples, args.out, args.loss_csv).items():
+    for name, path in make_report(args.images, args.samples, args.ae, args.out, args.loss_csv).items():
         print(f"{name:6s} {path}")
     return 0
 
