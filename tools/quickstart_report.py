@@ -50,7 +50,6 @@ def training_latents(image: Path):
 
 
 def sample_latents(folder: Path):
-    import torch
     from safetensors.torch import load_file
 
     paths = sorted(folder.glob("*_latents.safetensors"))
