@@ -48,3 +48,30 @@ def test_bad_hidden_size_and_init_are_refused(tmp_path):
         make_tiny_models(tmp_path, hidden_size=100)
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--init", "nonsense"])
+
+
+def test_fitted_ae_keeps_decoding_through_the_calibration():
+    """fit_ae trains the AE; the trained-like calibration then rescales the latents and `keep_decoding` folds the
+    inverse into the decoder's conv_in, whose output is then unchanged (exactly away from its zero-padded border)."""
+    from library.models.autoencoder import AE_PRESETS, AutoEncoder
+    from tools.make_tiny_models import fit_ae, init_trained_like_ae, synthetic_shapes
+
+    torch.manual_seed(0)
+    ae = AutoEncoder(AE_PRESETS["tiny"])
+    losses = fit_ae(ae, steps=3, size=16, batch=2)
+    assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
+    images = synthetic_shapes(2, 64, torch.Generator().manual_seed(5))
+    assert images.shape == (2, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
+    with torch.no_grad():
+        before = ae.decoder.conv_in(ae.encoder(images)[:, :16])
+    init_trained_like_ae(ae, keep_decoding=True)
+    with torch.no_grad():
+        latents = ae.encode(images)
+        after = ae.decoder.conv_in(latents / ae.params.scale_factor + ae.params.shift_factor)
+    assert latents.std().item() == pytest.approx(1.0, rel=0.7)  # rescaled: unit variance on other images
+    torch.testing.assert_close(after[..., 1:-1, 1:-1], before[..., 1:-1, 1:-1], atol=1e-4, rtol=1e-4)
+
+
+def test_fit_ae_steps_needs_trained_like(tmp_path):
+    with pytest.raises(ValueError, match="trained-like"):
+        make_tiny_models(tmp_path, fit_ae_steps=1)

@@ -368,3 +368,13 @@ def test_torch_compile_trains_the_same_lora(setup, tmp_path, backend):
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
     torch._dynamo.reset()
+
+
+def test_loss_csv_has_one_row_per_step(setup, tmp_path):
+    csv_path = tmp_path / "logs" / "loss.csv"
+    _, code = run_trainer(train_args(setup, tmp_path, "--network_train_unet_only", "--max_train_steps", "3",
+                                     "--loss_csv", str(csv_path)))
+    assert code == 0
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "step,loss,lr" and [line.split(",")[0] for line in lines[1:]] == ["1", "2", "3"]
+    assert all(float(line.split(",")[1]) >= 0 for line in lines[1:])

@@ -178,6 +178,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--logging_dir", type=str, default=None, help="TensorBoard log folder")
     add("--log_with", type=str, default=None, choices=["tensorboard", "wandb", "all"],
         help="trackers (default: tensorboard when --logging_dir is given)")
+    add("--loss_csv", type=str, default=None,
+        help="CSV file of the per-step training loss and learning rate (step,loss,lr), needs no tracker package")
     add("--log_prefix", type=str, default=None, help="prefix of the timestamped log folder")
     add("--log_tracker_name", type=str, default=None, help="tracker project name")
     add("--wandb_run_name", type=str, default=None, help="wandb run name")

@@ -238,12 +238,15 @@ class Trainer:
     def train(self) -> None:
         bar = tqdm(total=self.budget.max_train_steps, initial=self.global_step, desc="steps",
                    disable=not self.accelerator.is_local_main_process, smoothing=0)
+        loss_csv = self._open_loss_csv()
         try:
-            self._train(bar)
+            self._train(bar, loss_csv)
         finally:
             bar.close()  # an error then starts on a line of its own
+            if loss_csv:
+                loss_csv.close()
 
-    def _train(self, bar) -> None:
+    def _train(self, bar, loss_csv) -> None:
         acc = self.accelerator
         max_steps = self.budget.max_train_steps
         self._maybe_sample(at_first=True)
@@ -280,6 +283,9 @@ class Trainer:
                 self.losses.append(step_loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+                if loss_csv:
+                    loss_csv.write(f"{self.global_step},{step_loss:.6g},{self.lr_scheduler.get_last_lr()[0]:.6g}\n")
+                    loss_csv.flush()
                 self._log({"loss/current": step_loss,
                            "loss/average": sum(epoch_losses) / len(epoch_losses), **self._lrs()})
                 self.after_step()
@@ -307,6 +313,19 @@ class Trainer:
                 self.skipped_images[path] = why
                 logger.warning("skipping image %s: %s (--skip_bad_images: another image of its bucket takes its "
                                "place)", path, why)
+
+    def _open_loss_csv(self):
+        """--loss_csv, appended to (a resumed run continues it); written by the main process only."""
+        path = self.args.loss_csv
+        if not path or not self.accelerator.is_main_process:
+            return None
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists() or path.stat().st_size == 0
+        f = path.open("a", encoding="utf-8")
+        if new:
+            f.write("step,loss,lr\n")
+        return f
 
     def _set_train_mode(self, training: bool) -> None:
         for m in self.trainable_modules:
