@@ -81,7 +81,7 @@ def fingerprints(work: Path) -> dict[str, str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # a fixed folder by default: per-item randomness is seeded from image paths, so they must not change between runs
+    # a fixed folder by default; digests do not depend on it (per-item seeds come from paths relative to the dataset)
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "flux_training_fingerprints"),
                    help="working folder, emptied first (default: %(default)s)")
     args = p.parse_args()
