@@ -116,7 +116,7 @@ def parse_interactive_line(line: str, settings):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from library.cli.main import tool_main
+    from library.cli.main import tool_main  # after the parser is built: --help never imports torch
 
     return tool_main(setup_parser(), run, argv)
 
@@ -127,7 +127,7 @@ def run(args) -> int:
     if bool(args.controlnet) != bool(args.control_image):
         raise ValueError("--controlnet and --control_image go together: give both or neither")
 
-    from library import flux_utils
+    from library import flux_utils  # the heavy modules (torch) load after parsing: --help stays fast
     from library.formats.dtypes import is_fp8, str_to_dtype
     from library.memory.block_swap import (enable_flux_block_swap, move_to_device_except_swap_blocks,
                                            split_blocks_to_swap)
@@ -166,7 +166,7 @@ def run(args) -> int:
         move_to_device_except_swap_blocks(loaded["flux"], device)
         enable_flux_block_swap(loaded["flux"], args.blocks_to_swap, device, "cpu", host_to_device_only=True)
     if args.controlnet:
-        from library.models.controlnet import ControlledFlux, load_controlnet
+        from library.models.controlnet import ControlledFlux, load_controlnet  # only with --controlnet
         from library.data.images import load_image
         from library.data.tensors import control_image_source
 
@@ -202,7 +202,7 @@ def run(args) -> int:
                         controlnet_scale=str(args.controlnet_scale))
         save_png(image, path, text)
         if args.output_latents:
-            from library.formats.safetensors_io import save_file_atomic
+            from library.formats.safetensors_io import save_file_atomic  # only with --output_latents
 
             save_file_atomic({"latents": latents[0].float().cpu()}, path.with_name(path.stem + "_latents.safetensors"),
                              {k: v for k, v in text.items() if k != "parameters"})

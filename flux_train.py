@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 
+from library.cli.main import main_for
 from library.training.arguments import training_parser
 from library.training.recipes.command_lines import FULL as COMMAND_LINE
 
@@ -30,8 +31,6 @@ def recipe():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from library.cli.main import main_for
-
     return main_for(COMMAND_LINE, setup_parser(), recipe, argv)
 
 

@@ -55,7 +55,7 @@ class _Collect(logging.Handler):
 
 
 def image_records(group) -> list[dict]:
-    from library.data.buckets import get_crop_ltrb
+    from library.data.buckets import get_crop_ltrb  # numpy/cv2 after parsing: --help stays fast
     from library.data.captions import text_encoder_cache_caption
 
     records = []
@@ -86,7 +86,7 @@ def caption_report(group, args) -> list[str]:
         top = ", ".join(f"{t} ({n})" for t, n in tags.most_common(10))
         lines.append(f"tags: {len(tags)} distinct; most common: {top}")
     if args.tokenizer_cache_dir:
-        from library.models.tokenizers import load_t5_tokenizer
+        from library.models.tokenizers import load_t5_tokenizer  # only with --tokenizer_cache_dir
 
         t5 = load_t5_tokenizer(args.tokenizer_cache_dir)
         lengths = [len(t5(c)["input_ids"]) for c in captions]
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inspect(args, unknown: list[str], collect: _Collect) -> int:
-    from library.data.config import DatasetConfigError, load_dataset_config
+    from library.data.config import DatasetConfigError, load_dataset_config  # after parsing: --help stays fast
     from library.data.datasets import build_datasets
     from library.data.images import BadImageError
 

@@ -59,7 +59,7 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
     import torch
     from transformers import CLIPTextModel, T5EncoderModel
 
-    from library.formats.dtypes import str_to_dtype
+    from library.formats.dtypes import str_to_dtype  # torch and transformers after parsing: --help stays fast
     from library.models.autoencoder import AE_PRESETS, AutoEncoder
     from library.models.transformer import FLUX_PRESETS, Flux
     from library.formats.safetensors_io import save_file_atomic

@@ -28,7 +28,7 @@ from library.formats.command_line import ArgumentParser, positive_float  # noqa:
 
 def command_line(trainer: str):
     """The planned recipe's command line, by the planner's name for it."""
-    from library.training.recipes import command_lines
+    from library.training.recipes import command_lines  # the tool imports torch only after parsing
 
     return {"network": command_lines.LORA, "full": command_lines.FULL}[trainer]
 
@@ -55,7 +55,7 @@ def planner_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str]):
-    from library.training.config_file import read_config_from_file
+    from library.training.config_file import read_config_from_file  # after sys.path is set by main()
     from library.training.arguments import training_parser
 
     planner = planner_parser()
@@ -70,7 +70,7 @@ def parse(argv: list[str]):
 
 
 def _line(plan) -> str:
-    from library.planner.plan import GIB, MIB, RUNTIME_OVERHEAD, SOURCES
+    from library.planner.plan import GIB, MIB, RUNTIME_OVERHEAD, SOURCES  # torch: after parsing
 
     s = plan.settings
     what = "full fine-tuning" if s.profile.trains_transformer else f"LoRA rank {s.network_dim}"
@@ -96,7 +96,7 @@ def _line(plan) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
-    from library.planner.plan import choose_blocks_to_swap, plan_memory, settings_from_args
+    from library.planner.plan import choose_blocks_to_swap, plan_memory, settings_from_args  # torch: after parsing
     from library.training.arguments import verify_training_args
 
     try:
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.blocks_to_swap == "auto":
             s = replace(s, blocks_to_swap=choose_blocks_to_swap(args, args.trainer))
         if args.table:
-            from library.planner.report import format_table, run_table
+            from library.planner.report import format_table, run_table  # only with --table
 
             rows = run_table(s, progress=lambda p: print(".", end="", file=sys.stderr, flush=True))
             print(file=sys.stderr)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(format_table(rows))
             return 0
         if args.speed:
-            from library.planner.report import format_speed, speed_models
+            from library.planner.report import format_speed, speed_models  # only with --speed
             from library.planner.swap_speed import ASSUMPTIONS, DEFAULT_H2D_GBPS, DEFAULT_TFLOPS
 
             tflops, gbps = args.gpu_tflops or DEFAULT_TFLOPS, args.h2d_gbps or DEFAULT_H2D_GBPS

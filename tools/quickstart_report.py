@@ -144,7 +144,7 @@ def make_report(images: str | Path, samples: str | Path, ae: str | Path, out: st
     import torch
     from PIL import Image
 
-    from library.models.autoencoder import load_ae
+    from library.models.autoencoder import load_ae  # torch only when drawing: --help stays fast
 
     images, samples, out = Path(images), Path(samples), Path(out)
     rows = []
