@@ -461,7 +461,6 @@ def plan_memory(s: PlanSettings, step: dict[str, int] | None = None) -> MemoryPl
     """Predicted peak device memory of one training step and its parts. `step`: the counted step of settings with
     the same `_step_key` (see plan_many); run here when not given."""
     started = time.perf_counter()
-    s.profile  # noqa: B018 (refuses a recipe the planner does not plan)
     rig = build_rig(s, "meta")
     swap = _swap_accounting(rig)
     at_peak = count_step(rig) if step is None else step

@@ -15,17 +15,15 @@ import logging
 import shutil
 import signal
 import warnings
-import zipfile
 from pathlib import Path
 
 import torch
-from accelerate.utils import load as accelerate_load
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from library.formats.atomic_io import atomic_write, remove_stale_temporaries
 from library.formats.metadata import checkpoint_filename, files_to_remove_for_save_last_n, is_epoch_save, state_dirname
-from library.formats.safetensors_io import ModelFileError, load_tensors, read_header, sample_keys, save_file_atomic
+from library.formats.safetensors_io import load_tensors, sample_keys, save_file_atomic
 from library.training import setup as train_setup
 from library.training.arguments import TrainerCommandLine
 from library.training.errors import TrainingError
@@ -35,19 +33,20 @@ from library.training.hub import HubError, HubUploader, download_state
 from library.training.outputs import check_output_paths, reason, write_or_rescue
 from library.training.settings import DatasetKinds, MemoryProfile, RunSettings, StepBudget
 from library.training.setup import TrainingModels
+from library.training.state_check import verify_state
 from library.training.trackers import TrackerError, login, resolve_trackers
 
 logger = logging.getLogger(__name__)
 
 
 STATE_TRAINABLE = "trainable_weights.safetensors"  # the trained weights inside a --save_state folder
-RANDOM_STATE_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")  # what accelerate restores
 
 
 class Trainer:
     tracker_name = "network_train"
     command_line: TrainerCommandLine  # the recipe's command line (library/training/recipes/command_lines.py)
     memory_profile: MemoryProfile | None = None  # what the memory planner simulates; None: not planned
+    trains_text_encoder = False  # text encoded live with gradients (a recipe sets it in build_trainable: TE LoRA)
 
     def __init__(self, args, settings: RunSettings | None = None):
         """`settings`: resolved by the caller (library/cli resolves --blocks_to_swap auto with the planner)."""
@@ -94,11 +93,6 @@ class Trainer:
     def sampling_model(self, prompt) -> torch.nn.Module:
         """The model that renders one sample prompt (the ControlNet recipe: steered by the prompt's --cn image)."""
         return self.models.flux
-
-    @property
-    def trains_text_encoder(self) -> bool:
-        """True when text encoding must run live with gradients (a text-encoder LoRA)."""
-        return False
 
     def checkpointed_modules(self) -> list[torch.nn.Module]:
         """Modules whose weights accelerate's save_state keeps. None: accelerate writes registered modules as
@@ -496,68 +490,16 @@ class Trainer:
                     self._skip_batches)
 
     def _verify_state(self, folder: Path) -> int:
-        """Check a --resume state folder before anything is loaded from it: every file present and readable, the
-        saved trainable weights shaped as this run's; returns its step. A problem is one line naming the file;
-        random states that cannot be restored stop the run unless --resume_inexact."""
-        state_file = folder / "train_state.json"
-        if not state_file.exists():
-            raise TrainingError(f"--resume {folder}: not a state folder of this suite (no train_state.json)")
-        try:
-            step = json.loads(state_file.read_text())["current_step"]
-            if not isinstance(step, int) or step < 0:
-                raise ValueError(f"current_step {step!r}")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise TrainingError(f"{state_file}: damaged ({type(e).__name__}: {e}); expected the JSON --save_state "
-                                "writes, with current_step") from None
-        name, expected = self.state_weight_shapes()
-        try:
-            header = read_header(folder / name)
-            size = (folder / name).stat().st_size
-        except ModelFileError as e:
-            raise TrainingError(f"--resume: {e} (the state's trained weights)") from None
-        if any(header.data_start + t.end > size for t in header.tensors.values()):
-            raise TrainingError(f"{folder / name}: truncated ({size:,} bytes; its header needs more); the state is "
-                                "damaged: resume from another one")
-        for key, shape in expected.items():
-            saved = header.tensors.get(key)
-            if saved is not None and tuple(saved.shape) != shape:
-                raise TrainingError(f"{folder / name}: {key} has shape {list(saved.shape)}, this run's has "
-                                    f"{list(shape)}: {self.state_mismatch(key, tuple(saved.shape), shape)}")
+        """Check a --resume state folder before anything is loaded from it (library/training/state_check.py);
+        returns its step."""
         acc = self.accelerator
         archives = [f"optimizer{f'_{i}' if i else ''}.bin" for i in range(len(acc._optimizers))]
         archives += [f"scheduler{f'_{i}' if i else ''}.bin" for i in range(len(acc._schedulers))]
         archives += ["scaler.pt"] if acc.scaler is not None else []
-        for archive in archives:
-            try:  # torch.save writes zip archives; the directory at their end is missing from a cut-off file
-                zipfile.ZipFile(folder / archive).close()
-            except (OSError, zipfile.BadZipFile) as e:
-                problem = "missing" if not (folder / archive).exists() else f"damaged ({e})"
-                raise TrainingError(f"{folder / archive}: {problem}; the state cannot be resumed: resume from "
-                                    "another state") from None
-        self._check_random_states(folder / f"random_states_{acc.process_index}.pkl")
-        return step
-
-    def _check_random_states(self, path: Path) -> None:
-        """Random states that cannot be restored make a resumed run differ from an uninterrupted one; accelerate only
-        logs that, so check them first (loaded the way accelerate loads them: weights_only, its safe globals)."""
-        try:
-            states = accelerate_load(path)
-            missing = [k for k in RANDOM_STATE_KEYS if k not in states]
-            if missing:
-                raise KeyError(f"no {', '.join(missing)}")
-            problem = None
-        except Exception as e:  # an empty, cut-off or foreign file: pickle, zip and key errors alike
-            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty or damaged'}"
-            if not path.exists():
-                problem = "missing"
-        if problem is None:
-            return
-        if not getattr(self.args, "resume_inexact", False):
-            raise TrainingError(f"{path}: the random states cannot be restored ({problem}), so the resumed run would "
-                                "differ from an uninterrupted one; resume from another state, or pass "
-                                "--resume_inexact to go on with fresh random states")
-        logger.warning("%s: the random states cannot be restored (%s); --resume_inexact: going on with fresh random "
-                       "states, so the result differs from an uninterrupted run", path, problem)
+        name, expected = self.state_weight_shapes()
+        return verify_state(folder, name, expected, self.state_mismatch, archives,
+                            folder / f"random_states_{acc.process_index}.pkl",
+                            inexact=bool(getattr(self.args, "resume_inexact", False)))
 
     def _advance_lr_schedule(self, steps: int) -> None:
         """Put a fresh LR schedule where it would be after `steps` optimizer steps."""

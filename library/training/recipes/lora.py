@@ -63,11 +63,6 @@ class LoRATrainer(Trainer):
     def __init__(self, args, settings=None):
         super().__init__(args, settings)
         self.network_module_name = args.network_module or self.default_network_module
-        self.train_text_encoder = False  # decided by the network (text-encoder LoRA modules) in build_trainable
-
-    @property
-    def trains_text_encoder(self) -> bool:
-        return self.train_text_encoder
 
     def build_trainable(self, models: TrainingModels) -> list[torch.nn.Module]:
         args = self.args
@@ -92,9 +87,9 @@ class LoRATrainer(Trainer):
         train_unet = not args.network_train_text_encoder_only
         train_te = not args.network_train_unet_only
         network.apply_to(text_encoders, models.flux, train_te, train_unet)
-        self.train_text_encoder = train_te and any(
+        self.trains_text_encoder = train_te and any(
             n.startswith(("lora_te1", "lora_te3")) for n, _ in network.named_modules() if "." not in n)
-        if self.train_text_encoder and args.cache_text_encoder_outputs:
+        if self.trains_text_encoder and args.cache_text_encoder_outputs:
             raise TrainingError("text-encoder LoRA training needs live text encoding: drop "
                                 "--cache_text_encoder_outputs or add --network_train_unet_only")
         if args.network_weights:  # with --dim_from_weights too: the dims came from it, now the values
