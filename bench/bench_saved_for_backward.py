@@ -24,56 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from library.planner.live_bytes import SavedBytes  # noqa: E402
 from machine import cpu_model  # noqa: E402
 
 MIB = 2**20
-
-
-class SavedBytes:
-    """Distinct storages saved for backward under this context, minus those of `exclude` (params, inputs)."""
-
-    def __init__(self, exclude):
-        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
-        self.saved: dict[int, tuple[int, str]] = {}
-
-    def _pack(self, t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in self.exclude and st.data_ptr() not in self.saved:
-            self.saved[st.data_ptr()] = (st.nbytes(), "?")
-        return t
-
-    def attribute(self, outputs) -> None:
-        """Name each saved storage after the first autograd node (walking back from `outputs`) that saved it."""
-        seen, stack = set(), [o.grad_fn for o in outputs if o.grad_fn is not None]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            for attr in dir(node):
-                if attr.startswith("_saved_"):
-                    value = getattr(node, attr)
-                    for t in value if isinstance(value, (tuple, list)) else (value,):
-                        if isinstance(t, torch.Tensor):
-                            ptr = t.untyped_storage().data_ptr()
-                            if ptr in self.saved and self.saved[ptr][1] == "?":
-                                self.saved[ptr] = (self.saved[ptr][0], f"{node.name()}{tuple(t.shape)}")
-            stack.extend(n for n, _ in node.next_functions)
-
-    def __enter__(self):
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
-
-    @property
-    def total(self) -> int:
-        return sum(n for n, _ in self.saved.values())
-
-    def by_op(self) -> list[tuple[str, int]]:
-        return sorted(((op, n) for n, op in self.saved.values()), key=lambda kv: -kv[1])
 
 
 def _inputs(n_img: int, n_txt: int, dtype, trains_inputs=True):
@@ -141,7 +95,8 @@ def main() -> None:
     torch.manual_seed(0)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
     rows = []
-    for mode, train_params in (("all parameters", True), ("inputs only", False)):
+    modes = (("all parameters", True), ("inputs only", False))
+    for mode, train_params in modes[1:] if a.fp8 else modes:  # fp8 weights are frozen weights
         row = {"mode": mode}
         for kind in ("double", "single"):
             started = time.perf_counter()

@@ -83,8 +83,9 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rrms = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
-        return (x.float() * rrms).to(x.dtype) * self.scale.to(x.dtype)
+        xf = x.float()  # one fp32 copy, saved once for both the square and the product (not two)
+        rrms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (xf * rrms).to(x.dtype) * self.scale.to(x.dtype)
 
 
 class QKNorm(nn.Module):
@@ -192,7 +193,10 @@ class SingleStreamBlock(nn.Module):
         qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split(
             [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
         q, k, v = split_heads(qkv, self.num_heads, self.norm)
-        out = self.linear2(torch.cat((attention(q, k, v, pe, mask), self.mlp_act(mlp)), dim=2))
+        # v and the MLP input are views of linear1's whole output; saved for backward as views they would keep all
+        # of it (q and k parts too, 3072 of its 21504 features) alive until the backward: own copies instead
+        out = self.linear2(torch.cat((attention(q, k, v.contiguous(), pe, mask), self.mlp_act(mlp.contiguous())),
+                                     dim=2))
         return x + gate * out
 
 

@@ -7,6 +7,8 @@ Two small context managers the memory planner (library/planner/plan.py) stacks a
   storage tagged with the phase that made it: forward, backward, optimizer, or re-tagged as a gradient).
   `torch.distributed._tools.mem_tracker.MemTracker` cannot be used: it fails on frozen parameters (LoRA).
 * `device_emulation` -- what `meta` lacks: the fused attention kernel of the target device, and CUDA autocast.
+
+`SavedBytes` counts what autograd keeps for backward in a forward (bench/bench_saved_for_backward.py, tests).
 """
 
 from __future__ import annotations
@@ -199,3 +201,50 @@ def track_live_gradient_peak(params) -> Callable[[], int]:
     for p in params:
         p.register_post_accumulate_grad_hook(track)
     return lambda: peak[0]
+
+
+class SavedBytes:
+    """Distinct storages saved for backward under this context, minus those of `exclude` (params, inputs)."""
+
+    def __init__(self, exclude):
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self.saved: dict[int, tuple[int, str]] = {}
+
+    def _pack(self, t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in self.exclude and st.data_ptr() not in self.saved:
+            self.saved[st.data_ptr()] = (st.nbytes(), "?")
+        return t
+
+    def attribute(self, outputs) -> None:
+        """Name each saved storage after the first autograd node (walking back from `outputs`) that saved it."""
+        seen, stack = set(), [o.grad_fn for o in outputs if o.grad_fn is not None]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            for attr in dir(node):
+                if attr.startswith("_saved_"):
+                    value = getattr(node, attr)
+                    for t in value if isinstance(value, (tuple, list)) else (value,):
+                        if isinstance(t, torch.Tensor):
+                            ptr = t.untyped_storage().data_ptr()
+                            if ptr in self.saved and self.saved[ptr][1] == "?":
+                                self.saved[ptr] = (self.saved[ptr][0], f"{node.name()}{tuple(t.shape)}")
+            stack.extend(n for n, _ in node.next_functions)
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(n for n, _ in self.saved.values())
+
+    def by_op(self) -> list[tuple[str, int]]:
+        return sorted(((op, n) for n, op in self.saved.values()), key=lambda kv: -kv[1])

@@ -57,8 +57,17 @@ def speed_models(s: PlanSettings, swaps=TABLE_SWAPS, tflops: float | None = None
         stacks = {"double": (len(kinds["double"]), nd, block_bytes["double"]),
                   "single": (len(kinds["single"]), ns, block_bytes["single"])}
         out.append(model_step(n, stacks, per_block, max(other, 0.0), write_back=s.profile.trains_transformer,
-                              tflops=tflops or DEFAULT_TFLOPS, h2d_gbps=h2d_gbps or DEFAULT_H2D_GBPS))
+                              tflops=tflops or DEFAULT_TFLOPS, h2d_gbps=h2d_gbps or DEFAULT_H2D_GBPS,
+                              activation_bytes=offloaded_input_bytes(s) if s.cpu_offload_checkpointing else None))
     return flops, out
+
+
+def offloaded_input_bytes(s: PlanSettings) -> dict[str, int]:
+    """Bytes of one block's inputs that --cpu_offload_checkpointing keeps on the host: a double block's image and
+    text streams, a single block's joint stream (OFFLOADED_BLOCK_INPUTS), in the activations' dtype."""
+    tokens = s.batch_size * (s.width // 16) * (s.height // 16) + s.batch_size * s.t5_tokens
+    size = torch.tensor([], dtype=s.weight_dtype).element_size()
+    return {"double": tokens * s.params.hidden_size * size, "single": tokens * s.params.hidden_size * size}
 
 
 # --- checking the planner against a real step on the CPU -----------------------------------------------------------
@@ -101,6 +110,7 @@ def measure_cpu_step(s: PlanSettings) -> dict[str, int]:
 
 TABLE_TRAINERS = (  # (label, settings changes); fp8 base applies to LoRA only (the full trainers train the weights)
     ("LoRA", dict(trainer="network")),
+    ("LoRA, checkpoints offloaded", dict(trainer="network", cpu_offload_checkpointing=True)),
     ("full, Adafactor + fused backward", dict(trainer="full", optimizer_type="Adafactor", optimizer_args=[
         "scale_parameter=False", "relative_step=False", "warmup_init=False"], fused_backward_pass=True,
         full_bf16=True, fp8_base=False)),
@@ -117,9 +127,9 @@ def table_settings(base: PlanSettings) -> list[tuple[str, PlanSettings]]:
         for fp8 in ((False, True) if profile.fp8_base else (False,)):
             for res in TABLE_RESOLUTIONS:
                 for n in [n for n in TABLE_SWAPS if n <= limit]:
-                    s = replace(base, **{**changes, "fp8_base": fp8},
+                    s = replace(base, **{"cpu_offload_checkpointing": False, **changes, "fp8_base": fp8},
                                 width=res, height=res, blocks_to_swap=n, gradient_checkpointing=True,
-                                cpu_offload_checkpointing=False, blockwise_fused_optimizers=False)
+                                blockwise_fused_optimizers=False)
                     rows.append((label, s))
     return rows
 
@@ -134,7 +144,8 @@ def format_table(rows: list[tuple[str, object]]) -> str:
         key = (label, "fp8" if s.fp8_base else "bf16", f"{s.width}x{s.height}")
         groups.setdefault(key, {})[s.blocks_to_swap] = plan.peak_bytes / GIB
     for (label, base, size), peaks in groups.items():
-        lines.append(f"| {label} | {base} | {size} | " + " | ".join(f"{peaks[n]:.2f}" if n in peaks else "-" for n in TABLE_SWAPS) + " |")
+        cells = " | ".join(f"{peaks[n]:.2f}" if n in peaks else "-" for n in TABLE_SWAPS)
+        lines.append(f"| {label} | {base} | {size} | {cells} |")
     return "\n".join(lines)
 
 
@@ -148,6 +159,7 @@ def format_speed(s: PlanSettings, flops: dict, models, tflops: float, h2d_gbps: 
     lines = [f"swap speed model: {s.width}x{s.height}, batch {s.batch_size}, "
              f"{'fp8' if s.fp8_base else 'bf16'} base, "
              f"{'write-back' if s.profile.trains_transformer else 'host-to-device only'}"
+             f"{', block inputs offloaded to the host' if s.cpu_offload_checkpointing else ''}"
              f"; {tflops:.1f} TFLOP/s compute, {h2d_gbps:.1f} GB/s pinned host-to-device",
              f"step {flops['step'] / 1e12:.1f} TFLOP; one double block {flops['double_forward'] / 1e12:.2f} forward + "
              f"{flops['double_backward'] / 1e12:.2f} backward TFLOP, one single block "
