@@ -3,6 +3,7 @@
     python bench/bench_memory_plan.py proof    # planner vs a real CPU step (tiny and small presets), ~1 min
     python bench/bench_memory_plan.py cards    # sd-scripts' 24/16/12/10/8 GB rows and our configs/, ~5 min
     python bench/bench_memory_plan.py table    # same as tools/plan_memory.py --table for FLUX.1-dev, ~3-8 min
+    python bench/bench_memory_plan.py floor    # the 4 and 6 GB configs: parts in 10^9 bytes, modelled step, ~2 min
 
 Each part prints Markdown. Everything runs on the CPU: predictions on `meta` tensors, the check with real ones.
 """
@@ -105,8 +106,37 @@ def table() -> None:
     print(f"\n({time.perf_counter() - started:.0f} s)")
 
 
+FLOOR_ROWS = [  # (label, settings changes): issue 19's baseline and the configs/ that go below it
+    ("35 swapped (issue 19's starting point)", dict(blocks_to_swap=35)),
+    ("configs/lora_flux_dev_6gb.toml: 28 swapped + offloaded checkpoints",
+     dict(blocks_to_swap=28, cpu_offload_checkpointing=True)),
+    ("configs/lora_flux_dev_4gb.toml: 35 swapped + offloaded checkpoints",
+     dict(blocks_to_swap=35, cpu_offload_checkpointing=True)),
+]
+
+
+def floor() -> None:
+    from library.planner.report import speed_models
+
+    print(header())
+    plans = [(label, plan_memory(replace(LORA, **changes))) for label, changes in FLOOR_ROWS]
+    names = list(plans[0][1].parts)
+    print("| part (GB, 10^9 bytes) | " + " | ".join(label for label, _ in plans) + " |")
+    print("|---|" + "---:|" * len(plans))
+    for name in names:
+        print(f"| {name} | " + " | ".join(f"{p.parts.get(name, 0) / 1e9:.3f}" for _, p in plans) + " |")
+    print("| **peak** | " + " | ".join(f"**{p.peak_bytes / 1e9:.2f}**" for _, p in plans) + " |")
+    print()
+    print("| settings | modelled step (s) | unswapped, not offloaded (s) | slowdown | moved per step (GB) |")
+    print("|---|---:|---:|---:|---:|")
+    for label, changes in FLOOR_ROWS:
+        s = replace(LORA, **changes)
+        _, (m,) = speed_models(s, swaps=(s.blocks_to_swap,))
+        print(f"| {label} | {m.step_s:.2f} | {m.unswapped_s:.2f} | {m.slowdown:.2f}x | {m.bytes_per_step / 1e9:.1f} |")
+
+
 if __name__ == "__main__":
-    parts = {"proof": proof, "cards": cards, "table": table}
+    parts = {"proof": proof, "cards": cards, "table": table, "floor": floor}
     if len(sys.argv) != 2 or sys.argv[1] not in parts:
         sys.exit(f"usage: {sys.argv[0]} {'|'.join(parts)}")
     parts[sys.argv[1]]()

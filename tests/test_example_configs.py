@@ -45,7 +45,10 @@ def test_sample_prompts_parse():
 
 
 CARD_CONFIGS = {24: "lora_flux_dev.toml", 16: "lora_flux_dev_16gb.toml", 12: "lora_flux_dev_12gb.toml",
-                8: "lora_flux_dev_8gb.toml"}
+                8: "lora_flux_dev_8gb.toml", 6: "lora_flux_dev_6gb.toml", 4: "lora_flux_dev_4gb.toml"}
+# cards of 8 GB and more keep a GiB of headroom; the 6 and 4 GB configs fit the card itself (10^9 bytes, as card
+# makers count): there is no memory to spare on them
+SMALL_CARDS = (6, 4)
 
 
 def _card_config(card, tmp_path):
@@ -57,9 +60,9 @@ def _card_config(card, tmp_path):
     argv = ["--config_file", str(config)]
     args = read_config_from_file(parser.parse_args(argv), parser, argv)
     text = (CONFIGS / CARD_CONFIGS[card]).read_text()
-    peak = re.search(r"Predicted peak: ([\d.]+) GiB", text)
+    peak = re.search(r"Predicted peak: ([\d.]+) (GiB|GB \(10\^9 bytes)", text)
     assert peak, f"{CARD_CONFIGS[card]} states no predicted peak"
-    return args, float(peak.group(1))
+    return args, float(peak.group(1)) * (1e9 / 2**30 if peak.group(2).startswith("GB") else 1.0)
 
 
 
@@ -69,16 +72,22 @@ def test_card_configs_parse_and_state_their_peak(card, tmp_path):
     verify_training_args(args, LORA)
     assert args.fp8_base and args.gradient_checkpointing and args.network_dim == 16
     assert 0 <= (args.blocks_to_swap or 0) <= 35
-    assert peak <= card - 1  # a GiB of headroom for the desktop and other processes
+    if card in SMALL_CARDS:
+        assert peak <= card * 1e9 / 2**30 and args.cpu_offload_checkpointing
+    else:
+        assert peak <= card - 1  # a GiB of headroom for the desktop and other processes
 
 
 @pytest.mark.slow
-def test_8gb_config_prediction_matches_its_comment(tmp_path, monkeypatch):
-    """The planner's prediction for the 8 GB config (1024x1024, batch 1) is the one its comment states."""
+@pytest.mark.parametrize("card", [8, 4])
+def test_config_prediction_matches_its_comment(tmp_path, monkeypatch, card):
+    """The planner's prediction for the 8 and 4 GB configs (1024x1024, batch 1) is the one their comments state."""
     from library.planner.plan import GIB, plan_memory, settings_from_args
 
     monkeypatch.chdir(ROOT)
-    args, peak = _card_config(8, tmp_path)
+    args, peak = _card_config(card, tmp_path)
     args.pretrained_model_name_or_path = None  # plan from the dev preset, as a user before downloading
     plan = plan_memory(settings_from_args(args, "network"))
     assert plan.peak_bytes / GIB == pytest.approx(peak, abs=0.01)
+    if card == 4:
+        assert plan.peak_bytes <= 4.0e9 and plan.parts["activations"] < 0.05e9  # block inputs wait on the host

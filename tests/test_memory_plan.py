@@ -160,6 +160,23 @@ def test_swap_speed_model():
     assert model_step(18, stacks, flops, 0.0, write_back=True).bytes_per_step == 2 * m.bytes_per_step
 
 
+def test_swap_speed_model_with_offloaded_block_inputs():
+    """--cpu_offload_checkpointing: block inputs out in forward (never waited on), back in backward on the same
+    host-to-device queue as the weights; small ones hide behind compute, large ones bound the backward."""
+    from library.planner.swap_speed import StackCost, model_step, simulate_stack
+
+    plain = StackCost(19, 9, forward_s=1.0, backward_s=2.0, transfer_s=0.5)
+    assert simulate_stack(plain) == (19.0, 38.0)
+    # only the last block's inputs, needed first, are waited for; the others come while a block back-propagates
+    assert simulate_stack(replace(plain, activation_s=0.1)) == pytest.approx((19.0, 38.1))
+    f, b = simulate_stack(replace(plain, activation_s=5.0))
+    assert f == 19.0 and b >= 18 * 5.0
+    stacks, flops = {"double": (19, 9, 100)}, {"double": (1e12, 2e12)}
+    m = model_step(9, stacks, flops, 0.0, write_back=False, tflops=1.0, h2d_gbps=1.0, activation_bytes={"double": 7})
+    assert m.bytes_per_step == 2 * 9 * 100 + 2 * 19 * 7  # each block's inputs go out and come back once
+    assert m.unswapped_s == 19 * 3.0  # the baseline neither swaps nor offloads
+
+
 @pytest.mark.gpu
 def test_cuda_peak_matches_prediction():
     """On a GPU: the allocator's peak of a real step (small preset, bf16 autocast) within 10% of the prediction
