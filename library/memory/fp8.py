@@ -43,7 +43,7 @@ class _FrozenFp8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        grad_x = grad.reshape(-1, grad.shape[-1]).mm(weight.to(ctx.compute_dtype)).view(*grad.shape[:-1], -1)
+        grad_x = torch.matmul(grad, weight.to(ctx.compute_dtype))
         return grad_x, None, None, None
 
 
