@@ -191,11 +191,15 @@ def test_forward_without_backward_is_recovered(base):
     assert swappers[1].stats.restores == 1 and swappers[1].resident() == swappers[1].schedule.initial
 
 
-def test_no_grad_forward_between_forward_and_backward(base):
+@pytest.mark.parametrize("cpu_offload", [False, True])
+def test_no_grad_forward_between_forward_and_backward(base, cpu_offload):
     """Differential output preservation runs the model under no_grad after the training forward and before its
-    backward: the swapped layout must survive it, and the gradients must not change."""
+    backward: the swapped layout must survive it, and the gradients must not change (also when the training
+    forward ran its blocks without a graph, in offloaded checkpoints)."""
     ref = copy.deepcopy(base).train()
-    model, swappers = _swapped(base, 5, write_back=True)
+    if cpu_offload:
+        enable_gradient_checkpointing(ref, cpu_offload=True)
+    model, swappers = _swapped(base, 5, write_back=True, checkpointing=cpu_offload, cpu_offload=cpu_offload)
     model.train()
     for m in (ref, model):
         out = m(**_inputs(1))
