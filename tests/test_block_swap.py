@@ -212,6 +212,29 @@ def test_no_grad_forward_between_forward_and_backward(base, cpu_offload):
         assert s.resident() == s.schedule.initial and s.stats.restores == 0
 
 
+def test_offloaded_block_tells_its_forward_and_calls_back_before_its_backward():
+    """The protocol block swapping uses inside an offloaded checkpoint (library/memory/offload_checkpoint.py)."""
+    from library.memory import offload_checkpoint as oc
+
+    events = []
+
+    def block(x):
+        if torch._C._current_graph_task_id() == -1:  # the forward, not the recomputation
+            assert oc.recording_for_backward() and not torch.is_grad_enabled()
+            oc.call_before_backward(lambda: events.append("before backward"))
+        else:
+            events.append("recomputed")
+        return x * 2
+
+    x = torch.ones(3, requires_grad=True)
+    out = oc.offloaded_checkpoint(block, (x,), (0,))
+    assert not oc.recording_for_backward() and events == []
+    out.sum().backward()
+    assert events == ["before backward", "recomputed"] and torch.equal(x.grad, torch.full((3,), 2.0))
+    with pytest.raises(RuntimeError, match="outside the forward of an offloaded block"):
+        oc.call_before_backward(lambda: None)
+
+
 def _record_moves(swapper) -> list:
     moves, move = [], swapper._move
 
@@ -256,7 +279,7 @@ def test_offloaded_checkpointing_swaps_on_the_training_schedule(base, n):
         assert got == plain == want and len(want) == 2 * sch.num_swapped
         assert s.resident() == sch.initial and s.stats.restores == 0
     assert not any(alive) and all(plain_alive)  # offloaded: no device input kept; plain: all saved for backward
-    for name, g in plain_grads.items():  # vec's upstream: see test_block_swap_training.py
+    for name, g in plain_grads.items():  # vec's upstream sums its gradient in another order (test_block_swap_training)
         if name.startswith(("time_in.", "vector_in.", "guidance_in.")):
             torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7)
         else:
