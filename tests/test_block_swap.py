@@ -7,6 +7,7 @@ use the meta device for both sides (no data).
 """
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -97,10 +98,10 @@ def base():
     return Flux(PARAMS).eval()
 
 
-def _swapped(base, n, write_back, checkpointing=False):
+def _swapped(base, n, write_back, checkpointing=False, cpu_offload=False):
     model = copy.deepcopy(base)
     if checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, cpu_offload=cpu_offload)
     swappers = enable_flux_block_swap(model, n, "cpu", "cpu", host_to_device_only=not write_back)
     return model, swappers
 
@@ -190,11 +191,15 @@ def test_forward_without_backward_is_recovered(base):
     assert swappers[1].stats.restores == 1 and swappers[1].resident() == swappers[1].schedule.initial
 
 
-def test_no_grad_forward_between_forward_and_backward(base):
+@pytest.mark.parametrize("cpu_offload", [False, True])
+def test_no_grad_forward_between_forward_and_backward(base, cpu_offload):
     """Differential output preservation runs the model under no_grad after the training forward and before its
-    backward: the swapped layout must survive it, and the gradients must not change."""
+    backward: the swapped layout must survive it, and the gradients must not change (also when the training
+    forward ran its blocks without a graph, in offloaded checkpoints)."""
     ref = copy.deepcopy(base).train()
-    model, swappers = _swapped(base, 5, write_back=True)
+    if cpu_offload:
+        enable_gradient_checkpointing(ref, cpu_offload=True)
+    model, swappers = _swapped(base, 5, write_back=True, checkpointing=cpu_offload, cpu_offload=cpu_offload)
     model.train()
     for m in (ref, model):
         out = m(**_inputs(1))
@@ -205,6 +210,94 @@ def test_no_grad_forward_between_forward_and_backward(base):
         assert torch.equal(p.grad, q.grad), name
     for s in swappers:
         assert s.resident() == s.schedule.initial and s.stats.restores == 0
+
+
+def test_offloaded_block_tells_its_forward_and_calls_back_before_its_backward():
+    """The protocol block swapping uses inside an offloaded checkpoint (library/memory/offload_checkpoint.py)."""
+    from library.memory import offload_checkpoint as oc
+
+    events = []
+
+    def block(x):
+        if torch._C._current_graph_task_id() == -1:  # the forward, not the recomputation
+            assert oc.recording_for_backward() and not torch.is_grad_enabled()
+            oc.call_before_backward(lambda: events.append("before backward"))
+        else:
+            events.append("recomputed")
+        return x * 2
+
+    x = torch.ones(3, requires_grad=True)
+    out = oc.offloaded_checkpoint(block, (x,), (0,))
+    assert not oc.recording_for_backward() and events == []
+    out.sum().backward()
+    assert events == ["before backward", "recomputed"] and torch.equal(x.grad, torch.full((3,), 2.0))
+    with pytest.raises(RuntimeError, match="outside the forward of an offloaded block"):
+        oc.call_before_backward(lambda: None)
+
+
+def _record_moves(swapper) -> list:
+    moves, move = [], swapper._move
+
+    def recorded(fetch, evict):
+        moves.append((fetch, evict))
+        move(fetch, evict)
+    swapper._move = recorded
+    return moves
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_offloaded_checkpointing_swaps_on_the_training_schedule(base, n):
+    """--cpu_offload_checkpointing runs each block forward without a graph (grad mode off) and recomputes it in
+    backward: the swappers must still make the training schedule's moves, as with plain checkpointing (not the
+    forward-only ones), and the blocks' image/text inputs must leave for CPU copies, the device tensors freed."""
+    runs = {}
+    for offload in (False, True):
+        model, swappers = _swapped(base, n, write_back=True, checkpointing=True, cpu_offload=offload)
+        model.train()
+        moves = [_record_moves(s) for s in swappers]
+        inputs = []  # (weakref to a block's first input, a copy of its value) in forward, not in recomputation
+        for block in (*model.double_blocks, *model.single_blocks):
+            block.register_forward_pre_hook(lambda m, args: None if torch._C._current_graph_task_id() != -1 else
+                                            inputs.append((weakref.ref(args[0]), args[0].clone())))
+        out = model(**_inputs())
+        alive = [ref() is not None for ref, _ in inputs]
+        assert len(inputs) == len(model.double_blocks) + len(model.single_blocks)
+        if offload:
+            nodes = _offloaded_nodes(out.grad_fn)
+            host = [t for node in nodes for t in node.host_inputs.host]
+            assert len(nodes) == len(inputs) and len(host) == 2 * len(model.double_blocks) + len(model.single_blocks)
+            assert all(t.device.type == "cpu" for t in host)
+            firsts = [node.host_inputs.host[0] for node in nodes]  # img of a double block, x of a single one
+            assert all(torch.equal(t, value) for t, (_, value) in zip(firsts, inputs))
+        out.square().mean().backward()
+        runs[offload] = moves, alive, {name: p.grad for name, p in model.named_parameters()}
+    (plain_moves, plain_alive, plain_grads), (moves, alive, grads) = runs[False], runs[True]
+    for s, plain, got in zip(swappers, plain_moves, moves):
+        sch = s.schedule
+        want = ([m for i in range(sch.num_blocks) for m in sch.after_forward(i, True)]
+                + [m for b in range(sch.num_blocks - 1, 0, -1) for m in sch.after_backward(b)])
+        assert got == plain == want and len(want) == 2 * sch.num_swapped
+        assert s.resident() == sch.initial and s.stats.restores == 0
+    assert not any(alive) and all(plain_alive)  # offloaded: no device input kept; plain: all saved for backward
+    for name, g in plain_grads.items():  # vec's upstream sums its gradient in another order (test_block_swap_training)
+        if name.startswith(("time_in.", "vector_in.", "guidance_in.")):
+            torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7)
+        else:
+            assert torch.equal(grads[name], g), name
+
+
+def _offloaded_nodes(root) -> list:
+    """The offloaded blocks' backward nodes of a graph, in forward order."""
+    seen, stack, found = set(), [root], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "host_inputs"):
+            found.append(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return sorted(found, key=lambda node: node._sequence_nr())
 
 
 def test_placement_and_sizes_on_meta():
@@ -270,7 +363,7 @@ def test_fp8_weights_swap_exactly_and_stay_close_to_bf16(base):
 # --- CUDA: the real transfer path (pinned memory, side stream, events) -----------------------------------------------
 
 
-def _lora_model(base, device, n):
+def _lora_model(base, device, n, cpu_offload=False):
     from networks import lora_flux
 
     model = copy.deepcopy(base).to(torch.bfloat16)
@@ -286,15 +379,16 @@ def _lora_model(base, device, n):
         enable_flux_block_swap(model, n, device, "cpu")
     else:
         model.to(device)
-    enable_gradient_checkpointing(model)
+    enable_gradient_checkpointing(model, cpu_offload=cpu_offload)
     model.train()
     return model, network
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n", [1, 3, 5])
-def test_cuda_outputs_and_lora_gradients_equal_without_swap(base, n):
-    (ref, ref_net), (model, net) = _lora_model(base, "cuda", 0), _lora_model(base, "cuda", n)
+@pytest.mark.parametrize("n, cpu_offload", [(1, False), (3, False), (5, False), (3, True), (5, True)])
+def test_cuda_outputs_and_lora_gradients_equal_without_swap(base, n, cpu_offload):
+    """Also with --cpu_offload_checkpointing: its inputs travel on a side stream of their own, next to the swap's."""
+    (ref, ref_net), (model, net) = _lora_model(base, "cuda", 0), _lora_model(base, "cuda", n, cpu_offload)
     for step in range(2):
         outs = []
         for m in (ref, model):

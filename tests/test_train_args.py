@@ -277,9 +277,13 @@ def test_implications(caplog):
     assert "--split_mode is deprecated and ignored" in caplog.text
 
 
-def test_split_mode_with_cpu_offload_is_a_conflict():
-    with pytest.raises(ta.TrainingArgumentError, match="exclude each other"):
-        verify(["--split_mode", "--cpu_offload_checkpointing"])
+def test_block_swap_composes_with_cpu_offload_checkpointing():
+    for swap, want in ((["--split_mode"], 18), (["--blocks_to_swap", "8"], 8),
+                       (["--blocks_to_swap", "auto", "--vram_budget_gb", "8"], "auto")):
+        args = verify([*swap, "--cpu_offload_checkpointing"])
+        assert args.blocks_to_swap == want and args.cpu_offload_checkpointing
+        assert args.gradient_checkpointing  # implied
+    assert verify(["--blocks_to_swap", "8", "--cpu_offload_checkpointing"], "full").cpu_offload_checkpointing
 
 
 def test_deprecated_full_training_options(caplog):
@@ -296,7 +300,6 @@ def test_deprecated_full_training_options(caplog):
     (["--full_fp16", "--mixed_precision", "bf16"], "--full_fp16 requires --mixed_precision fp16"),
     (["--full_fp16", "--full_bf16", "--mixed_precision", "bf16"], "--full_fp16 and --full_bf16 exclude each other"),
     (["--fp8_base_unet"], "require --mixed_precision bf16 or fp16"),
-    (["--blocks_to_swap", "8", "--cpu_offload_checkpointing"], "--blocks_to_swap and --cpu_offload_checkpointing"),
     (["--blocks_to_swap", "-1"], "--blocks_to_swap must be 0 or more"),
     (["--network_train_unet_only", "--network_train_text_encoder_only"], "together they train nothing"),
     (["--network_args", "train_t5xxl=True", "--cache_text_encoder_outputs_to_disk"], "a trained T5 must encode"),
@@ -318,12 +321,12 @@ def test_network_errors(argv, message):
 
 
 def test_every_problem_is_reported_at_once():
-    args = parse(["--full_bf16", "--weighted_captions", "--blocks_to_swap", "2", "--cpu_offload_checkpointing"])
+    args = parse(["--full_bf16", "--weighted_captions"])
     args.model_type = "chroma"  # set programmatically: the parser refuses it
     with pytest.raises(ta.TrainingArgumentError) as e:
         ta.verify_training_args(args, command_lines.LORA)
-    assert len(e.value.problems) == 5  # chroma, weighted captions, full_bf16, swap+offload, network_module
-    assert str(e.value).count("\n  ") == 5
+    assert len(e.value.problems) == 4  # chroma, weighted captions, full_bf16, network_module
+    assert str(e.value).count("\n  ") == 4
 
 
 def test_full_training_checks(caplog):

@@ -28,6 +28,11 @@ Two modes for what leaves the compute device:
   are copied back to storage, so an optimizer stepping in backward (fused) or after it sees and updates the right
   tensors. Swapped blocks' parameters are on the storage device while the optimizer steps after backward.
 
+Gradient checkpointing runs the hooks inside the checkpoint; a recomputation in backward is skipped (the backward
+hooks placed the block already). With --cpu_offload_checkpointing the block's forward runs without a graph although
+a backward follows: library/memory/offload_checkpoint.py says so (`recording_for_backward`) and calls the
+pre-backward hook itself (`call_before_backward`), so the schedule is the same as with plain checkpointing.
+
 Blocks are moved by `prepare()` and must not be moved by `.to()` afterwards (it raises): move the rest of a model
 with `move_to_device_except_swap_blocks(model, device)`. Devices may be any pair whose tensors a parameter can be
 re-pointed between (CPU/CPU with separate buffers for tests, CUDA/CPU, meta/meta for planning without data).
@@ -40,6 +45,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from library.memory import offload_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -403,9 +410,12 @@ class BlockSwapper:
     def _make_pre_forward(self, i: int):
         def hook(module, args):
             if _in_backward():  # gradient-checkpoint recomputation: the backward hooks placed it already
+                if i not in self._slots_of:  # on CPU/CPU it would silently compute from the storage copy
+                    raise RuntimeError(f"block swap: block {i} is recomputed in backward but its weights are not on "
+                                       f"{self.compute} (its pre-backward hook did not run)")
                 return
             if i == 0:
-                if torch.is_grad_enabled():  # a pass that may back-propagate starts from the initial layout
+                if _records_for_backward():  # a pass that may back-propagate starts from the initial layout
                     if self._backward_pending or tuple(self._slots_of) != self.schedule.initial:
                         self.restore_layout()  # a backward that did not run (or stopped early)
                     self._pass_start = None
@@ -421,19 +431,27 @@ class BlockSwapper:
             if _in_backward():
                 return
             outs = [o for o in (output if isinstance(output, tuple) else (output,)) if isinstance(o, torch.Tensor)]
-            backward_follows = torch.is_grad_enabled() and any(o.requires_grad for o in outs)
+            # an offloaded checkpoint runs the block without a graph; it calls the pre-backward hook itself
+            offloaded = offload_checkpoint.recording_for_backward()
+            backward_follows = offloaded or (torch.is_grad_enabled() and any(o.requires_grad for o in outs))
             for fetch, evict in self.schedule.after_forward(i, backward_follows, self._pass_start):
                 self._move(fetch, evict)
             if backward_follows:
                 self._backward_pending = True
-                fired = []
-                for o in outs:
-                    if o.requires_grad:
-                        o.register_hook(self._make_pre_backward(i, fired))
+                pre_backward = self._make_pre_backward(i)
+                if offloaded:
+                    offload_checkpoint.call_before_backward(pre_backward)
+                else:
+                    for o in outs:
+                        if o.requires_grad:
+                            o.register_hook(pre_backward)
         return hook
 
-    def _make_pre_backward(self, b: int, fired: list):
-        def hook(grad):
+    def _make_pre_backward(self, b: int):
+        """Called once before block b's backward (a hook on each output that requires grad: the first one acts)."""
+        fired = []
+
+        def hook(grad=None):
             if fired:
                 return None
             fired.append(True)
@@ -483,6 +501,11 @@ _nullcontext = _Null()
 
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
+
+
+def _records_for_backward() -> bool:
+    """A forward whose backward may follow: grad mode on, or an offloaded checkpoint's graph-less forward."""
+    return torch.is_grad_enabled() or offload_checkpoint.recording_for_backward()
 
 
 def _refuse_move(fn, *args, **kwargs):

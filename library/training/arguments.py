@@ -12,7 +12,7 @@ Differences from sd-scripts, on the side of saying so:
   get the option's type (a TOML `network_alpha = 16` is 16.0, `text_encoder_lr = 1e-4` becomes `[1e-4]`);
 * `--network_alpha` defaults to 1.0, not the int 1 (reference 17.25: int64 alpha tensors);
 * `--cpu_offload_checkpointing` implies `--gradient_checkpointing` in every trainer (sd-scripts' LoRA trainer
-  silently does nothing without it);
+  silently does nothing without it), and it composes with `--blocks_to_swap` (sd-scripts refuses the pair);
 * options are never abbreviated, an unknown option names the closest ones, and numbers are checked as they are
   parsed (`--network_dim 0`, `--learning_rate -1`: one line naming what is allowed; `library.formats.command_line`).
 
@@ -289,12 +289,14 @@ def add_flux_arguments(parser: argparse.ArgumentParser) -> None:
         help="shift of 'shift' and 'sigma' sampling (default: 3.0)")
 
 
+_CPU_OFFLOAD_CHECKPOINTING_HELP = ("gradient checkpointing whose saved block inputs wait in CPU memory (implies "
+                                   "--gradient_checkpointing; composes with --blocks_to_swap)")
+
+
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     """LoRA trainer options (reference 1.13) and its deprecated --split_mode."""
     add = parser.add_argument_group("network").add_argument
-    add("--cpu_offload_checkpointing", action="store_true",
-        help="gradient checkpointing whose saved block inputs wait in CPU memory (implies "
-             "--gradient_checkpointing; not with --blocks_to_swap)")
+    add("--cpu_offload_checkpointing", action="store_true", help=_CPU_OFFLOAD_CHECKPOINTING_HELP)
     add("--no_metadata", action="store_true", help="write only the minimal ss_* metadata")
     add("--save_model_as", type=str, default="safetensors", choices=[None, "ckpt", "pt", "safetensors"],
         help="LoRA file format (default: safetensors)")
@@ -342,9 +344,7 @@ def add_full_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--skip_latents_validity_check", action="store_true", help="deprecated: same as --skip_cache_check")
     add("--double_blocks_to_swap", type=non_negative_int, default=None, help="deprecated: use --blocks_to_swap")
     add("--single_blocks_to_swap", type=non_negative_int, default=None, help="deprecated: use --blocks_to_swap")
-    add("--cpu_offload_checkpointing", action="store_true",
-        help="gradient checkpointing whose saved block inputs wait in CPU memory (implies "
-             "--gradient_checkpointing; not with --blocks_to_swap)")
+    add("--cpu_offload_checkpointing", action="store_true", help=_CPU_OFFLOAD_CHECKPOINTING_HELP)
     add("--save_model_as", type=str, default=None,
         choices=[None, "ckpt", "safetensors", "diffusers", "diffusers_safetensors"],
         help="sd-scripts option; the model is always saved as .safetensors")
@@ -483,9 +483,6 @@ def verify_training_args(args: argparse.Namespace, trainer: TrainerCommandLine) 
     swap = get("blocks_to_swap")
     if swap is not None and swap != "auto" and swap < 0:
         problems.append(f"--blocks_to_swap must be 0 or more, got {swap}")
-    if (swap == "auto" or (swap or 0) > 0) and get("cpu_offload_checkpointing"):
-        problems.append("--blocks_to_swap and --cpu_offload_checkpointing exclude each other: block swapping "
-                        "already keeps most weights on the CPU; choose one")
     if get("adaptive_noise_scale") is not None and get("noise_offset") is None:
         problems.append("--adaptive_noise_scale requires --noise_offset")
     if get("scale_v_pred_loss_like_noise_pred") and not get("v_parameterization"):
