@@ -280,14 +280,13 @@ class BlockSwapper:
             return self
         sch = self.schedule
         swapped = set(sch.swapped_blocks)
-        pin = self.cuda and self.storage.type == "cpu"
         self._store: dict[int, torch.Tensor] = {}
         self._grad_store: dict[int, torch.Tensor] = {}
         self._slots = [torch.empty(self.block_bytes, dtype=torch.uint8, device=self.compute)
                        for _ in range(sch.num_slots)]
         for b in range(sch.num_blocks):  # block by block: the loaded tensors are freed as their copies are made
             if b in swapped:
-                self._store[b] = torch.empty(self.block_bytes, dtype=torch.uint8, device=self.storage, pin_memory=pin)
+                self._store[b] = self._storage_buffer()
                 for view, p in zip(self.layout.views(self._store[b]), self.blocks[b].parameters()):
                     view.copy_(p.data)
             if b < sch.num_slots:
@@ -316,6 +315,11 @@ class BlockSwapper:
                     sch.num_blocks, sch.num_slots, self.block_bytes / 2**20, self.compute,
                     "host-to-device only" if self.host_to_device_only else "with write-back")
         return self
+
+    def _storage_buffer(self) -> torch.Tensor:
+        """One block's bytes in storage memory (pinned host memory when the compute device is a GPU)."""
+        pin = self.cuda and self.storage.type == "cpu"
+        return torch.empty(self.block_bytes, dtype=torch.uint8, device=self.storage, pin_memory=pin)
 
     def _point(self, b: int, flat: torch.Tensor) -> None:
         for view, p in zip(self.layout.views(flat), self.blocks[b].parameters()):
@@ -376,8 +380,7 @@ class BlockSwapper:
         if all(g is None for g in grads):
             return
         if b not in self._grad_store:
-            self._grad_store[b] = torch.zeros(self.block_bytes, dtype=torch.uint8, device=self.storage,
-                                              pin_memory=self.cuda and self.storage.type == "cpu")
+            self._grad_store[b] = self._storage_buffer().zero_()
         for view, g in zip(self.layout.views(self._grad_store[b]), grads):
             if g is None:
                 continue

@@ -429,24 +429,24 @@ def count_step(rig: StepRig) -> dict[str, int]:
         stack.enter_context(device_emulation(s.target, autocast,
                                              on_cache=lambda t: counter.retag(t, "autocast_weight_copies")))
         if s.cpu_offload_checkpointing:
-            stack.enter_context(_offload_to_storage(counter))
+            stack.enter_context(offload_to_storage(counter))
         stack.enter_context(counter)
         rig.step(counter)
     return counter.peak_by_tag()
 
 
 @contextmanager
-def _offload_to_storage(counter):
+def offload_to_storage(counter=None):
     """--cpu_offload_checkpointing on `meta` (library/memory/offload_checkpoint.py needs autocast and pinned memory,
-    which
-    `meta` lacks): blocks are checkpointed as usual and the inputs it would send to the CPU leave the count. Not
-    counted: a block's inputs while that block runs forward, and while they come back for its backward (tens of MB
-    at 1024x1024)."""
+    which `meta` lacks): blocks are checkpointed as usual (the same FLOPs) and the inputs it would send to the CPU
+    leave `counter`'s count when one is given. Not counted: a block's inputs while that block runs forward, and
+    while they come back for its backward (tens of MB at 1024x1024)."""
     import torch.utils.checkpoint
 
     def planned(block, args, offload):
         for i in offload:
-            counter.release(args[i])
+            if counter is not None:
+                counter.release(args[i])
         return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
 
     saved = offload_checkpoint.offloaded_checkpoint

@@ -4,13 +4,15 @@ the FLOPs it needs, and the check of a prediction against a real step on the CPU
 from __future__ import annotations
 
 import gc
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
 
 from library.memory.block_swap import BlockSwapper, max_blocks_to_swap, split_blocks_to_swap
 from library.planner.live_bytes import device_emulation
-from library.planner.plan import GIB, TABLE_RESOLUTIONS, TABLE_SWAPS, PlanSettings, _build_flux, build_rig, plan_many
+from library.planner.plan import (GIB, TABLE_RESOLUTIONS, TABLE_SWAPS, PlanSettings, _build_flux, build_rig,
+                                  offload_to_storage, plan_many)
 from library.planner.swap_speed import DEFAULT_H2D_GBPS, DEFAULT_TFLOPS, model_step
 
 
@@ -25,7 +27,7 @@ def count_flops(s: PlanSettings) -> dict[str, float]:
     rig = build_rig(replace(s, blocks_to_swap=0), "meta")
     autocast = s.weight_dtype if s.weight_dtype != torch.float32 else None
     whole, forward = FlopCounterMode(display=False, depth=3), FlopCounterMode(display=False, depth=3)
-    with device_emulation(s.target, autocast):
+    with device_emulation(s.target, autocast), offload_to_storage():
         with forward, torch.no_grad():
             rig.loss_fn(rig.batch)
         with whole:
@@ -73,6 +75,30 @@ def offloaded_input_bytes(s: PlanSettings) -> dict[str, int]:
 # --- checking the planner against a real step on the CPU -----------------------------------------------------------
 
 
+@contextmanager
+def _host_copies_outside_the_allocator():
+    """On the CPU the device and the host are one memory. What lives in host memory on a GPU machine -- block
+    swapping's storage copies, --cpu_offload_checkpointing's saved inputs -- gets memory that PyTorch's CPU
+    allocator, the profiler's stand-in for the device, does not see (numpy's)."""
+    import numpy as np
+
+    from library.memory import offload_checkpoint
+
+    def host_bytes(nbytes: int) -> torch.Tensor:
+        return torch.from_numpy(np.empty(nbytes, np.uint8))
+
+    def to_host(t: torch.Tensor) -> torch.Tensor:
+        return host_bytes(t.numel() * t.element_size()).view(t.dtype).view(t.shape).copy_(t)
+
+    saved = offload_checkpoint._HostInputs.__dict__["_to_host"], BlockSwapper._storage_buffer
+    offload_checkpoint._HostInputs._to_host = staticmethod(to_host)
+    BlockSwapper._storage_buffer = lambda swapper: host_bytes(swapper.block_bytes)
+    try:
+        yield
+    finally:
+        offload_checkpoint._HostInputs._to_host, BlockSwapper._storage_buffer = saved
+
+
 def measure_cpu_step(s: PlanSettings) -> dict[str, int]:
     """Build the same rig on the CPU with real tensors, run one step, and read the CPU allocator's allocations and
     frees from the profiler's memory events: {"peak_bytes", "before_step_bytes"} (the peak counts everything
@@ -86,7 +112,8 @@ def measure_cpu_step(s: PlanSettings) -> dict[str, int]:
     gc.collect()
     gc.disable()
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _host_copies_outside_the_allocator(), profile(activities=[ProfilerActivity.CPU],
+                                                           profile_memory=True) as prof:
             rig = build_rig(s, "cpu")
             with record_function("planned_step"):
                 rig.step()
