@@ -38,7 +38,10 @@ class _FrozenFp8Linear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, compute_dtype):
         ctx.save_for_backward(weight)
         ctx.compute_dtype = compute_dtype
-        return F.linear(x, weight.to(compute_dtype), bias)
+        out = F.linear(x, weight.to(compute_dtype), bias)
+        # F.linear returns a 3-D input's product as a view of a 2-D one; an output that is a view could not be
+        # added to in place (the LoRA wrapping this layer does), so it is handed out as a tensor of its own
+        return torch.ops.aten._unsafe_view(out._base, out.shape) if out._base is not None else out
 
     @staticmethod
     def backward(ctx, grad):

@@ -163,16 +163,21 @@ class DoubleStreamBlock(nn.Module):
     def forward(self, img, txt, vec, pe, mask=None):
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(self.img_norm1(img), i_shift1, i_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(self.txt_norm1(txt), t_shift1, t_scale1))
-        attn = attention(torch.cat((txt_q, img_q), 2), torch.cat((txt_k, img_k), 2), torch.cat((txt_v, img_v), 2),
-                         pe, mask)
+        attn = attention(*self._joint_qkv(modulate(self.img_norm1(img), i_shift1, i_scale1),
+                                          modulate(self.txt_norm1(txt), t_shift1, t_scale1)), pe, mask)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
         img = img + i_gate1 * self.img_attn.proj(img_attn)
         img = img + i_gate2 * self.img_mlp(modulate(self.img_norm2(img), i_shift2, i_scale2))
         txt = txt + t_gate1 * self.txt_attn.proj(txt_attn)
         txt = txt + t_gate2 * self.txt_mlp(modulate(self.txt_norm2(txt), t_shift2, t_scale2))
         return img, txt
+
+    def _joint_qkv(self, img, txt):
+        """q, k, v over [txt; img]. A function of its own so that the per-stream heads -- views of each stream's
+        qkv output -- are freed on return, not kept until the block ends (at 1024x1024, 72 MiB of image qkv)."""
+        img_q, img_k, img_v = self.img_attn.qkv_heads(img)
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(txt)
+        return torch.cat((txt_q, img_q), 2), torch.cat((txt_k, img_k), 2), torch.cat((txt_v, img_v), 2)
 
 
 class SingleStreamBlock(nn.Module):
@@ -190,14 +195,17 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x, vec, pe, mask=None):
         shift, scale, gate = self.modulation(vec)
-        qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split(
-            [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
-        q, k, v = split_heads(qkv, self.num_heads, self.norm)
-        # v and the MLP input are views of linear1's whole output; saved for backward as views they would keep all
-        # of it (q and k parts too, 3072 of its 21504 features) alive until the backward: own copies instead
-        out = self.linear2(torch.cat((attention(q, k, v.contiguous(), pe, mask), self.mlp_act(mlp.contiguous())),
-                                     dim=2))
+        q, k, v, mlp = self._split_linear1(modulate(self.pre_norm(x), shift, scale))
+        out = self.linear2(torch.cat((attention(q, k, v, pe, mask), self.mlp_act(mlp)), dim=2))
         return x + gate * out
+
+    def _split_linear1(self, x):
+        """q, k, v and the MLP input from linear1. v and the MLP input are views of linear1's whole output: kept
+        for backward as views (by attention and the activation) they would keep all of it alive, q and k parts too;
+        as copies of their own, made in a function whose locals end here, linear1's output is freed at once."""
+        qkv, mlp = self.linear1(x).split([3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
+        q, k, v = split_heads(qkv, self.num_heads, self.norm)
+        return q, k, v.contiguous(), mlp.contiguous()
 
 
 class LastLayer(nn.Module):
