@@ -200,11 +200,14 @@ class SingleStreamBlock(nn.Module):
         return x + gate * out
 
     def _split_linear1(self, x):
-        """q, k, v and the MLP input from linear1. v and the MLP input are views of linear1's whole output: kept
-        for backward as views (by attention and the activation) they would keep all of it alive, q and k parts too;
-        as copies of their own, made in a function whose locals end here, linear1's output is freed at once."""
+        """q, k, v and the MLP input from linear1, made in a function whose locals end here. In bf16/fp16 the QK
+        norm keeps fp32 copies of q and k, so v and the MLP input are copied out too: kept for backward as views
+        (by attention and the activation) they would keep all of linear1's output alive, q and k parts included.
+        In fp32 the norm keeps q and k as views of that output anyway, and copies would only add."""
         qkv, mlp = self.linear1(x).split([3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
         q, k, v = split_heads(qkv, self.num_heads, self.norm)
+        if qkv.dtype == torch.float32:
+            return q, k, v, mlp
         return q, k, v.contiguous(), mlp.contiguous()
 
 
