@@ -73,3 +73,13 @@ def models(tiny_paths):
     clip = flux_utils.load_clip_l(tiny_paths["clip_l"], torch.float32, "cpu")
     t5 = flux_utils.load_t5xxl(tiny_paths["t5xxl"], torch.float32, "cpu")
     return flux.eval(), clip.eval(), t5.eval()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: one thread is as fast, and two threads spin for seconds on a shared, busy 2-core CPU. Use with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,13 +21,7 @@ from library.models.transformer import Flux, params_with_overrides
 DEV_DOUBLE, DEV_SINGLE = 19, 38
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: one thread is as fast, and two threads spin for seconds on a shared, busy CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_split_and_maximum_match_sd_scripts():

@@ -16,12 +16,7 @@ from library.planner.live_bytes import SavedBytes
 DIM, HEADS, MLP, N_IMG, N_TXT = 256, 2, 1024, 64, 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _inputs(dtype):

@@ -10,6 +10,7 @@ hold no data (see library/planner/plan.py and docs/benchmarks.md):
     python tools/plan_memory.py --trainer full --model_preset dev --resolution 1024 --optimizer_type adafactor \
         --fused_backward_pass --full_bf16 --mixed_precision bf16 --gradient_checkpointing --blocks_to_swap 8
     python tools/plan_memory.py ... --table      # swap counts 0/8/18/28/35, fp8 or not, 512 and 1024, LoRA and full
+    python tools/plan_memory.py --config_file configs/lora_flux_dev_4gb.toml --model_preset dev   # 3.51 GB
     python tools/plan_memory.py ... --speed      # modelled cost in time of each swap count
 """
 
@@ -45,9 +46,12 @@ def planner_parser() -> argparse.ArgumentParser:
         help="device to predict for (default cuda: fused attention, CUDA runtime overhead; cpu: the CPU kernels)")
     add("--json", action="store_true", help="print one JSON object: peak_bytes, parts, settings")
     add("--table", action="store_true",
-        help="print the table of --blocks_to_swap 0/8/18/28/35, bf16 or fp8 base, 512 and 1024, LoRA and full "
-             "fine-tuning (Adafactor + fused backward, AdamW8bit); takes several minutes")
-    add("--speed", action="store_true", help="print the swap speed model for --blocks_to_swap 0/8/18/28/35")
+        help="print the table of --blocks_to_swap 0/8/18/28/35, bf16 or fp8 base, 512 and 1024, LoRA (with plain "
+             "and with CPU-offloaded checkpoints) and full fine-tuning (Adafactor + fused backward, AdamW8bit); "
+             "takes several minutes")
+    add("--speed", action="store_true",
+        help="print the swap speed model for --blocks_to_swap 0/8/18/28/35 (with --cpu_offload_checkpointing, the "
+             "block inputs' transfers too)")
     add("--gpu_tflops", type=positive_float, default=None,
         help="compute rate of the speed model (default: see --speed)")
     add("--h2d_gbps", type=positive_float, default=None, help="pinned host-to-device GB/s of the speed model")
