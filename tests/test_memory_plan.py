@@ -208,3 +208,26 @@ def test_text_encoders_count_only_when_their_outputs_are_not_cached():
     bf16 = _encoder_bytes(PlanSettings(cache_text_encoder_outputs=False))
     assert 4.9e9 < fp8 < 5.3e9 and 9.7e9 < bf16 < 9.8e9  # T5-XXL in fp8 (embedding kept) or bf16, plus CLIP-L
     assert _encoder_bytes(PlanSettings(cache_latents=False)) == 83_819_683 * 2
+
+
+def test_quantized_bases_are_planned_by_their_stored_bytes():
+    """nf4 / int8 / fp8_scaled / GGUF bases: each Linear weight costs its format's bytes, the step is unchanged."""
+    from library.planner.quantized_bases import BASE_QUANTIZATIONS, weight_bytes
+
+    assert weight_bytes("fp8", 3072, 12288) == 3072 * 12288
+    assert weight_bytes("int8", 3072, 12288) == 3072 * 12288 + 4 * 3072  # a float32 scale per row
+    assert weight_bytes("gguf_q8_0", 4, 64) == 8 * 34  # 32 weights in 34 bytes
+    assert weight_bytes("gguf_q4_k", 1, 256) == 144
+    nf4 = weight_bytes("nf4", 3072, 3072) / (3072 * 3072)
+    assert 0.5 < nf4 < 0.52  # 4 bits + an 8-bit scale per 64 (double-quantised)
+    with pytest.raises(ValueError, match="expected one of"):
+        weight_bytes("q4", 1, 1)
+    base = dict(model="test", params=TINY_DEEP, width=128, height=128, t5_tokens=64, optimizer_type="AdamW",
+                mixed_precision="bf16", blocks_to_swap=2)
+    kinds = ("nf4", "gguf_q4_k", "fp8", "int8", "gguf_q8_0")
+    assert set(kinds) <= set(BASE_QUANTIZATIONS)
+    plans = {q: p for q, p in zip(kinds, plan_many([PlanSettings(**base, base_quantization=q) for q in kinds]))}
+    weights = {q: p.parts["resident_base_weights"] + p.parts["swap_buffers"] for q, p in plans.items()}
+    assert weights["nf4"] < weights["gguf_q4_k"] < weights["fp8"] < weights["int8"] < weights["gguf_q8_0"]
+    # the step itself (activations, transient) does not depend on how the frozen weights are stored
+    assert len({p.parts["activations"] for p in plans.values()}) == 1

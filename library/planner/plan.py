@@ -34,6 +34,7 @@ from library.memory.fp8 import prepare_fp8
 from library.models.checkpoint import analyze_checkpoint
 from library.models.transformer import FLUX_PRESETS, Flux, FluxParams
 from library.planner.live_bytes import LiveBytes, device_emulation
+from library.planner.quantized_bases import prepare_planned_quantization
 from library.training.arguments import parse_network_args
 from library.training.fused_optimizers import (BlockwiseOptimizers, FusedBackward, HookSettings, group_by_block,
                                                step_param)
@@ -88,6 +89,7 @@ class PlanSettings:
     mixed_precision: str = "bf16"
     fp8_base: bool = False
     fp8_file: bool = False  # the checkpoint is stored in fp8 already
+    base_quantization: str = ""  # a frozen base stored as nf4, int8, fp8_scaled, gguf_q4_k, ... ("": --fp8_base)
     gradient_checkpointing: bool = True
     cpu_offload_checkpointing: bool = False
     blocks_to_swap: int = 0
@@ -197,6 +199,7 @@ def settings_from_args(args, trainer: str = "network", target: str = "cuda") -> 
         t5_tokens=getattr(args, "t5xxl_max_token_length", None) or (256 if schnell else 512),
         mixed_precision=getattr(args, "mixed_precision", "no") or "no",
         fp8_base=bool(getattr(args, "fp8_base", False)) and PLANNED_RECIPES[trainer].fp8_base, fp8_file=fp8_file,
+        base_quantization=getattr(args, "base_quantization", None) or "",
         gradient_checkpointing=bool(args.gradient_checkpointing or getattr(args, "cpu_offload_checkpointing", False)),
         cpu_offload_checkpointing=bool(getattr(args, "cpu_offload_checkpointing", False)),
         blocks_to_swap=swap if isinstance(swap, int) else 0,
@@ -293,8 +296,11 @@ def _build_flux(s: PlanSettings, device: str) -> Flux:
         dtype = torch.bfloat16 if s.full_bf16 else torch.float32
     with torch.device(device):
         flux = Flux(s.params).to(dtype)
-    if fp8:
-        compute = s.weight_dtype if s.weight_dtype != torch.float32 else torch.bfloat16
+    quantization = s.base_quantization if s.profile.fp8_base else ""  # (fp8_base: the recipe keeps a frozen base)
+    compute = s.weight_dtype if s.weight_dtype != torch.float32 else torch.bfloat16
+    if quantization and quantization != "fp8":
+        prepare_planned_quantization(flux, quantization, compute)
+    elif fp8 or quantization == "fp8":
         prepare_fp8(flux, torch.float8_e4m3fn, compute)
     if s.gradient_checkpointing:
         enable_gradient_checkpointing(flux, cpu_offload=s.cpu_offload_checkpointing)

@@ -146,15 +146,30 @@ TABLE_TRAINERS = (  # (label, settings changes); fp8 base applies to LoRA only (
 )
 
 
+# frozen-base storage the LoRA rows are planned for (--fp8_base, --base_quantization, GGUF files)
+TABLE_BASES = ("bf16", "fp8", "fp8_scaled", "int8", "nf4", "gguf_q8_0", "gguf_q4_k")
+
+
+def base_label(s: PlanSettings) -> str:
+    return s.base_quantization or ("fp8" if s.fp8_base else "bf16")
+
+
+def _bases(profile, offloaded: bool) -> list[dict]:
+    if not profile.fp8_base:  # the full trainers train the weights: no quantized base
+        return [dict(fp8_base=False, base_quantization="")]
+    names = ("bf16", "fp8") if offloaded else TABLE_BASES  # offloaded checkpoints: the two common bases
+    return [dict(fp8_base=b == "fp8", base_quantization="" if b in ("bf16", "fp8") else b) for b in names]
+
+
 def table_settings(base: PlanSettings) -> list[tuple[str, PlanSettings]]:
     limit = max_blocks_to_swap(base.params.depth, base.params.depth_single_blocks)
     rows = []
     for label, changes in TABLE_TRAINERS:
         profile = replace(base, trainer=changes["trainer"]).profile
-        for fp8 in ((False, True) if profile.fp8_base else (False,)):
+        for storage in _bases(profile, changes.get("cpu_offload_checkpointing", False)):
             for res in TABLE_RESOLUTIONS:
                 for n in [n for n in TABLE_SWAPS if n <= limit]:
-                    s = replace(base, **{"cpu_offload_checkpointing": False, **changes, "fp8_base": fp8},
+                    s = replace(base, **{"cpu_offload_checkpointing": False, **changes, **storage},
                                 width=res, height=res, blocks_to_swap=n, gradient_checkpointing=True,
                                 blockwise_fused_optimizers=False)
                     rows.append((label, s))
@@ -168,7 +183,7 @@ def format_table(rows: list[tuple[str, object]]) -> str:
     groups: dict[tuple, dict[int, float]] = {}
     for label, plan in rows:
         s = plan.settings
-        key = (label, "fp8" if s.fp8_base else "bf16", f"{s.width}x{s.height}")
+        key = (label, base_label(s), f"{s.width}x{s.height}")
         groups.setdefault(key, {})[s.blocks_to_swap] = plan.peak_bytes / GIB
     for (label, base, size), peaks in groups.items():
         cells = " | ".join(f"{peaks[n]:.2f}" if n in peaks else "-" for n in TABLE_SWAPS)
@@ -184,7 +199,7 @@ def run_table(base: PlanSettings, progress=None) -> list[tuple[str, object]]:
 
 def format_speed(s: PlanSettings, flops: dict, models, tflops: float, h2d_gbps: float) -> str:
     lines = [f"swap speed model: {s.width}x{s.height}, batch {s.batch_size}, "
-             f"{'fp8' if s.fp8_base else 'bf16'} base, "
+             f"{base_label(s)} base, "
              f"{'write-back' if s.profile.trains_transformer else 'host-to-device only'}"
              f"{', block inputs offloaded to the host' if s.cpu_offload_checkpointing else ''}"
              f"; {tflops:.1f} TFLOP/s compute, {h2d_gbps:.1f} GB/s pinned host-to-device",

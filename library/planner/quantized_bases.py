@@ -1,0 +1,94 @@
+"""Quantized base weights as the memory planner sees them: bytes per weight, and a stand-in Linear for `meta`.
+
+The planner runs the trainer's step on `meta` tensors, where bitsandbytes' kernels and the dequantisers of quantized
+files do not run. What the step's memory depends on is the same for every format and is what the stand-in keeps:
+the stored bytes of each Linear weight (resident, or one flat block in the swapper's slots), one dequantised weight
+in the compute dtype while a layer computes (forward, and again for the input gradient in backward), and nothing
+of the weight kept for backward beyond the stored bytes (the frozen-weight autograd functions of
+library/memory/fp8.py and the quantized Linears keep only those).
+
+Bytes per weight, from each format's block layout (norms, biases and embeddings stay in the compute dtype):
+
+* fp8 (float8_e4m3fn): 1 byte. fp8_scaled adds one float32 scale per output channel (ComfyUI/musubi also write
+  per-tensor scales: less).
+* int8 (bitsandbytes LLM.int8 vector-wise): 1 byte plus one float32 scale per output row.
+* nf4 (bitsandbytes 4-bit, block size 64, with its double quantisation of the block scales): 4 bits plus an 8-bit
+  scale per block of 64 and a float32 per 256 blocks.
+* GGUF (ggml block quantisation): bytes per block / weights per block -- Q8_0 34/32, Q6_K 210/256, Q5_K 176/256,
+  Q5_1 24/32, Q5_0 22/32, Q4_K 144/256, Q4_1 20/32, Q4_0 18/32, Q3_K 110/256, Q2_K 84/256.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# bytes of a weight of `numel` elements with `rows` output rows, by --base_quantization / GGUF type
+_GGUF_BLOCKS = {"Q8_0": (34, 32), "Q6_K": (210, 256), "Q5_K": (176, 256), "Q5_1": (24, 32), "Q5_0": (22, 32),
+                "Q4_K": (144, 256), "Q4_1": (20, 32), "Q4_0": (18, 32), "Q3_K": (110, 256), "Q2_K": (84, 256)}
+BASE_QUANTIZATIONS = ("fp8", "fp8_scaled", "int8", "nf4", *(f"gguf_{t.lower()}" for t in _GGUF_BLOCKS))
+
+
+def weight_bytes(kind: str, rows: int, cols: int) -> int:
+    """Stored bytes of a (rows, cols) Linear weight quantized as `kind` (one of BASE_QUANTIZATIONS)."""
+    numel = rows * cols
+    if kind == "fp8":
+        return numel
+    if kind == "fp8_scaled":
+        return numel + 4 * rows
+    if kind == "int8":
+        return numel + 4 * rows
+    if kind == "nf4":
+        blocks = math.ceil(numel / 64)
+        return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256)
+    if kind.startswith("gguf_") and kind[5:].upper() in _GGUF_BLOCKS:
+        block_bytes, per_block = _GGUF_BLOCKS[kind[5:].upper()]
+        return math.ceil(numel / per_block) * block_bytes
+    raise ValueError(f"base quantization {kind!r}: expected one of {', '.join(BASE_QUANTIZATIONS)}")
+
+
+class PlannedQuantizedLinear(nn.Linear):
+    """A frozen Linear whose weight is `weight_bytes` of uint8 (the stored format) and is dequantised per call."""
+
+    compute_dtype: torch.dtype = torch.bfloat16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
+        return _Dequantized.apply(x.to(self.compute_dtype), self.weight, bias, self.shape, self.compute_dtype)
+
+
+class _Dequantized(torch.autograd.Function):
+    """Keeps the stored bytes for backward and makes one dequantised weight in each direction."""
+
+    @staticmethod
+    def forward(ctx, x, stored, bias, shape, dtype):
+        ctx.save_for_backward(stored)
+        ctx.shape, ctx.dtype = shape, dtype
+        weight = torch.empty(shape, dtype=dtype, device=stored.device)  # what a dequantiser allocates
+        out = F.linear(x, weight, bias)
+        return torch.ops.aten._unsafe_view(out._base, out.shape) if out._base is not None else out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (stored,) = ctx.saved_tensors
+        weight = torch.empty(ctx.shape, dtype=ctx.dtype, device=stored.device)
+        return torch.matmul(grad, weight), None, None, None, None
+
+
+def prepare_planned_quantization(model: nn.Module, kind: str, compute_dtype: torch.dtype) -> nn.Module:
+    """Every Linear of `model` stored as `kind` (its bytes, no values), everything else in `compute_dtype`."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            rows, cols = module.weight.shape
+            stored = torch.empty(weight_bytes(kind, rows, cols), dtype=torch.uint8, device=module.weight.device)
+            module.shape = (rows, cols)
+            module.weight = nn.Parameter(stored, requires_grad=False)
+            module.__class__ = PlannedQuantizedLinear
+            module.compute_dtype = compute_dtype
+    for p in [*model.parameters(), *model.buffers()]:
+        if p.is_floating_point() and p.dtype != compute_dtype:
+            p.data = p.data.to(compute_dtype)
+    return model
