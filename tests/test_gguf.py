@@ -15,7 +15,7 @@ import cli_runs  # noqa: E402
 import flux_minimal_inference  # noqa: E402
 from library.formats.safetensors_io import save_file_atomic  # noqa: E402
 from library.formats.gguf_io import GGUFFileError, GGUFTensorReader, read_gguf_header, write_gguf  # noqa: E402
-from library.formats.gguf_quants import GGUF_BYTES_PER_PARAM, GGUF_TYPES, dequantize  # noqa: E402
+from library.formats.gguf_quants import GGUF_BYTES_PER_PARAM, GGUF_TYPES, dequantize, random_blocks  # noqa: E402
 from library.memory.gguf_linear import GGUFLinear, gguf_linears, load_gguf_transformer  # noqa: E402
 from library.models.checkpoint import analyze_checkpoint  # noqa: E402
 from model_helpers import flux_inputs, run  # noqa: E402
@@ -25,9 +25,6 @@ from networks import lora_flux  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-# Byte ranges of each type's float16 scale fields inside a block (the rest are packed integers of any value)
-F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q5_0": [0], "Q4_1": [0, 2], "Q5_1": [0, 2], "Q2_K": [80, 82],
-              "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
 QUANTIZABLE = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16", "F32")  # gguf.quants.quantize has these
 K_QUANTS = ("Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K")
 
@@ -39,10 +36,7 @@ def random_raw(qtype: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     if not t.quantized:
         values = rng.standard_normal((rows, cols)).astype(np.float32)
         return gguf.quants.quantize(values, gguf.GGMLQuantizationType[qtype]).view(np.uint8)
-    blocks = rng.integers(0, 256, (rows * cols // t.block_size, t.type_size), dtype=np.uint8)
-    for at in F16_FIELDS[qtype]:
-        scales = (rng.standard_normal(len(blocks)) * 0.01).astype(np.float16)
-        blocks[:, at:at + 2] = scales.view(np.uint8).reshape(-1, 2)
+    blocks = random_blocks(qtype, rows * cols // t.block_size, seed).numpy()
     return blocks.reshape(rows, -1)
 
 

@@ -22,6 +22,7 @@ class GGUFType:
     type_id: int  # ggml's enum value, as stored in a .gguf tensor header
     block_size: int  # values per block
     type_size: int  # bytes per block
+    f16_fields: tuple[int, ...] = ()  # byte offsets of the float16 scales in a block (the rest: packed integers)
 
     @property
     def bytes_per_param(self) -> float:
@@ -36,16 +37,16 @@ GGUF_TYPES: dict[str, GGUFType] = {t.name: t for t in (
     GGUFType("F32", 0, 1, 4),
     GGUFType("F16", 1, 1, 2),
     GGUFType("BF16", 30, 1, 2),
-    GGUFType("Q8_0", 8, 32, 2 + 32),
-    GGUFType("Q5_1", 7, 32, 2 + 2 + 4 + 16),
-    GGUFType("Q5_0", 6, 32, 2 + 4 + 16),
-    GGUFType("Q4_1", 3, 32, 2 + 2 + 16),
-    GGUFType("Q4_0", 2, 32, 2 + 16),
-    GGUFType("Q6_K", 14, QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),
-    GGUFType("Q5_K", 13, QK_K, 2 + 2 + 12 + QK_K // 8 + QK_K // 2),
-    GGUFType("Q4_K", 12, QK_K, 2 + 2 + 12 + QK_K // 2),
-    GGUFType("Q3_K", 11, QK_K, QK_K // 8 + QK_K // 4 + 12 + 2),
-    GGUFType("Q2_K", 10, QK_K, QK_K // 16 + QK_K // 4 + 2 + 2),
+    GGUFType("Q8_0", 8, 32, 2 + 32, (0,)),
+    GGUFType("Q5_1", 7, 32, 2 + 2 + 4 + 16, (0, 2)),
+    GGUFType("Q5_0", 6, 32, 2 + 4 + 16, (0,)),
+    GGUFType("Q4_1", 3, 32, 2 + 2 + 16, (0, 2)),
+    GGUFType("Q4_0", 2, 32, 2 + 16, (0,)),
+    GGUFType("Q6_K", 14, QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2, (208,)),
+    GGUFType("Q5_K", 13, QK_K, 2 + 2 + 12 + QK_K // 8 + QK_K // 2, (0, 2)),
+    GGUFType("Q4_K", 12, QK_K, 2 + 2 + 12 + QK_K // 2, (0, 2)),
+    GGUFType("Q3_K", 11, QK_K, QK_K // 8 + QK_K // 4 + 12 + 2, (108,)),
+    GGUFType("Q2_K", 10, QK_K, QK_K // 16 + QK_K // 4 + 2 + 2, (80, 82)),
 )}
 GGUF_TYPE_BY_ID = {t.type_id: t for t in GGUF_TYPES.values()}
 
@@ -66,6 +67,18 @@ def raw_shape(shape: tuple[int, ...], qtype: GGUFType) -> tuple[int, ...]:
     if shape[-1] % qtype.block_size:
         raise ValueError(f"a {qtype.name} tensor needs rows of a multiple of {qtype.block_size} values, got {shape}")
     return (*shape[:-1], shape[-1] // qtype.block_size * qtype.type_size)
+
+
+def random_blocks(qtype: str, n_blocks: int, seed: int = 0, scale_std: float = 0.01) -> torch.Tensor:
+    """(n_blocks, type_size) uint8 blocks of a quantized type with random packed values and finite random float16
+    scales: valid data for tests and benchmarks of types nothing here quantizes to (the K-quants)."""
+    t = gguf_type(qtype)
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (n_blocks, t.type_size), generator=g, dtype=torch.uint8)
+    for at in t.f16_fields:
+        scales = (torch.randn(n_blocks, generator=g) * scale_std).to(torch.float16)
+        blocks[:, at:at + 2] = scales.view(torch.uint8).reshape(n_blocks, 2)
+    return blocks
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
