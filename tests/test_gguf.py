@@ -225,11 +225,15 @@ def test_lora_training_on_a_gguf_base_equals_the_dequantized_base_and_swaps(trai
     assert all(torch.equal(got[k], swapped[k]) for k in got), "block swapping changed the LoRA"
 
 
-def test_gguf_base_refuses_fp8_base(train_setup, tmp_path, capsys):
-    models, toml, _ = train_setup
-    argv = [*cli_runs.run_args(models, toml, tmp_path), "--network_module", "networks.lora_flux", "--fp8_base",
-            "--mixed_precision", "bf16", "--max_train_steps", "1"]
+@pytest.mark.parametrize("kind, extra, message", [
+    ("network", ("--network_module", "networks.lora_flux", "--fp8_base", "--mixed_precision", "bf16"),
+     "--fp8_base does not apply"),
+    ("full", ("--full_bf16", "--mixed_precision", "bf16"), "LoRA training base only"),  # ControlNet: same flag
+])
+def test_gguf_base_refusals(train_setup, tmp_path, kind, extra, message):
     from library.training.errors import TrainingError
 
-    with pytest.raises(TrainingError, match="GGUF .*--fp8_base does not apply"):
-        cli_runs.run_trainer("network", argv)
+    models, toml, _ = train_setup
+    argv = [*cli_runs.run_args(models, toml, tmp_path), "--max_train_steps", "1", *extra]
+    with pytest.raises(TrainingError, match=f"flux12-Q8_0.gguf is a GGUF .*{message}"):
+        cli_runs.run_trainer(kind, argv)

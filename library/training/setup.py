@@ -130,9 +130,11 @@ class TrainingModels:
             torch.cuda.empty_cache()
 
 
-def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtype | None = None) -> TrainingModels:
+def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtype | None = None,
+                quantized_base_allowed: bool = True) -> TrainingModels:
     """The four models on the accelerator, frozen. `flux_dtype`: the transformer's dtype when it differs from the
-    weight dtype (full fine-tuning keeps float32 weights under autocast)."""
+    weight dtype (full fine-tuning keeps float32 weights under autocast); `quantized_base_allowed`: the recipe
+    keeps the whole transformer frozen, so a GGUF file may be its base."""
     device, dtype = accelerator.device, weight_dtype(args)
     info = flux_utils.analyze_checkpoint(args.pretrained_model_name_or_path)
     blocks_to_swap = check_blocks_to_swap(args, settings.blocks_to_swap, info)
@@ -141,7 +143,7 @@ def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtyp
     compute = torch.bfloat16 if (fp8 and dtype == torch.float32 and device.type == "cuda") else dtype
     logger.info("loading %s (%s, %s layout)", args.pretrained_model_name_or_path, info.model_type, info.layout)
     if info.layout == "gguf":
-        flux = load_gguf_base(args.pretrained_model_name_or_path, info, fp8, flux_dtype, compute)
+        flux = load_gguf_base(args.pretrained_model_name_or_path, info, fp8, quantized_base_allowed, compute)
     else:
         _, flux = flux_utils.load_flow_model(args.pretrained_model_name_or_path,
                                              None if fp8 else (flux_dtype or dtype), "cpu", info=info)
@@ -163,13 +165,13 @@ def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtyp
     return TrainingModels(flux, ae, clip_l, t5xxl, tokenizer, info.is_schnell, dtype, compute)
 
 
-def load_gguf_base(path, info, fp8: bool, flux_dtype, compute: torch.dtype):
+def load_gguf_base(path, info, fp8: bool, allowed: bool, compute: torch.dtype):
     """A GGUF transformer as a frozen base: its quantized block weights kept, computed in `compute`."""
+    if not allowed:
+        raise TrainingError(f"{path} is a GGUF (quantized) file, which can be a LoRA training base only; this "
+                            "trainer needs the bf16/fp16 .safetensors")
     if fp8:
         raise TrainingError(f"{path} is a GGUF (quantized) file: --fp8_base does not apply to it; leave it out")
-    if flux_dtype is not None:  # the transformer itself is trained
-        raise TrainingError(f"{path} is a GGUF (quantized) file, which can be a LoRA training base only; full "
-                            "fine-tuning needs the bf16/fp16 .safetensors")
     return load_gguf_transformer(path, compute, "cpu", info=info)
 
 
