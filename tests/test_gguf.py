@@ -237,3 +237,17 @@ def test_gguf_base_refusals(train_setup, tmp_path, kind, extra, message):
     argv = [*cli_runs.run_args(models, toml, tmp_path), "--max_train_steps", "1", *extra]
     with pytest.raises(TrainingError, match=f"flux12-Q8_0.gguf is a GGUF .*{message}"):
         cli_runs.run_trainer(kind, argv)
+
+
+def test_block_swap_refuses_blocks_stored_in_different_types(train_setup, tmp_path, capsys):
+    models, _, dequantized = train_setup
+    tensors = gguf_tensors(load_file(str(dequantized)), "Q8_0")
+    tensors["double_blocks.3.img_attn.qkv.weight"] = (tensors["double_blocks.3.img_attn.qkv.weight"][0], "Q4_0")
+    mixed = tmp_path / "mixed.gguf"
+    write_gguf(mixed, tensors, arch="flux")
+    code, _ = render(models, mixed, tmp_path / "out", "--blocks_to_swap", "3")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert ("mixed.gguf: --blocks_to_swap needs the blocks of each stack stored alike, but "
+            "double_blocks.0.img_attn.qkv.weight is Q8_0 and double_blocks.3.img_attn.qkv.weight is Q4_0") in err
+    assert render(models, mixed, tmp_path / "unswapped")[0] == 0  # without swapping it renders

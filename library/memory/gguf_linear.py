@@ -98,5 +98,25 @@ def load_gguf_transformer(path, compute_dtype: torch.dtype, device: str | torch.
     return model.to(device).eval()
 
 
+def check_swappable_gguf(info: FluxCheckpointInfo) -> None:
+    """Block swapping gives every block of a stack the same flat layout: refuse, naming a tensor, a GGUF file whose
+    blocks of one stack store a weight in different types (ComfyUI-GGUF's files choose types by tensor name, so
+    theirs are alike)."""
+    if info.layout != "gguf":
+        return
+    header = read_gguf_header(info.path)
+    first: dict[tuple[str, str], tuple[str, str]] = {}  # (stack, name inside the block) -> (name, type) seen first
+    for key in info.file_keys[info.path]:
+        name = key[len(info.prefix):]
+        stack, _, rest = name.partition(".")
+        if stack + "." not in _BLOCKS:
+            continue
+        qtype = header.tensors[key].qtype.name
+        seen, seen_type = first.setdefault((stack, rest.partition(".")[2]), (name, qtype))
+        if seen_type != qtype:
+            raise ModelFileError(f"{info.path}: --blocks_to_swap needs the blocks of each stack stored alike, but "
+                                 f"{seen} is {seen_type} and {name} is {qtype}")
+
+
 def gguf_linears(model: nn.Module) -> list[GGUFLinear]:
     return [m for m in model.modules() if isinstance(m, GGUFLinear)]

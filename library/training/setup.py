@@ -26,7 +26,7 @@ from library.flow.matching import FlowMatchingSettings
 from library.flow.prompts import load_prompts
 from library.memory.block_swap import split_blocks_to_swap
 from library.memory.fp8 import prepare_fp8, prepare_t5xxl_fp8
-from library.memory.gguf_linear import load_gguf_transformer
+from library.memory.gguf_linear import check_swappable_gguf, load_gguf_transformer
 from library.models import loading as flux_utils
 from library.models.text_encoding import caption_encoder
 from library.training.errors import TrainingError
@@ -143,7 +143,8 @@ def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtyp
     compute = torch.bfloat16 if (fp8 and dtype == torch.float32 and device.type == "cuda") else dtype
     logger.info("loading %s (%s, %s layout)", args.pretrained_model_name_or_path, info.model_type, info.layout)
     if info.layout == "gguf":
-        flux = load_gguf_base(args.pretrained_model_name_or_path, info, fp8, quantized_base_allowed, compute)
+        flux = load_gguf_base(args.pretrained_model_name_or_path, info, fp8, quantized_base_allowed, compute,
+                              blocks_to_swap)
     else:
         _, flux = flux_utils.load_flow_model(args.pretrained_model_name_or_path,
                                              None if fp8 else (flux_dtype or dtype), "cpu", info=info)
@@ -165,13 +166,15 @@ def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtyp
     return TrainingModels(flux, ae, clip_l, t5xxl, tokenizer, info.is_schnell, dtype, compute)
 
 
-def load_gguf_base(path, info, fp8: bool, allowed: bool, compute: torch.dtype):
+def load_gguf_base(path, info, fp8: bool, allowed: bool, compute: torch.dtype, blocks_to_swap: int):
     """A GGUF transformer as a frozen base: its quantized block weights kept, computed in `compute`."""
     if not allowed:
         raise TrainingError(f"{path} is a GGUF (quantized) file, which can be a LoRA training base only; this "
                             "trainer needs the bf16/fp16 .safetensors")
     if fp8:
         raise TrainingError(f"{path} is a GGUF (quantized) file: --fp8_base does not apply to it; leave it out")
+    if blocks_to_swap:
+        check_swappable_gguf(info)
     return load_gguf_transformer(path, compute, "cpu", info=info)
 
 
