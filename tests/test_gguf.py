@@ -251,3 +251,26 @@ def test_block_swap_refuses_blocks_stored_in_different_types(train_setup, tmp_pa
     assert ("mixed.gguf: --blocks_to_swap needs the blocks of each stack stored alike, but "
             "double_blocks.0.img_attn.qkv.weight is Q8_0 and double_blocks.3.img_attn.qkv.weight is Q4_0") in err
     assert render(models, mixed, tmp_path / "unswapped")[0] == 0  # without swapping it renders
+
+
+def test_streamed_entries_dequantize_and_the_merge_tool_refuses_gguf(wide, tmp_path, capsys):
+    from library.models.checkpoint_stream import Readers, transformer_entries
+    from networks import flux_merge_lora
+
+    ref = reference_flux(wide["flux"], wide["flux_gguf"]).state_dict()
+    readers = Readers()
+    try:
+        entries, info = transformer_entries(wide["flux_gguf"], readers)
+        assert info.layout == "gguf" and {e.key for e in entries} == set(ref)
+        assert all(torch.equal(e.read(), ref[e.key]) for e in entries)  # what LoRA extraction reads
+    finally:
+        readers.close()
+    lora = tmp_path / "lora.safetensors"
+    save_file_atomic({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 256),
+                      "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(768, 4),
+                      "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(4.0)}, lora)
+    code = flux_merge_lora.main(["--flux_model", str(wide["flux_gguf"]), "--save_to", str(tmp_path / "m.safetensors"),
+                                 "--models", str(lora)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a GGUF (quantized) transformer; a LoRA cannot be merged into it" in err
+    assert err.count("\n") == 1 and not (tmp_path / "m.safetensors").exists()
