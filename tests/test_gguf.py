@@ -15,6 +15,7 @@ import cli_runs  # noqa: E402
 import flux_minimal_inference  # noqa: E402
 from library.formats.safetensors_io import save_file_atomic  # noqa: E402
 from library.formats.gguf_io import GGUFFileError, GGUFTensorReader, read_gguf_header, write_gguf  # noqa: E402
+from library.formats import gguf_quants  # noqa: E402
 from library.formats.gguf_quants import GGUF_BYTES_PER_PARAM, GGUF_TYPES, dequantize, random_blocks  # noqa: E402
 from library.memory.gguf_linear import GGUFLinear, gguf_linears, load_gguf_transformer  # noqa: E402
 from library.models.checkpoint import analyze_checkpoint  # noqa: E402
@@ -48,8 +49,11 @@ def assert_bit_exact(qtype: str, raw: np.ndarray, cols: int) -> None:
 
 
 @pytest.mark.parametrize("qtype", list(GGUF_TYPES))
-def test_dequantizer_matches_gguf_numpy_bit_for_bit(qtype):
+def test_dequantizer_matches_gguf_numpy_bit_for_bit(qtype, monkeypatch):
     assert_bit_exact(qtype, random_raw(qtype, 6, 512), 512)
+    monkeypatch.setattr(gguf_quants, "CHUNK_VALUES", 3 * 256)  # several chunks, the last one shorter
+    assert_bit_exact(qtype, random_raw(qtype, 5, 512, seed=2), 512)
+    monkeypatch.undo()
     if qtype in QUANTIZABLE:  # also blocks the reference quantizer made from real values
         values = np.random.default_rng(1).standard_normal((6, 512)).astype(np.float32) * 0.05
         raw = gguf.quants.quantize(values, gguf.GGMLQuantizationType[qtype])

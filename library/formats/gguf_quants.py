@@ -8,6 +8,7 @@ the device the bytes are on (one layer at a time, GGUFLinear in library/memory/g
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -86,10 +87,16 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).float()
 
 
+@functools.lru_cache(maxsize=None)
+def _shifts(shifts: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # made once per device: a tensor built from a list each call would be a host-to-device copy that waits for the
+    # GPU's queue, stalling the host (and with it block swapping's overlap)
+    return torch.tensor(shifts, dtype=torch.uint8, device=device).view(len(shifts), 1)
+
+
 def _bits(b: torch.Tensor, shifts: list[int], mask: int) -> torch.Tensor:
     """b (n, ..., 1, m) >> each shift (inserted at dim -2) & mask."""
-    s = torch.tensor(shifts, dtype=torch.uint8, device=b.device).view(len(shifts), 1)
-    return (b >> s) & mask
+    return (b >> _shifts(tuple(shifts), b.device)) & mask
 
 
 def _nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
@@ -198,11 +205,23 @@ _DEQUANTIZE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+CHUNK_VALUES = 1 << 23  # values dequantized at a time: bounds the float32 intermediates (~5 x 32 MiB)
+
+
 def dequantize(raw: torch.Tensor, qtype: str, shape: tuple[int, ...] | torch.Size,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The values of a GGUF tensor of `shape` (torch order) from its raw bytes, in `dtype`."""
+    """The values of a GGUF tensor of `shape` (torch order) from its raw bytes, in `dtype`.
+
+    Computed in float32 (as the reference does) a chunk of blocks at a time into the output, so a large layer's
+    transient is the output plus one chunk's intermediates rather than several float32 copies of the layer."""
     t = gguf_type(qtype)
     if raw.dtype != torch.uint8:
         raise TypeError(f"GGUF raw data must be uint8 bytes, got {raw.dtype}")
     blocks = raw.reshape(-1, t.type_size)
-    return _DEQUANTIZE[qtype](blocks).reshape(shape).to(dtype)
+    fn, per = _DEQUANTIZE[qtype], max(1, CHUNK_VALUES // t.block_size)
+    if blocks.shape[0] <= per:
+        return fn(blocks).reshape(shape).to(dtype)
+    out = torch.empty(blocks.shape[0], t.block_size, dtype=dtype, device=raw.device)
+    for i in range(0, blocks.shape[0], per):
+        out[i:i + per] = fn(blocks[i:i + per]).reshape(-1, t.block_size)
+    return out.reshape(shape)
