@@ -21,6 +21,7 @@ from library.memory.gguf_linear import GGUFLinear, gguf_linears, load_gguf_trans
 from library.models.checkpoint import analyze_checkpoint  # noqa: E402
 from model_helpers import flux_inputs, run  # noqa: E402
 from tools.make_demo_dataset import make_demo_dataset  # noqa: E402
+from tools.gguf_kquants import quantize_k  # noqa: E402
 from tools.make_tiny_models import gguf_tensors, make_tiny_models, write_flux_gguf  # noqa: E402
 from networks import lora_flux  # noqa: E402
 
@@ -79,17 +80,6 @@ def reference_flux(tiny_safetensors, gguf_path):
     return flux.eval()
 
 
-def write_k_quant(tiny_flux, path, qtype):
-    """The tiny transformer as a `qtype` file whose block weights are random valid blocks (gguf has no K-quant
-    quantizer); the other tensors are the model's own, in F32."""
-    tensors = gguf_tensors(load_file(str(tiny_flux)), qtype)
-    for i, (name, (t, ty)) in enumerate(tensors.items()):
-        if ty == qtype:
-            tensors[name] = (torch.from_numpy(random_raw(qtype, t.shape[0], t.shape[1], seed=i)), qtype)
-    write_gguf(path, tensors, arch="flux")
-    return path
-
-
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
     """Tiny models 256 wide (whole K-quant blocks per row), with a Q8_0 .gguf of the transformer."""
@@ -98,7 +88,9 @@ def wide(tmp_path_factory):
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
 def test_quantized_transformer_equals_flux_with_reference_dequantized_weights(wide, tmp_path, qtype):
-    path = wide["flux_gguf"] if qtype == "Q8_0" else write_k_quant(wide["flux"], tmp_path / "k.gguf", qtype)
+    path = wide["flux_gguf"]
+    if qtype != "Q8_0":
+        path = write_flux_gguf(load_file(str(wide["flux"])), tmp_path / "k.gguf", qtype, "flux-1-dev")
     info = analyze_checkpoint(path)
     assert info.layout == "gguf" and info.dtypes == {"F32", qtype} and info.params.hidden_size == 256
     flux = load_gguf_transformer(path, torch.float32)
@@ -117,6 +109,16 @@ def test_quantized_transformer_equals_flux_with_reference_dequantized_weights(wi
         model(**{**inputs, "img": img}).square().sum().backward()
         grads.append(img.grad)
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("qtype, bound", [("Q6_K", 0.03), ("Q5_K", 0.05), ("Q4_K", 0.1), ("Q3_K", 0.25),
+                                          ("Q2_K", 0.4)])
+def test_k_quant_encoder_of_the_tool_approximates_its_values(qtype, bound):
+    values = torch.randn(16, 512, generator=torch.Generator().manual_seed(0)) * 0.05
+    raw = quantize_k(values, qtype)
+    assert raw.shape == (16, 2 * GGUF_TYPES[qtype].type_size)
+    back = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType[qtype]))  # the reference
+    assert (back - values).norm() / values.norm() < bound
 
 
 def test_wrong_gguf_files_are_refused_with_one_line(tmp_path, wide, monkeypatch):

@@ -9,9 +9,11 @@ tokenizers/ in the --tokenizer_cache_dir layout, so every CLI runs through the r
         --clip_l tiny_models/clip_l.safetensors --t5xxl tiny_models/t5xxl.safetensors \
         --tokenizer_cache_dir tiny_models/tokenizers --dtype fp32 --width 64 --height 64 --steps 4
 
-`--gguf_type Q8_0` (or another type the gguf package can quantize: Q5_1, Q5_0, Q4_1, Q4_0, BF16, F16, F32) also
-writes the transformer as tiny_models/flux-Q8_0.gguf, laid out as ComfyUI-GGUF's FLUX conversions are: BFL names,
-architecture "flux", the block Linear weights quantized and everything else in F32 (see `gguf_tensors`).
+`--gguf_type Q8_0` (or Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, Q3_K, Q2_K, BF16, F16, F32) also writes the
+transformer as tiny_models/flux-Q8_0.gguf, laid out as ComfyUI-GGUF's FLUX conversions are: BFL names, architecture
+"flux", the block Linear weights quantized and everything else in F32 (see `gguf_tensors`). The gguf package
+quantizes the simple types; the K-quants use tools/gguf_kquants.py (K-quants need a width of a multiple of 256,
+`--hidden_size 256`: narrower rows stay F32).
 
 `--init trained-like` (with e.g. `--hidden_size 128`) writes models that behave structurally like trained ones, for
 tests that check that training *learns* (see `init_trained_like_flux` and `init_trained_like_ae`); the default
@@ -51,7 +53,7 @@ def setup_parser() -> argparse.ArgumentParser:
                         "and colours, ~2 min on 2 CPU cores; default: %(default)s, a random decoder)")
     p.add_argument("--gguf_type", default=None,
                    help="also write the transformer as flux-<TYPE>.gguf with its block weights in this GGUF type "
-                        "(Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, BF16, F16 or F32)")
+                        "(Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, Q3_K, Q2_K, BF16, F16 or F32)")
     return p
 
 
@@ -71,8 +73,11 @@ def gguf_tensors(state_dict: dict, qtype: str) -> dict:
 def write_flux_gguf(state_dict: dict, path: str | Path, qtype: str, model_type: str) -> Path:
     """The transformer's `state_dict` as a .gguf file of `qtype` (gguf_tensors)."""
     from library.formats.gguf_io import write_gguf
+    from tools.gguf_kquants import K_QUANTS, quantize_k
 
-    write_gguf(path, gguf_tensors(state_dict, qtype), arch="flux", metadata={"modelspec.architecture": model_type})
+    tensors = {k: (quantize_k(t, ty), ty) if ty in K_QUANTS else (t, ty)  # the gguf package has no K encoders
+               for k, (t, ty) in gguf_tensors(state_dict, qtype).items()}
+    write_gguf(path, tensors, arch="flux", metadata={"modelspec.architecture": model_type})
     return Path(path)
 
 
