@@ -68,13 +68,13 @@ def test_bytes_per_param_table_matches_gguf():
     assert GGUF_BYTES_PER_PARAM["Q8_0"] == 34 / 32 and GGUF_BYTES_PER_PARAM["Q4_K"] == 144 / 256
 
 
-def reference_flux(tiny_safetensors, gguf_path):
+def reference_flux(tiny_safetensors, gguf_path, prefix: str = ""):
     """Our float32 Flux with every tensor the .gguf file holds dequantized by the gguf package itself."""
     from library import flux_utils
 
     _, flux = flux_utils.load_flow_model(tiny_safetensors, torch.float32, "cpu")
     reader = gguf.GGUFReader(gguf_path)
-    state = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+    state = {t.name[len(prefix):]: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
              .reshape(tuple(reversed(t.shape.tolist()))) for t in reader.tensors}
     flux.load_state_dict(state, strict=True)
     return flux.eval()
@@ -86,20 +86,25 @@ def wide(tmp_path_factory):
     return make_tiny_models(tmp_path_factory.mktemp("gguf"), hidden_size=256, gguf_type="Q8_0")
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
-def test_quantized_transformer_equals_flux_with_reference_dequantized_weights(wide, tmp_path, qtype):
+@pytest.mark.parametrize("qtype, prefix", [("Q8_0", ""), ("Q4_K", ""), ("Q5_0", "model.diffusion_model."),
+                                           ("F16", "")])
+def test_quantized_transformer_equals_flux_with_reference_dequantized_weights(wide, tmp_path, qtype, prefix):
     path = wide["flux_gguf"]
-    if qtype != "Q8_0":
-        path = write_flux_gguf(load_file(str(wide["flux"])), tmp_path / "k.gguf", qtype, "flux-1-dev")
+    if qtype != "Q8_0" or prefix:
+        state = {prefix + k: v for k, v in load_file(str(wide["flux"])).items()}
+        path = write_flux_gguf(state, tmp_path / "k.gguf", qtype, "flux-1-dev")
     info = analyze_checkpoint(path)
     assert info.layout == "gguf" and info.dtypes == {"F32", qtype} and info.params.hidden_size == 256
+    assert info.prefix == prefix
     flux = load_gguf_transformer(path, torch.float32)
     linears = gguf_linears(flux)
     blocks = [*flux.double_blocks, *flux.single_blocks]
-    assert linears == [m for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]  # all of them
+    block_linears = [m for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]
+    # every block Linear stays quantized; a float file (F16) loads as plain Linears in the compute dtype
+    assert linears == (block_linears if GGUF_TYPES[qtype].quantized else [])
     assert all(m.qtype == qtype for m in linears)
     assert flux.dtype == torch.float32 and not isinstance(flux.img_in, GGUFLinear)
-    ref = reference_flux(wide["flux"], path)
+    ref = reference_flux(wide["flux"], path, prefix)
     inputs = flux_inputs(flux)
     assert torch.equal(run(flux, inputs), run(ref, inputs))
     # backward through the frozen quantized weights: the same input gradient as through the float weights

@@ -66,8 +66,10 @@ def gguf_tensors(state_dict: dict, qtype: str) -> dict:
     from library.formats.gguf_quants import gguf_type
 
     block = gguf_type(qtype).block_size
-    return {k: (v, qtype if k.startswith(GGUF_BLOCKS) and v.dim() == 2 and v.shape[-1] % block == 0 else "F32")
-            for k, v in state_dict.items()}
+    def kept(key, v):  # keys may carry a prefix (model.diffusion_model.)
+        return not (any(b in key for b in GGUF_BLOCKS) and v.dim() == 2 and v.shape[-1] % block == 0)
+
+    return {k: (v, "F32" if kept(k, v) else qtype) for k, v in state_dict.items()}
 
 
 def write_flux_gguf(state_dict: dict, path: str | Path, qtype: str, model_type: str) -> Path:
