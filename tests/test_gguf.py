@@ -262,6 +262,10 @@ def test_block_swap_refuses_blocks_stored_in_different_types(train_setup, tmp_pa
     assert ("mixed.gguf: --blocks_to_swap needs the blocks of each stack stored alike, but "
             "double_blocks.0.img_attn.qkv.weight is Q8_0 and double_blocks.3.img_attn.qkv.weight is Q4_0") in err
     assert render(models, mixed, tmp_path / "unswapped")[0] == 0  # without swapping it renders
+    # a file stored alike swaps, and renders what it renders without swapping
+    plain, swapped = (render(models, models["flux"], tmp_path / name, *extra)
+                      for name, extra in (("plain", ()), ("swapped", ("--blocks_to_swap", "3"))))
+    assert plain[0] == swapped[0] == 0 and np.array_equal(plain[1], swapped[1])
 
 
 def test_streamed_entries_dequantize_and_the_merge_tool_refuses_gguf(wide, tmp_path, capsys):
