@@ -139,6 +139,10 @@ def test_wrong_gguf_files_are_refused_with_one_line(tmp_path, wide, monkeypatch)
         with GGUFTensorReader(read_gguf_header(truncated)) as r:
             for name in r.header.tensors:
                 r.raw(name)
+    from library.models.text_encoders import load_t5xxl
+
+    with pytest.raises(ModelFileError, match=r"flux-Q8_0.gguf: is a GGUF file; only the FLUX transformer"):
+        load_t5xxl(wide["flux_gguf"], torch.float32, "cpu")  # a GGUF T5, say
     monkeypatch.setitem(sys.modules, "gguf", None)
     with pytest.raises(GGUFFileError, match="pip install gguf"):
         read_gguf_header(wide["flux_gguf"])

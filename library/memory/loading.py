@@ -22,9 +22,10 @@ def load_for_compute(kind: str, path: str | os.PathLike, dtype: torch.dtype | st
     dtype = str_to_dtype(dtype)
     fp8 = is_fp8(dtype)
     load_dtype = None if fp8 else dtype
-    if kind == "flux" and (info := info or analyze_checkpoint(path)).layout == "gguf":
-        return load_gguf_transformer(path, load_dtype or compute_dtype, device, info=info)
     if kind == "flux":
+        info = info or analyze_checkpoint(path)
+        if info.layout == "gguf":
+            return load_gguf_transformer(path, load_dtype or compute_dtype, device, info=info)
         model = load_transformer(path, load_dtype, "cpu", info=info)
     else:
         model = {"ae": flux_ae.load_ae, "clip_l": text_encoders.load_clip_l,
