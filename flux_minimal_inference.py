@@ -23,8 +23,8 @@ DTYPE_HELP = "bf16, fp16, fp32 or an fp8 type (fp8, fp8_e4m3fn, fp8_e5m2)"
 def setup_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="FLUX.1 text-to-image inference (sd-scripts compatible arguments).")
     p.add_argument("--ckpt_path", required=True,
-                   help="FLUX transformer: BFL .safetensors (flux1-dev.safetensors), ComfyUI-prefixed, fp8, or a "
-                        "diffusers folder/file")
+                   help="FLUX transformer: BFL .safetensors (flux1-dev.safetensors), ComfyUI-prefixed, fp8, a "
+                        "diffusers folder/file, or a .gguf file (pip install gguf)")
     p.add_argument("--clip_l", required=True, help="CLIP-L text encoder (clip_l.safetensors)")
     p.add_argument("--t5xxl", required=True, help="T5-XXL encoder (t5xxl_fp16.safetensors or an fp8 variant)")
     p.add_argument("--ae", required=True, help="autoencoder (ae.safetensors)")
@@ -145,7 +145,10 @@ def run(args) -> int:
     logger.info(f"transformer: {info.layout} layout, {info.model_type}, {info.params.depth} double + "
                 f"{info.params.depth_single_blocks} single blocks, stored as {', '.join(sorted(info.dtypes))}")
     if args.blocks_to_swap:
+        from library.memory.gguf_linear import check_swappable_gguf
+
         split_blocks_to_swap(args.blocks_to_swap, info.params.depth, info.params.depth_single_blocks)
+        check_swappable_gguf(info)
     tokenizer = flux_utils.load_tokenizer(args.tokenizer_cache_dir, info.is_schnell, args.t5xxl_max_token_length,
                                           args.clip_l_tokenizer, args.t5xxl_tokenizer)
     loaded = {}

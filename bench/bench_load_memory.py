@@ -21,6 +21,10 @@ How:
      and for a cast while loading (--cast-to: fp32 for a bf16/fp16 file, whose weights are then twice the file;
      bf16 for an fp32 or fp8 file).
 
+`--layout gguf` measures a quantized load instead: a .gguf file of the same shapes (block Linear weights in
+`--gguf-type`, tiled from random valid blocks; everything else F32, as ComfyUI-GGUF's FLUX conversions) loaded
+with library.memory.gguf_linear.load_gguf_transformer, which keeps the quantized bytes and loads the rest in bf16.
+
 The process exits 1 when any ratio exceeds --limit. `--reader` swaps what the library gets from
 safetensors.safe_open, to compare the stock reader ("library", the default and the one that counts) with a reader
 that fills each tensor from the file with readinto() and maps nothing ("readinto"), or with safetensors' own
@@ -28,6 +32,7 @@ that fills each tensor from the file with readinto() and maps nothing ("readinto
 
     python bench/bench_load_memory.py                          # 3 GB bf16 checkpoint, all layouts (~1 min)
     python bench/bench_load_memory.py --layout bfl --dtype fp32 --reader readinto
+    python bench/bench_load_memory.py --layout gguf --gguf-type Q4_K
 """
 
 from __future__ import annotations
@@ -187,7 +192,49 @@ def write_checkpoint(path: Path, entries, st_dtype: str, metadata: dict[str, str
     return path.stat().st_size
 
 
+def write_gguf_checkpoint(path: Path, entries, qtype: str) -> int:
+    """Stream a .gguf file of `entries` (BFL names): 2-D block weights as `qtype` bytes tiled from a pool of random
+    valid blocks (finite scales), every other tensor F32; written tensor by tensor through gguf.GGUFWriter."""
+    import gguf
+    import numpy as np
+
+    from library.formats.gguf_quants import GGUF_TYPES, random_blocks
+
+    t = GGUF_TYPES[qtype]
+    rng = np.random.default_rng(0)  # the F32 tensors' values
+    pool = random_blocks(qtype, POOL_ELEMENTS // t.block_size, scale_std=1e-3).numpy().reshape(-1)
+    f32 = (rng.standard_normal(POOL_ELEMENTS) * 0.02).astype(np.float32)
+
+    def plan(key, shape):
+        """(ggml type, bytes) of one tensor."""
+        n = 1
+        for d in shape:
+            n *= d
+        if key.startswith(("double_blocks.", "single_blocks.")) and len(shape) == 2 and shape[-1] % t.block_size == 0:
+            return gguf.GGMLQuantizationType[qtype], n // t.block_size * t.type_size
+        return gguf.GGMLQuantizationType.F32, 4 * n
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch="flux")
+    for key, shape in entries:  # the header first, then the data tensor by tensor: no model in RAM
+        ggml, nbytes = plan(key, shape)
+        writer.add_tensor_info(key, shape, np.dtype(np.float32), nbytes, raw_dtype=ggml)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for key, shape in entries:
+        ggml, nbytes = plan(key, shape)
+        writer.write_tensor_data(np.resize(pool, nbytes) if ggml != gguf.GGMLQuantizationType.F32
+                                 else np.resize(f32, nbytes // 4))
+    writer.close()
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
 def checkpoint_path(workdir: Path, layout: str) -> Path:
+    if layout == "gguf":
+        return workdir / "flux.gguf"
     if layout == "diffusers":  # a diffusers pipeline folder; the loader is given the folder
         return workdir / "diffusers" / "transformer" / "diffusion_pytorch_model.safetensors"
     return workdir / f"flux_{layout}.safetensors"
@@ -278,6 +325,11 @@ def measure_child(path: str, load_dtype: str, reader: str) -> None:
 
     # the transformer loader: load_transformer (flux_utils.load_flow_model wraps it), load_flow_model before
     load = getattr(flux_checkpoint, "load_transformer", None) or flux_checkpoint.load_flow_model
+    if path.endswith(".gguf"):  # quantized blocks kept, the rest in bf16 (inference's and the LoRA trainer's load)
+        from library.memory.gguf_linear import load_gguf_transformer
+
+        def load(path, dtype):
+            return load_gguf_transformer(path, torch.bfloat16)
     install_reader(reader)
     gc.collect()
     before = proc_status()
@@ -372,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="bf16", help="dtype stored in the file")
     ap.add_argument("--cast-to", choices=sorted(DTYPE_NAMES), default=None,
                     help="dtype of the cast-while-loading case (default fp32, or bf16 for an fp32 or fp8 file)")
-    ap.add_argument("--layout", choices=(*LAYOUTS, "all"), default="all")
+    ap.add_argument("--layout", choices=(*LAYOUTS, "gguf", "all"), default="all",
+                    help="all: the three safetensors layouts; gguf: a quantized .gguf load (--gguf-type)")
+    ap.add_argument("--gguf-type", default="Q8_0", help="block weights' type of the gguf layout (default Q8_0)")
     ap.add_argument("--reader", choices=READERS, default="library",
                     help="tensor reader: the library's (safetensors.safe_open, mmap) or a what-if replacement")
     ap.add_argument("--workdir", type=Path, default=None, help="where the checkpoints go (default: a temp folder)")
@@ -395,10 +449,16 @@ def main(argv: list[str] | None = None) -> int:
     own_workdir = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="bench_load_memory_")) if own_workdir else args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    params = plan_params(args.size_gb, ELEMENT_SIZE[st_dtype])
+    if args.layout == "gguf":  # --size-gb is then the .gguf file's size
+        from library.formats.gguf_quants import GGUF_BYTES_PER_PARAM
+
+        params = plan_params(args.size_gb, GGUF_BYTES_PER_PARAM[args.gguf_type])
+    else:
+        params = plan_params(args.size_gb, ELEMENT_SIZE[st_dtype])
     print(f"machine: {machine_line()}")
     print(f"checkpoint: FLUX.1-dev width (hidden {params.hidden_size}, mlp {params.mlp_hidden_dim}), "
-          f"{params.depth} double + {params.depth_single_blocks} single blocks, {args.dtype}; reader: {args.reader}; "
+          f"{params.depth} double + {params.depth_single_blocks} single blocks, "
+          f"{args.gguf_type + ' (.gguf)' if args.layout == 'gguf' else args.dtype}; reader: {args.reader}; "
           f"workdir {workdir}", flush=True)
 
     rows: list[dict] = []
@@ -410,17 +470,21 @@ def main(argv: list[str] | None = None) -> int:
             meta = {"format": "pt", "bench": "bench_load_memory", "size_gb": str(args.size_gb),
                     "depth": str(params.depth), "depth_single_blocks": str(params.depth_single_blocks)}
             t0 = time.perf_counter()
-            if args.keep and path.exists() and _same_checkpoint(path, entries, st_dtype, meta):
+            if layout == "gguf":
+                size, how = write_gguf_checkpoint(path, entries, args.gguf_type), "written"
+                written.append(path)
+            elif args.keep and path.exists() and _same_checkpoint(path, entries, st_dtype, meta):
                 size, how = path.stat().st_size, "reused"
             else:
                 size, how = write_checkpoint(path, entries, st_dtype, meta), "written"
                 written.append(path)
             print(f"[{layout}] {path} {how}: {size / GB:.2f} GB, {len(entries)} tensors "
                   f"({time.perf_counter() - t0:.1f} s)", flush=True)
-            for load_dtype in ("stored", cast_to):
+            file_dtype = f"{args.gguf_type} + F32" if layout == "gguf" else args.dtype
+            for load_dtype in ("stored",) if layout == "gguf" else ("stored", cast_to):
                 r = measure(load_target(workdir, layout), load_dtype, args.reader)
-                r.update(layout=layout, file_dtype=args.dtype,
-                         load_dtype=f"{args.dtype} (as stored)" if load_dtype == "stored" else load_dtype,
+                r.update(layout=layout, file_dtype=file_dtype,
+                         load_dtype=f"{file_dtype} (as stored)" if load_dtype == "stored" else load_dtype,
                          file_bytes=size, reader=args.reader)
                 rows.append(r)
                 print(f"[{layout}] load as {load_dtype}: baseline {r['baseline'] / MiB:.0f} MiB, weights "

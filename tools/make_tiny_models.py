@@ -9,6 +9,12 @@ tokenizers/ in the --tokenizer_cache_dir layout, so every CLI runs through the r
         --clip_l tiny_models/clip_l.safetensors --t5xxl tiny_models/t5xxl.safetensors \
         --tokenizer_cache_dir tiny_models/tokenizers --dtype fp32 --width 64 --height 64 --steps 4
 
+`--gguf_type Q8_0` (or Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, Q3_K, Q2_K, BF16, F16, F32) also writes the
+transformer as tiny_models/flux-Q8_0.gguf, laid out as ComfyUI-GGUF's FLUX conversions are: BFL names, architecture
+"flux", the block Linear weights quantized and everything else in F32 (see `gguf_tensors`). The gguf package
+quantizes the simple types; the K-quants use tools/gguf_kquants.py (K-quants need a width of a multiple of 256,
+`--hidden_size 256`: narrower rows stay F32).
+
 `--init trained-like` (with e.g. `--hidden_size 128`) writes models that behave structurally like trained ones, for
 tests that check that training *learns* (see `init_trained_like_flux` and `init_trained_like_ae`); the default
 `--init random` is plain PyTorch initialisation. `--fit_ae_steps N` (with trained-like) also trains the tiny AE as an
@@ -45,12 +51,42 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="with --init trained-like: train the AE (encoder and decoder) on synthetic flat-colour "
                         "shapes for this many steps first, so that it reconstructs images (800: recognisable shapes "
                         "and colours, ~2 min on 2 CPU cores; default: %(default)s, a random decoder)")
+    p.add_argument("--gguf_type", default=None,
+                   help="also write the transformer as flux-<TYPE>.gguf with its block weights in this GGUF type "
+                        "(Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, Q3_K, Q2_K, BF16, F16 or F32)")
     return p
 
 
+GGUF_BLOCKS = ("double_blocks.", "single_blocks.")
+
+
+def gguf_tensors(state_dict: dict, qtype: str) -> dict:
+    """{name: (tensor, GGUF type)} as ComfyUI-GGUF converts FLUX: 2-D block weights in `qtype` when their rows hold
+    whole blocks of it, every other tensor (biases, norm scales, embedders, final layer) in F32."""
+    from library.formats.gguf_quants import gguf_type
+
+    block = gguf_type(qtype).block_size
+    def kept(key, v):  # keys may carry a prefix (model.diffusion_model.)
+        return not (any(b in key for b in GGUF_BLOCKS) and v.dim() == 2 and v.shape[-1] % block == 0)
+
+    return {k: (v, "F32" if kept(k, v) else qtype) for k, v in state_dict.items()}
+
+
+def write_flux_gguf(state_dict: dict, path: str | Path, qtype: str, model_type: str) -> Path:
+    """The transformer's `state_dict` as a .gguf file of `qtype` (gguf_tensors)."""
+    from library.formats.gguf_io import write_gguf
+    from tools.gguf_kquants import K_QUANTS, quantize_k
+
+    tensors = {k: (quantize_k(t, ty), ty) if ty in K_QUANTS else (t, ty)  # the gguf package has no K encoders
+               for k, (t, ty) in gguf_tensors(state_dict, qtype).items()}
+    write_gguf(path, tensors, arch="flux", metadata={"modelspec.architecture": model_type})
+    return Path(path)
+
+
 def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype: str = "fp32",
-                     init: str = "random", hidden_size: int | None = None, fit_ae_steps: int = 0) -> dict[str, Path]:
-    """Write the tiny components into `out`; returns their paths by role.
+                     init: str = "random", hidden_size: int | None = None, fit_ae_steps: int = 0,
+                     gguf_type: str | None = None) -> dict[str, Path]:
+    """Write the tiny components into `out`; returns their paths by role (`flux_gguf` with `gguf_type`).
 
     `init` and `hidden_size` are for learning tests (see the module docstring); the defaults write exactly the files
     earlier versions wrote for the same seed."""
@@ -97,6 +133,8 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
 
     model_type = "flux-1-schnell" if params.guidance_embed is False else "flux-1-dev"
     save_file_atomic(cast(flux), paths["flux"], {"modelspec.architecture": model_type, "tiny": "true"})
+    if gguf_type:
+        paths["flux_gguf"] = write_flux_gguf(cast(flux), out / f"flux-{gguf_type}.gguf", gguf_type, model_type)
     save_file_atomic(cast(ae), paths["ae"], {"tiny": "true"})
     save_clip_l(clip.to(torch_dtype), paths["clip_l"])
     save_t5xxl(t5.to(torch_dtype), paths["t5xxl"])
@@ -251,7 +289,7 @@ def fit_ae(ae, steps: int, seed: int = 0, size: int = 32, batch: int = 8, lr: fl
 def main(argv: list[str] | None = None) -> int:
     args = setup_parser().parse_args(argv)
     for role, path in make_tiny_models(args.out, args.preset, args.seed, args.dtype, args.init,
-                                       args.hidden_size, args.fit_ae_steps).items():
+                                       args.hidden_size, args.fit_ae_steps, args.gguf_type).items():
         print(f"{role:10s} {path}")
     return 0
 

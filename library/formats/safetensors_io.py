@@ -85,6 +85,9 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         head = f.read(9)
         if _looks_like_pickle(head):
             raise ModelFileError(pickle_message)
+        if head[:4] == b"GGUF":  # the transformer's loader reads GGUF before it gets here (models/checkpoint.py)
+            raise ModelFileError(f"{path}: is a GGUF file; only the FLUX transformer can be a .gguf file here, give "
+                                 "this component as .safetensors")
         if len(head) < 9:
             raise ModelFileError(f"{path}: file is {size} bytes, too short to be a safetensors file")
         (header_len,) = struct.unpack("<Q", head[:8])

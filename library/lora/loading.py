@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from library.memory.gguf_linear import GGUFLinear
 from networks import lora_flux
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ def apply_loras(specs: list[str], flux: torch.nn.Module, clip_l, t5xxl, merge: b
         if not (has_te or has_unet):
             raise ValueError(f"{path}: no kohya LoRA keys (lora_unet_* / lora_te1_* / lora_te3_*) found")
         if merge:
+            if has_unet and any(isinstance(m, GGUFLinear) for m in flux.modules()):
+                raise ValueError(f"--merge_lora_weights: {path} cannot be merged into a GGUF (quantized) transformer; "
+                                 "leave out --merge_lora_weights to apply it unmerged")
             network.merge_to(text_encoders, flux, weights, None, device)
             logger.info("merged LoRA %s x %s", path, multiplier)
             continue

@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from library.formats.gguf_io import is_gguf
 from library.formats.streaming_writer import StreamingWriter
 from library.models.checkpoint_stream import Readers, plain_entries, transformer_entries
 from library.formats.lora_formats import UNET, LoRAWeights
@@ -41,6 +42,9 @@ def merge_into_file(src: str | Path, dst: str | Path, loras: Sequence[WeightedLo
     written with BFL names; lora_te1 / lora_te3: a CLIP-L / T5 file, names kept) to its weight. Peak memory is
     about one tensor plus the LoRAs. `save_dtype` None keeps each tensor's stored dtype. Returns the LoRA module
     names merged."""
+    if prefix == UNET and is_gguf(src):  # a merged file would have to be re-quantized, which is not ours to do
+        raise ValueError(f"{src}: is a GGUF (quantized) transformer; a LoRA cannot be merged into it. Merge into "
+                         "the bf16/fp16 .safetensors and convert that, or apply the LoRA at inference without merging")
     readers = Readers()
     try:
         if prefix == UNET:

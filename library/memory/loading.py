@@ -1,4 +1,4 @@
-"""A model component loaded to run in a given dtype, fp8 weight storage included (inference's loader)."""
+"""A model component loaded to run in a given dtype, fp8 weight storage and GGUF files included (inference's loader)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,24 @@ import torch
 
 from library.formats.dtypes import is_fp8, str_to_dtype
 from library.memory.fp8 import prepare_fp8, prepare_t5xxl_fp8
+from library.memory.gguf_linear import load_gguf_transformer
 from library.models import autoencoder as flux_ae
 from library.models import text_encoders
-from library.models.checkpoint import FluxCheckpointInfo, load_transformer
+from library.models.checkpoint import FluxCheckpointInfo, analyze_checkpoint, load_transformer
 
 
 def load_for_compute(kind: str, path: str | os.PathLike, dtype: torch.dtype | str | None, device: str | torch.device,
                      compute_dtype: torch.dtype = torch.bfloat16, info: FluxCheckpointInfo | None = None):
     """Load one component ("flux", "ae", "clip_l", "t5xxl") to run in `dtype`; an fp8 dtype stores the Linear
-    weights in fp8 (an fp8 file is used as stored) and computes in `compute_dtype`."""
+    weights in fp8 (an fp8 file is used as stored) and computes in `compute_dtype`. A GGUF transformer keeps its
+    quantized weights and computes in `dtype` (in `compute_dtype` when `dtype` is fp8 or None)."""
     dtype = str_to_dtype(dtype)
     fp8 = is_fp8(dtype)
     load_dtype = None if fp8 else dtype
     if kind == "flux":
+        info = info or analyze_checkpoint(path)
+        if info.layout == "gguf":
+            return load_gguf_transformer(path, load_dtype or compute_dtype, device, info=info)
         model = load_transformer(path, load_dtype, "cpu", info=info)
     else:
         model = {"ae": flux_ae.load_ae, "clip_l": text_encoders.load_clip_l,

@@ -2,7 +2,8 @@
 
 Accepted: BFL single files (flux1-dev.safetensors), the same with a ComfyUI `model.diffusion_model.` prefix (also
 inside all-in-one checkpoints), diffusers-layout folders, single files or shards, and fp8 files (kept as stored
-when no dtype is asked). Everything is decided from the headers before a tensor is read.
+when no dtype is asked), and GGUF files (BFL names, ComfyUI-GGUF's conversions; loaded dequantized here, kept
+quantized by library/memory/gguf_linear.py). Everything is decided from the headers before a tensor is read.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from library.formats.diffusers_keys import UnknownKeysError, diffusers_shapes_to_bfl, diffusers_to_bfl
+from library.formats.gguf_io import GGUFTensorReader, is_gguf, read_gguf_header
 from library.models.transformer import Flux, FluxParams, default_axes_dim
 from library.formats.safetensors_io import (
                                             TRANSFORMER_PREFIXES,
@@ -35,7 +37,7 @@ _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.safetensors$")
 @dataclass
 class FluxCheckpointInfo:
     path: Path
-    layout: str  # "bfl" or "diffusers"
+    layout: str  # "bfl", "diffusers" or "gguf" (BFL names)
     params: FluxParams
     shapes: dict[str, tuple[int, ...]]  # BFL key -> shape
     file_keys: dict[Path, list[str]]  # keys to read from each file (with their prefix)
@@ -129,6 +131,8 @@ def _count_blocks(shapes, name: str) -> int:
 def analyze_checkpoint(path: str | Path) -> FluxCheckpointInfo:
     """Recognise a transformer checkpoint from its header(s) only: layout, dev or schnell, sizes, dtypes."""
     path = Path(path)
+    if is_gguf(path):
+        return _analyze_gguf(path)
     files = resolve_transformer_files(path)
     header, owner = _merged_header(path, files)
     kind = detect_kind(header.keys)
@@ -158,17 +162,39 @@ def analyze_checkpoint(path: str | Path) -> FluxCheckpointInfo:
     return FluxCheckpointInfo(path, layout, params, shapes, file_keys, prefix, dtypes, header.metadata)
 
 
+def _analyze_gguf(path: Path) -> FluxCheckpointInfo:
+    header = read_gguf_header(path)
+    kind = detect_kind(header.tensors)
+    if kind != "flux_bfl":
+        arch = header.architecture or "none"
+        raise ModelFileError(f"{path}: GGUF file of architecture {arch!r} whose tensors look like {kind} "
+                             f"({sample_keys(header.tensors, 3)}); {ROLE} needs a FLUX transformer with BFL names")
+    prefix = _transformer_prefix(list(header.tensors))
+    keys = [k for k in header.tensors if k.startswith(prefix)]
+    shapes = {k[len(prefix):]: header.tensors[k].shape for k in keys}
+    try:
+        params = infer_flux_params(shapes)
+    except ValueError as e:
+        raise ModelFileError(f"{path}: {e}; sample keys: {sample_keys(shapes, 5)}") from None
+    dtypes = {header.tensors[k].qtype.name for k in keys}
+    return FluxCheckpointInfo(path, "gguf", params, shapes, {path: keys}, prefix, dtypes, header.metadata)
+
+
 def load_transformer(ckpt_path: str | Path, dtype: torch.dtype | None = None,
                      device: str | torch.device = "cpu", info: FluxCheckpointInfo | None = None) -> Flux:
     """Load a FLUX transformer: built on `meta`, then each tensor read once and assigned (no second copy).
 
-    dtype None keeps the stored dtype (fp8 files stay fp8). Raises ModelFileError with the file name for anything
-    that is not a complete FLUX transformer.
+    dtype None keeps the stored dtype (fp8 files stay fp8; GGUF files are dequantized to bfloat16). Raises
+    ModelFileError with the file name for anything that is not a complete FLUX transformer.
     """
     info = info or analyze_checkpoint(ckpt_path)
     with torch.device("meta"):
         model = Flux(info.params)
-    if info.layout == "bfl":
+    if info.layout == "gguf":  # every tensor dequantized (GGUFLinear keeps them quantized instead)
+        with GGUFTensorReader(read_gguf_header(info.path)) as reader:
+            state_dict = {k[len(info.prefix):]: reader.dequantized(k, dtype or torch.bfloat16)
+                          for k in info.file_keys[info.path]}
+    elif info.layout == "bfl":
         state_dict = {}
         for f, keys in info.file_keys.items():
             state_dict.update(load_tensors(f, keys, dtype, rename={k: k[len(info.prefix):] for k in keys}))

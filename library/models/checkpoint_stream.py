@@ -2,8 +2,8 @@
 extraction, --mem_eff_save) hold about one tensor at a time instead of the whole model.
 
 `transformer_entries` lists a FLUX transformer's tensors under BFL names (BFL, ComfyUI-prefixed or diffusers
-files, shards) with a getter per tensor; `plain_entries` does the same for any other file (text encoders).
-The writer is library/formats/streaming_writer.py.
+files, shards; GGUF files dequantized to float32) with a getter per tensor; `plain_entries` does the same for
+any other file (text encoders). The writer is library/formats/streaming_writer.py.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 from library.formats.diffusers_keys import count_diffusers_blocks, key_rules
 from library.formats.dtypes import SAFETENSORS_DTYPES
+from library.formats.gguf_io import GGUFTensorReader, read_gguf_header
 from library.formats.safetensors_io import TensorReader, read_header
 from library.models.checkpoint import analyze_checkpoint
 
@@ -33,12 +34,17 @@ class Readers:
     """Open TensorReaders, one per file, closed together."""
 
     def __init__(self):
-        self.readers: dict[Path, TensorReader] = {}
+        self.readers: dict[Path, TensorReader | GGUFTensorReader] = {}
 
     def get(self, path: Path, key: str) -> torch.Tensor:
         if path not in self.readers:
             self.readers[path] = TensorReader(path)
         return self.readers[path].get(key)
+
+    def get_gguf(self, path: Path, key: str) -> torch.Tensor:
+        if path not in self.readers:
+            self.readers[path] = GGUFTensorReader(read_gguf_header(path))
+        return self.readers[path].dequantized(key, torch.float32)
 
     def close(self) -> None:
         for r in self.readers.values():
@@ -49,6 +55,9 @@ class Readers:
 def transformer_entries(path: str | os.PathLike, readers: Readers) -> tuple[list[Entry], object]:
     """The transformer's tensors under BFL names, in the BFL file order, each read on demand."""
     info = analyze_checkpoint(path)
+    if info.layout == "gguf":
+        return [Entry(k[len(info.prefix):], info.shapes[k[len(info.prefix):]], torch.float32,
+                      lambda k=k: readers.get_gguf(info.path, k)) for k in info.file_keys[info.path]], info
     owner = {k: f for f, keys in info.file_keys.items() for k in keys}
     headers = {f: read_header(f) for f in info.file_keys}
 

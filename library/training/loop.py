@@ -187,7 +187,9 @@ class Trainer:
         # every folder the run writes, before the models load: a bad path must not cost a whole run
         check_output_paths(args, {i.absolute_path.parent for g in (self.train_group, self.val_group) if g
                                   for i in g.items})
-        self.models = train_setup.load_models(args, self.settings, self.accelerator, self.transformer_dtype())
+        # a recipe whose transformer may be stored in fp8 keeps it frozen whole, so it may be a quantized file too
+        self.models = train_setup.load_models(args, self.settings, self.accelerator, self.transformer_dtype(),
+                                              quantized_base_allowed=self.command_line.fp8_base)
         self.trainable_modules = self.build_trainable(self.models)
         self.hub = HubUploader.from_args(args) if self.accelerator.is_main_process else None
         self.block_swappers = train_setup.enable_block_swap(args, self.settings.blocks_to_swap, self.models,

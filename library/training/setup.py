@@ -26,6 +26,7 @@ from library.flow.matching import FlowMatchingSettings
 from library.flow.prompts import load_prompts
 from library.memory.block_swap import split_blocks_to_swap
 from library.memory.fp8 import prepare_fp8, prepare_t5xxl_fp8
+from library.memory.gguf_linear import check_swappable_gguf, load_gguf_transformer
 from library.models import loading as flux_utils
 from library.models.text_encoding import caption_encoder
 from library.training.errors import TrainingError
@@ -129,9 +130,11 @@ class TrainingModels:
             torch.cuda.empty_cache()
 
 
-def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtype | None = None) -> TrainingModels:
+def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtype | None = None,
+                quantized_base_allowed: bool = True) -> TrainingModels:
     """The four models on the accelerator, frozen. `flux_dtype`: the transformer's dtype when it differs from the
-    weight dtype (full fine-tuning keeps float32 weights under autocast)."""
+    weight dtype (full fine-tuning keeps float32 weights under autocast); `quantized_base_allowed`: the recipe
+    keeps the whole transformer frozen, so a GGUF file may be its base."""
     device, dtype = accelerator.device, weight_dtype(args)
     info = flux_utils.analyze_checkpoint(args.pretrained_model_name_or_path)
     blocks_to_swap = check_blocks_to_swap(args, settings.blocks_to_swap, info)
@@ -139,9 +142,13 @@ def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtyp
     fp8 = settings.fp8_base
     compute = torch.bfloat16 if (fp8 and dtype == torch.float32 and device.type == "cuda") else dtype
     logger.info("loading %s (%s, %s layout)", args.pretrained_model_name_or_path, info.model_type, info.layout)
-    _, flux = flux_utils.load_flow_model(args.pretrained_model_name_or_path,
-                                         None if fp8 else (flux_dtype or dtype), "cpu", info=info)
-    if fp8:
+    if info.layout == "gguf":
+        flux = load_gguf_base(args.pretrained_model_name_or_path, info, fp8, quantized_base_allowed, compute,
+                              blocks_to_swap)
+    else:
+        _, flux = flux_utils.load_flow_model(args.pretrained_model_name_or_path,
+                                             None if fp8 else (flux_dtype or dtype), "cpu", info=info)
+    if fp8 and info.layout != "gguf":
         prepare_fp8(flux, torch.float8_e4m3fn, compute)
     t5_fp8 = settings.fp8_t5xxl
     ae = flux_utils.load_ae(args.ae, torch.float32 if getattr(args, "no_half_vae", False) else dtype, "cpu")
@@ -157,6 +164,18 @@ def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtyp
         enable_gradient_checkpointing(flux, cpu_offload=bool(getattr(args, "cpu_offload_checkpointing", False)))
     tokenizer = flux_utils.load_tokenizer(args.tokenizer_cache_dir, info.is_schnell, args.t5xxl_max_token_length)
     return TrainingModels(flux, ae, clip_l, t5xxl, tokenizer, info.is_schnell, dtype, compute)
+
+
+def load_gguf_base(path, info, fp8: bool, allowed: bool, compute: torch.dtype, blocks_to_swap: int):
+    """A GGUF transformer as a frozen base: its quantized block weights kept, computed in `compute`."""
+    if not allowed:
+        raise TrainingError(f"{path} is a GGUF (quantized) file, which can be a LoRA training base only; this "
+                            "trainer needs the bf16/fp16 .safetensors")
+    if fp8:
+        raise TrainingError(f"{path} is a GGUF (quantized) file: --fp8_base does not apply to it; leave it out")
+    if blocks_to_swap:
+        check_swappable_gguf(info)
+    return load_gguf_transformer(path, compute, "cpu", info=info)
 
 
 def check_blocks_to_swap(args, n: int, info) -> int:
