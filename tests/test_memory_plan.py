@@ -231,3 +231,21 @@ def test_quantized_bases_are_planned_by_their_stored_bytes():
     assert weights["nf4"] < weights["gguf_q4_k"] < weights["fp8"] < weights["int8"] < weights["gguf_q8_0"]
     # the step itself (activations, transient) does not depend on how the frozen weights are stored
     assert len({p.parts["activations"] for p in plans.values()}) == 1
+
+
+def test_a_gguf_file_is_planned_as_what_it_stores(tmp_path):
+    pytest.importorskip("gguf")
+    from tools.make_tiny_models import make_tiny_models
+    from tools.plan_memory import parse
+    from library.planner.plan import settings_from_args
+
+    paths = make_tiny_models(tmp_path, gguf_type="Q8_0")
+    argv = ["--resolution", "64", "--network_dim", "4", "--mixed_precision", "bf16", "--gradient_checkpointing"]
+    plans = {}
+    for name in ("flux", "flux_gguf"):
+        s = settings_from_args(parse([*argv, "--pretrained_model_name_or_path", str(paths[name])]), "network", "cpu")
+        plans[name] = plan_memory(s)
+    assert plans["flux_gguf"].settings.base_quantization == "gguf_q8_0"
+    assert plans["flux"].settings.base_quantization == ""
+    # Q8_0 block weights: 34 bytes per 32 weights instead of 2 bytes each in bf16
+    assert plans["flux_gguf"].parts["resident_base_weights"] < 0.7 * plans["flux"].parts["resident_base_weights"]

@@ -34,7 +34,7 @@ from library.memory.fp8 import prepare_fp8
 from library.models.checkpoint import analyze_checkpoint
 from library.models.transformer import FLUX_PRESETS, Flux, FluxParams
 from library.planner.live_bytes import LiveBytes, device_emulation
-from library.planner.quantized_bases import prepare_planned_quantization
+from library.planner.quantized_bases import gguf_base_quantization, prepare_planned_quantization
 from library.training.arguments import parse_network_args
 from library.training.fused_optimizers import (BlockwiseOptimizers, FusedBackward, HookSettings, group_by_block,
                                                step_param)
@@ -180,12 +180,14 @@ def _largest_image(args) -> tuple[int, int, int]:
 def settings_from_args(args, trainer: str = "network", target: str = "cuda") -> PlanSettings:
     """The PlanSettings of a training command line (already parsed, --config_file applied)."""
     model_path = getattr(args, "pretrained_model_name_or_path", None)
-    fp8_file = False
+    fp8_file, file_quantization = False, ""
     if model_path and not getattr(args, "model_preset", None):  # a preset plans without the file
 
         info = analyze_checkpoint(model_path)  # header only
         params, model = info.params, model_path
         fp8_file = any(d.startswith("F8") for d in info.dtypes)
+        if info.layout == "gguf":  # a quantized file is planned as what it stores
+            file_quantization = gguf_base_quantization(model_path)
     else:
         model = getattr(args, "model_preset", None) or "dev"
         if model not in FLUX_PRESETS:
@@ -199,7 +201,7 @@ def settings_from_args(args, trainer: str = "network", target: str = "cuda") -> 
         t5_tokens=getattr(args, "t5xxl_max_token_length", None) or (256 if schnell else 512),
         mixed_precision=getattr(args, "mixed_precision", "no") or "no",
         fp8_base=bool(getattr(args, "fp8_base", False)) and PLANNED_RECIPES[trainer].fp8_base, fp8_file=fp8_file,
-        base_quantization=getattr(args, "base_quantization", None) or "",
+        base_quantization=getattr(args, "base_quantization", None) or file_quantization,
         gradient_checkpointing=bool(args.gradient_checkpointing or getattr(args, "cpu_offload_checkpointing", False)),
         cpu_offload_checkpointing=bool(getattr(args, "cpu_offload_checkpointing", False)),
         blocks_to_swap=swap if isinstance(swap, int) else 0,

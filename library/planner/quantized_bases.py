@@ -14,8 +14,9 @@ Bytes per weight, from each format's block layout (norms, biases and embeddings 
 * int8 (bitsandbytes LLM.int8 vector-wise): 1 byte plus one float32 scale per output row.
 * nf4 (bitsandbytes 4-bit, block size 64, with its double quantisation of the block scales): 4 bits plus an 8-bit
   scale per block of 64 and a float32 per 256 blocks.
-* GGUF (ggml block quantisation): bytes per block / weights per block -- Q8_0 34/32, Q6_K 210/256, Q5_K 176/256,
-  Q5_1 24/32, Q5_0 22/32, Q4_K 144/256, Q4_1 20/32, Q4_0 18/32, Q3_K 110/256, Q2_K 84/256.
+* GGUF (ggml block quantisation): bytes per block / weights per block, from library/formats/gguf_quants.py
+  (Q8_0 34/32, Q6_K 210/256, Q5_K 176/256, Q4_K 144/256, Q2_K 84/256, ...). A file's type is the one most of its
+  block weights use (city96's _S/_M files mix types per tensor; the others are counted at that type).
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# bytes of a weight of `numel` elements with `rows` output rows, by --base_quantization / GGUF type
-_GGUF_BLOCKS = {"Q8_0": (34, 32), "Q6_K": (210, 256), "Q5_K": (176, 256), "Q5_1": (24, 32), "Q5_0": (22, 32),
-                "Q4_K": (144, 256), "Q4_1": (20, 32), "Q4_0": (18, 32), "Q3_K": (110, 256), "Q2_K": (84, 256)}
-BASE_QUANTIZATIONS = ("fp8", "fp8_scaled", "int8", "nf4", *(f"gguf_{t.lower()}" for t in _GGUF_BLOCKS))
+from library.formats.gguf_quants import GGUF_TYPES
+
+_GGUF_QUANTIZED = {name: t for name, t in GGUF_TYPES.items() if t.quantized}
+BASE_QUANTIZATIONS = ("fp8", "fp8_scaled", "int8", "nf4", *(f"gguf_{name.lower()}" for name in _GGUF_QUANTIZED))
 
 
 def weight_bytes(kind: str, rows: int, cols: int) -> int:
@@ -44,9 +45,9 @@ def weight_bytes(kind: str, rows: int, cols: int) -> int:
     if kind == "nf4":
         blocks = math.ceil(numel / 64)
         return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256)
-    if kind.startswith("gguf_") and kind[5:].upper() in _GGUF_BLOCKS:
-        block_bytes, per_block = _GGUF_BLOCKS[kind[5:].upper()]
-        return math.ceil(numel / per_block) * block_bytes
+    if kind.startswith("gguf_") and kind[5:].upper() in _GGUF_QUANTIZED:
+        t = _GGUF_QUANTIZED[kind[5:].upper()]
+        return math.ceil(numel / t.block_size) * t.type_size
     raise ValueError(f"base quantization {kind!r}: expected one of {', '.join(BASE_QUANTIZATIONS)}")
 
 
@@ -92,3 +93,14 @@ def prepare_planned_quantization(model: nn.Module, kind: str, compute_dtype: tor
         if p.is_floating_point() and p.dtype != compute_dtype:
             p.data = p.data.to(compute_dtype)
     return model
+
+
+def gguf_base_quantization(path) -> str:
+    """The planner's name for a GGUF transformer file: the type most of its block weights use ("" when they are
+    F16/BF16/F32: planned as a float base). Reads the header only."""
+    from library.formats.gguf_io import read_gguf_header
+
+    types = [t.qtype.name for k, t in read_gguf_header(path).tensors.items()
+             if "_blocks." in k and k.endswith(".weight") and len(t.shape) == 2]
+    quantized = [t for t in types if t in _GGUF_QUANTIZED]
+    return f"gguf_{max(set(quantized), key=quantized.count).lower()}" if quantized else ""
