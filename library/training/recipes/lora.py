@@ -13,6 +13,7 @@ import torch
 
 from library.data.captions import tag_frequency
 from library.formats.metadata import lora_metadata, modelspec_metadata, update_for_save
+from library.models.text_encoders import kohya_clip_root
 from library.training.arguments import parse_network_args
 from library.training.errors import TrainingError
 from library.training.loop import Trainer
@@ -70,7 +71,9 @@ class LoRATrainer(Trainer):
             self.network_module = importlib.import_module(self.network_module_name)
         except ImportError as e:
             raise TrainingError(f"--network_module {self.network_module_name}: cannot import it ({e})") from None
-        text_encoders = [models.clip_l, models.t5xxl]
+        # CLIP-L under its transformers 4.x `text_model` level, so every network module names it as sd-scripts does
+        clip = kohya_clip_root(models.clip_l) if models.clip_l is not None else None
+        text_encoders = [clip, models.t5xxl]
         self._merge_base_weights(models, text_encoders)
         net_kwargs = parse_network_args(args.network_args)
         self.training_started_at, self.session_id = time.time(), random.randint(0, 2**32 - 1)
@@ -118,8 +121,14 @@ class LoRATrainer(Trainer):
         te_lr = args.text_encoder_lr
         if isinstance(te_lr, list) and len(te_lr) == 0:
             te_lr = None
-        groups, descriptions = self.network.prepare_optimizer_params_with_multiple_te_lrs(
-            te_lr, args.unet_lr, args.learning_rate)
+        if hasattr(self.network, "prepare_optimizer_params_with_multiple_te_lrs"):
+            results = self.network.prepare_optimizer_params_with_multiple_te_lrs(te_lr, args.unet_lr,
+                                                                                 args.learning_rate)
+        else:  # an older network API (lycoris.kohya): one text-encoder lr, as sd-scripts hands it over
+            if isinstance(te_lr, list):
+                te_lr = te_lr[0]
+            results = self.network.prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate)
+        groups, descriptions = results if isinstance(results, tuple) else (results, [None] * len(results))
         return groups, [f"{d}" if d else f"group{i}" for i, d in enumerate(descriptions)]
 
     @contextmanager
