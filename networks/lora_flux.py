@@ -239,6 +239,18 @@ def _linears(root: nn.Module, prefix: str, target_classes: Iterable[str] | None)
                 yield f"{prefix}.{name}.{child_name}".replace(".", "_"), child
 
 
+def kohya_named_linears(text_encoders, flux: nn.Module) -> dict[str, nn.Linear]:
+    """Every Linear of FLUX, CLIP-L and T5 by its kohya module name (`lora_unet_...`, `lora_te1_...`,
+    `lora_te3_...`), for files whose modules are applied by name."""
+    clip, t5 = (_as_list(text_encoders) + [None, None])[:2]
+    found = dict(_linears(flux, LORA_PREFIX_FLUX, None))
+    if clip is not None:
+        found.update(_linears(kohya_clip_root(clip), LORA_PREFIX_TEXT_ENCODER_CLIP, None))
+    if t5 is not None:
+        found.update(_linears(t5, LORA_PREFIX_TEXT_ENCODER_T5, None))
+    return found
+
+
 def _block_index(lora_name: str) -> int:
     return int(lora_name.split("_")[4])  # lora_unet_double_blocks_<i>_...
 

@@ -86,3 +86,103 @@ def test_cli_lokr_equals_a_plain_loop_with_the_same_lycoris_modules(setup, tmp_p
     assert all(torch.equal(plain[k], cli_weights[k]) for k in plain), "the trainer changed what lycoris trains"
     moved = max(float((plain[k] - initial[k]).abs().max()) for k in plain)
     assert moved > 1e-3  # the comparison is of trained weights, not of two untouched initialisations
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files: the updates by ComfyUI's formulas, in our inference and merge tool
+
+# (algo, --network_dim, network_args): LoKr with w2 factored (alpha / r applies), with both halves whole (scale 1),
+# with both factored; LoHa; LoCon; each algo again with DoRA
+ALGOS = [("lokr", 2, {"factor": "4"}), ("lokr", 4, {"factor": "4"}),
+         ("lokr", 1, {"factor": "4", "decompose_both": "True"}), ("loha", 2, {}), ("locon", 2, {}),
+         ("lokr", 2, {"factor": "4", "dora_wd": "True"}), ("loha", 2, {"dora_wd": "True"}),
+         ("locon", 2, {"dora_wd": "True"})]
+
+
+def load_flux(path):
+    from library import flux_utils
+
+    return flux_utils.load_flow_model(path, torch.float32, "cpu")[1].eval()
+
+
+def random_lycoris(flux, algo, dim, args, seed=0):
+    """lycoris' own network over `flux` (transformer only), every factor random so each update is non-zero."""
+    network = lycoris_kohya.create_network(1.0, dim, 3.0, None, None, flux, algo=algo, **args)
+    network.apply_to(None, flux, apply_text_encoder=False, apply_unet=True)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in network.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(p * (1 + 0.1 * noise) if name.endswith("dora_scale") else 0.2 * noise)
+    return network
+
+
+@pytest.mark.parametrize("algo,dim,args", ALGOS, ids=lambda v: str(v))
+def test_file_updates_by_comfyui_formulas_equal_what_lycoris_applies(models, tmp_path, algo, dim, args):
+    """Each module's update read from the saved file (library/formats/lycoris_weights.py: ComfyUI's formulas) equals
+    what lycoris' module adds in its forward (at multiplier 1, where DoRA's multiplier conventions agree); at
+    multiplier 0.7 it is 0.7 times that."""
+    from library.formats.lycoris_weights import read_lycoris
+
+    flux = models[0]
+    network = random_lycoris(flux, algo, dim, args)
+    path = tmp_path / "lyco.safetensors"
+    network.save_weights(str(path), torch.float32, {})
+    modules = read_lycoris(load_file(str(path)))
+    assert len(modules) == len(network.unet_loras) == 26
+    kinds = {m.algo for m in modules.values()}
+    assert kinds == {"lora" if algo == "locon" else algo}
+    worst = 0.0
+    with torch.no_grad():
+        for lyco in network.unet_loras:
+            linear = lyco.org_module[0]
+            eye = torch.eye(linear.in_features)
+            applied = (lyco(eye) - lyco.org_forward(eye)).T  # the weight change lycoris' forward makes
+            w = linear.weight
+            ours, ours_07 = (modules[lyco.lora_name].updated(w, k) - w for k in (1.0, 0.7))
+            assert applied.abs().max() > 1e-3
+            for got, want in ((ours, applied), (ours_07, 0.7 * applied)):
+                worst = max(worst, float((got - want).abs().max() / applied.abs().max()))
+    assert worst < 1e-5, worst
+
+
+def hooked_and_merged_outputs(flux_path, lora_path, inputs, multiplier):
+    from library.lora.loading import apply_loras
+    from model_helpers import run
+
+    flux = load_flux(flux_path)
+    networks = apply_loras([f"{lora_path};{multiplier}"], flux, None, None, merge=False, device="cpu")
+    hooked = run(flux, inputs)
+    networks[0].set_multiplier(0.0)
+    off = run(flux, inputs)
+    flux = load_flux(flux_path)
+    assert apply_loras([f"{lora_path};{multiplier}"], flux, None, None, merge=True, device="cpu") == []
+    return hooked, off, run(flux, inputs)
+
+
+@pytest.mark.parametrize("algo,dim,args", [ALGOS[0], ALGOS[3], ALGOS[4], ALGOS[5]], ids=lambda v: str(v))
+def test_lycoris_file_in_our_inference_and_merge_tool(tiny_paths, tmp_path, algo, dim, args):
+    """A LoKr / LoHa / LoCon / LoKr+DoRA file in --lora_weights (hooked and merged) and in flux_merge_lora.py gives the
+    output of lycoris' own modules at the same multiplier (1 for DoRA, whose lycoris multiplier differs), not the
+    base model's; hooked at multiplier 0 it is the base model."""
+    from model_helpers import flux_inputs, run
+    from networks import flux_merge_lora
+
+    flux = load_flux(tiny_paths["flux"])
+    inputs = flux_inputs(flux)
+    base = run(flux, inputs)
+    network = random_lycoris(flux, algo, dim, args)
+    path = tmp_path / "lyco.safetensors"
+    network.save_weights(str(path), torch.float32, {})
+    multiplier = 1.0 if "dora_wd" in args else 0.8
+    network.set_multiplier(multiplier)
+    reference = run(flux, inputs)
+    hooked, off, merged = hooked_and_merged_outputs(tiny_paths["flux"], path, inputs, multiplier)
+    out = tmp_path / "merged.safetensors"
+    assert flux_merge_lora.main(["--flux_model", str(tiny_paths["flux"]), "--save_to", str(out), "--models",
+                                 str(path), "--ratios", str(multiplier)]) == 0
+    tool = run(load_flux(out), inputs)
+    assert (reference - base).abs().max() > 1e-2
+    for name, got in (("hooked", hooked), ("merged", merged), ("merge tool", tool)):
+        assert float((got - reference).abs().max()) < 1e-5, name
+    assert torch.allclose(off, base, atol=1e-6)  # multiplier 0 switches the hooked file off

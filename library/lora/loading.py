@@ -7,7 +7,10 @@ from pathlib import Path
 
 import torch
 
+from library.formats.lycoris_weights import is_lycoris
+from library.formats.safetensors_io import load_tensors, read_header
 from networks import lora_flux
+from networks.lycoris_flux import LycorisFileNetwork
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +34,15 @@ def apply_loras(specs: list[str], flux: torch.nn.Module, clip_l, t5xxl, merge: b
     text_encoders = [clip_l, t5xxl]
     for spec in specs:
         path, multiplier = parse_lora_spec(spec)
+        if is_lycoris(read_header(path).keys):  # LoKr / LoHa / DoRA: applied by their own formulas
+            network = LycorisFileNetwork(load_tensors(path), text_encoders, flux, multiplier, source=str(path))
+            if merge:
+                network.merge_to(device)
+                logger.info("merged LyCORIS %s x %s", path, multiplier)
+            else:
+                network.apply_to()
+                networks.append(network)
+            continue
         network, weights = lora_flux.create_network_from_weights(multiplier, path, None, text_encoders, flux,
                                                                  for_inference=True)
         has_te = any(k.startswith(("lora_te1", "lora_te3")) for k in weights)
