@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 
 from library.data.captions import tag_frequency
+from library.formats.lycoris_weights import is_lycoris
 from library.formats.metadata import lora_metadata, modelspec_metadata, update_for_save
+from library.formats.safetensors_io import load_tensors, read_header
 from library.models.text_encoders import kohya_clip_root
 from library.training.arguments import parse_network_args
 from library.training.errors import TrainingError
@@ -21,6 +23,7 @@ from library.training.optimizers import optimizer_metadata_text
 from library.training.recipes import command_lines
 from library.training.settings import MemoryProfile
 from library.training.setup import TrainingModels
+from networks.lycoris_flux import LycorisFileNetwork
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +114,11 @@ class LoRATrainer(Trainer):
         multipliers = self.args.base_weights_multiplier or []
         for i, path in enumerate(self.args.base_weights or []):
             m = multipliers[i] if i < len(multipliers) else 1.0
+            if is_lycoris(read_header(path).keys):  # LoKr / LoHa / DoRA: merged by their formulas, whatever module
+                LycorisFileNetwork(load_tensors(path), text_encoders, models.flux, m, str(path)).merge_to(
+                    self.accelerator.device)
+                logger.info("merged --base_weights %s x %s", path, m)
+                continue
             net, weights = self.network_module.create_network_from_weights(m, path, models.ae, text_encoders,
                                                                            models.flux, for_inference=True)
             net.merge_to(text_encoders, models.flux, weights, models.weight_dtype, self.accelerator.device)
