@@ -279,3 +279,22 @@ def test_lokr_sample_lands_closer_to_its_training_latents_than_the_base_model(tm
               f"(ratio {r['mse_base'] / r['mse_lora']:.1f}x)")
         assert r["mse_base"] / r["mse_lora"] >= 3.0, (stem, r)
         assert r["mse_lora"] < r["mse_lora_other"], (stem, r)
+
+
+def test_merge_tool_refactorises_a_lokr_into_a_lora_and_converters_refuse_it(models, tmp_path, capsys):
+    """flux_merge_lora.py --new_rank turns a LoKr into a plain LoRA by SVD (exact at full rank); the converter, which
+    writes plain LoRA layouts only, refuses it in one line."""
+    from library.formats.lora_formats import load_lora
+    from library.formats.lycoris_weights import read_lycoris
+    from networks import convert_flux_lora, flux_merge_lora
+
+    path, out = tmp_path / "lokr.safetensors", tmp_path / "lora.safetensors"
+    random_lycoris(models[0], "lokr", 2, {"factor": "4"}).save_weights(str(path), torch.float32, {})
+    assert flux_merge_lora.main(["--save_to", str(out), "--models", str(path), "--new_rank", "128"]) == 0
+    lora, _, _ = load_lora(out)
+    lokr = read_lycoris(load_file(str(path)))
+    assert lora.keys() == lokr.keys()
+    assert all(torch.allclose(lora[n].delta(), lokr[n].delta(), atol=1e-5) for n in lokr)
+    assert convert_flux_lora.main(["--src", "auto", "--src_path", str(path), "--dst_path",
+                                   str(tmp_path / "x.safetensors")]) != 0
+    assert "LoKr" in capsys.readouterr().err
