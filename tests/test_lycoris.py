@@ -34,10 +34,13 @@ def lycoris_args(setup, out, algo="lokr", *extra, net_args=("factor=4",)):
             *extra, "--network_args", f"algo={algo}", *net_args]
 
 
-def test_cli_lokr_equals_a_plain_loop_with_the_same_lycoris_modules(setup, tmp_path, monkeypatch):
-    """The CLI's LoKr after 4 AdamW steps equals lycoris' own modules trained by a hand-written loop (flux forward,
-    MSE to noise - latents, AdamW) on the batches, noise and sigmas the CLI drew, bit for bit: the trainer
-    adds nothing."""
+@pytest.mark.parametrize("algo,net_args,key", [("lokr", {"factor": "4"}, "lokr_w1"),
+                                              ("loha", {"dora_wd": "True"}, "dora_scale")], ids=["lokr", "loha_dora"])
+def test_cli_lokr_equals_a_plain_loop_with_the_same_lycoris_modules(setup, tmp_path, monkeypatch, algo, net_args,
+                                                                    key):
+    """The CLI's LoKr (and LoHa with DoRA) after 4 AdamW steps equals lycoris' own modules trained by a hand-written
+    loop (flux forward, MSE to noise - latents, AdamW) on the batches, noise and sigmas the CLI drew, bit for bit:
+    the trainer adds nothing."""
     from library.flux_utils import load_flow_model
     from library.models.packing import pack_latents, prepare_img_ids, unpack_latents
     from library.training import loss as loss_module
@@ -58,14 +61,14 @@ def test_cli_lokr_equals_a_plain_loop_with_the_same_lycoris_modules(setup, tmp_p
         return trainable
 
     monkeypatch.setattr(LoRATrainer, "build_trainable", build_and_keep_initial)
-    _, code = run_trainer(lycoris_args(setup, tmp_path))
+    _, code = run_trainer(lycoris_args(setup, tmp_path, algo, net_args=[f"{k}={v}" for k, v in net_args.items()]))
     assert code == 0 and len(steps) == 4
     cli_weights = load_file(str(tmp_path / "last.safetensors"))
-    assert "lora_unet_double_blocks_0_img_attn_qkv.lokr_w1" in cli_weights
+    assert f"lora_unet_double_blocks_0_img_attn_qkv.{key}" in cli_weights
 
     _, flux = load_flow_model(setup[0]["flux"], torch.float32, "cpu")
     flux.requires_grad_(False)
-    network = lycoris_kohya.create_network(1.0, 4, 2.0, None, None, flux, algo="lokr", factor="4")
+    network = lycoris_kohya.create_network(1.0, 4, 2.0, None, None, flux, algo=algo, **net_args)
     network.apply_to(None, flux, apply_text_encoder=False, apply_unet=True)
     network.load_state_dict(initial)
     params, _ = network.prepare_optimizer_params(None, None, 1e-2)
@@ -298,3 +301,15 @@ def test_merge_tool_refactorises_a_lokr_into_a_lora_and_converters_refuse_it(mod
     assert convert_flux_lora.main(["--src", "auto", "--src_path", str(path), "--dst_path",
                                    str(tmp_path / "x.safetensors")]) != 0
     assert "LoKr" in capsys.readouterr().err
+
+
+def test_lokr_resume_equals_uninterrupted(setup, tmp_path):
+    """--save_state / --resume with lycoris' network: the resumed run ends with the uninterrupted run's LoKr."""
+    common = ("--save_every_n_steps", "2", "--save_state", "--output_name", "r")
+    _, code = run_trainer(lycoris_args(setup, tmp_path / "full", "lokr", *common))
+    assert code == 0
+    state = tmp_path / "full" / "r-step00000002-state"
+    _, code = run_trainer(lycoris_args(setup, tmp_path / "resumed", "lokr", *common, "--resume", str(state)))
+    assert code == 0
+    a, b = (load_file(str(tmp_path / d / "r.safetensors")) for d in ("full", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
