@@ -1,10 +1,12 @@
 """LyCORIS adapters: `--network_module lycoris.kohya` through flux_train_network.py, and LoKr/LoHa/LoCon files in our
 inference, merge tool and converters (their updates by the formulas ComfyUI's loader uses)."""
 
+import json
 from functools import partial
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import cli_runs
@@ -65,6 +67,10 @@ def test_cli_lokr_equals_a_plain_loop_with_the_same_lycoris_modules(setup, tmp_p
     assert code == 0 and len(steps) == 4
     cli_weights = load_file(str(tmp_path / "last.safetensors"))
     assert f"lora_unet_double_blocks_0_img_attn_qkv.{key}" in cli_weights
+    with safe_open(str(tmp_path / "last.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["ss_network_module"] == "lycoris.kohya" and "sshs_model_hash" in metadata
+    assert json.loads(metadata["ss_network_args"])["algo"] == algo
 
     _, flux = load_flow_model(setup[0]["flux"], torch.float32, "cpu")
     flux.requires_grad_(False)
