@@ -2,9 +2,10 @@
 inference, without the lycoris package: hooked (multiplier changeable) or merged into the weights.
 
 Each module's update comes from library/formats/lycoris_weights.py (the formulas ComfyUI's loader uses). Hooked, a
-Linear computes y = org(x) + F.linear(x, W' - W), W' the updated weight at the current multiplier; W' - W is
-computed once per multiplier and kept (the size of the Linear's weight, so merging is the lighter choice for big
-models). Training such files goes through lycoris itself (`--network_module lycoris.kohya`).
+Linear computes y = org(x) + ΔW' x, ΔW' = W' - W at the current multiplier, rebuilt on each call and dropped after
+it (one layer's worth at a time, so a hooked file costs only its own tensors); a LoKr without DoRA never builds ΔW
+(the Kronecker identity in `LycorisWeights.lokr_product`). Training such files goes through lycoris itself
+(`--network_module lycoris.kohya`).
 """
 
 from __future__ import annotations
@@ -22,24 +23,30 @@ logger = logging.getLogger(__name__)
 
 
 class LycorisDeltaModule(nn.Module):
-    """One file module hooked into its Linear (the original forward is kept and restored)."""
+    """One file module hooked into its Linear (the original forward is kept and restored). Its tensors are buffers,
+    so `.to(device)` moves them with the network."""
 
     def __init__(self, weights: LycorisWeights, org_module: nn.Linear, multiplier: float):
         super().__init__()
-        self.lora_name, self.weights, self.multiplier = weights.name, weights, multiplier
+        self.lora_name, self.multiplier = weights.name, multiplier
+        self.leaves = list(weights.tensors)
+        for leaf, tensor in weights.tensors.items():
+            self.register_buffer(leaf.replace(".", "_"), tensor)
         self.__dict__["org_module"] = org_module  # not a child: the network must not own the base weights
         self.__dict__["org_forward"] = None
-        self._cache: tuple[float, torch.Tensor] | None = None
 
-    def weight_delta(self) -> torch.Tensor:
-        """W' - W at the current multiplier, float32 on the base weight's device."""
-        if self._cache is None or self._cache[0] != self.multiplier:
-            w = self.org_module.weight.detach()
-            self._cache = (self.multiplier, self.weights.updated(w, self.multiplier) - w.float())
-        return self._cache[1]
+    @property
+    def weights(self) -> LycorisWeights:
+        return LycorisWeights(self.lora_name, {leaf: getattr(self, leaf.replace(".", "_")) for leaf in self.leaves})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.org_forward(x) + F.linear(x, self.weight_delta().to(x.device, x.dtype))
+        out = self.org_forward(x)
+        w = self.weights
+        if w.algo == "lokr" and not w.has_dora:
+            return out + self.multiplier * w.lokr_product(x)
+        base = self.org_module.weight.detach()
+        delta = w.updated(base, self.multiplier) - base.float()
+        return out + F.linear(x, delta.to(x.dtype))
 
     def apply_to(self) -> None:
         org = self.org_module
@@ -69,8 +76,8 @@ class LycorisFileNetwork(nn.Module):
         unknown = sorted(set(modules) - set(linears))
         if unknown:
             raise ValueError(f"{source}: {len(unknown)} module(s) match no layer of these models, e.g. {unknown[0]}")
-        self.loras = [LycorisDeltaModule(w, linears[name], multiplier) for name, w in modules.items()]
-        algos = sorted({w.algo + ("+dora" if "dora_scale" in w.tensors else "") for w in modules.values()})
+        self.loras = nn.ModuleList(LycorisDeltaModule(w, linears[name], multiplier) for name, w in modules.items())
+        algos = sorted({w.algo + ("+dora" if w.has_dora else "") for w in modules.values()})
         logger.info("%s: %d LyCORIS modules (%s)", source, len(self.loras), ", ".join(algos))
 
     def apply_to(self) -> None:

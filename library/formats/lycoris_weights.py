@@ -89,6 +89,18 @@ class LycorisWeights:
         return self._scale(down.shape[0]) * (up @ down)
 
     @property
+    def has_dora(self) -> bool:
+        return "dora_scale" in self.tensors
+
+    def lokr_product(self, x: torch.Tensor) -> torch.Tensor:
+        """ΔW applied to x (..., in) for a LoKr without DoRA, never building ΔW: with in = m·n and x viewed as
+        X (m, n), kron(w1, w2) x = vec(w1 X w2ᵀ). Computed in x's dtype."""
+        (w1, r1), (w2, r2) = self._half(1), self._half(2)
+        w1, w2 = w1.to(x.device, x.dtype), w2.to(x.device, x.dtype)
+        y = w1 @ x.reshape(*x.shape[:-1], w1.shape[1], w2.shape[1]) @ w2.T
+        return self._scale(r2 if r2 is not None else r1) * y.reshape(*x.shape[:-1], w1.shape[0] * w2.shape[0])
+
+    @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.delta().shape)
 
@@ -100,7 +112,7 @@ class LycorisWeights:
             raise LoRAFormatError(f"{self.name}: updates a {tuple(delta.shape)} weight, the model's is "
                                   f"{tuple(w.shape)}")
         m = self._t("dora_scale")
-        if m is None:
+        if not self.has_dora:
             return w + multiplier * delta
         merged = w + delta
         m = m.to(w.device)

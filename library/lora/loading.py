@@ -41,7 +41,7 @@ def apply_loras(specs: list[str], flux: torch.nn.Module, clip_l, t5xxl, merge: b
                 logger.info("merged LyCORIS %s x %s", path, multiplier)
             else:
                 network.apply_to()
-                networks.append(network)
+                networks.append(network.to(device).eval())
             continue
         network, weights = lora_flux.create_network_from_weights(multiplier, path, None, text_encoders, flux,
                                                                  for_inference=True)
