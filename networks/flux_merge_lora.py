@@ -25,6 +25,8 @@ from library.cli.main import tool_main  # noqa: E402 (imports follow the path se
 from library.formats.command_line import ArgumentParser, positive_int  # noqa: E402
 from library.formats.dtypes import str_to_dtype  # noqa: E402
 from library.formats.lora_formats import CLIP, FORMATS, T5, UNET, LoRAWeights, load_lora, save_lora  # noqa: E402
+from library.formats.lycoris_weights import is_lycoris, read_lycoris  # noqa: E402
+from library.formats.safetensors_io import load_tensors, read_header  # noqa: E402
 from library.lora.merge import (WeightedLoRA, concat_loras, merge_into_file, merged_lora_metadata,  # noqa: E402
                                 svd_merge_loras)
 
@@ -73,7 +75,10 @@ def _loras(args):
         raise ValueError(f"--ratios has {len(ratios)} values for {len(args.models)} --models")
     loras, first_meta = [], None
     for path, ratio in zip(args.models, ratios):
-        modules, metadata, layout = load_lora(path)
+        if is_lycoris(read_header(path).keys):  # LoKr / LoHa / DoRA in kohya names
+            modules, metadata, layout = read_lycoris(load_tensors(path)), read_header(path).metadata, "LyCORIS"
+        else:
+            modules, metadata, layout = load_lora(path)
         logger.info("%s: %s layout, %d modules, ratio %s", path, layout, len(modules), ratio)
         loras.append(WeightedLoRA(Path(path).name, modules, ratio))
         first_meta = metadata if first_meta is None else first_meta

@@ -21,6 +21,7 @@ from torch import nn
 from library.formats.lora_formats import load_as_kohya
 from library.formats.model_hashes import add_model_hashes
 from library.formats.safetensors_io import save_file_atomic
+from library.models.text_encoders import kohya_clip_root
 from networks.lora_modules import LoRAInfModule, LoRAModule
 
 logger = logging.getLogger(__name__)
@@ -238,14 +239,16 @@ def _linears(root: nn.Module, prefix: str, target_classes: Iterable[str] | None)
                 yield f"{prefix}.{name}.{child_name}".replace(".", "_"), child
 
 
-def _clip_layout_root(clip: nn.Module) -> nn.Module:
-    """kohya names CLIP-L modules by the transformers 4.x path (`text_model.encoder...`); transformers 5's
-    CLIPTextModel has no `text_model` level, so its modules are named as if it had."""
-    if hasattr(clip, "text_model"):
-        return clip
-    holder = nn.Module()
-    holder.text_model = clip
-    return holder
+def kohya_named_linears(text_encoders, flux: nn.Module) -> dict[str, nn.Linear]:
+    """Every Linear of FLUX, CLIP-L and T5 by its kohya module name (`lora_unet_...`, `lora_te1_...`,
+    `lora_te3_...`), for files whose modules are applied by name."""
+    clip, t5 = (_as_list(text_encoders) + [None, None])[:2]
+    found = dict(_linears(flux, LORA_PREFIX_FLUX, None))
+    if clip is not None:
+        found.update(_linears(kohya_clip_root(clip), LORA_PREFIX_TEXT_ENCODER_CLIP, None))
+    if t5 is not None:
+        found.update(_linears(t5, LORA_PREFIX_TEXT_ENCODER_T5, None))
+    return found
 
 
 def _block_index(lora_name: str) -> int:
@@ -293,7 +296,7 @@ class LoRANetwork(nn.Module):
             if te is None or (index == 1 and not train_t5xxl):
                 continue
             if index == 0:
-                found = _linears(_clip_layout_root(te), LORA_PREFIX_TEXT_ENCODER_CLIP, self.CLIP_TARGETS)
+                found = _linears(kohya_clip_root(te), LORA_PREFIX_TEXT_ENCODER_CLIP, self.CLIP_TARGETS)
             else:
                 found = _linears(te, LORA_PREFIX_TEXT_ENCODER_T5, self.T5_TARGETS)
             self.text_encoder_loras += self._create_modules(found, is_flux=False)

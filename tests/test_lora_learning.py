@@ -51,14 +51,17 @@ SAMPLE_STEPS = 20
 SAMPLE_SEED = 3
 
 
-def train_args(models: dict[str, Path], toml: Path, out: Path, seed: int) -> list[str]:
+# the network trained: our LoRA (tests/test_lycoris.py passes a LyCORIS LoKr)
+LORA_NETWORK = ("--network_module", "networks.lora_flux", "--network_dim", "16", "--network_alpha", "16")
+
+
+def train_args(models: dict[str, Path], toml: Path, out: Path, seed: int, network=LORA_NETWORK) -> list[str]:
     return ["--pretrained_model_name_or_path", str(models["flux"]), "--clip_l", str(models["clip_l"]),
             "--t5xxl", str(models["t5xxl"]), "--ae", str(models["ae"]),
             "--tokenizer_cache_dir", str(models["tokenizers"]), "--t5xxl_max_token_length", "32",
             "--dataset_config", str(toml), "--cache_latents_to_disk", "--max_data_loader_n_workers", "0",
             "--output_dir", str(out), "--output_name", "learned", "--seed", str(seed),
-            "--network_module", "networks.lora_flux", "--network_dim", "16", "--network_alpha", "16",
-            "--network_train_unet_only", "--learning_rate", "1e-2", "--lr_scheduler", "cosine",
+            *network, "--network_train_unet_only", "--learning_rate", "1e-2", "--lr_scheduler", "cosine",
             "--max_train_steps", str(TRAIN_STEPS), "--model_prediction_type", "raw"]
 
 
@@ -82,11 +85,13 @@ def training_latents(image: Path) -> torch.Tensor:
         return torch.from_numpy(cache[f"latents_{SIZE // 8}x{SIZE // 8}"]).float()
 
 
-def train_and_measure(work: Path, model_seed: int = 0, train_seed: int = 1) -> dict[str, dict[str, float]]:
-    """Train one LoRA on the demo images, sample each caption with and without it; MSEs per image."""
+def train_and_measure(work: Path, model_seed: int = 0, train_seed: int = 1, network=LORA_NETWORK
+                      ) -> dict[str, dict[str, float]]:
+    """Train one LoRA (`network`: the --network_* options) on the demo images, sample each caption with and without
+    it; MSEs per image."""
     models = make_tiny_models(work / "models", seed=model_seed, init="trained-like", hidden_size=128)
     toml = make_demo_dataset(work / "data", count=IMAGES, size=SIZE)
-    assert train_cli.main(train_args(models, toml, work / "out", train_seed)) == 0
+    assert train_cli.main(train_args(models, toml, work / "out", train_seed, network)) == 0
     lora = work / "out" / "learned.safetensors"
 
     images = sorted((work / "data" / "images").glob("*.png"))

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import torch
 
+from library.formats.lycoris_weights import is_lycoris
+from library.formats.safetensors_io import load_tensors, read_header
 from library.memory.gguf_linear import GGUFLinear
 from networks import lora_flux
+from networks.lycoris_flux import LycorisFileNetwork
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,16 @@ def apply_loras(specs: list[str], flux: torch.nn.Module, clip_l, t5xxl, merge: b
     text_encoders = [clip_l, t5xxl]
     for spec in specs:
         path, multiplier = parse_lora_spec(spec)
+        if is_lycoris(read_header(path).keys):  # LoKr / LoHa / DoRA: applied by their own formulas
+            network = LycorisFileNetwork(load_tensors(path), text_encoders, flux, multiplier, source=str(path))
+            if merge:
+                _refuse_merge_into_gguf(path, flux)
+                network.merge_to(device)
+                logger.info("merged LyCORIS %s x %s", path, multiplier)
+            else:
+                network.apply_to()
+                networks.append(network.to(device).eval())
+            continue
         network, weights = lora_flux.create_network_from_weights(multiplier, path, None, text_encoders, flux,
                                                                  for_inference=True)
         has_te = any(k.startswith(("lora_te1", "lora_te3")) for k in weights)
@@ -39,9 +52,8 @@ def apply_loras(specs: list[str], flux: torch.nn.Module, clip_l, t5xxl, merge: b
         if not (has_te or has_unet):
             raise ValueError(f"{path}: no kohya LoRA keys (lora_unet_* / lora_te1_* / lora_te3_*) found")
         if merge:
-            if has_unet and any(isinstance(m, GGUFLinear) for m in flux.modules()):
-                raise ValueError(f"--merge_lora_weights: {path} cannot be merged into a GGUF (quantized) transformer; "
-                                 "leave out --merge_lora_weights to apply it unmerged")
+            if has_unet:
+                _refuse_merge_into_gguf(path, flux)
             network.merge_to(text_encoders, flux, weights, None, device)
             logger.info("merged LoRA %s x %s", path, multiplier)
             continue
@@ -54,3 +66,9 @@ def apply_loras(specs: list[str], flux: torch.nn.Module, clip_l, t5xxl, merge: b
         networks.append(network)
         logger.info("applied LoRA %s x %s (%d modules)", path, multiplier, len(weights) // 3)
     return networks
+
+
+def _refuse_merge_into_gguf(path, flux: torch.nn.Module) -> None:
+    if any(isinstance(m, GGUFLinear) for m in flux.modules()):
+        raise ValueError(f"--merge_lora_weights: {path} cannot be merged into a GGUF (quantized) transformer; "
+                         "leave out --merge_lora_weights to apply it unmerged")

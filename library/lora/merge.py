@@ -18,6 +18,7 @@ from library.formats.gguf_io import is_gguf
 from library.formats.streaming_writer import StreamingWriter
 from library.models.checkpoint_stream import Readers, plain_entries, transformer_entries
 from library.formats.lora_formats import UNET, LoRAWeights
+from library.formats.lycoris_weights import LycorisWeights
 from library.formats.safetensors_io import read_header
 
 logger = logging.getLogger(__name__)
@@ -26,8 +27,12 @@ logger = logging.getLogger(__name__)
 @dataclass
 class WeightedLoRA:
     name: str  # file name, for messages
-    modules: dict[str, LoRAWeights]
+    modules: dict[str, LoRAWeights | LycorisWeights]
     ratio: float = 1.0
+
+
+def _shape(w: LoRAWeights | LycorisWeights) -> tuple[int, int]:
+    return (w.up.shape[0], w.down.shape[1]) if isinstance(w, LoRAWeights) else w.shape
 
 
 def lora_name_for_weight(prefix: str, key: str) -> str | None:
@@ -64,8 +69,8 @@ def merge_into_file(src: str | Path, dst: str | Path, loras: Sequence[WeightedLo
             shape = by_key[targets[name]].shape
             for lora in loras:
                 w = lora.modules.get(name)
-                if w is not None and (w.up.shape[0], w.down.shape[1]) != tuple(shape):
-                    raise ValueError(f"{lora.name}: {name} updates a {w.up.shape[0]}x{w.down.shape[1]} weight, "
+                if w is not None and _shape(w) != tuple(shape):
+                    raise ValueError(f"{lora.name}: {name} updates a {_shape(w)[0]}x{_shape(w)[1]} weight, "
                                      f"{src} has {targets[name]} of shape {tuple(shape)}")
 
         def out_dtype(e) -> torch.dtype:
@@ -81,9 +86,12 @@ def merge_into_file(src: str | Path, dst: str | Path, loras: Sequence[WeightedLo
             if updates:
                 w = t.to(device, compute_dtype)
                 del t
-                for lora, lw in updates:  # in place: no full-size temporary besides the weight itself
-                    w.addmm_(lw.up.to(device, compute_dtype), lw.down.to(device, compute_dtype),
-                             alpha=lora.ratio * lw.scale)
+                for lora, lw in updates:  # LoRA in place: no full-size temporary besides the weight itself
+                    if isinstance(lw, LoRAWeights):
+                        w.addmm_(lw.up.to(device, compute_dtype), lw.down.to(device, compute_dtype),
+                                 alpha=lora.ratio * lw.scale)
+                    else:  # LoKr / LoHa / DoRA: the whole updated weight (DoRA rescales W + ΔW)
+                        w = lw.updated(w, lora.ratio).to(compute_dtype)
                 t = w
                 merged.add(name)
             return t.to("cpu", out_dtype(e))
@@ -105,6 +113,7 @@ def concat_loras(loras: Sequence[WeightedLoRA]) -> dict[str, LoRAWeights]:
     """One LoRA whose every module is the sum of the inputs' updates, exactly: ranks are concatenated (down
     stacked, up side by side). When every part has the same ratio * scale c, the tensors are kept as they are and
     alpha = c * total rank; otherwise each part's ratio * scale is folded into its up and alpha = total rank."""
+    _plain_updates_only(loras, "cannot be concatenated into a LoRA: give --new_rank to re-factorise it by SVD")
     names = sorted({n for lora in loras for n in lora.modules})
     out = {}
     for name in names:
@@ -121,6 +130,14 @@ def concat_loras(loras: Sequence[WeightedLoRA]) -> dict[str, LoRAWeights]:
             up, alpha = -up, -alpha
         out[name] = LoRAWeights(down, up, alpha)
     return out
+
+
+def _plain_updates_only(loras: Sequence[WeightedLoRA], why: str, allow_lycoris: bool = False) -> None:
+    for lora in loras:
+        for name, w in lora.modules.items():
+            if isinstance(w, LycorisWeights) and (not allow_lycoris or "dora_scale" in w.tensors):
+                kind = "DoRA" if "dora_scale" in w.tensors else w.algo
+                raise ValueError(f"{lora.name}: {name} is a {kind} module and {why}")
 
 
 def svd_factor(delta: torch.Tensor, rank: int, clamp_quantile: float | None = None,
@@ -148,6 +165,7 @@ def svd_merge_loras(loras: Sequence[WeightedLoRA], rank: int, clamp_quantile: fl
                     device: str | torch.device = "cpu") -> tuple[dict[str, LoRAWeights], dict[str, float]]:
     """One LoRA of rank `rank`: each module's summed update re-factorised by SVD. Returns it and the relative
     reconstruction error per module."""
+    _plain_updates_only(loras, "needs the base weight (merge it into a model instead)", allow_lycoris=True)
     names = sorted({n for lora in loras for n in lora.modules})
     out, errors = {}, {}
     for name in names:

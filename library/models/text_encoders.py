@@ -289,3 +289,13 @@ def save_t5xxl(model, path: str | os.PathLike, metadata: dict[str, str] | None =
     if diff:
         meta[CONFIG_METADATA_KEY] = json.dumps(diff, sort_keys=True)
     save_file_atomic(tensors, path, meta)
+
+
+def kohya_clip_root(clip: torch.nn.Module) -> torch.nn.Module:
+    """CLIP-L as network modules name it: kohya (and LyCORIS) name CLIP-L modules by the transformers 4.x path
+    (`text_model.encoder...`); transformers 5's CLIPTextModel has no `text_model` level, so it is put under one."""
+    if hasattr(clip, "text_model"):
+        return clip
+    holder = torch.nn.Module()
+    holder.text_model = clip
+    return holder

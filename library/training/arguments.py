@@ -521,6 +521,21 @@ def _deprecated(args: argparse.Namespace, get) -> None:
         args.skip_cache_check = True
 
 
+def lycoris_checks(net_args: dict[str, str], fp8_base: bool) -> list[str]:
+    """What lycoris.kohya would only find out mid-step (it reads a flag as true unless it is "false")."""
+    def flag(key: str) -> bool:
+        return key in net_args and str(net_args[key]).lower() != "false"
+
+    problems = []
+    if fp8_base and not flag("bypass_mode"):
+        problems.append("--fp8_base with --network_module lycoris.kohya needs --network_args bypass_mode=True: "
+                        "lycoris otherwise rebuilds each fp8 weight and fails on it")
+    if flag("dora_wd") and (flag("bypass_mode") or fp8_base):
+        problems.append("--network_args dora_wd=True: lycoris' bypass forward (bypass_mode, needed with --fp8_base) "
+                        "does not apply DoRA while training; train DoRA on a bf16/fp32 base")
+    return problems
+
+
 def network_checks(args: argparse.Namespace, get) -> list[str]:
     problems = []
     if not get("network_module"):
@@ -538,6 +553,8 @@ def network_checks(args: argparse.Namespace, get) -> list[str]:
                         "a trained T5 must encode every step")
     if get("dim_from_weights") and not get("network_weights"):
         problems.append("--dim_from_weights needs --network_weights")
+    if get("network_module") == "lycoris.kohya":
+        problems += lycoris_checks(net_args, bool(get("fp8_base")))
     if get("save_model_as") in ("ckpt", "pt"):
         problems.append(f"--save_model_as {get('save_model_as')}: LoRAs are written as .safetensors only (pickled "
                         "files can run code when loaded); drop the option")

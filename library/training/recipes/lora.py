@@ -12,7 +12,10 @@ from pathlib import Path
 import torch
 
 from library.data.captions import tag_frequency
+from library.formats.lycoris_weights import is_lycoris
 from library.formats.metadata import lora_metadata, modelspec_metadata, update_for_save
+from library.formats.safetensors_io import load_tensors, read_header
+from library.models.text_encoders import kohya_clip_root
 from library.training.arguments import parse_network_args
 from library.training.errors import TrainingError
 from library.training.loop import Trainer
@@ -20,6 +23,7 @@ from library.training.optimizers import optimizer_metadata_text
 from library.training.recipes import command_lines
 from library.training.settings import MemoryProfile
 from library.training.setup import TrainingModels
+from networks.lycoris_flux import LycorisFileNetwork
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +74,9 @@ class LoRATrainer(Trainer):
             self.network_module = importlib.import_module(self.network_module_name)
         except ImportError as e:
             raise TrainingError(f"--network_module {self.network_module_name}: cannot import it ({e})") from None
-        text_encoders = [models.clip_l, models.t5xxl]
+        # CLIP-L under its transformers 4.x `text_model` level, so every network module names it as sd-scripts does
+        clip = kohya_clip_root(models.clip_l) if models.clip_l is not None else None
+        text_encoders = [clip, models.t5xxl]
         self._merge_base_weights(models, text_encoders)
         net_kwargs = parse_network_args(args.network_args)
         self.training_started_at, self.session_id = time.time(), random.randint(0, 2**32 - 1)
@@ -108,6 +114,11 @@ class LoRATrainer(Trainer):
         multipliers = self.args.base_weights_multiplier or []
         for i, path in enumerate(self.args.base_weights or []):
             m = multipliers[i] if i < len(multipliers) else 1.0
+            if is_lycoris(read_header(path).keys):  # LoKr / LoHa / DoRA: merged by their formulas, whatever module
+                LycorisFileNetwork(load_tensors(path), text_encoders, models.flux, m, str(path)).merge_to(
+                    self.accelerator.device)
+                logger.info("merged --base_weights %s x %s", path, m)
+                continue
             net, weights = self.network_module.create_network_from_weights(m, path, models.ae, text_encoders,
                                                                            models.flux, for_inference=True)
             net.merge_to(text_encoders, models.flux, weights, models.weight_dtype, self.accelerator.device)
@@ -118,8 +129,14 @@ class LoRATrainer(Trainer):
         te_lr = args.text_encoder_lr
         if isinstance(te_lr, list) and len(te_lr) == 0:
             te_lr = None
-        groups, descriptions = self.network.prepare_optimizer_params_with_multiple_te_lrs(
-            te_lr, args.unet_lr, args.learning_rate)
+        if hasattr(self.network, "prepare_optimizer_params_with_multiple_te_lrs"):
+            results = self.network.prepare_optimizer_params_with_multiple_te_lrs(te_lr, args.unet_lr,
+                                                                                 args.learning_rate)
+        else:  # an older network API (lycoris.kohya): one text-encoder lr, as sd-scripts hands it over
+            if isinstance(te_lr, list):
+                te_lr = te_lr[0]
+            results = self.network.prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate)
+        groups, descriptions = results if isinstance(results, tuple) else (results, [None] * len(results))
         return groups, [f"{d}" if d else f"group{i}" for i, d in enumerate(descriptions)]
 
     @contextmanager
