@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from library.formats import fp8_scaled as scaled
 from library.formats.streaming_writer import StreamingWriter
 from library.models.checkpoint_stream import Readers, plain_entries, transformer_entries
 from library.formats.lora_formats import UNET, LoRAWeights
@@ -36,11 +37,13 @@ def lora_name_for_weight(prefix: str, key: str) -> str | None:
 
 def merge_into_file(src: str | Path, dst: str | Path, loras: Sequence[WeightedLoRA], prefix: str,
                     save_dtype: torch.dtype | None = None, compute_dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", metadata: Mapping[str, str] | None = None) -> set[str]:
+                    device: str | torch.device = "cpu", metadata: Mapping[str, str] | None = None,
+                    fp8_scaled: str | None = None) -> set[str]:
     """Stream `src` to `dst`, adding every LoRA module of `prefix` (lora_unet: a FLUX transformer in any layout,
     written with BFL names; lora_te1 / lora_te3: a CLIP-L / T5 file, names kept) to its weight. Peak memory is
-    about one tensor plus the LoRAs. `save_dtype` None keeps each tensor's stored dtype. Returns the LoRA module
-    names merged."""
+    about one tensor plus the LoRAs. `save_dtype` None keeps each tensor's stored dtype (a scaled fp8 transformer is
+    written scaled again). `fp8_scaled` "tensor" / "channel": the transformer's Linear weights are written as scaled
+    fp8 (library/formats/fp8_scaled.py), the other tensors in `save_dtype`. Returns the LoRA module names merged."""
     readers = Readers()
     try:
         if prefix == UNET:
@@ -67,9 +70,15 @@ def merge_into_file(src: str | Path, dst: str | Path, loras: Sequence[WeightedLo
         def out_dtype(e) -> torch.dtype:
             return save_dtype if save_dtype is not None and e.dtype.is_floating_point else e.dtype
 
+        modes = _quantised(entries, prefix, save_dtype, fp8_scaled)
         merged: set[str] = set()
+        scales: dict[str, torch.Tensor] = {}  # each written right after its weight
 
         def produce(key: str) -> torch.Tensor:
+            if key in scales:
+                return scales.pop(key)
+            if key == scaled.MARKER:
+                return scaled.marker_tensor()
             e = by_key[key]
             t = e.read()
             name = lora_name_for_weight(prefix, key)
@@ -82,15 +91,39 @@ def merge_into_file(src: str | Path, dst: str | Path, loras: Sequence[WeightedLo
                              alpha=lora.ratio * lw.scale)
                 t = w
                 merged.add(name)
+            if key in modes:
+                q, scales[scaled.scale_key(key)] = scaled.quantize_weight(t, modes[key])
+                return q.cpu()
             return t.to("cpu", out_dtype(e))
 
+        layout = []
+        for e in entries:
+            if e.key in modes:
+                scale_shape = () if modes[e.key] == "tensor" else (e.shape[0], 1)
+                layout += [(e.key, e.shape, torch.float8_e4m3fn), (scaled.scale_key(e.key), scale_shape, torch.float32)]
+            else:
+                layout.append((e.key, e.shape, out_dtype(e)))
+        if modes:
+            layout.append((scaled.MARKER, (2,), torch.float8_e4m3fn))
         meta = dict(src_meta)
         meta.update(metadata or {})
-        StreamingWriter(dst, [(e.key, e.shape, out_dtype(e)) for e in entries], meta).write(produce)
+        StreamingWriter(dst, layout, meta).write(produce)
     finally:
         readers.close()
     logger.info("%s -> %s: merged %d LoRA module(s)", src, dst, len(merged))
     return merged
+
+
+def _quantised(entries, prefix: str, save_dtype: torch.dtype | None, fp8_scaled: str | None) -> dict[str, str]:
+    """The transformer weights written as scaled fp8 and their scale mode: all Linear weights with `fp8_scaled`,
+    else a scaled source's weights when no save dtype is asked (block-wise scales become per-channel)."""
+    if prefix != UNET:
+        return {}
+    if fp8_scaled is not None:
+        return {e.key: fp8_scaled for e in entries if scaled.is_quantizable(e.key, e.shape, e.dtype)}
+    if save_dtype is None:
+        return {e.key: "channel" if e.scale_mode == "block" else e.scale_mode for e in entries if e.scale_mode}
+    return {}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -171,6 +171,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--full_fp16", action="store_true", help="trained weights in fp16 (needs --mixed_precision fp16)")
     add("--full_bf16", action="store_true", help="trained weights in bf16 (needs --mixed_precision bf16)")
     add("--fp8_base", action="store_true", help="frozen base model weights in fp8 (float8_e4m3fn)")
+    add("--fp8_matmul", action="store_true",
+        help="with --fp8_base: compute the frozen fp8 Linears with torch._scaled_mm (activations quantised to fp8) "
+             "on GPUs of compute capability 8.9+; elsewhere the weights are upcast as without it (logged)")
     add("--ddp_timeout", type=positive_int, default=None, help="distributed process group timeout in minutes")
     add("--ddp_gradient_as_bucket_view", action="store_true", help="DDP gradient_as_bucket_view")
     add("--ddp_static_graph", action="store_true", help="DDP static_graph")
