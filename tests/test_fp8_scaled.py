@@ -228,6 +228,30 @@ def test_lora_merged_into_loaded_scaled_weights_requantises(files, fp8_scaled_lo
     assert not torch.equal(before, after) and after.isfinite().all()
 
 
+def test_a_scaled_t5_as_comfyui_ships_it_loads_and_encodes_as_its_dequantised_weights(files, tmp_path):
+    from library.formats.safetensors_io import read_header
+    from library.memory.fp8 import prepare_t5xxl_fp8
+    from library.models.text_encoders import load_t5xxl
+
+    models, _, _ = files
+    t5 = load_t5xxl(models["t5xxl"], torch.float32)
+    linear = {n + ".weight" for n, m in t5.named_modules() if isinstance(m, torch.nn.Linear)}
+    sd = {k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    raw = fp8_scaled.quantize_state_dict_fp8_scaled(sd, "tensor", other_dtype=torch.bfloat16, linear_keys=linear)
+    raw.update({fp8_scaled.scale_key(k)[: -len("weight")] + "input": torch.ones(()) for k in linear})
+    save_file_atomic(raw, tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors", read_header(models["t5xxl"]).metadata)
+    dequantised = load_t5xxl(tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors", torch.bfloat16)
+    for k in linear:
+        assert torch.equal(dequantised.state_dict()[k], comfyui_dequantized(raw[k], raw[fp8_scaled.scale_key(k)],
+                                                                           torch.bfloat16)), k
+    stored = prepare_t5xxl_fp8(load_t5xxl(tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"))
+    q = stored.encoder.block[0].layer[0].SelfAttention.q
+    assert stored.shared.weight.dtype == torch.bfloat16 and q.weight.dtype == torch.float8_e4m3fn and q.scale.numel()
+    ids = torch.randint(0, t5.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(stored(ids).last_hidden_state, dequantised(ids).last_hidden_state)
+
+
 def test_a_scale_that_does_not_fit_its_weight_is_refused(files, tmp_path):
     _, paths, _ = files
     raw = load_file(str(paths["tensor"]))

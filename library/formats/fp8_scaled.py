@@ -65,6 +65,21 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dt
     return w * (s.reshape(()) if s.numel() == 1 else s.reshape(-1, 1))
 
 
+def apply_scales(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], scales: Mapping[str, torch.Tensor],
+                 dtype: torch.dtype | None) -> None:
+    """Put a scaled file's `scales` (model weight key -> scale) to use before `state_dict` is assigned to `model`:
+    with a `dtype`, each weight in `state_dict` is replaced by its dequantised value; with None, the weights stay
+    fp8 and each scale becomes a non-persistent `scale_weight` buffer of its Linear (the model's state-dict keys
+    stay as they were; library/memory/fp8.py's Fp8Linear applies it)."""
+    for weight, scale in scales.items():
+        module = model.get_submodule(weight[: -len(".weight")])
+        if dtype is not None or not isinstance(module, torch.nn.Linear):
+            # an embedding would ignore a scale buffer: dequantised (to float32 when the dtype is kept as stored)
+            state_dict[weight] = dequantize(state_dict[weight], scale, dtype or torch.float32)
+        else:
+            module.register_buffer(SCALE, scale.float(), persistent=False)
+
+
 def _ceil_to_bf16(x: torch.Tensor) -> torch.Tensor:
     # ComfyUI casts the scale to the compute dtype before multiplying: a scale exactly representable in bf16 (and
     # so in fp32) dequantises identically in either. Rounding the positive fp32 value up on the bf16 grid keeps
@@ -87,7 +102,8 @@ def quantize_weight(weight: torch.Tensor, mode: str = "tensor") -> tuple[torch.T
 
 
 def is_quantizable(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
-    """A Linear weight of a FLUX/T5/CLIP state dict: a 2-D floating `.weight` (every 2-D weight there is one)."""
+    """A Linear weight of a FLUX transformer's state dict: a 2-D floating `.weight` (every 2-D weight there is one;
+    not so in text encoders, whose embeddings are 2-D too)."""
     return key.endswith(".weight") and len(shape) == 2 and dtype.is_floating_point and dtype.itemsize > 1
 
 
@@ -98,15 +114,18 @@ def marker_tensor() -> torch.Tensor:
 
 
 def quantize_state_dict_fp8_scaled(state_dict: Mapping[str, torch.Tensor], mode: str = "tensor",
-                                   prefix: str = "", other_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+                                   prefix: str = "", other_dtype: torch.dtype | None = None,
+                                   linear_keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """A bf16/fp16/fp32 state dict as an fp8_scaled one: every Linear weight quantised (`quantize_weight`) with its
     `scale_weight`, the `<prefix>scaled_fp8` marker added, other tensors kept (cast to `other_dtype` when given).
-    Weights already in fp8 are refused: re-quantising them would compound the rounding."""
+    `linear_keys`: the Linear weights (None: every 2-D `.weight`, right for a FLUX transformer). Weights already in
+    fp8 are refused: re-quantising them would compound the rounding."""
+    linear = set(linear_keys) if linear_keys is not None else None
     out: dict[str, torch.Tensor] = {}
     for key, t in state_dict.items():
         if t.dtype.itemsize == 1 and t.is_floating_point():
             raise ValueError(f"{key}: already {t.dtype}; quantise to fp8_scaled from bf16/fp16/fp32 weights")
-        if is_quantizable(key, tuple(t.shape), t.dtype):
+        if key in linear if linear is not None else is_quantizable(key, tuple(t.shape), t.dtype):
             out[key], out[scale_key(key)] = quantize_weight(t, mode)
         else:
             out[key] = t.to(other_dtype) if other_dtype is not None and t.is_floating_point() else t

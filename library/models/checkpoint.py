@@ -231,9 +231,4 @@ def _apply_scales(model: Flux, state_dict: dict[str, torch.Tensor], info: FluxCh
     scales = {}
     for f, keys in by_file.items():
         scales.update(load_tensors(f, keys))
-    for weight, (_, key, _) in info.scales.items():
-        if dtype is not None:
-            state_dict[weight] = fp8_scaled.dequantize(state_dict[weight], scales[key], dtype)
-        else:  # non-persistent: the model's state dict keeps its BFL keys
-            linear = model.get_submodule(weight[: -len(".weight")])
-            linear.register_buffer(fp8_scaled.SCALE, scales[key].float(), persistent=False)
+    fp8_scaled.apply_scales(model, state_dict, {w: scales[key] for w, (_, key, _) in info.scales.items()}, dtype)
