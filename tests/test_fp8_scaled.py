@@ -217,6 +217,27 @@ def test_merge_with_fp8_scaled_writes_a_file_that_loads_back(files, fp8_scaled_l
                                  "--save_precision", "fp8"]) == 2
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_full_fine_tuning_saves_scaled_fp8_quantised_from_the_trained_weights(files, tmp_path, streaming):
+    from test_block_swap_training import run_full_training
+
+    models, paths, toml = files
+    setup = ({**models, "flux": paths["fp32"]}, toml)
+    extra = ["--mem_eff_save"] if streaming else []
+    _, trained = run_full_training(setup, tmp_path / "float", *extra)
+    _, saved = run_full_training(setup, tmp_path / "scaled", "--fp8_scaled", "channel", "--save_precision", "bf16",
+                                 *extra)
+    info = analyze_checkpoint(tmp_path / "scaled" / "m.safetensors")
+    assert info.fp8_scaled and saved[fp8_scaled.MARKER].numel() == 2
+    for key, t in trained.items():
+        if key in info.scales:
+            q, s = fp8_scaled.quantize_weight(t, "channel")
+            assert torch.equal(saved[key].view(torch.uint8), q.view(torch.uint8))
+            assert torch.equal(saved[fp8_scaled.scale_key(key)], s)
+        else:
+            assert torch.equal(saved[key], t.to(torch.bfloat16)), key
+
+
 def test_lora_merged_into_loaded_scaled_weights_requantises(files, fp8_scaled_lora):
     from library.lora.loading import apply_loras
 

@@ -12,7 +12,7 @@ musubi's block-wise `(out, blocks, 1)` (each run of in_features / blocks inputs 
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -136,3 +136,42 @@ def quantize_state_dict_fp8_scaled(state_dict: Mapping[str, torch.Tensor], mode:
 def scale_mode(scale_shapes: Iterable[tuple[int, ...]]) -> str:
     """"tensor" when every scale has one value, else "channel" (how a file was quantised, for re-writing it)."""
     return "tensor" if all(torch.Size(s).numel() == 1 for s in scale_shapes) else "channel"
+
+
+# Streamed writing (library/formats/streaming_writer.py): the header lists each scaled weight, its scale right after
+# it and the marker last; the producer quantises a weight when it is asked for and hands out its scale next.
+
+def scaled_layout(layout: Iterable[tuple[str, tuple[int, ...], torch.dtype]], modes: Mapping[str, str]
+                  ) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """A writer's (key, shape, dtype) layout with the weights in `modes` (key -> "tensor" / "channel") as scaled
+    fp8 plus their scales, and the marker when any is."""
+    out = []
+    for key, shape, dtype in layout:
+        if key in modes:
+            scale_shape = () if modes[key] == "tensor" else (shape[0], 1)
+            out += [(key, shape, torch.float8_e4m3fn), (scale_key(key), scale_shape, torch.float32)]
+        else:
+            out.append((key, shape, dtype))
+    if modes:
+        out.append((MARKER, (2,), torch.float8_e4m3fn))
+    return out
+
+
+def scaled_producer(produce: Callable[[str], torch.Tensor], modes: Mapping[str, str]) -> Callable[[str], torch.Tensor]:
+    """`produce` for a `scaled_layout`: the weights in `modes` quantised (from whatever dtype `produce` gives them
+    in, best float32 or the trained dtype: casting first would round twice), their scales, the marker."""
+    scales: dict[str, torch.Tensor] = {}
+
+    def wrapped(key: str) -> torch.Tensor:
+        if key in scales:
+            return scales.pop(key)
+        if key == MARKER:
+            return marker_tensor()
+        t = produce(key)
+        if key not in modes:
+            return t
+        q, s = quantize_weight(t, modes[key])
+        scales[scale_key(key)] = s.cpu()
+        return q.cpu()
+
+    return wrapped

@@ -72,13 +72,8 @@ def merge_into_file(src: str | Path, dst: str | Path, loras: Sequence[WeightedLo
 
         modes = _quantised(entries, prefix, save_dtype, fp8_scaled)
         merged: set[str] = set()
-        scales: dict[str, torch.Tensor] = {}  # each written right after its weight
 
         def produce(key: str) -> torch.Tensor:
-            if key in scales:
-                return scales.pop(key)
-            if key == scaled.MARKER:
-                return scaled.marker_tensor()
             e = by_key[key]
             t = e.read()
             name = lora_name_for_weight(prefix, key)
@@ -91,23 +86,12 @@ def merge_into_file(src: str | Path, dst: str | Path, loras: Sequence[WeightedLo
                              alpha=lora.ratio * lw.scale)
                 t = w
                 merged.add(name)
-            if key in modes:
-                q, scales[scaled.scale_key(key)] = scaled.quantize_weight(t, modes[key])
-                return q.cpu()
-            return t.to("cpu", out_dtype(e))
+            return t if key in modes else t.to("cpu", out_dtype(e))  # quantised from the merged values
 
-        layout = []
-        for e in entries:
-            if e.key in modes:
-                scale_shape = () if modes[e.key] == "tensor" else (e.shape[0], 1)
-                layout += [(e.key, e.shape, torch.float8_e4m3fn), (scaled.scale_key(e.key), scale_shape, torch.float32)]
-            else:
-                layout.append((e.key, e.shape, out_dtype(e)))
-        if modes:
-            layout.append((scaled.MARKER, (2,), torch.float8_e4m3fn))
+        layout = scaled.scaled_layout([(e.key, e.shape, out_dtype(e)) for e in entries], modes)
         meta = dict(src_meta)
         meta.update(metadata or {})
-        StreamingWriter(dst, layout, meta).write(produce)
+        StreamingWriter(dst, layout, meta).write(scaled.scaled_producer(produce, modes))
     finally:
         readers.close()
     logger.info("%s -> %s: merged %d LoRA module(s)", src, dst, len(merged))

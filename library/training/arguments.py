@@ -342,6 +342,10 @@ def add_full_train_arguments(parser: argparse.ArgumentParser) -> None:
     """flux_train.py / flux_train_control_net.py extras and their saving options (reference 1.14)."""
     add = parser.add_argument_group("full training").add_argument
     add("--mem_eff_save", action="store_true", help="stream the model to disk while saving")
+    add("--fp8_scaled", default=None, choices=["tensor", "channel"],
+        help="flux_train.py: save the transformer as scaled fp8 (ComfyUI's layout: float8_e4m3fn Linear weights with "
+             "a float32 scale per tensor or per output channel, quantised from the trained weights); its other "
+             "tensors in --save_precision. Training states keep full precision")
     add("--fused_optimizer_groups", type=int, default=None, help="sd-scripts option that has no effect")
     add("--blockwise_fused_optimizers", action="store_true", help="one optimizer per block, stepped in backward")
     add("--skip_latents_validity_check", action="store_true", help="deprecated: same as --skip_cache_check")
