@@ -326,6 +326,43 @@ def test_one_real_width_block_on_cpu(real_width_block, mode):
     assert err < 0.05, f"{mode}: output rel-L2 {err:.4f} against bf16"
 
 
+def _emulated_scaled_mm(a, b, *, scale_a, scale_b, out_dtype, bias=None):
+    """torch._scaled_mm's contract on the CPU: fp8 row-major mat1 (sides multiples of 16), column-major mat2, fp32
+    scales per tensor (0-dim) or per row of mat1 / column of mat2."""
+    assert a.dtype == b.dtype == torch.float8_e4m3fn and a.is_contiguous() and b.stride(0) == 1
+    assert a.shape[0] % 16 == 0 and a.shape[1] % 16 == 0 and b.shape[1] % 16 == 0
+    assert scale_a.dtype == scale_b.dtype == torch.float32 and bias is None
+    rowwise = scale_a.shape == (a.shape[0], 1) and scale_b.shape == (1, b.shape[1])
+    assert scale_a.dim() == scale_b.dim() == 0 or rowwise
+    return ((a.float() * scale_a) @ (b.float() * scale_b)).to(out_dtype)
+
+
+@pytest.mark.parametrize("mode", [None, *fp8_scaled.MODES])
+def test_scaled_mm_path_logic_with_an_emulated_kernel(monkeypatch, caplog, mode):
+    """The fp8 compute path's shapes, padding, scales and bias, run on the CPU against an emulation of the kernel
+    (the real one is checked by the gpu test below)."""
+    from library.memory import fp8_matmul
+
+    monkeypatch.setattr(fp8_matmul, "scaled_mm_reason", lambda device: None)
+    monkeypatch.setattr(fp8_matmul, "_logged", set())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch, "_scaled_mm", _emulated_scaled_mm, raising=False)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32).to(torch.bfloat16).requires_grad_(False)
+    (prepare_fp8_scaled(lin, mode, fp8_matmul=True) if mode else prepare_fp8(lin, fp8_matmul=True))
+    x = torch.randn(2, 5, 64).to(torch.bfloat16).requires_grad_()  # 10 rows: padded to 16
+    with caplog.at_level("INFO", logger="library.memory.fp8_matmul"):
+        fast = lin(x)
+    assert "torch._scaled_mm" in caplog.text and fast.shape == (2, 5, 32) and fast._base is None
+    fast.add_(0)  # the LoRA adds into the output in place
+    fast.sum().backward()
+    lin.fp8_matmul = False
+    upcast = lin(x.detach())
+    err = float((fast.detach().float() - upcast.float()).norm() / upcast.float().norm())
+    assert err < 0.08, err
+    assert torch.equal(x.grad, torch.ones(2, 5, 32, dtype=torch.bfloat16) @ lin.dequantized_weight())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", fp8_scaled.MODES)
 def test_scaled_mm_path_matches_the_upcast_path_on_gpu(mode, caplog):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 
 from library.formats.fp8_scaled import E4M3_MAX
 
@@ -48,19 +49,28 @@ def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor 
         return None
     out_features, in_features = weight.shape
     x2 = x.reshape(-1, in_features)
+    rows = x2.shape[0]
+    pad = -rows % 16  # some torch versions want every side of mat1 a multiple of 16: zero rows, sliced off below
     if scale is not None and scale.numel() > 1:  # row-wise: one activation scale per row, weight scale per column
         x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)
+        x_scale = torch.cat((x_scale, x_scale.new_ones(pad, 1))) if pad else x_scale
         w_scale = scale.to(device=x.device, dtype=torch.float32).reshape(1, out_features)
     else:
         x_scale = (x2.abs().amax().float() / E4M3_MAX).clamp(min=1e-12)
         w_scale = (scale.to(device=x.device, dtype=torch.float32).reshape(()) if scale is not None
                    else torch.ones((), device=x.device, dtype=torch.float32))
-    xq = (x2.float() / x_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    q = x2.float() / (x_scale[:rows] if x_scale.dim() else x_scale)
+    q = F.pad(q, (0, 0, 0, pad)) if pad else q
+    xq = q.clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    del q
     # mat2 must be column-major: the transpose of the row-major (out, in) weight is exactly that, no copy
-    out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=w_scale,
-                           bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
+    out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype)
     if isinstance(out, tuple):  # torch < 2.5 also returned the amax
         out = out[0]
+    if pad:
+        out = out[:rows].clone()  # a tensor of its own: the caller hands out a non-view of it
+    if bias is not None:  # added here rather than by _scaled_mm, whose bias support varies with the scaling mode
+        out += bias.to(out_dtype)
     _log_once(x.device, "torch._scaled_mm (fp8 matmul, activations quantised on the fly)")
     return out.reshape(*x.shape[:-1], out_features)
 
