@@ -59,10 +59,14 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dt
     w = weight.to(dtype)
     if scale is None:
         return w
+    if w is weight:  # already in `dtype`: multiply into a copy, never into the caller's tensor
+        w = w.clone()
     s = scale.to(device=w.device, dtype=dtype)
+    # in place on the fresh cast: one layer-sized temporary, not two (the same products as out of place)
     if s.dim() == 3:  # block-wise: (out, blocks, 1) against the weight viewed as (out, blocks, block size)
-        return (w.view(s.shape[0], s.shape[1], -1) * s).view(weight.shape)
-    return w * (s.reshape(()) if s.numel() == 1 else s.reshape(-1, 1))
+        w.view(s.shape[0], s.shape[1], -1).mul_(s)
+        return w
+    return w.mul_(s.reshape(()) if s.numel() == 1 else s.reshape(-1, 1))
 
 
 def apply_scales(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], scales: Mapping[str, torch.Tensor],
