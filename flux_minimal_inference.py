@@ -23,8 +23,8 @@ DTYPE_HELP = "bf16, fp16, fp32 or an fp8 type (fp8, fp8_e4m3fn, fp8_e5m2)"
 def setup_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="FLUX.1 text-to-image inference (sd-scripts compatible arguments).")
     p.add_argument("--ckpt_path", required=True,
-                   help="FLUX transformer: BFL .safetensors (flux1-dev.safetensors), ComfyUI-prefixed, fp8, a "
-                        "diffusers folder/file, or a .gguf file (pip install gguf)")
+                    help="FLUX transformer: BFL .safetensors (flux1-dev.safetensors), ComfyUI-prefixed, fp8 or "
+                         "scaled fp8, a diffusers folder/file, or a .gguf file (pip install gguf)")
     p.add_argument("--clip_l", required=True, help="CLIP-L text encoder (clip_l.safetensors)")
     p.add_argument("--t5xxl", required=True, help="T5-XXL encoder (t5xxl_fp16.safetensors or an fp8 variant)")
     p.add_argument("--ae", required=True, help="autoencoder (ae.safetensors)")
@@ -68,6 +68,10 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="keep the weights of N transformer blocks in CPU memory and stream them to the device as "
                         "they are needed (1 to 35 for FLUX.1: N // 2 double and (N - N // 2) * 2 single blocks); "
                         "combines with --offload for the text encoders and autoencoder")
+    p.add_argument("--fp8_matmul", action="store_true",
+                   help="with an fp8 --flux_dtype: compute its Linears with torch._scaled_mm on GPUs of compute "
+                        "capability 8.9+ (activations quantised to fp8; faster, slightly less exact); elsewhere the "
+                        "weights are upcast as without it (the log says which)")
     p.add_argument("--tiled_ae", action="store_true", help="decode in tiles to cap memory for large images")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     p.add_argument("--output_dir", default=".", help="folder for the PNG files (default: current folder)")
@@ -156,7 +160,8 @@ def run(args) -> int:
         logger.info(f"loading {part} from {path} as {dtypes[part]}")
         swapped = part == "flux" and args.blocks_to_swap
         loaded[part] = flux_utils.load_for_compute(part, path, dtypes[part], "cpu" if swapped else load_device,
-                                                   compute, info=info if part == "flux" else None)
+                                                   compute, info=info if part == "flux" else None,
+                                                   fp8_matmul=args.fp8_matmul)
     models = FluxModels(loaded["flux"], loaded["ae"], loaded["clip_l"], loaded["t5xxl"], tokenizer,
                         info.is_schnell, compute if is_fp8(dtypes["flux"]) else dtypes["flux"])
     placement = Placement(device, args.offload)

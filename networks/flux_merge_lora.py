@@ -49,6 +49,9 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="dtype the updates are computed and added in (default float = fp32)")
     p.add_argument("--save_precision", default=None, choices=PRECISIONS + ["fp8", "fp8_e4m3fn", "fp8_e5m2"],
                    help="dtype of the written weights (default: each model tensor's stored dtype; LoRA: fp32)")
+    p.add_argument("--fp8_scaled", default=None, choices=["tensor", "channel"],
+                   help="write the merged transformer as scaled fp8 (ComfyUI's layout: float8_e4m3fn weights with a "
+                        "float32 scale per tensor or per output channel); its other tensors in --save_precision")
     p.add_argument("--loading_device", default="cpu", help="accepted for sd-scripts compatibility (reads go to cpu)")
     p.add_argument("--working_device", default="cpu", help="device the updates are computed on")
     p.add_argument("--mem_eff_load_save", action="store_true",
@@ -106,7 +109,8 @@ def merge_into_models(args, loras) -> None:
         meta = None
         if prefix == UNET and not args.no_metadata:
             meta = {"modelspec.merged_from": ", ".join(f"{lora.name}:{lora.ratio}" for lora in loras)}
-        merge_into_file(src, dst, loras, prefix, save_dtype, compute, args.working_device, meta)
+        merge_into_file(src, dst, loras, prefix, save_dtype, compute, args.working_device, meta,
+                        args.fp8_scaled if prefix == UNET else None)
         logger.info("saved %s", dst)
 
 
@@ -135,6 +139,11 @@ def merge_to_lora(args, loras, first_meta) -> None:
 def run(args) -> int:
     if Path(args.save_to).suffix.lower() != ".safetensors":
         raise ValueError(f"--save_to {args.save_to}: files are written as .safetensors only")
+    if args.fp8_scaled and not args.flux_model:
+        raise ValueError("--fp8_scaled writes a merged transformer: give --flux_model")
+    if args.fp8_scaled and args.save_precision and args.save_precision.startswith("fp8"):
+        raise ValueError(f"--fp8_scaled quantises the Linear weights itself; --save_precision {args.save_precision} "
+                         "would store the other tensors in fp8: use bf16, fp16 or float")
     loras, first_meta = _loras(args)
     if args.flux_model or args.clip_l or args.t5xxl:
         if args.new_rank is not None or args.concat:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from library.formats import fp8_scaled
+
 
 def fuse_split_weights(downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Parts (r, in) and (out_i, r) -> fused down (k*r, in) and block-diagonal up (sum out_i, k*r)."""
@@ -200,10 +202,19 @@ class LoRAModule(nn.Module):
             alpha = float(sd["alpha"]) if "alpha" in sd else 0.0
             scale = (alpha or rank) / rank
         weight = self.org_module.weight
+        w_scale = self.org_module._buffers.get(fp8_scaled.SCALE)  # a scaled fp8 base
         device = torch.device(device) if device is not None else weight.device
-        merged = weight.to(device, torch.float32) + self.multiplier * scale * (
+        merged = fp8_scaled.dequantize(weight.to(device), w_scale, torch.float32) + self.multiplier * scale * (
             up.to(device, torch.float32) @ down.to(device, torch.float32))
-        weight.copy_(merged.to(weight.dtype).to(weight.device))
+        if w_scale is None:
+            weight.copy_(merged.to(weight.dtype).to(weight.device))
+            return
+        if w_scale.dim() == 3:
+            raise ValueError(f"{self.lora_name}: merging into block-wise scaled fp8 weights is not supported")
+        # re-quantised with a fresh scale of the same kind: the merged weight may outgrow the old range
+        q, s = fp8_scaled.quantize_weight(merged, "tensor" if w_scale.numel() == 1 else "channel")
+        weight.copy_(q.to(weight.device))
+        w_scale.copy_(s.reshape(w_scale.shape).to(w_scale.device))
 
     @torch.no_grad()
     def apply_max_norm(self, max_norm: float, device: torch.device | str | None = None) -> tuple[bool, float]:

@@ -54,6 +54,9 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf_type", default=None,
                    help="also write the transformer as flux-<TYPE>.gguf with its block weights in this GGUF type "
                         "(Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, Q3_K, Q2_K, BF16, F16 or F32)")
+    p.add_argument("--fp8_scaled", default=None, choices=["tensor", "channel"],
+                   help="write the transformer as scaled fp8 (ComfyUI's layout) with a scale per tensor or per "
+                        "output channel; its other tensors, and the other files, in --dtype")
     return p
 
 
@@ -85,7 +88,7 @@ def write_flux_gguf(state_dict: dict, path: str | Path, qtype: str, model_type: 
 
 def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype: str = "fp32",
                      init: str = "random", hidden_size: int | None = None, fit_ae_steps: int = 0,
-                     gguf_type: str | None = None) -> dict[str, Path]:
+                     gguf_type: str | None = None, fp8_scaled: str | None = None) -> dict[str, Path]:
     """Write the tiny components into `out`; returns their paths by role (`flux_gguf` with `gguf_type`).
 
     `init` and `hidden_size` are for learning tests (see the module docstring); the defaults write exactly the files
@@ -95,7 +98,8 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
     import torch
     from transformers import CLIPTextModel, T5EncoderModel
 
-    from library.formats.dtypes import str_to_dtype  # torch and transformers after parsing: --help stays fast
+    from library.formats.dtypes import is_fp8, str_to_dtype  # torch and transformers after parsing: fast --help
+    from library.formats.fp8_scaled import quantize_state_dict_fp8_scaled
     from library.models.autoencoder import AE_PRESETS, AutoEncoder
     from library.models.transformer import FLUX_PRESETS, Flux
     from library.formats.safetensors_io import save_file_atomic
@@ -109,6 +113,8 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch_dtype = str_to_dtype(dtype)
+    if fp8_scaled is not None and is_fp8(torch_dtype):
+        raise ValueError(f"fp8_scaled quantises the transformer itself; --dtype {dtype} must be a float type")
     torch.manual_seed(seed)
     vocab = write_tiny_tokenizers(out / "tokenizers")
     clip = CLIPTextModel(tiny_clip_config(vocab_size=vocab["clip"])).eval()
@@ -132,7 +138,9 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
         return {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in module.state_dict().items()}
 
     model_type = "flux-1-schnell" if params.guidance_embed is False else "flux-1-dev"
-    save_file_atomic(cast(flux), paths["flux"], {"modelspec.architecture": model_type, "tiny": "true"})
+    flux_sd = (cast(flux) if fp8_scaled is None
+               else quantize_state_dict_fp8_scaled(flux.state_dict(), fp8_scaled, other_dtype=torch_dtype))
+    save_file_atomic(flux_sd, paths["flux"], {"modelspec.architecture": model_type, "tiny": "true"})
     if gguf_type:
         paths["flux_gguf"] = write_flux_gguf(cast(flux), out / f"flux-{gguf_type}.gguf", gguf_type, model_type)
     save_file_atomic(cast(ae), paths["ae"], {"tiny": "true"})
@@ -289,7 +297,8 @@ def fit_ae(ae, steps: int, seed: int = 0, size: int = 32, batch: int = 8, lr: fl
 def main(argv: list[str] | None = None) -> int:
     args = setup_parser().parse_args(argv)
     for role, path in make_tiny_models(args.out, args.preset, args.seed, args.dtype, args.init,
-                                       args.hidden_size, args.fit_ae_steps, args.gguf_type).items():
+                                       args.hidden_size, args.fit_ae_steps, args.gguf_type,
+                                       args.fp8_scaled).items():
         print(f"{role:10s} {path}")
     return 0
 

@@ -15,6 +15,7 @@ from typing import Mapping
 
 import torch
 
+from library.formats import fp8_scaled as scaled
 from library.formats.safetensors_io import save_file_atomic
 from library.formats.streaming_writer import StreamingWriter
 
@@ -33,21 +34,33 @@ def _target_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
 
 
 def save_model(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None,
-               dtype: torch.dtype | None = None, streaming: bool = False) -> None:
-    """Write `tensors` (floating ones cast to `dtype` unless None) with string `metadata`, atomically."""
+               dtype: torch.dtype | None = None, streaming: bool = False, fp8_scaled: str | None = None) -> None:
+    """Write `tensors` (floating ones cast to `dtype` unless None) with string `metadata`, atomically.
+    `fp8_scaled` "tensor" / "channel": a FLUX transformer's Linear weights written as scaled fp8 instead
+    (library/formats/fp8_scaled.py), quantised from their trained values."""
     if streaming:
-        save_streaming(tensors, path, metadata, dtype)
+        save_streaming(tensors, path, metadata, dtype, fp8_scaled)
         return
-
-    save_file_atomic({k: v.detach().to("cpu", _target_dtype(v, dtype)) for k, v in tensors.items()}, path, metadata)
+    layout, produce = _plan(tensors, dtype, fp8_scaled)
+    save_file_atomic({key: produce(key) for key, _, _ in layout}, path, metadata)
 
 
 def save_streaming(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                   metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
+                   metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None,
+                   fp8_scaled: str | None = None) -> None:
     """The --mem_eff_save writer: header first, then each tensor converted and written on its own."""
+    layout, produce = _plan(tensors, dtype, fp8_scaled)
+    StreamingWriter(path, layout, metadata).write(produce)
+
+
+def _plan(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None, fp8_scaled: str | None):
+    """The (key, shape, dtype) layout and the producer of each tensor."""
+    modes = {} if fp8_scaled is None else {k: fp8_scaled for k, t in tensors.items()
+                                           if scaled.is_quantizable(k, tuple(t.shape), t.dtype)}
+
     def produce(key: str) -> torch.Tensor:
-        t = tensors[key]
-        return t.detach().to("cpu", _target_dtype(t, dtype))
+        t = tensors[key].detach()
+        return t if key in modes else t.to("cpu", _target_dtype(t, dtype))
 
     layout = [(key, tuple(t.shape), _target_dtype(t, dtype)) for key, t in tensors.items()]
-    StreamingWriter(path, layout, metadata).write(produce)
+    return scaled.scaled_layout(layout, modes), scaled.scaled_producer(produce, modes)

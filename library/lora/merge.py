@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from library.formats import fp8_scaled as scaled
 from library.formats.gguf_io import is_gguf
 from library.formats.streaming_writer import StreamingWriter
 from library.models.checkpoint_stream import Readers, plain_entries, transformer_entries
@@ -42,11 +43,13 @@ def lora_name_for_weight(prefix: str, key: str) -> str | None:
 
 def merge_into_file(src: str | Path, dst: str | Path, loras: Sequence[WeightedLoRA], prefix: str,
                     save_dtype: torch.dtype | None = None, compute_dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", metadata: Mapping[str, str] | None = None) -> set[str]:
+                    device: str | torch.device = "cpu", metadata: Mapping[str, str] | None = None,
+                    fp8_scaled: str | None = None) -> set[str]:
     """Stream `src` to `dst`, adding every LoRA module of `prefix` (lora_unet: a FLUX transformer in any layout,
     written with BFL names; lora_te1 / lora_te3: a CLIP-L / T5 file, names kept) to its weight. Peak memory is
-    about one tensor plus the LoRAs. `save_dtype` None keeps each tensor's stored dtype. Returns the LoRA module
-    names merged."""
+    about one tensor plus the LoRAs. `save_dtype` None keeps each tensor's stored dtype (a scaled fp8 transformer is
+    written scaled again). `fp8_scaled` "tensor" / "channel": the transformer's Linear weights are written as scaled
+    fp8 (library/formats/fp8_scaled.py), the other tensors in `save_dtype`. Returns the LoRA module names merged."""
     if prefix == UNET and is_gguf(src):  # a merged file would have to be re-quantized, which is not ours to do
         raise ValueError(f"{src}: is a GGUF (quantized) transformer; a LoRA cannot be merged into it. Merge into "
                          "the bf16/fp16 .safetensors and convert that, or apply the LoRA at inference without merging")
@@ -76,6 +79,7 @@ def merge_into_file(src: str | Path, dst: str | Path, loras: Sequence[WeightedLo
         def out_dtype(e) -> torch.dtype:
             return save_dtype if save_dtype is not None and e.dtype.is_floating_point else e.dtype
 
+        modes = _quantised(entries, prefix, save_dtype, fp8_scaled)
         merged: set[str] = set()
 
         def produce(key: str) -> torch.Tensor:
@@ -94,15 +98,28 @@ def merge_into_file(src: str | Path, dst: str | Path, loras: Sequence[WeightedLo
                         w = lw.updated(w, lora.ratio).to(compute_dtype)
                 t = w
                 merged.add(name)
-            return t.to("cpu", out_dtype(e))
+            return t if key in modes else t.to("cpu", out_dtype(e))  # quantised from the merged values
 
+        layout = scaled.scaled_layout([(e.key, e.shape, out_dtype(e)) for e in entries], modes)
         meta = dict(src_meta)
         meta.update(metadata or {})
-        StreamingWriter(dst, [(e.key, e.shape, out_dtype(e)) for e in entries], meta).write(produce)
+        StreamingWriter(dst, layout, meta).write(scaled.scaled_producer(produce, modes))
     finally:
         readers.close()
     logger.info("%s -> %s: merged %d LoRA module(s)", src, dst, len(merged))
     return merged
+
+
+def _quantised(entries, prefix: str, save_dtype: torch.dtype | None, fp8_scaled: str | None) -> dict[str, str]:
+    """The transformer weights written as scaled fp8 and their scale mode: all Linear weights with `fp8_scaled`,
+    else a scaled source's weights when no save dtype is asked (block-wise scales become per-channel)."""
+    if prefix != UNET:
+        return {}
+    if fp8_scaled is not None:
+        return {e.key: fp8_scaled for e in entries if scaled.is_quantizable(e.key, e.shape, e.dtype)}
+    if save_dtype is None:
+        return {e.key: "channel" if e.scale_mode == "block" else e.scale_mode for e in entries if e.scale_mode}
+    return {}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,10 @@
 
 Norm scales, biases and embeddings are kept in the compute dtype (fp8 has too little precision for them), which is
 what sd-scripts does for T5-XXL and what fp8 FLUX files in the wild already store.
+
+Scaled fp8 (library/formats/fp8_scaled.py): a Linear with a `scale_weight` buffer (loaded from such a file, or made
+by `prepare_fp8_scaled`) multiplies its upcast weight by it, ComfyUI's dequantisation exactly. `fp8_matmul=True`
+computes frozen fp8 Linears with torch._scaled_mm where the GPU has it (library/memory/fp8_matmul.py).
 """
 
 from __future__ import annotations
@@ -11,23 +15,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from library.formats.dtypes import is_fp8
+from library.formats.fp8_scaled import SCALE, dequantize, quantize_weight
+from library.memory.fp8_matmul import scaled_mm_linear
 
 
 class Fp8Linear(nn.Linear):
     """A Linear whose weight is stored in fp8 and cast to `compute_dtype` for each call (one layer at a time)."""
 
     compute_dtype: torch.dtype = torch.bfloat16
+    fp8_matmul: bool = False  # try torch._scaled_mm for the frozen product (set by prepare_fp8)
+
+    @property
+    def scale(self) -> torch.Tensor | None:
+        """The scaled-fp8 scale of the weight (a `scale_weight` buffer), None for plain fp8."""
+        return self._buffers.get(SCALE)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize(self.weight, self.scale, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
         x = x.to(self.compute_dtype)
         if self.weight.requires_grad or (bias is not None and bias.requires_grad):
-            return F.linear(x, self.weight.to(self.compute_dtype), bias)
-        return _FrozenFp8Linear.apply(x, self.weight, bias, self.compute_dtype)
+            return F.linear(x, self.dequantized_weight(), bias)
+        return _FrozenFp8Linear.apply(x, self.weight, self.scale, bias, self.compute_dtype, self.fp8_matmul)
 
 
 class _FrozenFp8Linear(torch.autograd.Function):
-    """F.linear on a frozen fp8 weight that keeps the fp8 weight for backward and upcasts it again there.
+    """F.linear on a frozen fp8 weight that keeps the fp8 weight (and its scale) for backward and upcasts it again
+    there.
 
     Through plain F.linear autograd would keep the upcast copy, as large as the layer in the compute dtype (132 MiB
     for a single block's linear1), alive from the forward to the backward: with checkpointing that is every Linear
@@ -35,25 +51,33 @@ class _FrozenFp8Linear(torch.autograd.Function):
     product F.linear's backward computes (grad @ W), so results are unchanged bit for bit."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, compute_dtype):
-        ctx.save_for_backward(weight)
+    def forward(ctx, x, weight, scale, bias, compute_dtype, fp8_matmul):
+        ctx.save_for_backward(weight, scale)
         ctx.compute_dtype = compute_dtype
-        out = F.linear(x, weight.to(compute_dtype), bias)
-        # F.linear returns a 3-D input's product as a view of a 2-D one; an output that is a view could not be
-        # added to in place (the LoRA wrapping this layer does), so it is handed out as a tensor of its own
+        out = scaled_mm_linear(x, weight, scale, bias, compute_dtype) if fp8_matmul else None
+        if out is None:
+            out = F.linear(x, dequantize(weight, scale, compute_dtype), bias)
+        # F.linear (and the fp8 matmul's reshape) returns a 3-D input's product as a view of a 2-D one; an output
+        # that is a view could not be added to in place (the LoRA wrapping this layer does), so it is handed out as
+        # a tensor of its own
         return torch.ops.aten._unsafe_view(out._base, out.shape) if out._base is not None else out
 
     @staticmethod
     def backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
-        grad_x = torch.matmul(grad, weight.to(ctx.compute_dtype))
-        return grad_x, None, None, None
+        weight, scale = ctx.saved_tensors
+        grad_x = torch.matmul(grad, dequantize(weight, scale, ctx.compute_dtype))
+        return grad_x, None, None, None, None, None
 
 
 def prepare_fp8(model: nn.Module, storage_dtype: torch.dtype = torch.float8_e4m3fn,
-                compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Store every Linear weight of `model` in `storage_dtype` (already-fp8 weights are kept as stored) and every
-    other floating tensor in `compute_dtype`. Works in place and returns the model."""
+                compute_dtype: torch.dtype = torch.bfloat16, fp8_matmul: bool = False,
+                scaled: str | None = None) -> nn.Module:
+    """Store every Linear weight of `model` in `storage_dtype` (already-fp8 weights are kept as stored, with their
+    scales) and every other floating tensor in `compute_dtype`. `scaled` "tensor" / "channel": weights not yet in
+    fp8 are quantised with a scale per tensor / per output channel (scaled fp8, float8_e4m3fn only) instead of
+    cast. `fp8_matmul`: frozen Linears try torch._scaled_mm. Works in place and returns the model."""
+    if scaled is not None and storage_dtype != torch.float8_e4m3fn:
+        raise ValueError(f"scaled fp8 stores float8_e4m3fn weights, got {storage_dtype}")
     if not is_fp8(storage_dtype):
         raise ValueError(f"prepare_fp8 needs an fp8 storage dtype, got {storage_dtype}")
     if is_fp8(compute_dtype):
@@ -62,15 +86,29 @@ def prepare_fp8(model: nn.Module, storage_dtype: torch.dtype = torch.float8_e4m3
     for module in model.modules():
         if isinstance(module, nn.Linear):
             w = module.weight
-            if not is_fp8(w.dtype):
+            if not is_fp8(w.dtype) and scaled is not None:
+                w.data, scale = quantize_weight(w.data, scaled)
+                module.register_buffer(SCALE, scale.to(w.device), persistent=False)
+            elif not is_fp8(w.dtype):
                 w.data = w.data.to(storage_dtype)
             fp8_weights.add(id(w))
+            if SCALE in module._buffers:  # scales stay float32 (torch._scaled_mm takes them so)
+                fp8_weights.add(id(module._buffers[SCALE]))
             module.__class__ = Fp8Linear
             module.compute_dtype = compute_dtype
+            module.fp8_matmul = fp8_matmul
     for p in [*model.parameters(), *model.buffers()]:
         if id(p) not in fp8_weights and p.is_floating_point() and p.dtype != compute_dtype:
             p.data = p.data.to(compute_dtype)
     return model
+
+
+def prepare_fp8_scaled(model: nn.Module, mode: str = "tensor", compute_dtype: torch.dtype = torch.bfloat16,
+                       fp8_matmul: bool = False) -> nn.Module:
+    """Scaled fp8 in memory: every Linear weight quantised to float8_e4m3fn with a scale per tensor (`mode`
+    "tensor") or per output channel ("channel"), weights already in fp8 kept as stored. The entry point for a base
+    model loaded in bf16/fp32 and used as fp8_scaled."""
+    return prepare_fp8(model, torch.float8_e4m3fn, compute_dtype, fp8_matmul=fp8_matmul, scaled=mode)
 
 
 def _t5_gated_ff_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

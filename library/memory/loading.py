@@ -15,10 +15,12 @@ from library.models.checkpoint import FluxCheckpointInfo, analyze_checkpoint, lo
 
 
 def load_for_compute(kind: str, path: str | os.PathLike, dtype: torch.dtype | str | None, device: str | torch.device,
-                     compute_dtype: torch.dtype = torch.bfloat16, info: FluxCheckpointInfo | None = None):
+                     compute_dtype: torch.dtype = torch.bfloat16, info: FluxCheckpointInfo | None = None,
+                     fp8_matmul: bool = False):
     """Load one component ("flux", "ae", "clip_l", "t5xxl") to run in `dtype`; an fp8 dtype stores the Linear
-    weights in fp8 (an fp8 file is used as stored) and computes in `compute_dtype`. A GGUF transformer keeps its
-    quantized weights and computes in `dtype` (in `compute_dtype` when `dtype` is fp8 or None)."""
+    weights in fp8 (an fp8 file, scaled or not, is used as stored) and computes in `compute_dtype`, with
+    torch._scaled_mm where `fp8_matmul` and the GPU allow; another dtype dequantises a scaled fp8 file. A GGUF
+    transformer keeps its quantized weights and computes in `dtype` (in `compute_dtype` when `dtype` is fp8 or None)."""
     dtype = str_to_dtype(dtype)
     fp8 = is_fp8(dtype)
     load_dtype = None if fp8 else dtype
@@ -31,5 +33,8 @@ def load_for_compute(kind: str, path: str | os.PathLike, dtype: torch.dtype | st
         model = {"ae": flux_ae.load_ae, "clip_l": text_encoders.load_clip_l,
                  "t5xxl": text_encoders.load_t5xxl}[kind](path, load_dtype, "cpu")
     if fp8:
-        (prepare_t5xxl_fp8 if kind == "t5xxl" else prepare_fp8)(model, dtype, compute_dtype)
+        if kind == "t5xxl":
+            prepare_t5xxl_fp8(model, dtype, compute_dtype)
+        else:
+            prepare_fp8(model, dtype, compute_dtype, fp8_matmul=fp8_matmul)
     return model.to(device)

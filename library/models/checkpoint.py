@@ -2,8 +2,10 @@
 
 Accepted: BFL single files (flux1-dev.safetensors), the same with a ComfyUI `model.diffusion_model.` prefix (also
 inside all-in-one checkpoints), diffusers-layout folders, single files or shards, and fp8 files (kept as stored
-when no dtype is asked), and GGUF files (BFL names, ComfyUI-GGUF's conversions; loaded dequantized here, kept
-quantized by library/memory/gguf_linear.py). Everything is decided from the headers before a tensor is read.
+when no dtype is asked), scaled fp8 included (library/formats/fp8_scaled.py: dequantised when a dtype is asked, else
+kept in fp8 with each scale on its Linear as a `scale_weight` buffer), and GGUF files (BFL names, ComfyUI-GGUF's
+conversions; loaded dequantized here, kept quantized by library/memory/gguf_linear.py). Everything is decided from
+the headers before a tensor is read.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from library.formats import fp8_scaled
 from library.formats.diffusers_keys import UnknownKeysError, diffusers_shapes_to_bfl, diffusers_to_bfl
 from library.formats.gguf_io import GGUFTensorReader, is_gguf, read_gguf_header
 from library.models.transformer import Flux, FluxParams, default_axes_dim
@@ -44,6 +47,12 @@ class FluxCheckpointInfo:
     prefix: str = ""
     dtypes: set[str] = field(default_factory=set)
     metadata: dict[str, str] = field(default_factory=dict)
+    # scaled fp8: BFL weight key -> (file, file key of its scale, scale shape); empty for any other file
+    scales: dict[str, tuple[Path, str, tuple[int, ...]]] = field(default_factory=dict)
+
+    @property
+    def fp8_scaled(self) -> bool:
+        return bool(self.scales)
 
     @property
     def is_schnell(self) -> bool:
@@ -146,10 +155,12 @@ def analyze_checkpoint(path: str | Path) -> FluxCheckpointInfo:
         except UnknownKeysError as e:
             raise ModelFileError(f"{path}: diffusers transformer with keys this suite cannot map: "
                                  f"{sample_keys(e.keys, 5)}") from None
-        keys = list(raw_shapes)
+        keys, scale_keys = list(raw_shapes), []
     else:
         layout, prefix = "bfl", _transformer_prefix(header.keys)
         keys = [k for k in raw_shapes if k.startswith(prefix)]
+        scale_keys = [k for k in keys if fp8_scaled.is_scale_key(k[len(prefix):])]
+        keys = [k for k in keys if k not in set(scale_keys)]
         shapes = {k[len(prefix):]: raw_shapes[k] for k in keys}
     try:
         params = infer_flux_params(shapes)
@@ -159,7 +170,26 @@ def analyze_checkpoint(path: str | Path) -> FluxCheckpointInfo:
     for k in keys:
         file_keys.setdefault(owner[k], []).append(k)
     dtypes = {header.tensors[k].dtype for k in keys}
-    return FluxCheckpointInfo(path, layout, params, shapes, file_keys, prefix, dtypes, header.metadata)
+    scales = _scales(path, prefix, scale_keys, shapes, owner, raw_shapes)
+    return FluxCheckpointInfo(path, layout, params, shapes, file_keys, prefix, dtypes, header.metadata, scales)
+
+
+def _scales(path: Path, prefix: str, scale_keys: list[str], shapes, owner, raw_shapes):
+    """Each scaled weight's scale, checked against the weight's shape (header only)."""
+    out = {}
+    for k in scale_keys:
+        name = k[len(prefix):]
+        if not name.endswith("." + fp8_scaled.SCALE):
+            continue  # the marker and activation scales: nothing to load
+        weight = name[: -len(fp8_scaled.SCALE)] + "weight"
+        if weight not in shapes:
+            raise ModelFileError(f"{path}: {k} scales {prefix}{weight}, which the file does not hold")
+        try:
+            fp8_scaled.check_scale_shape(k, raw_shapes[k], shapes[weight])
+        except ValueError as e:
+            raise ModelFileError(f"{path}: {e}") from None
+        out[weight] = (owner[k], k, tuple(raw_shapes[k]))
+    return out
 
 
 def _analyze_gguf(path: Path) -> FluxCheckpointInfo:
@@ -184,8 +214,10 @@ def load_transformer(ckpt_path: str | Path, dtype: torch.dtype | None = None,
                      device: str | torch.device = "cpu", info: FluxCheckpointInfo | None = None) -> Flux:
     """Load a FLUX transformer: built on `meta`, then each tensor read once and assigned (no second copy).
 
-    dtype None keeps the stored dtype (fp8 files stay fp8; GGUF files are dequantized to bfloat16). Raises
-    ModelFileError with the file name for anything that is not a complete FLUX transformer.
+    dtype None keeps the stored dtype (fp8 files stay fp8; a scaled fp8 file's scales become `scale_weight` buffers
+    of their Linears, which Fp8Linear applies; GGUF files are dequantized to bfloat16); a dtype dequantises scaled
+    weights to it (ComfyUI's formula). Raises ModelFileError with the file name for anything that is not a complete
+    FLUX transformer.
     """
     info = info or analyze_checkpoint(ckpt_path)
     with torch.device("meta"):
@@ -211,6 +243,19 @@ def load_transformer(ckpt_path: str | Path, dtype: torch.dtype | None = None,
         finally:
             for r in readers.values():
                 r.close()
+    if info.scales:
+        _apply_scales(model, state_dict, info, dtype)
     assign_weights(model, state_dict, info.path)
     del state_dict
     return model.to(device).eval()
+
+
+def _apply_scales(model: Flux, state_dict: dict[str, torch.Tensor], info: FluxCheckpointInfo,
+                  dtype: torch.dtype | None) -> None:
+    by_file: dict[Path, list[str]] = {}
+    for f, key, _ in info.scales.values():
+        by_file.setdefault(f, []).append(key)
+    scales = {}
+    for f, keys in by_file.items():
+        scales.update(load_tensors(f, keys))
+    fp8_scaled.apply_scales(model, state_dict, {w: scales[key] for w, (_, key, _) in info.scales.items()}, dtype)

@@ -3,7 +3,8 @@ extraction, --mem_eff_save) hold about one tensor at a time instead of the whole
 
 `transformer_entries` lists a FLUX transformer's tensors under BFL names (BFL, ComfyUI-prefixed or diffusers
 files, shards; GGUF files dequantized to float32) with a getter per tensor; `plain_entries` does the same for
-any other file (text encoders). The writer is library/formats/streaming_writer.py.
+any other file (text encoders). A scaled fp8 file's weights are read dequantised to float32 (its scales are not
+entries of their own). The writer is library/formats/streaming_writer.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Callable
 import torch
 
 from library.formats.diffusers_keys import count_diffusers_blocks, key_rules
+from library.formats import fp8_scaled
 from library.formats.dtypes import SAFETENSORS_DTYPES
 from library.formats.gguf_io import GGUFTensorReader, read_gguf_header
 from library.formats.safetensors_io import TensorReader, read_header
@@ -26,8 +28,9 @@ from library.models.checkpoint import analyze_checkpoint
 class Entry:
     key: str  # name in the output (BFL name for a transformer)
     shape: tuple[int, ...]
-    dtype: torch.dtype  # as stored
+    dtype: torch.dtype  # as stored (float32 for a scaled fp8 weight: read dequantised)
     read: Callable[[], torch.Tensor]
+    scale_mode: str | None = None  # a scaled fp8 weight's scales: "tensor", "channel" or "block"
 
 
 class Readers:
@@ -67,8 +70,14 @@ def transformer_entries(path: str | os.PathLike, readers: Readers) -> tuple[list
     entries = []
     if info.layout == "bfl":
         for key in owner:
-            entries.append(Entry(key[len(info.prefix):], tuple(headers[owner[key]].tensors[key].shape), stored(key),
-                                 lambda key=key: readers.get(owner[key], key)))
+            name, shape = key[len(info.prefix):], tuple(headers[owner[key]].tensors[key].shape)
+            if name in info.scales:
+                f, skey, sshape = info.scales[name]
+                mode = "block" if len(sshape) == 3 else fp8_scaled.scale_mode([sshape])
+                entries.append(Entry(name, shape, torch.float32, lambda key=key, f=f, skey=skey: fp8_scaled.dequantize(
+                    readers.get(owner[key], key), readers.get(f, skey), torch.float32), mode))
+            else:
+                entries.append(Entry(name, shape, stored(key), lambda key=key: readers.get(owner[key], key)))
         return entries, info
     for rule in key_rules(*count_diffusers_blocks(owner)):
         if not all(d in owner for d in rule.diffusers):

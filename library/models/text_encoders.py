@@ -18,6 +18,7 @@ import re
 
 import torch
 
+from library.formats import fp8_scaled
 from library.formats.dtypes import str_to_dtype
 from library.formats.safetensors_io import (ModelFileError, assign_weights, expect_kind, load_tensors, read_header,
                                             save_file_atomic, strip_prefix)
@@ -177,8 +178,9 @@ def _clip_layout(header):
 def _t5_layout(header):
     """(config, {key without prefixes: key in the file}) for a T5 encoder file, the embedding as `shared.weight`."""
     expect_kind(header, "t5", "T5-XXL (--t5xxl)")
-    prefix = strip_prefix(header.keys, T5_PREFIXES)
-    canonical = {key[len(prefix):]: key for key in header.keys}
+    keys = [k for k in header.keys if not fp8_scaled.is_scale_key(k)]  # a scaled fp8 file's scales and marker
+    prefix = strip_prefix(keys, T5_PREFIXES)
+    canonical = {key[len(prefix):]: key for key in keys}
     if "shared.weight" in canonical:
         canonical.pop("encoder.embed_tokens.weight", None)  # a stored copy of the tied embedding
     elif "encoder.embed_tokens.weight" in canonical:
@@ -226,17 +228,24 @@ def load_t5xxl(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
 
     Accepts `encoder.*` + `shared.weight` under any of T5_PREFIXES; a file with `encoder.embed_tokens.weight`
     instead of (or beside) `shared.weight` works, the two are one tied tensor. Otherwise strict. `dtype` None keeps
-    the file's dtypes as stored (an fp8 file stays fp8: running it needs an upcasting wrapper). Parameters keep
+    the file's dtypes as stored (an fp8 file stays fp8: running it needs an upcasting wrapper; a scaled fp8 file's
+    scales become `scale_weight` buffers, see library/formats/fp8_scaled.py), a dtype dequantises. Parameters keep
     requires_grad=True: freeze them unless training. Raises ModelFileError naming the file when it is not a usable
     T5 encoder.
     """
     from transformers import T5EncoderModel
 
-    config, canonical = _t5_layout(read_header(path))
+    header = read_header(path)
+    config, canonical = _t5_layout(header)
     model = _empty_model(T5EncoderModel, config)
     model.set_input_embeddings(model.shared)  # tie explicitly: models built on meta are not tied yet
     rename = {f: k for k, f in canonical.items()}
     state = load_tensors(path, keys=list(rename), dtype=str_to_dtype(dtype), device=device, rename=rename)
+    scale_keys = {k: fp8_scaled.scale_key(f) for k, f in canonical.items()
+                  if k.endswith(".weight") and fp8_scaled.scale_key(f) in header.tensors}
+    if scale_keys:  # ComfyUI's t5xxl_fp8_e4m3fn_scaled.safetensors
+        scales = load_tensors(path, keys=list(scale_keys.values()))
+        fp8_scaled.apply_scales(model, state, {k: scales[f] for k, f in scale_keys.items()}, str_to_dtype(dtype))
     if "encoder.embed_tokens.weight" in model.state_dict():
         state["encoder.embed_tokens.weight"] = state["shared.weight"]
     assign_weights(model, state, path)

@@ -172,6 +172,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--full_fp16", action="store_true", help="trained weights in fp16 (needs --mixed_precision fp16)")
     add("--full_bf16", action="store_true", help="trained weights in bf16 (needs --mixed_precision bf16)")
     add("--fp8_base", action="store_true", help="frozen base model weights in fp8 (float8_e4m3fn)")
+    add("--fp8_matmul", action="store_true",
+        help="with --fp8_base: compute the frozen fp8 Linears with torch._scaled_mm (activations quantised to fp8) "
+             "on GPUs of compute capability 8.9+; elsewhere the weights are upcast as without it (logged)")
     add("--ddp_timeout", type=positive_int, default=None, help="distributed process group timeout in minutes")
     add("--ddp_gradient_as_bucket_view", action="store_true", help="DDP gradient_as_bucket_view")
     add("--ddp_static_graph", action="store_true", help="DDP static_graph")
@@ -340,6 +343,10 @@ def add_full_train_arguments(parser: argparse.ArgumentParser) -> None:
     """flux_train.py / flux_train_control_net.py extras and their saving options (reference 1.14)."""
     add = parser.add_argument_group("full training").add_argument
     add("--mem_eff_save", action="store_true", help="stream the model to disk while saving")
+    add("--fp8_scaled", default=None, choices=["tensor", "channel"],
+        help="flux_train.py: save the transformer as scaled fp8 (ComfyUI's layout: float8_e4m3fn Linear weights with "
+             "a float32 scale per tensor or per output channel, quantised from the trained weights); its other "
+             "tensors in --save_precision. Training states keep full precision")
     add("--fused_optimizer_groups", type=int, default=None, help="sd-scripts option that has no effect")
     add("--blockwise_fused_optimizers", action="store_true", help="one optimizer per block, stepped in backward")
     add("--skip_latents_validity_check", action="store_true", help="deprecated: same as --skip_cache_check")

@@ -148,8 +148,11 @@ def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtyp
     else:
         _, flux = flux_utils.load_flow_model(args.pretrained_model_name_or_path,
                                              None if fp8 else (flux_dtype or dtype), "cpu", info=info)
+    if info.fp8_scaled:
+        logger.info("%s is scaled fp8: %s", args.pretrained_model_name_or_path,
+                    "used as stored (--fp8_base)" if fp8 else f"dequantised to {flux_dtype or dtype} at load")
     if fp8 and info.layout != "gguf":
-        prepare_fp8(flux, torch.float8_e4m3fn, compute)
+        prepare_fp8(flux, torch.float8_e4m3fn, compute, fp8_matmul=bool(getattr(args, "fp8_matmul", False)))
     t5_fp8 = settings.fp8_t5xxl
     ae = flux_utils.load_ae(args.ae, torch.float32 if getattr(args, "no_half_vae", False) else dtype, "cpu")
     clip_l = flux_utils.load_clip_l(args.clip_l, dtype, "cpu")

@@ -31,6 +31,8 @@ FULL = TrainerCommandLine(
 CONTROLNET = TrainerCommandLine(
     script="flux_train_control_net.py", training="ControlNet training", add_arguments=add_full_train_arguments,
     checks=full_checks,
-    dataset_kinds=dict(support_dreambooth=False, support_controlnet=True), ineffective=dict(_FULL_MODEL))
+    dataset_kinds=dict(support_dreambooth=False, support_controlnet=True),
+    ineffective={**_FULL_MODEL, "fp8_scaled": "a ControlNet is saved in --save_precision (only flux_train.py "
+                                              "writes scaled fp8)"})
 
 ALL = (LORA, FULL, CONTROLNET)

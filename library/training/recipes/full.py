@@ -91,4 +91,4 @@ class FullTrainer(Trainer):
         metadata = modelspec_metadata(self.args, is_schnell=self.models.is_schnell, lora=False, resolution=resolution)
         flux = self.accelerator.unwrap_model(self.models.flux)
         save_model(flux.state_dict(), path, metadata, save_dtype(self.args.save_precision),
-                   streaming=self.args.mem_eff_save)
+                   streaming=self.args.mem_eff_save, fp8_scaled=getattr(self.args, "fp8_scaled", None))
