@@ -1,4 +1,4 @@
-"""Output error of one real-width FLUX.1 block under each fp8 storage, beside the bytes each saves (issue 18).
+"""Output error of one real-width FLUX.1 block under each fp8 and GGUF storage, beside the bytes each saves (issue 18).
 
     python bench/bench_fp8_quality.py [--tokens 256] [--text_tokens 64] [--json]
 
@@ -6,7 +6,9 @@ One double and one single block of FLUX.1-dev's width (3072, 24 heads, MLP 12288
 default initialisation; trained weights have more outliers, which favours the scaled formats further), run forward
 on the CPU in bf16; then the same blocks with their Linear weights stored as plain float8_e4m3fn (a cast, what
 `--fp8_base` does to a bf16 file), fp8_scaled per tensor and fp8_scaled per output channel, each computed in bf16 with
-the weight dequantised. Reported: the output's rel-L2 error ||out - out_bf16|| / ||out_bf16|| per block and format,
+the weight dequantised; and GGUF Q8_0 / Q5_0 / Q4_0, quantized by the gguf package (the types it can write) and
+dequantized by ours (bench/bench_quantized_quality.py covers bitsandbytes' nf4 and int8). Reported: the output's
+rel-L2 error ||out - out_bf16|| / ||out_bf16|| per block and format,
 and the bytes per parameter of FLUX.1-dev's whole transformer stored that way (non-Linear tensors in bf16).
 """
 
@@ -25,7 +27,7 @@ import torch  # noqa: E402
 from library.formats import fp8_scaled  # noqa: E402
 from machine import cpu_model  # noqa: E402
 
-FORMATS = ("fp8", "fp8_scaled tensor", "fp8_scaled channel")
+FORMATS = ("fp8", "fp8_scaled tensor", "fp8_scaled channel", "gguf Q8_0", "gguf Q5_0", "gguf Q4_0")
 
 
 def _ids(n_img: int, n_txt: int) -> torch.Tensor:
@@ -48,8 +50,24 @@ def _stored(block, fmt: str) -> None:
 
     if fmt == "fp8":
         prepare_fp8(block, torch.float8_e4m3fn, torch.bfloat16)
+    elif fmt.startswith("gguf"):
+        _gguf_round_trip(block, fmt.split()[1])
     else:
         prepare_fp8_scaled(block, fmt.split()[1], torch.bfloat16)
+
+
+def _gguf_round_trip(block, qtype: str) -> None:
+    """Each Linear weight quantized by the gguf package (the types it can write; the K-quants come from llama.cpp's
+    own quantizer, not run here) and dequantized by ours, which tests/test_gguf.py shows equal to gguf's."""
+    import gguf
+
+    from library.formats.gguf_quants import dequantize
+
+    for m in block.modules():
+        if isinstance(m, torch.nn.Linear):
+            w = m.weight.float().numpy()
+            raw = torch.from_numpy(gguf.quants.quantize(w, gguf.GGMLQuantizationType[qtype]))
+            m.weight = torch.nn.Parameter(dequantize(raw, qtype, w.shape).to(torch.bfloat16), requires_grad=False)
 
 
 def block_errors(kind: str, n_img: int, n_txt: int) -> dict[str, float]:
@@ -91,9 +109,13 @@ def bytes_per_param() -> dict[str, float]:
     linear = {k: t.shape for k, t in sd.items() if fp8_scaled.is_quantizable(k, tuple(t.shape), torch.bfloat16)}
     n_linear = sum(s.numel() for s in linear.values())
     other = 2 * (total - n_linear)
+    from library.formats.gguf_quants import GGUF_BYTES_PER_PARAM
+
     sizes = {"bf16": 2 * total, "fp8": n_linear + other,
              "fp8_scaled tensor": n_linear + other + 4 * len(linear) + 2,
-             "fp8_scaled channel": n_linear + other + 4 * sum(s[0] for s in linear.values()) + 2}
+             "fp8_scaled channel": n_linear + other + 4 * sum(s[0] for s in linear.values()) + 2,
+             # GGUF conversions keep the non-block tensors in F32/F16; counted in bf16 here like the others
+             **{f"gguf {t}": int(n_linear * GGUF_BYTES_PER_PARAM[t]) + other for t in ("Q8_0", "Q5_0", "Q4_0")}}
     return {"params": total, "linear_params": n_linear,
             **{f: {"bytes": b, "bytes_per_param": round(b / total, 4)} for f, b in sizes.items()}}
 
