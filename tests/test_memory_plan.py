@@ -35,12 +35,15 @@ STATIC = ("resident_base_weights", "swap_buffers", "trainable_weights", "optimiz
     (TINY, {"trainer": "full", "optimizer_type": "AdamW"}),
     (TINY_DEEP, {"blocks_to_swap": 2, "cpu_offload_checkpointing": True, "fp8_base": True}),
     (SMALL, {"blocks_to_swap": 1, "cpu_offload_checkpointing": True, "fp8_base": True}),
+    (SMALL, {"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "factor=8"]}),
 ], ids=["tiny-lora", "tiny-lora-no-checkpointing", "tiny-full-adafactor-fused", "small-lora", "tiny-full-adamw",
-        "tiny-lora-swap-offload-fp8", "small-lora-swap-offload-fp8"])
+        "tiny-lora-swap-offload-fp8", "small-lora-swap-offload-fp8", "small-lokr"])
 def test_prediction_matches_a_real_cpu_step(params, kw):
     """The planner's CPU prediction (meta tensors) against the same step run on the CPU with real tensors, measured
     from the allocator's events in torch.profiler: the peak within 10%, and so is the step's own part beyond the
     weights and states on the larger preset (where it is not dwarfed by fixed costs)."""
+    if kw.get("network_module") == "lycoris.kohya":
+        pytest.importorskip("lycoris")
     s = cpu_settings(params, **kw)
     plan = plan_memory(s)
     measured = measure_cpu_step(s)
@@ -249,3 +252,14 @@ def test_a_gguf_file_is_planned_as_what_it_stores(tmp_path):
     assert plans["flux"].settings.base_quantization == ""
     # Q8_0 block weights: 34 bytes per 32 weights instead of 2 bytes each in bf16
     assert plans["flux_gguf"].parts["resident_base_weights"] < 0.7 * plans["flux"].parts["resident_base_weights"]
+
+
+def test_lycoris_adapters_are_planned_with_their_own_parameters():
+    pytest.importorskip("lycoris")
+    base = dict(model="test", params=SMALL, width=128, height=128, t5_tokens=64, optimizer_type="AdamW",
+                network_dim=16, network_alpha=16.0)
+    lora, lokr = plan_many([PlanSettings(**base),
+                            PlanSettings(**base, network_module="lycoris.kohya",
+                                         network_args=["algo=lokr", "factor=16"])])
+    assert 0 < lokr.parts["trainable_weights"] < lora.parts["trainable_weights"] / 4  # Kronecker factors are small
+    assert lokr.parts["optimizer_states"] < lora.parts["optimizer_states"]

@@ -15,6 +15,7 @@ What cannot run on `meta` is emulated and said so: CUDA autocast and the fused a
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import time
 from contextlib import ExitStack, contextmanager
@@ -22,7 +23,6 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-import networks.lora_flux as lora_flux
 from library.data.batch import Batch, TextEncoderOutputs
 from library.data.schema import resolve_resolution
 from library.flow.matching import FlowMatchingSettings
@@ -41,7 +41,7 @@ from library.training.fused_optimizers import (BlockwiseOptimizers, FusedBackwar
 from library.training.loss import FluxLossComputer
 from library.training.optimizers import get_optimizer, resolve_optimizer_type
 from library.training.recipes.full import FullTrainer
-from library.training.recipes.lora import LoRATrainer
+from library.training.recipes.lora import LoRATrainer, optimizer_groups
 from library.training.settings import MemoryProfile
 
 # the recipes the planner simulates, by the name tools/plan_memory.py --trainer gives them
@@ -93,6 +93,7 @@ class PlanSettings:
     gradient_checkpointing: bool = True
     cpu_offload_checkpointing: bool = False
     blocks_to_swap: int = 0
+    network_module: str = "networks.lora_flux"  # the adapter: networks.lora_flux or lycoris.kohya (LoKr, LoHa...)
     network_dim: int = 16
     network_alpha: float = 16.0
     network_args: list = field(default_factory=list)
@@ -205,6 +206,7 @@ def settings_from_args(args, trainer: str = "network", target: str = "cuda") -> 
         gradient_checkpointing=bool(args.gradient_checkpointing or getattr(args, "cpu_offload_checkpointing", False)),
         cpu_offload_checkpointing=bool(getattr(args, "cpu_offload_checkpointing", False)),
         blocks_to_swap=swap if isinstance(swap, int) else 0,
+        network_module=getattr(args, "network_module", None) or "networks.lora_flux",
         network_dim=getattr(args, "network_dim", None) or 4,
         network_alpha=getattr(args, "network_alpha", None) or 1.0,
         network_args=list(getattr(args, "network_args", None) or []),
@@ -327,12 +329,12 @@ def build_rig(s: PlanSettings, device: str = "meta") -> StepRig:
     flux.requires_grad_(s.profile.trains_transformer)
     if not s.profile.trains_transformer:  # a LoRA network on the frozen transformer
 
-        with torch.device(device):
-            net = lora_flux.create_network(1.0, s.network_dim, s.network_alpha, None, [], flux,
-                                           **parse_network_args(s.network_args))
-            net.apply_to([], flux, apply_text_encoder=False, apply_unet=True)
+        with torch.device(device), _quiet("LyCORIS"):
+            net = importlib.import_module(s.network_module).create_network(
+                1.0, s.network_dim, s.network_alpha, None, [], flux, **parse_network_args(s.network_args))
+            net.apply_to([], flux, False, True)
         net.to(device)
-        groups, _ = net.prepare_optimizer_params_with_multiple_te_lrs(None, None, 1e-4)
+        groups, _ = optimizer_groups(net, None, None, 1e-4)
         trainable = [p for g in groups for p in g["params"]]
         optimizers, fused = [_make_optimizer(s, groups)], False
     else:

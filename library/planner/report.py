@@ -4,6 +4,7 @@ the FLOPs it needs, and the check of a prediction against a real step on the CPU
 from __future__ import annotations
 
 import gc
+import importlib.util
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -138,6 +139,8 @@ def measure_cpu_step(s: PlanSettings) -> dict[str, int]:
 TABLE_TRAINERS = (  # (label, settings changes); fp8 base applies to LoRA only (the full trainers train the weights)
     ("LoRA", dict(trainer="network")),
     ("LoRA, checkpoints offloaded", dict(trainer="network", cpu_offload_checkpointing=True)),
+    ("LoKr (lycoris.kohya, factor 16)", dict(trainer="network", network_module="lycoris.kohya",
+                                             network_args=["algo=lokr", "factor=16"])),
     ("full, Adafactor + fused backward", dict(trainer="full", optimizer_type="Adafactor", optimizer_args=[
         "scale_parameter=False", "relative_step=False", "warmup_init=False"], fused_backward_pass=True,
         full_bf16=True, fp8_base=False)),
@@ -154,10 +157,10 @@ def base_label(s: PlanSettings) -> str:
     return s.base_quantization or ("fp8" if s.fp8_base else "bf16")
 
 
-def _bases(profile, offloaded: bool) -> list[dict]:
+def _bases(profile, every_base: bool) -> list[dict]:
     if not profile.fp8_base:  # the full trainers train the weights: no quantized base
         return [dict(fp8_base=False, base_quantization="")]
-    names = ("bf16", "fp8") if offloaded else TABLE_BASES  # offloaded checkpoints: the two common bases
+    names = TABLE_BASES if every_base else ("bf16", "fp8")  # the other LoRA rows: the two common bases
     return [dict(fp8_base=b == "fp8", base_quantization="" if b in ("bf16", "fp8") else b) for b in names]
 
 
@@ -165,8 +168,10 @@ def table_settings(base: PlanSettings) -> list[tuple[str, PlanSettings]]:
     limit = max_blocks_to_swap(base.params.depth, base.params.depth_single_blocks)
     rows = []
     for label, changes in TABLE_TRAINERS:
+        if "network_module" in changes and importlib.util.find_spec(changes["network_module"].split(".")[0]) is None:
+            continue  # an optional adapter package that is not installed
         profile = replace(base, trainer=changes["trainer"]).profile
-        for storage in _bases(profile, changes.get("cpu_offload_checkpointing", False)):
+        for storage in _bases(profile, every_base=label == "LoRA"):
             for res in TABLE_RESOLUTIONS:
                 for n in [n for n in TABLE_SWAPS if n <= limit]:
                     s = replace(base, **{"cpu_offload_checkpointing": False, **changes, **storage},

@@ -129,15 +129,7 @@ class LoRATrainer(Trainer):
         te_lr = args.text_encoder_lr
         if isinstance(te_lr, list) and len(te_lr) == 0:
             te_lr = None
-        if hasattr(self.network, "prepare_optimizer_params_with_multiple_te_lrs"):
-            results = self.network.prepare_optimizer_params_with_multiple_te_lrs(te_lr, args.unet_lr,
-                                                                                 args.learning_rate)
-        else:  # an older network API (lycoris.kohya): one text-encoder lr, as sd-scripts hands it over
-            if isinstance(te_lr, list):
-                te_lr = te_lr[0]
-            results = self.network.prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate)
-        groups, descriptions = results if isinstance(results, tuple) else (results, [None] * len(results))
-        return groups, [f"{d}" if d else f"group{i}" for i, d in enumerate(descriptions)]
+        return optimizer_groups(self.network, te_lr, args.unet_lr, args.learning_rate)
 
     @contextmanager
     def reference_model(self):
@@ -185,3 +177,16 @@ class LoRATrainer(Trainer):
         metadata = update_for_save(self.training_metadata(), epoch, step, modelspec=spec)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.network.save_weights(str(path), save_dtype, metadata)
+
+
+def optimizer_groups(network, te_lr, unet_lr, learning_rate) -> tuple[list, list[str]]:
+    """The network's optimizer parameter groups and their names, through whichever API its module has (the
+    trainer and the memory planner)."""
+    if hasattr(network, "prepare_optimizer_params_with_multiple_te_lrs"):
+        results = network.prepare_optimizer_params_with_multiple_te_lrs(te_lr, unet_lr, learning_rate)
+    else:  # an older network API (lycoris.kohya): one text-encoder lr, as sd-scripts hands it over
+        if isinstance(te_lr, list):
+            te_lr = te_lr[0]
+        results = network.prepare_optimizer_params(te_lr, unet_lr, learning_rate)
+    groups, descriptions = results if isinstance(results, tuple) else (results, [None] * len(results))
+    return groups, [f"{d}" if d else f"group{i}" for i, d in enumerate(descriptions)]
