@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from library.memory.quantized_base import dequantize_for_merge
 from networks import lora_flux
 
 logger = logging.getLogger(__name__)
@@ -23,8 +24,9 @@ def parse_lora_spec(spec: str) -> tuple[Path, float]:
 
 
 def apply_loras(specs: list[str], flux: torch.nn.Module, clip_l, t5xxl, merge: bool,
-                device: torch.device | str) -> list:
+                device: torch.device | str, dequantize: bool = False) -> list:
     """Load each LoRA file and either merge it into the base weights (`merge`) or hook it into the models.
+    Merging into an nf4/int8 base is refused unless `dequantize` (the layers it changes are dequantized first).
 
     Returns the hooked networks (empty when merged), whose `set_multiplier` changes their strength later."""
     networks = []
@@ -38,6 +40,8 @@ def apply_loras(specs: list[str], flux: torch.nn.Module, clip_l, t5xxl, merge: b
         if not (has_te or has_unet):
             raise ValueError(f"{path}: no kohya LoRA keys (lora_unet_* / lora_te1_* / lora_te3_*) found")
         if merge:
+            dequantize_for_merge(network.unet_loras, dequantize, "--dequantize_merged_layers",
+                                 f"--merge_lora_weights {path}")
             network.merge_to(text_encoders, flux, weights, None, device)
             logger.info("merged LoRA %s x %s", path, multiplier)
             continue

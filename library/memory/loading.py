@@ -8,15 +8,22 @@ import torch
 
 from library.formats.dtypes import is_fp8, str_to_dtype
 from library.memory.fp8 import prepare_fp8, prepare_t5xxl_fp8
+from library.memory.quantized_base import load_quantized_transformer
 from library.models import autoencoder as flux_ae
 from library.models import text_encoders
 from library.models.checkpoint import FluxCheckpointInfo, load_transformer
 
 
 def load_for_compute(kind: str, path: str | os.PathLike, dtype: torch.dtype | str | None, device: str | torch.device,
-                     compute_dtype: torch.dtype = torch.bfloat16, info: FluxCheckpointInfo | None = None):
+                     compute_dtype: torch.dtype = torch.bfloat16, info: FluxCheckpointInfo | None = None,
+                     quantization: str | None = None):
     """Load one component ("flux", "ae", "clip_l", "t5xxl") to run in `dtype`; an fp8 dtype stores the Linear
-    weights in fp8 (an fp8 file is used as stored) and computes in `compute_dtype`."""
+    weights in fp8 (an fp8 file is used as stored) and computes in `compute_dtype`. `quantization` "nf4" or "int8"
+    (the transformer only) stores its block Linears so, quantised while loading, computing in `dtype`."""
+    if quantization is not None:
+        if kind != "flux":
+            raise ValueError(f"{quantization} storage is for the transformer only, not {kind}")
+        return load_quantized_transformer(path, quantization, str_to_dtype(dtype), info=info).to(device)
     dtype = str_to_dtype(dtype)
     fp8 = is_fp8(dtype)
     load_dtype = None if fp8 else dtype

@@ -26,6 +26,7 @@ from library.flow.matching import FlowMatchingSettings
 from library.flow.prompts import load_prompts
 from library.memory.block_swap import split_blocks_to_swap
 from library.memory.fp8 import prepare_fp8, prepare_t5xxl_fp8
+from library.memory.quantized_base import load_quantized_transformer
 from library.models import loading as flux_utils
 from library.models.text_encoding import caption_encoder
 from library.training.errors import TrainingError
@@ -136,11 +137,16 @@ def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtyp
     info = flux_utils.analyze_checkpoint(args.pretrained_model_name_or_path)
     blocks_to_swap = check_blocks_to_swap(args, settings.blocks_to_swap, info)
     check_fp8_checkpoint(settings.fp8_base, args.pretrained_model_name_or_path, info)
-    fp8 = settings.fp8_base
-    compute = torch.bfloat16 if (fp8 and dtype == torch.float32 and device.type == "cuda") else dtype
+    fp8, quant = settings.fp8_base, settings.quantized_base
+    stored = fp8 or quant is not None  # weights that are not in a float type compute in `compute`
+    compute = torch.bfloat16 if (stored and dtype == torch.float32 and device.type == "cuda") else dtype
     logger.info("loading %s (%s, %s layout)", args.pretrained_model_name_or_path, info.model_type, info.layout)
-    _, flux = flux_utils.load_flow_model(args.pretrained_model_name_or_path,
-                                         None if fp8 else (flux_dtype or dtype), "cpu", info=info)
+    if quant:
+        logger.info("quantizing the transformer's block weights to %s while loading (bitsandbytes)", quant)
+        flux = load_quantized_transformer(args.pretrained_model_name_or_path, quant, compute, info=info)
+    else:
+        _, flux = flux_utils.load_flow_model(args.pretrained_model_name_or_path,
+                                             None if fp8 else (flux_dtype or dtype), "cpu", info=info)
     if fp8:
         prepare_fp8(flux, torch.float8_e4m3fn, compute)
     t5_fp8 = settings.fp8_t5xxl
