@@ -179,7 +179,8 @@ def run(args) -> int:
         flux_part = part == "flux"
         loaded[part] = flux_utils.load_for_compute(part, path, dtypes[part], "cpu" if swapped else load_device,
                                                    compute, info=info if flux_part else None,
-                                                   quantization=quant if flux_part and quant != "fp8" else None)
+                                                   quantization=quant if flux_part and quant != "fp8" else None,
+                                                   quantize_device=device if device.type == "cuda" else "cpu")
     models = FluxModels(loaded["flux"], loaded["ae"], loaded["clip_l"], loaded["t5xxl"], tokenizer,
                         info.is_schnell, compute if is_fp8(dtypes["flux"]) else dtypes["flux"])
     placement = Placement(device, args.offload)

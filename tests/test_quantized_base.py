@@ -71,7 +71,7 @@ def test_a_real_width_single_block_matches_bitsandbytes(quant_type):
     from library.models.transformer import SingleStreamBlock
 
     with torch.device("meta"):
-        block = SingleStreamBlock(3072, 24, 3072 * 4, qkv_bias=True)
+        block = SingleStreamBlock(3072, 24, 3072 * 4)
     g = torch.Generator().manual_seed(0)
     for name, linear in block.named_modules():
         if isinstance(linear, torch.nn.Linear):
@@ -228,3 +228,17 @@ def test_quantized_load_of_params_the_file_does_not_match_names_the_file(tiny, t
     save_file_atomic(sd, wrong)
     with pytest.raises(Exception, match=r"wrong.safetensors"):
         load_quantized_transformer(wrong, "nf4", torch.float32)
+
+
+@pytest.mark.slow
+def test_a_lora_trained_on_an_nf4_base_lands_closer_to_its_training_latents(tmp_path):
+    """tests/test_lora_learning.py's run (trained-like tiny models, two images) with the base stored in nf4 for
+    training and for sampling both the base and the LoRA image."""
+    from test_lora_learning import MIN_RATIO, train_and_measure
+
+    results = train_and_measure(tmp_path, extra=("--base_quantization", "nf4"))
+    for stem, r in results.items():
+        print(f"{stem}: nf4 base {r['mse_base']:.4f}, LoRA {r['mse_lora']:.4f} ({r['mse_base'] / r['mse_lora']:.1f}x)")
+    for stem, r in results.items():
+        assert r["mse_base"] / r["mse_lora"] >= MIN_RATIO, (stem, r)
+        assert r["mse_lora"] < r["mse_lora_other"], (stem, r)

@@ -16,14 +16,18 @@ from library.models.checkpoint import FluxCheckpointInfo, load_transformer
 
 def load_for_compute(kind: str, path: str | os.PathLike, dtype: torch.dtype | str | None, device: str | torch.device,
                      compute_dtype: torch.dtype = torch.bfloat16, info: FluxCheckpointInfo | None = None,
-                     quantization: str | None = None):
+                     quantization: str | None = None, quantize_device: str | torch.device | None = None):
     """Load one component ("flux", "ae", "clip_l", "t5xxl") to run in `dtype`; an fp8 dtype stores the Linear
     weights in fp8 (an fp8 file is used as stored) and computes in `compute_dtype`. `quantization` "nf4" or "int8"
-    (the transformer only) stores its block Linears so, quantised while loading, computing in `dtype`."""
+    (the transformer only) stores its block Linears so, quantised while loading (on `quantize_device`, default
+    `device` when that is a GPU, else the CPU), computing in `dtype`."""
     if quantization is not None:
         if kind != "flux":
             raise ValueError(f"{quantization} storage is for the transformer only, not {kind}")
-        return load_quantized_transformer(path, quantization, str_to_dtype(dtype), info=info).to(device)
+        if quantize_device is None:
+            quantize_device = device if torch.device(device).type == "cuda" else "cpu"
+        return load_quantized_transformer(path, quantization, str_to_dtype(dtype), info=info,
+                                          quantize_device=quantize_device).to(device)
     dtype = str_to_dtype(dtype)
     fp8 = is_fp8(dtype)
     load_dtype = None if fp8 else dtype

@@ -19,7 +19,7 @@ from torch import nn
 
 QUANT_TYPES = ("nf4", "int8")
 NF4_BLOCKSIZE = 64  # bitsandbytes' default: one float32 absmax per 64 weights
-_CHUNK = 1 << 22  # weights quantised at once: bounds the float32 temporaries of the CPU kernels (~16 MiB each)
+_CHUNK = 1 << 18  # weights quantised at once: small temporaries (bnb's CPU nf4 takes ~20 bytes per weight), and faster
 
 
 def _bnb():
@@ -60,16 +60,24 @@ def quantize(weight: torch.Tensor, quant_type: str) -> tuple[torch.Tensor, torch
     if quant_type == "nf4":
         while rows < out_features and (rows * in_features) % NF4_BLOCKSIZE:
             rows += 1
-    data, scale = [], []
+    # the results are allocated once and filled chunk by chunk: collecting the chunks and concatenating them would
+    # hold the result twice and leave the host allocator fragmented (measured: +50% RSS over a whole load)
+    (dshape, ddtype), (sshape, sdtype) = quantized_shapes(quant_type, out_features, in_features)
+    data = torch.empty(dshape, dtype=ddtype, device=weight.device)
+    scale = torch.empty(sshape, dtype=sdtype, device=weight.device)
     for start in range(0, out_features, rows):
         chunk = weight[start:start + rows].contiguous()
         if quant_type == "nf4":
             q, state = bf.quantize_4bit(chunk, blocksize=NF4_BLOCKSIZE, quant_type="nf4")
-            data.append(q), scale.append(state.absmax)
+            s = state.absmax
+            at, scale_at = start * in_features // 2, start * in_features // NF4_BLOCKSIZE
         else:
-            q, row_scale, _ = bf.int8_vectorwise_quant(chunk)
-            data.append(q), scale.append(row_scale)
-    return torch.cat(data), torch.cat(scale).float()
+            q, s, _ = bf.int8_vectorwise_quant(chunk)
+            at = scale_at = start
+        data[at:at + q.shape[0]].copy_(q)
+        scale[scale_at:scale_at + s.shape[0]].copy_(s)
+        del q, s
+    return data, scale
 
 
 def dequantize(data: torch.Tensor, scale: torch.Tensor, quant_type: str, shape, dtype: torch.dtype) -> torch.Tensor:

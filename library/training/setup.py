@@ -143,7 +143,8 @@ def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtyp
     logger.info("loading %s (%s, %s layout)", args.pretrained_model_name_or_path, info.model_type, info.layout)
     if quant:
         logger.info("quantizing the transformer's block weights to %s while loading (bitsandbytes)", quant)
-        flux = load_quantized_transformer(args.pretrained_model_name_or_path, quant, compute, info=info)
+        flux = load_quantized_transformer(args.pretrained_model_name_or_path, quant, compute, info=info,
+                                          quantize_device=device if device.type == "cuda" else "cpu")
     else:
         _, flux = flux_utils.load_flow_model(args.pretrained_model_name_or_path,
                                              None if fp8 else (flux_dtype or dtype), "cpu", info=info)
