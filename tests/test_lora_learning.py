@@ -82,11 +82,13 @@ def training_latents(image: Path) -> torch.Tensor:
         return torch.from_numpy(cache[f"latents_{SIZE // 8}x{SIZE // 8}"]).float()
 
 
-def train_and_measure(work: Path, model_seed: int = 0, train_seed: int = 1) -> dict[str, dict[str, float]]:
-    """Train one LoRA on the demo images, sample each caption with and without it; MSEs per image."""
+def train_and_measure(work: Path, model_seed: int = 0, train_seed: int = 1,
+                      extra: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
+    """Train one LoRA on the demo images, sample each caption with and without it; MSEs per image. `extra`:
+    options of both command lines (a quantized base: tests/test_quantized_base.py)."""
     models = make_tiny_models(work / "models", seed=model_seed, init="trained-like", hidden_size=128)
     toml = make_demo_dataset(work / "data", count=IMAGES, size=SIZE)
-    assert train_cli.main(train_args(models, toml, work / "out", train_seed)) == 0
+    assert train_cli.main([*train_args(models, toml, work / "out", train_seed), *extra]) == 0
     lora = work / "out" / "learned.safetensors"
 
     images = sorted((work / "data" / "images").glob("*.png"))
@@ -94,8 +96,8 @@ def train_and_measure(work: Path, model_seed: int = 0, train_seed: int = 1) -> d
     results = {}
     for image in images:
         caption = image.with_suffix(".txt").read_text().strip()
-        base = sampled_latents(models, work / "samples" / f"{image.stem}_base", caption)
-        learned = sampled_latents(models, work / "samples" / f"{image.stem}_lora", caption,
+        base = sampled_latents(models, work / "samples" / f"{image.stem}_base", caption, *extra)
+        learned = sampled_latents(models, work / "samples" / f"{image.stem}_lora", caption, *extra,
                                   "--lora_weights", str(lora))
         target = targets[image.stem]
         assert base.shape == learned.shape == target.shape == (16, SIZE // 8, SIZE // 8)
