@@ -143,12 +143,12 @@ def train_argv(setup, out, *extra):
 run_trainer = partial(cli_runs.run_trainer, "network")
 
 
-@pytest.mark.parametrize("quant_type", QUANT_TYPES)
-def test_lora_training_on_a_quantized_base_with_and_without_block_swap(swap_setup, tmp_path, quant_type):
+@pytest.mark.parametrize("quant_type, precision", [("nf4", "no"), ("int8", "no"), ("nf4", "bf16")])
+def test_lora_training_on_a_quantized_base_with_and_without_block_swap(swap_setup, tmp_path, quant_type, precision):
     loras = []
     for name, extra in (("plain", ()), ("swap", ("--gradient_checkpointing", "--blocks_to_swap", "5"))):
         trainer, code = run_trainer(train_argv(swap_setup, tmp_path / name, "--base_quantization", quant_type,
-                                               *extra))
+                                               "--mixed_precision", precision, *extra))
         assert code == 0
         assert trainer.settings.quantized_base == quant_type
         qkv = trainer.models.flux.double_blocks[0].img_attn.qkv
