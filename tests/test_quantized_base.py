@@ -221,6 +221,20 @@ def test_merging_a_lora_into_a_quantized_base_is_refused_or_dequantised(swap_set
     assert code == 0 and type(trainer.models.flux.double_blocks[0].img_attn.qkv) is torch.nn.Linear
 
 
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_a_diffusers_file_quantizes_part_by_part_to_the_same_bytes(tiny, tmp_path, quant_type):
+    """The diffusers layout stores q, k, v (and the single blocks' MLP input) apart and the final modulation's halves
+    swapped: quantised part by part they give the bytes of the fused BFL weight."""
+    from library.formats.diffusers_keys import bfl_to_diffusers
+
+    sd = load_file(str(tiny["flux"]))
+    folder = tmp_path / "diffusers" / "transformer"
+    save_file_atomic(bfl_to_diffusers(sd, sd["img_in.weight"].shape[0]), folder / "diffusion_pytorch_model.safetensors")
+    bfl = load_quantized_transformer(tiny["flux"], quant_type, torch.float32).state_dict()
+    diffusers = load_quantized_transformer(tmp_path / "diffusers", quant_type, torch.float32).state_dict()
+    assert bfl.keys() == diffusers.keys() and all(torch.equal(bfl[k], diffusers[k]) for k in bfl)
+
+
 def test_quantized_load_of_params_the_file_does_not_match_names_the_file(tiny, tmp_path):
     wrong = tmp_path / "wrong.safetensors"
     sd = load_file(str(tiny["flux"]))

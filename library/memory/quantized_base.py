@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from library.formats.safetensors_io import ModelFileError, assign_weights
-from library.memory.quantized_linear import QuantizedLinear, check_quant_type, quantize
+from library.memory.quantized_linear import QuantizedLinear, check_quant_type, quantize_parts
 from library.models.checkpoint import FluxCheckpointInfo, analyze_checkpoint
 from library.models.checkpoint_stream import Readers, transformer_entries
 from library.models.transformer import Flux
@@ -76,17 +76,18 @@ def load_quantized_transformer(path: str | os.PathLike, quant_type: str, compute
         entries, _ = transformer_entries(info.path, readers)
         for entry in entries:
             owner, _, leaf = entry.key.rpartition(".")
-            tensor = entry.read()
             if owner in quantized and leaf == "weight":
                 module = flux.get_submodule(owner)
-                if tuple(tensor.shape) != (module.out_features, module.in_features):
-                    raise ModelFileError(f"{info.path}: {entry.key} has shape {tuple(tensor.shape)}, the model "
+                if tuple(entry.shape) != (module.out_features, module.in_features):
+                    raise ModelFileError(f"{info.path}: {entry.key} has shape {tuple(entry.shape)}, the model "
                                          f"{(module.out_features, module.in_features)}")
-                data, scale = (t.cpu() for t in quantize(tensor.to(quantize_device), quant_type))
-                state_dict[f"{owner}.qweight"], state_dict[f"{owner}.qscale"] = data, scale
+                # part by part (a diffusers q, k, v, mlp), never the fused weight as stored
+                data, scale = quantize_parts(entry.parts(), quant_type, module.out_features, quantize_device)
+                state_dict[f"{owner}.qweight"], state_dict[f"{owner}.qscale"] = data.cpu(), scale.cpu()
             else:
+                tensor = entry.read()
                 state_dict[entry.key] = tensor.to(compute_dtype) if tensor.is_floating_point() else tensor
-            del tensor
+                del tensor
     finally:
         readers.close()
     assign_weights(flux, state_dict, info.path)

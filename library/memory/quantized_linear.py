@@ -49,34 +49,53 @@ def bytes_per_parameter(quant_type: str, in_features: int) -> float:
 
 
 def quantize(weight: torch.Tensor, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(data, scale) of a 2-D weight, on its device. Quantised in row chunks, which gives the same bytes as one call
-    on the whole tensor (nf4 blocks never straddle a chunk; int8 scales are per row) with small temporaries."""
+    """(data, scale) of a 2-D weight, on its device: the same bytes as bitsandbytes' call on the whole tensor."""
+    return quantize_parts([weight], quant_type, weight.shape[0], weight.device)
+
+
+def quantize_parts(parts, quant_type: str, out_features: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data, scale) of the weight whose rows are the concatenation of `parts` (an iterable of 2-D tensors, taken one
+    at a time), quantised in row chunks straight into the result: the same bytes as bitsandbytes' call on the whole
+    tensor (nf4 blocks never straddle a chunk, int8 scales are per row), with small temporaries and no whole copy.
+    Collecting chunks and concatenating them instead held the result twice and fragmented the host allocator
+    (+50% RSS over a whole load). A part on another device is quantised on `device`."""
     check_quant_type(quant_type)
     bf = _bnb()
-    if not weight.is_floating_point() or weight.dtype.itemsize == 1:  # fp8 files: bitsandbytes takes 16/32-bit
-        weight = weight.to(torch.float32)
-    out_features, in_features = weight.shape
-    rows = max(1, _CHUNK // in_features)
-    if quant_type == "nf4":
-        while rows < out_features and (rows * in_features) % NF4_BLOCKSIZE:
-            rows += 1
-    # the results are allocated once and filled chunk by chunk: collecting the chunks and concatenating them would
-    # hold the result twice and leave the host allocator fragmented (measured: +50% RSS over a whole load)
-    (dshape, ddtype), (sshape, sdtype) = quantized_shapes(quant_type, out_features, in_features)
-    data = torch.empty(dshape, dtype=ddtype, device=weight.device)
-    scale = torch.empty(sshape, dtype=sdtype, device=weight.device)
-    for start in range(0, out_features, rows):
-        chunk = weight[start:start + rows].contiguous()
+    data = scale = None
+    row = 0
+    for part in parts:
+        if not part.is_floating_point() or part.dtype.itemsize == 1:  # fp8 files: bitsandbytes takes 16/32-bit
+            part = part.to(torch.float32)
+        part = part.to(device) if device is not None else part
+        in_features = part.shape[1]
+        if data is None:
+            (dshape, ddtype), (sshape, sdtype) = quantized_shapes(quant_type, out_features, in_features)
+            data = torch.empty(dshape, dtype=ddtype, device=part.device)
+            scale = torch.empty(sshape, dtype=sdtype, device=part.device)
+        rows = max(1, _CHUNK // in_features)
         if quant_type == "nf4":
-            q, state = bf.quantize_4bit(chunk, blocksize=NF4_BLOCKSIZE, quant_type="nf4")
-            s = state.absmax
-            at, scale_at = start * in_features // 2, start * in_features // NF4_BLOCKSIZE
-        else:
-            q, s, _ = bf.int8_vectorwise_quant(chunk)
-            at = scale_at = start
-        data[at:at + q.shape[0]].copy_(q)
-        scale[scale_at:scale_at + s.shape[0]].copy_(s)
-        del q, s
+            while rows < part.shape[0] and (rows * in_features) % NF4_BLOCKSIZE:
+                rows += 1
+            if (row * in_features) % NF4_BLOCKSIZE:
+                raise ValueError(f"nf4: a part starting at row {row} of a {in_features}-wide weight splits a block "
+                                 f"of {NF4_BLOCKSIZE}")
+        for start in range(0, part.shape[0], rows):
+            chunk = part[start:start + rows].contiguous()
+            first = row + start
+            if quant_type == "nf4":
+                q, state = bf.quantize_4bit(chunk, blocksize=NF4_BLOCKSIZE, quant_type="nf4")
+                s = state.absmax
+                at, scale_at = first * in_features // 2, first * in_features // NF4_BLOCKSIZE
+            else:
+                q, s, _ = bf.int8_vectorwise_quant(chunk)
+                at = scale_at = first
+            data[at:at + q.shape[0]].copy_(q)
+            scale[scale_at:scale_at + s.shape[0]].copy_(s)
+            del q, s
+        row += part.shape[0]
+        del part
+    if row != out_features:
+        raise ValueError(f"the parts hold {row} rows, not {out_features}")
     return data, scale
 
 
