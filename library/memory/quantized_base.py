@@ -22,9 +22,6 @@ from library.models.transformer import Flux
 
 logger = logging.getLogger(__name__)
 
-BASE_QUANTIZATIONS = ("nf4", "int8", "fp8", "fp8_scaled")  # --base_quantization
-
-
 def block_linears(flux: nn.Module):
     """(qualified name, Linear) of every Linear inside the transformer's blocks."""
     for stack in ("double_blocks", "single_blocks"):
