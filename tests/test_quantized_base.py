@@ -52,6 +52,7 @@ def check_against_bnb(weight: torch.Tensor, quant_type: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bytes_and_dequantization_are_bitsandbytes_own(quant_type, dtype, monkeypatch):
     monkeypatch.setattr(quantized_linear, "_CHUNK", 1000)  # several row chunks, one not a multiple of 64 rows
+    monkeypatch.setattr(quantized_linear, "_DEQUANT_CHUNK", 1000)
     check_against_bnb(torch.randn(100, 96).to(dtype), quant_type)
     if quant_type == "nf4":  # bitsandbytes' own Linear4bit weight, dequantised by bitsandbytes
         import bitsandbytes as bnb

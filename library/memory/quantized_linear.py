@@ -19,6 +19,7 @@ from torch import nn
 
 QUANT_TYPES = ("nf4", "int8")
 NF4_BLOCKSIZE = 64  # bitsandbytes' default: one float32 absmax per 64 weights
+_DEQUANT_CHUNK = 1 << 24  # int8 weights dequantised at once per call (a 64 MiB float32 temporary; few launches)
 _CHUNK = 1 << 18  # weights quantised at once: small temporaries (bnb's CPU nf4 takes ~20 bytes per weight), and faster
 
 
@@ -106,7 +107,13 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor, quant_type: str, shape, 
         state = bf.QuantState(absmax=scale, shape=torch.Size(shape), dtype=dtype, blocksize=NF4_BLOCKSIZE,
                               quant_type="nf4")
         return bf.dequantize_4bit(data, state)
-    return bf.int8_vectorwise_dequant(data, scale).to(dtype)  # float32 from bitsandbytes
+    # bitsandbytes dequantises int8 to float32: in row chunks into the result, so that the float32 copy of a large
+    # weight (264 MB for a single block's linear1) never exists whole beside it (row-wise, so the same values)
+    out = torch.empty(tuple(shape), dtype=dtype, device=data.device)
+    rows = max(1, _DEQUANT_CHUNK // shape[1])
+    for start in range(0, shape[0], rows):
+        out[start:start + rows] = bf.int8_vectorwise_dequant(data[start:start + rows], scale[start:start + rows])
+    return out
 
 
 class QuantizedLinear(nn.Linear):
