@@ -41,6 +41,9 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", help=f"dtype of every component unless set below: {DTYPE_HELP}")
     for part in ("flux", "clip_l", "t5xxl", "ae"):
         p.add_argument(f"--{part}_dtype", default=None, help=f"dtype of the {part} component (default: --dtype)")
+    p.add_argument("--base_quantization", default=None, choices=["nf4", "int8", "fp8", "fp8_scaled"],
+                   help="store the transformer's block weights quantized: nf4 or int8 (bitsandbytes, quantized while "
+                        "loading, computing in --flux_dtype), fp8 (= --flux_dtype fp8)")
     p.add_argument("--apply_t5_attn_mask", action="store_true", help="mask T5 padding tokens in T5 and attention")
     p.add_argument("--t5xxl_max_token_length", type=positive_int, default=None,
                    help="T5 tokens (default: 256 for schnell, 512 for dev)")
@@ -56,6 +59,9 @@ def setup_parser() -> argparse.ArgumentParser:
                         "ai-toolkit, ComfyUI, ...: auto-detected, docs/lora_formats.md)")
     p.add_argument("--merge_lora_weights", action="store_true",
                    help="merge the LoRAs into the weights (faster steps; multipliers fixed) instead of hooking them")
+    p.add_argument("--dequantize_merged_layers", action="store_true",
+                   help="with --base_quantization nf4/int8 and --merge_lora_weights: dequantize the layers the LoRAs "
+                        "change to --flux_dtype and merge into them (otherwise the merge is refused)")
     p.add_argument("--controlnet", default=None,
                    help="ControlNet file trained by flux_train_control_net.py or sd-scripts (.safetensors)")
     p.add_argument("--control_image", default=None,
@@ -119,6 +125,19 @@ def parse_interactive_line(line: str, settings):
     return replace(settings, **updates)
 
 
+def base_quantization(args, flux_dtype) -> str | None:
+    """--base_quantization checked against --flux_dtype: None, "nf4", "int8", "fp8" or "fp8_scaled"."""
+    from library.formats.dtypes import is_fp8  # imports torch: after parsing
+
+    quant = args.base_quantization
+    if quant in ("fp8", "fp8_scaled") and args.flux_dtype is not None and not is_fp8(flux_dtype):
+        raise ValueError(f"--base_quantization {quant} and --flux_dtype {args.flux_dtype} contradict each other")
+    if quant in ("nf4", "int8") and is_fp8(flux_dtype):
+        raise ValueError(f"--base_quantization {quant} computes in --flux_dtype, which cannot be fp8 "
+                         f"({args.flux_dtype or args.dtype}); give bf16, fp16 or fp32")
+    return quant
+
+
 def main(argv: list[str] | None = None) -> int:
     from library.cli.main import tool_main  # after the parser is built: --help never imports torch
 
@@ -143,6 +162,9 @@ def run(args) -> int:
     base = str_to_dtype(args.dtype)
     compute = torch.bfloat16 if is_fp8(base) else base
     dtypes = {part: str_to_dtype(getattr(args, f"{part}_dtype"), base) for part in ("flux", "clip_l", "t5xxl", "ae")}
+    quant = base_quantization(args, dtypes["flux"])
+    if quant in ("fp8", "fp8_scaled"):
+        dtypes["flux"] = torch.float8_e4m3fn
     load_device = "cpu" if args.offload else device
 
     info = flux_utils.analyze_checkpoint(args.ckpt_path)  # checks the file before anything heavy
@@ -159,9 +181,12 @@ def run(args) -> int:
     for part, path in (("clip_l", args.clip_l), ("t5xxl", args.t5xxl), ("ae", args.ae), ("flux", args.ckpt_path)):
         logger.info(f"loading {part} from {path} as {dtypes[part]}")
         swapped = part == "flux" and args.blocks_to_swap
+        flux_part = part == "flux"
         loaded[part] = flux_utils.load_for_compute(part, path, dtypes[part], "cpu" if swapped else load_device,
-                                                   compute, info=info if part == "flux" else None,
-                                                   fp8_matmul=args.fp8_matmul)
+                                                   compute, info=info if flux_part else None,
+                                                   fp8_matmul=args.fp8_matmul,
+                                                   quantization=quant if flux_part and quant != "fp8" else None,
+                                                   quantize_device=device if device.type == "cuda" else "cpu")
     models = FluxModels(loaded["flux"], loaded["ae"], loaded["clip_l"], loaded["t5xxl"], tokenizer,
                         info.is_schnell, compute if is_fp8(dtypes["flux"]) else dtypes["flux"])
     placement = Placement(device, args.offload)
@@ -169,7 +194,7 @@ def run(args) -> int:
 
     # hooked LoRAs live on the compute device (they are small and never offloaded)
     networks = apply_loras(args.lora_weights, loaded["flux"], loaded["clip_l"], loaded["t5xxl"],
-                           args.merge_lora_weights, device)
+                           args.merge_lora_weights, device, args.dequantize_merged_layers)
     if args.blocks_to_swap:  # after merging: the swapped weights' CPU copies are their masters
         move_to_device_except_swap_blocks(loaded["flux"], device)
         enable_flux_block_swap(loaded["flux"], args.blocks_to_swap, device, "cpu", host_to_device_only=True)

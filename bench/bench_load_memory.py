@@ -24,6 +24,9 @@ How:
 `--layout gguf` measures a quantized load instead: a .gguf file of the same shapes (block Linear weights in
 `--gguf-type`, tiled from random valid blocks; everything else F32, as ComfyUI-GGUF's FLUX conversions) loaded
 with library.memory.gguf_linear.load_gguf_transformer, which keeps the quantized bytes and loads the rest in bf16.
+`--quantize nf4 int8` adds a quantized load of the same file (library.memory.quantized_base, block Linears in
+nf4 / int8 through bitsandbytes, the rest in bf16): the loaded bytes are then the quantized model's, and the ratio
+shows that the file is never held in a float type beside them.
 
 The process exits 1 when any ratio exceeds --limit. `--reader` swaps what the library gets from
 safetensors.safe_open, to compare the stock reader ("library", the default and the one that counts) with a reader
@@ -52,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = ("bfl", "comfyui", "diffusers")
 COMFY_PREFIX = "model.diffusion_model."
 READERS = ("library", "readinto", "pread")
+QUANTIZED = ("nf4", "int8")  # --quantize: loads through library.memory.quantized_base
 DTYPE_NAMES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32", "fp8": "F8_E4M3"}
 ELEMENT_SIZE = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1}
 POOL_ELEMENTS = 4 << 20  # random values the checkpoint is tiled from (8 MiB in bf16)
@@ -330,11 +334,21 @@ def measure_child(path: str, load_dtype: str, reader: str) -> None:
 
         def load(path, dtype):
             return load_gguf_transformer(path, torch.bfloat16)
+    elif load_dtype in QUANTIZED:
+        from functools import partial
+
+        import bitsandbytes.functional  # noqa: F401 (its import, ~130 MB of RSS, is code: before the baseline)
+
+        from library.memory.quantized_base import load_quantized_transformer
+
+        quantized = partial(load_quantized_transformer, quant_type=load_dtype, compute_dtype=torch.bfloat16)
+        load = lambda path, dtype: quantized(path)  # noqa: E731
+        load.__module__, load.__name__ = "library.memory.quantized_base", "load_quantized_transformer"
     install_reader(reader)
     gc.collect()
     before = proc_status()
     t0 = time.perf_counter()
-    model = load(path, dtype=None if load_dtype == "stored" else str_to_dtype(load_dtype))
+    model = load(path, dtype=None if load_dtype in ("stored", *QUANTIZED) else str_to_dtype(load_dtype))
     load_s = time.perf_counter() - t0
     after_load = proc_status()
     tensors = [*model.parameters(), *model.buffers()]
@@ -429,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gguf-type", default="Q8_0", help="block weights' type of the gguf layout (default Q8_0)")
     ap.add_argument("--reader", choices=READERS, default="library",
                     help="tensor reader: the library's (safetensors.safe_open, mmap) or a what-if replacement")
+    ap.add_argument("--quantize", nargs="*", choices=QUANTIZED, default=[],
+                    help="also load quantized to these (block Linears in nf4 / int8, the rest in bf16)")
     ap.add_argument("--workdir", type=Path, default=None, help="where the checkpoints go (default: a temp folder)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the generated checkpoints (and reuse them when the next run asks for the same)")
@@ -481,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{layout}] {path} {how}: {size / GB:.2f} GB, {len(entries)} tensors "
                   f"({time.perf_counter() - t0:.1f} s)", flush=True)
             file_dtype = f"{args.gguf_type} + F32" if layout == "gguf" else args.dtype
-            for load_dtype in ("stored",) if layout == "gguf" else ("stored", cast_to):
+            for load_dtype in ("stored",) if layout == "gguf" else ("stored", cast_to, *args.quantize):
                 r = measure(load_target(workdir, layout), load_dtype, args.reader)
                 r.update(layout=layout, file_dtype=file_dtype,
                          load_dtype=f"{file_dtype} (as stored)" if load_dtype == "stored" else load_dtype,

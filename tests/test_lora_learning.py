@@ -85,13 +85,13 @@ def training_latents(image: Path) -> torch.Tensor:
         return torch.from_numpy(cache[f"latents_{SIZE // 8}x{SIZE // 8}"]).float()
 
 
-def train_and_measure(work: Path, model_seed: int = 0, train_seed: int = 1, network=LORA_NETWORK
-                      ) -> dict[str, dict[str, float]]:
+def train_and_measure(work: Path, model_seed: int = 0, train_seed: int = 1, network=LORA_NETWORK,
+                      extra: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
     """Train one LoRA (`network`: the --network_* options) on the demo images, sample each caption with and without
-    it; MSEs per image."""
+    it; MSEs per image. `extra`: options of both command lines (a quantized base: tests/test_quantized_base.py)."""
     models = make_tiny_models(work / "models", seed=model_seed, init="trained-like", hidden_size=128)
     toml = make_demo_dataset(work / "data", count=IMAGES, size=SIZE)
-    assert train_cli.main(train_args(models, toml, work / "out", train_seed, network)) == 0
+    assert train_cli.main([*train_args(models, toml, work / "out", train_seed, network), *extra]) == 0
     lora = work / "out" / "learned.safetensors"
 
     images = sorted((work / "data" / "images").glob("*.png"))
@@ -99,8 +99,8 @@ def train_and_measure(work: Path, model_seed: int = 0, train_seed: int = 1, netw
     results = {}
     for image in images:
         caption = image.with_suffix(".txt").read_text().strip()
-        base = sampled_latents(models, work / "samples" / f"{image.stem}_base", caption)
-        learned = sampled_latents(models, work / "samples" / f"{image.stem}_lora", caption,
+        base = sampled_latents(models, work / "samples" / f"{image.stem}_base", caption, *extra)
+        learned = sampled_latents(models, work / "samples" / f"{image.stem}_lora", caption, *extra,
                                   "--lora_weights", str(lora))
         target = targets[image.stem]
         assert base.shape == learned.shape == target.shape == (16, SIZE // 8, SIZE // 8)

@@ -221,8 +221,7 @@ def test_quantized_bases_are_planned_by_their_stored_bytes():
     assert weight_bytes("int8", 3072, 12288) == 3072 * 12288 + 4 * 3072  # a float32 scale per row
     assert weight_bytes("gguf_q8_0", 4, 64) == 8 * 34  # 32 weights in 34 bytes
     assert weight_bytes("gguf_q4_k", 1, 256) == 144
-    nf4 = weight_bytes("nf4", 3072, 3072) / (3072 * 3072)
-    assert 0.5 < nf4 < 0.52  # 4 bits + an 8-bit scale per 64 (double-quantised)
+    assert weight_bytes("nf4", 3072, 3072) / (3072 * 3072) == 0.5625  # 4 bits + a float32 scale per 64
     with pytest.raises(ValueError, match="expected one of"):
         weight_bytes("q4", 1, 1)
     base = dict(model="test", params=TINY_DEEP, width=128, height=128, t5_tokens=64, optimizer_type="AdamW",

@@ -10,6 +10,7 @@ import torch
 from library.formats.lycoris_weights import is_lycoris
 from library.formats.safetensors_io import load_tensors, read_header
 from library.memory.gguf_linear import GGUFLinear
+from library.memory.quantized_base import dequantize_for_merge
 from networks import lora_flux
 from networks.lycoris_flux import LycorisFileNetwork
 
@@ -27,8 +28,9 @@ def parse_lora_spec(spec: str) -> tuple[Path, float]:
 
 
 def apply_loras(specs: list[str], flux: torch.nn.Module, clip_l, t5xxl, merge: bool,
-                device: torch.device | str) -> list:
+                device: torch.device | str, dequantize: bool = False) -> list:
     """Load each LoRA file and either merge it into the base weights (`merge`) or hook it into the models.
+    Merging into an nf4/int8 base is refused unless `dequantize` (the layers it changes are dequantized first).
 
     Returns the hooked networks (empty when merged), whose `set_multiplier` changes their strength later."""
     networks = []
@@ -54,6 +56,8 @@ def apply_loras(specs: list[str], flux: torch.nn.Module, clip_l, t5xxl, merge: b
         if merge:
             if has_unet:
                 _refuse_merge_into_gguf(path, flux)
+            dequantize_for_merge(network.unet_loras, dequantize, "--dequantize_merged_layers",
+                                 f"--merge_lora_weights {path}")
             network.merge_to(text_encoders, flux, weights, None, device)
             logger.info("merged LoRA %s x %s", path, multiplier)
             continue

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -31,6 +31,12 @@ class Entry:
     dtype: torch.dtype  # as stored (float32 for a scaled fp8 weight: read dequantised)
     read: Callable[[], torch.Tensor]
     scale_mode: str | None = None  # a scaled fp8 weight's scales: "tensor", "channel" or "block"
+    # the tensor as consecutive row blocks, read one at a time (concatenated along dim 0 they are `read()`): a
+    # diffusers entry fused from several file tensors never needs the fused copy beside its parts
+    read_parts: Callable[[], Iterator[torch.Tensor]] | None = None
+
+    def parts(self) -> Iterator[torch.Tensor]:
+        return self.read_parts() if self.read_parts is not None else iter((self.read(),))
 
 
 class Readers:
@@ -83,15 +89,20 @@ def transformer_entries(path: str | os.PathLike, readers: Readers) -> tuple[list
         if not all(d in owner for d in rule.diffusers):
             continue
 
-        def read(rule=rule) -> torch.Tensor:
-            parts = [readers.get(owner[d], d) for d in rule.diffusers]
-            t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-            if rule.swap_halves:
-                a, b = t.chunk(2, dim=0)
-                t = torch.cat((b, a), dim=0)
-            return t
+        def read_parts(rule=rule) -> Iterator[torch.Tensor]:
+            if rule.swap_halves:  # BFL stores the row halves the other way round
+                parts = [readers.get(owner[d], d) for d in rule.diffusers]
+                a, b = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)).chunk(2, dim=0)
+                yield from (b, a)
+                return
+            for d in rule.diffusers:
+                yield readers.get(owner[d], d)
 
-        entries.append(Entry(rule.bfl, info.shapes[rule.bfl], stored(rule.diffusers[0]), read))
+        def read(rule=rule) -> torch.Tensor:
+            parts = list(read_parts(rule))
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+        entries.append(Entry(rule.bfl, info.shapes[rule.bfl], stored(rule.diffusers[0]), read, read_parts))
     return entries, info
 
 

@@ -12,8 +12,8 @@ Bytes per weight, from each format's block layout (norms, biases and embeddings 
 * fp8 (float8_e4m3fn): 1 byte. fp8_scaled adds one float32 scale per output channel (ComfyUI/musubi also write
   per-tensor scales: less).
 * int8 (bitsandbytes LLM.int8 vector-wise): 1 byte plus one float32 scale per output row.
-* nf4 (bitsandbytes 4-bit, block size 64, with its double quantisation of the block scales): 4 bits plus an 8-bit
-  scale per block of 64 and a float32 per 256 blocks.
+* nf4 (bitsandbytes 4-bit, block size 64, as library/memory/quantized_linear.py stores it: no double quantisation
+  of the block scales): 4 bits plus a float32 scale per block of 64.
 * GGUF (ggml block quantisation): bytes per block / weights per block, from library/formats/gguf_quants.py
   (Q8_0 34/32, Q6_K 210/256, Q5_K 176/256, Q4_K 144/256, Q2_K 84/256, ...). A file's type is the one most of its
   block weights use (city96's _S/_M files mix types per tensor; the others are counted at that type).
@@ -43,8 +43,7 @@ def weight_bytes(kind: str, rows: int, cols: int) -> int:
     if kind == "int8":
         return numel + 4 * rows
     if kind == "nf4":
-        blocks = math.ceil(numel / 64)
-        return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256)
+        return math.ceil(numel / 2) + 4 * math.ceil(numel / 64)
     if kind.startswith("gguf_") and kind[5:].upper() in _GGUF_QUANTIZED:
         t = _GGUF_QUANTIZED[kind[5:].upper()]
         return math.ceil(numel / t.block_size) * t.type_size

@@ -171,10 +171,15 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="autocast dtype")
     add("--full_fp16", action="store_true", help="trained weights in fp16 (needs --mixed_precision fp16)")
     add("--full_bf16", action="store_true", help="trained weights in bf16 (needs --mixed_precision bf16)")
-    add("--fp8_base", action="store_true", help="frozen base model weights in fp8 (float8_e4m3fn)")
+    add("--fp8_base", action="store_true", help="frozen base model weights in fp8 (float8_e4m3fn); the same as "
+        "--base_quantization fp8")
     add("--fp8_matmul", action="store_true",
         help="with --fp8_base: compute the frozen fp8 Linears with torch._scaled_mm (activations quantised to fp8) "
              "on GPUs of compute capability 8.9+; elsewhere the weights are upcast as without it (logged)")
+    add("--base_quantization", type=str, default=None, choices=["nf4", "int8", "fp8", "fp8_scaled"],
+        help="store the frozen transformer's block weights quantized: nf4 or int8 (bitsandbytes, quantized while "
+             "loading; T5 stays in the weight dtype), fp8 (= --fp8_base), fp8_scaled (fp8 with a float32 scale per "
+             "tensor, ComfyUI's scaled fp8; a scaled file keeps its own scales)")
     add("--ddp_timeout", type=positive_int, default=None, help="distributed process group timeout in minutes")
     add("--ddp_gradient_as_bucket_view", action="store_true", help="DDP gradient_as_bucket_view")
     add("--ddp_static_graph", action="store_true", help="DDP static_graph")
@@ -323,6 +328,9 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     add("--scale_weight_norms", type=positive_float, default=None, help="max norm of each LoRA update (e.g. 1.0)")
     add("--base_weights", type=str, default=None, nargs="*", help="LoRA files merged into the model before training")
     add("--base_weights_multiplier", type=float, default=None, nargs="*", help="multipliers of --base_weights")
+    add("--dequantize_merged_layers", action="store_true",
+        help="with --base_quantization nf4/int8: the layers --base_weights change are dequantized to the compute "
+             "dtype and the LoRA merged into them (otherwise such a merge is refused)")
     add("--no_half_vae", action="store_true", help="autoencoder in fp32")
     add("--skip_until_initial_step", action="store_true",
         help="with --initial_step/--initial_epoch: skip the batches before that step (a --resume state always does)")
@@ -449,6 +457,13 @@ def _unsupported(args: argparse.Namespace, trainer: TrainerCommandLine) -> list[
     return problems
 
 
+def _base_quantization_problems(get) -> list[str]:
+    quant = get("base_quantization")
+    if quant in ("nf4", "int8") and (get("fp8_base") or get("fp8_base_unet")):
+        return [f"--base_quantization {quant} and --fp8_base / --fp8_base_unet exclude each other: choose one"]
+    return []
+
+
 # --- checks and implications (reference 1.16) ---------------------------------------------------------------------
 
 
@@ -471,6 +486,7 @@ def verify_training_args(args: argparse.Namespace, trainer: TrainerCommandLine) 
     imply("cache_text_encoder_outputs_to_disk", "cache_text_encoder_outputs")
     if trainer.fp8_base:
         imply("fp8_base_unet", "fp8_base")
+        problems += _base_quantization_problems(get)
     imply("cpu_offload_checkpointing", "gradient_checkpointing")
     for name in ("sample_every_n_steps", "sample_every_n_epochs"):
         if get(name) is not None and get(name) <= 0:
@@ -483,6 +499,8 @@ def verify_training_args(args: argparse.Namespace, trainer: TrainerCommandLine) 
     for flag, dtype in (("full_fp16", "fp16"), ("full_bf16", "bf16")):
         if get(flag) and get("mixed_precision") != dtype:
             problems.append(f"--{flag} requires --mixed_precision {dtype} (got {get('mixed_precision')})")
+    if trainer.fp8_base and get("base_quantization") in ("fp8", "fp8_scaled"):
+        imply("base_quantization", "fp8_base")  # one name for the fp8 path downstream (scaled: setup.load_models)
     if trainer.fp8_base and get("fp8_base") and get("mixed_precision", "no") == "no":
         problems.append("--fp8_base / --fp8_base_unet require --mixed_precision bf16 or fp16: fp8 weights are "
                         "computed in the autocast dtype")

@@ -31,6 +31,7 @@ class RunSettings:
     blocks_to_swap: int  # --blocks_to_swap, 'auto' resolved by the memory planner (library/cli) beforehand
     fp8_base: bool  # the frozen transformer stored in fp8: --fp8_base, where the recipe stores no trained weight so
     fp8_t5xxl: bool  # T5 stored in fp8 too: --fp8_base without --fp8_base_unet
+    quantized_base: str | None = None  # the frozen transformer's block Linears in "nf4" or "int8" (bitsandbytes)
 
     @classmethod
     def from_args(cls, args, *, fp8_allowed: bool, training: str, blocks_to_swap: int | None = None) -> RunSettings:
@@ -44,8 +45,10 @@ class RunSettings:
             swap = blocks_to_swap
         fp8 = fp8_allowed and bool(getattr(args, "fp8_base", False))
         seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
+        quant = getattr(args, "base_quantization", None) if fp8_allowed else None
         return cls(seed=seed, blocks_to_swap=int(swap), fp8_base=fp8,
-                   fp8_t5xxl=fp8 and not getattr(args, "fp8_base_unet", False))
+                   fp8_t5xxl=fp8 and not getattr(args, "fp8_base_unet", False),
+                   quantized_base=quant if quant in ("nf4", "int8") else None)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from library.flow.prompts import load_prompts
 from library.memory.block_swap import split_blocks_to_swap
 from library.memory.fp8 import prepare_fp8, prepare_t5xxl_fp8
 from library.memory.gguf_linear import check_swappable_gguf, load_gguf_transformer
+from library.memory.quantized_base import load_quantized_transformer
 from library.models import loading as flux_utils
 from library.models.text_encoding import caption_encoder
 from library.training.errors import TrainingError
@@ -139,12 +140,20 @@ def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtyp
     info = flux_utils.analyze_checkpoint(args.pretrained_model_name_or_path)
     blocks_to_swap = check_blocks_to_swap(args, settings.blocks_to_swap, info)
     check_fp8_checkpoint(settings.fp8_base, args.pretrained_model_name_or_path, info)
-    fp8 = settings.fp8_base
-    compute = torch.bfloat16 if (fp8 and dtype == torch.float32 and device.type == "cuda") else dtype
+    fp8, quant = settings.fp8_base, settings.quantized_base
+    stored = fp8 or quant is not None  # weights that are not in a float type compute in `compute`
+    compute = torch.bfloat16 if (stored and dtype == torch.float32 and device.type == "cuda") else dtype
     logger.info("loading %s (%s, %s layout)", args.pretrained_model_name_or_path, info.model_type, info.layout)
     if info.layout == "gguf":
+        if quant:
+            raise TrainingError(f"{args.pretrained_model_name_or_path} is a GGUF file, quantized already: "
+                                f"--base_quantization {quant} does not apply to it; leave it out")
         flux = load_gguf_base(args.pretrained_model_name_or_path, info, fp8, quantized_base_allowed, compute,
                               blocks_to_swap)
+    elif quant:
+        logger.info("quantizing the transformer's block weights to %s while loading (bitsandbytes)", quant)
+        flux = load_quantized_transformer(args.pretrained_model_name_or_path, quant, compute, info=info,
+                                          quantize_device=device if device.type == "cuda" else "cpu")
     else:
         _, flux = flux_utils.load_flow_model(args.pretrained_model_name_or_path,
                                              None if fp8 else (flux_dtype or dtype), "cpu", info=info)
@@ -152,7 +161,9 @@ def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtyp
         logger.info("%s is scaled fp8: %s", args.pretrained_model_name_or_path,
                     "used as stored (--fp8_base)" if fp8 else f"dequantised to {flux_dtype or dtype} at load")
     if fp8 and info.layout != "gguf":
-        prepare_fp8(flux, torch.float8_e4m3fn, compute, fp8_matmul=bool(getattr(args, "fp8_matmul", False)))
+        scaled = "tensor" if getattr(args, "base_quantization", None) == "fp8_scaled" else None
+        prepare_fp8(flux, torch.float8_e4m3fn, compute, fp8_matmul=bool(getattr(args, "fp8_matmul", False)),
+                    scaled=scaled)
     t5_fp8 = settings.fp8_t5xxl
     ae = flux_utils.load_ae(args.ae, torch.float32 if getattr(args, "no_half_vae", False) else dtype, "cpu")
     clip_l = flux_utils.load_clip_l(args.clip_l, dtype, "cpu")

@@ -14,6 +14,7 @@ _FULL_MODEL = {  # options that do nothing when the whole model (or a ControlNet
     "use_safetensors": "the model is always saved as .safetensors",
     "fused_optimizer_groups": "it has no effect in sd-scripts either; see --blockwise_fused_optimizers",
 }
+_QUANTIZED = {"base_quantization": "is for a frozen transformer (LoRA training, flux_train_network.py); remove it"}
 _CONTROLNET_ONLY = {"controlnet_model_name_or_path": "only flux_train_control_net.py uses it"}
 
 LORA = TrainerCommandLine(
@@ -25,12 +26,12 @@ LORA = TrainerCommandLine(
 
 FULL = TrainerCommandLine(
     script="flux_train.py", training="full fine-tuning", add_arguments=add_full_train_arguments,
-    checks=full_checks,
+    checks=full_checks, refused=_QUANTIZED,
     ineffective={**_FULL_MODEL, **_CONTROLNET_ONLY})
 
 CONTROLNET = TrainerCommandLine(
     script="flux_train_control_net.py", training="ControlNet training", add_arguments=add_full_train_arguments,
-    checks=full_checks,
+    checks=full_checks, refused=_QUANTIZED,
     dataset_kinds=dict(support_dreambooth=False, support_controlnet=True),
     ineffective={**_FULL_MODEL, "fp8_scaled": "a ControlNet is saved in --save_precision (only flux_train.py "
                                               "writes scaled fp8)"})

@@ -16,6 +16,7 @@ from library.formats.lycoris_weights import is_lycoris
 from library.formats.metadata import lora_metadata, modelspec_metadata, update_for_save
 from library.formats.safetensors_io import load_tensors, read_header
 from library.models.text_encoders import kohya_clip_root
+from library.memory.quantized_base import dequantize_for_merge
 from library.training.arguments import parse_network_args
 from library.training.errors import TrainingError
 from library.training.loop import Trainer
@@ -121,6 +122,11 @@ class LoRATrainer(Trainer):
                 continue
             net, weights = self.network_module.create_network_from_weights(m, path, models.ae, text_encoders,
                                                                            models.flux, for_inference=True)
+            try:
+                dequantize_for_merge(getattr(net, "unet_loras", []), self.args.dequantize_merged_layers,
+                                     "--dequantize_merged_layers", f"--base_weights {path}")
+            except ValueError as e:
+                raise TrainingError(str(e)) from None
             net.merge_to(text_encoders, models.flux, weights, models.weight_dtype, self.accelerator.device)
             logger.info("merged --base_weights %s x %s", path, m)
 
