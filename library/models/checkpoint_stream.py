@@ -102,7 +102,8 @@ def transformer_entries(path: str | os.PathLike, readers: Readers) -> tuple[list
             parts = list(read_parts(rule))
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
-        entries.append(Entry(rule.bfl, info.shapes[rule.bfl], stored(rule.diffusers[0]), read, read_parts))
+        entries.append(Entry(rule.bfl, info.shapes[rule.bfl], stored(rule.diffusers[0]), read,
+                             read_parts=read_parts))
     return entries, info
 
 
