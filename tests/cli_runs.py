@@ -56,3 +56,24 @@ def launch_two_ranks(work, argv: list[str], port: int):
                        capture_output=True, text=True, cwd=root, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return tuple(load_file(str(Path(work) / f"rank{i}_of_2.safetensors")) for i in range(2))
+
+
+def swappable_tiny_models(base):
+    """Tiny models whose transformer has 4 double + 8 single blocks (the tiny preset's 2 + 2 cannot swap any: each
+    stack keeps 2 blocks), and a 2-image demo dataset: (models, dataset toml)."""
+    from dataclasses import replace
+
+    import torch
+
+    from library.formats.safetensors_io import save_file_atomic
+    from library.models.checkpoint import analyze_checkpoint
+    from library.models.transformer import Flux
+    from tools.make_demo_dataset import make_demo_dataset
+    from tools.make_tiny_models import make_tiny_models
+
+    models = make_tiny_models(base / "models")
+    params = replace(analyze_checkpoint(models["flux"]).params, depth=4, depth_single_blocks=8)
+    torch.manual_seed(3)
+    models["flux"] = base / "models" / "flux_12_blocks.safetensors"
+    save_file_atomic(Flux(params).state_dict(), models["flux"], {"tiny": "true"})
+    return models, make_demo_dataset(base / "data", count=2, size=32)

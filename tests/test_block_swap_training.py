@@ -5,7 +5,6 @@ keeps 2 blocks), so --blocks_to_swap goes up to 5. Compute and storage are both 
 tests/test_block_swap.py), so a wrong schedule changes the trained weights.
 """
 
-from dataclasses import replace
 from functools import partial
 
 import cli_runs
@@ -16,15 +15,10 @@ from safetensors.torch import load_file
 
 import flux_minimal_inference
 import flux_train_network as cli
-from library.formats.safetensors_io import save_file_atomic
 from library.memory.checkpointing import is_cpu_offload_checkpointing
-from library.models.checkpoint import analyze_checkpoint
-from library.models.transformer import Flux
 from library.training.arguments import verify_training_args
 from library.training.errors import TrainingError
 from library.training.recipes.command_lines import FULL
-from tools.make_demo_dataset import make_demo_dataset
-from tools.make_tiny_models import make_tiny_models
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -32,14 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    base = tmp_path_factory.mktemp("swap")
-    models = make_tiny_models(base / "models")
-    params = replace(analyze_checkpoint(models["flux"]).params, depth=4, depth_single_blocks=8)
-    torch.manual_seed(3)
-    models["flux"] = base / "models" / "flux_12_blocks.safetensors"
-    save_file_atomic(Flux(params).state_dict(), models["flux"], {"tiny": "true"})
-    toml = make_demo_dataset(base / "data", count=2, size=32)
-    return models, toml
+    return cli_runs.swappable_tiny_models(tmp_path_factory.mktemp("swap"))
 
 
 def train_argv(setup, out, *extra):

@@ -4,7 +4,6 @@ block swap, and LoRA merges refused or dequantised."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -13,16 +12,15 @@ from safetensors.torch import load_file
 
 import cli_runs
 import flux_minimal_inference as inference_cli
-from cli_runs import run_args
+from cli_runs import run_args, swappable_tiny_models
 from library.formats.safetensors_io import save_file_atomic
 from library.memory import quantized_linear
 from library.memory.quantized_base import block_linears, load_quantized_transformer
 from library.memory.quantized_linear import QuantizedLinear, bytes_per_parameter, quantize
-from library.models.checkpoint import analyze_checkpoint, load_transformer
+from library.models.checkpoint import load_transformer
 from library.models.transformer import Flux
 from library.training.errors import TrainingError
 from model_helpers import flux_inputs
-from tools.make_demo_dataset import make_demo_dataset
 from tools.make_tiny_models import make_tiny_models
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -125,14 +123,8 @@ def test_bytes_per_parameter():
 
 @pytest.fixture(scope="module")
 def swap_setup(tmp_path_factory):
-    """4 double + 8 single blocks (so that --blocks_to_swap can swap some), as tests/test_block_swap_training.py."""
-    base = tmp_path_factory.mktemp("qswap")
-    models = make_tiny_models(base / "models")
-    params = replace(analyze_checkpoint(models["flux"]).params, depth=4, depth_single_blocks=8)
-    torch.manual_seed(3)
-    models["flux"] = base / "models" / "flux_12_blocks.safetensors"
-    save_file_atomic(Flux(params).state_dict(), models["flux"], {"tiny": "true"})
-    return models, make_demo_dataset(base / "data", count=2, size=32)
+    """4 double + 8 single blocks (so that --blocks_to_swap can swap some)."""
+    return swappable_tiny_models(tmp_path_factory.mktemp("qswap"))
 
 
 def train_argv(setup, out, *extra):
