@@ -39,7 +39,7 @@ def expected(linear_weight, bias, module, x, multiplier):
     return x.double() @ (w + multiplier * (full - w)).T + bias.double()
 
 
-@pytest.mark.parametrize("base", ["bf16", "fp8", "nf4"])
+@pytest.mark.parametrize("base", ["bf16", "fp8", "fp8_scaled", "nf4"])
 @pytest.mark.parametrize("multiplier", [1.0, 0.6])
 def test_dora_forward_is_the_formula_on_bf16_fp8_and_nf4_bases(base, multiplier):
     from library.memory.fp8 import Fp8Linear, prepare_fp8
@@ -47,9 +47,9 @@ def test_dora_forward_is_the_formula_on_bf16_fp8_and_nf4_bases(base, multiplier)
     torch.manual_seed(0)
     linear = nn.Linear(64, 24)
     holder = nn.Sequential(linear).to(torch.bfloat16)
-    if base == "fp8":
-        prepare_fp8(holder)
-        assert isinstance(holder[0], Fp8Linear)
+    if base.startswith("fp8"):
+        prepare_fp8(holder, scaled="channel" if base == "fp8_scaled" else None)
+        assert isinstance(holder[0], Fp8Linear) and (holder[0].scale is not None) == (base == "fp8_scaled")
     elif base == "nf4":
         pytest.importorskip("bitsandbytes.functional")
         from library.memory.quantized_linear import QuantizedLinear
@@ -71,9 +71,12 @@ def test_dora_forward_is_the_formula_on_bf16_fp8_and_nf4_bases(base, multiplier)
     torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
 
 
-def test_dora_refuses_split_qkv(models):
-    with pytest.raises(ValueError, match="dora_wd=True cannot be combined with split_qkv"):
-        lora_flux.create_network(1.0, 4, 1.0, None, None, models[0], dora_wd="True", split_qkv="True")
+def test_dora_with_split_qkv_is_refused_in_one_line(setup, tmp_path, capsys):
+    import flux_train_network as cli
+
+    assert cli.main([*run_args(*setup, tmp_path), "--network_module", "networks.lora_flux", "--max_train_steps", "1",
+                     "--network_args", "dora_wd=True", "split_qkv=True"]) == 2
+    assert "dora_wd=True cannot be combined with split_qkv" in capsys.readouterr().err
 
 
 def test_dora_equals_lycoris_dora_and_merges_exactly(models, tmp_path):
@@ -123,6 +126,13 @@ def test_dora_equals_lycoris_dora_and_merges_exactly(models, tmp_path):
     saved, theirs = load_file(str(path)), load_file(str(lyco_path))
     assert saved.keys() == theirs.keys()
     assert all(saved[k].shape == theirs[k].shape for k in saved)
+
+    # a network shaped by the file (--dim_from_weights, inference) is DoRA and loads it whole
+    shaped_flux = copy.deepcopy(pristine)
+    shaped, sd = lora_flux.create_network_from_weights(1.0, path, None, None, shaped_flux, for_inference=True)
+    shaped.apply_to(None, shaped_flux, False, True)
+    assert shaped.load_state_dict(sd, strict=True)
+    torch.testing.assert_close(run(shaped_flux, inputs), hooked, rtol=1e-5, atol=1e-5)
 
     ours.set_multiplier(0.6)  # at another strength the hooked file (ComfyUI's k (W' - W)) still agrees
     file_flux = copy.deepcopy(pristine)
@@ -192,3 +202,19 @@ def test_cli_trains_dora_on_an_fp8_base_and_the_file_renders_the_same(setup, tmp
     from_file = run(file_flux, inputs)
     assert (in_memory - base).abs().max() > 1e-3
     torch.testing.assert_close(from_file, in_memory, rtol=1e-4, atol=1e-4)
+
+    # and flux_minimal_inference.py renders with it, hooked and merged alike
+    import flux_minimal_inference as inference_cli
+
+    def latents(name, *extra):
+        folder = tmp_path / name
+        assert inference_cli.main([
+            "--ckpt_path", str(models["flux"]), "--ae", str(models["ae"]), "--clip_l", str(models["clip_l"]),
+            "--t5xxl", str(models["t5xxl"]), "--tokenizer_cache_dir", str(models["tokenizers"]),
+            "--t5xxl_max_token_length", "16", "--dtype", "fp32", "--device", "cpu", "--width", "32", "--height", "32",
+            "--steps", "2", "--seed", "1", "--prompt", "a red circle", "--output_dir", str(folder), "--output_latents",
+            "--lora_weights", str(out / "dora.safetensors"), *extra]) == 0
+        (file,) = folder.glob("*_latents.safetensors")
+        return load_file(str(file))["latents"].float()
+
+    torch.testing.assert_close(latents("merged", "--merge_lora_weights"), latents("hooked"), rtol=1e-5, atol=1e-5)
