@@ -123,7 +123,7 @@ class LoRAModule(nn.Module):
         if dora:
             with torch.no_grad():
                 norms = dequantized_weight(org_module, torch.float32).norm(dim=1, keepdim=True)
-            self.dora_scale = nn.Parameter(norms.cpu())
+            self.dora_scale = nn.Parameter(norms)
         else:
             self.dora_scale = None
         self._set_alpha(alpha or float(self.lora_dim))
