@@ -6,6 +6,8 @@ as sd-scripts' trainer does. Files are kohya LoRAs (`lora_unet_*`, `lora_te1_*`,
 `lora_up`, `alpha`) that ComfyUI, diffusers and sd-scripts load. Fixed against sd-scripts: split_qkv works for double
 and single blocks and its files carry the trained strength (see networks/lora_modules.py), alpha is saved as float32,
 loading a file updates the scale from its alpha, max-norm regularisation rescales, files are never pickles.
+`dora_wd=True` trains DoRA (networks/lora_modules.py) on any base, fp8 and quantized included; its files add lycoris'
+`dora_scale` and are read back as LyCORIS files.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from library.formats.lora_formats import load_as_kohya
+from library.formats.lora_formats import LoRAFormatError, load_as_kohya
+from library.formats.lycoris_weights import read_lycoris
 from library.formats.model_hashes import add_model_hashes
-from library.formats.safetensors_io import save_file_atomic
+from library.formats.safetensors_io import load_tensors, read_header, save_file_atomic
 from library.models.text_encoders import kohya_clip_root
 from networks.lora_modules import LoRAInfModule, LoRAModule
 
@@ -42,7 +45,7 @@ KNOWN_NETWORK_ARGS = {
     "train_blocks", *TYPE_DIM_KEYS, "in_dims", "train_double_block_indices", "train_single_block_indices",
     "network_reg_dims", "network_reg_lrs", "rank_dropout", "module_dropout", "split_qkv", "train_t5xxl", "verbose",
     "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "conv_dim", "conv_alpha",
-    "dropout",
+    "dropout", "dora_wd",
 }
 
 
@@ -140,7 +143,12 @@ def _common_kwargs(kwargs: dict) -> dict:
         raise ValueError("network_args ggpo_sigma/ggpo_beta (GGPO) are not supported by this suite")
     if kwargs.get("conv_dim") is not None or kwargs.get("conv_alpha") is not None:
         logger.info("network_args conv_dim/conv_alpha have no effect: FLUX has no Conv2d layers to train")
+    dora = _arg_bool(kwargs, "dora_wd")
+    if dora and _arg_bool(kwargs, "split_qkv"):
+        raise ValueError("network_args dora_wd=True cannot be combined with split_qkv: DoRA normalises whole rows "
+                         "of the fused qkv/linear1 weight")
     return dict(
+        dora=dora,
         rank_dropout=_arg_float(kwargs, "rank_dropout"),
         module_dropout=_arg_float(kwargs, "module_dropout"),
         reg_lrs=parse_regex_values(kwargs.get("network_reg_lrs"), "network_reg_lrs", float),
@@ -204,6 +212,7 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
         if not modules_alpha.get(name):
             modules_alpha[name] = float(dim)
     common = _common_kwargs(kwargs)
+    common["dora"] = common["dora"] or any(k.endswith(".dora_scale") for k in weights_sd)
     network = LoRANetwork(
         text_encoders, flux, multiplier=multiplier, modules_dim=modules_dim, modules_alpha=modules_alpha,
         dropout=None if for_inference else _arg_float(kwargs, "dropout"),
@@ -215,7 +224,15 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
 def load_lora_file(file: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a LoRA .safetensors file as kohya keys: kohya files as they are, every other known layout (diffusers/
     PEFT, ai-toolkit, ComfyUI, BFL names, OneTrainer, ...) converted exactly (library/formats/lora_formats.py). Pickles
-    are refused by the reader with a message."""
+    are refused by the reader with a message. DoRA files (kohya LoRA tensors plus lycoris' `dora_scale`, what
+    dora_wd=True saves) are read as they are."""
+    if any(k.endswith(".dora_scale") for k in read_header(file).keys):
+        tensors = load_tensors(file)
+        others = sorted({w.algo for w in read_lycoris(tensors).values()} - {"lora"})
+        if others:
+            raise LoRAFormatError(f"{file}: a LyCORIS {'/'.join(others)} file; networks.lora_flux loads LoRA and "
+                                  "DoRA weights only (use --network_module lycoris.kohya)")
+        return tensors
     return load_as_kohya(file)
 
 
@@ -275,7 +292,7 @@ class LoRANetwork(nn.Module):
                  train_double_block_indices: Sequence[bool] | None = None,
                  train_single_block_indices: Sequence[bool] | None = None,
                  reg_dims: dict[str, int] | None = None, reg_lrs: dict[str, float] | None = None,
-                 verbose: bool = False, loraplus_lr_ratio: float | None = None,
+                 verbose: bool = False, dora: bool = False, loraplus_lr_ratio: float | None = None,
                  loraplus_unet_lr_ratio: float | None = None, loraplus_text_encoder_lr_ratio: float | None = None):
         super().__init__()
         self.multiplier = multiplier
@@ -284,6 +301,7 @@ class LoRANetwork(nn.Module):
         self.module_class = module_class
         self.modules_dim, self.modules_alpha = modules_dim, modules_alpha
         self.train_blocks, self.split_qkv, self.train_t5xxl = train_blocks, split_qkv, train_t5xxl
+        self.dora = dora
         self.type_dims, self.in_dims = type_dims, in_dims
         self.train_double_block_indices = train_double_block_indices
         self.train_single_block_indices = train_single_block_indices
@@ -380,7 +398,7 @@ class LoRANetwork(nn.Module):
                 dim, alpha = dim // k, (alpha or dim) / k
             loras.append(self.module_class(name, module, self.multiplier, dim, alpha, dropout=self.dropout,
                                            rank_dropout=self.rank_dropout, module_dropout=self.module_dropout,
-                                           split_dims=split_dims))
+                                           split_dims=split_dims, dora=self.dora))
         return loras
 
     # -- sd-scripts' network API ----------------------------------------------------------------------------------

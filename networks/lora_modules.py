@@ -13,6 +13,13 @@ it: down = the parts' downs stacked (k*r, in), up = block-diagonal (out, k*r), a
 makes the fused scale alpha_saved / (k*r) equal to the trained per-part scale alpha / r (all parts of a module share
 r and alpha, so one scale fits all of them). sd-scripts keeps alpha unchanged instead, so non-split loaders apply
 only 1/k of what was trained (its bug 4); loading a fused file back into a split module reverses the rule exactly.
+
+DoRA (`dora=True`, network_args dora_wd=True): a trained magnitude m (`dora_scale`, (out, 1) float32, initialised to
+the base weight's row norms, lycoris' layout for a Linear) rescales each output row of the updated weight,
+W' = m * (W + s*dW) / (||W + s*dW||_row + eps), s = alpha / r, as lycoris trains it (the norm is not detached there,
+nor here). At multiplier k the change is k * (W' - W), as ComfyUI and library/formats/lycoris_weights.py apply such
+files, so a saved file reads back the same at every strength. The forward never builds W' x: it is
+(m / n) * (W x + s * up(down(x))), W x being the wrapped layer's own output less its bias.
 """
 
 from __future__ import annotations
@@ -52,6 +59,24 @@ def split_fused_weights(down: torch.Tensor, up: torch.Tensor, split_dims: Sequen
     return downs, ups
 
 
+def dequantized_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The weight a frozen base Linear computes with, in `dtype`: fp8 (scaled or not), bitsandbytes and GGUF layers
+    expose `dequantized_weight(dtype)` (duck-typed: library.memory is above this layer); a plain Linear is cast, and
+    a scaled fp8 weight on a plain Linear multiplied by its `scale_weight`."""
+    dequantize = getattr(module, "dequantized_weight", None)
+    if dequantize is not None:
+        return dequantize(dtype)
+    return fp8_scaled.dequantize(module.weight, module._buffers.get(fp8_scaled.SCALE), dtype)
+
+
+DORA_EPS = torch.finfo(torch.float32).eps  # lycoris adds it to the norm
+
+
+def dora_rescale(updated: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's per-row factor m / (||W + dW||_row + eps), (out, 1) float32, for `updated` = W + dW."""
+    return magnitude.float().view(-1, 1) / (updated.float().norm(dim=1, keepdim=True) + DORA_EPS)
+
+
 def _rank_dropout_mask(lx: torch.Tensor, p: float) -> torch.Tensor:
     """Keep-mask over ranks, one draw per sample, broadcast over the sequence dimensions."""
     shape = (lx.shape[0],) + (1,) * (lx.dim() - 2) + (lx.shape[-1],)
@@ -64,9 +89,12 @@ class LoRAModule(nn.Module):
     def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0, lora_dim: int = 4,
                  alpha: float | torch.Tensor | None = 1.0, dropout: float | None = None,
                  rank_dropout: float | None = None, module_dropout: float | None = None,
-                 split_dims: Sequence[int] | None = None):
+                 split_dims: Sequence[int] | None = None, dora: bool = False):
         super().__init__()
         self.lora_name = lora_name
+        if dora and split_dims is not None:
+            raise ValueError(f"{lora_name}: dora_wd=True cannot be combined with split_qkv (DoRA normalises whole "
+                             "rows of the fused weight)")
         in_dim, out_dim = org_module.in_features, org_module.out_features
         if split_dims is not None and sum(split_dims) != out_dim:
             raise ValueError(f"{lora_name}: split dims {list(split_dims)} do not add up to {out_dim} outputs")
@@ -92,6 +120,12 @@ class LoRAModule(nn.Module):
         # float32 always: sd-scripts stores an int64 alpha when it came from the int CLI default (its bug 25).
         alpha = float(alpha) if alpha is not None else 0.0
         self.register_buffer("alpha", torch.tensor(alpha or float(self.lora_dim), dtype=torch.float32))
+        if dora:
+            with torch.no_grad():
+                norms = dequantized_weight(org_module, torch.float32).norm(dim=1, keepdim=True)
+            self.dora_scale = nn.Parameter(norms)
+        else:
+            self.dora_scale = None
         self._set_alpha(alpha or float(self.lora_dim))
         self.multiplier = multiplier
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
@@ -163,6 +197,8 @@ class LoRAModule(nn.Module):
         scale = self.scale
         if self.training and self.rank_dropout:
             scale = scale / (1.0 - self.rank_dropout)  # keeps the expected update unchanged
+        if self.dora_scale is not None:
+            return self._dora_forward(x, org_out, scale)
         if self.split_dims is None:
             lx = self._lora(x, self.lora_down, self.lora_up, scale)
         else:
@@ -171,6 +207,19 @@ class LoRAModule(nn.Module):
         # 96 MiB per 4096 tokens) two such tensors exist at once instead of four. The same values, bit for bit.
         lx = (lx * (self.multiplier * scale)).to(org_out.dtype)
         return org_out.add_(lx)
+
+    def _dora_forward(self, x: torch.Tensor, org_out: torch.Tensor, scale: float) -> torch.Tensor:
+        # the dequantised base weight once per call (the transient the base layer's own forward also makes)
+        weight = dequantized_weight(self.org_module, torch.float32).to(x.device)
+        delta = self.lora_up.weight.float() @ self.lora_down.weight.float()
+        rescale = dora_rescale(weight + self.scale * delta, self.dora_scale).view(-1)
+        bias = self.org_module.bias
+        wx = org_out if bias is None else org_out - bias.to(org_out.dtype)
+        lx = self._lora(x, self.lora_down, self.lora_up, scale)
+        # W x + k (W' x - W x), W' x = (m / n) (W x + s up(down(x))); the rescale stays float32 (it is near 1, which
+        # bf16 would round to steps of 1/128)
+        k = self.multiplier
+        return (org_out + (wx * (k * (rescale - 1)) + lx * (k * scale * rescale))).to(org_out.dtype)
 
     # -- weights --------------------------------------------------------------------------------------------------
 
@@ -192,11 +241,14 @@ class LoRAModule(nn.Module):
                  device: torch.device | str | None = None) -> None:
         """W += multiplier * (alpha / rank) * up @ down, computed in fp32 on `device`, stored back in the weight's
         own dtype and device (`dtype` is accepted for sd-scripts' signature; an fp8 or bf16 base stays so).
-        `sd` holds this module's tensors in the file layout (fused); None merges the module's own weights."""
+        `sd` holds this module's tensors in the file layout (fused); None merges the module's own weights. With DoRA
+        (a dora_scale) W += multiplier * (W' - W), W' = (W + dW) * dora_rescale(W + dW, dora_scale)."""
         if sd is None:
             down, up = self.fused_weights()
             scale = self.scale
+            magnitude = self.dora_scale
         else:
+            magnitude = sd.get("dora_scale")
             down, up = sd["lora_down.weight"], sd["lora_up.weight"]
             rank = down.shape[0]
             alpha = float(sd["alpha"]) if "alpha" in sd else 0.0
@@ -204,8 +256,12 @@ class LoRAModule(nn.Module):
         weight = self.org_module.weight
         w_scale = self.org_module._buffers.get(fp8_scaled.SCALE)  # a scaled fp8 base
         device = torch.device(device) if device is not None else weight.device
-        merged = fp8_scaled.dequantize(weight.to(device), w_scale, torch.float32) + self.multiplier * scale * (
-            up.to(device, torch.float32) @ down.to(device, torch.float32))
+        base = fp8_scaled.dequantize(weight.to(device), w_scale, torch.float32)
+        delta = scale * (up.to(device, torch.float32) @ down.to(device, torch.float32))
+        if magnitude is not None:
+            updated = base + delta
+            delta = updated * dora_rescale(updated, magnitude.to(device)) - base  # W' - W
+        merged = base + self.multiplier * delta
         if w_scale is None:
             weight.copy_(merged.to(weight.dtype).to(weight.device))
             return
@@ -241,8 +297,8 @@ class LoRAInfModule(LoRAModule):
     def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0, lora_dim: int = 4,
                  alpha: float | torch.Tensor | None = 1.0, dropout: float | None = None,
                  rank_dropout: float | None = None, module_dropout: float | None = None,
-                 split_dims: Sequence[int] | None = None):
-        super().__init__(lora_name, org_module, multiplier, lora_dim, alpha, split_dims=split_dims)
+                 split_dims: Sequence[int] | None = None, dora: bool = False):
+        super().__init__(lora_name, org_module, multiplier, lora_dim, alpha, split_dims=split_dims, dora=dora)
 
 
 # -- state-dict hooks: the kohya file layout for every module ---------------------------------------------------

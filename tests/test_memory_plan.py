@@ -36,8 +36,9 @@ STATIC = ("resident_base_weights", "swap_buffers", "trainable_weights", "optimiz
     (TINY_DEEP, {"blocks_to_swap": 2, "cpu_offload_checkpointing": True, "fp8_base": True}),
     (SMALL, {"blocks_to_swap": 1, "cpu_offload_checkpointing": True, "fp8_base": True}),
     (SMALL, {"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "factor=8"]}),
+    (SMALL, {"network_args": ["dora_wd=True"], "fp8_base": True}),
 ], ids=["tiny-lora", "tiny-lora-no-checkpointing", "tiny-full-adafactor-fused", "small-lora", "tiny-full-adamw",
-        "tiny-lora-swap-offload-fp8", "small-lora-swap-offload-fp8", "small-lokr"])
+        "tiny-lora-swap-offload-fp8", "small-lora-swap-offload-fp8", "small-lokr", "small-dora-fp8"])
 def test_prediction_matches_a_real_cpu_step(params, kw):
     """The planner's CPU prediction (meta tensors) against the same step run on the CPU with real tensors, measured
     from the allocator's events in torch.profiler: the peak within 10%, and so is the step's own part beyond the

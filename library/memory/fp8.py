@@ -30,8 +30,8 @@ class Fp8Linear(nn.Linear):
         """The scaled-fp8 scale of the weight (a `scale_weight` buffer), None for plain fp8."""
         return self._buffers.get(SCALE)
 
-    def dequantized_weight(self) -> torch.Tensor:
-        return dequantize(self.weight, self.scale, self.compute_dtype)
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize(self.weight, self.scale, dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
