@@ -6,7 +6,8 @@ One double and one single block of FLUX.1-dev's width (3072, 24 heads, MLP 12288
 default initialisation; trained weights have more outliers, which favours the scaled formats further), run forward
 on the CPU in bf16; then the same blocks with their Linear weights stored as plain float8_e4m3fn (a cast, what
 `--fp8_base` does to a bf16 file), fp8_scaled per tensor and fp8_scaled per output channel, each computed in bf16 with
-the weight dequantised; and GGUF Q8_0 / Q5_0 / Q4_0, quantized by the gguf package (the types it can write) and
+the weight dequantised; and GGUF Q8_0 / Q5_0 / Q4_0, quantized by the gguf package (the types it can write), and
+Q6_K / Q5_K / Q4_K by tools/gguf_kquants.py (min/max scales, no search: more error than llama.cpp's quantizer), all
 dequantized by ours (bench/bench_quantized_quality.py covers bitsandbytes' nf4 and int8). Reported: the output's
 rel-L2 error ||out - out_bf16|| / ||out_bf16|| per block and format,
 and the bytes per parameter of FLUX.1-dev's whole transformer stored that way (non-Linear tensors in bf16).
@@ -27,7 +28,9 @@ import torch  # noqa: E402
 from library.formats import fp8_scaled  # noqa: E402
 from machine import cpu_model  # noqa: E402
 
-FORMATS = ("fp8", "fp8_scaled tensor", "fp8_scaled channel", "gguf Q8_0", "gguf Q5_0", "gguf Q4_0")
+FORMATS = ("fp8", "fp8_scaled tensor", "fp8_scaled channel", "gguf Q8_0", "gguf Q5_0", "gguf Q4_0", "gguf Q6_K",
+           "gguf Q5_K", "gguf Q4_K")
+K_QUANTS = ("Q6_K", "Q5_K", "Q4_K")  # encoded by tools/gguf_kquants.py: min/max scales, an upper bound on the error
 
 
 def _ids(n_img: int, n_txt: int) -> torch.Tensor:
@@ -63,10 +66,13 @@ def _gguf_round_trip(block, qtype: str) -> None:
 
     from library.formats.gguf_quants import dequantize
 
+    from tools.gguf_kquants import quantize_k
+
     for m in block.modules():
         if isinstance(m, torch.nn.Linear):
             w = m.weight.float().numpy()
-            raw = torch.from_numpy(gguf.quants.quantize(w, gguf.GGMLQuantizationType[qtype]))
+            raw = (quantize_k(m.weight.float(), qtype) if qtype in K_QUANTS
+                   else torch.from_numpy(gguf.quants.quantize(w, gguf.GGMLQuantizationType[qtype])))
             m.weight = torch.nn.Parameter(dequantize(raw, qtype, w.shape).to(torch.bfloat16), requires_grad=False)
 
 
@@ -115,7 +121,8 @@ def bytes_per_param() -> dict[str, float]:
              "fp8_scaled tensor": n_linear + other + 4 * len(linear) + 2,
              "fp8_scaled channel": n_linear + other + 4 * sum(s[0] for s in linear.values()) + 2,
              # GGUF conversions keep the non-block tensors in F32/F16; counted in bf16 here like the others
-             **{f"gguf {t}": int(n_linear * GGUF_BYTES_PER_PARAM[t]) + other for t in ("Q8_0", "Q5_0", "Q4_0")}}
+             **{f"gguf {t}": int(n_linear * GGUF_BYTES_PER_PARAM[t]) + other
+                for t in ("Q8_0", "Q5_0", "Q4_0", *K_QUANTS)}}
     return {"params": total, "linear_params": n_linear,
             **{f: {"bytes": b, "bytes_per_param": round(b / total, 4)} for f, b in sizes.items()}}
 
