@@ -557,7 +557,8 @@ def lycoris_checks(net_args: dict[str, str], fp8_base: bool) -> list[str]:
                         "lycoris otherwise rebuilds each fp8 weight and fails on it")
     if flag("dora_wd") and (flag("bypass_mode") or fp8_base):
         problems.append("--network_args dora_wd=True: lycoris' bypass forward (bypass_mode, needed with --fp8_base) "
-                        "does not apply DoRA while training; train DoRA on a bf16/fp32 base")
+                        "does not apply DoRA while training; use --network_module networks.lora_flux with "
+                        "--network_args dora_wd=True, which trains DoRA on quantized bases")
     return problems
 
 
