@@ -77,9 +77,11 @@ def _line(plan) -> str:
     from library.planner.plan import GIB, MIB, RUNTIME_OVERHEAD, SOURCES  # torch: after parsing
 
     s = plan.settings
-    what = "full fine-tuning" if s.profile.trains_transformer else f"LoRA rank {s.network_dim}"
+    adapter = "LoRA" if s.network_module == "networks.lora_flux" else s.network_module
+    what = "full fine-tuning" if s.profile.trains_transformer else f"{adapter} rank {s.network_dim}"
+    base = s.base_quantization or ("fp8" if s.fp8_base or s.fp8_file else "")
     flags = [f"{s.width}x{s.height}", f"batch {s.batch_size}", f"{s.mixed_precision} mixed precision",
-             "fp8 base" if (s.fp8_base or s.fp8_file) and s.profile.fp8_base else "",
+             f"{base} base" if base and s.profile.fp8_base else "",
              f"{s.blocks_to_swap} blocks swapped" if s.blocks_to_swap else "no block swap",
              "gradient checkpointing" if s.gradient_checkpointing else "no gradient checkpointing",
              s.optimizer_type + (" + fused backward" if s.fused_backward_pass else "")
