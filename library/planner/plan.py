@@ -244,15 +244,15 @@ def _optimizer_args(s: PlanSettings) -> argparse.Namespace:
 
 
 @contextmanager
-def _quiet(name: str):
+def _quiet(name: str, level: int = logging.WARNING):
     """Planning builds many optimizers and swappers: keep their INFO lines out of the trainer's log."""
     log = logging.getLogger(name)
-    level = log.level
-    log.setLevel(logging.WARNING)
+    previous = log.level
+    log.setLevel(level)
     try:
         yield
     finally:
-        log.setLevel(level)
+        log.setLevel(previous)
 
 
 def _make_optimizer(s: PlanSettings, groups):
@@ -329,7 +329,7 @@ def build_rig(s: PlanSettings, device: str = "meta") -> StepRig:
     flux.requires_grad_(s.profile.trains_transformer)
     if not s.profile.trains_transformer:  # a LoRA network on the frozen transformer
 
-        with torch.device(device), _quiet("LyCORIS"):
+        with torch.device(device), _quiet("LyCORIS", logging.ERROR):  # its preset warnings concern other models
             net = importlib.import_module(s.network_module).create_network(
                 1.0, s.network_dim, s.network_alpha, None, [], flux, **parse_network_args(s.network_args))
             net.apply_to([], flux, False, True)

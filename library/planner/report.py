@@ -139,8 +139,9 @@ def measure_cpu_step(s: PlanSettings) -> dict[str, int]:
 TABLE_TRAINERS = (  # (label, settings changes); fp8 base applies to LoRA only (the full trainers train the weights)
     ("LoRA", dict(trainer="network")),
     ("LoRA, checkpoints offloaded", dict(trainer="network", cpu_offload_checkpointing=True)),
-    ("LoKr (lycoris.kohya, factor 16)", dict(trainer="network", network_module="lycoris.kohya",
-                                             network_args=["algo=lokr", "factor=16"])),
+    # bypass mode: what --fp8_base needs with lycoris (without it lycoris also rebuilds every full weight per call)
+    ("LoKr (lycoris.kohya, factor 16, bypass)", dict(trainer="network", network_module="lycoris.kohya",
+                                                     network_args=["algo=lokr", "factor=16", "bypass_mode=True"])),
     ("full, Adafactor + fused backward", dict(trainer="full", optimizer_type="Adafactor", optimizer_args=[
         "scale_parameter=False", "relative_step=False", "warmup_init=False"], fused_backward_pass=True,
         full_bf16=True, fp8_base=False)),
