@@ -77,3 +77,19 @@ def swappable_tiny_models(base):
     models["flux"] = base / "models" / "flux_12_blocks.safetensors"
     save_file_atomic(Flux(params).state_dict(), models["flux"], {"tiny": "true"})
     return models, make_demo_dataset(base / "data", count=2, size=32)
+
+
+def rendered_latents(models: dict, folder, *extra: str, steps: int = 2):
+    """Latents of a 32x32 `flux_minimal_inference.py` render of "a red circle" (fp32, CPU, seed 1) into `folder`."""
+    from safetensors.torch import load_file
+
+    import flux_minimal_inference
+
+    assert flux_minimal_inference.main([
+        "--ckpt_path", str(models["flux"]), "--ae", str(models["ae"]), "--clip_l", str(models["clip_l"]),
+        "--t5xxl", str(models["t5xxl"]), "--tokenizer_cache_dir", str(models["tokenizers"]),
+        "--t5xxl_max_token_length", "16", "--dtype", "fp32", "--device", "cpu", "--width", "32", "--height", "32",
+        "--steps", str(steps), "--seed", "1", "--prompt", "a red circle", "--output_dir", str(folder),
+        "--output_latents", *extra]) == 0
+    (file,) = folder.glob("*_latents.safetensors")
+    return load_file(str(file))["latents"].float()

@@ -204,17 +204,9 @@ def test_cli_trains_dora_on_an_fp8_base_and_the_file_renders_the_same(setup, tmp
     torch.testing.assert_close(from_file, in_memory, rtol=1e-4, atol=1e-4)
 
     # and flux_minimal_inference.py renders with it, hooked and merged alike
-    import flux_minimal_inference as inference_cli
+    from cli_runs import rendered_latents
 
     def latents(name, *extra):
-        folder = tmp_path / name
-        assert inference_cli.main([
-            "--ckpt_path", str(models["flux"]), "--ae", str(models["ae"]), "--clip_l", str(models["clip_l"]),
-            "--t5xxl", str(models["t5xxl"]), "--tokenizer_cache_dir", str(models["tokenizers"]),
-            "--t5xxl_max_token_length", "16", "--dtype", "fp32", "--device", "cpu", "--width", "32", "--height", "32",
-            "--steps", "2", "--seed", "1", "--prompt", "a red circle", "--output_dir", str(folder), "--output_latents",
-            "--lora_weights", str(out / "dora.safetensors"), *extra]) == 0
-        (file,) = folder.glob("*_latents.safetensors")
-        return load_file(str(file))["latents"].float()
+        return rendered_latents(models, tmp_path / name, "--lora_weights", str(out / "dora.safetensors"), *extra)
 
     torch.testing.assert_close(latents("merged", "--merge_lora_weights"), latents("hooked"), rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import cli_runs
-from cli_runs import run_args
+from cli_runs import rendered_latents, run_args
 from tools.make_demo_dataset import make_demo_dataset
 from tools.make_tiny_models import make_tiny_models
 
@@ -324,22 +324,12 @@ def test_lokr_resume_equals_uninterrupted(setup, tmp_path):
 def test_flux_minimal_inference_renders_a_lokr_hooked_and_merged_alike(setup, tmp_path):
     """flux_minimal_inference.py --lora_weights FILE;0.8, hooked and with --merge_lora_weights: the same latents,
     not the base model's."""
-    import flux_minimal_inference as inference_cli
-
     models = setup[0]
     path = tmp_path / "lokr.safetensors"
     random_lycoris(load_flux(models["flux"]), "lokr", 2, {"factor": "4"}).save_weights(str(path), torch.float32, {})
 
     def latents(name, *extra):
-        out = tmp_path / name
-        assert inference_cli.main([
-            "--ckpt_path", str(models["flux"]), "--ae", str(models["ae"]), "--clip_l", str(models["clip_l"]),
-            "--t5xxl", str(models["t5xxl"]), "--tokenizer_cache_dir", str(models["tokenizers"]),
-            "--t5xxl_max_token_length", "16", "--dtype", "fp32", "--device", "cpu", "--width", "32", "--height", "32",
-            "--steps", "3", "--seed", "1", "--prompt", "a red circle", "--output_dir", str(out), "--output_latents",
-            *extra]) == 0
-        (file,) = out.glob("*_latents.safetensors")
-        return load_file(str(file))["latents"].float()
+        return rendered_latents(models, tmp_path / name, *extra, steps=3)
 
     base = latents("base")
     hooked = latents("hooked", "--lora_weights", f"{path};0.8")
