@@ -17,6 +17,7 @@ from torch import nn
 from library.formats.dtypes import is_fp8
 from library.formats.fp8_scaled import SCALE, dequantize, quantize_weight
 from library.memory.fp8_matmul import scaled_mm_linear
+from library.memory.frozen_linear import frozen_linear
 
 
 class Fp8Linear(nn.Linear):
@@ -38,35 +39,9 @@ class Fp8Linear(nn.Linear):
         x = x.to(self.compute_dtype)
         if self.weight.requires_grad or (bias is not None and bias.requires_grad):
             return F.linear(x, self.dequantized_weight(), bias)
-        return _FrozenFp8Linear.apply(x, self.weight, self.scale, bias, self.compute_dtype, self.fp8_matmul)
-
-
-class _FrozenFp8Linear(torch.autograd.Function):
-    """F.linear on a frozen fp8 weight that keeps the fp8 weight (and its scale) for backward and upcasts it again
-    there.
-
-    Through plain F.linear autograd would keep the upcast copy, as large as the layer in the compute dtype (132 MiB
-    for a single block's linear1), alive from the forward to the backward: with checkpointing that is every Linear
-    of the block being recomputed, ~650 MiB for a double block at FLUX.1's width. The input gradient is the same
-    product F.linear's backward computes (grad @ W), so results are unchanged bit for bit."""
-
-    @staticmethod
-    def forward(ctx, x, weight, scale, bias, compute_dtype, fp8_matmul):
-        ctx.save_for_backward(weight, scale)
-        ctx.compute_dtype = compute_dtype
-        out = scaled_mm_linear(x, weight, scale, bias, compute_dtype) if fp8_matmul else None
-        if out is None:
-            out = F.linear(x, dequantize(weight, scale, compute_dtype), bias)
-        # F.linear (and the fp8 matmul's reshape) returns a 3-D input's product as a view of a 2-D one; an output
-        # that is a view could not be added to in place (the LoRA wrapping this layer does), so it is handed out as
-        # a tensor of its own
-        return torch.ops.aten._unsafe_view(out._base, out.shape) if out._base is not None else out
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight, scale = ctx.saved_tensors
-        grad_x = torch.matmul(grad, dequantize(weight, scale, ctx.compute_dtype))
-        return grad_x, None, None, None, None, None
+        cd = self.compute_dtype
+        product = (lambda x, w, s, b: scaled_mm_linear(x, w, s, b, cd)) if self.fp8_matmul else None
+        return frozen_linear(x, bias, lambda w, s: dequantize(w, s, cd), self.weight, self.scale, product=product)
 
 
 def prepare_fp8(model: nn.Module, storage_dtype: torch.dtype = torch.float8_e4m3fn,

@@ -9,13 +9,13 @@ the final layer, all small) is dequantized once at load into the compute dtype.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from library.formats.gguf_io import GGUFTensorReader, read_gguf_header
 from library.formats.gguf_quants import dequantize, gguf_type, raw_shape
 from library.formats.safetensors_io import ModelFileError, assign_weights
 from library.models.checkpoint import FluxCheckpointInfo, analyze_checkpoint
+from library.memory.frozen_linear import frozen_linear
 from library.models.transformer import Flux
 
 _BLOCKS = ("double_blocks.", "single_blocks.")
@@ -42,32 +42,11 @@ class GGUFLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
-        return _FrozenGGUFLinear.apply(x.to(self.compute_dtype), self.weight, bias, self.qtype, self.compute_dtype)
+        shape, qtype, cd = (self.out_features, self.in_features), self.qtype, self.compute_dtype
+        return frozen_linear(x.to(cd), bias, lambda raw: dequantize(raw, qtype, shape, cd), self.weight)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, qtype={self.qtype}"
-
-
-class _FrozenGGUFLinear(torch.autograd.Function):
-    """F.linear on a quantized weight that keeps the quantized bytes for backward and dequantizes them again there
-    (as library/memory/fp8.py's frozen fp8 Linear does), so no dequantized copy lives from forward to backward."""
-
-    @staticmethod
-    def forward(ctx, x, raw, bias, qtype, compute_dtype):
-        ctx.save_for_backward(raw)
-        ctx.qtype, ctx.compute_dtype = qtype, compute_dtype
-        ctx.features = x.shape[-1]
-        w = dequantize(raw, qtype, (-1, x.shape[-1]), compute_dtype)
-        out = F.linear(x, w, bias)
-        # a 3-D input's product comes back as a view, which the LoRA wrapping this layer could not add to in place
-        return torch.ops.aten._unsafe_view(out._base, out.shape) if out._base is not None else out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (raw,) = ctx.saved_tensors
-        grad_x = torch.matmul(grad, dequantize(raw, ctx.qtype, (-1, ctx.features), ctx.compute_dtype))
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_bias, None, None
 
 
 def load_gguf_transformer(path, compute_dtype: torch.dtype, device: str | torch.device = "cpu",

@@ -5,7 +5,7 @@ dequantises them with bitsandbytes' own `dequantize_4bit` / `int8_vectorwise_deq
 the compute dtype. bitsandbytes 0.50 has all four functions on the CPU as well as on CUDA, so tests and GPU runs
 take the same path. The matmul is torch's rather than bitsandbytes' Linear4bit / Linear8bitLt kernels: int8 here is
 weight-only (Linear8bitLt would also quantise the activations), and one path for both formats lets the frozen
-backward keep the packed bytes (see `_FrozenQuantizedLinear`).
+backward keep the packed bytes (library/memory/frozen_linear.py).
 
 The packed bytes and the scales are parameters without gradient, not buffers: block swapping moves a block's
 parameters and keeps buffers resident, and every block's Linears quantise to the same shapes and dtypes.
@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from library.memory.frozen_linear import frozen_linear
+
 QUANT_TYPES = ("nf4", "int8")
 NF4_BLOCKSIZE = 64  # bitsandbytes' default: one float32 absmax per 64 weights
 _DEQUANT_CHUNK = 1 << 24  # int8 weights dequantised at once per call (a 64 MiB float32 temporary; few launches)
@@ -24,8 +26,11 @@ _CHUNK = 1 << 18  # weights quantised at once: small temporaries (bnb's CPU nf4 
 
 
 def _bnb():
-    import bitsandbytes.functional as bf  # imported on first use: bitsandbytes logs at import, torch loads faster
-
+    try:  # imported on first use: bitsandbytes logs at import, torch loads faster
+        import bitsandbytes.functional as bf
+    except ImportError as e:
+        raise ValueError(f"nf4/int8 weights need bitsandbytes ({e}): pip install bitsandbytes "
+                         "(listed in requirements-extras.txt)") from None
     return bf
 
 
@@ -165,30 +170,9 @@ class QuantizedLinear(nn.Linear):
         x = x.to(self.compute_dtype)
         if bias is not None and bias.requires_grad:
             return F.linear(x, self.dequantized_weight(), bias)
-        return _FrozenQuantizedLinear.apply(x, self.qweight, self.qscale, bias,
-                                            (self.quant_type, (self.out_features, self.in_features),
-                                             self.compute_dtype))
+        spec = (self.quant_type, (self.out_features, self.in_features), self.compute_dtype)
+        return frozen_linear(x, bias, lambda data, scale: dequantize(data, scale, *spec), self.qweight, self.qscale)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"{self.quant_type}, compute_dtype={self.compute_dtype}")
-
-
-class _FrozenQuantizedLinear(torch.autograd.Function):
-    """F.linear on a frozen quantized weight that keeps the packed bytes for backward and dequantises them again
-    there, as memory/fp8.py's frozen fp8 Linear does: the dequantised copy (4x the nf4 bytes in bf16) is not kept
-    from the forward to the backward."""
-
-    @staticmethod
-    def forward(ctx, x, data, scale, bias, spec):
-        ctx.save_for_backward(data, scale)
-        ctx.spec = spec
-        out = F.linear(x, dequantize(data, scale, *spec), bias)
-        # a 3-D input's product comes back as a view of a 2-D one; the LoRA wrapping this layer adds into the
-        # output in place, which a view would refuse, so the output gets a tensor of its own
-        return torch.ops.aten._unsafe_view(out._base, out.shape) if out._base is not None else out
-
-    @staticmethod
-    def backward(ctx, grad):
-        data, scale = ctx.saved_tensors
-        return torch.matmul(grad, dequantize(data, scale, *ctx.spec).to(grad.dtype)), None, None, None, None

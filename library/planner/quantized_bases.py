@@ -24,10 +24,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from library.formats.gguf_quants import GGUF_TYPES
+from library.memory.frozen_linear import frozen_linear
 
 _GGUF_QUANTIZED = {name: t for name, t in GGUF_TYPES.items() if t.quantized}
 BASE_QUANTIZATIONS = ("fp8", "fp8_scaled", "int8", "nf4", *(f"gguf_{name.lower()}" for name in _GGUF_QUANTIZED))
@@ -57,25 +57,10 @@ class PlannedQuantizedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
-        return _Dequantized.apply(x.to(self.compute_dtype), self.weight, bias, self.shape, self.compute_dtype)
-
-
-class _Dequantized(torch.autograd.Function):
-    """Keeps the stored bytes for backward and makes one dequantised weight in each direction."""
-
-    @staticmethod
-    def forward(ctx, x, stored, bias, shape, dtype):
-        ctx.save_for_backward(stored)
-        ctx.shape, ctx.dtype = shape, dtype
-        weight = torch.empty(shape, dtype=dtype, device=stored.device)  # what a dequantiser allocates
-        out = F.linear(x, weight, bias)
-        return torch.ops.aten._unsafe_view(out._base, out.shape) if out._base is not None else out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (stored,) = ctx.saved_tensors
-        weight = torch.empty(ctx.shape, dtype=ctx.dtype, device=stored.device)
-        return torch.matmul(grad, weight), None, None, None, None
+        shape, dtype = self.shape, self.compute_dtype
+        # what a dequantiser allocates: one weight in the compute dtype per call (values do not matter on meta)
+        return frozen_linear(x.to(dtype), bias, lambda stored: torch.empty(shape, dtype=dtype, device=stored.device),
+                             self.weight)
 
 
 def prepare_planned_quantization(model: nn.Module, kind: str, compute_dtype: torch.dtype) -> nn.Module:

@@ -4,8 +4,8 @@ options it ignores or refuses. Cheap to import (no torch), so the entry points b
 
 from __future__ import annotations
 
-from library.training.arguments import (TrainerCommandLine, add_full_train_arguments, add_network_arguments,
-                                        full_checks, network_checks)
+from library.training.arguments import TrainerCommandLine, add_full_train_arguments, add_network_arguments
+from library.training.recipes.checks import full_checks, network_checks
 
 _FULL_MODEL = {  # options that do nothing when the whole model (or a ControlNet) is trained and saved
     "weighted_captions": "FLUX captions are not weighted; the text is used as written",
