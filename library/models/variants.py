@@ -1,0 +1,96 @@
+"""The models of the FLUX.1 family this suite runs, and each one's defaults: one table read by inference, sample
+images and training, and the rule that names a loaded file's variant.
+
+Keys cannot tell dev, Krea and Kontext apart (same names and shapes), so a file's variant comes from
+`--model_type`, else from its ModelSpec metadata (`modelspec.architecture`), else from its keys (guidance
+embedder present: dev; absent: schnell). A `--model_type` that the keys contradict is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+AUTO = "flux"  # sd-scripts' --model_type default: a FLUX.1 transformer, dev or schnell told by its keys
+
+
+@dataclass(frozen=True)
+class ModelVariant:
+    name: str  # the --model_type value
+    architecture: str  # ModelSpec architecture written into saved files ("/lora" appended for LoRAs)
+    family: str  # "flux": the BFL transformer; "chroma": Chroma's modulation-approximator transformer
+    sample_steps: int  # inference and sample-image steps when none are given
+    guidance: float | None  # embedded guidance at inference; None: the model has no guidance input
+    cfg_scale: float  # true classifier-free guidance with a negative prompt (1.0: off)
+    shift: bool  # the resolution-dependent time shift of the sampling schedule
+    t5_max_length: int  # T5-XXL tokens when --t5xxl_max_token_length is not given
+    training_guidance: float | None  # --guidance_scale default in training; None: no guidance input to feed
+    reference_images: bool = False  # takes reference images (Kontext)
+    licence: str = "FLUX.1 [dev] Non-Commercial License"
+    notes: str = ""
+
+    @property
+    def has_guidance_input(self) -> bool:
+        return self.guidance is not None
+
+    def modelspec_architecture(self, lora: bool) -> str:
+        return f"{self.architecture}/lora" if lora else self.architecture
+
+
+VARIANTS: dict[str, ModelVariant] = {v.name: v for v in (
+    ModelVariant("dev", "flux-1-dev", "flux", sample_steps=50, guidance=3.5, cfg_scale=1.0, shift=True,
+                 t5_max_length=512, training_guidance=3.5,
+                 notes="sd-scripts' defaults; its docs recommend --guidance_scale 1.0 for training"),
+    ModelVariant("krea", "flux-1-krea-dev", "flux", sample_steps=50, guidance=4.5, cfg_scale=1.0, shift=True,
+                 t5_max_length=512, training_guidance=3.5,
+                 notes="dev's architecture and keys; a drop-in replacement for dev with a higher usual guidance"),
+    ModelVariant("schnell", "flux-1-schnell", "flux", sample_steps=4, guidance=None, cfg_scale=1.0, shift=False,
+                 t5_max_length=256, training_guidance=None, licence="Apache-2.0",
+                 notes="timestep-distilled: 1-4 steps, no shift, no guidance input"),
+    ModelVariant("kontext", "flux-1-kontext-dev", "flux", sample_steps=30, guidance=2.5, cfg_scale=1.0, shift=True,
+                 t5_max_length=512, training_guidance=1.0, reference_images=True,
+                 notes="instruction editing: reference images appended as tokens with index 1"),
+)}
+
+# ModelSpec architectures written by other tools for the same variants (lower case, without "/lora")
+_ARCHITECTURE_ALIASES = {"flux-1-kontext": "kontext", "flux.1-kontext-dev": "kontext", "flux-1-krea": "krea",
+                         "flux-1-dev-krea": "krea"}
+
+
+def variant_from_metadata(metadata: dict[str, str]) -> ModelVariant | None:
+    """The variant a file's ModelSpec architecture names, or None when it names none we know."""
+    arch = (metadata.get("modelspec.architecture") or "").strip().lower().removesuffix("/lora")
+    if not arch:
+        return None
+    for variant in VARIANTS.values():
+        if arch == variant.architecture:
+            return variant
+    name = _ARCHITECTURE_ALIASES.get(arch)
+    return VARIANTS[name] if name else None
+
+
+def resolve_variant(model_type: str | None, *, has_guidance_input: bool, family: str = "flux",
+                    metadata: dict[str, str] | None = None, source: str = "the transformer") -> ModelVariant:
+    """The variant of a loaded transformer: `model_type` (--model_type; None or "flux" = recognise it), checked
+    against what the keys show (`has_guidance_input`, `family`); raises ValueError naming both on a mismatch."""
+    if model_type in (None, AUTO):
+        named = variant_from_metadata(metadata or {})
+        if named is not None and named.family == family and named.has_guidance_input == has_guidance_input:
+            return named
+        if family != "flux":
+            return VARIANTS[family]
+        return VARIANTS["dev" if has_guidance_input else "schnell"]
+    if model_type not in VARIANTS:
+        raise ValueError(f"--model_type {model_type}: unknown; choose one of {', '.join([AUTO, *VARIANTS])}")
+    variant = VARIANTS[model_type]
+    if variant.family != family:
+        raise ValueError(f"--model_type {model_type} expects a {variant.family} transformer, but {source} has "
+                         f"{family} keys; use --model_type {family if family in VARIANTS else AUTO}")
+    if variant.has_guidance_input != has_guidance_input:
+        keys_say = "a guidance embedder (guidance_in.*)" if has_guidance_input else "no guidance embedder (schnell)"
+        raise ValueError(f"--model_type {model_type} does not fit {source}: it has {keys_say}; "
+                         f"use --model_type {'dev' if has_guidance_input else 'schnell'} or the right file")
+    return variant
+
+
+def model_type_choices() -> list[str]:
+    return [AUTO, *VARIANTS]
