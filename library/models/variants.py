@@ -42,13 +42,13 @@ VARIANTS: dict[str, ModelVariant] = {v.name: v for v in (
                  t5_max_length=512, training_guidance=3.5,
                  notes="sd-scripts' defaults; its docs recommend --guidance_scale 1.0 for training"),
     ModelVariant("krea", "flux-1-krea-dev", "flux", steps=50, preview_steps=20, guidance=4.5, cfg_scale=1.0,
-                 shift=True,                  t5_max_length=512, training_guidance=3.5,
+                 shift=True, t5_max_length=512, training_guidance=3.5,
                  notes="dev's architecture and keys; a drop-in replacement for dev with a higher usual guidance"),
     ModelVariant("schnell", "flux-1-schnell", "flux", steps=4, preview_steps=4, guidance=None, cfg_scale=1.0,
-                 shift=False,                  t5_max_length=256, training_guidance=None, licence="Apache-2.0",
+                 shift=False, t5_max_length=256, training_guidance=None, licence="Apache-2.0",
                  notes="timestep-distilled: 1-4 steps, no shift, no guidance input"),
     ModelVariant("kontext", "flux-1-kontext-dev", "flux", steps=30, preview_steps=20, guidance=2.5, cfg_scale=1.0,
-                 shift=True,                  t5_max_length=512, training_guidance=1.0, reference_images=True,
+                 shift=True, t5_max_length=512, training_guidance=1.0, reference_images=True,
                  notes="instruction editing: reference images appended as tokens with index 1"),
 )}
 
