@@ -144,6 +144,7 @@ def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtyp
     device, dtype = accelerator.device, weight_dtype(args)
     info = flux_utils.analyze_checkpoint(args.pretrained_model_name_or_path)
     variant = model_variant(args, info)
+    warn_unused_guidance(args, variant)
     blocks_to_swap = check_blocks_to_swap(args, settings.blocks_to_swap, info)
     check_fp8_checkpoint(settings.fp8_base, args.pretrained_model_name_or_path, info)
     fp8, quant = settings.fp8_base, settings.quantized_base
@@ -194,6 +195,17 @@ def model_variant(args, info) -> ModelVariant:
                                metadata=info.metadata, source=str(args.pretrained_model_name_or_path))
     except ValueError as e:
         raise TrainingError(str(e)) from None
+
+
+def warn_unused_guidance(args, variant: ModelVariant) -> bool:
+    """One warning when --guidance_scale is given for a model without a guidance input (schnell): the transformer
+    has no guidance embedder, so the value changes nothing. Returns whether it warned."""
+    value = getattr(args, "guidance_scale", None)
+    if value is None or variant.has_guidance_input:
+        return False
+    logger.warning("--guidance_scale %s has no effect: FLUX.1 %s has no guidance input (no guidance embedder), so "
+                   "the loss is the same for any value; drop the option", value, variant.name)
+    return True
 
 
 def flow_matching_settings(args, variant: ModelVariant) -> FlowMatchingSettings:
