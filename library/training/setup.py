@@ -31,6 +31,7 @@ from library.memory.quantized_base import load_quantized_transformer
 from library.models import loading as flux_utils
 from library.models.text_encoding import caption_encoder
 from library.models.variants import ModelVariant, resolve_variant
+from library.training.assistant import check_assistant_lora
 from library.training.errors import TrainingError
 from library.training.loss import FluxLossComputer
 from library.training.samples import SampleSchedule, precompute_prompt_conditioning, sample_images
@@ -145,6 +146,8 @@ def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtyp
     info = flux_utils.analyze_checkpoint(args.pretrained_model_name_or_path)
     variant = model_variant(args, info)
     warn_unused_guidance(args, variant)
+    if getattr(args, "assistant_lora", None):
+        check_assistant_lora(args.assistant_lora, variant)
     blocks_to_swap = check_blocks_to_swap(args, settings.blocks_to_swap, info)
     check_fp8_checkpoint(settings.fp8_base, args.pretrained_model_name_or_path, info)
     fp8, quant = settings.fp8_base, settings.quantized_base
@@ -379,11 +382,12 @@ class TrainingSamples:
         """Render the prompts, each with the model the trainer's recipe gives for it (`sampling_model`)."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            paths = sample_images(self.models, self.prompts, self.args.output_dir, self.args.output_name,
-                                  self.placement, epoch=epoch, step=step if epoch is None else None,
-                                  apply_t5_attn_mask=self.args.apply_t5_attn_mask,
-                                  cached_conditioning=self.conditioning,
-                                  model_for_prompt=trainer.sampling_model)
+            with trainer.sampling_context():
+                paths = sample_images(self.models, self.prompts, self.args.output_dir, self.args.output_name,
+                                      self.placement, epoch=epoch, step=step if epoch is None else None,
+                                      apply_t5_attn_mask=self.args.apply_t5_attn_mask,
+                                      cached_conditioning=self.conditioning,
+                                      model_for_prompt=trainer.sampling_model)
             log_sample_images(self.accelerator, paths, [p.prompt for p in self.prompts], trainer.global_step)
         self.accelerator.wait_for_everyone()
 
