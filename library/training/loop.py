@@ -369,7 +369,8 @@ class Trainer:
 
     def _maybe_sample(self, **when) -> None:
         if self.samples is not None and self.samples.schedule.should_sample(**when):
-            self.samples.run(self, **{k: v for k, v in when.items() if k != "at_first"})
+            with self.sampling_context():
+                self.samples.run(self, **{k: v for k, v in when.items() if k != "at_first"})
 
     def validate(self, kind: str) -> float | None:
         """Validation loss at fixed sigmas and seeded noise, so values compare across steps."""

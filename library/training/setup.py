@@ -200,6 +200,14 @@ def model_variant(args, info) -> ModelVariant:
         raise TrainingError(str(e)) from None
 
 
+def flow_matching_settings(args, variant: ModelVariant) -> FlowMatchingSettings:
+    """The loss step's settings; --guidance_scale defaults to the model's recommended training guidance."""
+    settings = FlowMatchingSettings.from_args(args)
+    if getattr(args, "guidance_scale", None) is None:
+        settings = replace(settings, guidance_scale=variant.training_guidance or 0.0)
+    return settings
+
+
 def warn_unused_guidance(args, variant: ModelVariant) -> bool:
     """One warning when --guidance_scale is given for a model without a guidance input (schnell): the transformer
     has no guidance embedder, so the value changes nothing. Returns whether it warned."""
@@ -209,14 +217,6 @@ def warn_unused_guidance(args, variant: ModelVariant) -> bool:
     logger.warning("--guidance_scale %s has no effect: FLUX.1 %s has no guidance input (no guidance embedder), so "
                    "the loss is the same for any value; drop the option", value, variant.name)
     return True
-
-
-def flow_matching_settings(args, variant: ModelVariant) -> FlowMatchingSettings:
-    """The loss step's settings; --guidance_scale defaults to the model's recommended training guidance."""
-    settings = FlowMatchingSettings.from_args(args)
-    if getattr(args, "guidance_scale", None) is None:
-        settings = replace(settings, guidance_scale=variant.training_guidance or 0.0)
-    return settings
 
 
 def load_gguf_base(path, info, fp8: bool, allowed: bool, compute: torch.dtype, blocks_to_swap: int):
@@ -382,12 +382,11 @@ class TrainingSamples:
         """Render the prompts, each with the model the trainer's recipe gives for it (`sampling_model`)."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            with trainer.sampling_context():
-                paths = sample_images(self.models, self.prompts, self.args.output_dir, self.args.output_name,
-                                      self.placement, epoch=epoch, step=step if epoch is None else None,
-                                      apply_t5_attn_mask=self.args.apply_t5_attn_mask,
-                                      cached_conditioning=self.conditioning,
-                                      model_for_prompt=trainer.sampling_model)
+            paths = sample_images(self.models, self.prompts, self.args.output_dir, self.args.output_name,
+                                  self.placement, epoch=epoch, step=step if epoch is None else None,
+                                  apply_t5_attn_mask=self.args.apply_t5_attn_mask,
+                                  cached_conditioning=self.conditioning,
+                                  model_for_prompt=trainer.sampling_model)
             log_sample_images(self.accelerator, paths, [p.prompt for p in self.prompts], trainer.global_step)
         self.accelerator.wait_for_everyone()
 
