@@ -115,11 +115,13 @@ def test_the_step_sees_the_assistant_the_saved_lora_and_samples_do_not(tiny, tmp
     images = tmp_path / "images"
     assert inference.main(["--ckpt_path", str(tiny["schnell"]["flux"]), *model_args(tiny["schnell"])[2:],
                            "--dtype", "fp32", "--width", "64", "--height", "64", "--steps", "2", "--seed", "3",
+                           "--prompt", "a red circle",
                            "--lora_weights", str(out / "last.safetensors"), "--output_dir", str(images)]) == 0
     preview = sorted((out / "sample").glob("*.png"))
     assert len(preview) == 2  # the run's own (step 2) and the one above, both of the final LoRA
     assert inference.main(["--ckpt_path", str(tiny["schnell"]["flux"]), *model_args(tiny["schnell"])[2:],
                            "--dtype", "fp32", "--width", "64", "--height", "64", "--steps", "2", "--seed", "3",
+                           "--prompt", "a red circle",
                            "--lora_weights", str(out / "last.safetensors"), str(tiny["assistant"]),
                            "--output_dir", str(tmp_path / "assisted")]) == 0
 
@@ -129,9 +131,7 @@ def test_the_step_sees_the_assistant_the_saved_lora_and_samples_do_not(tiny, tmp
 
     for path in preview:
         without, assisted = (np.abs(pixels(path) - pixels(d)).mean() for d in (images, tmp_path / "assisted"))
-        # training previews and inference differ by ~0.8/255 on these tiny random models with or without any LoRA
-        # (noted in the report); the assistant moves the image ~20/255
-        assert without < 2 and assisted > 10
+        assert without < 0.1 and assisted > 5  # the same render (up to float order); the assistant moves it a lot
 
 
 FP8 = ("--fp8_base", "--mixed_precision", "bf16")
