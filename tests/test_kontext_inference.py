@@ -180,13 +180,22 @@ def diffusers_ae(ae):
     return ref
 
 
-@pytest.mark.parametrize("steps", [4])
-def test_sampler_equals_diffusers_kontext_pipeline(tiny, tmp_path, steps):
+SMALL_PREFERRED = ((32, 80), (48, 64), (64, 48), (80, 32))  # stand-ins for the ~1 MP list, for both sides
+
+
+@pytest.mark.parametrize("resize", ["none", "preferred"])
+def test_sampler_equals_diffusers_kontext_pipeline(tiny, tmp_path, monkeypatch, resize, steps=4):
     """Same tiny weights, prompt embeddings, initial latents and reference: our KontextFlux-bound sampler (the
-    target's shift, the AE mean, ids (1, r, c), target-only prediction) ends where FluxKontextPipeline does."""
+    target's shift, the AE mean, ids (1, r, c), target-only prediction) ends where FluxKontextPipeline does.
+    `none` is the pipeline's `_auto_resize=False`; `preferred` its `_auto_resize=True`, with both sides' preferred
+    lists replaced by small sizes (the real ~1 MP list is compared on its own above)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
 
     from model_helpers import diffusers_reference
+
+    if resize == "preferred":
+        monkeypatch.setattr("library.models.kontext.PREFERRED_KONTEXT_RESOLUTIONS", SMALL_PREFERRED)
+        monkeypatch.setattr(diffusers_kontext_module(), "PREFERRED_KONTEXT_RESOLUTIONS", list(SMALL_PREFERRED))
 
     _, flux = load_flow_model(tiny["flux"], torch.float32, "cpu")
     ae = load_ae(tiny["ae"], torch.float32, "cpu")
@@ -196,7 +205,8 @@ def test_sampler_equals_diffusers_kontext_pipeline(tiny, tmp_path, steps):
     g = torch.Generator().manual_seed(0)
     cond = Conditioning(torch.randn(1, 7, flux.params.context_in_dim, generator=g),
                         torch.randn(1, flux.params.vec_in_dim, generator=g), torch.zeros(1, 7, 3))
-    refs = encode_references([str(ref_path)], ae, resize="none")
+    refs = encode_references([str(ref_path)], ae, resize=resize)
+    assert refs.size == {"none": (48, 32), "preferred": (64, 48)}[resize]
     models = FluxModels(bind_references(flux, refs), ae, None, None, None, VARIANTS["kontext"], torch.float32)
     settings = GenerationSettings(prompt="", width=width, height=height, steps=steps, seed=seed)
     ours = generate_latents(models, settings, cond, None, Placement("cpu", False), progress=False)
@@ -210,8 +220,8 @@ def test_sampler_equals_diffusers_kontext_pipeline(tiny, tmp_path, steps):
     with torch.no_grad():
         theirs = pipe(image=Image.open(ref_path), prompt_embeds=cond.txt, pooled_prompt_embeds=cond.y,
                       latents=get_noise(1, height, width, seed), height=height, width=width,
-                      max_area=width * height, _auto_resize=False, num_inference_steps=steps, guidance_scale=2.5,
-                      output_type="latent").images
+                      max_area=width * height, _auto_resize=resize == "preferred", num_inference_steps=steps,
+                      guidance_scale=2.5, output_type="latent").images
     assert theirs.shape == (1, (height // 16) * (width // 16), 64)
     torch.testing.assert_close(pack_latents(ours), theirs, atol=2e-5, rtol=1e-5)
 
