@@ -296,7 +296,8 @@ def test_cli_several_references_warn_and_record_their_layout(tiny, tmp_path, cap
     a, b = write_image(tmp_path / "a.png", 50, 37), write_image(tmp_path / "b.png", 32, 64, seed=1)
     with caplog.at_level("INFO"):
         assert cli.main(cli_args(tiny, tmp_path / "o", "--reference_image", str(a), str(b), "--reference_layout",
-                                 "columns", "--reference_resize", "none", "--steps", "2")) == 0
+                                 "columns", "--reference_resize", "none", "--steps", "2",
+                                 "--apply_t5_attn_mask")) == 0  # the mask is extended over the reference tokens
     image = only_png(tmp_path / "o")
     assert image.size == (48, 32)  # the first reference's
     assert (image.text["reference_images"], image.text["reference_sizes"]) == (f"{a};{b}", "48x32;32x64")
