@@ -265,35 +265,20 @@ def run(args) -> int:
         logger.info(f"ControlNet {args.controlnet} ({controlnet.depths[0]} double blocks) x {args.controlnet_scale} "
                     f"with control image {args.control_image}")
 
-    if variant.reference_images:
-        from library.flow.references import bind_references
+    from library.flow.references import ReferenceEncoder, bind_references, target_size
 
+    if variant.reference_images:
         models.flux = bind_references(models.flux, None)  # bound to each render's references
     settings = GenerationSettings(prompt=args.prompt, width=args.width, height=args.height, steps=args.steps,
                                   guidance=args.guidance, seed=0, negative_prompt=args.negative_prompt,
                                   cfg_scale=args.cfg_scale, reference_images=tuple(args.reference_image))
-    encoded = {}  # reference paths -> References: each set is encoded once
+    references = ReferenceEncoder(loaded["ae"], args.reference_resize, args.reference_layout, placement)
 
     def with_references(s: GenerationSettings):
         """Bind the references of `s` (Kontext) and give it its target size; returns (settings, text records)."""
-        from library.flow.references import bind_references, encode_references, multi_reference_warning, \
-            target_size
-
         if s.reference_images and not variant.reference_images:
             raise ValueError(f"--ri needs a Kontext model, but {args.ckpt_path} is {variant.name}")
-        refs = None
-        if s.reference_images:
-            if s.reference_images not in encoded:
-                refs = encode_references(s.reference_images, loaded["ae"], resize=args.reference_resize,
-                                         layout=args.reference_layout, placement=placement)
-                sizes = ", ".join(f"{p} {a}x{b} -> {w}x{h}" for p, (a, b), (w, h)
-                                  in zip(refs.paths, refs.source_sizes, refs.sizes))
-                logger.info(f"reference images ({args.reference_resize}): {sizes}")
-                if multi_reference_warning(refs):
-                    logger.warning(multi_reference_warning(refs))
-                encoded.clear()
-                encoded[s.reference_images] = refs
-            refs = encoded[s.reference_images]
+        refs = references(s.reference_images)
         if variant.reference_images:
             bind_references(models.flux, refs)
         width, height = target_size(s.width, s.height, refs)

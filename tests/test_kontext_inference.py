@@ -161,6 +161,21 @@ def test_reference_tokens_and_ids_follow_bfl(tiny, tmp_path):
         encode_references([str(tmp_path / "missing.png")], ae)
 
 
+def test_reference_encoder_encodes_each_new_set_once(tiny, tmp_path, monkeypatch):
+    import library.flow.references as references
+
+    calls = []
+    real = references.encode_references
+    monkeypatch.setattr(references, "encode_references",
+                        lambda paths, *a, **k: calls.append(paths) or real(paths, *a, **k))
+    a, b = str(write_image(tmp_path / "a.png", 40, 40)), str(write_image(tmp_path / "b.png", 32, 32))
+    encoder = references.ReferenceEncoder(load_ae(tiny["ae"], torch.float32, "cpu"), resize="none")
+    first = encoder([a])
+    assert encoder((a,)) is first and encoder([]) is None and encoder([a]) is first
+    assert encoder([a, b]).sizes == ((32, 32), (32, 32)) and encoder([a]) is not first
+    assert calls == [(a,), (a, b), (a,)]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # (a) the sampler against diffusers' FluxKontextPipeline
 

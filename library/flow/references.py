@@ -15,6 +15,7 @@ the call and returns the target's prediction).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -26,6 +27,8 @@ from library.data.images import BadImageError, load_image
 from library.data.tensors import to_tensor
 from library.flow.generation import Placement
 from library.models.kontext import MULTI_REFERENCE_LAYOUTS, KontextFlux, reference_tokens, snap_to_preferred
+
+logger = logging.getLogger(__name__)
 
 REFERENCE_RESIZES = ("preferred", "none")
 DEFAULT_SIZE = (1360, 768)  # the target without references or a given size (sd-scripts' inference default)
@@ -133,3 +136,30 @@ def multi_reference_warning(refs: References) -> str | None:
     if len(refs.paths) < 2:
         return None
     return MULTI_REFERENCE_WARNING.format(n=len(refs.paths), layout=refs.layout, how=LAYOUT_HOW[refs.layout])
+
+
+class ReferenceEncoder:
+    """`encode_references` with fixed rules, remembering the last set of paths: interactive prompts and sample
+    images that keep their references encode them once. Logs each new set's sizes and the several-references
+    warning."""
+
+    def __init__(self, ae: torch.nn.Module, resize: str = "preferred", layout: str = "overlap",
+                 placement: Placement | None = None):
+        self.ae, self.resize, self.layout, self.placement = ae, resize, layout, placement
+        self._last: tuple[tuple[str, ...], References] | None = None
+
+    def __call__(self, paths: Sequence[str]) -> References | None:
+        """The references of `paths` (None for no paths)."""
+        key = tuple(str(p) for p in paths)
+        if not key:
+            return None
+        if self._last is None or self._last[0] != key:
+            refs = encode_references(key, self.ae, resize=self.resize, layout=self.layout, placement=self.placement)
+            sizes = ", ".join(f"{p} {a}x{b} -> {w}x{h}" for p, (a, b), (w, h)
+                              in zip(refs.paths, refs.source_sizes, refs.sizes))
+            logger.info(f"reference images ({self.resize}): {sizes}")
+            warning = multi_reference_warning(refs)
+            if warning:
+                logger.warning(warning)
+            self._last = (key, refs)
+        return self._last[1]
