@@ -224,7 +224,14 @@ def test_sampler_equals_diffusers_kontext_pipeline(tiny, tmp_path, monkeypatch, 
     assert refs.size == {"none": (48, 32), "preferred": (64, 48)}[resize]
     models = FluxModels(bind_references(flux, refs), ae, None, None, None, VARIANTS["kontext"], torch.float32)
     settings = GenerationSettings(prompt="", width=width, height=height, steps=steps, seed=seed)
+    import library.flow.generation as generation
+
+    counted = []
+    real_schedule = generation.get_schedule
+    monkeypatch.setattr(generation, "get_schedule", lambda n, length, **k: counted.append(length) or
+                        real_schedule(n, length, **k))
     ours = generate_latents(models, settings, cond, None, Placement("cpu", False), progress=False)
+    assert counted == [(height // 16) * (width // 16)] and refs.tokens.shape[1] > 0  # the target's tokens only
     assert settings.resolved_guidance(VARIANTS["kontext"]) == 2.5
 
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
