@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import cli_runs
@@ -86,6 +87,9 @@ def test_the_step_sees_the_assistant_the_saved_lora_and_samples_do_not(tiny, tmp
     assert saved.keys() == without.keys()
     network = trainer.network.state_dict()
     assert saved.keys() == network.keys() and all(torch.equal(saved[k], network[k].cpu()) for k in saved)
+    with safe_open(str(out / "last.safetensors"), "pt") as f:
+        assert f.metadata()["ss_assistant_lora"] == "assistant.safetensors"  # recorded, not included
+        assert f.metadata()["modelspec.architecture"] == "flux-1-schnell/lora"
 
     # the model the loss calls = plain schnell + trained LoRA + assistant; switched off = plain schnell + saved LoRA
     flux = trainer.models.flux

@@ -177,6 +177,8 @@ class LoRATrainer(Trainer):
                 session_id=self.session_id, training_started_at=self.training_started_at,
                 num_processes=self.accelerator.num_processes,
                 guidance_scale=flow_matching_settings(args, self.models.variant).guidance_scale)
+            if self.assistant is not None and not args.no_metadata:  # what the LoRA was trained against
+                self._metadata["ss_assistant_lora"] = Path(self.assistant.path).name
         return self._metadata
 
     def state_mismatch(self, key: str, saved: tuple[int, ...], expected: tuple[int, ...]) -> str:
