@@ -215,6 +215,7 @@ def run(args) -> int:
     logger.info(f"transformer: {info.layout} layout, {info.model_type}, {info.params.depth} double + "
                 f"{info.params.depth_single_blocks} single blocks, stored as {', '.join(sorted(info.dtypes))}")
     variant = resolve_variant(args.model_type, has_guidance_input=info.params.guidance_embed,
+                              in_channels=info.params.in_channels,
                               metadata=info.metadata, source=args.ckpt_path)
     logger.info(f"model: {variant.name} ({variant.architecture}); defaults: {variant.steps} steps, guidance "
                 f"{variant.guidance}, {'shifted' if variant.shift else 'unshifted'} schedule")
