@@ -180,6 +180,14 @@ def base_quantization(args, flux_dtype) -> str | None:
     return quant
 
 
+def fill_canvas(args, variant):
+    """FLUX.1 Fill's canvas from --image, --mask_image and --outpaint, with the one-line refusals."""
+    from library.flow.fill import check_fill_arguments, load_fill_canvas
+
+    check_fill_arguments(args, variant)
+    return load_fill_canvas(args.image, args.mask_image, args.outpaint)
+
+
 def main(argv: list[str] | None = None) -> int:
     from library.cli.main import tool_main  # after the parser is built: --help never imports torch
 
@@ -222,6 +230,7 @@ def run(args) -> int:
     logger.info(f"model: {variant.name} ({variant.architecture}); defaults: {variant.steps} steps, guidance "
                 f"{variant.guidance}, {'shifted' if variant.shift else 'unshifted'} schedule")
     check_inpaint_arguments(args, f"{args.ckpt_path} ({variant.name})", variant.inpaint)
+    canvas = fill_canvas(args, variant) if variant.inpaint else None  # library/flow/fill.py: files checked early
     if args.reference_image and not variant.reference_images:
         raise ValueError(f"--reference_image needs a Kontext model, but {args.ckpt_path} is {variant.name} (keys and "
                          f"metadata); give --model_type kontext if it is FLUX.1 Kontext")
@@ -271,6 +280,10 @@ def run(args) -> int:
 
     from library.flow.references import ReferenceEncoder, bind_references, target_size
 
+    if canvas is not None:  # FLUX.1 Fill: the picture's condition features, encoded once
+        from library.flow.fill import encode_fill
+
+        models.flux = encode_fill(models.flux, loaded["ae"], canvas, placement, args.tiled_ae)
     if variant.reference_images:
         models.flux = bind_references(models.flux, None)  # bound to each render's references
     settings = GenerationSettings(prompt=args.prompt, width=args.width, height=args.height, steps=args.steps,
@@ -285,6 +298,8 @@ def run(args) -> int:
         refs = references(s.reference_images)
         if variant.reference_images:
             bind_references(models.flux, refs)
+        if canvas is not None:  # Fill renders at its canvas's size
+            return replace(s, width=canvas.size[0], height=canvas.size[1]), canvas.png_text()
         width, height = target_size(s.width, s.height, refs)
         return replace(s, width=width, height=height), refs.png_text() if refs else {}
 
