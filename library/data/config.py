@@ -79,6 +79,7 @@ class SubsetConfig:
     cache_info: bool = False
     metadata_file: Path | None = None
     conditioning_data_dir: Path | None = None
+    fill_mask_dir: Path | None = None  # FLUX.1 Fill: masks (white = generate) matched to the images by file stem
     index: int = 1
     where: str = field(default="", compare=False, repr=False)
     sources: dict = field(default_factory=dict, compare=False, repr=False)
@@ -342,6 +343,15 @@ def _check_subset(subset: SubsetConfig, ctx: _Context):
     if subset.metadata_file is not None and not subset.metadata_file.is_file():
         state = "is not a file" if subset.metadata_file.exists() else "does not exist"
         ctx.problems.add(where, f"'metadata_file' {_show_path(subset.metadata_file)} {state}")
+    if subset.fill_mask_dir is not None:
+        _check_folder(subset.fill_mask_dir, "fill_mask_dir", where, ctx, need_images=True)
+        if "fill" not in ctx.supported:
+            ctx.problems.add(where, "'fill_mask_dir' (inpainting masks) is for FLUX.1 Fill training: give a Fill "
+                             "model (--model_type fill), or remove the key")
+        for key, what in (("random_crop", "cropped"),):
+            if getattr(subset, key):
+                ctx.problems.add(where, f"'{key}'{_origin(subset, key)} cannot be used with 'fill_mask_dir': the "
+                                 f"mask would not be {what} the same way")
     if kind == "controlnet" and subset.random_crop:
         ctx.problems.add(where, f"'random_crop'{_origin(subset, 'random_crop')} cannot be used in a ControlNet "
                          "subset: the conditioning image would not be cropped the same way")
@@ -429,7 +439,7 @@ def validate_against_training_args(group: DatasetGroupConfig, args: argparse.Nam
 
 
 def load_dataset_config(args: argparse.Namespace, *, support_dreambooth: bool = True, support_finetuning: bool = True,
-                        support_controlnet: bool | None = None) -> DatasetGroupConfig:
+                        support_controlnet: bool | None = None, support_fill: bool = False) -> DatasetGroupConfig:
     """Resolve and validate the datasets of a run from `args.dataset_config` or the command-line fallbacks.
 
     The support flags say which dataset kinds the trainer accepts; `support_controlnet=None` means
@@ -440,7 +450,7 @@ def load_dataset_config(args: argparse.Namespace, *, support_dreambooth: bool = 
     if support_controlnet is None:
         support_controlnet = bool(getattr(args, "masked_loss", False))
     supported = {k for k, on in (("dreambooth", support_dreambooth), ("finetune", support_finetuning),
-                                 ("controlnet", support_controlnet)) if on}
+                                 ("controlnet", support_controlnet), ("fill", support_fill)) if on}
     config_path = getattr(args, "dataset_config", None)
     ctx = _Context(str(config_path) if config_path else "command line", args, supported, _Problems())
     if config_path:

@@ -23,6 +23,7 @@ from library.data.batch import Batch, TextEncoderOutputs, TokenIds
 from library.data.buckets import BucketPlanner, resize_and_crop
 from library.data.captions import process_caption
 from library.data.config import DatasetConfig, DatasetGroupConfig
+from library.data.fill_masks import fill_inputs
 from library.data.items import ImageItem, balance_regularisation, collect_subset_items, split_for_validation
 from library.data.images import BadImage, BadImageError, load_image
 from library.data.tensors import to_tensor
@@ -50,6 +51,8 @@ class FluxDataset(torch.utils.data.Dataset):
         self.max_train_steps = max_train_steps
         self.conditioning_as_mask = conditioning_as_mask
         self.tokenizer = self.latent_cache = self.te_cache = None  # see DatasetGroup.attach
+        self.fill_inputs = False  # FLUX.1 Fill: samples also carry the picture and its mask (DatasetGroup.use_fill)
+        self.fill_generator: str | None = None  # and draw masks for items without a mask file (fill_masks.py)
         self.planner = BucketPlanner(config.resolution, config.enable_bucket, config.min_bucket_reso,
                                      config.max_bucket_reso, config.bucket_reso_steps, config.bucket_no_upscale)
         buckets: dict[tuple[int, int], list[int]] = {}
@@ -142,6 +145,8 @@ class FluxDataset(torch.utils.data.Dataset):
             out["conditioning_image"] = cond
             if self.conditioning_as_mask:  # masked loss from the conditioning image's red channel
                 out["alpha_mask"] = (cond[0] + 1) / 2
+        if self.fill_inputs:
+            out.update(fill_inputs(self, item, out, flipped, step))
         out["caption"] = (item.te_caption if self.te_cache is not None else
                           process_caption(item.caption, item.caption_options, rng, epoch, step, self.max_train_steps))
         return out
@@ -183,6 +188,8 @@ class FluxDataset(torch.utils.data.Dataset):
             alpha_masks=_stack_masks(samples),
             conditioning_images=(torch.stack([s["conditioning_image"] for s in samples])
                                  if "conditioning_image" in samples[0] else None),
+            fill_images=torch.stack([s["fill_image"] for s in samples]) if "fill_image" in samples[0] else None,
+            fill_masks=torch.stack([s["fill_mask"] for s in samples]) if "fill_mask" in samples[0] else None,
             text_encoder_outputs=text_encoder_outputs,
             token_ids=token_ids,
             custom_attributes=[i.subset.custom_attributes for i in items],
@@ -218,6 +225,11 @@ class DatasetGroup(torch.utils.data.Dataset):
         text-encoder outputs instead of token ids (a tokenizer otherwise)."""
         for d in self.datasets:
             d.tokenizer, d.latent_cache, d.te_cache = tokenizer, latent_cache, te_cache
+
+    def use_fill(self, generator: str | None) -> None:
+        """FLUX.1 Fill: batches carry each picture and its mask (file, else drawn by `generator`)."""
+        for d in self.datasets:
+            d.fill_inputs, d.fill_generator = True, generator
 
     @property
     def items(self) -> list[ImageItem]:

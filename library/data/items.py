@@ -36,6 +36,7 @@ class ImageItem:
     num_repeats: int = 1
     conditioning_path: Path | None = None
     conditioning_size: tuple[int, int] | None = None
+    fill_mask_path: Path | None = None  # FLUX.1 Fill: the subset's mask of this image (fill_mask_dir)
     bucket_reso: tuple[int, int] | None = None  # set by bucketing
     resized_size: tuple[int, int] | None = None
     caption_options: CaptionOptions = field(init=False)
@@ -116,7 +117,10 @@ def _finetune_candidates(subset: SubsetConfig) -> list[tuple[Path, str | None]]:
 
 
 def _conditioning_image(subset: SubsetConfig, image: Path) -> Path | None:
-    folder = Path(subset.conditioning_data_dir)
+    return _same_stem(Path(subset.conditioning_data_dir), image)
+
+
+def _same_stem(folder: Path, image: Path) -> Path | None:
     return next((folder / (image.stem + e) for e in IMAGE_EXTENSIONS if (folder / (image.stem + e)).exists()), None)
 
 
@@ -129,6 +133,7 @@ def collect_subset_items(dataset: DatasetConfig, skip_bad_images: bool = False,
     full (--verify_images), which finds data corrupted behind a valid header."""
     found: list[tuple[SubsetConfig, list[tuple[Path, str | None, Path | None]]]] = []
     missing_conditioning: list[BadImage] = []
+    fill_masks: dict[Path, Path] = {}  # FLUX.1 Fill: image -> its mask (probed like the images)
     for subset in dataset.subsets:
         if subset.num_repeats < 1:
             logger.warning("%s: num_repeats %d < 1, subset ignored", subset.where or subset.image_dir,
@@ -144,10 +149,18 @@ def collect_subset_items(dataset: DatasetConfig, skip_bad_images: bool = False,
                     missing_conditioning.append(BadImage(image, f"no conditioning image with the same name in "
                                                                 f"{subset.conditioning_data_dir}"))
                     continue
+            if subset.fill_mask_dir is not None:
+                mask = _same_stem(Path(subset.fill_mask_dir), image)
+                if mask is None:
+                    missing_conditioning.append(BadImage(image, f"no mask with the same name in "
+                                                                f"{subset.fill_mask_dir} (fill_mask_dir)"))
+                    continue
+                fill_masks[image] = mask
             entries.append((image, caption, cond))
         found.append((subset, entries))
 
-    paths = [p for _, entries in found for image, _, cond in entries for p in (image, cond) if p is not None]
+    paths = [p for _, entries in found for image, _, cond in entries for p in (image, cond, fill_masks.get(image))
+             if p is not None]
     probes, bad = check_images(paths, skip_bad=True)
     undecodable = []
     if verify:
@@ -168,13 +181,13 @@ def collect_subset_items(dataset: DatasetConfig, skip_bad_images: bool = False,
     for subset, entries in found:
         items, uncaptioned = [], []
         for image, caption, cond in entries:
-            if image in bad_paths or cond in bad_paths:
+            if image in bad_paths or cond in bad_paths or fill_masks.get(image) in bad_paths:
                 continue
             if caption is None:
                 uncaptioned.append(image)
                 caption = subset.class_tokens or ""
             items.append(ImageItem(image, caption, subset, sizes[image], subset.num_repeats, cond,
-                                   sizes.get(cond) if cond else None))
+                                   sizes.get(cond) if cond else None, fill_masks.get(image)))
         if uncaptioned:
             shown = ", ".join(str(p.name) for p in uncaptioned[:5]) + (" ..." if len(uncaptioned) > 5 else "")
             fallback = f"class_tokens {subset.class_tokens!r}" if subset.class_tokens else "an empty caption"

@@ -32,6 +32,7 @@ from library.memory.block_swap import enable_flux_block_swap, max_blocks_to_swap
 from library.memory.checkpointing import enable_gradient_checkpointing
 from library.memory.fp8 import prepare_fp8
 from library.models.checkpoint import analyze_checkpoint
+from library.models.conditioned import ExtraChannelsFlux
 from library.models.transformer import FLUX_PRESETS, Flux, FluxParams
 from library.planner.live_bytes import LiveBytes, device_emulation
 from library.planner.quantized_bases import gguf_base_quantization, prepare_planned_quantization
@@ -347,7 +348,12 @@ def build_rig(s: PlanSettings, device: str = "meta") -> StepRig:
                                                    host_to_device_only=not s.profile.trains_transformer))
     settings = FlowMatchingSettings(timestep_sampling="shift", model_prediction_type="raw", guidance_scale=1.0)
     compute = s.weight_dtype
-    loss_fn = FluxLossComputer(settings, flux, torch.device(device), compute)
+    model, inputs = flux, None
+    if s.params.in_channels > s.params.out_channels:  # Fill (Canny/Depth, Flex.2): condition features per token
+        model = ExtraChannelsFlux(flux)
+        inputs = lambda batch: {"extra_channels": torch.zeros(  # noqa: E731
+            batch.latents.shape[0], (s.height // 16) * (s.width // 16), model.extra_channels, device=device)}
+    loss_fn = FluxLossComputer(settings, model, torch.device(device), compute, model_inputs=inputs)
     frozen = [p for p in flux.parameters() if not p.requires_grad]
     rig = StepRig(s, flux, loss_fn, _batch(s, device), trainable, optimizers, fused, frozen, swappers)
     _prime_optimizer_states(rig)

@@ -75,7 +75,8 @@ class DatasetKinds:
     support_finetuning: bool = True
     support_controlnet: bool = False
     conditioning_as_mask: bool = False
+    support_fill: bool = False  # subsets may name inpainting masks (FLUX.1 Fill: fill_mask_dir)
 
     def config_flags(self) -> dict[str, bool]:
         return dict(support_dreambooth=self.support_dreambooth, support_finetuning=self.support_finetuning,
-                    support_controlnet=self.support_controlnet)
+                    support_controlnet=self.support_controlnet, support_fill=self.support_fill)

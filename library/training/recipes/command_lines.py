@@ -6,6 +6,19 @@ from __future__ import annotations
 
 from library.training.arguments import TrainerCommandLine, add_full_train_arguments, add_network_arguments
 from library.training.recipes.checks import full_checks, network_checks
+from library.training.recipes.fill_options import add_fill_arguments
+
+_FILL_TYPES = ("flux", "dev", "krea", "schnell", "kontext", "fill")  # LoRA and full fine-tuning also train Fill
+
+
+def _network_and_fill_arguments(parser) -> None:
+    add_network_arguments(parser)
+    add_fill_arguments(parser)
+
+
+def _full_and_fill_arguments(parser) -> None:
+    add_full_train_arguments(parser)
+    add_fill_arguments(parser)
 
 _FULL_MODEL = {  # options that do nothing when the whole model (or a ControlNet) is trained and saved
     "weighted_captions": "FLUX captions are not weighted; the text is used as written",
@@ -20,15 +33,15 @@ _QUANTIZED = {"base_quantization": "is for a frozen transformer (LoRA training, 
 _CONTROLNET_ONLY = {"controlnet_model_name_or_path": "only flux_train_control_net.py uses it"}
 
 LORA = TrainerCommandLine(
-    script="flux_train_network.py", training="LoRA training", add_arguments=add_network_arguments,
-    checks=network_checks, fp8_base=True,
+    script="flux_train_network.py", training="LoRA training", add_arguments=_network_and_fill_arguments,
+    checks=network_checks, fp8_base=True, model_types=_FILL_TYPES,
     ineffective={**_CONTROLNET_ONLY, "fused_backward_pass": "only flux_train.py and flux_train_control_net.py use it"},
     refused={"weighted_captions": "is not supported for FLUX: its tokenizers have no (word:weight) syntax; remove "
                                   "the option"})
 
 FULL = TrainerCommandLine(
-    script="flux_train.py", training="full fine-tuning", add_arguments=add_full_train_arguments,
-    checks=full_checks, refused=_QUANTIZED,
+    script="flux_train.py", training="full fine-tuning", add_arguments=_full_and_fill_arguments,
+    checks=full_checks, refused=_QUANTIZED, model_types=_FILL_TYPES,
     ineffective={**_FULL_MODEL, **_CONTROLNET_ONLY})
 
 CONTROLNET = TrainerCommandLine(

@@ -1,0 +1,138 @@
+"""FLUX.1 Fill training (a Fill transformer: img_in taking 384 features): the hooks the LoRA and full fine-tuning
+recipes take from this mixin when the model is Fill. The rest -- the network or the trained transformer, saving,
+resuming, block swapping, fp8 bases -- is theirs.
+
+* data: each image's mask comes from its subset's `fill_mask_dir` (matched by file stem; every missing or unreadable
+  mask is listed in one error before the models load) or is drawn per step by `--fill_masks` (library/data/
+  fill_masks.py: seeded by the run's seed, the step and the image's path, so a resumed run draws the same); batches
+  carry the picture as trained (flip included) and the mask at bucket size;
+* the condition: `image * (1 - mask)` -> the AE's posterior mean -> packed (64), the mask by 8x8 space-to-depth ->
+  packed (256) (library/models/fill.py), concatenated to every noisy token by `ExtraChannelsFlux`. The masked picture
+  is encoded live every step, with either mask source (a drawn mask changes every step; a cached masked latent for
+  mask files is not built yet): the AE stays on the device even with --cache_latents, and with cached latents each
+  picture is also decoded from its file every step. Cost: one AE encoder pass per image per step (~the same as
+  training without --cache_latents);
+* loss: on every target token by default (DiffSynth); `--fill_kept_loss_weight W` weighs the kept area by W (0: the
+  generated area only), through the loss's per-pixel mask (multiplied with an alpha mask when there is one);
+* guidance: the variant table's training guidance (30, BFL's inference default) unless --guidance_scale is given;
+* sample images: pure generation (an all-ones mask over a blank picture), as library/flow/fill.py defines it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+
+from library.data.config import load_dataset_config
+from library.flow.fill import blank_canvas, bind_fill
+from library.models.checkpoint import analyze_checkpoint
+from library.models.conditioned import ExtraChannelsFlux
+from library.models.fill import fill_features
+from library.models.variants import resolve_variant
+from library.training.errors import TrainingError
+from library.training.recipes.fill_options import fill_options_given
+from library.training.settings import DatasetKinds
+
+logger = logging.getLogger(__name__)
+
+
+def trains_fill(args) -> bool:
+    """Whether the run's transformer is FLUX.1 Fill, from the file's header (--model_type, metadata, img_in width);
+    False when the file cannot be read yet (loading reports that)."""
+    path = getattr(args, "pretrained_model_name_or_path", None)
+    try:
+        info = analyze_checkpoint(path) if path else None
+    except (OSError, ValueError):
+        return getattr(args, "model_type", None) == "fill"
+    if info is None:
+        return False
+    try:
+        variant = resolve_variant(getattr(args, "model_type", None), has_guidance_input=info.params.guidance_embed,
+                                  in_channels=info.params.in_channels, metadata=info.metadata, source=str(path))
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    return variant.inpaint
+
+
+def loss_weights(masks: torch.Tensor, kept_weight: float, alpha: torch.Tensor | None) -> torch.Tensor:
+    """Per-pixel loss weights (B, H, W): 1 where the mask generates, `kept_weight` where it keeps (fractions in
+    between), times the alpha mask when there is one."""
+    weights = kept_weight + (1.0 - kept_weight) * masks.float()
+    return weights if alpha is None else weights * alpha.to(weights.device, weights.dtype)
+
+
+class FillHooks:
+    """Mixin for a `Trainer` recipe (first in its bases): when the model is Fill it answers the hooks above,
+    otherwise it hands every hook to the recipe unchanged (and refuses the Fill options)."""
+
+    def __init__(self, args, settings=None):
+        super().__init__(args, settings)
+        self.fill = trains_fill(args)  # datasets are built before the models load: the file's header decides
+
+    def dataset_kinds(self) -> DatasetKinds:
+        kinds = super().dataset_kinds()
+        return replace(kinds, support_fill=True) if self.fill else kinds
+
+    def setup(self) -> None:
+        args = self.args
+        given = fill_options_given(args)
+        if given and not self.fill:
+            raise TrainingError(f"{' and '.join(given)}: for FLUX.1 Fill training, but "
+                                f"{args.pretrained_model_name_or_path} is not a Fill model (img_in taking 384 "
+                                f"features); remove them")
+        if self.fill and not args.fill_masks:  # every subset must then name its masks, checked before models load
+            config = load_dataset_config(args, **self.dataset_kinds().config_flags())
+            without = [s.where for s in config.all_subsets() if s.fill_mask_dir is None]
+            if without:
+                raise TrainingError(f"FLUX.1 Fill training needs a mask per image: {'; '.join(without)} has no "
+                                    f"'fill_mask_dir'; add one or pass --fill_masks rectangles|strokes|mixed")
+        super().setup()
+        if not self.fill:
+            return
+        for group in (self.train_group, self.val_group):
+            if group is not None:
+                group.use_fill(args.fill_masks)
+        self.models.ae.to(self.accelerator.device)  # the masked picture is encoded every step
+        with_files = sum(1 for i in self.train_group.items if i.fill_mask_path is not None)
+        logger.info("FLUX.1 Fill: %d of %d images with mask files, the rest drawn by --fill_masks %s; kept-area "
+                    "loss weight %s; guidance %s", with_files, len(self.train_group.items), args.fill_masks,
+                    args.fill_kept_loss_weight, self.loss_fn.settings.guidance_scale)
+
+    def denoiser(self) -> torch.nn.Module:
+        model = super().denoiser()
+        return ExtraChannelsFlux(model) if self.fill else model
+
+    def model_inputs(self, batch) -> dict:
+        inputs = super().model_inputs(batch)
+        if not self.fill:
+            return inputs
+        if batch.fill_images is None or batch.fill_masks is None:
+            raise TrainingError("a FLUX.1 Fill batch without pictures and masks (the datasets were not prepared "
+                                "for Fill)")
+        ae = self.models.ae
+        device = next(ae.parameters()).device
+        features = fill_features(ae, batch.fill_images.to(device), batch.fill_masks.to(device))
+        if self.args.fill_kept_loss_weight != 1.0:  # the loss reads batch.alpha_masks as per-pixel weights
+            batch.alpha_masks = loss_weights(batch.fill_masks, self.args.fill_kept_loss_weight, batch.alpha_masks)
+        return {**inputs, "extra_channels": features}
+
+    def sampling_model(self, prompt) -> torch.nn.Module:
+        """Sample images are pure generation: an all-ones mask over a blank picture at the prompt's size, encoded
+        once per size with the AE (library/flow/fill.py)."""
+        model = super().sampling_model(prompt)
+        if not self.fill:
+            return model
+        cache = self.__dict__.setdefault("_blank_features", {})
+
+        def features(timesteps, img_ids):
+            h, w = int(img_ids[0, :, 1].max()) + 1, int(img_ids[0, :, 2].max()) + 1
+            if (h, w) not in cache:
+                canvas = blank_canvas(w * 16, h * 16)
+                ae = self.models.ae
+                device = next(ae.parameters()).device
+                cache[(h, w)] = fill_features(ae, canvas.image.to(device), canvas.mask.to(device))
+            return cache[(h, w)]
+
+        return bind_fill(model, features)

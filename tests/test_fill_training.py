@@ -1,0 +1,158 @@
+"""FLUX.1 Fill training through flux_train_network.py and flux_train.py on tiny models: masks from files (matched by
+stem, every missing one listed) or drawn by the seeded generator (the same on resume), the condition features reach
+img_in (384 wide), the kept-area loss weight, the refusals, and block swapping / fp8 / the memory planner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+import cli_runs
+from cli_runs import run_args
+from library.data.fill_masks import MASK_GENERATORS, generate_mask, mask_seed
+from library.training.recipes.fill import loss_weights
+from library.training.recipes.fill_options import MASK_GENERATORS as OPTION_GENERATORS
+from tools.make_tiny_models import make_tiny_models
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+LORA = ("--network_module", "networks.lora_flux", "--network_dim", "4", "--network_train_unet_only")
+
+
+def fill_dataset(base: Path, count: int = 3, size: int = 32, masks: bool = True, seed: int = 0) -> Path:
+    """Pictures of a coloured square on a dark ground with captions, masks (the square's box, white) in masks/ when
+    `masks`; returns the dataset TOML."""
+    rng = np.random.default_rng(seed)
+    for folder in ("images", "masks"):
+        (base / folder).mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        rgb = np.zeros((size, size, 3), np.uint8)
+        rgb[...] = rng.integers(0, 80, 3)
+        y, x = (int(v) for v in rng.integers(2, size - 14, 2))
+        rgb[y:y + 12, x:x + 12] = [230, 40, 20]
+        Image.fromarray(rgb).save(base / "images" / f"img{i}.png")
+        (base / "images" / f"img{i}.txt").write_text("a red square")
+        mask = np.zeros((size, size), np.uint8)
+        mask[y:y + 12, x:x + 12] = 255
+        Image.fromarray(mask, mode="L").save(base / "masks" / f"img{i}.png")
+    toml = base / ("dataset.toml" if masks else "dataset_nomask.toml")
+    mask_line = f'fill_mask_dir = "{base / "masks"}"\n' if masks else ""
+    toml.write_text(f'[general]\nresolution = {size}\nbatch_size = 1\ncaption_extension = ".txt"\n[[datasets]]\n'
+                    f'[[datasets.subsets]]\nimage_dir = "{base / "images"}"\n{mask_line}')
+    return toml
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = tmp_path_factory.mktemp("filltrain")
+    return make_tiny_models(base / "models", model_type="fill"), fill_dataset(base / "data")
+
+
+def img_in_inputs(trainer) -> list[torch.Tensor]:
+    seen = []
+    trainer.models.flux.img_in.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    return seen
+
+
+def test_mask_generator_is_seeded_and_draws_each_kind():
+    for kind in MASK_GENERATORS:
+        a = generate_mask(kind, 48, 32, mask_seed(7, 3, "a.png"))
+        assert a.shape == (32, 48) and a.dtype == np.float32 and set(np.unique(a)) <= {0.0, 1.0}
+        assert np.array_equal(a, generate_mask(kind, 48, 32, mask_seed(7, 3, "a.png")))
+        assert 0 < a.mean() <= 1
+    draws = [generate_mask("mixed", 32, 32, mask_seed(1, s, "x.png")) for s in range(40)]
+    assert any(d.mean() == 1 for d in draws) and any(d.mean() < 1 for d in draws)
+    assert not all(np.array_equal(draws[0], d) for d in draws[1:])
+    assert MASK_GENERATORS == OPTION_GENERATORS
+
+
+def test_loss_weights_follow_the_mask():
+    masks = torch.tensor([[[1.0, 0.0, 0.5]]])
+    assert torch.allclose(loss_weights(masks, 0.0, None), masks)
+    assert torch.allclose(loss_weights(masks, 0.2, None), torch.tensor([[[1.0, 0.2, 0.6]]]))
+    assert torch.allclose(loss_weights(masks, 1.0, torch.full((1, 1, 3), 0.5)), torch.full((1, 1, 3), 0.5))
+
+
+def test_lora_with_mask_files_feeds_the_condition_and_saves_a_fill_lora(tiny, tmp_path):
+    models, toml = tiny
+    argv = [*run_args(models, toml, tmp_path / "out"), *LORA, "--max_train_steps", "2", "--cache_latents",
+            "--output_name", "fill_lora"]
+    trainer, status = cli_runs.run_trainer("network", argv)
+    assert status == 0 and trainer.fill
+    with safe_open(str(tmp_path / "out" / "fill_lora.safetensors"), "pt") as f:
+        assert f.metadata()["modelspec.architecture"] == "flux-1-fill-dev/lora"
+    assert trainer.loss_fn.settings.guidance_scale == 30.0  # the table's training guidance
+
+
+def test_condition_reaches_img_in_as_bfl_builds_it(tiny, tmp_path):
+    """The 384 features entering img_in are [noisy | masked picture's AE mean | mask space-to-depth] of the batch."""
+    from library.models.fill import fill_features
+
+    models, toml = tiny
+    argv = [*run_args(models, toml, tmp_path / "out"), *LORA, "--max_train_steps", "1"]
+    import flux_train_network
+    from library.training.recipes.lora import LoRATrainer
+
+    args = flux_train_network.setup_parser().parse_args(argv)
+    trainer = LoRATrainer(args)
+    trainer.setup()
+    batch = trainer.train_group[(1, 0, 0)]
+    assert batch.fill_images.shape == (1, 3, 32, 32) and batch.fill_masks.shape == (1, 32, 32)
+    # the mask file is the red square's box
+    red = (batch.fill_images[0, 0] > 0.7) & (batch.fill_images[0, 1] < -0.5)
+    assert torch.equal(red, batch.fill_masks[0] > 0.5)
+    seen = img_in_inputs(trainer)
+    trainer.loss_fn(batch)
+    assert seen[0].shape == (1, 4, 384)
+    expected = fill_features(trainer.models.ae, batch.fill_images, batch.fill_masks)
+    torch.testing.assert_close(seen[0][..., 64:], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_generated_masks_and_resume_draw_the_same(tiny, tmp_path):
+    models, _ = tiny
+    toml = fill_dataset(tmp_path / "data", masks=False)
+    import flux_train_network
+    from library.training.recipes.lora import LoRATrainer
+
+    def batches(*extra):
+        args = flux_train_network.setup_parser().parse_args(
+            [*run_args(models, toml, tmp_path / "out"), *LORA, "--max_train_steps", "1", *extra])
+        trainer = LoRATrainer(args)
+        trainer.setup()
+        return [trainer.train_group[(1, i, s)].fill_masks for i, s in ((0, 0), (1, 1), (0, 5))]
+
+    a, b = batches("--fill_masks", "mixed"), batches("--fill_masks", "mixed")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # the same seed, step and image: the same mask
+    assert not torch.equal(a[0], a[2])  # another step: another mask
+
+
+def test_refusals(tiny, tmp_path):
+    models, toml = tiny
+    nomask = fill_dataset(tmp_path / "data", masks=False)
+    from library.training.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="needs a mask per image.*fill_mask_dir.*--fill_masks"):
+        cli_runs.run_trainer("network", [*run_args(models, nomask, tmp_path / "o1"), *LORA, "--max_train_steps", "1"])
+    dev = make_tiny_models(tmp_path / "dev")
+    with pytest.raises(TrainingError, match="--fill_masks: for FLUX.1 Fill training"):
+        cli_runs.run_trainer("network", [*run_args(dev, nomask, tmp_path / "o2"), *LORA, "--max_train_steps", "1",
+                                         "--fill_masks", "strokes"])
+    from library.data.config import DatasetConfigError
+
+    with pytest.raises(DatasetConfigError, match="'fill_mask_dir' .* is for FLUX.1 Fill training"):
+        cli_runs.run_trainer("network", [*run_args(dev, toml, tmp_path / "o3"), *LORA, "--max_train_steps", "1"])
+    # a missing mask is listed with its image
+    (toml.parent / "images" / "extra.png").write_bytes((toml.parent / "images" / "img0.png").read_bytes())
+    try:
+        from library.data.images import BadImageError
+
+        with pytest.raises(BadImageError, match="extra.png.*no mask with the same name"):
+            cli_runs.run_trainer("network", [*run_args(models, toml, tmp_path / "o4"), *LORA,
+                                             "--max_train_steps", "1"])
+    finally:
+        (toml.parent / "images" / "extra.png").unlink()
