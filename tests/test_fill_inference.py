@@ -241,3 +241,35 @@ def test_cli_refusals_are_one_line(tiny, tmp_path, capsys):
     dev = make_tiny_models(tmp_path / "dev")
     assert cli.main(cli_args(dev, tmp_path / "out", "--image", str(image))) == 2
     assert "--image: " in capsys.readouterr().err and not list((tmp_path / "out").glob("*.png"))
+
+
+# (6) README
+
+
+def test_readme_fill_command_lines_parse_and_verify():
+    import re
+    import shlex
+
+    import flux_train
+    import flux_train_network
+    from conftest import ROOT
+    from library.training.arguments import verify_training_args
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("\n## FLUX.1 Fill (inpainting and outpainting)\n")
+    section = text[start:text.index("\n## ", start + 1)]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+        commands += [shlex.split(line) for line in block.replace("\\\n", " ").splitlines()
+                     if line.strip() and not line.startswith("#")]
+    assert [c[1] if c[0] == "python" else c[2] for c in commands] == [
+        "flux_minimal_inference.py", "flux_minimal_inference.py", "flux_train_network.py", "flux_train.py"]
+    for argv in commands:
+        if argv[0] == "python":
+            args = cli.setup_parser().parse_args(argv[2:])
+            assert args.image == "photo.png"
+            continue
+        entry = {"flux_train_network.py": flux_train_network, "flux_train.py": flux_train}[argv[2]]
+        args = entry.setup_parser().parse_args(argv[3:])
+        verify_training_args(args, entry.COMMAND_LINE)
+        assert args.fill_masks in ("mixed", "rectangles")
