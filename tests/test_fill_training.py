@@ -156,3 +156,74 @@ def test_refusals(tiny, tmp_path):
                                              "--max_train_steps", "1"])
     finally:
         (toml.parent / "images" / "extra.png").unlink()
+
+
+# --- memory: swapping, fp8, the planner; full fine-tuning -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def swappable(tmp_path_factory):
+    """A Fill transformer of 4 double + 8 single blocks (swappable), and the mask-file dataset."""
+    from dataclasses import replace
+
+    from library.formats.safetensors_io import save_file_atomic
+    from library.models.checkpoint import analyze_checkpoint
+    from library.models.transformer import Flux
+
+    base = tmp_path_factory.mktemp("fill_swap")
+    models = make_tiny_models(base / "models", model_type="fill")
+    params = replace(analyze_checkpoint(models["flux"]).params, depth=4, depth_single_blocks=8)
+    torch.manual_seed(3)
+    models["flux"] = base / "models" / "flux_fill_12_blocks.safetensors"
+    save_file_atomic(Flux(params).state_dict(), models["flux"], {"tiny": "true"})
+    return models, fill_dataset(base / "data", count=2)
+
+
+def train_swap(setup, out, kind="network", *extra):
+    from safetensors.torch import load_file
+
+    models, toml = setup
+    network = (*LORA, "--learning_rate", "1e-2") if kind == "network" else ()
+    run, code = cli_runs.run_trainer(kind, [*run_args(models, toml, out), *network, "--max_train_steps", "2",
+                                            "--cache_latents", "--cache_text_encoder_outputs", "--fill_masks",
+                                            "strokes", *extra])
+    assert code == 0 and run.fill
+    return run, load_file(str(out / "last.safetensors"))
+
+
+FP8 = ("--fp8_base", "--mixed_precision", "bf16")
+
+
+@pytest.mark.parametrize("precision, swap", [((), ("--gradient_checkpointing", "--blocks_to_swap", "5")),
+                                             (FP8, ("--cpu_offload_checkpointing", "--blocks_to_swap", "4"))],
+                         ids=["swap", "fp8-offloaded-checkpointing-swap"])
+def test_block_swap_trains_the_same_fill_lora(swappable, tmp_path, precision, swap):
+    _, reference = train_swap(swappable, tmp_path / "plain", "network", *precision, "--gradient_checkpointing")
+    trainer, got = train_swap(swappable, tmp_path / "swap", "network", *precision, *swap)
+    assert trainer.block_swappers and all(s.stats.moves > 0 for s in trainer.block_swappers)
+    assert got.keys() == reference.keys()
+    assert all(torch.equal(got[k], reference[k]) for k in got), "block swapping changed the Fill LoRA"
+
+
+def test_full_fine_tuning_of_fill_with_block_swap(swappable, tmp_path):
+    """flux_train.py trains the 384-wide transformer (img_in included) the same with write-back swapping."""
+    plain, reference = train_swap(swappable, tmp_path / "plain", "full", "--gradient_checkpointing")
+    swapped, got = train_swap(swappable, tmp_path / "swap", "full", "--gradient_checkpointing", "--blocks_to_swap", "3")
+    assert reference["img_in.weight"].shape[1] == 384
+    assert swapped.losses == plain.losses
+    assert all(torch.equal(got[k], reference[k]) for k in reference), "block swapping changed the trained weights"
+
+
+def test_planner_builds_the_wide_img_in_and_matches_a_real_step():
+    from dataclasses import replace
+
+    from library.models.transformer import FLUX_PRESETS
+    from library.planner.plan import PlanSettings, plan_memory
+    from library.planner.report import measure_cpu_step
+
+    base = PlanSettings(model="test", params=FLUX_PRESETS["tiny"], width=64, height=64, t5_tokens=32,
+                        mixed_precision="no", target="cpu")
+    fill = replace(base, params=replace(FLUX_PRESETS["tiny"], in_channels=384))
+    plan = plan_memory(fill)
+    assert plan.peak_bytes == pytest.approx(measure_cpu_step(fill)["peak_bytes"], rel=0.10)
+    assert plan.peak_bytes > plan_memory(base).peak_bytes
