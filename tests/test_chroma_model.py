@@ -1,0 +1,135 @@
+"""Chroma's transformer (library/models/chroma.py) against diffusers' ChromaTransformer2DModel, with diffusers' own
+single-file converter mapping our BFL-layout state dict, so the key map is checked independently."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from library.models.chroma import CHROMA_PRESETS, Chroma, chroma_text_mask
+from library.models.packing import prepare_img_ids
+from library.models.transformer import DoubleStreamBlock, SingleStreamBlock
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import ChromaTransformer2DModel  # noqa: E402
+from diffusers.loaders import single_file_utils  # noqa: E402
+
+P = CHROMA_PRESETS["tiny"]
+
+
+def tiny_chroma(seed: int = 0) -> Chroma:
+    torch.manual_seed(seed)
+    model = Chroma(P)
+    with torch.no_grad():  # non-trivial norm scales and biases, so a swapped key would show
+        for name, t in model.named_parameters():
+            t.copy_(torch.randn_like(t) * (0.3 if t.dim() > 1 else 0.1) + (1.0 if name.endswith("scale") else 0.0))
+    return model.eval()
+
+
+def _scaled_split_torch(hidden: int, mlp_hidden: int):
+    """diffusers' Chroma converter hard-codes FLUX.1's widths (3072, MLP 12288) when it splits a single block's
+    linear1; this stand-in for its `torch` scales those split sizes to the tiny width and changes nothing else."""
+
+    def split(tensor, sizes, dim=0):
+        sizes = [{3072: hidden, 12288: mlp_hidden}.get(s, s) for s in sizes]
+        return torch.split(tensor, sizes, dim=dim)
+
+    class TorchWithScaledSplit(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+    stand_in = TorchWithScaledSplit("torch")
+    stand_in.split = split
+    return stand_in
+
+
+def diffusers_twin(model: Chroma) -> ChromaTransformer2DModel:
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    real_torch = single_file_utils.torch
+    single_file_utils.torch = _scaled_split_torch(P.hidden_size, P.mlp_hidden_dim)
+    try:
+        converted = single_file_utils.convert_chroma_transformer_checkpoint_to_diffusers(sd)
+    finally:
+        single_file_utils.torch = real_torch
+    assert not sd, f"keys the converter did not take: {sorted(sd)}"
+    twin = ChromaTransformer2DModel(
+        num_layers=P.depth, num_single_layers=P.depth_single_blocks, attention_head_dim=P.head_dim,
+        num_attention_heads=P.num_heads, joint_attention_dim=P.context_in_dim, axes_dims_rope=P.axes_dim,
+        approximator_num_channels=P.approximator_in_dim, approximator_hidden_dim=P.approximator_hidden_size,
+        approximator_layers=P.approximator_depth)
+    missing, unexpected = twin.load_state_dict(converted, strict=False)
+    assert not unexpected and not missing, (missing, unexpected)
+    for norm in twin.distilled_guidance_layer.norms:  # lodestones' RMSNorm: eps 1e-6 (torch's default is finfo.eps)
+        norm.eps = 1e-6
+    return twin.eval()
+
+
+def test_modulation_count_and_layout():
+    full = CHROMA_PRESETS["chroma"]
+    assert full.mod_index_length == 344
+    model = Chroma(P)
+    keys = set(model.state_dict())
+    assert "distilled_guidance_layer.in_proj.weight" in keys and "distilled_guidance_layer.norms.0.scale" in keys
+    assert not any(k.startswith(("time_in", "vector_in", "guidance_in")) for k in keys)
+    assert not any("_mod." in k or ".modulation." in k or "adaLN" in k for k in keys)
+    assert isinstance(model.double_blocks[0], DoubleStreamBlock) and isinstance(model.single_blocks[0],
+                                                                                  SingleStreamBlock)
+    assert not any(isinstance(m, torch.nn.Linear) and "mod" in n for n, m in model.named_modules())
+
+
+def test_text_mask_attends_one_padding_token():
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    assert chroma_text_mask(mask).int().tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("guidance", [0.0, 2.0])
+def test_forward_equals_diffusers(guidance):
+    model = tiny_chroma()
+    twin = diffusers_twin(model)
+    torch.manual_seed(1)
+    b, h, w, L = 2, 4, 6, 12
+    img = torch.randn(b, h * w, 64)
+    img_ids = prepare_img_ids(b, h, w)
+    txt = torch.randn(b, L, P.context_in_dim)
+    txt_ids = torch.zeros(b, L, 3)
+    t = torch.tensor([0.8, 0.3])
+    t5_mask = torch.zeros(b, L, dtype=torch.long)
+    t5_mask[0, :5] = 1
+    t5_mask[1, :9] = 1
+    with torch.no_grad():
+        ours = model(img, img_ids, txt, txt_ids, t, None, torch.full((b,), guidance), t5_mask)
+        # diffusers takes the text mask as its pipeline builds it (tokens + one padding token) over [txt; img];
+        # boolean, so SDPA reads it as a mask
+        joint = torch.cat([chroma_text_mask(t5_mask), torch.ones(b, h * w, dtype=torch.bool)], dim=1)
+        if guidance == 0.0:  # diffusers always embeds guidance 0
+            theirs = twin(hidden_states=img, encoder_hidden_states=txt, timestep=t, img_ids=img_ids[0],
+                          txt_ids=txt_ids[0], attention_mask=joint, return_dict=False)[0]
+            # fp32 rounding only: outputs reach ~260 with these weights, both sit ~3e-4 from a float64 run
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6 * float(ours.abs().max()))
+            torch.testing.assert_close(model.modulation_vectors(t, torch.zeros(b)),
+                                       twin.distilled_guidance_layer(twin.time_text_embed(t * 1000)))
+        else:  # the guidance value reaches the approximator: the output moves
+            zero = model(img, img_ids, txt, txt_ids, t, None, torch.zeros(b), t5_mask)
+            assert (ours - zero).abs().max() > 1e-4
+
+
+def test_padding_beyond_the_first_does_not_matter_and_trimming_is_exact():
+    model = tiny_chroma()
+    b, L = 1, 10
+    img, img_ids = torch.randn(b, 8, 64), prepare_img_ids(b, 2, 4)
+    txt = torch.randn(b, L, P.context_in_dim)
+    mask = torch.zeros(b, L, dtype=torch.long)
+    mask[:, :4] = 1
+    t = torch.tensor([0.5])
+    with torch.no_grad():
+        out = model(img, img_ids, txt, torch.zeros(b, L, 3), t, None, None, mask)
+        changed = txt.clone()
+        changed[:, 5:] = 100.0  # beyond the first padding token
+        same = model(img, img_ids, changed, torch.zeros(b, L, 3), t, None, None, mask)
+        first_pad = txt.clone()
+        first_pad[:, 4] = 100.0  # the attended padding token
+        moved = model(img, img_ids, first_pad, torch.zeros(b, L, 3), t, None, None, mask)
+    torch.testing.assert_close(out, same, rtol=0, atol=0)
+    assert (out - moved).abs().max() > 1e-3
