@@ -133,3 +133,48 @@ def test_padding_beyond_the_first_does_not_matter_and_trimming_is_exact():
         moved = model(img, img_ids, first_pad, torch.zeros(b, L, 3), t, None, None, mask)
     torch.testing.assert_close(out, same, rtol=0, atol=0)
     assert (out - moved).abs().max() > 1e-3
+
+
+def test_full_size_layout_is_what_diffusers_converts_and_loads():
+    """Chroma's released layout at full size, on `meta`: diffusers' converter takes every key and its default
+    ChromaTransformer2DModel (Chroma1-HD's config) takes every converted tensor with its shape."""
+    with torch.device("meta"):
+        sd = Chroma(CHROMA_PRESETS["chroma"]).state_dict()
+        converted = single_file_utils.convert_chroma_transformer_checkpoint_to_diffusers(dict(sd))
+        twin = ChromaTransformer2DModel()
+    assert len(sd) == len([k for k in sd if k.startswith(("double_blocks.", "single_blocks."))]) + 4 + 4 + 2 + 5 * 5 \
+        and sum(1 for k in sd if k.startswith("double_blocks.0.")) == 20
+    expected = {k: tuple(v.shape) for k, v in twin.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in converted.items()} == expected
+
+
+def test_tiny_file_is_recognised_and_loads(tmp_path):
+    from library.memory.loading import load_for_compute
+    from library.models.checkpoint import analyze_checkpoint, load_transformer
+    from tools.make_tiny_models import make_tiny_models
+
+    paths = make_tiny_models(tmp_path, model_type="chroma")
+    info = analyze_checkpoint(paths["flux"])
+    assert (info.family, info.model_type, info.is_schnell, info.has_guidance_input) == ("chroma", "chroma", False, True)
+    assert (info.params.depth, info.params.depth_single_blocks, info.params.approximator_depth) == (2, 2, 2)
+    model = load_transformer(paths["flux"], torch.float32)
+    assert isinstance(model, Chroma) and model.params == info.params
+    fp8 = load_for_compute("flux", paths["flux"], "fp8", "cpu", compute_dtype=torch.float32)
+    assert fp8.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
+    b, L = 1, 8
+    args = (torch.randn(b, 4, 64), prepare_img_ids(b, 2, 2), torch.randn(b, L, info.params.context_in_dim),
+            torch.zeros(b, L, 3), torch.tensor([0.6]), None, torch.zeros(b), torch.ones(b, L, dtype=torch.long))
+    with torch.no_grad():
+        exact, stored = model(*args), fp8(*args)
+    assert torch.isfinite(stored).all() and (exact - stored).abs().max() < 0.1 * exact.abs().max()
+
+
+def test_model_type_mismatch_is_one_line_naming_both():
+    from library.models.variants import VARIANTS, resolve_variant
+
+    assert resolve_variant(None, has_guidance_input=True, family="chroma") is VARIANTS["chroma"]
+    assert resolve_variant("chroma", has_guidance_input=True, family="chroma") is VARIANTS["chroma"]
+    with pytest.raises(ValueError, match=r"--model_type chroma expects a chroma transformer.*flux keys"):
+        resolve_variant("chroma", has_guidance_input=True, family="flux", source="flux.safetensors")
+    with pytest.raises(ValueError, match=r"--model_type dev expects a flux transformer.*chroma keys.*chroma"):
+        resolve_variant("dev", has_guidance_input=True, family="chroma", source="chroma.safetensors")

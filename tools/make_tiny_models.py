@@ -15,6 +15,10 @@ transformer as tiny_models/flux-Q8_0.gguf, laid out as ComfyUI-GGUF's FLUX conve
 quantizes the simple types; the K-quants use tools/gguf_kquants.py (K-quants need a width of a multiple of 256,
 `--hidden_size 256`: narrower rows stay F32).
 
+`--model_type chroma` writes tiny_models/flux.safetensors as a Chroma transformer instead, in lodestones' layout
+(`distilled_guidance_layer.*`, no modulation Linears, no time/vector/guidance embedders); the other files are the same
+(Chroma needs no CLIP-L, which is still written for the FLUX tests).
+
 `--init trained-like` (with e.g. `--hidden_size 128`) writes models that behave structurally like trained ones, for
 tests that check that training *learns* (see `init_trained_like_flux` and `init_trained_like_ae`); the default
 `--init random` is plain PyTorch initialisation. `--fit_ae_steps N` (with trained-like) also trains the tiny AE as an
@@ -38,6 +42,9 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", default="tiny", choices=["tiny", "tiny-schnell"],
                    help="transformer preset: tiny (dev-like, guidance embedder) or tiny-schnell")
+    p.add_argument("--model_type", default="flux", choices=["flux", "chroma"],
+                   help="flux: a FLUX.1 transformer of --preset; chroma: a tiny Chroma transformer "
+                        "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     p.add_argument("--dtype", default="fp32", help="dtype of the stored weights (default: %(default)s)")
     p.add_argument("--init", default="random", choices=INITS,
@@ -88,7 +95,8 @@ def write_flux_gguf(state_dict: dict, path: str | Path, qtype: str, model_type: 
 
 def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype: str = "fp32",
                      init: str = "random", hidden_size: int | None = None, fit_ae_steps: int = 0,
-                     gguf_type: str | None = None, fp8_scaled: str | None = None) -> dict[str, Path]:
+                     gguf_type: str | None = None, fp8_scaled: str | None = None,
+                     model_type: str = "flux") -> dict[str, Path]:
     """Write the tiny components into `out`; returns their paths by role (`flux_gguf` with `gguf_type`).
 
     `init` and `hidden_size` are for learning tests (see the module docstring); the defaults write exactly the files
@@ -101,11 +109,14 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
     from library.formats.dtypes import is_fp8, str_to_dtype  # torch and transformers after parsing: fast --help
     from library.formats.fp8_scaled import quantize_state_dict_fp8_scaled
     from library.models.autoencoder import AE_PRESETS, AutoEncoder
+    from library.models.chroma import CHROMA_PRESETS, Chroma
     from library.models.transformer import FLUX_PRESETS, Flux
     from library.formats.safetensors_io import save_file_atomic
     from library.models.text_encoders import save_clip_l, save_t5xxl, tiny_clip_config, tiny_t5_config
     from library.models.tokenizers import write_tiny_tokenizers
 
+    if model_type not in ("flux", "chroma"):
+        raise ValueError(f"model_type {model_type!r} is not flux or chroma")
     if init not in INITS:
         raise ValueError(f"init {init!r} is not one of {', '.join(INITS)}")
     if fit_ae_steps and init != "trained-like":
@@ -119,13 +130,16 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
     vocab = write_tiny_tokenizers(out / "tokenizers")
     clip = CLIPTextModel(tiny_clip_config(vocab_size=vocab["clip"])).eval()
     t5 = T5EncoderModel(tiny_t5_config(vocab_size=vocab["t5"])).eval()
-    params = replace(FLUX_PRESETS[preset], vec_in_dim=clip.config.hidden_size, context_in_dim=t5.config.d_model)
+    if model_type == "chroma":
+        params = replace(CHROMA_PRESETS["tiny"], context_in_dim=t5.config.d_model)
+    else:
+        params = replace(FLUX_PRESETS[preset], vec_in_dim=clip.config.hidden_size, context_in_dim=t5.config.d_model)
     if hidden_size is not None:
         head_dim = params.head_dim
         if hidden_size <= 0 or hidden_size % head_dim:
             raise ValueError(f"hidden_size {hidden_size} is not a positive multiple of the head size {head_dim}")
         params = replace(params, hidden_size=hidden_size, num_heads=hidden_size // head_dim)
-    flux = Flux(params)
+    flux = Chroma(params) if model_type == "chroma" else Flux(params)
     ae = AutoEncoder(AE_PRESETS["tiny"])
     if init == "trained-like":
         init_trained_like_flux(flux)
@@ -137,12 +151,13 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
     def cast(module):
         return {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in module.state_dict().items()}
 
-    model_type = "flux-1-schnell" if params.guidance_embed is False else "flux-1-dev"
+    architecture = ("chroma" if model_type == "chroma"
+                    else "flux-1-schnell" if params.guidance_embed is False else "flux-1-dev")
     flux_sd = (cast(flux) if fp8_scaled is None
                else quantize_state_dict_fp8_scaled(flux.state_dict(), fp8_scaled, other_dtype=torch_dtype))
-    save_file_atomic(flux_sd, paths["flux"], {"modelspec.architecture": model_type, "tiny": "true"})
+    save_file_atomic(flux_sd, paths["flux"], {"modelspec.architecture": architecture, "tiny": "true"})
     if gguf_type:
-        paths["flux_gguf"] = write_flux_gguf(cast(flux), out / f"flux-{gguf_type}.gguf", gguf_type, model_type)
+        paths["flux_gguf"] = write_flux_gguf(cast(flux), out / f"flux-{gguf_type}.gguf", gguf_type, architecture)
     save_file_atomic(cast(ae), paths["ae"], {"tiny": "true"})
     save_clip_l(clip.to(torch_dtype), paths["clip_l"])
     save_t5xxl(t5.to(torch_dtype), paths["t5xxl"])
@@ -179,9 +194,10 @@ def init_trained_like_flux(flux) -> None:
         flux.img_in.bias.zero_()
         flux.final_layer.linear.weight.copy_(q[:, :out_channels].T)
         flux.final_layer.linear.bias.zero_()
-        modulation = flux.final_layer.adaLN_modulation[-1]
-        modulation.weight.zero_()
-        modulation.bias.zero_()
+        if isinstance(flux.final_layer.adaLN_modulation, torch.nn.Sequential):  # Chroma's comes from its approximator
+            modulation = flux.final_layer.adaLN_modulation[-1]
+            modulation.weight.zero_()
+            modulation.bias.zero_()
 
 
 # Relative width of the trained-like AE's posterior: std of a latent sample around its mean, in units of the
@@ -298,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     args = setup_parser().parse_args(argv)
     for role, path in make_tiny_models(args.out, args.preset, args.seed, args.dtype, args.init,
                                        args.hidden_size, args.fit_ae_steps, args.gguf_type,
-                                       args.fp8_scaled).items():
+                                       args.fp8_scaled, args.model_type).items():
         print(f"{role:10s} {path}")
     return 0
 

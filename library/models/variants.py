@@ -49,6 +49,13 @@ VARIANTS: dict[str, ModelVariant] = {v.name: v for v in (
     ModelVariant("kontext", "flux-1-kontext-dev", "flux", sample_steps=30, guidance=2.5, cfg_scale=1.0, shift=True,
                  t5_max_length=512, training_guidance=1.0, reference_images=True,
                  notes="instruction editing: reference images appended as tokens with index 1"),
+    # Chroma: steps 35, true-CFG scale 5.0 and T5 length 512 are the defaults of diffusers' ChromaPipeline.__call__
+    # (num_inference_steps, guidance_scale, max_sequence_length); its schedule is shifted by image size (the
+    # pipeline's calculate_shift mu; sd-scripts' sampler shifts for Chroma too). Guidance 0.0: the value the
+    # approximator embeds -- diffusers always feeds 0, and sd-scripts' docs recommend --guidance_scale 0.0 for training.
+    ModelVariant("chroma", "chroma", "chroma", sample_steps=35, guidance=0.0, cfg_scale=5.0, shift=True,
+                 t5_max_length=512, training_guidance=0.0, licence="Apache-2.0",
+                 notes="lodestones' Chroma: T5 only (no CLIP-L), modulation from the approximator, T5 mask required"),
 )}
 
 # ModelSpec architectures written by other tools for the same variants (lower case, without "/lora")
