@@ -18,7 +18,8 @@ class ModelVariant:
     name: str  # the --model_type value
     architecture: str  # ModelSpec architecture written into saved files ("/lora" appended for LoRAs)
     family: str  # "flux": the BFL transformer; "chroma": Chroma's modulation-approximator transformer
-    sample_steps: int  # inference and sample-image steps when none are given
+    steps: int  # inference steps when none are given
+    preview_steps: int  # steps of training sample images whose prompt gives none (sd-scripts: 20)
     guidance: float | None  # embedded guidance at inference; None: the model has no guidance input
     cfg_scale: float  # true classifier-free guidance with a negative prompt (1.0: off)
     shift: bool  # the resolution-dependent time shift of the sampling schedule
@@ -37,17 +38,17 @@ class ModelVariant:
 
 
 VARIANTS: dict[str, ModelVariant] = {v.name: v for v in (
-    ModelVariant("dev", "flux-1-dev", "flux", sample_steps=50, guidance=3.5, cfg_scale=1.0, shift=True,
+    ModelVariant("dev", "flux-1-dev", "flux", steps=50, preview_steps=20, guidance=3.5, cfg_scale=1.0, shift=True,
                  t5_max_length=512, training_guidance=3.5,
                  notes="sd-scripts' defaults; its docs recommend --guidance_scale 1.0 for training"),
-    ModelVariant("krea", "flux-1-krea-dev", "flux", sample_steps=50, guidance=4.5, cfg_scale=1.0, shift=True,
-                 t5_max_length=512, training_guidance=3.5,
+    ModelVariant("krea", "flux-1-krea-dev", "flux", steps=50, preview_steps=20, guidance=4.5, cfg_scale=1.0,
+                 shift=True, t5_max_length=512, training_guidance=3.5,
                  notes="dev's architecture and keys; a drop-in replacement for dev with a higher usual guidance"),
-    ModelVariant("schnell", "flux-1-schnell", "flux", sample_steps=4, guidance=None, cfg_scale=1.0, shift=False,
-                 t5_max_length=256, training_guidance=None, licence="Apache-2.0",
+    ModelVariant("schnell", "flux-1-schnell", "flux", steps=4, preview_steps=4, guidance=None, cfg_scale=1.0,
+                 shift=False, t5_max_length=256, training_guidance=None, licence="Apache-2.0",
                  notes="timestep-distilled: 1-4 steps, no shift, no guidance input"),
-    ModelVariant("kontext", "flux-1-kontext-dev", "flux", sample_steps=30, guidance=2.5, cfg_scale=1.0, shift=True,
-                 t5_max_length=512, training_guidance=1.0, reference_images=True,
+    ModelVariant("kontext", "flux-1-kontext-dev", "flux", steps=30, preview_steps=20, guidance=2.5, cfg_scale=1.0,
+                 shift=True, t5_max_length=512, training_guidance=1.0, reference_images=True,
                  notes="instruction editing: reference images appended as tokens with index 1"),
     # Chroma: steps 35, true-CFG scale 5.0 and T5 length 512 are the defaults of diffusers' ChromaPipeline.__call__
     # (num_inference_steps, guidance_scale, max_sequence_length); its schedule is shifted by image size (the

@@ -33,6 +33,7 @@ CONTROLNET = TrainerCommandLine(
     script="flux_train_control_net.py", training="ControlNet training", add_arguments=add_full_train_arguments,
     checks=full_checks, refused=_QUANTIZED,
     dataset_kinds=dict(support_dreambooth=False, support_controlnet=True),
+    model_types=("flux", "dev", "krea", "schnell"),  # a ControlNet on Kontext is not built yet
     ineffective={**_FULL_MODEL, "fp8_scaled": "a ControlNet is saved in --save_precision (only flux_train.py "
                                               "writes scaled fp8)"})
 
