@@ -205,6 +205,29 @@ class Chroma(Flux):
         return self.final_layer(img, mods[:, -2:])
 
 
+class NoCLIP(nn.Module):
+    """Chroma's stand-in for CLIP-L (sd-scripts uses one too): no weights, no file, its pooled output zeros that the
+    transformer never reads. Text encoding, the text-encoder caches and sampling then run unchanged; the cached
+    `l_pooled` of a Chroma run is zeros. The one empty parameter only carries the device and dtype."""
+
+    class Output:
+        def __init__(self, pooler_output: torch.Tensor):
+            self.pooler_output = pooler_output
+
+    def __init__(self, dtype: torch.dtype = torch.float32, width: int = 768):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(0, dtype=dtype), requires_grad=False)
+        self.width = width
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.anchor.dtype
+
+    def forward(self, input_ids: torch.Tensor, **_):
+        return self.Output(torch.zeros(input_ids.shape[0], self.width, dtype=self.anchor.dtype,
+                                       device=self.anchor.device))
+
+
 def params_with_overrides(preset: str | ChromaParams, **overrides) -> ChromaParams:
     base = CHROMA_PRESETS[preset] if isinstance(preset, str) else preset
     return replace(base, **overrides)

@@ -50,7 +50,7 @@ class TrainerCommandLine:
     ineffective: Mapping[str, str] = field(default_factory=dict)  # option -> why it does nothing in this trainer
     refused: Mapping[str, str] = field(default_factory=dict)  # option -> why it cannot work in this trainer
     fp8_base: bool = False  # the frozen transformer may be stored in fp8 (--fp8_base_unet implies --fp8_base)
-    model_types: tuple[str, ...] = ("flux", "dev", "krea", "schnell", "kontext")  # --model_type values it trains
+    model_types: tuple[str, ...] = ("flux", "dev", "krea", "schnell", "kontext", "chroma")  # --model_type it trains
 
 
 class TrainingArgumentError(ValueError):
@@ -94,17 +94,11 @@ def add_model_path_arguments(parser: argparse.ArgumentParser) -> None:
     add("--tokenizer_cache_dir", type=str, default=None,
         help="folder of tokenizers (DIR/openai_clip-vit-large-patch14, DIR/google_t5-v1_1-xxl) for offline use")
     add("--disable_mmap_load_safetensors", action="store_true", help="read .safetensors without memory mapping")
-    add("--model_type", type=_flux_only, default="flux", choices=[*model_type_choices(), "chroma"],
-        help="which FLUX.1 model: flux (default) recognises dev or schnell from the keys and Kontext/Krea from the "
-             "file's ModelSpec metadata; dev, krea, schnell, kontext name it (checked against the keys). The model's "
-             "defaults (--guidance_scale, T5 length, sample steps) follow it: library/models/variants.py")
-
-
-def _flux_only(value: str) -> str:
-    if value == "chroma":
-        raise argparse.ArgumentTypeError("chroma is not supported yet: this suite trains the FLUX.1 models "
-                                         f"({', '.join(model_type_choices())})")
-    return value
+    add("--model_type", type=str, default="flux", choices=model_type_choices(),
+        help="which model: flux (default) recognises dev or schnell from the keys, Chroma from its keys and "
+             "Kontext/Krea from the file's ModelSpec metadata; dev, krea, schnell, kontext, chroma name it (checked "
+             "against the keys). The model's defaults (--guidance_scale, T5 length, sample steps) follow it: "
+             "library/models/variants.py")
 
 
 def add_modelspec_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,138 @@
+"""Chroma end to end through the command lines, on tiny real-format files (tools/make_tiny_models.py
+--model_type chroma): LoRA training with cached text-encoder outputs, the saved LoRA's keys and metadata against
+sd-scripts' naming, inference with that LoRA, and the refusals."""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+
+import cli_runs
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import flux_minimal_inference
+from library.training.errors import TrainingError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def chroma(tmp_path_factory):
+    from tools.make_demo_dataset import make_demo_dataset
+    from tools.make_tiny_models import make_tiny_models
+
+    base = tmp_path_factory.mktemp("chroma")
+    models = make_tiny_models(base / "models", model_type="chroma")
+    return models, make_demo_dataset(base / "data", count=2, size=32)
+
+
+def chroma_model_args(models: dict) -> list[str]:
+    """No --clip_l: Chroma has no CLIP-L input."""
+    return ["--pretrained_model_name_or_path", str(models["flux"]), "--t5xxl", str(models["t5xxl"]),
+            "--ae", str(models["ae"]), "--tokenizer_cache_dir", str(models["tokenizers"]),
+            "--t5xxl_max_token_length", "16"]
+
+
+def train_argv(setup, out, *extra) -> list[str]:
+    models, toml = setup
+    return [*chroma_model_args(models), "--dataset_config", str(toml), "--output_dir", str(out), "--seed", "7",
+            "--max_data_loader_n_workers", "0", "--model_prediction_type", "raw", "--model_type", "chroma",
+            "--network_module", "networks.lora_flux", "--network_dim", "4", "--learning_rate", "1e-2",
+            "--max_train_steps", "3", "--network_train_unet_only", "--cache_latents",
+            "--cache_text_encoder_outputs", "--cache_text_encoder_outputs_to_disk", *extra]
+
+
+run_network = partial(cli_runs.run_trainer, "network")
+
+
+@pytest.fixture(scope="module")
+def trained(chroma, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora")
+    prompts = out / "prompts.txt"
+    prompts.write_text("a red circle --w 32 --h 32 --s 2 --d 1 --n blurry --l 4.0\n")
+    trainer, code = run_network(train_argv(chroma, out, "--sample_prompts", str(prompts),
+                                           "--sample_every_n_steps", "2"))
+    assert code == 0
+    return trainer, out
+
+
+def test_lora_training_runs_caches_text_and_samples(chroma, trained):
+    trainer, out = trained
+    assert trainer.models.variant.name == "chroma" and type(trainer.models.flux).__name__ == "Chroma"
+    caches = sorted(chroma[1].parent.rglob("*_flux_te.npz"))
+    assert len(caches) == 2
+    import numpy as np
+
+    with np.load(caches[0]) as npz:
+        assert bool(npz["apply_t5_attn_mask"])  # implied for Chroma
+        assert not npz["l_pooled"].any()  # no CLIP-L: zeros
+        assert npz["t5_out"].shape == (16, trainer.models.flux.params.context_in_dim)
+    assert len(list((out / "sample").glob("*.png"))) == 1
+    assert trainer.loss_fn.settings.guidance_scale == 0.0  # the model's default
+
+
+def test_saved_lora_has_sd_scripts_chroma_names_and_metadata(trained):
+    _, out = trained
+    path = out / "last.safetensors"
+    sd = load_file(str(path))
+    names = {k.split(".")[0] for k in sd}
+    # sd-scripts names Chroma's LoRA modules as FLUX's (lora_unet_ + BFL path, dots -> _); Chroma's blocks have no
+    # modulation Linears, so none of *_mod_lin / *_modulation_lin
+    double = {f"lora_unet_double_blocks_{i}_{s}_{m}" for i in range(2) for s in ("img", "txt")
+              for m in ("attn_qkv", "attn_proj", "mlp_0", "mlp_2")}
+    single = {f"lora_unet_single_blocks_{i}_{m}" for i in range(2) for m in ("linear1", "linear2")}
+    assert names == double | single
+    assert not any(re.search(r"mod_lin|modulation|distilled|te1|te3", n) for n in names)
+    assert sd["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (4, 64)
+    assert sd["lora_unet_single_blocks_1_linear1.lora_up.weight"].shape == (3 * 64 + 256, 4)
+    with safe_open(str(path), "pt") as f:
+        md = f.metadata()
+    assert (md["ss_model_type"], md["ss_base_model_version"]) == ("chroma", "chroma")
+    assert md["modelspec.architecture"] == "chroma/lora"
+    assert md["modelspec.implementation"] == "https://huggingface.co/lodestones/Chroma"
+    assert (md["ss_apply_t5_attn_mask"], md["ss_guidance_scale"]) == ("True", "0.0")
+    assert any(not torch.equal(sd[k], torch.zeros_like(sd[k])) for k in sd if "lora_up" in k)  # it trained
+
+
+def render(models: dict, folder, *extra: str):
+    assert flux_minimal_inference.main([
+        "--ckpt_path", str(models["flux"]), "--ae", str(models["ae"]), "--t5xxl", str(models["t5xxl"]),
+        "--tokenizer_cache_dir", str(models["tokenizers"]), "--t5xxl_max_token_length", "16", "--dtype", "fp32",
+        "--device", "cpu", "--width", "32", "--height", "32", "--steps", "2", "--seed", "1",
+        "--prompt", "a red circle", "--output_dir", str(folder), "--output_latents", *extra]) == 0
+    (file,) = folder.glob("*_latents.safetensors")
+    (png,) = folder.glob("*.png")
+    return load_file(str(file))["latents"].float(), png
+
+
+def test_inference_renders_with_the_trained_lora(chroma, trained, tmp_path):
+    models, _ = chroma
+    _, out = trained
+    base, png = render(models, tmp_path / "base", "--model_type", "chroma", "--negative_prompt", "blurry")
+    assert png.stat().st_size > 0 and torch.isfinite(base).all()
+    with_lora, _ = render(models, tmp_path / "lora", "--negative_prompt", "blurry",
+                          "--lora_weights", str(out / "last.safetensors"))
+    assert (with_lora - base).abs().max() > 1e-4  # the LoRA changes the image; --model_type from the keys
+    no_cfg, _ = render(models, tmp_path / "nocfg", "--cfg_scale", "1")
+    assert (no_cfg - base).abs().max() > 1e-4  # Chroma's default true CFG (5.0) was on
+
+
+def test_model_type_mismatches_are_refused_in_one_line(chroma, tmp_path):
+    from tools.make_tiny_models import make_tiny_models
+
+    flux = make_tiny_models(tmp_path / "flux")
+    models, toml = chroma
+    with pytest.raises(TrainingError, match=r"--model_type chroma expects a chroma transformer, but .*flux\.safe"
+                                            r"tensors has flux keys"):
+        run_network(train_argv(({**models, "flux": flux["flux"]}, toml), tmp_path / "a"))
+    argv = train_argv(chroma, tmp_path / "b")
+    argv[argv.index("--model_type") + 1] = "dev"
+    with pytest.raises(TrainingError, match=r"--model_type dev expects a flux transformer, but .* has chroma keys"):
+        run_network(argv)
+    with pytest.raises(ValueError, match="--model_type chroma expects a chroma transformer"):
+        flux_minimal_inference.main(["--ckpt_path", str(flux["flux"]), "--ae", str(flux["ae"]),
+                                     "--t5xxl", str(flux["t5xxl"]), "--model_type", "chroma",
+                                     "--tokenizer_cache_dir", str(flux["tokenizers"]), "--output_dir", str(tmp_path)])
