@@ -120,7 +120,7 @@ def test_inference_renders_with_the_trained_lora(chroma, trained, tmp_path):
     assert (no_cfg - base).abs().max() > 1e-4  # Chroma's default true CFG (5.0) was on
 
 
-def test_model_type_mismatches_are_refused_in_one_line(chroma, tmp_path):
+def test_model_type_mismatches_are_refused_in_one_line(chroma, tmp_path, capsys):
     from tools.make_tiny_models import make_tiny_models
 
     flux = make_tiny_models(tmp_path / "flux")
@@ -132,7 +132,11 @@ def test_model_type_mismatches_are_refused_in_one_line(chroma, tmp_path):
     argv[argv.index("--model_type") + 1] = "dev"
     with pytest.raises(TrainingError, match=r"--model_type dev expects a flux transformer, but .* has chroma keys"):
         run_network(argv)
-    with pytest.raises(ValueError, match="--model_type chroma expects a chroma transformer"):
-        flux_minimal_inference.main(["--ckpt_path", str(flux["flux"]), "--ae", str(flux["ae"]),
-                                     "--t5xxl", str(flux["t5xxl"]), "--model_type", "chroma",
-                                     "--tokenizer_cache_dir", str(flux["tokenizers"]), "--output_dir", str(tmp_path)])
+    common = ["--ae", str(flux["ae"]), "--t5xxl", str(flux["t5xxl"]), "--tokenizer_cache_dir",
+              str(flux["tokenizers"]), "--output_dir", str(tmp_path)]
+    assert flux_minimal_inference.main(["--ckpt_path", str(flux["flux"]), "--model_type", "chroma", *common]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(r"error: --model_type chroma expects a chroma transformer, but \S+flux"
+                                          r"\.safetensors has flux keys; use --model_type flux", err[0]), err
+    assert flux_minimal_inference.main(["--ckpt_path", str(flux["flux"]), *common]) != 0  # FLUX needs --clip_l
+    assert "--clip_l is required for dev" in capsys.readouterr().err
