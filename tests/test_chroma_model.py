@@ -178,3 +178,40 @@ def test_model_type_mismatch_is_one_line_naming_both():
         resolve_variant("chroma", has_guidance_input=True, family="flux", source="flux.safetensors")
     with pytest.raises(ValueError, match=r"--model_type dev expects a flux transformer.*chroma keys.*chroma"):
         resolve_variant("dev", has_guidance_input=True, family="chroma", source="chroma.safetensors")
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
+def test_sampler_equals_diffusers_chroma_pipeline(cfg_scale):
+    """Our Euler loop and schedule (library/flow/sampling.py) against ChromaPipeline (output_type="latent") with the
+    same tiny weights, fixed packed latents, given T5 outputs and masks, and the FLUX scheduler config (dynamic shift
+    from the image's token count). The pipelines' schedules agree by design: diffusers' sigmas linspace(1, 1/N, N)
+    plus the terminal 0 are BFL's linspace(1, 0, N + 1), shifted by the same formula."""
+    from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
+
+    from library.flow.sampling import Conditioning, denoise, get_schedule
+
+    model = tiny_chroma()
+    twin = diffusers_twin(model)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = ChromaPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=twin)
+    torch.manual_seed(2)
+    height, width, steps, L = 64, 96, 4, 10  # 4 x 6 tokens
+    latents = torch.randn(1, 24, 64)
+    pos, neg = torch.randn(1, L, P.context_in_dim), torch.randn(1, L, P.context_in_dim)
+    pos_mask, neg_mask = torch.zeros(1, L, dtype=torch.long), torch.zeros(1, L, dtype=torch.long)
+    pos_mask[:, :6], neg_mask[:, :2] = 1, 1
+    theirs = pipe(prompt_embeds=pos, prompt_attention_mask=chroma_text_mask(pos_mask),
+                  negative_prompt_embeds=neg, negative_prompt_attention_mask=chroma_text_mask(neg_mask),
+                  height=height, width=width, num_inference_steps=steps, guidance_scale=cfg_scale,
+                  latents=latents.clone(), output_type="latent", return_dict=False)[0]
+    ids = torch.zeros(1, L, 3)
+    cond, negative = (Conditioning(t, torch.zeros(1, 768), ids, m) for t, m in ((pos, pos_mask), (neg, neg_mask)))
+    timesteps = get_schedule(steps, 24, shift=True)
+    expected = pipe.scheduler.sigmas.tolist()  # the schedule diffusers just ran
+    assert timesteps == pytest.approx(expected, abs=1e-6)
+    with torch.no_grad():
+        ours = denoise(model, latents.clone(), prepare_img_ids(1, 4, 6), cond, timesteps, 0.0,
+                       negative if cfg_scale != 1.0 else None, cfg_scale)
+    assert (ours - latents).abs().max() > 0.1  # it moved
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * float(ours.abs().max()))
