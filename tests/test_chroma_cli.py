@@ -140,3 +140,36 @@ def test_model_type_mismatches_are_refused_in_one_line(chroma, tmp_path, capsys)
                                           r"\.safetensors has flux keys; use --model_type flux", err[0]), err
     assert flux_minimal_inference.main(["--ckpt_path", str(flux["flux"]), *common]) != 0  # FLUX needs --clip_l
     assert "--clip_l is required for dev" in capsys.readouterr().err
+
+
+def test_full_fine_tuning_saves_a_chroma_file(chroma, tmp_path):
+    from library.models.checkpoint import analyze_checkpoint
+
+    models, toml = chroma
+    argv = [*chroma_model_args(models), "--dataset_config", str(toml), "--output_dir", str(tmp_path), "--seed", "7",
+            "--max_data_loader_n_workers", "0", "--model_prediction_type", "raw", "--learning_rate", "1e-3",
+            "--max_train_steps", "2", "--cache_latents", "--cache_text_encoder_outputs", "--output_name", "ft",
+            "--gradient_checkpointing"]
+    trainer, code = cli_runs.run_trainer("full", argv)
+    assert code == 0 and trainer.models.variant.name == "chroma"  # recognised from the keys
+    info = analyze_checkpoint(tmp_path / "ft.safetensors")
+    assert info.family == "chroma" and info.metadata["modelspec.architecture"] == "chroma"
+    before, after = load_file(str(models["flux"])), load_file(str(tmp_path / "ft.safetensors"))
+    assert set(before) == set(after)
+    assert not torch.equal(before["double_blocks.0.img_attn.qkv.weight"], after["double_blocks.0.img_attn.qkv.weight"])
+
+
+def test_controlnet_training_refuses_chroma(chroma, tmp_path, capsys):
+    import flux_train_control_net
+    from tools.make_demo_dataset import make_controlnet_demo_dataset
+
+    models, _ = chroma
+    toml = make_controlnet_demo_dataset(tmp_path / "data", count=1, size=32)
+    argv = [*chroma_model_args(models), "--dataset_config", str(toml), "--output_dir", str(tmp_path),
+            "--max_train_steps", "1"]
+    assert flux_train_control_net.main([*argv, "--model_type", "chroma"]) != 0
+    err = capsys.readouterr().err
+    assert "--model_type chroma is not supported by flux_train_control_net.py" in err
+    with pytest.raises(TrainingError, match=r"is a chroma transformer: flux_train_control_net.py trains ControlNets "
+                                            r"for dev, krea, schnell only"):
+        cli_runs.run_trainer("controlnet", argv)
