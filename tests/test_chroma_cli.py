@@ -173,3 +173,22 @@ def test_controlnet_training_refuses_chroma(chroma, tmp_path, capsys):
     with pytest.raises(TrainingError, match=r"is a chroma transformer: flux_train_control_net.py trains ControlNets "
                                             r"for dev, krea, schnell only"):
         cli_runs.run_trainer("controlnet", argv)
+
+
+def test_inference_with_block_swap_renders_the_same(chroma, tmp_path):
+    """A Chroma file with 4 double + 8 single blocks (the tiny 2 + 2 cannot swap any): --blocks_to_swap 3 renders
+    the same latents, bit for bit, on the CPU."""
+    from dataclasses import replace
+
+    from library.formats.safetensors_io import save_file_atomic
+    from library.models.checkpoint import analyze_checkpoint
+    from library.models.chroma import Chroma
+
+    models, _ = chroma
+    params = replace(analyze_checkpoint(models["flux"]).params, depth=4, depth_single_blocks=8)
+    torch.manual_seed(5)
+    deep = {**models, "flux": tmp_path / "chroma_12_blocks.safetensors"}
+    save_file_atomic(Chroma(params).state_dict(), deep["flux"], {"tiny": "true"})
+    plain, _ = render(deep, tmp_path / "plain", "--negative_prompt", "blurry")
+    swapped, _ = render(deep, tmp_path / "swapped", "--negative_prompt", "blurry", "--blocks_to_swap", "3")
+    assert torch.equal(plain, swapped)

@@ -215,3 +215,24 @@ def test_sampler_equals_diffusers_chroma_pipeline(cfg_scale):
                        negative if cfg_scale != 1.0 else None, cfg_scale)
     assert (ours - latents).abs().max() > 0.1  # it moved
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * float(ours.abs().max()))
+
+
+def test_gguf_chroma_loads_quantized(tmp_path):
+    pytest.importorskip("gguf")
+    from library.memory.gguf_linear import GGUFLinear
+    from library.memory.loading import load_for_compute
+    from library.models.checkpoint import analyze_checkpoint, load_transformer
+    from tools.make_tiny_models import make_tiny_models
+
+    paths = make_tiny_models(tmp_path, model_type="chroma", gguf_type="Q8_0")
+    info = analyze_checkpoint(paths["flux_gguf"])
+    assert (info.layout, info.family) == ("gguf", "chroma")
+    quantized = load_for_compute("flux", paths["flux_gguf"], torch.float32, "cpu", info=info)
+    assert isinstance(quantized, Chroma) and isinstance(quantized.double_blocks[0].img_attn.qkv, GGUFLinear)
+    exact = load_transformer(paths["flux"], torch.float32)
+    b, L = 1, 6
+    args = (torch.randn(b, 4, 64), prepare_img_ids(b, 2, 2), torch.randn(b, L, info.params.context_in_dim),
+            torch.zeros(b, L, 3), torch.tensor([0.4]), None, torch.zeros(b), torch.ones(b, L, dtype=torch.long))
+    with torch.no_grad():
+        a, q = exact(*args), quantized(*args)
+    assert (a - q).abs().max() < 0.02 * a.abs().max()
