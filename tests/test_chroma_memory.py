@@ -35,12 +35,12 @@ def base():
     return Chroma(PARAMS).eval()
 
 
-@pytest.mark.parametrize("n,checkpointing", [(1, False), (5, False), (3, True)])
+@pytest.mark.parametrize("n,checkpointing", [(1, False), (5, False), (3, True), (2, "cpu_offload")])
 def test_full_fine_tune_steps_equal_with_block_swap(base, n, checkpointing):
     ref = copy.deepcopy(base).train()
     model = copy.deepcopy(base)
     if checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, cpu_offload=checkpointing == "cpu_offload")
         assert is_gradient_checkpointing(model) and is_gradient_checkpointing(model.distilled_guidance_layer)
     swappers = enable_flux_block_swap(model, n, "cpu", "cpu", host_to_device_only=False)
     model.train()
