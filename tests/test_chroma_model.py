@@ -236,3 +236,19 @@ def test_gguf_chroma_loads_quantized(tmp_path):
     with torch.no_grad():
         a, q = exact(*args), quantized(*args)
     assert (a - q).abs().max() < 0.02 * a.abs().max()
+
+
+def test_variant_defaults_are_chroma_pipelines():
+    import inspect
+
+    from diffusers import ChromaPipeline
+
+    from library.models.variants import VARIANTS
+
+    v = VARIANTS["chroma"]
+    call = inspect.signature(ChromaPipeline.__call__).parameters
+    assert v.steps == call["num_inference_steps"].default == 35
+    assert v.cfg_scale == call["guidance_scale"].default == 5.0
+    assert v.t5_max_length == call["max_sequence_length"].default == 512
+    assert (v.family, v.architecture, v.guidance, v.training_guidance, v.shift) == ("chroma", "chroma", 0.0, 0.0, True)
+    assert v.t5_attn_mask and v.licence == "Apache-2.0" and v.modelspec_architecture(lora=True) == "chroma/lora"
