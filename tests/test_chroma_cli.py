@@ -116,6 +116,9 @@ def test_inference_renders_with_the_trained_lora(chroma, trained, tmp_path):
     with_lora, _ = render(models, tmp_path / "lora", "--negative_prompt", "blurry",
                           "--lora_weights", str(out / "last.safetensors"))
     assert (with_lora - base).abs().max() > 1e-4  # the LoRA changes the image; --model_type from the keys
+    merged, _ = render(models, tmp_path / "merged", "--negative_prompt", "blurry", "--merge_lora_weights",
+                       "--lora_weights", str(out / "last.safetensors"))
+    torch.testing.assert_close(merged, with_lora, rtol=1e-4, atol=1e-4)
     no_cfg, _ = render(models, tmp_path / "nocfg", "--cfg_scale", "1")
     assert (no_cfg - base).abs().max() > 1e-4  # Chroma's default true CFG (5.0) was on
 
