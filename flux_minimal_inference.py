@@ -25,8 +25,8 @@ MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext", "chroma"]  # library
 def setup_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="FLUX.1 text-to-image inference (sd-scripts compatible arguments).")
     p.add_argument("--ckpt_path", required=True,
-                    help="FLUX transformer: BFL .safetensors (flux1-dev.safetensors), ComfyUI-prefixed, fp8 or "
-                         "scaled fp8, a diffusers folder/file, or a .gguf file (pip install gguf)")
+                    help="FLUX.1 or Chroma transformer: BFL .safetensors (flux1-dev.safetensors), ComfyUI-prefixed, "
+                         "fp8 or scaled fp8, a diffusers folder/file, or a .gguf file (pip install gguf)")
     p.add_argument("--clip_l", default=None, help="CLIP-L text encoder (clip_l.safetensors); not for Chroma")
     p.add_argument("--t5xxl", required=True, help="T5-XXL encoder (t5xxl_fp16.safetensors or an fp8 variant)")
     p.add_argument("--ae", required=True, help="autoencoder (ae.safetensors)")

@@ -86,9 +86,9 @@ def add_model_path_arguments(parser: argparse.ArgumentParser) -> None:
     add("--v2", action="store_true", help="SD 2.x switch of sd-scripts; no effect on FLUX")
     add("--v_parameterization", action="store_true", help="SD v-prediction switch of sd-scripts; no effect on FLUX")
     add("--pretrained_model_name_or_path", type=str, default=None,
-        help="FLUX.1 transformer: BFL .safetensors (dev or schnell, fp8 allowed), a diffusers folder, or a .gguf "
-             "file (LoRA training; pip install gguf)")
-    add("--clip_l", type=str, default=None, help="CLIP-L text encoder (clip_l.safetensors)")
+        help="FLUX.1 or Chroma transformer: BFL .safetensors (dev, schnell, Chroma; fp8 allowed), a diffusers "
+             "folder, or a .gguf file (LoRA training; pip install gguf)")
+    add("--clip_l", type=str, default=None, help="CLIP-L text encoder (clip_l.safetensors); not for Chroma")
     add("--t5xxl", type=str, default=None, help="T5-XXL encoder (t5xxl_fp16.safetensors or fp8)")
     add("--ae", type=str, default=None, help="FLUX autoencoder (ae.safetensors)")
     add("--tokenizer_cache_dir", type=str, default=None,
