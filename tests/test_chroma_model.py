@@ -252,3 +252,30 @@ def test_variant_defaults_are_chroma_pipelines():
     assert v.t5_max_length == call["max_sequence_length"].default == 512
     assert (v.family, v.architecture, v.guidance, v.training_guidance, v.shift) == ("chroma", "chroma", 0.0, 0.0, True)
     assert v.t5_attn_mask and v.licence == "Apache-2.0" and v.modelspec_architecture(lora=True) == "chroma/lora"
+
+
+def test_text_encoding_equals_chroma_pipelines(tmp_path):
+    """T5 run with the tokenizer mask; the tokens and the first padding position kept (its T5 output, which the
+    transformer attends), the rest zero: the same embeddings and mask as ChromaPipeline._get_t5_prompt_embeds."""
+    from diffusers import ChromaPipeline
+
+    from library.models import loading
+    from library.models.chroma import NoCLIP
+    from library.models.text_encoding import encode_prompts
+    from tools.make_tiny_models import make_tiny_models
+
+    paths = make_tiny_models(tmp_path, model_type="chroma")
+    t5 = loading.load_t5xxl(paths["t5xxl"], torch.float32, "cpu").eval()
+    tokenizer = loading.load_tokenizer(paths["tokenizers"], t5xxl_max_token_length=16)
+    prompts = ["a red circle", "two small blue squares on a white ground"]
+    clip_ids, t5_ids, t5_mask = tokenizer(prompts)
+    with torch.no_grad():
+        _, ours, _, mask = encode_prompts(NoCLIP(), t5, clip_ids, t5_ids, t5_mask, apply_t5_attn_mask=True)
+        pipe = ChromaPipeline(scheduler=None, vae=None, text_encoder=t5, tokenizer=tokenizer.t5_tokenizer,
+                              transformer=None)
+        theirs, their_mask = pipe._get_t5_prompt_embeds(prompts, max_sequence_length=16, device=torch.device("cpu"),
+                                                        dtype=torch.float32)
+    kept = chroma_text_mask(mask)
+    assert torch.equal(kept, their_mask.bool()) and not kept.all()
+    torch.testing.assert_close(ours[kept], theirs[kept])
+    assert ours[~kept].abs().max() == 0 and ours[kept].abs().min() > 0  # the first padding position kept
