@@ -279,3 +279,21 @@ def test_text_encoding_equals_chroma_pipelines(tmp_path):
     assert torch.equal(kept, their_mask.bool()) and not kept.all()
     torch.testing.assert_close(ours[kept], theirs[kept])
     assert ours[~kept].abs().max() == 0 and ours[kept].abs().min() > 0  # the first padding position kept
+
+
+def test_flux_with_the_t5_mask_never_reads_padding_positions():
+    """Why keeping the first padding position's T5 output changes nothing for FLUX.1: its attention masks every
+    padding key, so the image tokens come out bit for bit the same whatever those positions hold."""
+    from library.models.transformer import FLUX_PRESETS, Flux
+
+    torch.manual_seed(0)
+    flux = Flux(FLUX_PRESETS["tiny"]).eval()
+    b, L = 2, 10
+    mask = torch.zeros(b, L, dtype=torch.long)
+    mask[0, :3], mask[1, :7] = 1, 1
+    txt = torch.randn(b, L, 64)
+    zeroed = txt * mask[..., None]
+    args = (torch.randn(b, 8, 64), prepare_img_ids(b, 2, 4))
+    rest = (torch.zeros(b, L, 3), torch.tensor([0.3, 0.9]), torch.randn(b, 64), torch.full((b,), 3.5), mask)
+    with torch.no_grad():
+        assert torch.equal(flux(*args, txt, *rest), flux(*args, zeroed, *rest))
