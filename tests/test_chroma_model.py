@@ -151,10 +151,12 @@ def test_full_size_layout_is_what_diffusers_converts_and_loads():
 def test_tiny_file_is_recognised_and_loads(tmp_path):
     from library.memory.loading import load_for_compute
     from library.models.checkpoint import analyze_checkpoint, load_transformer
-    from tools.make_tiny_models import make_tiny_models
+    from tools.make_tiny_models import main
 
-    paths = make_tiny_models(tmp_path, model_type="chroma")
+    assert main(["--out", str(tmp_path), "--model_type", "chroma"]) == 0  # the command line
+    paths = {"flux": tmp_path / "flux.safetensors"}
     info = analyze_checkpoint(paths["flux"])
+    assert info.metadata["modelspec.architecture"] == "chroma"
     assert (info.family, info.model_type, info.is_schnell, info.has_guidance_input) == ("chroma", "chroma", False, True)
     assert (info.params.depth, info.params.depth_single_blocks, info.params.approximator_depth) == (2, 2, 2)
     model = load_transformer(paths["flux"], torch.float32)
