@@ -15,6 +15,8 @@ transformer as tiny_models/flux-Q8_0.gguf, laid out as ComfyUI-GGUF's FLUX conve
 quantizes the simple types; the K-quants use tools/gguf_kquants.py (K-quants need a width of a multiple of 256,
 `--hidden_size 256`: narrower rows stay F32).
 
+`--model_type kontext` (or krea) writes the dev-keyed transformer with that model's ModelSpec architecture
+(`modelspec.architecture: flux-1-kontext-dev`), so tests can show a variant recognised from the file's metadata.
 `--model_type chroma` writes tiny_models/flux.safetensors as a Chroma transformer instead, in lodestones' layout
 (`distilled_guidance_layer.*`, no modulation Linears, no time/vector/guidance embedders); the other files are the same
 (Chroma needs no CLIP-L, which is still written for the FLUX tests).
@@ -42,9 +44,10 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", default="tiny", choices=["tiny", "tiny-schnell"],
                    help="transformer preset: tiny (dev-like, guidance embedder) or tiny-schnell")
-    p.add_argument("--model_type", default="flux", choices=["flux", "chroma"],
-                   help="flux: a FLUX.1 transformer of --preset; chroma: a tiny Chroma transformer "
-                        "(default: %(default)s)")
+    p.add_argument("--model_type", default=None, choices=["dev", "krea", "kontext", "chroma"],
+                   help="with the tiny (dev-like) preset: the model named in the file's modelspec.architecture "
+                        "(default: flux-1-dev, or flux-1-schnell for tiny-schnell); the weights are the same. "
+                        "chroma: a tiny Chroma transformer instead (--preset is not used)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     p.add_argument("--dtype", default="fp32", help="dtype of the stored weights (default: %(default)s)")
     p.add_argument("--init", default="random", choices=INITS,
@@ -96,11 +99,12 @@ def write_flux_gguf(state_dict: dict, path: str | Path, qtype: str, model_type: 
 def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype: str = "fp32",
                      init: str = "random", hidden_size: int | None = None, fit_ae_steps: int = 0,
                      gguf_type: str | None = None, fp8_scaled: str | None = None,
-                     model_type: str = "flux") -> dict[str, Path]:
+                     model_type: str | None = None) -> dict[str, Path]:
     """Write the tiny components into `out`; returns their paths by role (`flux_gguf` with `gguf_type`).
 
     `init` and `hidden_size` are for learning tests (see the module docstring); the defaults write exactly the files
-    earlier versions wrote for the same seed."""
+    earlier versions wrote for the same seed. `model_type` ("dev", "krea", "kontext") names the variant in the
+    transformer's metadata; the weights do not change. "chroma" writes a tiny Chroma transformer instead."""
     from dataclasses import replace
 
     import torch
@@ -114,13 +118,17 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
     from library.formats.safetensors_io import save_file_atomic
     from library.models.text_encoders import save_clip_l, save_t5xxl, tiny_clip_config, tiny_t5_config
     from library.models.tokenizers import write_tiny_tokenizers
+    from library.models.variants import VARIANTS
 
-    if model_type not in ("flux", "chroma"):
-        raise ValueError(f"model_type {model_type!r} is not flux or chroma")
     if init not in INITS:
         raise ValueError(f"init {init!r} is not one of {', '.join(INITS)}")
     if fit_ae_steps and init != "trained-like":
         raise ValueError("fit_ae_steps needs init='trained-like'")
+    if model_type not in (None, "chroma") and (model_type not in VARIANTS or VARIANTS[model_type].family != "flux"
+                                               or not VARIANTS[model_type].has_guidance_input
+                                               or preset == "tiny-schnell"):
+        raise ValueError(f"model_type {model_type!r}: expected dev, krea or kontext with the tiny (dev-like) preset, "
+                         "or chroma")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch_dtype = str_to_dtype(dtype)
@@ -151,7 +159,7 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
     def cast(module):
         return {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in module.state_dict().items()}
 
-    architecture = ("chroma" if model_type == "chroma"
+    architecture = (VARIANTS[model_type].architecture if model_type is not None
                     else "flux-1-schnell" if params.guidance_embed is False else "flux-1-dev")
     flux_sd = (cast(flux) if fp8_scaled is None
                else quantize_state_dict_fp8_scaled(flux.state_dict(), fp8_scaled, other_dtype=torch_dtype))

@@ -1,11 +1,15 @@
 """Sample-prompt files for images rendered during training (reference 12.2, 12.3): .txt, .toml and .json.
 
     a cat in a hat --w 768 --h 512 --s 28 --d 42 --g 3.5 --l 1.0 --n blurry
+    make the cat blue --ri refs/cat.png --ri refs/hat.png
 
-`.txt`: one prompt per line; blank lines and lines starting with `#` are skipped; options follow ` --`.
+`.txt`: one prompt per line; blank lines and lines starting with `#` are skipped; options follow ` --`. `--ri PATH`
+(Kontext reference image) may be repeated, and one value may also list several paths separated by `;`; the
+references keep that order. Relative paths are read from the working folder, as `--cn`'s.
 `.toml`: a `[prompt]` table of defaults and `[[prompt.subset]]` entries, one prompt each; a subset's keys override
 the defaults (sd-scripts raises a TypeError when a key appears in both, reference 17 item 21).
 `.json`: a list whose items are dicts with the same keys as the TOML, or strings read like .txt lines.
+In TOML and JSON, `reference_images` is a list of paths or one string (`;`-separated like `--ri`).
 
 Unlike sd-scripts, a bad value stops with an error naming the file and the line (or entry) instead of being logged
 and skipped, and an unknown option or key is warned about instead of being silently ignored.
@@ -52,6 +56,7 @@ class SamplePrompt:
     guidance_scale: float | None = None  # embedded guidance; None: the model's (3.5 dev; schnell has none)
     index: int = 0  # sd-scripts' `enum`: position in the file, used in image names
     controlnet_image: str | None = None  # ControlNet trainer only
+    reference_images: list[str] = field(default_factory=list)  # Kontext: `--ri`, in order; empty: text-to-image
     ignored: dict[str, Any] = field(default_factory=dict)  # sample_sampler etc.: no effect for FLUX
     where: str = field(default="", compare=False)  # "file:line" or "file: subset N", for messages
 
@@ -118,6 +123,19 @@ def _as_path(value: Any) -> str | None:
     return text or None
 
 
+def _as_paths(value: Any) -> list[str]:
+    """Paths from a string (`a.png;b.png`) or a list of such strings (repeated `--ri`, a TOML/JSON list)."""
+    items = value if isinstance(value, list) else [value]
+    paths = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"expected a path or a list of paths, got {value!r}")
+        paths.extend(p.strip() for p in item.split(";") if p.strip())
+    if not paths and items:
+        raise ValueError(f"expected one or more paths, got {value!r}")
+    return paths
+
+
 def _keep(value: Any) -> Any:
     return value.strip() if isinstance(value, str) else value
 
@@ -126,14 +144,15 @@ def _keep(value: Any) -> Any:
 FIELDS: dict[str, Callable[[Any], Any]] = {
     "prompt": _as_text, "negative_prompt": _as_text, "width": _as_size, "height": _as_size,
     "sample_steps": _as_steps, "seed": _as_seed, "scale": _as_float, "guidance_scale": _as_float,
-    "controlnet_image": _as_path, **{k: _keep for k in IGNORED_BY_FLUX},
+    "controlnet_image": _as_path, "reference_images": _as_paths, **{k: _keep for k in IGNORED_BY_FLUX},
 }
 # .txt option (case-insensitive) -> field name (reference 12.2)
 TXT_OPTIONS = {
     "w": "width", "h": "height", "d": "seed", "s": "sample_steps", "l": "scale", "g": "guidance_scale",
     "n": "negative_prompt", "ss": "sample_sampler", "cn": "controlnet_image", "ctr": "cfg_trunc_ratio",
-    "rcfg": "renorm_cfg", "fs": "flow_shift",
+    "rcfg": "renorm_cfg", "fs": "flow_shift", "ri": "reference_images",
 }
+REPEATABLE = ("reference_images",)  # .txt options whose repetitions add up instead of replacing
 
 
 def _build(values: dict[str, Any], index: int, where: str) -> SamplePrompt:
@@ -172,7 +191,10 @@ def parse_prompt_line(line: str, index: int = 0, where: str = "<prompt>") -> Sam
             continue
         if not value.strip() and field_name != "negative_prompt":
             raise SamplePromptError(f"{where}: option --{name} needs a value")
-        values[field_name] = value
+        if field_name in REPEATABLE:
+            values.setdefault(field_name, []).append(value)
+        else:
+            values[field_name] = value
     return _build(values, index, where)
 
 
