@@ -299,3 +299,21 @@ def test_flux_with_the_t5_mask_never_reads_padding_positions():
     rest = (torch.zeros(b, L, 3), torch.tensor([0.3, 0.9]), torch.randn(b, 64), torch.full((b,), 3.5), mask)
     with torch.no_grad():
         assert torch.equal(flux(*args, txt, *rest), flux(*args, zeroed, *rest))
+
+
+def test_bf16_forward_stays_close_to_fp32():
+    model = tiny_chroma(3)
+    for p in model.parameters():  # weights of a trained model's scale, so bf16's relative error shows as it is
+        p.data.mul_(0.3)
+    half = Chroma(P).to(torch.bfloat16)
+    half.load_state_dict(model.state_dict())
+    b, L = 2, 8
+    mask = torch.ones(b, L, dtype=torch.long)
+    mask[0, 5:] = 0
+    args = [torch.randn(b, 4, 64), prepare_img_ids(b, 2, 2), torch.randn(b, L, P.context_in_dim), torch.zeros(b, L, 3),
+            torch.tensor([0.7, 0.2]), None, torch.zeros(b), mask]
+    with torch.no_grad():
+        exact = model(*args)
+        low = half(*[a.to(torch.bfloat16) if a is not None and a.is_floating_point() else a for a in args])
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - exact).abs().max() < 0.05 * exact.abs().max()

@@ -152,16 +152,17 @@ class Chroma(Flux):
     def approximator_input(self, timesteps: torch.Tensor, guidance: torch.Tensor | None,
                            dtype: torch.dtype) -> torch.Tensor:
         """(B, mod_index_length, approximator_in_dim): [emb(t), emb(guidance)] (a quarter each, t and guidance
-        scaled by 1000 as FLUX's embedders do) next to emb(index) (half), for every modulation index."""
+        scaled by 1000 as FLUX's embedders do, in their own dtype as there) next to emb(index) (half), for every
+        modulation index."""
         quarter = self.params.approximator_in_dim // 4
         n = self.params.mod_index_length
         if guidance is None:
             guidance = torch.zeros_like(timesteps)
-        tg = torch.cat([timestep_embedding(timesteps.float(), quarter),
-                        timestep_embedding(guidance.to(timesteps.device).float(), quarter)], dim=1)
+        tg = torch.cat([timestep_embedding(timesteps, quarter).to(dtype),
+                        timestep_embedding(guidance.to(timesteps.device), quarter).to(dtype)], dim=1)
         index = timestep_embedding(torch.arange(n, device=timesteps.device, dtype=torch.float32), 2 * quarter)
-        x = torch.cat([tg[:, None, :].expand(-1, n, -1), index[None].expand(tg.shape[0], -1, -1)], dim=-1)
-        return x.to(dtype)
+        index = index.to(dtype)
+        return torch.cat([tg[:, None, :].expand(-1, n, -1), index[None].expand(tg.shape[0], -1, -1)], dim=-1)
 
     def modulation_vectors(self, timesteps, guidance=None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The approximator's output (B, mod_index_length, hidden), computed in `dtype`."""
