@@ -195,3 +195,15 @@ def test_inference_with_block_swap_renders_the_same(chroma, tmp_path):
     plain, _ = render(deep, tmp_path / "plain", "--negative_prompt", "blurry")
     swapped, _ = render(deep, tmp_path / "swapped", "--negative_prompt", "blurry", "--blocks_to_swap", "3")
     assert torch.equal(plain, swapped)
+
+
+def test_lora_training_on_an_fp8_base_with_live_text_encoding(chroma, tmp_path):
+    """--fp8_base, bf16, gradient checkpointing, T5 run every step (no cache) and no --network_train_unet_only:
+    Chroma has no CLIP-L, so no text-encoder LoRA modules appear."""
+    argv = [a for a in train_argv(chroma, tmp_path) if a not in ("--network_train_unet_only",
+                                                                 "--cache_text_encoder_outputs",
+                                                                 "--cache_text_encoder_outputs_to_disk")]
+    trainer, code = run_network([*argv, "--fp8_base", "--mixed_precision", "bf16", "--gradient_checkpointing"])
+    assert code == 0 and not trainer.trains_text_encoder
+    assert trainer.models.flux.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
+    assert all(k.startswith("lora_unet_") for k in load_file(str(tmp_path / "last.safetensors")))
