@@ -100,8 +100,9 @@ def test_forward_equals_diffusers(guidance):
     t5_mask[1, :9] = 1
     with torch.no_grad():
         ours = model(img, img_ids, txt, txt_ids, t, None, torch.full((b,), guidance), t5_mask)
-        # diffusers takes the text mask as its pipeline builds it (tokens + one padding token) over [txt; img];
-        # boolean, so SDPA reads it as a mask
+        # diffusers takes the text mask as its pipeline builds it (tokens + one padding token) over [txt; img],
+        # boolean: SDPA reads a float 0/1 mask -- what ChromaPipeline itself passes -- as an additive bias, which
+        # masks nothing (diffusers issues 11724, 12116, 13619)
         joint = torch.cat([chroma_text_mask(t5_mask), torch.ones(b, h * w, dtype=torch.bool)], dim=1)
         if guidance == 0.0:  # diffusers always embeds guidance 0
             theirs = twin(hidden_states=img, encoder_hidden_states=txt, timestep=t, img_ids=img_ids[0],
