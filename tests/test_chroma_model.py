@@ -318,3 +318,24 @@ def test_bf16_forward_stays_close_to_fp32():
         low = half(*[a.to(torch.bfloat16) if a is not None and a.is_floating_point() else a for a in args])
     assert low.dtype == torch.bfloat16
     assert (low.float() - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_diffusers_layout_loads_and_the_key_table_matches_diffusers_converter(tmp_path):
+    """A Chroma saved by diffusers (ChromaTransformer2DModel.save_pretrained, the layout of lodestones' diffusers
+    repos) loads through the same path as FLUX.1's diffusers folders; our BFL -> diffusers table gives exactly what
+    diffusers' own single-file converter gives."""
+    from library.formats.diffusers_keys import bfl_to_diffusers
+    from library.models.checkpoint import analyze_checkpoint, load_transformer
+
+    model = tiny_chroma()
+    twin = diffusers_twin(model)
+    twin.save_pretrained(tmp_path / "transformer")
+    info = analyze_checkpoint(tmp_path)
+    assert (info.layout, info.family, info.params) == ("diffusers", "chroma", P)
+    loaded = load_transformer(tmp_path, torch.float32)
+    want = model.state_dict()
+    assert set(loaded.state_dict()) == set(want)
+    assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
+    ours = bfl_to_diffusers(model.state_dict(), P.hidden_size)
+    theirs = twin.state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
