@@ -207,3 +207,24 @@ def test_lora_training_on_an_fp8_base_with_live_text_encoding(chroma, tmp_path):
     assert code == 0 and not trainer.trains_text_encoder
     assert trainer.models.flux.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
     assert all(k.startswith("lora_unet_") for k in load_file(str(tmp_path / "last.safetensors")))
+
+
+def test_readme_chroma_command_lines_parse_and_verify():
+    import shlex
+
+    import flux_train_network
+    from conftest import ROOT
+    from library.training.arguments import verify_training_args
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("\n## Chroma\n")
+    section = text[start:text.index("\n## ", start + 1)]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    commands = [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    assert [c[:3] for c in commands] == [["python", "flux_minimal_inference.py", "--model_type"],
+                                         ["accelerate", "launch", "flux_train_network.py"]]
+    inference = flux_minimal_inference.setup_parser().parse_args(commands[0][2:])
+    assert inference.model_type == "chroma" and inference.clip_l is None and inference.cfg_scale is None
+    args = verify_training_args(flux_train_network.setup_parser().parse_args(commands[1][3:]),
+                                flux_train_network.COMMAND_LINE)
+    assert args.model_type == "chroma" and args.clip_l is None and args.guidance_scale is None
