@@ -8,7 +8,7 @@ from library.training.arguments import TrainerCommandLine, add_full_train_argume
 from library.training.recipes.checks import full_checks, network_checks
 from library.training.recipes.fill_options import add_fill_arguments
 
-_FILL_TYPES = ("flux", "dev", "krea", "schnell", "kontext", "fill")  # LoRA and full fine-tuning also train Fill
+_FILL_TYPES = (*TrainerCommandLine.model_types, "fill")  # LoRA and full fine-tuning also train FLUX.1 Fill
 
 
 def _network_and_fill_arguments(parser) -> None:

@@ -30,10 +30,10 @@ from library.flow.fill import blank_canvas, bind_fill
 from library.models.checkpoint import analyze_checkpoint
 from library.models.conditioned import ExtraChannelsFlux
 from library.models.fill import fill_features
-from library.models.variants import resolve_variant
 from library.training.errors import TrainingError
 from library.training.recipes.fill_options import fill_options_given
 from library.training.settings import DatasetKinds
+from library.training.setup import model_variant
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +46,7 @@ def trains_fill(args) -> bool:
         info = analyze_checkpoint(path) if path else None
     except (OSError, ValueError):
         return getattr(args, "model_type", None) == "fill"
-    if info is None:
-        return False
-    try:
-        variant = resolve_variant(getattr(args, "model_type", None), has_guidance_input=info.params.guidance_embed,
-                                  in_channels=info.params.in_channels, metadata=info.metadata, source=str(path))
-    except ValueError as e:
-        raise TrainingError(str(e)) from None
-    return variant.inpaint
+    return info is not None and model_variant(args, info).inpaint  # a contradicting --model_type: TrainingError
 
 
 def loss_weights(masks: torch.Tensor, kept_weight: float, alpha: torch.Tensor | None) -> torch.Tensor:
