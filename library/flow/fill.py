@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from library.data.fill_masks import mask_from_rgb
 from library.data.images import BadImageError, load_image
 from library.data.tensors import to_tensor
 from library.models.conditioned import ExtraChannelsFlux
@@ -71,11 +72,11 @@ def read_mask(path: str, size: tuple[int, int]) -> np.ndarray:
         rgb, _ = load_image(path)
     except BadImageError as e:
         raise ValueError(f"--mask_image {e}") from None
-    grey = Image.fromarray(rgb).convert("L")
-    if grey.size != tuple(size):
-        grey = Image.fromarray(np.asarray(grey, np.float32) / 255.0, mode="F").resize(size, Image.Resampling.BILINEAR)
-        return np.clip(np.asarray(grey, np.float32), 0.0, 1.0)
-    return np.asarray(grey, np.float32) / 255.0
+    mask = mask_from_rgb(rgb)
+    if (mask.shape[1], mask.shape[0]) != tuple(size):
+        resized = Image.fromarray(mask, mode="F").resize(size, Image.Resampling.BILINEAR)
+        return np.clip(np.asarray(resized, np.float32), 0.0, 1.0)
+    return mask
 
 
 def outpaint_canvas(image: torch.Tensor, mask: torch.Tensor, margins: tuple[int, int, int, int]):
