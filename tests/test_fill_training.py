@@ -227,3 +227,66 @@ def test_planner_builds_the_wide_img_in_and_matches_a_real_step():
     plan = plan_memory(fill)
     assert plan.peak_bytes == pytest.approx(measure_cpu_step(fill)["peak_bytes"], rel=0.10)
     assert plan.peak_bytes > plan_memory(base).peak_bytes
+
+
+# --- the masked-picture latent cache (mask files) -------------------------------------------------------------------
+
+
+def test_cached_masked_latents_equal_the_live_ones_and_go_stale_with_the_mask(tiny, tmp_path):
+    """--cache_latents_to_disk with mask files: the condition comes from `<stem>_WxH_flux_fill.npz` entries equal
+    to live encoding; a second run reuses them, an edited mask (same size) is re-encoded, as target latents are."""
+    import shutil
+
+    import flux_train_network
+    from library.data.fill_cache import FillCache, fill_npz_path
+    from library.models.fill import condition_tokens, fill_features
+    from library.training.recipes.lora import LoRATrainer
+
+    models, toml = tiny
+    data = tmp_path / "data"
+    shutil.copytree(toml.parent, data)
+    local = data / "dataset.toml"
+    local.write_text(toml.read_text().replace(str(toml.parent), str(data)))
+
+    def setup(*extra):
+        from library.training.arguments import verify_training_args
+
+        args = flux_train_network.setup_parser().parse_args(
+            [*run_args(models, local, tmp_path / "out"), *LORA, "--max_train_steps", "1", *extra])
+        verify_training_args(args, flux_train_network.COMMAND_LINE)  # --cache_latents_to_disk implies caching
+        trainer = LoRATrainer(args)
+        trainer.setup()
+        return trainer
+
+    cached = setup("--cache_latents_to_disk", "--flip_aug")
+    ds = cached.train_group.datasets[0]
+    assert ds.fill_cache is not None
+    item = ds.items[0]
+    assert fill_npz_path(item.absolute_path, item.image_size).exists()
+    live = setup()
+    assert live.train_group.datasets[0].fill_cache is None
+    for flipped in (False, True):
+        latents, mask = ds.fill_cache.get(item, flipped)
+        from library.data.fill_masks import bucket_mask, bucket_pixels
+
+        pixels = bucket_pixels(ds, item, flipped)[None]
+        expected_mask = torch.from_numpy(bucket_mask(ds, item, flipped))[None]
+        assert torch.equal(mask[None], expected_mask)
+        torch.testing.assert_close(condition_tokens(latents[None], mask[None]),
+                                   fill_features(live.models.ae, pixels, expected_mask), atol=1e-5, rtol=1e-5)
+    batch = cached.train_group[(1, 0, 0)]
+    assert batch.fill_latents is not None and batch.fill_images is None
+    seen = img_in_inputs(cached)
+    cached.loss_fn(batch)
+    assert seen[0].shape[-1] == 384
+
+    cache = FillCache(True, ds.fill_cache.ae_identity)
+    def encode(pixels, masks):
+        return torch.zeros(pixels.shape[0], 16, pixels.shape[2] // 8, pixels.shape[3] // 8)
+
+    assert cache.cache(ds, encode) == 0  # up to date
+    mask_path = item.fill_mask_path
+    edited = np.asarray(Image.open(mask_path)).copy()
+    edited[0, 0] = 255 - edited[0, 0]
+    Image.fromarray(edited).save(mask_path)
+    assert cache.cache(ds, encode) == 1  # the edited mask's entry only

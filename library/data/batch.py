@@ -42,6 +42,7 @@ class Batch:
     # FLUX.1 Fill: the pictures as trained and their masks (1 = generate) at bucket size, for the masked-image latent
     fill_images: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1]
     fill_masks: torch.Tensor | None = None  # (B, H, W) in [0, 1]
+    fill_latents: torch.Tensor | None = None  # (B, 16, h, w): the masked pictures' cached latents (then no images)
     text_encoder_outputs: TextEncoderOutputs | None = None
     token_ids: TokenIds | None = None
     custom_attributes: list[dict] = field(default_factory=list)  # each sample's subset's, e.g. diff_output_preservation

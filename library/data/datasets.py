@@ -53,6 +53,7 @@ class FluxDataset(torch.utils.data.Dataset):
         self.tokenizer = self.latent_cache = self.te_cache = None  # see DatasetGroup.attach
         self.fill_inputs = False  # FLUX.1 Fill: samples also carry the picture and its mask (DatasetGroup.use_fill)
         self.fill_generator: str | None = None  # and draw masks for items without a mask file (fill_masks.py)
+        self.fill_cache = None  # or serve cached masked-picture latents and masks (data/fill_cache.py)
         self.planner = BucketPlanner(config.resolution, config.enable_bucket, config.min_bucket_reso,
                                      config.max_bucket_reso, config.bucket_reso_steps, config.bucket_no_upscale)
         buckets: dict[tuple[int, int], list[int]] = {}
@@ -190,6 +191,7 @@ class FluxDataset(torch.utils.data.Dataset):
                                  if "conditioning_image" in samples[0] else None),
             fill_images=torch.stack([s["fill_image"] for s in samples]) if "fill_image" in samples[0] else None,
             fill_masks=torch.stack([s["fill_mask"] for s in samples]) if "fill_mask" in samples[0] else None,
+            fill_latents=torch.stack([s["fill_latents"] for s in samples]) if "fill_latents" in samples[0] else None,
             text_encoder_outputs=text_encoder_outputs,
             token_ids=token_ids,
             custom_attributes=[i.subset.custom_attributes for i in items],

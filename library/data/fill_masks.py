@@ -68,35 +68,53 @@ def mask_from_rgb(rgb: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).convert("L"), np.float32) / 255.0
 
 
-def fill_inputs(dataset, item, sample: dict, flipped: bool, step: int) -> dict:
-    """A Fill sample's picture (3, H, W) in [-1, 1] (the target's pixels as trained, augmentation included) and its
-    mask (H, W) at the bucket's size: the item's mask file through the picture's geometry, else one drawn by the
-    dataset's generator. `dataset` is the FluxDataset (its pixel loaders and `fill_generator`)."""
-    import torch
+def bucket_pixels(dataset, item, flipped: bool):
+    """An item's picture at its bucket size (centre crop), flipped if asked, as (3, H, W) in [-1, 1]."""
+    from library.data.augment import flip_horizontal
+    from library.data.tensors import to_tensor
+
+    rgb, _, _, _ = dataset.load_pixels(item)
+    if flipped:
+        rgb, _ = flip_horizontal(rgb)
+    return to_tensor(rgb)
+
+
+def bucket_mask(dataset, item, flipped: bool) -> np.ndarray:
+    """An item's mask file through its picture's geometry (scaled to the picture's size, then the same resize and
+    crop, flipped with it) as float32 (H, W) in [0, 1] at the bucket's size."""
+    import cv2
 
     from library.data.augment import flip_horizontal
     from library.data.buckets import resize_and_crop
     from library.data.images import load_image
-    from library.data.tensors import to_tensor
 
+    rgb, _ = load_image(item.fill_mask_path)
+    if (rgb.shape[1], rgb.shape[0]) != item.image_size:
+        rgb = cv2.resize(rgb, item.image_size, interpolation=cv2.INTER_LINEAR)
+    interpolation = item.resize_interpolation or dataset.config.resize_interpolation
+    rgb, _, _, _ = resize_and_crop(rgb, item.resized_size, item.bucket_reso, interpolation)
+    if flipped:
+        rgb, _ = flip_horizontal(rgb)
+    return mask_from_rgb(np.ascontiguousarray(rgb))
+
+
+def fill_inputs(dataset, item, sample: dict, flipped: bool, step: int) -> dict:
+    """A Fill sample's inputs. From the dataset's Fill cache when it has one (cached latents of the masked picture
+    and the mask); otherwise the picture (3, H, W) in [-1, 1] (the target's pixels as trained, augmentation
+    included) and its mask (H, W) at the bucket's size: the item's mask file through the picture's geometry, else
+    one drawn by the dataset's generator. `dataset` is the FluxDataset (its pixel loaders, `fill_generator`,
+    `fill_cache`)."""
+    import torch
+
+    if dataset.fill_cache is not None:
+        latents, mask = dataset.fill_cache.get(item, flipped)
+        return {"fill_latents": latents, "fill_mask": mask}
     image = sample.get("image")
     if image is None:  # latents are cached: decode the picture for its masked copy
-        rgb, _, _, _ = dataset.load_pixels(item)
-        if flipped:
-            rgb, _ = flip_horizontal(rgb)
-        image = to_tensor(rgb)
+        image = bucket_pixels(dataset, item, flipped)
     width, height = item.bucket_reso
     if item.fill_mask_path is not None:
-        import cv2
-
-        rgb, _ = load_image(item.fill_mask_path)
-        if (rgb.shape[1], rgb.shape[0]) != item.image_size:  # the picture's geometry, as conditioning images
-            rgb = cv2.resize(rgb, item.image_size, interpolation=cv2.INTER_LINEAR)
-        interpolation = item.resize_interpolation or dataset.config.resize_interpolation
-        rgb, _, _, _ = resize_and_crop(rgb, item.resized_size, item.bucket_reso, interpolation)
-        if flipped:
-            rgb, _ = flip_horizontal(rgb)
-        mask = mask_from_rgb(np.ascontiguousarray(rgb))
+        mask = bucket_mask(dataset, item, flipped)
     elif dataset.fill_generator is not None:
         mask = generate_mask(dataset.fill_generator, width, height, mask_seed(dataset.seed, step, item.relative_path))
     else:

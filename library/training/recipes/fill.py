@@ -29,7 +29,9 @@ from library.data.config import load_dataset_config
 from library.flow.fill import blank_canvas, bind_fill
 from library.models.checkpoint import analyze_checkpoint
 from library.models.conditioned import ExtraChannelsFlux
-from library.models.fill import fill_features
+from library.data.cache_common import model_file_identity
+from library.data.fill_cache import FillCache
+from library.models.fill import condition_tokens, encode_masked_image, fill_features
 from library.training.errors import TrainingError
 from library.training.recipes.fill_options import fill_options_given
 from library.training.settings import DatasetKinds
@@ -87,11 +89,40 @@ class FillHooks:
         for group in (self.train_group, self.val_group):
             if group is not None:
                 group.use_fill(args.fill_masks)
-        self.models.ae.to(self.accelerator.device)  # the masked picture is encoded every step
+        cached = self._cache_fill_latents()
+        if not cached:
+            self.models.ae.to(self.accelerator.device)  # masked pictures are encoded every step
         with_files = sum(1 for i in self.train_group.items if i.fill_mask_path is not None)
-        logger.info("FLUX.1 Fill: %d of %d images with mask files, the rest drawn by --fill_masks %s; kept-area "
-                    "loss weight %s; guidance %s", with_files, len(self.train_group.items), args.fill_masks,
-                    args.fill_kept_loss_weight, self.loss_fn.settings.guidance_scale)
+        logger.info("FLUX.1 Fill: %d of %d images with mask files, the rest drawn by --fill_masks %s; masked "
+                    "pictures %s; kept-area loss weight %s; guidance %s", with_files, len(self.train_group.items),
+                    args.fill_masks, "cached" if cached else "encoded every step", args.fill_kept_loss_weight,
+                    self.loss_fn.settings.guidance_scale)
+
+    def _cache_fill_latents(self) -> bool:
+        """With --cache_latents, datasets whose every image has a mask file get their masked-picture latents cached
+        (library/data/fill_cache.py); True when every dataset did (the AE is then not needed on the device)."""
+        args, acc = self.args, self.accelerator
+        datasets = [d for g in (self.train_group, self.val_group) if g is not None for d in g.datasets]
+        if not args.cache_latents:
+            return False
+        cache = FillCache(args.cache_latents_to_disk, model_file_identity(args.ae), args.skip_cache_check)
+        ae = self.models.ae
+        ae.to(acc.device)
+
+        def encode(pixels, masks):
+            return encode_masked_image(ae, pixels.to(acc.device), masks.to(acc.device))
+
+        done = []
+        for d in datasets:
+            if d.items and all(i.fill_mask_path is not None for i in d.items):
+                cache.cache(d, encode, acc.process_index, acc.num_processes, acc.wait_for_everyone,
+                            acc.is_local_main_process)
+                d.fill_cache = cache
+                done.append(d)
+        if len(done) == len(datasets):
+            self.models.free_unneeded(args, acc.device, keep_text_encoders=self.trains_text_encoder)
+            return True
+        return False
 
     def denoiser(self) -> torch.nn.Module:
         model = super().denoiser()
@@ -101,12 +132,15 @@ class FillHooks:
         inputs = super().model_inputs(batch)
         if not self.fill:
             return inputs
-        if batch.fill_images is None or batch.fill_masks is None:
+        if (batch.fill_images is None and batch.fill_latents is None) or batch.fill_masks is None:
             raise TrainingError("a FLUX.1 Fill batch without pictures and masks (the datasets were not prepared "
                                 "for Fill)")
-        ae = self.models.ae
-        device = next(ae.parameters()).device
-        features = fill_features(ae, batch.fill_images.to(device), batch.fill_masks.to(device))
+        if batch.fill_latents is not None:  # cached (mask files, --cache_latents)
+            features = condition_tokens(batch.fill_latents, batch.fill_masks)
+        else:
+            ae = self.models.ae
+            device = next(ae.parameters()).device
+            features = fill_features(ae, batch.fill_images.to(device), batch.fill_masks.to(device))
         if self.args.fill_kept_loss_weight != 1.0:  # the loss reads batch.alpha_masks as per-pixel weights
             batch.alpha_masks = loss_weights(batch.fill_masks, self.args.fill_kept_loss_weight, batch.alpha_masks)
         return {**inputs, "extra_channels": features}
