@@ -7,11 +7,12 @@ resuming, block swapping, fp8 bases -- is theirs.
   fill_masks.py: seeded by the run's seed, the step and the image's path, so a resumed run draws the same); batches
   carry the picture as trained (flip included) and the mask at bucket size;
 * the condition: `image * (1 - mask)` -> the AE's posterior mean -> packed (64), the mask by 8x8 space-to-depth ->
-  packed (256) (library/models/fill.py), concatenated to every noisy token by `ExtraChannelsFlux`. The masked picture
-  is encoded live every step, with either mask source (a drawn mask changes every step; a cached masked latent for
-  mask files is not built yet): the AE stays on the device even with --cache_latents, and with cached latents each
-  picture is also decoded from its file every step. Cost: one AE encoder pass per image per step (~the same as
-  training without --cache_latents);
+  packed (256) (library/models/fill.py), concatenated to every noisy token by `ExtraChannelsFlux`. With --cache_latents
+  and a mask file for every image of a dataset, the masked pictures' latents and the masks are cached once
+  (library/data/fill_cache.py, the target latents' staleness rules plus the mask file's hash). Otherwise (drawn masks
+  change every step) the masked picture is encoded live: the AE stays on the device even with --cache_latents, and
+  with cached target latents each picture is also decoded from its file every step -- one AE encoder pass per image
+  per step (~ training without --cache_latents);
 * loss: on every target token by default (DiffSynth); `--fill_kept_loss_weight W` weighs the kept area by W (0: the
   generated area only), through the loss's per-pixel mask (multiplied with an alpha mask when there is one);
 * guidance: the variant table's training guidance (30, BFL's inference default) unless --guidance_scale is given;
