@@ -80,10 +80,14 @@ def test_loss_weights_follow_the_mask():
 
 def test_lora_with_mask_files_feeds_the_condition_and_saves_a_fill_lora(tiny, tmp_path):
     models, toml = tiny
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square --w 64 --h 80 --s 2 --d 1\n")
     argv = [*run_args(models, toml, tmp_path / "out"), *LORA, "--max_train_steps", "2", "--cache_latents",
-            "--output_name", "fill_lora"]
+            "--output_name", "fill_lora", "--sample_prompts", str(prompts), "--sample_every_n_steps", "2"]
     trainer, status = cli_runs.run_trainer("network", argv)
     assert status == 0 and trainer.fill
+    (sample,) = (tmp_path / "out" / "sample").glob("*.png")  # pure generation at the prompt's size
+    assert Image.open(sample).size == (64, 80)
     with safe_open(str(tmp_path / "out" / "fill_lora.safetensors"), "pt") as f:
         assert f.metadata()["modelspec.architecture"] == "flux-1-fill-dev/lora"
     assert trainer.loss_fn.settings.guidance_scale == 30.0  # the table's training guidance
@@ -210,6 +214,8 @@ def test_full_fine_tuning_of_fill_with_block_swap(swappable, tmp_path):
     plain, reference = train_swap(swappable, tmp_path / "plain", "full", "--gradient_checkpointing")
     swapped, got = train_swap(swappable, tmp_path / "swap", "full", "--gradient_checkpointing", "--blocks_to_swap", "3")
     assert reference["img_in.weight"].shape[1] == 384
+    with safe_open(str(tmp_path / "plain" / "last.safetensors"), "pt") as f:
+        assert f.metadata()["modelspec.architecture"] == "flux-1-fill-dev"
     assert swapped.losses == plain.losses
     assert all(torch.equal(got[k], reference[k]) for k in reference), "block swapping changed the trained weights"
 
