@@ -296,3 +296,25 @@ def test_cached_masked_latents_equal_the_live_ones_and_go_stale_with_the_mask(ti
     edited[0, 0] = 255 - edited[0, 0]
     Image.fromarray(edited).save(mask_path)
     assert cache.cache(ds, encode) == 1  # the edited mask's entry only
+
+
+def test_resume_with_generated_masks_trains_the_same_lora(tiny, tmp_path):
+    """--fill_masks draws from the seed, the step and the image: a run resumed at step 3 ends with the same LoRA."""
+    from safetensors.torch import load_file
+
+    models, _ = tiny
+    toml = fill_dataset(tmp_path / "data", masks=False)
+    common = (*LORA, "--fill_masks", "mixed", "--learning_rate", "1e-2", "--max_train_steps", "6",
+              "--output_name", "s", "--save_every_n_steps", "3", "--save_state", "--cache_latents")
+    _, code = cli_runs.run_trainer("network", [*run_args(models, toml, tmp_path / "full"), *common])
+    assert code == 0
+    _, code = cli_runs.run_trainer("network", [*run_args(models, toml, tmp_path / "resumed"), *common, "--resume",
+                                               str(tmp_path / "full" / "s-step00000003-state")])
+    assert code == 0
+    a = load_file(str(tmp_path / "full" / "s.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "s.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    _, code = cli_runs.run_trainer("network", [*run_args(models, toml, tmp_path / "other"), *common,
+                                               "--fill_masks", "rectangles"])  # the last one given counts
+    c = load_file(str(tmp_path / "other" / "s.safetensors"))
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the masks matter
