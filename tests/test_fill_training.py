@@ -318,3 +318,28 @@ def test_resume_with_generated_masks_trains_the_same_lora(tiny, tmp_path):
                                                "--fill_masks", "rectangles"])  # the last one given counts
     c = load_file(str(tmp_path / "other" / "s.safetensors"))
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the masks matter
+
+
+def test_example_fill_configs_parse_and_resolve(tmp_path, monkeypatch):
+    import shutil
+
+    import flux_train_network
+    from conftest import ROOT
+    from library.data.config import load_dataset_config
+    from library.training.arguments import verify_training_args
+    from library.training.config_file import read_config_from_file
+
+    for folder in ("train/photos", "train/photos_masks"):
+        (tmp_path / folder).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / folder / "a.png")
+    (tmp_path / "configs").mkdir()
+    for name in ("lora_flux_fill.toml", "dataset_fill.toml"):
+        shutil.copy(ROOT / "configs" / name, tmp_path / "configs" / name)
+    monkeypatch.chdir(tmp_path)  # paths in the examples are relative to the launch folder
+    parser = flux_train_network.setup_parser()
+    argv = ["--config_file", "configs/lora_flux_fill.toml"]
+    args = read_config_from_file(parser.parse_args(argv), parser, argv)
+    assert args.fill_masks == "mixed" and args.fill_kept_loss_weight == 1.0 and args.network_dim == 16
+    verify_training_args(args, flux_train_network.COMMAND_LINE)
+    (ds,) = load_dataset_config(args, support_fill=True).datasets
+    assert ds.subsets[0].fill_mask_dir.name == "photos_masks"
