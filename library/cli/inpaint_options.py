@@ -54,13 +54,15 @@ def given_inpaint_options(args) -> list[str]:
     return [f"--{name}" for name in OPTIONS if getattr(args, name, None) is not None]
 
 
-def check_inpaint_arguments(args, model: str, uses_them: bool) -> None:
-    """Raise ValueError (one line) when inpaint options are given to a model that does not use them, or when
-    --mask_image/--outpaint come without --image."""
+FILL_HINT = "give a FLUX.1 Fill model (--model_type fill, img_in taking 384 features)"
+
+
+def check_inpaint_arguments(args, model: str, uses_them: bool, hint: str = FILL_HINT) -> None:
+    """Raise ValueError (one line) when inpaint options are given to a model that does not use them (`hint` says
+    what would), or when --mask_image/--outpaint come without --image."""
     given = given_inpaint_options(args)
     if given and not uses_them:
-        raise ValueError(f"{' '.join(given)}: {model} does not inpaint; give a FLUX.1 Fill model (--model_type fill, "
-                         f"img_in taking 384 features)")
+        raise ValueError(f"{' '.join(given)}: {model} does not inpaint; {hint}")
     if uses_them and getattr(args, "image", None) is None and (args.mask_image is not None or
                                                                args.outpaint is not None):
         raise ValueError("--mask_image and --outpaint need --image (the picture to inpaint or outpaint)")
