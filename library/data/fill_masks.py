@@ -76,7 +76,7 @@ def bucket_pixels(dataset, item, flipped: bool):
     rgb, _, _, _ = dataset.load_pixels(item)
     if flipped:
         rgb, _ = flip_horizontal(rgb)
-    return to_tensor(rgb)
+    return to_tensor(np.array(rgb))  # a writable copy (decoded images can be read-only)
 
 
 def bucket_mask(dataset, item, flipped: bool) -> np.ndarray:
