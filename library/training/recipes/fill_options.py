@@ -22,7 +22,7 @@ def add_fill_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fill_kept_loss_weight", type=non_negative_float, default=1.0,
                        help="FLUX.1 Fill: loss weight of the area the mask keeps (0 in the mask); the generated area "
                             "weighs 1. Default 1: the loss covers every token alike (DiffSynth); 0: only the "
-                            "generated area")
+                            "generated area (averaged over all tokens, as --masked_loss: a smaller loss)")
 
 
 def fill_options_given(args) -> list[str]:
