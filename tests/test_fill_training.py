@@ -343,3 +343,22 @@ def test_example_fill_configs_parse_and_resolve(tmp_path, monkeypatch):
     verify_training_args(args, flux_train_network.COMMAND_LINE)
     (ds,) = load_dataset_config(args, support_fill=True).datasets
     assert ds.subsets[0].fill_mask_dir.name == "photos_masks"
+
+
+def test_kept_loss_weight_reaches_the_loss(tiny, tmp_path):
+    """--fill_kept_loss_weight 0: the loss's per-pixel weights are the batch's masks, so a batch whose mask covers
+    nothing generated has zero loss."""
+    import flux_train_network
+    from library.training.recipes.lora import LoRATrainer
+
+    models, toml = tiny
+    args = flux_train_network.setup_parser().parse_args(
+        [*run_args(models, toml, tmp_path / "out"), *LORA, "--max_train_steps", "1", "--fill_kept_loss_weight", "0"])
+    trainer = LoRATrainer(args)
+    trainer.setup()
+    batch = trainer.train_group[(1, 0, 0)]
+    assert trainer.loss_fn(batch).item() > 0
+    assert torch.equal(batch.alpha_masks, batch.fill_masks)
+    batch = trainer.train_group[(1, 0, 0)]
+    batch.fill_masks = torch.zeros_like(batch.fill_masks)
+    assert trainer.loss_fn(batch).item() == 0
