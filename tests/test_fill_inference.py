@@ -73,6 +73,9 @@ def test_fill_file_is_recognised_by_its_img_in_width(tiny, tmp_path):
     assert folder.layout == "diffusers" and folder.params.in_channels == 384
     assert resolve_variant(None, has_guidance_input=folder.params.guidance_embed,
                            in_channels=folder.params.in_channels).name == "fill"
+    _, loaded = load_flow_model(str(tmp_path), torch.float32, "cpu")  # and loads into the same weights
+    theirs = loaded.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in flux.state_dict().items())
 
 
 # (2) condition features
@@ -273,3 +276,15 @@ def test_readme_fill_command_lines_parse_and_verify():
         args = entry.setup_parser().parse_args(argv[3:])
         verify_training_args(args, entry.COMMAND_LINE)
         assert args.fill_masks in ("mixed", "rectangles")
+
+
+def test_cli_interactive_fill_keeps_the_canvas_size(tiny, tmp_path, monkeypatch):
+    import io
+
+    image = write_image(tmp_path / "a.png", 40, 40)
+    monkeypatch.setattr("sys.stdin", io.StringIO("a cat --d 5 --w 128\nanother --d 6\n\n"))
+    assert cli.main(cli_args(tiny, tmp_path / "out", "--image", str(image), "--outpaint", "0,0,24,0", "--tiled_ae",
+                             "--interactive")) == 0
+    outs = sorted((tmp_path / "out").glob("*.png"))
+    assert len(outs) == 2 and all(Image.open(p).size == (64, 32) for p in outs)  # 64x40 floored to 16
+    assert {Image.open(p).text["seed"] for p in outs} == {"5", "6"}
