@@ -359,6 +359,12 @@ def test_kept_loss_weight_reaches_the_loss(tiny, tmp_path):
     batch = trainer.train_group[(1, 0, 0)]
     assert trainer.loss_fn(batch).item() > 0
     assert torch.equal(batch.alpha_masks, batch.fill_masks)
+    trainer.args.fill_kept_loss_weight = 0.5
+    batch = trainer.train_group[(1, 0, 0)]
+    for _ in range(2):  # a batch seen again (validation) is weighed once
+        trainer.model_inputs(batch)
+    assert torch.allclose(batch.alpha_masks, 0.5 + 0.5 * batch.fill_masks)
+    trainer.args.fill_kept_loss_weight = 0.0
     batch = trainer.train_group[(1, 0, 0)]
     batch.fill_masks = torch.zeros_like(batch.fill_masks)
     assert trainer.loss_fn(batch).item() == 0

@@ -27,11 +27,11 @@ from dataclasses import replace
 import torch
 
 from library.data.config import load_dataset_config
+from library.data.cache_common import model_file_identity
+from library.data.fill_cache import FillCache
 from library.flow.fill import blank_canvas, bind_fill
 from library.models.checkpoint import analyze_checkpoint
 from library.models.conditioned import ExtraChannelsFlux
-from library.data.cache_common import model_file_identity
-from library.data.fill_cache import FillCache
 from library.models.fill import condition_tokens, encode_masked_image, fill_features
 from library.training.errors import TrainingError
 from library.training.recipes.fill_options import fill_options_given
@@ -142,8 +142,10 @@ class FillHooks:
             ae = self.models.ae
             device = next(ae.parameters()).device
             features = fill_features(ae, batch.fill_images.to(device), batch.fill_masks.to(device))
-        if self.args.fill_kept_loss_weight != 1.0:  # the loss reads batch.alpha_masks as per-pixel weights
+        if self.args.fill_kept_loss_weight != 1.0 and not batch.__dict__.get("_fill_weighted"):
+            # the loss reads batch.alpha_masks as per-pixel weights (once per batch: a batch seen again keeps them)
             batch.alpha_masks = loss_weights(batch.fill_masks, self.args.fill_kept_loss_weight, batch.alpha_masks)
+            batch.__dict__["_fill_weighted"] = True
         return {**inputs, "extra_channels": features}
 
     def sampling_model(self, prompt) -> torch.nn.Module:
