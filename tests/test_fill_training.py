@@ -150,16 +150,21 @@ def test_refusals(tiny, tmp_path):
 
     with pytest.raises(DatasetConfigError, match="'fill_mask_dir' .* is for FLUX.1 Fill training"):
         cli_runs.run_trainer("network", [*run_args(dev, toml, tmp_path / "o3"), *LORA, "--max_train_steps", "1"])
-    # a missing mask is listed with its image
-    (toml.parent / "images" / "extra.png").write_bytes((toml.parent / "images" / "img0.png").read_bytes())
-    try:
-        from library.data.images import BadImageError
+    # a missing mask and an unreadable one are listed together, each with its file
+    import shutil
 
-        with pytest.raises(BadImageError, match="extra.png.*no mask with the same name"):
-            cli_runs.run_trainer("network", [*run_args(models, toml, tmp_path / "o4"), *LORA,
-                                             "--max_train_steps", "1"])
-    finally:
-        (toml.parent / "images" / "extra.png").unlink()
+    data = tmp_path / "broken"
+    shutil.copytree(toml.parent, data)
+    broken = data / "dataset.toml"
+    broken.write_text(toml.read_text().replace(str(toml.parent), str(data)))
+    (data / "images" / "extra.png").write_bytes((data / "images" / "img0.png").read_bytes())
+    (data / "masks" / "img1.png").write_bytes(b"not a png")
+    from library.data.images import BadImageError
+
+    with pytest.raises(BadImageError) as e:
+        cli_runs.run_trainer("network", [*run_args(models, broken, tmp_path / "o4"), *LORA, "--max_train_steps", "1"])
+    message = str(e.value)
+    assert "extra.png" in message and "no mask with the same name" in message and "masks/img1.png" in message
 
 
 # --- memory: swapping, fp8, the planner; full fine-tuning -----------------------------------------------------------
