@@ -288,3 +288,11 @@ def test_cli_interactive_fill_keeps_the_canvas_size(tiny, tmp_path, monkeypatch)
     outs = sorted((tmp_path / "out").glob("*.png"))
     assert len(outs) == 2 and all(Image.open(p).size == (64, 32) for p in outs)  # 64x40 floored to 16
     assert {Image.open(p).text["seed"] for p in outs} == {"5", "6"}
+
+
+def test_sample_prompt_fill_options_parse():
+    from library.flow.prompts import parse_prompt_line
+
+    p = parse_prompt_line("a wall --fi pics/a.png --fm pics/a_mask.png --w 512")
+    assert (p.fill_image, p.fill_mask, p.width) == ("pics/a.png", "pics/a_mask.png", 512)
+    assert parse_prompt_line("plain").fill_image is None

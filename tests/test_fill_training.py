@@ -81,13 +81,16 @@ def test_loss_weights_follow_the_mask():
 def test_lora_with_mask_files_feeds_the_condition_and_saves_a_fill_lora(tiny, tmp_path):
     models, toml = tiny
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red square --w 64 --h 80 --s 2 --d 1\n")
+    image, mask = toml.parent / "images" / "img0.png", toml.parent / "masks" / "img0.png"
+    prompts.write_text(f"a red square --w 64 --h 80 --s 2 --d 1\na red square --w 64 --h 64 --s 2 --d 1 "
+                       f"--fi {image} --fm {mask}\n")
     argv = [*run_args(models, toml, tmp_path / "out"), *LORA, "--max_train_steps", "2", "--cache_latents",
             "--output_name", "fill_lora", "--sample_prompts", str(prompts), "--sample_every_n_steps", "2"]
     trainer, status = cli_runs.run_trainer("network", argv)
     assert status == 0 and trainer.fill
-    (sample,) = (tmp_path / "out" / "sample").glob("*.png")  # pure generation at the prompt's size
-    assert Image.open(sample).size == (64, 80)
+    samples = sorted((tmp_path / "out" / "sample").glob("*.png"))
+    # pure generation, and the --fi picture with its --fm mask, each at its prompt's size
+    assert sorted(Image.open(p).size for p in samples) == [(64, 64), (64, 80)]
     with safe_open(str(tmp_path / "out" / "fill_lora.safetensors"), "pt") as f:
         assert f.metadata()["modelspec.architecture"] == "flux-1-fill-dev/lora"
     assert trainer.loss_fn.settings.guidance_scale == 30.0  # the table's training guidance

@@ -10,6 +10,7 @@ references keep that order. Relative paths are read from the working folder, as 
 the defaults (sd-scripts raises a TypeError when a key appears in both, reference 17 item 21).
 `.json`: a list whose items are dicts with the same keys as the TOML, or strings read like .txt lines.
 In TOML and JSON, `reference_images` is a list of paths or one string (`;`-separated like `--ri`).
+FLUX.1 Fill: `--fi PATH` the picture to repaint and `--fm PATH` its mask (TOML/JSON `fill_image`, `fill_mask`).
 
 Unlike sd-scripts, a bad value stops with an error naming the file and the line (or entry) instead of being logged
 and skipped, and an unknown option or key is warned about instead of being silently ignored.
@@ -57,6 +58,8 @@ class SamplePrompt:
     index: int = 0  # sd-scripts' `enum`: position in the file, used in image names
     controlnet_image: str | None = None  # ControlNet trainer only
     reference_images: list[str] = field(default_factory=list)  # Kontext: `--ri`, in order; empty: text-to-image
+    fill_image: str | None = None  # FLUX.1 Fill: `--fi`, the picture to repaint (none: pure generation)
+    fill_mask: str | None = None  # FLUX.1 Fill: `--fm`, its mask (white = generate)
     ignored: dict[str, Any] = field(default_factory=dict)  # sample_sampler etc.: no effect for FLUX
     where: str = field(default="", compare=False)  # "file:line" or "file: subset N", for messages
 
@@ -144,13 +147,14 @@ def _keep(value: Any) -> Any:
 FIELDS: dict[str, Callable[[Any], Any]] = {
     "prompt": _as_text, "negative_prompt": _as_text, "width": _as_size, "height": _as_size,
     "sample_steps": _as_steps, "seed": _as_seed, "scale": _as_float, "guidance_scale": _as_float,
-    "controlnet_image": _as_path, "reference_images": _as_paths, **{k: _keep for k in IGNORED_BY_FLUX},
+    "controlnet_image": _as_path, "reference_images": _as_paths, "fill_image": _as_path, "fill_mask": _as_path,
+    **{k: _keep for k in IGNORED_BY_FLUX},
 }
 # .txt option (case-insensitive) -> field name (reference 12.2)
 TXT_OPTIONS = {
     "w": "width", "h": "height", "d": "seed", "s": "sample_steps", "l": "scale", "g": "guidance_scale",
     "n": "negative_prompt", "ss": "sample_sampler", "cn": "controlnet_image", "ctr": "cfg_trunc_ratio",
-    "rcfg": "renorm_cfg", "fs": "flow_shift", "ri": "reference_images",
+    "rcfg": "renorm_cfg", "fs": "flow_shift", "ri": "reference_images", "fi": "fill_image", "fm": "fill_mask",
 }
 REPEATABLE = ("reference_images",)  # .txt options whose repetitions add up instead of replacing
 

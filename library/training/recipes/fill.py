@@ -27,9 +27,10 @@ from dataclasses import replace
 import torch
 
 from library.data.config import load_dataset_config
+from library.data.images import check_images
 from library.data.cache_common import model_file_identity
 from library.data.fill_cache import FillCache
-from library.flow.fill import blank_canvas, bind_fill
+from library.flow.fill import bind_fill, blank_canvas, fit_to, load_fill_canvas
 from library.models.checkpoint import analyze_checkpoint
 from library.models.conditioned import ExtraChannelsFlux
 from library.models.fill import condition_tokens, encode_masked_image, fill_features
@@ -85,8 +86,13 @@ class FillHooks:
                 raise TrainingError(f"FLUX.1 Fill training needs a mask per image: {'; '.join(without)} has no "
                                     f"'fill_mask_dir'; add one or pass --fill_masks rectangles|strokes|mixed")
         super().setup()
+        fill_inputs = [p for prompt in (self.samples.prompts if self.samples is not None else [])
+                       for p in (getattr(prompt, "fill_image", None), getattr(prompt, "fill_mask", None)) if p]
         if not self.fill:
+            if fill_inputs:
+                logger.warning("sample prompts' --fi/--fm (FLUX.1 Fill pictures) are ignored: the model is not Fill")
             return
+        check_images(fill_inputs)  # a sample prompt's picture or mask, before the first step
         for group in (self.train_group, self.val_group):
             if group is not None:
                 group.use_fill(args.fill_masks)
@@ -149,20 +155,24 @@ class FillHooks:
         return {**inputs, "extra_channels": features}
 
     def sampling_model(self, prompt) -> torch.nn.Module:
-        """Sample images are pure generation: an all-ones mask over a blank picture at the prompt's size, encoded
-        once per size with the AE (library/flow/fill.py)."""
+        """A sample prompt's `--fi` picture and `--fm` mask (library/flow/fill.py's rules), resized to the prompt's
+        size; without `--fi`, pure generation (an all-ones mask over a blank picture). Encoded once per picture, mask
+        and size with the AE."""
         model = super().sampling_model(prompt)
         if not self.fill:
             return model
-        cache = self.__dict__.setdefault("_blank_features", {})
+        cache = self.__dict__.setdefault("_sample_features", {})
+        image, mask = getattr(prompt, "fill_image", None), getattr(prompt, "fill_mask", None)
 
         def features(timesteps, img_ids):
             h, w = int(img_ids[0, :, 1].max()) + 1, int(img_ids[0, :, 2].max()) + 1
-            if (h, w) not in cache:
-                canvas = blank_canvas(w * 16, h * 16)
+            key = (image, mask, h, w)
+            if key not in cache:
+                canvas = blank_canvas(w * 16, h * 16) if image is None else load_fill_canvas(image, mask)
+                pixels, masks = fit_to(canvas.image, canvas.mask, (w * 16, h * 16))
                 ae = self.models.ae
                 device = next(ae.parameters()).device
-                cache[(h, w)] = fill_features(ae, canvas.image.to(device), canvas.mask.to(device))
-            return cache[(h, w)]
+                cache[key] = fill_features(ae, pixels.to(device), masks.to(device))
+            return cache[key]
 
         return bind_fill(model, features)
