@@ -18,11 +18,12 @@ from datetime import datetime
 from pathlib import Path
 
 from library.formats.atomic_io import remove_stale_temporaries
+from library.cli.inpaint_options import add_inpaint_arguments, check_inpaint_arguments
 from library.formats.command_line import ArgumentParser, non_negative_int, positive_int, seed_int
 
 logger = logging.getLogger("flux_minimal_inference")
 DTYPE_HELP = "bf16, fp16, fp32 or an fp8 type (fp8, fp8_e4m3fn, fp8_e5m2)"
-MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext"]  # library/models/variants.py (no torch import here)
+MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext", "fill"]  # library/models/variants.py (no torch import here)
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -112,6 +113,7 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--interactive", action="store_true",
                    help="read prompts from standard input, one per line, with options --w --h --s --d --g --n --c, "
                         "--m m1,m2 (LoRA multipliers) and --ri a.png;b.png (Kontext references; --ri - clears them)")
+    add_inpaint_arguments(p)
     return p
 
 
@@ -219,6 +221,7 @@ def run(args) -> int:
                               metadata=info.metadata, source=args.ckpt_path)
     logger.info(f"model: {variant.name} ({variant.architecture}); defaults: {variant.steps} steps, guidance "
                 f"{variant.guidance}, {'shifted' if variant.shift else 'unshifted'} schedule")
+    check_inpaint_arguments(args, f"{args.ckpt_path} ({variant.name})", variant.inpaint)
     if args.reference_image and not variant.reference_images:
         raise ValueError(f"--reference_image needs a Kontext model, but {args.ckpt_path} is {variant.name} (keys and "
                          f"metadata); give --model_type kontext if it is FLUX.1 Kontext")
