@@ -42,16 +42,8 @@ def latent_condition(picture: np.ndarray, ae: torch.nn.Module, placement, mask: 
 
     def condition(width: int, height: int) -> torch.Tensor:
         pixels = prepare_control_image(picture, width, height)
-        m = inpaint_mask(mask, width, height) if channels == 68 else None
-        if m is not None:
-            pixels = torch.where(m > 0, -1.0, pixels)
-        with placement.use(ae), torch.no_grad():
-            param = next(ae.parameters())
-            latents = ae.encode(pixels.to(param.device, param.dtype)).float()
-        if m is not None:
-            keep = 1 - torch.nn.functional.interpolate(m, size=latents.shape[-2:], mode="nearest")
-            latents = torch.cat((latents, keep.to(latents.device)), dim=1)
-        return pack_latents(latents)
+        with placement.use(ae):
+            return condition_latents(ae, pixels, inpaint_mask(mask, width, height) if channels == 68 else None)
 
     return condition
 
@@ -107,3 +99,18 @@ def control_png_text(specs: Sequence) -> dict[str, str]:
     if any(s.mode is not None for s in specs):
         text["control_mode"] = join("" if s.mode is None else s.mode for s in specs)
     return text
+
+
+def condition_latents(ae: torch.nn.Module, pixels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed condition latents of pictures (B, 3, H, W) in [-1, 1] where the AE is: with `mask` (B, 1, H, W) of
+    0/1 (1 = generate), alimama's inpainting condition (that area black, the keep-mask appended): (B, N, 68)."""
+    param = next(ae.parameters())
+    if mask is not None:
+        mask = mask.to(pixels.device, pixels.dtype)
+        pixels = torch.where(mask > 0, -1.0, pixels)
+    with torch.no_grad():
+        latents = ae.encode(pixels.to(param.device, param.dtype)).float()
+    if mask is not None:
+        keep = 1 - torch.nn.functional.interpolate(mask.float(), size=latents.shape[-2:], mode="nearest")
+        latents = torch.cat((latents, keep.to(latents.device)), dim=1)
+    return pack_latents(latents)

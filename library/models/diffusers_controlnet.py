@@ -34,8 +34,6 @@ from library.models.transformer import DoubleStreamBlock, Flux, FluxParams, Sing
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 OWN_PREFIX = "controlnet_"  # controlnet_blocks, controlnet_single_blocks, controlnet_x_embedder, controlnet_mode_...
-# InstantX Union's modes (its model card; 10 embedding rows, 7 used)
-UNION_MODES = {"canny": 0, "tile": 1, "depth": 2, "blur": 3, "pose": 4, "gray": 5, "lq": 6}
 
 
 @dataclass(frozen=True)

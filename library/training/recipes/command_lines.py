@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from library.training.arguments import TrainerCommandLine, add_full_train_arguments, add_network_arguments
 from library.training.recipes.checks import full_checks, network_checks
+from library.training.recipes.controlnet_args import add_controlnet_train_arguments, controlnet_checks
 
 _FULL_MODEL = {  # options that do nothing when the whole model (or a ControlNet) is trained and saved
     "weighted_captions": "FLUX captions are not weighted; the text is used as written",
@@ -32,8 +33,8 @@ FULL = TrainerCommandLine(
     ineffective={**_FULL_MODEL, **_CONTROLNET_ONLY})
 
 CONTROLNET = TrainerCommandLine(
-    script="flux_train_control_net.py", training="ControlNet training", add_arguments=add_full_train_arguments,
-    checks=full_checks, refused=_QUANTIZED,
+    script="flux_train_control_net.py", training="ControlNet training", add_arguments=add_controlnet_train_arguments,
+    checks=controlnet_checks, refused=_QUANTIZED,
     dataset_kinds=dict(support_dreambooth=False, support_controlnet=True),
     model_types=("flux", "dev", "krea", "schnell"),  # a ControlNet on Kontext is not built yet
     ineffective={**_FULL_MODEL, "fp8_scaled": "a ControlNet is saved in --save_precision (only flux_train.py "
