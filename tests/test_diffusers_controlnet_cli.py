@@ -181,3 +181,29 @@ def test_control_latents_are_the_packed_ae_mean_and_the_alimama_mask():
     assert got.shape == (1, 4, 68)
     assert torch.allclose(got, pack_latents(torch.cat((latents, keep), 1)), atol=1e-6)
     assert got[0, :2, 64:].sum() == 0 and got[0, 2:, 64:].min() == 1  # top row of tokens generated, bottom kept
+
+
+def test_readme_section_command_lines_parse_and_verify():
+    import re
+    import shlex
+    from pathlib import Path
+
+    import flux_train_control_net
+    from library.training.arguments import verify_training_args
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start = text.index("\n## diffusers-format ControlNets\n")
+    section = text[start:text.index("\n## ", start + 1)]
+    commands = [shlex.split(line) for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+                for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    assert len(commands) == 4
+    for argv in commands[:3]:
+        assert argv[:2] == ["python", "flux_minimal_inference.py"]
+        args = cli.setup_parser().parse_args(argv[2:])
+        assert control_specs(args)
+    union = control_specs(cli.setup_parser().parse_args(commands[0][2:]))
+    assert [(s.mode, s.scale, s.end) for s in union] == [(0, 0.4, 0.8), (2, 0.4, 0.8)]
+    assert commands[3][:3] == ["accelerate", "launch", "flux_train_control_net.py"]
+    args = flux_train_control_net.setup_parser().parse_args(commands[3][3:])
+    verify_training_args(args, flux_train_control_net.COMMAND_LINE)
+    assert args.controlnet_format == "diffusers" and args.controlnet_num_modes == 10 and args.control_mode == 0
