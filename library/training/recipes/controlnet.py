@@ -19,15 +19,9 @@ from pathlib import Path
 
 import torch
 
-from library.formats.control_modes import control_mode
-from library.data.images import load_image
-from library.data.tensors import control_image_source
-from library.flow.control import condition_latents, latent_condition
-from library.flow.generation import Placement
 from library.formats.metadata import modelspec_metadata
 from library.formats.model_saving import save_dtype, save_model
 from library.memory.checkpointing import enable_gradient_checkpointing
-from library.models.controlled import ControlUnit
 from library.models.controlnet import ControlledFlux, controlnet_from_transformer
 from library.models.controlnet_files import controlnet_layout, load_any_controlnet
 from library.models.diffusers_controlnet import (DiffusersControlNet, DiffusersControlNetShape,
@@ -36,6 +30,7 @@ from library.models.diffusers_controlnet import (DiffusersControlNet, DiffusersC
 from library.training.errors import TrainingError
 from library.training.loop import Trainer
 from library.training.recipes import command_lines
+from library.training.recipes.control_inputs import batch_control_inputs, item_mode, sampling_controlled
 from library.training.settings import DatasetKinds
 from library.training.setup import TrainingModels
 
@@ -82,7 +77,6 @@ class ControlNetTrainer(Trainer):
             logger.info("new ControlNet: %d double blocks copied from the transformer, zero output projections",
                         controlnet.depths[0])
         self.diffusers = isinstance(controlnet, DiffusersControlNet)
-        self.inpainting = self.diffusers and controlnet.shape.condition_channels == 68
         union = self.diffusers and bool(controlnet.shape.num_mode)
         if args.control_mode is not None and not union:
             raise TrainingError(f"--control_mode {args.control_mode}: the ControlNet trained is not a Union model "
@@ -100,55 +94,15 @@ class ControlNetTrainer(Trainer):
         return ControlledFlux(self.models.flux, self.controlnet)
 
     def model_inputs(self, batch) -> dict:
-        control = batch.conditioning_images
-        if control is None:
-            raise TrainingError("ControlNet training needs batches with conditioning images (ControlNet subsets)")
-        if not self.diffusers:
-            return {"controlnet_cond": control}
-        ae, device = self.models.ae, self.accelerator.device
-        if ae.device != device:  # encodes every step's conditions: kept on the accelerator (moved once)
-            ae.to(device)
-        if self.inpainting:
-            if batch.images is None:
-                raise TrainingError("--controlnet_inpainting needs the targets' pixels (no --cache_latents)")
-            mask = ((control.mean(1, keepdim=True) + 1) / 2 > 0.5).float()
-            cond = condition_latents(ae, batch.images, mask)
-        else:
-            cond = condition_latents(ae, control)
-        inputs = {"controlnet_cond": cond}
-        if self.controlnet.shape.num_mode:
-            inputs["controlnet_mode"] = torch.tensor([self.item_mode(a) for a in batch.custom_attributes],
-                                                     device=device)
-        return inputs
-
-    def item_mode(self, attributes: dict | None) -> int:
-        """A Union item's mode: its subset's custom_attributes.control_mode, else --control_mode."""
-        value = (attributes or {}).get("control_mode", self.args.control_mode)
-        if value is None:
-            raise TrainingError("a Union ControlNet needs a mode per item: --control_mode, or control_mode in the "
-                                "subset's custom_attributes")
-        try:
-            mode = control_mode(value)
-        except Exception as e:
-            raise TrainingError(f"custom_attributes.control_mode {value!r}: {e}") from None
-        if mode is None or mode >= self.controlnet.shape.num_mode:
-            raise TrainingError(f"control_mode {value!r}: the ControlNet has {self.controlnet.shape.num_mode} modes")
-        return mode
+        return batch_control_inputs(self.controlnet, batch, self.models.ae, self.accelerator.device,
+                                    self.args.control_mode)
 
     def sampling_model(self, prompt) -> torch.nn.Module:
-        if not prompt.controlnet_image:
-            logger.warning("sample %d has no --cn control image: rendered without the ControlNet", prompt.index)
-            return self.models.flux
-        picture = load_image(prompt.controlnet_image)[0]
-        if not self.diffusers:
-            return ControlledFlux(self.models.flux, self.controlnet, control_image_source(picture))
-        if self.inpainting:
-            logger.warning("sample %d: sample prompts have no mask option, so the inpainting ControlNet is not used",
-                           prompt.index)
-            return self.models.flux
-        mode = self.item_mode({}) if self.controlnet.shape.num_mode else None
-        control = latent_condition(picture, self.models.ae, Placement(self.accelerator.device, False))
-        return ControlledFlux(self.models.flux, units=[ControlUnit(self.controlnet, control, mode=mode)])
+        return sampling_controlled(self.models.flux, self.controlnet, prompt, self.models.ae, self.accelerator.device,
+                                   self.args.control_mode, log=logger)
+
+    def item_mode(self, attributes: dict | None) -> int:
+        return item_mode(self.controlnet, attributes, self.args.control_mode)
 
     def param_groups(self):
         return [{"params": list(self.controlnet.parameters()), "lr": self.args.learning_rate}], ["controlnet"]

@@ -15,8 +15,8 @@ import argparse
 
 from library.formats.control_modes import control_mode
 from library.formats.command_line import non_negative_int, positive_int
-from library.training.arguments import add_full_train_arguments
-from library.training.recipes.checks import full_checks
+from library.training.arguments import add_full_train_arguments, add_network_arguments
+from library.training.recipes.checks import full_checks, network_checks
 
 CONTROLNET_FORMATS = ("sd-scripts", "diffusers")
 
@@ -62,4 +62,29 @@ def controlnet_checks(args: argparse.Namespace, get) -> list[str]:
     if get("controlnet_inpainting") and get("controlnet_num_modes"):
         problems.append("--controlnet_inpainting with --controlnet_num_modes: alimama's inpainting models have no "
                         "modes")
+    return problems
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    """flux_train_network.py: the network options and those of a frozen ControlNet (--controlnet_model_name_or_path,
+    shared with the ControlNet trainer, names it)."""
+    add_network_arguments(parser)
+    add = parser.add_argument_group("frozen ControlNet (with --controlnet_model_name_or_path)").add_argument
+    add("--controlnet_scale", type=float, default=1.0,
+        help="multiplier of the frozen ControlNet's residuals while the LoRA trains and in sample images "
+             "(default: %(default)s)")
+    add("--control_mode", type=control_mode, default=None,
+        help="Union ControlNets: the mode of every training item (a subset's custom_attributes.control_mode "
+             "overrides it)")
+
+
+def lora_controlnet_checks(args: argparse.Namespace, get) -> list[str]:
+    problems = network_checks(args, get)
+    if get("controlnet_model_name_or_path"):
+        if get("blocks_to_swap") == "auto":
+            problems.append("--blocks_to_swap auto with --controlnet_model_name_or_path: the memory planner does not "
+                            "count a ControlNet yet; give a number of blocks")
+    elif get("control_mode") is not None or get("controlnet_scale", 1.0) != 1.0:
+        problems.append("--control_mode / --controlnet_scale need --controlnet_model_name_or_path (a frozen "
+                        "ControlNet)")
     return problems
