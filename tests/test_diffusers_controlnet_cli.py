@@ -196,7 +196,7 @@ def test_readme_section_command_lines_parse_and_verify():
     section = text[start:text.index("\n## ", start + 1)]
     commands = [shlex.split(line) for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
                 for line in block.replace("\\\n", " ").splitlines() if line.strip()]
-    assert len(commands) == 4
+    assert len(commands) == 5
     for argv in commands[:3]:
         assert argv[:2] == ["python", "flux_minimal_inference.py"]
         args = cli.setup_parser().parse_args(argv[2:])
@@ -207,3 +207,9 @@ def test_readme_section_command_lines_parse_and_verify():
     args = flux_train_control_net.setup_parser().parse_args(commands[3][3:])
     verify_training_args(args, flux_train_control_net.COMMAND_LINE)
     assert args.controlnet_format == "diffusers" and args.controlnet_num_modes == 10 and args.control_mode == 0
+    import flux_train_network
+
+    assert commands[4][:3] == ["accelerate", "launch", "flux_train_network.py"]
+    args = flux_train_network.setup_parser().parse_args(commands[4][3:])
+    verify_training_args(args, flux_train_network.COMMAND_LINE)
+    assert args.controlnet_model_name_or_path and args.control_mode == 2 and args.controlnet_scale == 0.5
