@@ -93,7 +93,7 @@ def test_union_controlnet_trains_saves_for_diffusers_and_comfyui_and_renders(set
 def test_modes_per_subset_continuing_from_a_diffusers_file(setup, tmp_path):
     models, toml = setup
     _, code = run_trainer(train_args(setup, tmp_path / "a", "--output_name", "a", "--controlnet_num_modes", "3",
-                                     "--control_mode", "1"))
+                                     "--control_mode", "1", "--gradient_checkpointing", "--save_state"))
     assert code == 0
     start = tmp_path / "a" / "a.safetensors"
     text = toml.read_text().replace("[[datasets.subsets]]", "[[datasets.subsets]]\ncustom_attributes = "
@@ -135,3 +135,15 @@ def test_inpainting_controlnet_trains_on_masks_and_renders(setup, tmp_path):
 def test_option_checks(setup, tmp_path, capsys, extra, message):
     assert cli.main([*train_args(setup, tmp_path), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_resume_equals_uninterrupted(setup, tmp_path):
+    common = ("--save_every_n_steps", "2", "--save_state", "--output_name", "r", "--controlnet_num_modes", "2",
+              "--control_mode", "1", "--controlnet_double_blocks", "1", "--controlnet_single_blocks", "1")
+    _, code = run_trainer(train_args(setup, tmp_path / "full", *common))
+    assert code == 0
+    _, code = run_trainer(train_args(setup, tmp_path / "resumed", *common, "--resume",
+                                     str(tmp_path / "full" / "r-step00000002-state")))
+    assert code == 0
+    a, b = load_file(str(tmp_path / "full" / "r.safetensors")), load_file(str(tmp_path / "resumed" / "r.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
