@@ -5,6 +5,8 @@
 
 Kontext edits reference images: `--model_type kontext --reference_image photo.png --prompt "make it winter"`
 (library/flow/references.py: BFL's preferred sizes, the AE mean, the target at the reference's size).
+ControlNets (sd-scripts or diffusers layout, several at once): `--controlnet CN --control_image edges.png`
+(library/cli/controlnet_options.py, library/flow/control.py).
 """
 
 from __future__ import annotations
@@ -222,10 +224,12 @@ def run(args) -> int:
         logger.info(f"{variant.name}: T5 padding is masked (--apply_t5_attn_mask is implied for it)")
     logger.info(f"model: {variant.name} ({variant.architecture}); defaults: {variant.steps} steps, guidance "
                 f"{variant.guidance}, {'shifted' if variant.shift else 'unshifted'} schedule")
-    from library.flow.control import control_png_text, controlled_flux, inpainting_controlnet
+    from library.flow.control import control_png_text, controlled_flux, inpainting_controlnet, picture_size
 
-    check_inpaint_arguments(args, f"{args.ckpt_path} ({variant.name})",
-                            variant.inpaint or inpainting_controlnet(args.controlnet))
+    inpaint_cn = not variant.inpaint and inpainting_controlnet(args.controlnet)  # alimama's: inside --image only
+    check_inpaint_arguments(args, f"{args.ckpt_path} ({variant.name})", variant.inpaint or inpaint_cn)
+    if inpaint_cn and args.outpaint is not None:
+        raise ValueError("--outpaint needs a FLUX.1 Fill model: an inpainting ControlNet repaints inside --image")
     if args.reference_image and not variant.reference_images:
         raise ValueError(f"--reference_image needs a Kontext model, but {args.ckpt_path} is {variant.name} (keys and "
                          f"metadata); give --model_type kontext if it is FLUX.1 Kontext")
@@ -275,7 +279,9 @@ def run(args) -> int:
                                              loaded["ae"], placement, args.mask_image)
         for line in lines:
             logger.info(line)
-    settings = GenerationSettings(prompt=args.prompt, width=args.width, height=args.height, steps=args.steps,
+    size = picture_size(args.image) if inpaint_cn and args.image and not (args.width or args.height) else (None,) * 2
+    settings = GenerationSettings(prompt=args.prompt, width=args.width or size[0], height=args.height or size[1],
+                                  steps=args.steps,
                                   guidance=args.guidance, seed=0, negative_prompt=args.negative_prompt,
                                   cfg_scale=args.cfg_scale if args.cfg_scale is not None else variant.cfg_scale,
                                   reference_images=tuple(args.reference_image))

@@ -97,6 +97,15 @@ def test_alimama_style_inpainting_takes_image_and_mask(setup, tmp_path, capsys):
             "--steps", "1", "--output_dir", str(tmp_path / "x")]
     assert cli.main([*base, *inpaint]) == 2
     assert "needs --mask_image" in capsys.readouterr().err
+    assert cli.main([*base, *inpaint, "--mask_image", str(p["mask"]), "--outpaint", "0,0,16,0"]) == 2
+    assert "--outpaint needs a FLUX.1 Fill model" in capsys.readouterr().err
+    # without --width/--height the output takes --image's size, floored to multiples of 16 (48 x 40 -> 48 x 32)
+    wide = tmp_path / "wide.png"
+    Image.fromarray((np.random.default_rng(3).random((40, 48, 3)) * 255).astype(np.uint8)).save(wide)
+    unsized = [a for a in base if a not in ("--width", "--height", "32")]
+    assert cli.main([*unsized, "--controlnet", str(p["inpaint"]), "--image", str(wide), "--mask_image",
+                     str(p["mask"]), "--output_latents", "--output_dir", str(tmp_path / "sized")]) == 0
+    assert load_file(str(next((tmp_path / "sized").glob("*_latents.safetensors"))))["latents"].shape == (16, 4, 6)
     # a ControlNet that does not inpaint leaves --image to Fill models, which refuse it here
     assert cli.main([*base, "--controlnet", str(p["plain"]), "--control_image", str(p["a"]), "--image",
                      str(p["picture"])]) == 2

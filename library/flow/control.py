@@ -114,3 +114,11 @@ def condition_latents(ae: torch.nn.Module, pixels: torch.Tensor, mask: torch.Ten
         keep = 1 - torch.nn.functional.interpolate(mask.float(), size=latents.shape[-2:], mode="nearest")
         latents = torch.cat((latents, keep.to(latents.device)), dim=1)
     return pack_latents(latents)
+
+
+def picture_size(path: str) -> tuple[int, int]:
+    """An inpainting picture's (width, height) floored to multiples of 16: the output size when none is given."""
+    from library.data.images import probe_image
+
+    width, height = probe_image(path).size
+    return max(16, width // 16 * 16), max(16, height // 16 * 16)
