@@ -275,8 +275,10 @@ def run(args) -> int:
         models.flux = bind_references(models.flux, None)  # bound to each render's references
     kontext = models.flux  # bound below (with ControlNets, inside them: they steer the target tokens only)
     if specs:
-        models.flux, lines = controlled_flux(models.flux, specs, info.params, models.compute_dtype, load_device,
-                                             loaded["ae"], placement, args.mask_image)
+        # beside a block-swapped transformer (never moved by --offload) the ControlNets live on the device too
+        models.flux, lines = controlled_flux(models.flux, specs, info.params, models.compute_dtype,
+                                             device if args.blocks_to_swap else load_device, loaded["ae"], placement,
+                                             args.mask_image)
         for line in lines:
             logger.info(line)
     size = picture_size(args.image) if inpaint_cn and args.image and not (args.width or args.height) else (None,) * 2
