@@ -78,11 +78,14 @@ def test_lora_trains_through_a_frozen_union_controlnet(setup, tmp_path):
     assert plain.keys() == lora.keys() and any(not torch.equal(plain[k], lora[k]) for k in lora)  # the CN mattered
 
 
-def test_lora_with_a_frozen_sd_scripts_controlnet(setup, tmp_path):
+def test_lora_with_a_frozen_sd_scripts_controlnet_on_an_fp8_base(setup, tmp_path):
     _, _, base = setup
     trainer, code = run_trainer(train_args(setup, tmp_path, "--controlnet_model_name_or_path",
-                                           str(base / "sd.safetensors")))
+                                           str(base / "sd.safetensors"), "--fp8_base", "--mixed_precision", "bf16"))
     assert code == 0
+    cn = trainer.frozen_controlnet  # stored in fp8 as the transformer is
+    assert cn.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
+    assert trainer.models.flux.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
     inputs = trainer.model_inputs(trainer.train_group.datasets[0][0])
     assert inputs["controlnet_cond"].shape == (1, 3, 32, 32)  # sd-scripts' ControlNets read the pixels
 

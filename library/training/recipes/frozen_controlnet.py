@@ -1,7 +1,8 @@
 """LoRA training with a frozen ControlNet (`flux_train_network.py --controlnet_model_name_or_path CN`): the hooks the
 LoRA recipe takes from this mixin when a ControlNet is given; without one it hands every hook on unchanged.
 
-The ControlNet (sd-scripts' or diffusers' layout, read from the file) is loaded frozen in the weight dtype; the
+The ControlNet (sd-scripts' or diffusers' layout, read from the file) is loaded frozen in the weight dtype (its
+Linears in fp8 with --fp8_base, as the transformer's); the
 subsets are ControlNet subsets whose conditioning images are its control input (`conditioning_data_dir`; masks
 for an inpainting ControlNet), Union modes come from `custom_attributes.control_mode` or `--control_mode`; the loss
 runs through `ControlledFlux(transformer + LoRA, ControlNet)` at `--controlnet_scale`, and sample prompts with
@@ -14,6 +15,7 @@ import logging
 
 import torch
 
+from library.memory.fp8 import prepare_fp8
 from library.models.controlled import ControlledFlux, ControlUnit
 from library.models.controlnet_files import load_any_controlnet
 from library.training.errors import TrainingError
@@ -44,6 +46,8 @@ class FrozenControlNetHooks:
             cn = load_any_controlnet(args.controlnet_model_name_or_path, self.models.flux.params,
                                      self.models.weight_dtype, self.accelerator.device)
             cn.requires_grad_(False).eval()
+            if self.settings.fp8_base:  # stored as the transformer is: fp8 Linears, upcast per layer
+                prepare_fp8(cn, torch.float8_e4m3fn, self.models.compute_dtype)
             if args.control_mode is not None and not num_modes(cn):
                 raise TrainingError(f"--control_mode {args.control_mode}: {args.controlnet_model_name_or_path} is "
                                     "not a Union ControlNet")
