@@ -147,3 +147,20 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     assert code == 0
     a, b = load_file(str(tmp_path / "full" / "r.safetensors")), load_file(str(tmp_path / "resumed" / "r.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_block_swapped_base_trains_the_same_controlnet(tmp_path):
+    """The frozen base's blocks swapped (4 double + 8 single blocks: swappable) while a diffusers-layout Union
+    ControlNet trains: the same weights as without swapping."""
+    models, _ = cli_runs.swappable_tiny_models(tmp_path / "swap")
+    toml = make_controlnet_demo_dataset(tmp_path / "data", count=2, size=32)
+    out = {}
+    for name, extra in (("plain", []), ("swapped", ["--blocks_to_swap", "3"])):
+        _, code = run_trainer([*run_args(models, toml, tmp_path / name), "--learning_rate", "1e-3",
+                               "--max_train_steps", "2", "--controlnet_format", "diffusers", "--controlnet_num_modes",
+                               "2", "--control_mode", "1", "--output_name", "cn", *extra])
+        assert code == 0
+        out[name] = load_file(str(tmp_path / name / "cn.safetensors"))
+    assert out["plain"].keys() == out["swapped"].keys()
+    assert all(torch.equal(out["plain"][k], out["swapped"][k]) for k in out["plain"])
+    assert out["plain"]["controlnet_x_embedder.weight"].any()
