@@ -232,3 +232,22 @@ def test_on_a_kontext_base_residuals_reach_the_target_tokens_only():
                         x["timesteps"], x["y"], x["guidance"], double_block_residuals=d, single_block_residuals=s,
                         num_output_tokens=12)
         assert got.shape == (1, 12, 64) and torch.allclose(got, expected, atol=1e-6)
+
+
+def test_the_sixth_residual_of_a_six_block_controlnet_is_never_used(tmp_path):
+    """alimama's 6 blocks over FLUX.1's 19 (step 4) -- here over 5 blocks (step 1): block 5's projection changes
+    nothing, block 4's does."""
+    with torch.no_grad():
+        base = Flux(BASE).eval()
+        shape = CASES["alimama"]
+        save_file_atomic({k: v.contiguous() for k, v in diffusers_controlnet(shape, 3).state_dict().items()},
+                         tmp_path / "cn.safetensors")
+        cn = load_diffusers_controlnet(tmp_path / "cn.safetensors", BASE).eval()
+        x, cond = inputs(channels=68)
+        model = ControlledFlux(base, units=[ControlUnit(cn, cond)])
+        before = model(**x)
+        cn.controlnet_blocks[5].weight.mul_(3)
+        assert torch.equal(model(**x), before)
+        cn.controlnet_blocks[4].weight.mul_(3)
+        assert not torch.allclose(model(**x), before)
+    assert residual_map(BASE.depth, 6, "interval") == [0, 1, 2, 3, 4]
