@@ -134,7 +134,7 @@ class ControlledFlux(nn.Module):
 
     def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, txt_attention_mask=None, *,
                 controlnet_cond: torch.Tensor | None = None, controlnet_mode=None, **kwargs):
-        step = self.step_of(float(timesteps[0]))
+        step = None if self._schedule is None else self.step_of(float(timesteps[0]))  # no sync in training
         spread = {"double": [], "single": []}
         for i, unit in enumerate(self.units):
             if unit.scale == 0 or (step is not None and not active_at(*step, unit.start, unit.end)):
