@@ -102,10 +102,11 @@ class DiffusersControlNet(nn.Module):
         if self.shape.num_mode:
             if mode is None:
                 raise ValueError(f"this Union ControlNet ({self.shape.num_mode} modes) needs a control mode")
-            mode = torch.as_tensor(mode, device=img.device, dtype=torch.long).reshape(-1).expand(img.shape[0])
-            if int(mode.max()) >= self.shape.num_mode or int(mode.min()) < 0:
-                raise ValueError(f"control mode {mode.tolist()} is out of range: the model has "
-                                 f"{self.shape.num_mode} modes (0 to {self.shape.num_mode - 1})")
+            check = torch.as_tensor(mode).reshape(-1)
+            if check.device.type == "cpu" and (int(check.max()) >= self.shape.num_mode or int(check.min()) < 0):
+                raise ValueError(f"control mode {check.tolist()} is out of range: the model has "
+                                 f"{self.shape.num_mode} modes (0 to {self.shape.num_mode - 1})")  # (no GPU sync)
+            mode = check.to(img.device, torch.long).expand(img.shape[0])
             txt = torch.cat((self.controlnet_mode_embedder(mode)[:, None].to(txt.dtype), txt), dim=1)
             txt_ids = torch.cat((txt_ids[:, :1], txt_ids), dim=1)
             if txt_attention_mask is not None:
