@@ -31,7 +31,7 @@ from library.training.errors import TrainingError
 from library.training.loop import Trainer
 from library.training.recipes import command_lines
 from library.training.recipes.control_inputs import batch_control_inputs, item_mode, sampling_controlled
-from library.training.settings import DatasetKinds
+from library.training.settings import DatasetKinds, MemoryProfile
 from library.training.setup import TrainingModels
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ class ControlNetTrainer(Trainer):
 
     tracker_name = "controlnet_train"
     command_line = command_lines.CONTROLNET
+    # the planner's ControlNet step (library/planner/controlnet_rig.py): the base frozen, the ControlNet trained
+    memory_profile = MemoryProfile(name="controlnet", trains_transformer=False, fp8_base=False)
 
     def dataset_kinds(self) -> DatasetKinds:
         return DatasetKinds(support_dreambooth=False, support_finetuning=False, support_controlnet=True)
