@@ -13,8 +13,9 @@ models can barely learn; see there). Recipe: AdamW 1e-3, cosine schedule, 300 st
 cores (model seed 0, training seed 1, 20 sampling steps): MSE zero ControlNet 0.70 / 0.89 (about the latents'
 variance), trained 0.028 / 0.042: 25x and 21x closer, each trained sample ~20x nearer its own target than the other
 pair's; the diffusers layout (`--controlnet_format diffusers`: 2 double + 2 single blocks from the transformer, AE
-latents of the silhouettes) 0.70 / 0.89 -> 0.026 / 0.041: 27x and 22x. 200 steps gave 8x; at 64x64 pixels 300 steps gave 15x, 200 steps at 2e-3 5-6x, 100 steps at 3e-3 1.7x: the
-zero-initialised output projections and hint convolution make the start slow.
+latents of the silhouettes) 0.70 / 0.89 -> 0.026 / 0.041: 27x and 22x. sd-scripts layout: 200 steps gave 8x; at
+64x64 pixels 300 steps gave 15x, 200 steps at 2e-3 5-6x, 100 steps at 3e-3 1.7x: the zero-initialised output
+projections and hint convolution make the start slow.
 """
 
 from __future__ import annotations
