@@ -149,6 +149,9 @@ def test_refusals(tiny, tmp_path):
     with pytest.raises(TrainingError, match="--fill_masks: for FLUX.1 Fill training"):
         cli_runs.run_trainer("network", [*run_args(dev, nomask, tmp_path / "o2"), *LORA, "--max_train_steps", "1",
                                          "--fill_masks", "strokes"])
+    with pytest.raises(TrainingError, match="--controlnet_model_name_or_path with FLUX.1 Fill is not supported"):
+        cli_runs.run_trainer("network", [*run_args(models, toml, tmp_path / "o5"), *LORA, "--max_train_steps", "1",
+                                         "--controlnet_model_name_or_path", str(models["flux"])])
     from library.data.config import DatasetConfigError
 
     with pytest.raises(DatasetConfigError, match="'fill_mask_dir' .* is for FLUX.1 Fill training"):

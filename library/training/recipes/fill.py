@@ -79,6 +79,9 @@ class FillHooks:
             raise TrainingError(f"{' and '.join(given)}: for FLUX.1 Fill training, but "
                                 f"{args.pretrained_model_name_or_path} is not a Fill model (img_in taking 384 "
                                 f"features); remove them")
+        if self.fill and getattr(args, "controlnet_model_name_or_path", None):
+            raise TrainingError("--controlnet_model_name_or_path with FLUX.1 Fill is not supported (a ControlNet takes "
+                                "64 features per token; Fill's img_in takes 384)")
         if self.fill and not args.fill_masks:  # every subset must then name its masks, checked before models load
             config = load_dataset_config(args, **self.dataset_kinds().config_flags())
             without = [s.where for s in config.all_subsets() if s.fill_mask_dir is None]
