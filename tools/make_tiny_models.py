@@ -17,6 +17,8 @@ quantizes the simple types; the K-quants use tools/gguf_kquants.py (K-quants nee
 
 `--model_type kontext` (or krea) writes the dev-keyed transformer with that model's ModelSpec architecture
 (`modelspec.architecture: flux-1-kontext-dev`), so tests can show a variant recognised from the file's metadata.
+`--model_type flex2` writes a tiny Flex.2-like transformer: img_in taking Flex.2's 196 features (64 noisy + 132
+condition features, library/models/flex2.py) and `flex-2-preview` as its architecture.
 
 `--init trained-like` (with e.g. `--hidden_size 128`) writes models that behave structurally like trained ones, for
 tests that check that training *learns* (see `init_trained_like_flux` and `init_trained_like_ae`); the default
@@ -41,9 +43,10 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", default="tiny", choices=["tiny", "tiny-schnell"],
                    help="transformer preset: tiny (dev-like, guidance embedder) or tiny-schnell")
-    p.add_argument("--model_type", default=None, choices=["dev", "krea", "kontext"],
+    p.add_argument("--model_type", default=None, choices=["dev", "krea", "kontext", "flex2"],
                    help="with the tiny (dev-like) preset: the model named in the file's modelspec.architecture "
-                        "(default: flux-1-dev, or flux-1-schnell for tiny-schnell); the weights are the same")
+                        "(default: flux-1-dev, or flux-1-schnell for tiny-schnell); the weights are the same, "
+                        "except flex2's img_in, which takes 196 features")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     p.add_argument("--dtype", default="fp32", help="dtype of the stored weights (default: %(default)s)")
     p.add_argument("--init", default="random", choices=INITS,
@@ -122,7 +125,8 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
     if model_type is not None and (model_type not in VARIANTS or VARIANTS[model_type].family != "flux"
                                    or not VARIANTS[model_type].has_guidance_input
                                    or preset == "tiny-schnell"):
-        raise ValueError(f"model_type {model_type!r}: expected dev, krea or kontext with the tiny (dev-like) preset")
+        raise ValueError(f"model_type {model_type!r}: expected dev, krea or kontext with the tiny (dev-like) preset, "
+                         "or flex2")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch_dtype = str_to_dtype(dtype)
@@ -138,6 +142,8 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
         if hidden_size <= 0 or hidden_size % head_dim:
             raise ValueError(f"hidden_size {hidden_size} is not a positive multiple of the head size {head_dim}")
         params = replace(params, hidden_size=hidden_size, num_heads=hidden_size // head_dim)
+    if model_type is not None:  # Flex.2: img_in takes the condition's features too
+        params = replace(params, in_channels=VARIANTS[model_type].in_channels)
     flux = Flux(params)
     ae = AutoEncoder(AE_PRESETS["tiny"])
     if init == "trained-like":
@@ -185,11 +191,11 @@ def init_trained_like_flux(flux) -> None:
     import torch
 
     with torch.no_grad():
-        hidden, in_channels = flux.img_in.weight.shape
+        hidden = flux.img_in.weight.shape[0]
         out_channels = flux.final_layer.linear.weight.shape[0]
-        q = torch.empty(hidden, in_channels)
+        q = torch.empty(hidden, out_channels)
         torch.nn.init.orthogonal_(q)
-        flux.img_in.weight.copy_(q)
+        flux.img_in.weight[:, :out_channels].copy_(q)  # condition features (Flex.2) keep their random columns
         flux.img_in.bias.zero_()
         flux.final_layer.linear.weight.copy_(q[:, :out_channels].T)
         flux.final_layer.linear.bias.zero_()

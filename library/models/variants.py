@@ -26,7 +26,7 @@ class ModelVariant:
     t5_max_length: int  # T5-XXL tokens when --t5xxl_max_token_length is not given
     training_guidance: float | None  # --guidance_scale default in training; None: no guidance input to feed
     reference_images: bool = False  # takes reference images (Kontext)
-    in_channels: int = 64  # img_in's input features: 64 noisy features + the condition's (Fill 384, Canny/Depth 128)
+    in_channels: int = 64  # img_in's input features: 64 noisy + the condition's (Fill 384, Canny/Depth 128, Flex.2 196)
     licence: str = "FLUX.1 [dev] Non-Commercial License"
     notes: str = ""
 
@@ -51,11 +51,17 @@ VARIANTS: dict[str, ModelVariant] = {v.name: v for v in (
     ModelVariant("kontext", "flux-1-kontext-dev", "flux", steps=30, preview_steps=20, guidance=2.5, cfg_scale=1.0,
                  shift=True, t5_max_length=512, training_guidance=1.0, reference_images=True,
                  notes="instruction editing: reference images appended as tokens with index 1"),
+    # ostris' Flex.2-preview: 8 double + 38 single blocks (depths are read from the file), img_in taking 196 features
+    # (library/models/flex2.py). Inference defaults: the model card's 50 steps and guidance 3.5; training bypasses
+    # the guidance embedder (ai-toolkit's bypass_guidance_embedding), so no training guidance is fed.
+    ModelVariant("flex2", "flex-2-preview", "flux", steps=50, preview_steps=20, guidance=3.5, cfg_scale=1.0,
+                 shift=True, t5_max_length=512, training_guidance=None, in_channels=196, licence="Apache-2.0",
+                 notes="inpainting and control built in: inpaint latent, mask and control latent as input channels"),
 )}
 
 # ModelSpec architectures written by other tools for the same variants (lower case, without "/lora")
 _ARCHITECTURE_ALIASES = {"flux-1-kontext": "kontext", "flux.1-kontext-dev": "kontext", "flux-1-krea": "krea",
-                         "flux-1-dev-krea": "krea"}
+                         "flux-1-dev-krea": "krea", "flex-2": "flex2", "flex.2-preview": "flex2"}
 
 
 def variant_from_metadata(metadata: dict[str, str]) -> ModelVariant | None:
