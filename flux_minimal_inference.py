@@ -18,11 +18,12 @@ from datetime import datetime
 from pathlib import Path
 
 from library.formats.atomic_io import remove_stale_temporaries
+from library.cli.inpaint_options import add_inpaint_arguments, check_inpaint_arguments
 from library.formats.command_line import ArgumentParser, non_negative_int, positive_int, seed_int
 
 logger = logging.getLogger("flux_minimal_inference")
 DTYPE_HELP = "bf16, fp16, fp32 or an fp8 type (fp8, fp8_e4m3fn, fp8_e5m2)"
-MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext"]  # library/models/variants.py (no torch import here)
+MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext", "fill"]  # library/models/variants.py (no torch import here)
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -112,6 +113,7 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--interactive", action="store_true",
                    help="read prompts from standard input, one per line, with options --w --h --s --d --g --n --c, "
                         "--m m1,m2 (LoRA multipliers) and --ri a.png;b.png (Kontext references; --ri - clears them)")
+    add_inpaint_arguments(p)
     return p
 
 
@@ -178,6 +180,14 @@ def base_quantization(args, flux_dtype) -> str | None:
     return quant
 
 
+def fill_canvas(args, variant):
+    """FLUX.1 Fill's canvas from --image, --mask_image and --outpaint, with the one-line refusals."""
+    from library.flow.fill import check_fill_arguments, load_fill_canvas
+
+    check_fill_arguments(args, variant)
+    return load_fill_canvas(args.image, args.mask_image, args.outpaint)
+
+
 def main(argv: list[str] | None = None) -> int:
     from library.cli.main import tool_main  # after the parser is built: --help never imports torch
 
@@ -219,6 +229,8 @@ def run(args) -> int:
                               metadata=info.metadata, source=args.ckpt_path)
     logger.info(f"model: {variant.name} ({variant.architecture}); defaults: {variant.steps} steps, guidance "
                 f"{variant.guidance}, {'shifted' if variant.shift else 'unshifted'} schedule")
+    check_inpaint_arguments(args, f"{args.ckpt_path} ({variant.name})", variant.inpaint)
+    canvas = fill_canvas(args, variant) if variant.inpaint else None  # library/flow/fill.py: files checked early
     if args.reference_image and not variant.reference_images:
         raise ValueError(f"--reference_image needs a Kontext model, but {args.ckpt_path} is {variant.name} (keys and "
                          f"metadata); give --model_type kontext if it is FLUX.1 Kontext")
@@ -268,6 +280,10 @@ def run(args) -> int:
 
     from library.flow.references import ReferenceEncoder, bind_references, target_size
 
+    if canvas is not None:  # FLUX.1 Fill: the picture's condition features, encoded once
+        from library.flow.fill import encode_fill
+
+        models.flux = encode_fill(models.flux, loaded["ae"], canvas, placement, args.tiled_ae)
     if variant.reference_images:
         models.flux = bind_references(models.flux, None)  # bound to each render's references
     settings = GenerationSettings(prompt=args.prompt, width=args.width, height=args.height, steps=args.steps,
@@ -282,6 +298,8 @@ def run(args) -> int:
         refs = references(s.reference_images)
         if variant.reference_images:
             bind_references(models.flux, refs)
+        if canvas is not None:  # Fill renders at its canvas's size
+            return replace(s, width=canvas.size[0], height=canvas.size[1]), canvas.png_text()
         width, height = target_size(s.width, s.height, refs)
         return replace(s, width=width, height=height), refs.png_text() if refs else {}
 

@@ -43,7 +43,7 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", default="tiny", choices=["tiny", "tiny-schnell"],
                    help="transformer preset: tiny (dev-like, guidance embedder) or tiny-schnell")
-    p.add_argument("--model_type", default=None, choices=["dev", "krea", "kontext", "flex2"],
+    p.add_argument("--model_type", default=None, choices=["dev", "krea", "kontext", "fill", "flex2"],
                    help="with the tiny (dev-like) preset: the model named in the file's modelspec.architecture "
                         "(default: flux-1-dev, or flux-1-schnell for tiny-schnell); the weights are the same, "
                         "except flex2's img_in, which takes 196 features")
@@ -125,8 +125,8 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
     if model_type is not None and (model_type not in VARIANTS or VARIANTS[model_type].family != "flux"
                                    or not VARIANTS[model_type].has_guidance_input
                                    or preset == "tiny-schnell"):
-        raise ValueError(f"model_type {model_type!r}: expected dev, krea or kontext with the tiny (dev-like) preset, "
-                         "or flex2")
+        raise ValueError(f"model_type {model_type!r}: expected dev, krea or kontext with the tiny (dev-like) preset "
+                         "(or fill, flex2)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch_dtype = str_to_dtype(dtype)
@@ -142,7 +142,7 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
         if hidden_size <= 0 or hidden_size % head_dim:
             raise ValueError(f"hidden_size {hidden_size} is not a positive multiple of the head size {head_dim}")
         params = replace(params, hidden_size=hidden_size, num_heads=hidden_size // head_dim)
-    if model_type is not None:  # Flex.2: img_in takes the condition's features too
+    if model_type is not None:  # Fill, Flex.2: img_in takes the variant's wider input (noisy + condition)
         params = replace(params, in_channels=VARIANTS[model_type].in_channels)
     flux = Flux(params)
     ae = AutoEncoder(AE_PRESETS["tiny"])
@@ -170,6 +170,9 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
     return paths
 
 
+CONDITION_GAIN = 0.5  # trained-like img_in: gain of the columns reading a model's condition features (beyond 64)
+
+
 def init_trained_like_flux(flux) -> None:
     """Give the transformer the input/output structure of a trained flow model; the blocks keep their random init.
 
@@ -181,7 +184,8 @@ def init_trained_like_flux(flux) -> None:
     LayerNorm that fixes the norm of its input, so most velocities are unreachable whatever the blocks do (a LoRA
     then plateaus at a training loss of ~0.6-0.9 and samples only ~2x closer to its training image).
 
-    Here `img_in` is Q (orthonormal columns, hidden x in_channels) and `final_layer.linear` is Qᵀ (zero biases), and
+    Here `img_in` is Q (orthonormal columns, hidden x 64; a model with condition features reads them through further
+    random orthogonal columns of gain CONDITION_GAIN) and `final_layer.linear` is Qᵀ (zero biases), and
     the final adaLN modulation is zero as in DiT's adaLN-zero (shift = scale = 0): with blocks contributing little,
     the output is Qᵀ·LayerNorm(Q·x_t) ≈ x_t / rms(x_t), the velocity of a model whose images sit at the origin
     (exact at σ = 1: v = ε). Use a hidden size above the 64 latent channels (e.g. 128): like FLUX's 3072 -> 64, the
@@ -191,11 +195,15 @@ def init_trained_like_flux(flux) -> None:
     import torch
 
     with torch.no_grad():
-        hidden = flux.img_in.weight.shape[0]
+        hidden, in_channels = flux.img_in.weight.shape
         out_channels = flux.final_layer.linear.weight.shape[0]
         q = torch.empty(hidden, out_channels)
         torch.nn.init.orthogonal_(q)
-        flux.img_in.weight[:, :out_channels].copy_(q)  # condition features (Flex.2) keep their random columns
+        flux.img_in.weight[:, :out_channels].copy_(q)
+        if in_channels > out_channels:  # condition features (Fill, Canny/Depth, Flex.2): weaker random directions
+            extra = torch.empty(hidden, in_channels - out_channels)
+            torch.nn.init.orthogonal_(extra, gain=CONDITION_GAIN)
+            flux.img_in.weight[:, out_channels:].copy_(extra)
         flux.img_in.bias.zero_()
         flux.final_layer.linear.weight.copy_(q[:, :out_channels].T)
         flux.final_layer.linear.bias.zero_()

@@ -26,7 +26,9 @@ class ModelVariant:
     t5_max_length: int  # T5-XXL tokens when --t5xxl_max_token_length is not given
     training_guidance: float | None  # --guidance_scale default in training; None: no guidance input to feed
     reference_images: bool = False  # takes reference images (Kontext)
-    in_channels: int = 64  # img_in's input features: 64 noisy + the condition's (Fill 384, Canny/Depth 128, Flex.2 196)
+    inpaint: bool = False  # repaints a picture: --image, --mask_image, --outpaint (library/cli/inpaint_options.py)
+    in_channels: int = 64  # img_in's input features: 64 noisy features + the condition's (Fill 384, Canny/Depth 128,
+    # Flex.2 196)
     licence: str = "FLUX.1 [dev] Non-Commercial License"
     notes: str = ""
 
@@ -51,6 +53,9 @@ VARIANTS: dict[str, ModelVariant] = {v.name: v for v in (
     ModelVariant("kontext", "flux-1-kontext-dev", "flux", steps=30, preview_steps=20, guidance=2.5, cfg_scale=1.0,
                  shift=True, t5_max_length=512, training_guidance=1.0, reference_images=True,
                  notes="instruction editing: reference images appended as tokens with index 1"),
+    ModelVariant("fill", "flux-1-fill-dev", "flux", steps=50, preview_steps=20, guidance=30.0, cfg_scale=1.0,
+                 shift=True, t5_max_length=512, training_guidance=30.0, inpaint=True, in_channels=384,
+                 notes="inpainting/outpainting: img_in takes 64 noisy + 64 masked-image + 256 mask features"),
     # ostris' Flex.2-preview: 8 double + 38 single blocks (depths are read from the file), img_in taking 196 features
     # (library/models/flex2.py). Inference defaults: the model card's 50 steps and guidance 3.5; training bypasses
     # the guidance embedder (ai-toolkit's bypass_guidance_embedding), so no training guidance is fed.
