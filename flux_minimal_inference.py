@@ -18,12 +18,14 @@ from datetime import datetime
 from pathlib import Path
 
 from library.formats.atomic_io import remove_stale_temporaries
+from library.cli.flex2_options import add_flex2_arguments, check_flex2_arguments
 from library.cli.inpaint_options import add_inpaint_arguments, check_inpaint_arguments
 from library.formats.command_line import ArgumentParser, non_negative_int, positive_int, seed_int
 
 logger = logging.getLogger("flux_minimal_inference")
 DTYPE_HELP = "bf16, fp16, fp32 or an fp8 type (fp8, fp8_e4m3fn, fp8_e5m2)"
-MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext", "fill"]  # library/models/variants.py (no torch import here)
+# library/models/variants.py (no torch import here)
+MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext", "fill", "flex2"]
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -114,6 +116,7 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="read prompts from standard input, one per line, with options --w --h --s --d --g --n --c, "
                         "--m m1,m2 (LoRA multipliers) and --ri a.png;b.png (Kontext references; --ri - clears them)")
     add_inpaint_arguments(p)
+    add_flex2_arguments(p)
     return p
 
 
@@ -188,6 +191,21 @@ def fill_canvas(args, variant):
     return load_fill_canvas(args.image, args.mask_image, args.outpaint)
 
 
+def flex2_inputs(args):
+    """Flex.2's --control_image / --image / --mask_image / --outpaint files, loaded (errors before models load)."""
+    from library.flow.flex2 import Flex2Inputs
+
+    return Flex2Inputs.load(args.control_image, args.image, args.mask_image, args.outpaint)
+
+
+def bind_flex2_inputs(args, models, s, inputs, placement):
+    """Flex.2: bind the render's condition (its size and schedule) to models.flux; returns (settings, PNG text)."""
+    from library.flow.flex2 import bind_with_defaults
+
+    return bind_with_defaults(models, s, inputs, placement, args.control_strength, args.control_stop,
+                              args.bypass_guidance_embedding)
+
+
 def main(argv: list[str] | None = None) -> int:
     from library.cli.main import tool_main  # after the parser is built: --help never imports torch
 
@@ -197,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     import torch
 
-    if bool(args.controlnet) != bool(args.control_image):
-        raise ValueError("--controlnet and --control_image go together: give both or neither")
+    if args.controlnet and not args.control_image:
+        raise ValueError("--controlnet needs --control_image (its conditioning image)")
     for path in args.reference_image:  # before anything loads
         if not Path(path).is_file():
             raise ValueError(f"--reference_image {path}: file not found")
@@ -230,7 +248,10 @@ def run(args) -> int:
     logger.info(f"model: {variant.name} ({variant.architecture}); defaults: {variant.steps} steps, guidance "
                 f"{variant.guidance}, {'shifted' if variant.shift else 'unshifted'} schedule")
     check_inpaint_arguments(args, f"{args.ckpt_path} ({variant.name})", variant.inpaint)
-    canvas = fill_canvas(args, variant) if variant.inpaint else None  # library/flow/fill.py: files checked early
+    flex2 = variant.name == "flex2"  # Flex.2 reads --control_image and --image/--mask_image itself
+    check_flex2_arguments(args, f"{args.ckpt_path} ({variant.name})", flex2)
+    canvas = fill_canvas(args, variant) if variant.inpaint and not flex2 else None  # files checked early
+    flex_inputs = flex2_inputs(args) if flex2 else None
     if args.reference_image and not variant.reference_images:
         raise ValueError(f"--reference_image needs a Kontext model, but {args.ckpt_path} is {variant.name} (keys and "
                          f"metadata); give --model_type kontext if it is FLUX.1 Kontext")
@@ -298,6 +319,8 @@ def run(args) -> int:
         refs = references(s.reference_images)
         if variant.reference_images:
             bind_references(models.flux, refs)
+        if flex_inputs is not None:  # Flex.2: the condition of this size and schedule bound
+            return bind_flex2_inputs(args, models, s, flex_inputs, placement)
         if canvas is not None:  # Fill renders at its canvas's size
             return replace(s, width=canvas.size[0], height=canvas.size[1]), canvas.png_text()
         width, height = target_size(s.width, s.height, refs)

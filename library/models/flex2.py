@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from library.models.conditioned import ExtraChannelsFlux
 from library.models.packing import LATENT_CHANNELS, pack_latents
 
 FLEX2_IN_CHANNELS = 196  # (3 * 16 + 1) * 4
@@ -119,3 +120,17 @@ def sampling_condition(inpaint_latents: torch.Tensor | None, mask: torch.Tensor 
     control = control_channels(control_latents, strength, shape)
     stop_below = control_stop_threshold(schedule, stop) if control_latents is not None else -1.0
     return Flex2Condition(inpaint, control, stop_below)
+
+
+class Flex2Model(ExtraChannelsFlux):
+    """`ExtraChannelsFlux` that can also leave the guidance embedder out (`bypass_guidance`): Flex.2 is trained that
+    way (ai-toolkit's bypass_guidance_embedding), and inference may choose to."""
+
+    def __init__(self, flux: torch.nn.Module, bypass_guidance: bool = False):
+        super().__init__(flux)
+        self.bypass_guidance = bypass_guidance
+
+    def forward(self, *args, **kwargs):
+        if self.bypass_guidance:
+            kwargs["bypass_guidance"] = True
+        return super().forward(*args, **kwargs)

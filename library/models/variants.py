@@ -60,7 +60,8 @@ VARIANTS: dict[str, ModelVariant] = {v.name: v for v in (
     # (library/models/flex2.py). Inference defaults: the model card's 50 steps and guidance 3.5; training bypasses
     # the guidance embedder (ai-toolkit's bypass_guidance_embedding), so no training guidance is fed.
     ModelVariant("flex2", "flex-2-preview", "flux", steps=50, preview_steps=20, guidance=3.5, cfg_scale=1.0,
-                 shift=True, t5_max_length=512, training_guidance=None, in_channels=196, licence="Apache-2.0",
+                 shift=True, t5_max_length=512, training_guidance=None, inpaint=True, in_channels=196,
+                 licence="Apache-2.0",
                  notes="inpainting and control built in: inpaint latent, mask and control latent as input channels"),
 )}
 
