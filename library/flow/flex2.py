@@ -110,18 +110,27 @@ def bind_flex2(flux: torch.nn.Module, condition: Flex2Condition, bypass_guidance
     return model.bind(condition)
 
 
-def bind_with_defaults(models, settings, inputs: Flex2Inputs, placement=None, strength: float | None = None,
-                       stop: float | None = None, bypass_guidance: bool = False):
-    """One render's Flex.2 condition bound to `models.flux` (a FluxModels; its transformer becomes a Flex2Model):
-    the output size (the canvas's, else given, else the control picture's), the inputs encoded at it, the control
-    stop placed on the schedule the sampler will run. Returns (settings with the size, PNG text records)."""
+def bind_for_render(flux: torch.nn.Module, ae: torch.nn.Module, variant, settings, inputs: Flex2Inputs,
+                    placement=None, strength: float | None = None, stop: float | None = None,
+                    bypass_guidance: bool = False):
+    """One render's Flex.2 condition bound to `flux` (made a Flex2Model): the output size (the canvas's, else given,
+    else the control picture's), the inputs encoded at it, the control stop placed on the schedule the sampler will
+    run for `variant`. Returns (model, settings with the size, PNG text records)."""
     strength = DEFAULT_CONTROL_STRENGTH if strength is None else strength
     stop = DEFAULT_CONTROL_STOP if stop is None else stop
     width, height = inputs.size(settings.width, settings.height)
     settings = replace(settings, width=width or 1360, height=height or 768)
     width, height = settings.output_size()
     h, w = packed_grid(height, width)
-    schedule = get_schedule(settings.resolved_steps(models.variant), h * w, shift=models.variant.shift)
-    encoded = inputs.encode(models.ae, width, height, placement)
-    models.flux = bind_flex2(models.flux, encoded.condition(schedule, strength, stop), bypass_guidance)
-    return replace(settings, width=width, height=height), inputs.png_text(strength, stop, bypass_guidance)
+    schedule = get_schedule(settings.resolved_steps(variant), h * w, shift=variant.shift)
+    encoded = inputs.encode(ae, width, height, placement)
+    model = bind_flex2(flux, encoded.condition(schedule, strength, stop), bypass_guidance)
+    return model, replace(settings, width=width, height=height), inputs.png_text(strength, stop, bypass_guidance)
+
+
+def bind_with_defaults(models, settings, inputs: Flex2Inputs, placement=None, strength: float | None = None,
+                       stop: float | None = None, bypass_guidance: bool = False):
+    """`bind_for_render` on a FluxModels (its transformer becomes the bound Flex2Model); returns (settings, text)."""
+    models.flux, settings, text = bind_for_render(models.flux, models.ae, models.variant, settings, inputs,
+                                                  placement, strength, stop, bypass_guidance)
+    return settings, text

@@ -23,6 +23,7 @@ from library.training.errors import TrainingError
 from library.training.loop import Trainer
 from library.training.optimizers import optimizer_metadata_text
 from library.training.recipes import command_lines
+from library.training.recipes.flex2 import Flex2Hooks
 from library.training.settings import MemoryProfile
 from library.training.setup import TrainingModels, flow_matching_settings
 from networks.lycoris_flux import LycorisFileNetwork
@@ -60,7 +61,7 @@ def datasets_info(group) -> list[dict]:
     return out
 
 
-class LoRATrainer(Trainer):
+class LoRATrainer(Flex2Hooks, Trainer):
     tracker_name = "network_train"
     command_line = command_lines.LORA
     memory_profile = MemoryProfile(name="network", trains_transformer=False, fp8_base=True)

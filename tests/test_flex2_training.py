@@ -1,0 +1,107 @@
+"""Flex.2 training (library/training/recipes/flex2.py): the per-step condition (seeded, dropouts, masks), the
+bypassed guidance embedder, and the command line end to end on a tiny Flex.2-like file: LoRA training a few steps
+with control pictures -> inference with control and inpaint inputs; full fine-tuning a step."""
+
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+import cli_runs
+from cli_runs import model_args, run_args
+import flux_minimal_inference as inference_cli
+from library.models.flex2 import Flex2Model
+from library.models.packing import pack_latents
+from library.training.recipes.flex2 import random_inpaint_mask, step_generator, training_condition
+from tools.make_demo_dataset import make_controlnet_demo_dataset
+from tools.make_tiny_models import make_tiny_models
+
+
+def test_masks_and_draws_are_seeded_by_step_and_images():
+    a = random_inpaint_mask(8, 8, step_generator(7, 3, ["x.png"]))
+    assert torch.equal(a, random_inpaint_mask(8, 8, step_generator(7, 3, ["x.png"])))
+    assert not torch.equal(a, random_inpaint_mask(8, 8, step_generator(7, 4, ["x.png"])))
+    assert 0 < a.sum() < 64 and set(a.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_training_condition_by_chance():
+    lat = torch.randn(2, 16, 4, 4)
+    ctrl = torch.randn(2, 16, 4, 4)
+
+    def cond(**chances):
+        return training_condition(lat, ctrl, torch.Generator().manual_seed(0), **chances)
+
+    off = cond(inpaint_dropout=1.0, control_dropout=1.0, invert_inpaint_mask_chance=0.0)
+    assert off.shape == (2, 4, 132)
+    assert off[..., :64].abs().sum() == 0 and torch.equal(off[..., 64:68], torch.ones(2, 4, 4))
+    assert off[..., 68:].abs().sum() == 0
+    on = cond(inpaint_dropout=0.0, control_dropout=0.0, invert_inpaint_mask_chance=0.0)
+    assert torch.equal(on[..., 68:], pack_latents(ctrl))  # the control latent at strength 1
+    mask = on[..., 64:68]  # packed mask: 1 = generate; the inpaint latent is zero exactly there
+    inpaint = on[..., :64].reshape(2, 4, 16, 4)
+    assert torch.all(inpaint[mask[:, :, None, :].expand_as(inpaint) == 1] == 0)
+    kept = mask[:, :, None, :].expand_as(inpaint) == 0
+    assert torch.equal(inpaint[kept], pack_latents(lat).reshape(2, 4, 16, 4)[kept])
+    inverted = cond(inpaint_dropout=0.0, control_dropout=0.0, invert_inpaint_mask_chance=1.0)
+    assert torch.equal(inverted[..., 64:68], 1 - mask)  # the same draws, the mask inverted
+    none = training_condition(lat, None, torch.Generator().manual_seed(0), inpaint_dropout=0.0,
+                              control_dropout=0.0, invert_inpaint_mask_chance=0.0)
+    assert none[..., 68:].abs().sum() == 0  # samples without a control picture
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("flex2train")
+    models = make_tiny_models(base / "models", model_type="flex2")
+    toml = make_controlnet_demo_dataset(base / "data", count=2, size=32)
+    return models, toml
+
+
+def train_args(setup, out, *extra):
+    return [*run_args(*setup, out), "--learning_rate", "1e-3", "--max_train_steps", "3", *extra]
+
+
+def test_lora_trains_with_bypassed_guidance_and_renders_with_control_and_inpaint(setup, tmp_path):
+    models, toml = setup
+    control = next((toml.parent / "conditioning").glob("*.png"))
+    image = next((toml.parent / "images").glob("*.png"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"a shape --w 32 --h 32 --s 2 --d 5 --cn {control}\n")
+    trainer, code = cli_runs.run_trainer("network", train_args(
+        setup, tmp_path / "out", "--network_module", "networks.lora_flux", "--network_dim", "4",
+        "--output_name", "flex", "--sample_prompts", str(prompts), "--sample_every_n_steps", "3",
+        "--cache_latents"))
+    assert code == 0 and trainer.flex2 and len(trainer.losses) == 3
+    assert all(np.isfinite(trainer.losses))
+    denoiser = trainer.loss_fn.model
+    assert isinstance(denoiser, Flex2Model) and denoiser.bypass_guidance
+    assert len(list((tmp_path / "out" / "sample").glob("*.png"))) == 1
+    lora = tmp_path / "out" / "flex.safetensors"
+    with safe_open(str(lora), "pt") as f:
+        assert f.metadata()["modelspec.architecture"] == "flex-2-preview/lora"
+    # the same batch condition at the same step: resumable draws
+    batch = next(iter(trainer.loader))
+    trainer.global_step = 1
+    a = trainer.model_inputs(batch)["extra_channels"]
+    assert torch.equal(a, trainer.model_inputs(batch)["extra_channels"])
+    # inference with the LoRA, a control picture and an inpaint mask
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.pad(np.full((16, 16), 255, np.uint8), 8)).save(mask)
+    out = tmp_path / "render"
+    assert inference_cli.main(["--ckpt_path", *model_args(models)[1:], "--dtype", "fp32", "--device", "cpu",
+                               "--steps", "2", "--seed", "1", "--output_dir", str(out), "--lora_weights", str(lora),
+                               "--control_image", str(control), "--image", str(image), "--mask_image", str(mask),
+                               "--control_stop", "1"]) == 0
+    png = Image.open(next(out.glob("*.png")))
+    assert png.size == (32, 32) and png.text["control_image"] == str(control) and png.text["control_stop"] == "1"
+
+
+def test_full_fine_tuning_trains_flex2(setup, tmp_path):
+    trainer, code = cli_runs.run_trainer("full", train_args(setup, tmp_path, "--max_train_steps", "1",
+                                                            "--output_name", "ft", "--inpaint_dropout", "0"))
+    assert code == 0 and trainer.flex2 and trainer.flex2_chances["inpaint_dropout"] == 0.0
+    with safe_open(str(tmp_path / "ft.safetensors"), "pt") as f:
+        assert f.get_slice("img_in.weight").get_shape()[1] == 196
+        assert f.metadata()["modelspec.architecture"] == "flex-2-preview"
