@@ -33,6 +33,7 @@ from library.memory.checkpointing import enable_gradient_checkpointing
 from library.memory.fp8 import prepare_fp8
 from library.models.checkpoint import analyze_checkpoint, build_transformer
 from library.models.chroma import CHROMA_PRESETS, ChromaParams
+from library.models.conditioned import ExtraChannelsFlux
 from library.models.transformer import FLUX_PRESETS, Flux, FluxParams
 from library.planner.live_bytes import LiveBytes, device_emulation
 from library.planner.quantized_bases import gguf_base_quantization, prepare_planned_quantization
@@ -350,11 +351,23 @@ def build_rig(s: PlanSettings, device: str = "meta") -> StepRig:
                                                    host_to_device_only=not s.profile.trains_transformer))
     settings = FlowMatchingSettings(timestep_sampling="shift", model_prediction_type="raw", guidance_scale=1.0)
     compute = s.weight_dtype
-    loss_fn = FluxLossComputer(settings, flux, torch.device(device), compute)
+    model, inputs = _conditioned(s, flux, device)
+    loss_fn = FluxLossComputer(settings, model, torch.device(device), compute, model_inputs=inputs)
     frozen = [p for p in flux.parameters() if not p.requires_grad]
     rig = StepRig(s, flux, loss_fn, _batch(s, device), trainable, optimizers, fused, frozen, swappers)
     _prime_optimizer_states(rig)
     return rig
+
+
+def _conditioned(s: PlanSettings, flux, device: str):
+    """The model the recipe's loss calls and its extra inputs: a transformer whose img_in takes condition features
+    (Flex.2's 196, Fill's 384) runs inside ExtraChannelsFlux with zero features per step (their bytes counted)."""
+    extra = getattr(s.params, "in_channels", 64) - getattr(s.params, "out_channels", 64)
+    if extra <= 0:
+        return flux, None
+    tokens = (s.height // 16) * (s.width // 16)
+    return ExtraChannelsFlux(flux), lambda batch: {"extra_channels": torch.zeros(
+        s.batch_size, tokens, extra, device=device, dtype=s.weight_dtype)}
 
 
 def _full_optimizers(s: PlanSettings, flux: Flux):
