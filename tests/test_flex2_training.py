@@ -105,3 +105,29 @@ def test_full_fine_tuning_trains_flex2(setup, tmp_path):
     with safe_open(str(tmp_path / "ft.safetensors"), "pt") as f:
         assert f.get_slice("img_in.weight").get_shape()[1] == 196
         assert f.metadata()["modelspec.architecture"] == "flex-2-preview"
+
+
+def test_readme_flex2_command_lines_parse_and_verify():
+    """The README's Flex.2 section: each command line parses and passes its trainer's checks."""
+    import re
+    import shlex
+
+    import flux_minimal_inference
+    import flux_train
+    import flux_train_network
+    from conftest import ROOT
+    from library.training.arguments import verify_training_args
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("\n## Flex.2\n")
+    section = text[start:text.index("\n## ", start + 1)]
+    commands = [shlex.split(line) for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+                for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    assert [c[:3] for c in commands] == [["python", "flux_minimal_inference.py", "--ckpt_path"]] * 2 + [
+        ["accelerate", "launch", "flux_train_network.py"], ["accelerate", "launch", "flux_train.py"]]
+    for argv in commands[:2]:
+        args = flux_minimal_inference.setup_parser().parse_args(argv[2:])
+        assert args.control_image
+    for argv, entry in zip(commands[2:], (flux_train_network, flux_train)):
+        args = entry.setup_parser().parse_args(argv[3:])
+        verify_training_args(args, entry.COMMAND_LINE)
