@@ -75,7 +75,11 @@ def test_defaults_that_define_behaviour():
     args = parse([])
     assert (args.timestep_sampling, args.discrete_flow_shift, args.model_prediction_type) == ("sigma", 3.0,
                                                                                            "sigma_scaled")
-    assert (args.guidance_scale, args.weighting_scheme, args.sigmoid_scale) == (3.5, "uniform", 1.0)
+    # --guidance_scale defaults to the model's training guidance: 3.5, 1.0 for --model_type kontext
+    from library.flow.matching import FlowMatchingSettings
+
+    assert args.guidance_scale is None and FlowMatchingSettings.from_args(args).guidance_scale == 3.5
+    assert (args.weighting_scheme, args.sigmoid_scale) == ("uniform", 1.0)
     assert (args.logit_mean, args.logit_std, args.mode_scale) == (0.0, 1.0, 1.29)
     assert (args.loss_type, args.huber_schedule, args.huber_c, args.huber_scale) == ("l2", "snr", 0.1, 1.0)
     assert (args.max_train_steps, args.mixed_precision, args.save_model_as) == (1600, "no", "safetensors")
@@ -134,7 +138,7 @@ def test_config_file_precedence_and_flattening(tmp_path):
     assert args.network_dim == 16  # command line wins
     assert args.learning_rate == 1e-3 and args.max_train_steps == 10 and args.xformers is True  # file
     assert args.output_name == "top" and args.pretrained_model_name_or_path == "flux1-dev.safetensors"
-    assert args.network_args == ["train_blocks=single"] and args.guidance_scale == 3.5  # default
+    assert args.network_args == ["train_blocks=single"] and args.guidance_scale is None  # default
     assert args.config_file == str(tmp_path / "cfg")  # stored without extension, as sd-scripts
 
 

@@ -52,6 +52,7 @@ class SamplePrompt:
     guidance_scale: float = 3.5  # embedded guidance (schnell ignores it)
     index: int = 0  # sd-scripts' `enum`: position in the file, used in image names
     controlnet_image: str | None = None  # ControlNet trainer only
+    reference_images: list[str] = field(default_factory=list)  # FLUX.1 Kontext: `--ri PATH` (repeatable)
     ignored: dict[str, Any] = field(default_factory=dict)  # sample_sampler etc.: no effect for FLUX
     where: str = field(default="", compare=False)  # "file:line" or "file: subset N", for messages
 
@@ -118,6 +119,15 @@ def _as_path(value: Any) -> str | None:
     return text or None
 
 
+def _as_paths(value: Any) -> list[str]:
+    """One path or a list of them (`--ri` may repeat; TOML/JSON: a string or an array of strings)."""
+    values = value if isinstance(value, list) else [value]
+    paths = [_as_path(v) for v in values]
+    if not all(paths):
+        raise ValueError(f"expected image paths, got {value!r}")
+    return paths
+
+
 def _keep(value: Any) -> Any:
     return value.strip() if isinstance(value, str) else value
 
@@ -126,13 +136,13 @@ def _keep(value: Any) -> Any:
 FIELDS: dict[str, Callable[[Any], Any]] = {
     "prompt": _as_text, "negative_prompt": _as_text, "width": _as_size, "height": _as_size,
     "sample_steps": _as_steps, "seed": _as_seed, "scale": _as_float, "guidance_scale": _as_float,
-    "controlnet_image": _as_path, **{k: _keep for k in IGNORED_BY_FLUX},
+    "controlnet_image": _as_path, "reference_images": _as_paths, **{k: _keep for k in IGNORED_BY_FLUX},
 }
 # .txt option (case-insensitive) -> field name (reference 12.2)
 TXT_OPTIONS = {
     "w": "width", "h": "height", "d": "seed", "s": "sample_steps", "l": "scale", "g": "guidance_scale",
     "n": "negative_prompt", "ss": "sample_sampler", "cn": "controlnet_image", "ctr": "cfg_trunc_ratio",
-    "rcfg": "renorm_cfg", "fs": "flow_shift",
+    "rcfg": "renorm_cfg", "fs": "flow_shift", "ri": "reference_images",
 }
 
 
@@ -172,7 +182,10 @@ def parse_prompt_line(line: str, index: int = 0, where: str = "<prompt>") -> Sam
             continue
         if not value.strip() and field_name != "negative_prompt":
             raise SamplePromptError(f"{where}: option --{name} needs a value")
-        values[field_name] = value
+        if field_name == "reference_images":  # repeatable: one reference image each
+            values.setdefault(field_name, []).append(value)
+        else:
+            values[field_name] = value
     return _build(values, index, where)
 
 

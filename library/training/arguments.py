@@ -92,8 +92,9 @@ def add_model_path_arguments(parser: argparse.ArgumentParser) -> None:
     add("--tokenizer_cache_dir", type=str, default=None,
         help="folder of tokenizers (DIR/openai_clip-vit-large-patch14, DIR/google_t5-v1_1-xxl) for offline use")
     add("--disable_mmap_load_safetensors", action="store_true", help="read .safetensors without memory mapping")
-    add("--model_type", type=_flux_only, default="flux", choices=["flux", "chroma"],
-        help="model family; only flux is supported (chroma is refused)")
+    add("--model_type", type=_flux_only, default="flux", choices=["flux", "chroma", "kontext"],
+        help="model: flux (FLUX.1 dev or schnell, told by the file) or kontext (FLUX.1 Kontext: reference images "
+             "from the datasets' reference_image_dir); chroma is refused")
 
 
 def _flux_only(value: str) -> str:
@@ -286,7 +287,8 @@ def add_flux_arguments(parser: argparse.ArgumentParser) -> None:
              "started from the transformer's first double blocks, zero outputs")
     add("--t5xxl_max_token_length", type=positive_int, default=None, help="T5 tokens (default: 256 schnell, 512 dev)")
     add("--apply_t5_attn_mask", action="store_true", help="mask T5 padding in T5 and in the transformer")
-    add("--guidance_scale", type=float, default=3.5, help="guidance embedding value while training (default: 3.5)")
+    add("--guidance_scale", type=float, default=None,
+        help="guidance embedding value while training (default: the model's: 3.5, 1.0 for --model_type kontext)")
     add("--timestep_sampling", type=str, default="sigma",
         choices=["sigma", "uniform", "sigmoid", "shift", "flux_shift"],
         help="how sigma is drawn (default: sigma)")
@@ -450,7 +452,7 @@ def warn_ineffective(args: argparse.Namespace, parser: argparse.ArgumentParser,
 
 def _unsupported(args: argparse.Namespace, trainer: TrainerCommandLine) -> list[str]:
     problems = []
-    if getattr(args, "model_type", "flux") != "flux":
+    if getattr(args, "model_type", "flux") not in ("flux", "kontext"):
         problems.append(f"--model_type {args.model_type} is not supported: this suite trains FLUX.1 (dev, schnell) "
                         "only; drop --model_type")
     problems += [f"--{name} {why}" for name, why in trainer.refused.items() if getattr(args, name, False)]

@@ -23,6 +23,7 @@ from library.formats.safetensors_io import TensorReader, sample_keys
 from library.training.errors import TrainingError
 from library.training.loop import Trainer
 from library.training.recipes import command_lines
+from library.training.recipes.kontext import KontextHooks
 from library.training.settings import MemoryProfile
 from library.training.setup import TrainingModels
 
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 STATE_WEIGHTS = "transformer.safetensors"  # the trained weights inside a --save_state folder
 
 
-class FullTrainer(Trainer):
+class FullTrainer(KontextHooks, Trainer):
     """The trained transformer is never stored in fp8 (warn_ineffective says so); the text encoders are frozen."""
 
     tracker_name = "finetuning"

@@ -22,6 +22,7 @@ from library.training.errors import TrainingError
 from library.training.loop import Trainer
 from library.training.optimizers import optimizer_metadata_text
 from library.training.recipes import command_lines
+from library.training.recipes.kontext import KontextHooks
 from library.training.settings import MemoryProfile
 from library.training.setup import TrainingModels
 from networks.lycoris_flux import LycorisFileNetwork
@@ -59,7 +60,7 @@ def datasets_info(group) -> list[dict]:
     return out
 
 
-class LoRATrainer(Trainer):
+class LoRATrainer(KontextHooks, Trainer):
     tracker_name = "network_train"
     command_line = command_lines.LORA
     memory_profile = MemoryProfile(name="network", trains_transformer=False, fp8_base=True)

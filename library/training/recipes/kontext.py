@@ -1,0 +1,123 @@
+"""FLUX.1 Kontext training (`--model_type kontext`): the hooks the LoRA and full fine-tuning recipes take from this
+mixin when the model is Kontext. The rest -- the network or the trained transformer, saving, resuming -- is theirs.
+
+* data: subsets may name reference images (`reference_image_dir`); a dataset with them buckets with BFL's preferred
+  sizes scaled to its resolution, and each reference is fitted to its target's bucket (library/data);
+* the model: `KontextFlux(transformer)`: each batch's reference latents (cached, or encoded here with the AE's
+  posterior mean) become tokens with ids (1, row, col) appended to the target's; noise goes on the target only and
+  the wrapper returns the target tokens' prediction only, so the loss never sees the references;
+* guidance: the variant table's training guidance (1.0) unless --guidance_scale is given;
+* sample images: a prompt's `--ri` images bound as its references (none: plain text-to-image);
+* the file must fit: a transformer without guidance embedder (schnell) is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from library.data.images import load_image
+from library.data.tensors import to_tensor
+from library.data.buckets import cover_size, resize_and_crop
+from library.models.checkpoint import analyze_checkpoint
+from library.models.kontext import PREFERRED_KONTEXT_RESOLUTIONS, KontextFlux, reference_tokens
+from library.models.variants import VARIANTS, resolve_variant
+from library.training.errors import TrainingError
+from library.training.settings import DatasetKinds
+
+logger = logging.getLogger(__name__)
+
+KONTEXT = VARIANTS["kontext"]
+REFERENCE_LAYOUT = "overlap"  # several references per item: each on its own grid at index 1 (DiffSynth's choice)
+
+
+def is_kontext(args) -> bool:
+    return getattr(args, "model_type", None) == KONTEXT.name
+
+
+def check_kontext_file(path) -> None:
+    """`--model_type kontext` on a file whose keys contradict it (no guidance embedder) is refused."""
+    info = analyze_checkpoint(path)
+    try:
+        resolve_variant(KONTEXT.name, has_guidance_input=not info.is_schnell, source=str(path))
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+
+
+def reference_inputs(latents: torch.Tensor) -> dict:
+    """The wrapper's keyword inputs from reference latents (B, R, 16, h, w)."""
+    tokens, ids = reference_tokens([latents[:, r] for r in range(latents.shape[1])], REFERENCE_LAYOUT)
+    return {"reference_tokens": tokens, "reference_ids": ids}
+
+
+@torch.no_grad()
+def encode_references(ae, images: torch.Tensor) -> torch.Tensor:
+    """Reference pixels (B, R, 3, H, W) in [-1, 1] -> latents (B, R, 16, H/8, W/8) with the posterior mean."""
+    b, r = images.shape[:2]
+    flat = images.flatten(0, 1).to(next(ae.parameters()).device, ae.dtype)
+    latents = torch.nan_to_num(ae.encode(flat, sample=False), 0.0).float()
+    return latents.unflatten(0, (b, r))
+
+
+def fitted_reference(path: str, size: tuple[int, int]) -> torch.Tensor:
+    """A sample prompt's reference image fitted to the rendered size as training fits references to their
+    target's bucket (cover, centre crop): (3, H, W) in [-1, 1]."""
+    rgb = load_image(path)[0]
+    image_size = (rgb.shape[1], rgb.shape[0])
+    return to_tensor(np.array(resize_and_crop(rgb, cover_size(image_size, size), size)[0]))
+
+
+class KontextHooks:
+    """Mixin for a `Trainer` recipe (first in its bases): with --model_type kontext it answers the hooks above,
+    otherwise it hands every hook to the recipe unchanged."""
+
+    def __init__(self, args, settings=None):
+        super().__init__(args, settings)
+        self.kontext = is_kontext(args)
+        if self.kontext and getattr(args, "pretrained_model_name_or_path", None):
+            check_kontext_file(args.pretrained_model_name_or_path)
+
+    def dataset_kinds(self) -> DatasetKinds:
+        kinds = super().dataset_kinds()
+        if not self.kontext:
+            return kinds
+        return replace(kinds, support_reference=True, reference_buckets=PREFERRED_KONTEXT_RESOLUTIONS)
+
+    def setup(self) -> None:
+        super().setup()
+        if self.kontext and getattr(self.args, "guidance_scale", None) is None:
+            self.loss_fn.settings = replace(self.loss_fn.settings, guidance_scale=KONTEXT.training_guidance)
+        if self.kontext:
+            logger.info("FLUX.1 Kontext: reference images appended as tokens; guidance %s",
+                        self.loss_fn.settings.guidance_scale)
+
+    def denoiser(self) -> torch.nn.Module:
+        model = super().denoiser()
+        return KontextFlux(model) if self.kontext else model
+
+    def model_inputs(self, batch) -> dict:
+        inputs = super().model_inputs(batch)
+        if not self.kontext:
+            return inputs
+        latents = batch.reference_latents
+        if latents is None and batch.reference_images is not None:
+            if self.models.ae is None:
+                raise TrainingError("batch has reference images but no autoencoder was kept to encode them")
+            latents = encode_references(self.models.ae, batch.reference_images)
+        return inputs if latents is None else {**inputs, **reference_inputs(latents)}
+
+    def sampling_model(self, prompt) -> torch.nn.Module:
+        model = super().sampling_model(prompt)
+        paths = list(getattr(prompt, "reference_images", None) or [])
+        if not self.kontext or not paths:
+            return model
+        size = prompt.image_size()
+        images = torch.stack([fitted_reference(p, size) for p in paths])[None]
+        ae = self.models.ae
+        with self.samples.placement.use(ae):
+            latents = encode_references(ae, images)
+        inputs = reference_inputs(latents)
+        return KontextFlux(model).bind(inputs["reference_tokens"], inputs["reference_ids"])
