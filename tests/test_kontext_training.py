@@ -240,3 +240,12 @@ def test_planner_and_blocks_to_swap_auto_read_model_type_kontext(tmp_path):
     assert choose_blocks_to_swap(kontext) == 1
     assert choose_blocks_to_swap(plain) == 0  # the same budget fits without the reference tokens
     assert run_settings(kontext, LORA_LINE, LoRATrainer.memory_profile).blocks_to_swap == 1
+
+
+def test_controlnet_training_refuses_kontext():
+    import flux_train_control_net as cli
+    from library.training.arguments import TrainingArgumentError, verify_training_args
+
+    args = cli.setup_parser().parse_args(["--model_type", "kontext", "--pretrained_model_name_or_path", "x"])
+    with pytest.raises(TrainingArgumentError, match="ControlNet training does not take FLUX.1 Kontext"):
+        verify_training_args(args, cli.COMMAND_LINE)

@@ -81,3 +81,11 @@ def full_checks(args: argparse.Namespace, get) -> list[str]:
         problems.append(f"{fused[0]} cannot use --mixed_precision fp16: fp16 loss scaling needs every gradient "
                         "before a step; use --mixed_precision bf16")
     return problems
+
+
+def controlnet_checks(args: argparse.Namespace, get) -> list[str]:
+    problems = full_checks(args, get)
+    if get("model_type") == "kontext":
+        problems.append("--model_type kontext: ControlNet training does not take FLUX.1 Kontext's reference images; "
+                        "train Kontext with flux_train_network.py (LoRA) or flux_train.py (full)")
+    return problems
