@@ -249,3 +249,20 @@ def test_controlnet_training_refuses_kontext():
     args = cli.setup_parser().parse_args(["--model_type", "kontext", "--pretrained_model_name_or_path", "x"])
     with pytest.raises(TrainingArgumentError, match="ControlNet training does not take FLUX.1 Kontext"):
         verify_training_args(args, cli.COMMAND_LINE)
+
+
+def test_sample_prompts_take_reference_images(tiny, tmp_path):
+    from library.data.images import BadImageError
+    from library.flow.prompts import load_prompts
+
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("make it red --ri a.png --w 64 --ri b b.png\nplain\n")
+    assert [p.reference_images for p in load_prompts(txt)] == [["a.png", "b b.png"], []]
+    toml = tmp_path / "prompts.toml"
+    toml.write_text('[prompt]\nwidth = 64\n[[prompt.subset]]\nprompt = "x"\nreference_images = "a.png"\n'
+                    '[[prompt.subset]]\nprompt = "y"\nreference_images = ["a.png", "c.png"]\n')
+    assert [p.reference_images for p in load_prompts(toml)] == [["a.png"], ["a.png", "c.png"]]
+    models, dataset = tiny  # a missing --ri image stops the run before the first step, naming the file
+    with pytest.raises(BadImageError, match="2 images cannot be used:\n  a.png: file not found"):
+        cli_runs.run_trainer("network", [*run_args(models, dataset, tmp_path / "out"), *LORA, "--model_type",
+                                         "kontext", "--max_train_steps", "1", "--sample_prompts", str(txt)])

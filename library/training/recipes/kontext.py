@@ -19,7 +19,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from library.data.images import load_image
+from library.data.images import check_images, load_image
 from library.data.tensors import to_tensor
 from library.data.buckets import cover_size, resize_and_crop
 from library.models.checkpoint import analyze_checkpoint
@@ -88,11 +88,18 @@ class KontextHooks:
 
     def setup(self) -> None:
         super().setup()
-        if self.kontext and getattr(self.args, "guidance_scale", None) is None:
+        if not self.kontext:
+            return
+        if getattr(self.args, "guidance_scale", None) is None:
             self.loss_fn.settings = replace(self.loss_fn.settings, guidance_scale=KONTEXT.training_guidance)
-        if self.kontext:
-            logger.info("FLUX.1 Kontext: reference images appended as tokens; guidance %s",
-                        self.loss_fn.settings.guidance_scale)
+        with_refs = sum(1 for i in self.train_group.items if i.reference_paths)
+        logger.info("FLUX.1 Kontext: %d of %d images with reference images; guidance %s", with_refs,
+                    len(self.train_group.items), self.loss_fn.settings.guidance_scale)
+        if not with_refs:
+            logger.warning("--model_type kontext without reference images: no subset has 'reference_image_dir', "
+                           "so every image trains text-to-image")
+        if self.samples is not None:  # a sample prompt's --ri images, checked before the first step
+            check_images([p for prompt in self.samples.prompts for p in prompt.reference_images])
 
     def denoiser(self) -> torch.nn.Module:
         model = super().denoiser()
