@@ -10,6 +10,7 @@ import argparse
 import logging
 import random
 import sys
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from library.formats.command_line import ArgumentParser, non_negative_int, posit
 
 logger = logging.getLogger("flux_minimal_inference")
 DTYPE_HELP = "bf16, fp16, fp32 or an fp8 type (fp8, fp8_e4m3fn, fp8_e5m2)"
+MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext"]  # library/models/variants.py (no torch import here)
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -33,8 +35,14 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="negative prompt; used only with --cfg_scale other than 1 (true classifier-free guidance)")
     p.add_argument("--cfg_scale", type=float, default=1.0,
                    help="classifier-free guidance scale; 1 disables it (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=3.5, help="embedded guidance scale for dev (default: %(default)s)")
-    p.add_argument("--steps", type=positive_int, default=None, help="Euler steps (default: 4 for schnell, 50 for dev)")
+    p.add_argument("--model_type", default="flux", choices=MODEL_TYPES,
+                   help="which FLUX.1 model the file is: flux (default) recognises dev or schnell from the keys and "
+                        "Kontext/Krea from the file's ModelSpec metadata; name krea or kontext for a file without it")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="embedded guidance scale (default: the model's: 3.5 dev, 4.5 Krea, 2.5 Kontext; schnell has "
+                        "none)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="Euler steps (default: the model's: 50 dev and Krea, 30 Kontext, 4 schnell)")
     p.add_argument("--seed", type=seed_int, default=None, help="random seed (default: a random one, printed)")
     p.add_argument("--width", type=positive_int, default=1360, help="image width; rounded up to a multiple of 16")
     p.add_argument("--height", type=positive_int, default=768, help="image height; rounded up to a multiple of 16")
@@ -46,7 +54,7 @@ def setup_parser() -> argparse.ArgumentParser:
                         "loading, computing in --flux_dtype), fp8 (= --flux_dtype fp8)")
     p.add_argument("--apply_t5_attn_mask", action="store_true", help="mask T5 padding tokens in T5 and attention")
     p.add_argument("--t5xxl_max_token_length", type=positive_int, default=None,
-                   help="T5 tokens (default: 256 for schnell, 512 for dev)")
+                   help="T5 tokens (default: the model's: 256 for schnell, 512 otherwise)")
     p.add_argument("--tokenizer_cache_dir", default=None,
                    help="folder with tokenizers in sd-scripts' layout (openai_clip-vit-large-patch14, "
                         "google_t5-v1_1-xxl); hub downloads are saved there")
@@ -156,6 +164,7 @@ def run(args) -> int:
                                            split_blocks_to_swap)
     from library.flow.generation import FluxModels, GenerationSettings, Placement, generate, png_text, save_png, \
         unique_path
+    from library.models.variants import resolve_variant
 
     remove_stale_temporaries(args.output_dir)  # PNGs of a run killed while writing (not its subfolders: maybe ".")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -170,12 +179,17 @@ def run(args) -> int:
     info = flux_utils.analyze_checkpoint(args.ckpt_path)  # checks the file before anything heavy
     logger.info(f"transformer: {info.layout} layout, {info.model_type}, {info.params.depth} double + "
                 f"{info.params.depth_single_blocks} single blocks, stored as {', '.join(sorted(info.dtypes))}")
+    variant = resolve_variant(args.model_type, has_guidance_input=info.params.guidance_embed,
+                              metadata=info.metadata, source=args.ckpt_path)
+    logger.info(f"model: {variant.name} ({variant.architecture}); defaults: {variant.steps} steps, guidance "
+                f"{variant.guidance}, {'shifted' if variant.shift else 'unshifted'} schedule")
     if args.blocks_to_swap:
         from library.memory.gguf_linear import check_swappable_gguf
 
         split_blocks_to_swap(args.blocks_to_swap, info.params.depth, info.params.depth_single_blocks)
         check_swappable_gguf(info)
-    tokenizer = flux_utils.load_tokenizer(args.tokenizer_cache_dir, info.is_schnell, args.t5xxl_max_token_length,
+    tokenizer = flux_utils.load_tokenizer(args.tokenizer_cache_dir, info.is_schnell,
+                                          args.t5xxl_max_token_length or variant.t5_max_length,
                                           args.clip_l_tokenizer, args.t5xxl_tokenizer)
     loaded = {}
     for part, path in (("clip_l", args.clip_l), ("t5xxl", args.t5xxl), ("ae", args.ae), ("flux", args.ckpt_path)):
@@ -188,7 +202,7 @@ def run(args) -> int:
                                                    quantization=quant if flux_part and quant != "fp8" else None,
                                                    quantize_device=device if device.type == "cuda" else "cpu")
     models = FluxModels(loaded["flux"], loaded["ae"], loaded["clip_l"], loaded["t5xxl"], tokenizer,
-                        info.is_schnell, compute if is_fp8(dtypes["flux"]) else dtypes["flux"])
+                        variant, compute if is_fp8(dtypes["flux"]) else dtypes["flux"])
     placement = Placement(device, args.offload)
     from library.lora.loading import apply_loras
 
@@ -224,10 +238,11 @@ def run(args) -> int:
         width, height = s.output_size()
         if (width, height) != (s.width, s.height):
             logger.info(f"{s.width}x{s.height} is not a multiple of 16: the image will be {width}x{height}")
-        logger.info(f"generating {width}x{height}, {s.resolved_steps(info.is_schnell)} steps, seed {s.seed}")
+        logger.info(f"generating {width}x{height}, {s.resolved_steps(variant)} steps, seed {s.seed}")
         image, latents = generate(models, s, placement, args.apply_t5_attn_mask, args.tiled_ae, return_latents=True)
         path = unique_path(args.output_dir, datetime.now().strftime("%Y%m%d_%H%M%S"))
-        text = png_text(s, Path(args.ckpt_path).name)
+        resolved = replace(s, steps=s.resolved_steps(variant), guidance=s.resolved_guidance(variant))
+        text = png_text(resolved, Path(args.ckpt_path).name)
         if args.lora_weights:
             text["lora_weights"] = " ".join(args.lora_weights) + (" (merged)" if args.merge_lora_weights else "")
         if args.controlnet:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from library.models.variants import VARIANTS
 from conftest import ROOT
 from test_atomic_io import dead_pid
 from library.formats.diffusers_keys import bfl_to_diffusers
@@ -217,7 +218,7 @@ def test_python_api_from_readme(tiny):
     assert tokenizer.t5_max_length == 512
     l_pooled, t5_out, txt_ids, t5_mask = flux_utils.encode_prompts(clip_l, t5xxl, *tokenizer(["a cat"]))
     assert t5_out.shape[:2] == (1, 512) and l_pooled.shape == (1, clip_l.config.hidden_size)
-    models = FluxModels(flux, ae, clip_l, t5xxl, tokenizer, is_schnell, torch.float32)
+    models = FluxModels(flux, ae, clip_l, t5xxl, tokenizer, VARIANTS["schnell" if is_schnell else "dev"], torch.float32)
     image = generate(models, GenerationSettings(prompt="a cat", width=32, height=32, steps=2, seed=1),
                      Placement("cpu", offload=False), progress=False)
     assert image.size == (32, 32)

@@ -247,7 +247,7 @@ def test_controlnet_training_refuses_kontext():
     from library.training.arguments import TrainingArgumentError, verify_training_args
 
     args = cli.setup_parser().parse_args(["--model_type", "kontext", "--pretrained_model_name_or_path", "x"])
-    with pytest.raises(TrainingArgumentError, match="ControlNet training does not take FLUX.1 Kontext"):
+    with pytest.raises(TrainingArgumentError, match="--model_type kontext is not supported by flux_train_control"):
         verify_training_args(args, cli.COMMAND_LINE)
 
 
@@ -266,3 +266,14 @@ def test_sample_prompts_take_reference_images(tiny, tmp_path):
     with pytest.raises(BadImageError, match="2 images cannot be used:\n  a.png: file not found"):
         cli_runs.run_trainer("network", [*run_args(models, dataset, tmp_path / "out"), *LORA, "--model_type",
                                          "kontext", "--max_train_steps", "1", "--sample_prompts", str(txt)])
+
+
+def test_a_file_whose_modelspec_says_kontext_trains_as_kontext(tiny, tmp_path):
+    from library.formats.safetensors_io import save_file_atomic
+
+    models, toml = tiny
+    models = dict(models, flux=tmp_path / "kontext.safetensors")
+    save_file_atomic(load_file(str(tiny[0]["flux"])), models["flux"], {"modelspec.architecture": "flux-1-kontext-dev"})
+    trainer, code = cli_runs.run_trainer("network", [*run_args(models, toml, tmp_path / "out"), *LORA,
+                                                     "--max_train_steps", "1"])  # --model_type left at flux
+    assert code == 0 and trainer.kontext and trainer.loss_fn.settings.guidance_scale == 1.0

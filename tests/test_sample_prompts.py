@@ -11,9 +11,11 @@ import torch
 from PIL import Image
 
 from library.flow.generation import FluxModels, GenerationSettings, Placement, generate
+from library.models.variants import VARIANTS
 from library.flow.sampling import get_schedule
 from library.flow.prompts import SamplePrompt, SamplePromptError, load_prompts, parse_prompt_line
 from library.training.samples import (
+                                      settings_for,
                                       SampleSchedule,
                                       precompute_prompt_conditioning,
                                       sample_image_stem,
@@ -42,10 +44,21 @@ def test_txt_prompts_with_comments_and_inline_options(tmp_path, caplog):
     assert cat.where == f"{path}:3"
     assert plain == SamplePrompt(prompt="plain prompt", index=1)  # reference 12.3 defaults
     assert (plain.width, plain.height, plain.sample_steps, plain.seed, plain.scale, plain.guidance_scale) == \
-        (512, 512, 20, None, 1.0, 3.5)
+        (512, 512, None, None, 1.0, None)  # steps and guidance: the model's defaults (settings_for)
     assert x.index == x.enum == 2 and x.controlnet_image == "c.png"
     assert x.ignored == {"sample_sampler": "euler_a", "flow_shift": "3"}
     assert "sample_sampler" in caplog.text and "no effect" in caplog.text
+
+
+@pytest.mark.parametrize("variant, steps, guidance", [("dev", 20, 3.5), ("krea", 20, 4.5), ("schnell", 4, 0.0),
+                                                      ("kontext", 20, 2.5)])
+def test_sample_prompt_defaults_come_from_the_model(variant, steps, guidance):
+    """sd-scripts' 20 steps and 3.5 for dev; schnell 4 steps (its guidance input does not exist); given values win."""
+    plain = settings_for(SamplePrompt(prompt="p"), seed=1, variant=VARIANTS[variant])
+    assert (plain.steps, plain.guidance) == (steps, guidance)
+    given = settings_for(SamplePrompt(prompt="p", sample_steps=7, guidance_scale=1.5), seed=1,
+                         variant=VARIANTS[variant])
+    assert (given.steps, given.guidance) == (7, 1.5)
 
 
 def test_txt_unknown_option_warns_with_line_and_steps_are_clamped(tmp_path, caplog):
@@ -53,7 +66,7 @@ def test_txt_unknown_option_warns_with_line_and_steps_are_clamped(tmp_path, capl
     with caplog.at_level("WARNING"):
         prompts = load_prompts(path)
     assert f"{path}:2: unknown option --width 5" in caplog.text
-    assert [p.sample_steps for p in prompts] == [20, 1000, 1]
+    assert [p.sample_steps for p in prompts] == [None, 1000, 1]
     assert f"{path}:3: sample_steps 0 clamped to 1" in caplog.text
     assert prompts[1].width == 512
 
@@ -205,7 +218,7 @@ def load_models(paths) -> FluxModels:
     clip_l = flux_utils.load_clip_l(paths["clip_l"], torch.float32, "cpu")
     t5xxl = flux_utils.load_t5xxl(paths["t5xxl"], torch.float32, "cpu")
     tokenizer = flux_utils.load_tokenizer(tokenizer_cache_dir=paths["tokenizers"], is_schnell=is_schnell)
-    return FluxModels(flux, ae, clip_l, t5xxl, tokenizer, is_schnell, torch.float32)
+    return FluxModels(flux, ae, clip_l, t5xxl, tokenizer, VARIANTS["schnell" if is_schnell else "dev"], torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +307,7 @@ def test_precomputed_conditioning_matches_live_encoding_and_generate(dev, tmp_pa
     live = sample_images(dev, PROMPTS[:2], tmp_path / "live", None, CPU, step=1)
     cache = precompute_prompt_conditioning(dev, PROMPTS, CPU, apply_t5_attn_mask=False)
     assert list(cache) == ["a red cube", "a blue ball", "blurry", "random seed"]
-    freed = FluxModels(dev.flux, dev.ae, None, None, None, dev.is_schnell, dev.compute_dtype)  # TEs released
+    freed = FluxModels(dev.flux, dev.ae, None, None, None, dev.variant, dev.compute_dtype)  # TEs released
     cached = sample_images(freed, PROMPTS[:2], tmp_path / "cached", None, CPU, step=1, cached_conditioning=cache)
     for x, y in zip(live, cached):
         assert np.array_equal(pixels(x), pixels(y))

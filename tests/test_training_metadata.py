@@ -235,7 +235,7 @@ def test_no_metadata_keeps_the_minimal_set_and_saves_add_only_modelspec():
 def test_update_for_save():
     md = metadata(parse([]))
     saved = tm.update_for_save(md, epoch=3, steps=120, finished_at=1700000100.25,
-                               modelspec=tm.modelspec_metadata(parse([]), is_schnell=False, timestamp=1.0))
+                               modelspec=tm.modelspec_metadata(parse([]), architecture="flux-1-dev", timestamp=1.0))
     assert (saved["ss_epoch"], saved["ss_steps"], saved["ss_training_finished_at"]) == ("3", "120", "1700000100.25")
     assert saved["modelspec.architecture"] == "flux-1-dev/lora" and "ss_steps" not in md  # a copy
     assert all(isinstance(v, str) for v in saved.values())
@@ -246,7 +246,8 @@ def test_update_for_save():
 
 def test_modelspec_lora_dev_and_schnell():
     ts = 1700000000.75
-    md = tm.modelspec_metadata(parse(["--output_name", "mylora"]), is_schnell=False, timestamp=ts, commit="abc")
+    md = tm.modelspec_metadata(parse(["--output_name", "mylora"]), architecture="flux-1-dev", timestamp=ts,
+                               commit="abc")
     assert md == {
         "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": "flux-1-dev/lora",
         "modelspec.implementation": "https://github.com/black-forest-labs/flux", "modelspec.title": "mylora",
@@ -254,7 +255,7 @@ def test_modelspec_lora_dev_and_schnell():
         "modelspec.date": datetime.datetime.fromtimestamp(ts).replace(microsecond=0).isoformat(),
         "modelspec.implementation_version": "flux-train-suite/abc"}
     assert "." not in md["modelspec.date"] and "T" in md["modelspec.date"]
-    schnell = tm.modelspec_metadata(parse(["--resolution", "1024,768"]), is_schnell=True, timestamp=ts)
+    schnell = tm.modelspec_metadata(parse(["--resolution", "1024,768"]), architecture="flux-1-schnell", timestamp=ts)
     assert schnell["modelspec.architecture"] == "flux-1-schnell/lora"
     assert schnell["modelspec.title"] == f"LoRA@{ts}" and schnell["modelspec.resolution"] == "1024x768"
     assert schnell["modelspec.implementation_version"] == "flux-train-suite/unknown"
@@ -263,10 +264,10 @@ def test_modelspec_lora_dev_and_schnell():
 
 def test_modelspec_full_models():
     full = argparse.Namespace(output_name=None, resolution="512", metadata_title=None)
-    dev = tm.modelspec_metadata(full, is_schnell=False, lora=False, timestamp=5.0)
+    dev = tm.modelspec_metadata(full, architecture="flux-1-dev", lora=False, timestamp=5.0)
     assert dev["modelspec.architecture"] == "flux-1-dev" and dev["modelspec.title"] == "Checkpoint@5.0"
     assert dev["modelspec.resolution"] == "512x512"
-    schnell = tm.modelspec_metadata(full, is_schnell=True, lora=False, resolution=(768, 1344), title="ft")
+    schnell = tm.modelspec_metadata(full, architecture="flux-1-schnell", lora=False, resolution=(768, 1344), title="ft")
     assert schnell["modelspec.architecture"] == "flux-1-schnell"  # sd-scripts says flux-1-dev (reference 17.18)
     assert schnell["modelspec.resolution"] == "768x1344" and schnell["modelspec.title"] == "ft"
 
@@ -278,7 +279,7 @@ def test_modelspec_options(tmp_path):
                   "--metadata_license", "apache-2.0", "--metadata_tags", "a,b", "--metadata_trigger_phrase", "sks",
                   "--metadata_thumbnail", str(thumb), "--min_timestep", "100", "--clip_skip", "2",
                   "--output_name", "ignored"])
-    md = tm.modelspec_metadata(args, is_schnell=False, title="also ignored")
+    md = tm.modelspec_metadata(args, architecture="flux-1-dev", title="also ignored")
     assert md["modelspec.title"] == "T" and md["modelspec.author"] == "me" and md["modelspec.tags"] == "a,b"
     assert md["modelspec.description"] == "d" and md["modelspec.license"] == "apache-2.0"
     assert md["modelspec.trigger_phrase"] == "sks" and md["modelspec.timestep_range"] == "100,1000"

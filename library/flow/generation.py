@@ -25,6 +25,7 @@ from library.flow.sampling import (
                                    unpack_latents,
                                    )
 from library.models.text_encoding import FluxTokenizer, encode_prompts
+from library.models.variants import ModelVariant
 
 
 @dataclass
@@ -34,8 +35,12 @@ class FluxModels:
     clip_l: torch.nn.Module
     t5xxl: torch.nn.Module
     tokenizer: FluxTokenizer
-    is_schnell: bool
+    variant: ModelVariant  # which FLUX.1 model this is, and its defaults (library/models/variants.py)
     compute_dtype: torch.dtype  # dtype of the transformer's activations (bf16 for fp8 weights)
+
+    @property
+    def is_schnell(self) -> bool:
+        return not self.variant.shift and not self.variant.has_guidance_input
 
 
 @dataclass
@@ -43,15 +48,21 @@ class GenerationSettings:
     prompt: str
     width: int = 1360
     height: int = 768
-    steps: int | None = None  # None: 4 for schnell, 50 otherwise
-    guidance: float = 3.5
+    steps: int | None = None  # None: the model's default (library/models/variants.py: 4 schnell, 50 dev, ...)
+    guidance: float | None = None  # embedded guidance; None: the model's default (3.5 dev, 2.5 Kontext, ...)
     seed: int = 0
     negative_prompt: str | None = None
     cfg_scale: float = 1.0
     lora_multipliers: tuple[float, ...] | None = None  # interactive --m; None keeps the current ones
 
-    def resolved_steps(self, is_schnell: bool) -> int:
-        return self.steps if self.steps is not None else (4 if is_schnell else 50)
+    def resolved_steps(self, variant: ModelVariant) -> int:
+        return self.steps if self.steps is not None else variant.steps
+
+    def resolved_guidance(self, variant: ModelVariant) -> float:
+        """The embedded guidance fed to the model (a model without a guidance input ignores it)."""
+        if self.guidance is not None:
+            return self.guidance
+        return variant.guidance if variant.guidance is not None else 0.0
 
     def output_size(self) -> tuple[int, int]:
         """(width, height) of the image actually produced: sizes round up to multiples of 16."""
@@ -119,14 +130,15 @@ def generate_from_conditioning(models: FluxModels, settings: GenerationSettings,
 
 def generate_latents(models: FluxModels, settings: GenerationSettings, cond: Conditioning,
                      negative: Conditioning | None, placement: Placement, progress: bool = True) -> torch.Tensor:
-    """Seeded noise, the schedule (unshifted for schnell), the Euler loop: latents (1, 16, H/8, W/8)."""
+    """Seeded noise, the schedule (shifted by the target's token count unless the model says not: schnell), the
+    Euler loop: latents (1, 16, H/8, W/8)."""
     h, w = packed_grid(settings.height, settings.width)
     noise = get_noise(1, settings.height, settings.width, settings.seed, models.compute_dtype, placement.device)
     img_ids = prepare_img_ids(1, h, w).to(placement.device, models.compute_dtype)
-    timesteps = get_schedule(settings.resolved_steps(models.is_schnell), h * w, shift=not models.is_schnell)
+    timesteps = get_schedule(settings.resolved_steps(models.variant), h * w, shift=models.variant.shift)
     with placement.use(models.flux):
-        latents = denoise(models.flux, noise, img_ids, cond, timesteps, settings.guidance, negative,
-                          settings.cfg_scale, progress=progress)
+        latents = denoise(models.flux, noise, img_ids, cond, timesteps, settings.resolved_guidance(models.variant),
+                          negative, settings.cfg_scale, progress=progress)
     return unpack_latents(latents.float(), h, w)
 
 

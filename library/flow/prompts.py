@@ -46,10 +46,10 @@ class SamplePrompt:
     negative_prompt: str = ""  # used only when scale != 1
     width: int = 512
     height: int = 512
-    sample_steps: int = 20
+    sample_steps: int | None = None  # None: the model's (library/models/variants.py: 20 as sd-scripts, 4 schnell)
     seed: int | None = None  # None: a fresh random seed every time the prompt is rendered
     scale: float = 1.0  # true classifier-free guidance
-    guidance_scale: float = 3.5  # embedded guidance (schnell ignores it)
+    guidance_scale: float | None = None  # embedded guidance; None: the model's (3.5 dev; schnell has none)
     index: int = 0  # sd-scripts' `enum`: position in the file, used in image names
     controlnet_image: str | None = None  # ControlNet trainer only
     reference_images: list[str] = field(default_factory=list)  # FLUX.1 Kontext: `--ri PATH` (repeatable)

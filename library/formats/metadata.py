@@ -324,19 +324,14 @@ def network_args_dict(args, network_args=None) -> dict:
     return out
 
 
-def _training_guidance(args) -> float:
-    """--guidance_scale, else the variant's training guidance (library/models/variants.py): 1.0 Kontext, 3.5."""
-    value = getattr(args, "guidance_scale", None)
-    return value if value is not None else 1.0 if getattr(args, "model_type", None) == "kontext" else 3.5
-
-
 def lora_metadata(args, *, seed: int | None = None, network_module: str, network_dim, network_alpha,
                   network_args=None, datasets_info: list[dict], num_train_images: int, num_reg_images: int,
                   num_validation_images: int = 0, num_batches_per_epoch: int, num_epochs: int, max_train_steps: int,
                   optimizer_text: str, session_id: int, training_started_at: float, num_processes: int = 1,
                   sd_model_hashes: tuple[str, str] | None = None, vae_hashes: tuple[str, str] | None = None,
-                  commit: str | None = None) -> dict[str, str]:
+                  commit: str | None = None, guidance_scale: float | None = None) -> dict[str, str]:
     """Every ss_* key sd-scripts' LoRA trainer writes before the first save (13.3), values as str().
+    `guidance_scale`: the value trained with when --guidance_scale was left to the model's default.
 
     `args` is the parsed training namespace; `seed` the run's seed (default --seed). `network_dim` and
     `network_alpha` are recorded as given (sd-scripts records the command-line values). `network_args` is a list
@@ -402,7 +397,8 @@ def lora_metadata(args, *, seed: int | None = None, network_module: str, network
         "ss_model_type": get("model_type", "flux"), "ss_apply_t5_attn_mask": get("apply_t5_attn_mask", False),
         "ss_weighting_scheme": get("weighting_scheme"), "ss_logit_mean": get("logit_mean"),
         "ss_logit_std": get("logit_std"), "ss_mode_scale": get("mode_scale"),
-        "ss_guidance_scale": _training_guidance(args), "ss_timestep_sampling": get("timestep_sampling"),
+        "ss_guidance_scale": get("guidance_scale") if guidance_scale is None else guidance_scale,
+        "ss_timestep_sampling": get("timestep_sampling"),
         "ss_sigmoid_scale": get("sigmoid_scale"), "ss_model_prediction_type": get("model_prediction_type"),
         "ss_discrete_flow_shift": get("discrete_flow_shift"),
     }
@@ -442,7 +438,7 @@ def update_for_save(metadata: dict[str, str], epoch: int, steps: int, *, finishe
 _MODELSPEC_NAMED = ("description", "author", "license", "tags")
 
 
-def modelspec_metadata(args, *, is_schnell: bool, lora: bool = True, resolution: tuple[int, int] | None = None,
+def modelspec_metadata(args, *, architecture: str, lora: bool = True, resolution: tuple[int, int] | None = None,
                        title: str | None = None, timestamp: float | None = None,
                        commit: str | None = None) -> dict[str, str]:
     """ModelSpec 1.0.1 keys of a saved LoRA (`lora=True`) or full model, computed at save time.
@@ -455,12 +451,9 @@ def modelspec_metadata(args, *, is_schnell: bool, lora: bool = True, resolution:
     import datetime
 
     w, h = resolution or _pair(get("resolution")) or (1024, 1024)
-    # (the ModelSpec architectures of library/models/variants.py, which this layer cannot import)
-    variant = ("flux-1-schnell" if is_schnell else
-               "flux-1-kontext-dev" if get("model_type") == "kontext" else "flux-1-dev")
     md = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": variant + ("/lora" if lora else ""),
+        "modelspec.architecture": architecture + ("/lora" if lora else ""),
         "modelspec.implementation": FLUX_IMPLEMENTATION,
         "modelspec.title": get("metadata_title") or title or get("output_name")
         or f"{'LoRA' if lora else 'Checkpoint'}@{timestamp}",

@@ -33,6 +33,7 @@ from library.memory.checkpointing import enable_gradient_checkpointing
 from library.memory.fp8 import prepare_fp8
 from library.models.checkpoint import analyze_checkpoint
 from library.models.transformer import FLUX_PRESETS, Flux, FluxParams
+from library.models.variants import resolve_variant
 from library.planner.live_bytes import LiveBytes, device_emulation
 from library.planner.quantized_bases import gguf_base_quantization, prepare_planned_quantization
 from library.training.arguments import parse_network_args
@@ -190,10 +191,13 @@ def settings_from_args(args, trainer: str = "network", target: str = "cuda") -> 
 
         info = analyze_checkpoint(model_path)  # header only
         params, model = info.params, model_path
+        kontext = resolve_variant(getattr(args, "model_type", None), has_guidance_input=params.guidance_embed,
+                                  metadata=info.metadata, source=str(model_path)).reference_images
         fp8_file = any(d.startswith("F8") for d in info.dtypes)
         if info.layout == "gguf":  # a quantized file is planned as what it stores
             file_quantization = gguf_base_quantization(model_path)
     else:
+        kontext = is_kontext(args)
         model = getattr(args, "model_preset", None) or "dev"
         if model not in FLUX_PRESETS:
             raise ValueError(f"--model_preset {model}: expected one of {', '.join(FLUX_PRESETS)}")
@@ -222,7 +226,7 @@ def settings_from_args(args, trainer: str = "network", target: str = "cuda") -> 
                                         or getattr(args, "cache_text_encoder_outputs_to_disk", False)),
         cache_latents=bool(getattr(args, "cache_latents", False) or getattr(args, "cache_latents_to_disk", False)),
         apply_t5_attn_mask=bool(getattr(args, "apply_t5_attn_mask", False)), target=target,
-        reference_images=1 if is_kontext(args) else 0,
+        reference_images=1 if kontext else 0,  # Kontext: one reference at the target's size
         **{f"{name}_params": n for name in ("t5xxl", "clip_l", "ae")
            if (n := _param_count(getattr(args, name, None))) is not None})
 

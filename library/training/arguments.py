@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from library.data.arguments import add_dataset_arguments
+from library.models.variants import model_type_choices
 from library.formats.command_line import (ArgumentParser, fraction, non_negative_float, non_negative_int,
                                           positive_float, positive_int, seed_int)
 from library.training import optimizers
@@ -49,6 +50,7 @@ class TrainerCommandLine:
     ineffective: Mapping[str, str] = field(default_factory=dict)  # option -> why it does nothing in this trainer
     refused: Mapping[str, str] = field(default_factory=dict)  # option -> why it cannot work in this trainer
     fp8_base: bool = False  # the frozen transformer may be stored in fp8 (--fp8_base_unet implies --fp8_base)
+    model_types: tuple[str, ...] = ("flux", "dev", "krea", "schnell", "kontext")  # --model_type values it trains
 
 
 class TrainingArgumentError(ValueError):
@@ -92,14 +94,16 @@ def add_model_path_arguments(parser: argparse.ArgumentParser) -> None:
     add("--tokenizer_cache_dir", type=str, default=None,
         help="folder of tokenizers (DIR/openai_clip-vit-large-patch14, DIR/google_t5-v1_1-xxl) for offline use")
     add("--disable_mmap_load_safetensors", action="store_true", help="read .safetensors without memory mapping")
-    add("--model_type", type=_flux_only, default="flux", choices=["flux", "chroma", "kontext"],
-        help="model: flux (FLUX.1 dev or schnell, told by the file) or kontext (FLUX.1 Kontext: reference images "
-             "from the datasets' reference_image_dir); chroma is refused")
+    add("--model_type", type=_flux_only, default="flux", choices=[*model_type_choices(), "chroma"],
+        help="which FLUX.1 model: flux (default) recognises dev or schnell from the keys and Kontext/Krea from the "
+             "file's ModelSpec metadata; dev, krea, schnell, kontext name it (checked against the keys). The model's "
+             "defaults (--guidance_scale, T5 length, sample steps) follow it: library/models/variants.py")
 
 
 def _flux_only(value: str) -> str:
     if value == "chroma":
-        raise argparse.ArgumentTypeError("chroma is not supported: this suite trains FLUX.1 dev and schnell only")
+        raise argparse.ArgumentTypeError("chroma is not supported yet: this suite trains the FLUX.1 models "
+                                         f"({', '.join(model_type_choices())})")
     return value
 
 
@@ -285,10 +289,12 @@ def add_flux_arguments(parser: argparse.ArgumentParser) -> None:
     add("--controlnet_model_name_or_path", type=str, default=None,
         help="ControlNet trainer: ControlNet .safetensors to continue from (sd-scripts layout); default: a new one "
              "started from the transformer's first double blocks, zero outputs")
-    add("--t5xxl_max_token_length", type=positive_int, default=None, help="T5 tokens (default: 256 schnell, 512 dev)")
+    add("--t5xxl_max_token_length", type=positive_int, default=None,
+        help="T5 tokens (default: the model's: 256 schnell, 512 otherwise)")
     add("--apply_t5_attn_mask", action="store_true", help="mask T5 padding in T5 and in the transformer")
     add("--guidance_scale", type=float, default=None,
-        help="guidance embedding value while training (default: the model's: 3.5, 1.0 for --model_type kontext)")
+        help="guidance embedding value while training (default: the model's: 3.5 dev and Krea as sd-scripts, 1.0 "
+             "Kontext; schnell has no guidance input)")
     add("--timestep_sampling", type=str, default="sigma",
         choices=["sigma", "uniform", "sigmoid", "shift", "flux_shift"],
         help="how sigma is drawn (default: sigma)")
@@ -452,9 +458,10 @@ def warn_ineffective(args: argparse.Namespace, parser: argparse.ArgumentParser,
 
 def _unsupported(args: argparse.Namespace, trainer: TrainerCommandLine) -> list[str]:
     problems = []
-    if getattr(args, "model_type", "flux") not in ("flux", "kontext"):
-        problems.append(f"--model_type {args.model_type} is not supported: this suite trains FLUX.1 (dev, schnell) "
-                        "only; drop --model_type")
+    model_type = getattr(args, "model_type", "flux")
+    if model_type not in trainer.model_types:
+        problems.append(f"--model_type {model_type} is not supported by {trainer.script}: it trains "
+                        f"{', '.join(trainer.model_types)}")
     problems += [f"--{name} {why}" for name, why in trainer.refused.items() if getattr(args, name, False)]
     return problems
 

@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from library.models.variants import ModelVariant
 from library.flow.generation import (FluxModels, GenerationSettings, Placement, encode_prompt,
                                      generate_from_conditioning, png_text, save_png, unique_path)
 from library.flow.sampling import Conditioning
@@ -156,12 +157,16 @@ def _conditioning(models: FluxModels, text: str, placement: Placement, apply_t5_
     return encode_prompt(models, text, placement, apply_t5_attn_mask)
 
 
-def settings_for(prompt: SamplePrompt, seed: int) -> GenerationSettings:
-    """GenerationSettings of a sample prompt: sizes rounded down to 16 (min 64), explicit steps."""
+def settings_for(prompt: SamplePrompt, seed: int, variant: ModelVariant) -> GenerationSettings:
+    """GenerationSettings of a sample prompt: sizes rounded down to 16 (min 64); steps and guidance explicit (the
+    model's defaults where the prompt gives none)."""
     width, height = prompt.image_size()
-    return GenerationSettings(prompt=prompt.prompt, width=width, height=height, steps=prompt.sample_steps,
-                              guidance=prompt.guidance_scale, seed=seed, negative_prompt=prompt.negative_prompt or None,
-                              cfg_scale=prompt.scale)
+    steps = prompt.sample_steps if prompt.sample_steps is not None else variant.preview_steps
+    settings = GenerationSettings(prompt=prompt.prompt, width=width, height=height, steps=steps,
+                                  guidance=prompt.guidance_scale, seed=seed,
+                                  negative_prompt=prompt.negative_prompt or None, cfg_scale=prompt.scale)
+    settings.guidance = settings.resolved_guidance(variant)
+    return settings
 
 
 def sample_image_stem(output_name: str | None, prompt_index: int, seed: int | None, *, epoch: int | None = None,
@@ -195,7 +200,7 @@ def sample_images(models: FluxModels, prompts: Sequence[SamplePrompt], output_di
     if epoch is None and step is None:
         raise ValueError("sample_images needs epoch= or step=")
     folder = Path(output_dir) / "sample"
-    model_name = output_name or ("flux-1-schnell" if models.is_schnell else "flux-1-dev")
+    model_name = output_name or models.variant.architecture
     rng = RngState() if seed_rng_state_restore else None
     paths = []
     try:
@@ -203,7 +208,7 @@ def sample_images(models: FluxModels, prompts: Sequence[SamplePrompt], output_di
             for prompt in prompts[process_index::num_processes]:
                 seed = prompt.seed if prompt.seed is not None else secrets.randbits(32)
                 torch.manual_seed(seed)  # as sd-scripts: anything random inside the models follows the seed
-                settings = settings_for(prompt, seed)
+                settings = settings_for(prompt, seed, models.variant)
                 cond = _conditioning(models, settings.prompt, placement, apply_t5_attn_mask, cached_conditioning)
                 negative = None
                 if settings.negative_prompt and settings.cfg_scale != 1.0:

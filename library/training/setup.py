@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from library.memory.gguf_linear import check_swappable_gguf, load_gguf_transform
 from library.memory.quantized_base import load_quantized_transformer
 from library.models import loading as flux_utils
 from library.models.text_encoding import caption_encoder
+from library.models.variants import ModelVariant, resolve_variant
 from library.training.errors import TrainingError
 from library.training.loss import FluxLossComputer
 from library.training.samples import SampleSchedule, precompute_prompt_conditioning, sample_images
@@ -113,9 +114,13 @@ class TrainingModels:
     clip_l: torch.nn.Module
     t5xxl: torch.nn.Module
     tokenizer: object
-    is_schnell: bool
+    variant: ModelVariant  # which FLUX.1 model, and its defaults (library/models/variants.py)
     weight_dtype: torch.dtype
     compute_dtype: torch.dtype
+
+    @property
+    def is_schnell(self) -> bool:
+        return self.variant.name == "schnell"
 
     def free_unneeded(self, args, device, keep_text_encoders: bool = False) -> None:
         """Move the text encoders and AE off the accelerator when their outputs are cached (sampling moves them
@@ -138,12 +143,13 @@ def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtyp
     keeps the whole transformer frozen, so a GGUF file may be its base."""
     device, dtype = accelerator.device, weight_dtype(args)
     info = flux_utils.analyze_checkpoint(args.pretrained_model_name_or_path)
+    variant = model_variant(args, info)
     blocks_to_swap = check_blocks_to_swap(args, settings.blocks_to_swap, info)
     check_fp8_checkpoint(settings.fp8_base, args.pretrained_model_name_or_path, info)
     fp8, quant = settings.fp8_base, settings.quantized_base
     stored = fp8 or quant is not None  # weights that are not in a float type compute in `compute`
     compute = torch.bfloat16 if (stored and dtype == torch.float32 and device.type == "cuda") else dtype
-    logger.info("loading %s (%s, %s layout)", args.pretrained_model_name_or_path, info.model_type, info.layout)
+    logger.info("loading %s (%s, %s layout)", args.pretrained_model_name_or_path, variant.name, info.layout)
     if info.layout == "gguf":
         if quant:
             raise TrainingError(f"{args.pretrained_model_name_or_path} is a GGUF file, quantized already: "
@@ -176,8 +182,26 @@ def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtyp
             m.to(device)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(flux, cpu_offload=bool(getattr(args, "cpu_offload_checkpointing", False)))
-    tokenizer = flux_utils.load_tokenizer(args.tokenizer_cache_dir, info.is_schnell, args.t5xxl_max_token_length)
-    return TrainingModels(flux, ae, clip_l, t5xxl, tokenizer, info.is_schnell, dtype, compute)
+    tokenizer = flux_utils.load_tokenizer(args.tokenizer_cache_dir, info.is_schnell,
+                                          args.t5xxl_max_token_length or variant.t5_max_length)
+    return TrainingModels(flux, ae, clip_l, t5xxl, tokenizer, variant, dtype, compute)
+
+
+def model_variant(args, info) -> ModelVariant:
+    """The variant --model_type names (checked against the file's keys) or the file's own (metadata, keys)."""
+    try:
+        return resolve_variant(getattr(args, "model_type", None), has_guidance_input=info.params.guidance_embed,
+                               metadata=info.metadata, source=str(args.pretrained_model_name_or_path))
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+
+
+def flow_matching_settings(args, variant: ModelVariant) -> FlowMatchingSettings:
+    """The loss step's settings; --guidance_scale defaults to the model's recommended training guidance."""
+    settings = FlowMatchingSettings.from_args(args)
+    if getattr(args, "guidance_scale", None) is None:
+        settings = replace(settings, guidance_scale=variant.training_guidance or 0.0)
+    return settings
 
 
 def load_gguf_base(path, info, fp8: bool, allowed: bool, compute: torch.dtype, blocks_to_swap: int):
@@ -292,7 +316,7 @@ def make_loader(args, seed: int, group, sampler):
 def make_loss_computer(args, models: TrainingModels, accelerator, denoiser, model_inputs, reference_model,
                        train_text_encoders: bool):
     """The loss of the recipe's `denoiser` (the transformer or a wrapper of it) with its `model_inputs(batch)`."""
-    return FluxLossComputer(FlowMatchingSettings.from_args(args), denoiser, accelerator.device,
+    return FluxLossComputer(flow_matching_settings(args, models.variant), denoiser, accelerator.device,
                             models.compute_dtype, ae=models.ae, clip_l=models.clip_l, t5xxl=models.t5xxl,
                             apply_t5_attn_mask=args.apply_t5_attn_mask, masked_loss=args.masked_loss,
                             train_text_encoders=train_text_encoders, reference_model=reference_model,
@@ -330,7 +354,7 @@ class TrainingSamples:
         self.args, self.accelerator, self.prompts = args, accelerator, prompts
         self.schedule = SampleSchedule.from_args(args)
         self.models = FluxModels(models.flux, models.ae, models.clip_l, models.t5xxl, models.tokenizer,
-                                 models.is_schnell, models.compute_dtype)
+                                 models.variant, models.compute_dtype)
         # with cached text-encoder outputs the encoders leave the accelerator: encode every prompt once now
         offload = accelerator.device.type != "cpu"
         self.placement = Placement(accelerator.device, offload)

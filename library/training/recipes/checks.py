@@ -82,10 +82,3 @@ def full_checks(args: argparse.Namespace, get) -> list[str]:
                         "before a step; use --mixed_precision bf16")
     return problems
 
-
-def controlnet_checks(args: argparse.Namespace, get) -> list[str]:
-    problems = full_checks(args, get)
-    if get("model_type") == "kontext":
-        problems.append("--model_type kontext: ControlNet training does not take FLUX.1 Kontext's reference images; "
-                        "train Kontext with flux_train_network.py (LoRA) or flux_train.py (full)")
-    return problems

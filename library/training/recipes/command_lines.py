@@ -5,7 +5,7 @@ options it ignores or refuses. Cheap to import (no torch), so the entry points b
 from __future__ import annotations
 
 from library.training.arguments import TrainerCommandLine, add_full_train_arguments, add_network_arguments
-from library.training.recipes.checks import controlnet_checks, full_checks, network_checks
+from library.training.recipes.checks import full_checks, network_checks
 
 _FULL_MODEL = {  # options that do nothing when the whole model (or a ControlNet) is trained and saved
     "weighted_captions": "FLUX captions are not weighted; the text is used as written",
@@ -31,8 +31,9 @@ FULL = TrainerCommandLine(
 
 CONTROLNET = TrainerCommandLine(
     script="flux_train_control_net.py", training="ControlNet training", add_arguments=add_full_train_arguments,
-    checks=controlnet_checks, refused=_QUANTIZED,
+    checks=full_checks, refused=_QUANTIZED,
     dataset_kinds=dict(support_dreambooth=False, support_controlnet=True),
+    model_types=("flux", "dev", "krea", "schnell"),  # a ControlNet on Kontext is not built yet
     ineffective={**_FULL_MODEL, "fp8_scaled": "a ControlNet is saved in --save_precision (only flux_train.py "
                                               "writes scaled fp8)"})
 

@@ -81,7 +81,8 @@ class ControlNetTrainer(Trainer):
         --save_precision and --mem_eff_save as for full models."""
         args = self.args
         resolution = self.train_group.datasets[0].config.resolution
-        metadata = modelspec_metadata(args, is_schnell=self.models.is_schnell, lora=False, resolution=resolution)
+        metadata = modelspec_metadata(args, architecture=self.models.variant.architecture, lora=False,
+                                      resolution=resolution)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_model(self.controlnet.state_dict(), path, metadata, save_dtype(args.save_precision),
                    streaming=args.mem_eff_save)

@@ -89,7 +89,8 @@ class FullTrainer(KontextHooks, Trainer):
 
     def save_weights(self, path: Path, epoch: int, step: int, final: bool) -> None:
         resolution = self.train_group.datasets[0].config.resolution
-        metadata = modelspec_metadata(self.args, is_schnell=self.models.is_schnell, lora=False, resolution=resolution)
+        metadata = modelspec_metadata(self.args, architecture=self.models.variant.architecture, lora=False,
+                                      resolution=resolution)
         flux = self.accelerator.unwrap_model(self.models.flux)
         save_model(flux.state_dict(), path, metadata, save_dtype(self.args.save_precision),
                    streaming=self.args.mem_eff_save, fp8_scaled=getattr(self.args, "fp8_scaled", None))

@@ -6,9 +6,10 @@ mixin when the model is Kontext. The rest -- the network or the trained transfor
 * the model: `KontextFlux(transformer)`: each batch's reference latents (cached, or encoded here with the AE's
   posterior mean) become tokens with ids (1, row, col) appended to the target's; noise goes on the target only and
   the wrapper returns the target tokens' prediction only, so the loss never sees the references;
-* guidance: the variant table's training guidance (1.0) unless --guidance_scale is given;
+* guidance: the variant table's training guidance (1.0) unless --guidance_scale is given (training/setup.py);
 * sample images: a prompt's `--ri` images bound as its references (none: plain text-to-image);
-* the file must fit: a transformer without guidance embedder (schnell) is refused.
+* the file must fit: a transformer without guidance embedder (schnell) is refused; a file whose ModelSpec metadata
+  says Kontext trains as Kontext under the default --model_type flux.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from library.data.tensors import to_tensor
 from library.data.buckets import cover_size, resize_and_crop
 from library.models.checkpoint import analyze_checkpoint
 from library.models.kontext import PREFERRED_KONTEXT_RESOLUTIONS, KontextFlux, reference_tokens
-from library.models.variants import VARIANTS, resolve_variant
+from library.models.variants import VARIANTS, ModelVariant
 from library.training.errors import TrainingError
 from library.training.settings import DatasetKinds
+from library.training.setup import model_variant
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +40,16 @@ def is_kontext(args) -> bool:
     return getattr(args, "model_type", None) == KONTEXT.name
 
 
-def check_kontext_file(path) -> None:
-    """`--model_type kontext` on a file whose keys contradict it (no guidance embedder) is refused."""
-    info = analyze_checkpoint(path)
+def run_variant(args) -> ModelVariant | None:
+    """The run's variant from the transformer file's header (--model_type, else ModelSpec metadata, else keys), before
+    the models load; None when the file cannot be read yet (loading reports that). A --model_type the keys
+    contradict (kontext on a file without guidance embedder) is a TrainingError."""
+    path = getattr(args, "pretrained_model_name_or_path", None)
     try:
-        resolve_variant(KONTEXT.name, has_guidance_input=not info.is_schnell, source=str(path))
-    except ValueError as e:
-        raise TrainingError(str(e)) from None
+        info = analyze_checkpoint(path) if path else None
+    except (OSError, ValueError):
+        return None
+    return model_variant(args, info) if info is not None else None
 
 
 def reference_inputs(latents: torch.Tensor) -> dict:
@@ -71,14 +76,13 @@ def fitted_reference(path: str, size: tuple[int, int]) -> torch.Tensor:
 
 
 class KontextHooks:
-    """Mixin for a `Trainer` recipe (first in its bases): with --model_type kontext it answers the hooks above,
+    """Mixin for a `Trainer` recipe (first in its bases): when the model is Kontext it answers the hooks above,
     otherwise it hands every hook to the recipe unchanged."""
 
     def __init__(self, args, settings=None):
         super().__init__(args, settings)
-        self.kontext = is_kontext(args)
-        if self.kontext and getattr(args, "pretrained_model_name_or_path", None):
-            check_kontext_file(args.pretrained_model_name_or_path)
+        variant = run_variant(args)  # datasets are built before the models load: the file's header decides
+        self.kontext = variant.reference_images if variant is not None else is_kontext(args)
 
     def dataset_kinds(self) -> DatasetKinds:
         kinds = super().dataset_kinds()
@@ -90,8 +94,6 @@ class KontextHooks:
         super().setup()
         if not self.kontext:
             return
-        if getattr(self.args, "guidance_scale", None) is None:
-            self.loss_fn.settings = replace(self.loss_fn.settings, guidance_scale=KONTEXT.training_guidance)
         with_refs = sum(1 for i in self.train_group.items if i.reference_paths)
         logger.info("FLUX.1 Kontext: %d of %d images with reference images; guidance %s", with_refs,
                     len(self.train_group.items), self.loss_fn.settings.guidance_scale)

@@ -24,7 +24,7 @@ from library.training.optimizers import optimizer_metadata_text
 from library.training.recipes import command_lines
 from library.training.recipes.kontext import KontextHooks
 from library.training.settings import MemoryProfile
-from library.training.setup import TrainingModels
+from library.training.setup import TrainingModels, flow_matching_settings
 from networks.lycoris_flux import LycorisFileNetwork
 
 logger = logging.getLogger(__name__)
@@ -167,7 +167,8 @@ class LoRATrainer(KontextHooks, Trainer):
                 max_train_steps=self.budget.max_train_steps,
                 optimizer_text=optimizer_metadata_text(self.optimizer_name, self.optimizer_text),
                 session_id=self.session_id, training_started_at=self.training_started_at,
-                num_processes=self.accelerator.num_processes)
+                num_processes=self.accelerator.num_processes,
+                guidance_scale=flow_matching_settings(args, self.models.variant).guidance_scale)
         return self._metadata
 
     def state_mismatch(self, key: str, saved: tuple[int, ...], expected: tuple[int, ...]) -> str:
@@ -180,7 +181,8 @@ class LoRATrainer(KontextHooks, Trainer):
         save_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}.get(
             self.args.save_precision)
         resolution = self.train_group.datasets[0].config.resolution
-        spec = modelspec_metadata(self.args, is_schnell=self.models.is_schnell, lora=True, resolution=resolution)
+        spec = modelspec_metadata(self.args, architecture=self.models.variant.architecture, lora=True,
+                                  resolution=resolution)
         metadata = update_for_save(self.training_metadata(), epoch, step, modelspec=spec)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.network.save_weights(str(path), save_dtype, metadata)
