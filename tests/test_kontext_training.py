@@ -203,6 +203,23 @@ def test_block_swap_trains_the_same_kontext_lora(swappable, tmp_path, precision,
     assert all(torch.equal(got[k], reference[k]) for k in got), "block swapping changed the Kontext LoRA"
 
 
+def test_block_swap_trains_the_same_kontext_transformer(swappable, tmp_path):
+    """Full fine-tuning: write-back swapping (the blocks train) with references appended, against no swapping."""
+    models, toml = swappable
+
+    def train(out, *extra):
+        trainer, code = cli_runs.run_trainer("full", [*run_args(models, toml, out), "--model_type", "kontext",
+                                                      "--max_train_steps", "2", "--gradient_checkpointing", *extra])
+        assert code == 0
+        return trainer, load_file(str(out / "last.safetensors"))
+
+    plain, reference = train(tmp_path / "plain")
+    swapped, got = train(tmp_path / "swap", "--blocks_to_swap", "3")
+    assert [s.schedule.num_swapped for s in swapped.block_swappers] == [1, 4]
+    assert swapped.losses == plain.losses
+    assert all(torch.equal(got[k], reference[k]) for k in reference), "block swapping changed the trained weights"
+
+
 def test_planner_counts_the_reference_tokens():
     tiny = FLUX_PRESETS["tiny"]
     base = PlanSettings(model="test", params=tiny, width=128, height=128, t5_tokens=64, mixed_precision="no",
