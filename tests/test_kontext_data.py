@@ -52,6 +52,7 @@ def edit_data(tmp_path):
     make_image(tmp_path / "refs" / "c.png", (160, 96), seed=4)
     for i in range(2):
         make_image(tmp_path / "t2i" / f"p{i}.png", (128, 128), seed=10 + i)
+        (tmp_path / "t2i" / f"p{i}.txt").write_text("a picture")
     return tmp_path
 
 
@@ -60,10 +61,10 @@ def toml(tmp_path, key="reference_image_dir", batch_size=2, extra=""):
 [general]
 resolution = 128
 batch_size = {batch_size}
+caption_extension = ".txt"
 [[datasets]]
 [[datasets.subsets]]
 image_dir = "{tmp_path / 'targets'}"
-caption_extension = ".txt"
 {key} = "{tmp_path / 'refs'}"
 {extra}
 [[datasets.subsets]]
@@ -183,3 +184,17 @@ def test_reference_latents_are_cached_as_the_mean_with_staleness(edit_data, tiny
     torch.testing.assert_close(batch.reference_latents[0, 1], mean[0], rtol=1e-4, atol=1e-4)
     sampled = encode_latents(tiny_ae, to_tensor(ds.load_pixels(item)[0])[None])
     assert not torch.allclose(batch.latents[0], sampled[0], atol=1e-3)  # targets keep sd-scripts' sampling
+
+
+def test_inspect_dataset_shows_kontext_buckets_and_missing_references(edit_data, capsys):
+    from tools.inspect_dataset import main
+
+    config = edit_data / "dataset.toml"
+    config.write_text(toml(edit_data))
+    assert main(["--dataset_config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "buckets: FLUX.1 Kontext's preferred sizes" in out and f"references from {edit_data / 'refs'}" in out
+    assert "  2 reference(s) each" in out and "  1 reference(s) each" in out
+    os.remove(edit_data / "refs" / "c.png")
+    assert main(["--dataset_config", str(config)]) == 1
+    assert "c.png: no reference image c.<ext> or c_0.<ext>" in capsys.readouterr().err
