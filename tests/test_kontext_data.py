@@ -145,6 +145,8 @@ def test_reference_keys_are_checked(edit_data):
         load(edit_data, both, **KONTEXT)
     with pytest.raises(DatasetConfigError, match="'random_crop' cannot be used with 'reference_image_dir'"):
         load(edit_data, toml(edit_data, extra="random_crop = true"), **KONTEXT)
+    with pytest.raises(DatasetConfigError, match="'color_aug' cannot be used with 'reference_image_dir'"):
+        load(edit_data, toml(edit_data, extra="color_aug = true"), **KONTEXT)
     missing = toml(edit_data).replace(str(edit_data / "refs"), str(edit_data / "nowhere"))
     with pytest.raises(DatasetConfigError, match="'reference_image_dir' folder .*nowhere' does not exist"):
         load(edit_data, missing, **KONTEXT)

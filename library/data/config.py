@@ -362,9 +362,10 @@ def _check_subset(subset: SubsetConfig, ctx: _Context):
         ctx.problems.add(where, f"'metadata_file' {_show_path(subset.metadata_file)} {state}")
     if subset.reference_image_dir is not None:
         _check_folder(subset.reference_image_dir, "reference_image_dir", where, ctx, need_images=True)
-        if subset.random_crop:
-            ctx.problems.add(where, f"'random_crop'{_origin(subset, 'random_crop')} cannot be used with "
-                             "'reference_image_dir': the reference would not be cropped the same way")
+        for key, what in (("random_crop", "cropped"), ("color_aug", "recoloured")):
+            if getattr(subset, key):
+                ctx.problems.add(where, f"'{key}'{_origin(subset, key)} cannot be used with 'reference_image_dir': "
+                                 f"the reference would not be {what} the same way")
     if kind == "controlnet" and subset.random_crop:
         ctx.problems.add(where, f"'random_crop'{_origin(subset, 'random_crop')} cannot be used in a ControlNet "
                          "subset: the conditioning image would not be cropped the same way")
