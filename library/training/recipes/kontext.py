@@ -98,8 +98,8 @@ class KontextHooks:
         logger.info("FLUX.1 Kontext: %d of %d images with reference images; guidance %s", with_refs,
                     len(self.train_group.items), self.loss_fn.settings.guidance_scale)
         if not with_refs:
-            logger.warning("--model_type kontext without reference images: no subset has 'reference_image_dir', "
-                           "so every image trains text-to-image")
+            logger.warning("FLUX.1 Kontext without reference images: no subset has 'reference_image_dir', so "
+                           "every image trains text-to-image")
         if self.samples is not None:  # a sample prompt's --ri images, checked before the first step
             check_images([p for prompt in self.samples.prompts for p in prompt.reference_images])
 
