@@ -5,7 +5,7 @@ its expected target, compared with the base model, and it does so by reading the
 The pictures are single colours (32 pairs, one caption): the tiny model learns to read a reference's colour through
 attention within 1500 steps, while the position-by-position copy that textured pictures need does not generalise to
 a held-out picture at this size and length (measured: 4 blocky 4x4-cell pairs, 600 steps: the held-out edit got
-worse than the base model's, the training pairs barely better). Measured on 2 CPU cores (~75 s): base 1.09, LoRA
+worse than the base model's, the training pairs barely better). Measured on 2 CPU cores (~60 s): base 1.09, LoRA
 0.62 (1.8x); the LoRA given the inverted reference 1.35 (2.2x its own).
 
 Training goes through the command line (`main(argv)`, in process). Rendering uses the library: the LoRA merged into
