@@ -1,7 +1,10 @@
-"""Render images with FLUX.1 (dev or schnell) from the real model files, with sd-scripts' arguments.
+"""Render images with FLUX.1 (dev, Krea, schnell, Kontext) from the real model files, with sd-scripts' arguments.
 
     python flux_minimal_inference.py --ckpt_path flux1-dev.safetensors --clip_l clip_l.safetensors \
         --t5xxl t5xxl_fp16.safetensors --ae ae.safetensors --prompt "a cat" --seed 1 --output_dir out
+
+Kontext edits reference images: `--model_type kontext --reference_image photo.png --prompt "make it winter"`
+(library/flow/references.py: BFL's preferred sizes, the AE mean, the target at the reference's size).
 """
 
 from __future__ import annotations
@@ -44,8 +47,22 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=None,
                    help="Euler steps (default: the model's: 50 dev and Krea, 30 Kontext, 4 schnell)")
     p.add_argument("--seed", type=seed_int, default=None, help="random seed (default: a random one, printed)")
-    p.add_argument("--width", type=positive_int, default=1360, help="image width; rounded up to a multiple of 16")
-    p.add_argument("--height", type=positive_int, default=768, help="image height; rounded up to a multiple of 16")
+    p.add_argument("--width", type=positive_int, default=None,
+                   help="image width, rounded up to a multiple of 16 (default: the first reference image's size "
+                        "with Kontext, else 1360; only --height given: the reference's aspect ratio)")
+    p.add_argument("--height", type=positive_int, default=None,
+                   help="image height, rounded up to a multiple of 16 (default: the first reference image's size "
+                        "with Kontext, else 768)")
+    p.add_argument("--reference_image", nargs="+", default=[], metavar="IMG",
+                   help="Kontext: reference image(s) to edit or take from, in order (needs a Kontext model: "
+                        "--model_type kontext or a file whose metadata says so)")
+    p.add_argument("--reference_resize", default="preferred", choices=["preferred", "none"],
+                   help="preferred (default, BFL): resize each reference to the Kontext training size nearest its "
+                        "aspect ratio (17 sizes of ~1 MP); none: keep its size, floored to multiples of 16")
+    p.add_argument("--reference_layout", default="overlap", choices=["overlap", "columns"],
+                   help="several references (Kontext was trained with one, so both are off-distribution): overlap "
+                        "(default, DiffSynth) puts each at positions (1, 0, 0) onwards; columns places each one's "
+                        "columns after the previous one's")
     p.add_argument("--dtype", default="bfloat16", help=f"dtype of every component unless set below: {DTYPE_HELP}")
     for part in ("flux", "clip_l", "t5xxl", "ae"):
         p.add_argument(f"--{part}_dtype", default=None, help=f"dtype of the {part} component (default: --dtype)")
@@ -93,8 +110,8 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="also write the final latents (16 x H/8 x W/8, before decoding) beside each PNG as "
                         "<name>_latents.safetensors")
     p.add_argument("--interactive", action="store_true",
-                   help="read prompts from standard input, one per line, with options --w --h --s --d --g --n --c "
-                        "and --m m1,m2 (LoRA multipliers)")
+                   help="read prompts from standard input, one per line, with options --w --h --s --d --g --n --c, "
+                        "--m m1,m2 (LoRA multipliers) and --ri a.png;b.png (Kontext references; --ri - clears them)")
     return p
 
 
@@ -103,27 +120,42 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 _floats.__name__ = "comma-separated list of numbers"
+
+
+def _paths(text: str) -> tuple[str, ...]:
+    paths = tuple(p.strip() for p in text.split(";") if p.strip())
+    if not paths:
+        raise ValueError(text)
+    return paths
+
+
+_paths.__name__ = "path or ;-separated paths (- for none)"
 INTERACTIVE_OPTIONS = {"w": ("width", positive_int), "h": ("height", positive_int), "s": ("steps", positive_int),
                        "d": ("seed", seed_int), "g": ("guidance", float), "n": ("negative_prompt", str),
-                       "c": ("cfg_scale", float), "m": ("lora_multipliers", _floats)}
+                       "c": ("cfg_scale", float), "m": ("lora_multipliers", _floats),
+                       "ri": ("reference_images", _paths)}
 
 
 def parse_interactive_line(line: str, settings):
-    """Apply `prompt --w 1024 --h 768 --s 20 --d 42 --g 3.5 --n negative --c 2.0` to `settings` (a
-    GenerationSettings); width, height, steps, guidance and cfg persist, seed and negative prompt reset unless
-    given (`--n -` clears the negative prompt). Returns the new settings or raises ValueError."""
+    """Apply `prompt --w 1024 --h 768 --s 20 --d 42 --g 3.5 --n negative --c 2.0 --ri a.png` to `settings` (a
+    GenerationSettings); width, height, steps, guidance, cfg and reference images persist, seed and negative prompt
+    reset unless given (`--n -` clears the negative prompt, `--ri -` the references). Returns the new settings or
+    raises ValueError."""
     from dataclasses import replace
 
     parts = line.split("--")
     updates = {"prompt": parts[0].strip(), "seed": None, "negative_prompt": None}
     for part in parts[1:]:
         letter, _, value = part.strip().partition(" ")
-        if letter[:1] not in INTERACTIVE_OPTIONS or len(letter) != 1:
-            raise ValueError(f"unknown option --{letter}; use --w --h --s --d --g --n --c --m")
+        if letter not in INTERACTIVE_OPTIONS:
+            raise ValueError(f"unknown option --{letter}; use --w --h --s --d --g --n --c --m --ri")
         name, kind = INTERACTIVE_OPTIONS[letter]
         value = value.strip()
         try:
-            updates[name] = None if (name == "negative_prompt" and value == "-") else kind(value)
+            if value == "-" and name in ("negative_prompt", "reference_images"):
+                updates[name] = None if name == "negative_prompt" else ()
+            else:
+                updates[name] = kind(value)
         except argparse.ArgumentTypeError as e:  # the command line's checks: "must be 1 or more, got 0"
             raise ValueError(f"--{letter} {e}") from None
         except ValueError:
@@ -157,6 +189,9 @@ def run(args) -> int:
 
     if bool(args.controlnet) != bool(args.control_image):
         raise ValueError("--controlnet and --control_image go together: give both or neither")
+    for path in args.reference_image:  # before anything loads
+        if not Path(path).is_file():
+            raise ValueError(f"--reference_image {path}: file not found")
 
     from library import flux_utils  # the heavy modules (torch) load after parsing: --help stays fast
     from library.formats.dtypes import is_fp8, str_to_dtype
@@ -180,9 +215,17 @@ def run(args) -> int:
     logger.info(f"transformer: {info.layout} layout, {info.model_type}, {info.params.depth} double + "
                 f"{info.params.depth_single_blocks} single blocks, stored as {', '.join(sorted(info.dtypes))}")
     variant = resolve_variant(args.model_type, has_guidance_input=info.params.guidance_embed,
+                              in_channels=info.params.in_channels,
                               metadata=info.metadata, source=args.ckpt_path)
     logger.info(f"model: {variant.name} ({variant.architecture}); defaults: {variant.steps} steps, guidance "
                 f"{variant.guidance}, {'shifted' if variant.shift else 'unshifted'} schedule")
+    if args.reference_image and not variant.reference_images:
+        raise ValueError(f"--reference_image needs a Kontext model, but {args.ckpt_path} is {variant.name} (keys and "
+                         f"metadata); give --model_type kontext if it is FLUX.1 Kontext")
+    if args.controlnet and variant.reference_images:
+        raise ValueError("--controlnet with a Kontext model is not supported here (ControlNets see the target only)")
+    if variant.reference_images and not args.reference_image:
+        logger.info("Kontext without --reference_image: plain text-to-image (give reference images to edit them)")
     if args.blocks_to_swap:
         from library.memory.gguf_linear import check_swappable_gguf
 
@@ -223,9 +266,24 @@ def run(args) -> int:
         logger.info(f"ControlNet {args.controlnet} ({controlnet.depths[0]} double blocks) x {args.controlnet_scale} "
                     f"with control image {args.control_image}")
 
+    from library.flow.references import ReferenceEncoder, bind_references, target_size
+
+    if variant.reference_images:
+        models.flux = bind_references(models.flux, None)  # bound to each render's references
     settings = GenerationSettings(prompt=args.prompt, width=args.width, height=args.height, steps=args.steps,
                                   guidance=args.guidance, seed=0, negative_prompt=args.negative_prompt,
-                                  cfg_scale=args.cfg_scale)
+                                  cfg_scale=args.cfg_scale, reference_images=tuple(args.reference_image))
+    references = ReferenceEncoder(loaded["ae"], args.reference_resize, args.reference_layout, placement)
+
+    def with_references(s: GenerationSettings):
+        """Bind the references of `s` (Kontext) and give it its target size; returns (settings, text records)."""
+        if s.reference_images and not variant.reference_images:
+            raise ValueError(f"--ri needs a Kontext model, but {args.ckpt_path} is {variant.name}")
+        refs = references(s.reference_images)
+        if variant.reference_images:
+            bind_references(models.flux, refs)
+        width, height = target_size(s.width, s.height, refs)
+        return replace(s, width=width, height=height), refs.png_text() if refs else {}
 
     def render(s: GenerationSettings) -> Path:
         if s.lora_multipliers is not None:
@@ -235,6 +293,7 @@ def run(args) -> int:
                 network.set_multiplier(m)
         if s.seed is None:
             s.seed = random.randint(0, 2**32 - 1)
+        s, reference_text = with_references(s)
         width, height = s.output_size()
         if (width, height) != (s.width, s.height):
             logger.info(f"{s.width}x{s.height} is not a multiple of 16: the image will be {width}x{height}")
@@ -243,6 +302,7 @@ def run(args) -> int:
         path = unique_path(args.output_dir, datetime.now().strftime("%Y%m%d_%H%M%S"))
         resolved = replace(s, steps=s.resolved_steps(variant), guidance=s.resolved_guidance(variant))
         text = png_text(resolved, Path(args.ckpt_path).name)
+        text.update(reference_text)
         if args.lora_weights:
             text["lora_weights"] = " ".join(args.lora_weights) + (" (merged)" if args.merge_lora_weights else "")
         if args.controlnet:
@@ -261,7 +321,7 @@ def run(args) -> int:
         settings.seed = args.seed
         render(settings)
         return 0
-    print("Enter a prompt with options --w --h --s --d --g --n --c; an empty line quits.")
+    print("Enter a prompt with options --w --h --s --d --g --n --c --m --ri; an empty line quits.")
     for line in sys.stdin:
         if not line.strip():
             break

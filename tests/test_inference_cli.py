@@ -206,6 +206,20 @@ def test_schnell_uses_4_unshifted_steps_and_offload_gives_the_same_image(tmp_pat
     assert only_png(tmp_path / "a").read_bytes() == only_png(tmp_path / "b").read_bytes()
 
 
+@pytest.mark.parametrize("model_type, preset, steps, guidance", [("schnell", "tiny-schnell", "4", "0.0"),
+                                                                  ("krea", "tiny", "50", "4.5")])
+def test_model_type_defaults_reach_the_png(tmp_path, model_type, preset, steps, guidance):
+    """--model_type schnell / krea without --steps / --guidance: the model's defaults are rendered and recorded
+    (schnell has no guidance input: 0 is fed and recorded)."""
+    tiny = make_tiny_models(tmp_path / "m", preset=preset)
+    args = base_args(tiny, tmp_path / "o", "--seed", "2", "--model_type", model_type, "--width", "32", "--height", "32")
+    del args[args.index("--steps"):args.index("--steps") + 2]
+    assert cli.main(args) == 0
+    image = Image.open(only_png(tmp_path / "o"))
+    assert (image.text["steps"], image.text["guidance"]) == (steps, guidance)
+    assert f"Steps: {steps}, Seed: 2, Size: 32x32, Guidance: {guidance}" in image.text["parameters"]
+
+
 def test_python_api_from_readme(tiny):
     from library import flux_utils
     from library.flow.generation import FluxModels, GenerationSettings, Placement, generate

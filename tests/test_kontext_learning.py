@@ -8,11 +8,10 @@ a held-out picture at this size and length (measured: 4 blocky 4x4-cell pairs, 6
 worse than the base model's, the training pairs barely better). Measured on 2 CPU cores (~60 s): base 1.09, LoRA
 0.62 (1.8x); the LoRA given the inverted reference 1.35 (2.2x its own).
 
-Training goes through the command line (`main(argv)`, in process). Rendering uses the library: the LoRA merged into
-the transformer (`library.lora.loading.apply_loras`), the held-out reference fitted and encoded as the trainer does
-it (`library.training.recipes.kontext`), bound to `KontextFlux`, and the library's sampler (`generate_latents`);
-the renders' latents are compared with the AE mean of the expected target (the held-out reference with red and
-blue swapped). Models: the trained-like tiny models of tests/test_lora_learning.py (see there why).
+Both sides go through the command lines (`main(argv)`, in process): the trainer, then `flux_minimal_inference.py
+--model_type kontext --reference_image ... --reference_resize none --output_latents` with and without
+`--lora_weights`; the renders' latents are compared with the AE mean of the expected target (the held-out reference
+with red and blue swapped). Models: the trained-like tiny models of tests/test_lora_learning.py (see there why).
 """
 
 from __future__ import annotations
@@ -24,12 +23,12 @@ import pytest
 import torch
 from PIL import Image
 
+from safetensors.torch import load_file
+
+import flux_minimal_inference as inference_cli
 import flux_train_network as train_cli
 from library import flux_utils
-from library.flow.generation import FluxModels, GenerationSettings, Placement, encode_prompt, generate_latents
-from library.lora.loading import apply_loras
-from library.models.kontext import KontextFlux
-from library.training.recipes.kontext import encode_references, fitted_reference, reference_inputs
+from library.flow.references import load_reference
 from tools.make_tiny_models import make_tiny_models
 
 SIZE = 64
@@ -71,23 +70,19 @@ def write_pairs(base: Path, seed: int = 0) -> tuple[Path, Path]:
     return toml, held_out
 
 
-def render(models: dict, reference: Path, lora: Path | None, seed: int = 3) -> torch.Tensor:
-    """Latents (16, SIZE/8, SIZE/8) of the caption rendered with `reference` bound, with or without the LoRA."""
-    flux = flux_utils.load_flow_model(models["flux"], torch.float32, "cpu")[1].eval()
-    ae = flux_utils.load_ae(models["ae"], torch.float32, "cpu").eval()
-    clip_l = flux_utils.load_clip_l(models["clip_l"], torch.float32, "cpu").eval()
-    t5 = flux_utils.load_t5xxl(models["t5xxl"], torch.float32, "cpu").eval()
-    tokenizer = flux_utils.load_tokenizer(models["tokenizers"], False, 32)
-    if lora is not None:
-        apply_loras([str(lora)], flux, clip_l, t5, merge=True, device="cpu")
-    inputs = reference_inputs(encode_references(ae, fitted_reference(str(reference), (SIZE, SIZE))[None, None]))
-    model = KontextFlux(flux).bind(inputs["reference_tokens"], inputs["reference_ids"])
-    fm = FluxModels(model, ae, clip_l, t5, tokenizer, False, torch.float32)
-    placement = Placement(torch.device("cpu"), False)
-    settings = GenerationSettings(CAPTION, width=SIZE, height=SIZE, steps=SAMPLE_STEPS, guidance=1.0, seed=seed)
-    with torch.no_grad():
-        cond = encode_prompt(fm, CAPTION, placement, False)
-        return generate_latents(fm, settings, cond, None, placement, progress=False)[0]
+def render(models: dict, reference: Path, lora: Path | None, out: Path, seed: int = 3) -> torch.Tensor:
+    """Latents (16, SIZE/8, SIZE/8) of the caption rendered by `flux_minimal_inference.py --model_type kontext` with
+    `reference` (kept at its size), with or without the LoRA."""
+    extra = ["--lora_weights", str(lora)] if lora is not None else []
+    assert inference_cli.main([
+        "--ckpt_path", str(models["flux"]), "--ae", str(models["ae"]), "--clip_l", str(models["clip_l"]),
+        "--t5xxl", str(models["t5xxl"]), "--tokenizer_cache_dir", str(models["tokenizers"]),
+        "--t5xxl_max_token_length", "32", "--dtype", "fp32", "--device", "cpu", "--model_type", "kontext",
+        "--reference_image", str(reference), "--reference_resize", "none", "--width", str(SIZE), "--height",
+        str(SIZE), "--steps", str(SAMPLE_STEPS), "--guidance", "1.0", "--seed", str(seed), "--prompt", CAPTION,
+        "--output_dir", str(out), "--output_latents", *extra]) == 0
+    (path,) = out.glob("*_latents.safetensors")
+    return load_file(str(path))["latents"].float()
 
 
 def expected_latents(models: dict, reference: Path) -> torch.Tensor:
@@ -95,7 +90,8 @@ def expected_latents(models: dict, reference: Path) -> torch.Tensor:
     ae = flux_utils.load_ae(models["ae"], torch.float32, "cpu").eval()
     target = reference.parent / f"{reference.stem}_expected.png"
     Image.fromarray(swapped(np.asarray(Image.open(reference).convert("RGB")))).save(target)
-    return encode_references(ae, fitted_reference(str(target), (SIZE, SIZE))[None, None])[0, 0]
+    with torch.no_grad():
+        return ae.encode(load_reference(str(target), "none")[0], sample=False)[0]
 
 
 @pytest.mark.slow
@@ -112,14 +108,15 @@ def test_kontext_lora_moves_a_held_out_edit_towards_its_target(tmp_path):
         "--network_dim", "16", "--network_alpha", "16", "--network_train_unet_only", "--learning_rate", "1e-2",
         "--lr_scheduler", "cosine", "--max_train_steps", str(TRAIN_STEPS), "--model_prediction_type", "raw"]) == 0
     expected = expected_latents(models, held_out)
-    base = render(models, held_out, None)
-    learned = render(models, held_out, out / "edit.safetensors")
+    base = render(models, held_out, None, tmp_path / "base")
+    learned = render(models, held_out, out / "edit.safetensors", tmp_path / "lora")
     mse_base = ((base - expected) ** 2).mean().item()
     mse_lora = ((learned - expected) ** 2).mean().item()
     # the edit reads the reference: the same LoRA given the inverted picture lands far from the expected target
     inverted = tmp_path / "inverted.png"
     Image.fromarray(255 - np.asarray(Image.open(held_out).convert("RGB"))).save(inverted)
-    mse_wrong = ((render(models, inverted, out / "edit.safetensors") - expected) ** 2).mean().item()
+    mse_wrong = ((render(models, inverted, out / "edit.safetensors", tmp_path / "inverted") - expected) ** 2
+                 ).mean().item()
     print(f"held-out edit: MSE to the expected target: base {mse_base:.4f}, LoRA {mse_lora:.4f} "
           f"(ratio {mse_base / mse_lora:.1f}x); LoRA with the inverted reference {mse_wrong:.4f}")
     assert mse_base / mse_lora >= MIN_RATIO

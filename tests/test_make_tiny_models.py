@@ -75,3 +75,24 @@ def test_fitted_ae_keeps_decoding_through_the_calibration():
 def test_fit_ae_steps_needs_trained_like(tmp_path):
     with pytest.raises(ValueError, match="trained-like"):
         make_tiny_models(tmp_path, fit_ae_steps=1)
+
+
+def test_kontext_file_has_dev_weights_and_names_kontext_in_its_metadata(tmp_path):
+    """`model_type="kontext"`: the dev file's tensors with `modelspec.architecture: flux-1-kontext-dev`, so a
+    loader that reads the metadata calls it Kontext (keys alone would say dev)."""
+    from library.models.checkpoint import analyze_checkpoint
+    from library.models.variants import resolve_variant
+
+    dev = make_tiny_models(tmp_path / "dev", seed=2)
+    assert main(["--out", str(tmp_path / "kontext"), "--seed", "2", "--model_type", "kontext"]) == 0
+    kontext = tmp_path / "kontext" / "flux.safetensors"
+    a, b = load_file(str(dev["flux"])), load_file(str(kontext))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    info = analyze_checkpoint(kontext)
+    assert info.metadata["modelspec.architecture"] == "flux-1-kontext-dev"
+    assert resolve_variant("flux", has_guidance_input=info.params.guidance_embed, metadata=info.metadata).name \
+        == "kontext"
+    dev_info = analyze_checkpoint(dev["flux"])
+    assert resolve_variant(None, has_guidance_input=True, metadata=dev_info.metadata).name == "dev"
+    with pytest.raises(ValueError, match="model_type 'kontext': expected dev, krea or kontext with the tiny"):
+        make_tiny_models(tmp_path / "s", preset="tiny-schnell", model_type="kontext")

@@ -14,7 +14,7 @@ def test_defaults_table_holds_each_models_published_defaults():
     assert (schnell.steps, schnell.guidance, schnell.shift, schnell.t5_max_length) == (4, None, False, 256)
     assert schnell.training_guidance is None and not schnell.has_guidance_input and schnell.licence == "Apache-2.0"
     assert krea.guidance == 4.5 and krea.architecture == "flux-1-krea-dev"
-    assert (kontext.steps, kontext.guidance, kontext.training_guidance, kontext.reference_images) == (30, 2.5, 1.0, True)
+    assert (kontext.steps, kontext.guidance, kontext.training_guidance) == (30, 2.5, 1.0) and kontext.reference_images
 
 
 def test_keys_decide_dev_or_schnell_and_metadata_names_the_rest():
@@ -46,3 +46,10 @@ def test_training_guidance_defaults_to_the_models_and_the_option_wins():
     assert flow_matching_settings(unset, VARIANTS["dev"]).guidance_scale == 3.5  # sd-scripts' default
     assert flow_matching_settings(unset, VARIANTS["kontext"]).guidance_scale == 1.0
     assert flow_matching_settings(argparse.Namespace(guidance_scale=2.0), VARIANTS["kontext"]).guidance_scale == 2.0
+
+
+def test_input_channels_must_fit_the_named_model():
+    with pytest.raises(ValueError, match="its img_in takes 384 features per token, dev takes 64"):
+        resolve_variant("dev", has_guidance_input=True, in_channels=384, source="fill.safetensors")
+    with pytest.raises(ValueError, match="no known model has these keys"):
+        resolve_variant(None, has_guidance_input=True, in_channels=100, source="odd.safetensors")

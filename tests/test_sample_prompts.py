@@ -156,6 +156,32 @@ def test_unsupported_or_missing_files(tmp_path):
     assert load_prompts(write(tmp_path, "empty.txt", "# nothing\n\n")) == []
 
 
+def test_reference_images_repeat_or_split_on_semicolons_in_every_format(tmp_path):
+    """Kontext references: `--ri` repeated and/or `;`-separated (order kept); TOML/JSON: a list or one string; a
+    subset's list replaces the defaults' (an empty list: none)."""
+    txt = write(tmp_path, "p.txt", "edit it --ri a.png --w 64 --RI b dir/c.png;d.png ; --n x\nplain\n")
+    edit, plain = load_prompts(txt)
+    assert edit.reference_images == ["a.png", "b dir/c.png", "d.png"] and edit.width == 64
+    assert edit.negative_prompt == "x" and plain.reference_images == []
+    toml = write(tmp_path, "p.toml", '[prompt]\nreference_images = ["r1.png", "r2.png"]\n'
+                 '[[prompt.subset]]\nprompt = "a"\n[[prompt.subset]]\nprompt = "b"\nreference_images = "x.png;y.png"\n'
+                 '[[prompt.subset]]\nprompt = "c"\nreference_images = []\n')
+    assert [p.reference_images for p in load_prompts(toml)] == [["r1.png", "r2.png"], ["x.png", "y.png"], []]
+    js = write(tmp_path, "p.json", json.dumps([{"prompt": "a", "reference_images": ["j.png"]}, "b --ri k.png"]))
+    assert [p.reference_images for p in load_prompts(js)] == [["j.png"], ["k.png"]]
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("p.txt", "a --ri\n", "p.txt:1: option --ri needs a value"),
+    ("p.txt", "a --ri ;\n", "p.txt:1: reference_images: expected one or more paths"),
+    ("p.json", json.dumps([{"prompt": "a", "reference_images": [3]}]),
+     "p.json: item 1: reference_images: expected a path or a list of paths, got [3]"),
+])
+def test_reference_image_errors_name_the_place(tmp_path, name, text, message):
+    with pytest.raises(SamplePromptError, match=re.escape(message)):
+        load_prompts(write(tmp_path, name, text))
+
+
 def test_image_size_rounds_down_to_16_with_minimum_64():
     assert parse_prompt_line("a --w 1000 --h 50").image_size() == (992, 64)
     assert SamplePrompt(width=1024, height=768).image_size() == (1024, 768)

@@ -15,6 +15,9 @@ transformer as tiny_models/flux-Q8_0.gguf, laid out as ComfyUI-GGUF's FLUX conve
 quantizes the simple types; the K-quants use tools/gguf_kquants.py (K-quants need a width of a multiple of 256,
 `--hidden_size 256`: narrower rows stay F32).
 
+`--model_type kontext` (or krea) writes the dev-keyed transformer with that model's ModelSpec architecture
+(`modelspec.architecture: flux-1-kontext-dev`), so tests can show a variant recognised from the file's metadata.
+
 `--init trained-like` (with e.g. `--hidden_size 128`) writes models that behave structurally like trained ones, for
 tests that check that training *learns* (see `init_trained_like_flux` and `init_trained_like_ae`); the default
 `--init random` is plain PyTorch initialisation. `--fit_ae_steps N` (with trained-like) also trains the tiny AE as an
@@ -38,6 +41,9 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", default="tiny", choices=["tiny", "tiny-schnell"],
                    help="transformer preset: tiny (dev-like, guidance embedder) or tiny-schnell")
+    p.add_argument("--model_type", default=None, choices=["dev", "krea", "kontext"],
+                   help="with the tiny (dev-like) preset: the model named in the file's modelspec.architecture "
+                        "(default: flux-1-dev, or flux-1-schnell for tiny-schnell); the weights are the same")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     p.add_argument("--dtype", default="fp32", help="dtype of the stored weights (default: %(default)s)")
     p.add_argument("--init", default="random", choices=INITS,
@@ -88,11 +94,13 @@ def write_flux_gguf(state_dict: dict, path: str | Path, qtype: str, model_type: 
 
 def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype: str = "fp32",
                      init: str = "random", hidden_size: int | None = None, fit_ae_steps: int = 0,
-                     gguf_type: str | None = None, fp8_scaled: str | None = None) -> dict[str, Path]:
+                     gguf_type: str | None = None, fp8_scaled: str | None = None,
+                     model_type: str | None = None) -> dict[str, Path]:
     """Write the tiny components into `out`; returns their paths by role (`flux_gguf` with `gguf_type`).
 
     `init` and `hidden_size` are for learning tests (see the module docstring); the defaults write exactly the files
-    earlier versions wrote for the same seed."""
+    earlier versions wrote for the same seed. `model_type` ("dev", "krea", "kontext") names the variant in the
+    transformer's metadata; the weights do not change."""
     from dataclasses import replace
 
     import torch
@@ -105,11 +113,16 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
     from library.formats.safetensors_io import save_file_atomic
     from library.models.text_encoders import save_clip_l, save_t5xxl, tiny_clip_config, tiny_t5_config
     from library.models.tokenizers import write_tiny_tokenizers
+    from library.models.variants import VARIANTS
 
     if init not in INITS:
         raise ValueError(f"init {init!r} is not one of {', '.join(INITS)}")
     if fit_ae_steps and init != "trained-like":
         raise ValueError("fit_ae_steps needs init='trained-like'")
+    if model_type is not None and (model_type not in VARIANTS or VARIANTS[model_type].family != "flux"
+                                   or not VARIANTS[model_type].has_guidance_input
+                                   or preset == "tiny-schnell"):
+        raise ValueError(f"model_type {model_type!r}: expected dev, krea or kontext with the tiny (dev-like) preset")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch_dtype = str_to_dtype(dtype)
@@ -137,12 +150,13 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
     def cast(module):
         return {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in module.state_dict().items()}
 
-    model_type = "flux-1-schnell" if params.guidance_embed is False else "flux-1-dev"
+    architecture = (VARIANTS[model_type].architecture if model_type is not None
+                    else "flux-1-schnell" if params.guidance_embed is False else "flux-1-dev")
     flux_sd = (cast(flux) if fp8_scaled is None
                else quantize_state_dict_fp8_scaled(flux.state_dict(), fp8_scaled, other_dtype=torch_dtype))
-    save_file_atomic(flux_sd, paths["flux"], {"modelspec.architecture": model_type, "tiny": "true"})
+    save_file_atomic(flux_sd, paths["flux"], {"modelspec.architecture": architecture, "tiny": "true"})
     if gguf_type:
-        paths["flux_gguf"] = write_flux_gguf(cast(flux), out / f"flux-{gguf_type}.gguf", gguf_type, model_type)
+        paths["flux_gguf"] = write_flux_gguf(cast(flux), out / f"flux-{gguf_type}.gguf", gguf_type, architecture)
     save_file_atomic(cast(ae), paths["ae"], {"tiny": "true"})
     save_clip_l(clip.to(torch_dtype), paths["clip_l"])
     save_t5xxl(t5.to(torch_dtype), paths["t5xxl"])
@@ -298,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     args = setup_parser().parse_args(argv)
     for role, path in make_tiny_models(args.out, args.preset, args.seed, args.dtype, args.init,
                                        args.hidden_size, args.fit_ae_steps, args.gguf_type,
-                                       args.fp8_scaled).items():
+                                       args.fp8_scaled, args.model_type).items():
         print(f"{role:10s} {path}")
     return 0
 

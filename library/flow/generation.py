@@ -54,6 +54,7 @@ class GenerationSettings:
     negative_prompt: str | None = None
     cfg_scale: float = 1.0
     lora_multipliers: tuple[float, ...] | None = None  # interactive --m; None keeps the current ones
+    reference_images: tuple[str, ...] = ()  # Kontext references (library/flow/references.py binds them)
 
     def resolved_steps(self, variant: ModelVariant) -> int:
         return self.steps if self.steps is not None else variant.steps
@@ -131,7 +132,9 @@ def generate_from_conditioning(models: FluxModels, settings: GenerationSettings,
 def generate_latents(models: FluxModels, settings: GenerationSettings, cond: Conditioning,
                      negative: Conditioning | None, placement: Placement, progress: bool = True) -> torch.Tensor:
     """Seeded noise, the schedule (shifted by the target's token count unless the model says not: schnell), the
-    Euler loop: latents (1, 16, H/8, W/8)."""
+    Euler loop: latents (1, 16, H/8, W/8). A Kontext model is a `KontextFlux` bound to its references: they are
+    appended inside its call, so neither the noise nor the shift counts them (BFL and diffusers shift by the target's
+    tokens only)."""
     h, w = packed_grid(settings.height, settings.width)
     noise = get_noise(1, settings.height, settings.width, settings.seed, models.compute_dtype, placement.device)
     img_ids = prepare_img_ids(1, h, w).to(placement.device, models.compute_dtype)
@@ -155,6 +158,9 @@ def latents_to_image(ae: torch.nn.Module, latents: torch.Tensor, placement: Plac
 def png_text(settings: GenerationSettings, model_name: str) -> dict[str, str]:
     """Generation parameters stored in the PNG: one key per setting plus an A1111-style `parameters` line."""
     fields = {k: "" if v is None else str(v) for k, v in asdict(settings).items()}
+    fields.pop("reference_images")
+    if settings.reference_images:
+        fields["reference_images"] = ";".join(settings.reference_images)  # as `--ri` takes them
     fields["model"] = model_name
     width, height = settings.output_size()  # the size rendered (rounded up to 16), which re-renders the same image
     fields.update(width=str(width), height=str(height))
@@ -162,6 +168,8 @@ def png_text(settings: GenerationSettings, model_name: str) -> dict[str, str]:
         fields["requested_size"] = f"{settings.width}x{settings.height}"
     summary = (f"Steps: {fields['steps']}, Seed: {settings.seed}, Size: {width}x{height}, "
                f"Guidance: {settings.guidance}, CFG scale: {settings.cfg_scale}, Model: {model_name}")
+    if settings.reference_images:
+        summary += f", Reference images: {fields['reference_images']}"
     negative = f"\nNegative prompt: {settings.negative_prompt}" if settings.negative_prompt else ""
     fields["parameters"] = f"{settings.prompt}{negative}\n{summary}"
     return fields

@@ -1,11 +1,15 @@
 """Sample-prompt files for images rendered during training (reference 12.2, 12.3): .txt, .toml and .json.
 
     a cat in a hat --w 768 --h 512 --s 28 --d 42 --g 3.5 --l 1.0 --n blurry
+    make the cat blue --ri refs/cat.png --ri refs/hat.png
 
-`.txt`: one prompt per line; blank lines and lines starting with `#` are skipped; options follow ` --`.
+`.txt`: one prompt per line; blank lines and lines starting with `#` are skipped; options follow ` --`. `--ri PATH`
+(Kontext reference image) may be repeated, and one value may also list several paths separated by `;`; the
+references keep that order. Relative paths are read from the working folder, as `--cn`'s.
 `.toml`: a `[prompt]` table of defaults and `[[prompt.subset]]` entries, one prompt each; a subset's keys override
 the defaults (sd-scripts raises a TypeError when a key appears in both, reference 17 item 21).
 `.json`: a list whose items are dicts with the same keys as the TOML, or strings read like .txt lines.
+In TOML and JSON, `reference_images` is a list of paths or one string (`;`-separated like `--ri`).
 
 Unlike sd-scripts, a bad value stops with an error naming the file and the line (or entry) instead of being logged
 and skipped, and an unknown option or key is warned about instead of being silently ignored.
@@ -52,7 +56,7 @@ class SamplePrompt:
     guidance_scale: float | None = None  # embedded guidance; None: the model's (3.5 dev; schnell has none)
     index: int = 0  # sd-scripts' `enum`: position in the file, used in image names
     controlnet_image: str | None = None  # ControlNet trainer only
-    reference_images: list[str] = field(default_factory=list)  # FLUX.1 Kontext: `--ri PATH` (repeatable)
+    reference_images: list[str] = field(default_factory=list)  # Kontext: `--ri`, in order; empty: text-to-image
     ignored: dict[str, Any] = field(default_factory=dict)  # sample_sampler etc.: no effect for FLUX
     where: str = field(default="", compare=False)  # "file:line" or "file: subset N", for messages
 
@@ -120,11 +124,15 @@ def _as_path(value: Any) -> str | None:
 
 
 def _as_paths(value: Any) -> list[str]:
-    """One path or a list of them (`--ri` may repeat; TOML/JSON: a string or an array of strings)."""
-    values = value if isinstance(value, list) else [value]
-    paths = [_as_path(v) for v in values]
-    if not all(paths):
-        raise ValueError(f"expected image paths, got {value!r}")
+    """Paths from a string (`a.png;b.png`) or a list of such strings (repeated `--ri`, a TOML/JSON list)."""
+    items = value if isinstance(value, list) else [value]
+    paths = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"expected a path or a list of paths, got {value!r}")
+        paths.extend(p.strip() for p in item.split(";") if p.strip())
+    if not paths and items:
+        raise ValueError(f"expected one or more paths, got {value!r}")
     return paths
 
 
@@ -144,6 +152,7 @@ TXT_OPTIONS = {
     "n": "negative_prompt", "ss": "sample_sampler", "cn": "controlnet_image", "ctr": "cfg_trunc_ratio",
     "rcfg": "renorm_cfg", "fs": "flow_shift", "ri": "reference_images",
 }
+REPEATABLE = ("reference_images",)  # .txt options whose repetitions add up instead of replacing
 
 
 def _build(values: dict[str, Any], index: int, where: str) -> SamplePrompt:
@@ -182,7 +191,7 @@ def parse_prompt_line(line: str, index: int = 0, where: str = "<prompt>") -> Sam
             continue
         if not value.strip() and field_name != "negative_prompt":
             raise SamplePromptError(f"{where}: option --{name} needs a value")
-        if field_name == "reference_images":  # repeatable: one reference image each
+        if field_name in REPEATABLE:
             values.setdefault(field_name, []).append(value)
         else:
             values[field_name] = value

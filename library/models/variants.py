@@ -26,6 +26,7 @@ class ModelVariant:
     t5_max_length: int  # T5-XXL tokens when --t5xxl_max_token_length is not given
     training_guidance: float | None  # --guidance_scale default in training; None: no guidance input to feed
     reference_images: bool = False  # takes reference images (Kontext)
+    in_channels: int = 64  # img_in's input features: 64 noisy features + the condition's (Fill 384, Canny/Depth 128)
     licence: str = "FLUX.1 [dev] Non-Commercial License"
     notes: str = ""
 
@@ -69,17 +70,27 @@ def variant_from_metadata(metadata: dict[str, str]) -> ModelVariant | None:
     return VARIANTS[name] if name else None
 
 
-def resolve_variant(model_type: str | None, *, has_guidance_input: bool, family: str = "flux",
+def _fits(variant: ModelVariant, family: str, has_guidance_input: bool, in_channels: int) -> bool:
+    return (variant.family, variant.has_guidance_input, variant.in_channels) == (family, has_guidance_input,
+                                                                                 in_channels)
+
+
+def resolve_variant(model_type: str | None, *, has_guidance_input: bool, family: str = "flux", in_channels: int = 64,
                     metadata: dict[str, str] | None = None, source: str = "the transformer") -> ModelVariant:
     """The variant of a loaded transformer: `model_type` (--model_type; None or "flux" = recognise it), checked
-    against what the keys show (`has_guidance_input`, `family`); raises ValueError naming both on a mismatch."""
+    against what the keys show (`has_guidance_input`, `family`, `in_channels`); raises ValueError naming both on a
+    mismatch. Recognised: the ModelSpec metadata's variant when the keys fit it, else the first variant of the table
+    that the keys fit (dev before Krea and Kontext, which have dev's keys)."""
     if model_type in (None, AUTO):
         named = variant_from_metadata(metadata or {})
-        if named is not None and named.family == family and named.has_guidance_input == has_guidance_input:
+        if named is not None and _fits(named, family, has_guidance_input, in_channels):
             return named
-        if family != "flux":
-            return VARIANTS[family]
-        return VARIANTS["dev" if has_guidance_input else "schnell"]
+        for variant in VARIANTS.values():
+            if _fits(variant, family, has_guidance_input, in_channels):
+                return variant
+        raise ValueError(f"{source}: no known model has these keys ({family} family, "
+                         f"{'with' if has_guidance_input else 'without'} a guidance embedder, img_in taking "
+                         f"{in_channels} features)")
     if model_type not in VARIANTS:
         raise ValueError(f"--model_type {model_type}: unknown; choose one of {', '.join([AUTO, *VARIANTS])}")
     variant = VARIANTS[model_type]
@@ -90,6 +101,9 @@ def resolve_variant(model_type: str | None, *, has_guidance_input: bool, family:
         keys_say = "a guidance embedder (guidance_in.*)" if has_guidance_input else "no guidance embedder (schnell)"
         raise ValueError(f"--model_type {model_type} does not fit {source}: it has {keys_say}; "
                          f"use --model_type {'dev' if has_guidance_input else 'schnell'} or the right file")
+    if variant.in_channels != in_channels:
+        raise ValueError(f"--model_type {model_type} does not fit {source}: its img_in takes {in_channels} features "
+                         f"per token, {model_type} takes {variant.in_channels}")
     return variant
 
 

@@ -191,6 +191,7 @@ def model_variant(args, info) -> ModelVariant:
     """The variant --model_type names (checked against the file's keys) or the file's own (metadata, keys)."""
     try:
         return resolve_variant(getattr(args, "model_type", None), has_guidance_input=info.params.guidance_embed,
+                               in_channels=info.params.in_channels,
                                metadata=info.metadata, source=str(args.pretrained_model_name_or_path))
     except ValueError as e:
         raise TrainingError(str(e)) from None

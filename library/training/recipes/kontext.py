@@ -7,7 +7,8 @@ mixin when the model is Kontext. The rest -- the network or the trained transfor
   posterior mean) become tokens with ids (1, row, col) appended to the target's; noise goes on the target only and
   the wrapper returns the target tokens' prediction only, so the loss never sees the references;
 * guidance: the variant table's training guidance (1.0) unless --guidance_scale is given (training/setup.py);
-* sample images: a prompt's `--ri` images bound as its references (none: plain text-to-image);
+* sample images: a prompt's `--ri` images bound as its references, encoded as inference does (none: plain
+  text-to-image);
 * the file must fit: a transformer without guidance embedder (schnell) is refused; a file whose ModelSpec metadata
   says Kontext trains as Kontext under the default --model_type flux.
 """
@@ -17,12 +18,10 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-import numpy as np
 import torch
 
-from library.data.images import check_images, load_image
-from library.data.tensors import to_tensor
-from library.data.buckets import cover_size, resize_and_crop
+from library.data.images import check_images
+from library.flow.references import ReferenceEncoder, bind_references
 from library.models.checkpoint import analyze_checkpoint
 from library.models.kontext import PREFERRED_KONTEXT_RESOLUTIONS, KontextFlux, reference_tokens
 from library.models.variants import VARIANTS, ModelVariant
@@ -59,20 +58,12 @@ def reference_inputs(latents: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def encode_references(ae, images: torch.Tensor) -> torch.Tensor:
+def encode_reference_pixels(ae, images: torch.Tensor) -> torch.Tensor:
     """Reference pixels (B, R, 3, H, W) in [-1, 1] -> latents (B, R, 16, H/8, W/8) with the posterior mean."""
     b, r = images.shape[:2]
     flat = images.flatten(0, 1).to(next(ae.parameters()).device, ae.dtype)
     latents = torch.nan_to_num(ae.encode(flat, sample=False), 0.0).float()
     return latents.unflatten(0, (b, r))
-
-
-def fitted_reference(path: str, size: tuple[int, int]) -> torch.Tensor:
-    """A sample prompt's reference image fitted to the rendered size as training fits references to their
-    target's bucket (cover, centre crop): (3, H, W) in [-1, 1]."""
-    rgb = load_image(path)[0]
-    image_size = (rgb.shape[1], rgb.shape[0])
-    return to_tensor(np.array(resize_and_crop(rgb, cover_size(image_size, size), size)[0]))
 
 
 class KontextHooks:
@@ -115,18 +106,17 @@ class KontextHooks:
         if latents is None and batch.reference_images is not None:
             if self.models.ae is None:
                 raise TrainingError("batch has reference images but no autoencoder was kept to encode them")
-            latents = encode_references(self.models.ae, batch.reference_images)
+            latents = encode_reference_pixels(self.models.ae, batch.reference_images)
         return inputs if latents is None else {**inputs, **reference_inputs(latents)}
 
     def sampling_model(self, prompt) -> torch.nn.Module:
+        """The prompt's `--ri` images encoded as flux_minimal_inference.py encodes them (library/flow/references.py:
+        BFL's preferred size nearest each one's aspect ratio, AE mean), so a preview shows what inference renders."""
         model = super().sampling_model(prompt)
         paths = list(getattr(prompt, "reference_images", None) or [])
         if not self.kontext or not paths:
             return model
-        size = prompt.image_size()
-        images = torch.stack([fitted_reference(p, size) for p in paths])[None]
-        ae = self.models.ae
-        with self.samples.placement.use(ae):
-            latents = encode_references(ae, images)
-        inputs = reference_inputs(latents)
-        return KontextFlux(model).bind(inputs["reference_tokens"], inputs["reference_ids"])
+        if getattr(self, "_reference_encoder", None) is None:
+            self._reference_encoder = ReferenceEncoder(self.models.ae, layout=REFERENCE_LAYOUT,
+                                                       placement=self.samples.placement)
+        return bind_references(model, self._reference_encoder(paths))
