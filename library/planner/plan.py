@@ -33,7 +33,6 @@ from library.memory.checkpointing import enable_gradient_checkpointing
 from library.memory.fp8 import prepare_fp8
 from library.models.checkpoint import analyze_checkpoint
 from library.models.transformer import FLUX_PRESETS, Flux, FluxParams
-from library.models.variants import resolve_variant
 from library.planner.live_bytes import LiveBytes, device_emulation
 from library.planner.quantized_bases import gguf_base_quantization, prepare_planned_quantization
 from library.training.arguments import parse_network_args
@@ -42,8 +41,7 @@ from library.training.fused_optimizers import (BlockwiseOptimizers, FusedBackwar
 from library.training.loss import FluxLossComputer
 from library.training.optimizers import get_optimizer, resolve_optimizer_type
 from library.training.recipes.full import FullTrainer
-from library.models.kontext import KontextFlux
-from library.training.recipes.kontext import is_kontext, reference_inputs
+from library.training.recipes.kontext import KontextFlux, reference_inputs, trains_kontext
 from library.training.recipes.lora import LoRATrainer, optimizer_groups
 from library.training.settings import MemoryProfile
 
@@ -108,8 +106,7 @@ class PlanSettings:
     cache_text_encoder_outputs: bool = True
     cache_latents: bool = True
     apply_t5_attn_mask: bool = False
-    # FLUX.1 Kontext: reference images per sample, each at the target's size: their tokens join the image tokens
-    reference_images: int = 0
+    reference_images: int = 0  # FLUX.1 Kontext: references per sample at the target's size (more image tokens)
     target: str = "cuda"
     # parameter counts of the models that stay on the device when their outputs are not cached (from the files'
     # headers when given, else the real FLUX.1 ones)
@@ -191,13 +188,10 @@ def settings_from_args(args, trainer: str = "network", target: str = "cuda") -> 
 
         info = analyze_checkpoint(model_path)  # header only
         params, model = info.params, model_path
-        kontext = resolve_variant(getattr(args, "model_type", None), has_guidance_input=params.guidance_embed,
-                                  metadata=info.metadata, source=str(model_path)).reference_images
         fp8_file = any(d.startswith("F8") for d in info.dtypes)
         if info.layout == "gguf":  # a quantized file is planned as what it stores
             file_quantization = gguf_base_quantization(model_path)
     else:
-        kontext = is_kontext(args)
         model = getattr(args, "model_preset", None) or "dev"
         if model not in FLUX_PRESETS:
             raise ValueError(f"--model_preset {model}: expected one of {', '.join(FLUX_PRESETS)}")
@@ -226,7 +220,7 @@ def settings_from_args(args, trainer: str = "network", target: str = "cuda") -> 
                                         or getattr(args, "cache_text_encoder_outputs_to_disk", False)),
         cache_latents=bool(getattr(args, "cache_latents", False) or getattr(args, "cache_latents_to_disk", False)),
         apply_t5_attn_mask=bool(getattr(args, "apply_t5_attn_mask", False)), target=target,
-        reference_images=1 if kontext else 0,  # Kontext: one reference at the target's size
+        reference_images=1 if trains_kontext(args) else 0,  # Kontext: one reference at the target's size
         **{f"{name}_params": n for name in ("t5xxl", "clip_l", "ae")
            if (n := _param_count(getattr(args, name, None))) is not None})
 

@@ -51,6 +51,12 @@ def run_variant(args) -> ModelVariant | None:
     return model_variant(args, info) if info is not None else None
 
 
+def trains_kontext(args) -> bool:
+    """Whether a run trains Kontext: the file's variant (--model_type or its ModelSpec), else --model_type alone."""
+    variant = run_variant(args)
+    return variant.reference_images if variant is not None else is_kontext(args)
+
+
 def reference_inputs(latents: torch.Tensor) -> dict:
     """The wrapper's keyword inputs from reference latents (B, R, 16, h, w)."""
     tokens, ids = reference_tokens([latents[:, r] for r in range(latents.shape[1])], REFERENCE_LAYOUT)
@@ -72,8 +78,7 @@ class KontextHooks:
 
     def __init__(self, args, settings=None):
         super().__init__(args, settings)
-        variant = run_variant(args)  # datasets are built before the models load: the file's header decides
-        self.kontext = variant.reference_images if variant is not None else is_kontext(args)
+        self.kontext = trains_kontext(args)  # datasets are built before the models load: the file's header decides
 
     def dataset_kinds(self) -> DatasetKinds:
         kinds = super().dataset_kinds()
