@@ -82,7 +82,6 @@ class ImageItem:
         """The text encoded when text-encoder outputs are cached (deterministic processing only)."""
         return text_encoder_cache_caption(self.caption, self.caption_options)
 
-
     def reference_items(self) -> list["ReferenceItem"]:
         """Each reference image as a cache item fitted to this item's bucket (set by bucketing first)."""
         return [ReferenceItem(self, i) for i in range(len(self.reference_paths))]
