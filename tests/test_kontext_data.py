@@ -200,3 +200,28 @@ def test_inspect_dataset_shows_kontext_buckets_and_missing_references(edit_data,
     os.remove(edit_data / "refs" / "c.png")
     assert main(["--dataset_config", str(config)]) == 1
     assert "c.png: no reference image c.<ext> or c_0.<ext>" in capsys.readouterr().err
+
+
+def test_example_kontext_configs_stay_valid(tmp_path, monkeypatch):
+    import shutil
+
+    from conftest import ROOT
+    from library.training.arguments import training_parser, verify_training_args
+    from library.training.config_file import read_config_from_file
+    from library.training.recipes.command_lines import LORA
+
+    for folder in ("edits/targets", "edits/sources", "plain"):
+        make_image(tmp_path / folder / "a.png", (64, 64))
+    monkeypatch.chdir(tmp_path)  # paths in the examples are relative to the launch folder
+    parser = training_parser(LORA)
+    argv = ["--dataset_config", str(ROOT / "configs" / "dataset_kontext.toml")]
+    group = load_dataset_config(parser.parse_args(argv), **KONTEXT)
+    kontext, plain = group.datasets
+    assert kontext.bucket_sizes == PREFERRED_KONTEXT_RESOLUTIONS and plain.bucket_sizes is None
+    assert kontext.subsets[0].reference_image_dir == Path("edits/sources")
+    config = tmp_path / "kontext_lora.toml"
+    shutil.copy(ROOT / "configs" / "kontext_lora.toml", config)
+    argv = ["--config_file", str(config)]
+    args = read_config_from_file(parser.parse_args(argv), parser, argv)
+    assert args.model_type == "kontext" and args.guidance_scale is None and args.network_dim == 16
+    verify_training_args(args, LORA)
