@@ -304,6 +304,10 @@ def add_flux_arguments(parser: argparse.ArgumentParser) -> None:
         help="how the prediction is turned into the loss input (default: sigma_scaled; raw recommended)")
     add("--discrete_flow_shift", type=positive_float, default=3.0,
         help="shift of 'shift' and 'sigma' sampling (default: 3.0)")
+    add("--assistant_lora", type=str, default=None, metavar="PATH",
+        help="FLUX.1-schnell LoRA training: a de-distillation LoRA (e.g. ostris/FLUX.1-schnell-training-adapter, "
+             "ai-toolkit's assistant_lora_path) hooked onto the frozen transformer while training, switched off "
+             "for sample images and never saved; refused for other models and by the full trainers")
 
 
 _CPU_OFFLOAD_CHECKPOINTING_HELP = ("gradient checkpointing whose saved block inputs wait in CPU memory (implies "

@@ -15,6 +15,7 @@ import logging
 import shutil
 import signal
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -93,6 +94,10 @@ class Trainer:
     def sampling_model(self, prompt) -> torch.nn.Module:
         """The model that renders one sample prompt (the ControlNet recipe: steered by the prompt's --cn image)."""
         return self.models.flux
+
+    def sampling_context(self):
+        """A context manager around sample images (the LoRA recipe: its --assistant_lora switched off)."""
+        return nullcontext()
 
     def checkpointed_modules(self) -> list[torch.nn.Module]:
         """Modules whose weights accelerate's save_state keeps. None: accelerate writes registered modules as
@@ -364,7 +369,8 @@ class Trainer:
 
     def _maybe_sample(self, **when) -> None:
         if self.samples is not None and self.samples.schedule.should_sample(**when):
-            self.samples.run(self, **{k: v for k, v in when.items() if k != "at_first"})
+            with self.sampling_context():
+                self.samples.run(self, **{k: v for k, v in when.items() if k != "at_first"})
 
     def validate(self, kind: str) -> float | None:
         """Validation loss at fixed sigmas and seeded noise, so values compare across steps."""

@@ -31,6 +31,7 @@ from library.memory.quantized_base import load_quantized_transformer
 from library.models import loading as flux_utils
 from library.models.text_encoding import caption_encoder
 from library.models.variants import ModelVariant, resolve_variant
+from library.training.assistant import check_assistant_lora
 from library.training.errors import TrainingError
 from library.training.loss import FluxLossComputer
 from library.training.samples import SampleSchedule, precompute_prompt_conditioning, sample_images
@@ -144,6 +145,9 @@ def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtyp
     device, dtype = accelerator.device, weight_dtype(args)
     info = flux_utils.analyze_checkpoint(args.pretrained_model_name_or_path)
     variant = model_variant(args, info)
+    warn_unused_guidance(args, variant)
+    if getattr(args, "assistant_lora", None):
+        check_assistant_lora(args.assistant_lora, variant)
     blocks_to_swap = check_blocks_to_swap(args, settings.blocks_to_swap, info)
     check_fp8_checkpoint(settings.fp8_base, args.pretrained_model_name_or_path, info)
     fp8, quant = settings.fp8_base, settings.quantized_base
@@ -203,6 +207,17 @@ def flow_matching_settings(args, variant: ModelVariant) -> FlowMatchingSettings:
     if getattr(args, "guidance_scale", None) is None:
         settings = replace(settings, guidance_scale=variant.training_guidance or 0.0)
     return settings
+
+
+def warn_unused_guidance(args, variant: ModelVariant) -> bool:
+    """One warning when --guidance_scale is given for a model without a guidance input (schnell): the transformer
+    has no guidance embedder, so the value changes nothing. Returns whether it warned."""
+    value = getattr(args, "guidance_scale", None)
+    if value is None or variant.has_guidance_input:
+        return False
+    logger.warning("--guidance_scale %s has no effect: FLUX.1 %s has no guidance input (no guidance embedder), so "
+                   "the loss is the same for any value; drop the option", value, variant.name)
+    return True
 
 
 def load_gguf_base(path, info, fp8: bool, allowed: bool, compute: torch.dtype, blocks_to_swap: int):

@@ -14,7 +14,9 @@ _FULL_MODEL = {  # options that do nothing when the whole model (or a ControlNet
     "use_safetensors": "the model is always saved as .safetensors",
     "fused_optimizer_groups": "it has no effect in sd-scripts either; see --blockwise_fused_optimizers",
 }
-_QUANTIZED = {"base_quantization": "is for a frozen transformer (LoRA training, flux_train_network.py); remove it"}
+_QUANTIZED = {"base_quantization": "is for a frozen transformer (LoRA training, flux_train_network.py); remove it",
+              "assistant_lora": "is for LoRA training (flux_train_network.py): here the trained weights would learn "
+                                "around the assistant and need it forever, or bake it in if merged; remove it"}
 _CONTROLNET_ONLY = {"controlnet_model_name_or_path": "only flux_train_control_net.py uses it"}
 
 LORA = TrainerCommandLine(

@@ -6,7 +6,7 @@ import importlib
 import logging
 import random
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from library.formats.safetensors_io import load_tensors, read_header
 from library.models.text_encoders import kohya_clip_root
 from library.memory.quantized_base import dequantize_for_merge
 from library.training.arguments import parse_network_args
+from library.training.assistant import AssistantLoRA
 from library.training.errors import TrainingError
 from library.training.loop import Trainer
 from library.training.optimizers import optimizer_metadata_text
@@ -69,6 +70,7 @@ class LoRATrainer(KontextHooks, Trainer):
     def __init__(self, args, settings=None):
         super().__init__(args, settings)
         self.network_module_name = args.network_module or self.default_network_module
+        self.assistant: AssistantLoRA | None = None  # --assistant_lora (schnell)
 
     def build_trainable(self, models: TrainingModels) -> list[torch.nn.Module]:
         args = self.args
@@ -109,6 +111,9 @@ class LoRATrainer(KontextHooks, Trainer):
         if hasattr(network, "prepare_grad_etc"):
             network.prepare_grad_etc(models.clip_l, models.flux)
         self.network = network
+        # after the trained network, so it is the outermost hook; not a trainable module, so never saved
+        self.assistant = AssistantLoRA(args.assistant_lora, models.flux, self.accelerator.device,
+                                       models.weight_dtype) if args.assistant_lora else None
         return [network]
 
     def _merge_base_weights(self, models: TrainingModels, text_encoders) -> None:
@@ -137,6 +142,10 @@ class LoRATrainer(KontextHooks, Trainer):
         if isinstance(te_lr, list) and len(te_lr) == 0:
             te_lr = None
         return optimizer_groups(self.network, te_lr, args.unet_lr, args.learning_rate)
+
+    def sampling_context(self):
+        """Sample images show what the saved LoRA gives on plain schnell: the assistant switched off (ai-toolkit)."""
+        return self.assistant.switched_off() if self.assistant is not None else nullcontext()
 
     @contextmanager
     def reference_model(self):
@@ -169,6 +178,8 @@ class LoRATrainer(KontextHooks, Trainer):
                 session_id=self.session_id, training_started_at=self.training_started_at,
                 num_processes=self.accelerator.num_processes,
                 guidance_scale=flow_matching_settings(args, self.models.variant).guidance_scale)
+            if self.assistant is not None and not args.no_metadata:  # what the LoRA was trained against
+                self._metadata["ss_assistant_lora"] = Path(self.assistant.path).name
         return self._metadata
 
     def state_mismatch(self, key: str, saved: tuple[int, ...], expected: tuple[int, ...]) -> str:
