@@ -294,3 +294,25 @@ def test_a_file_whose_modelspec_says_kontext_trains_as_kontext(tiny, tmp_path):
     trainer, code = cli_runs.run_trainer("network", [*run_args(models, toml, tmp_path / "out"), *LORA,
                                                      "--max_train_steps", "1"])  # --model_type left at flux
     assert code == 0 and trainer.kontext and trainer.loss_fn.settings.guidance_scale == 1.0
+
+
+def test_readme_kontext_command_lines_parse_and_verify():
+    import re
+    import shlex
+
+    import flux_train
+    import flux_train_network
+    from conftest import ROOT
+    from library.training.arguments import verify_training_args
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("\n## Training FLUX.1 Kontext\n")
+    section = text[start:text.index("\n## ", start + 1)]
+    commands = [shlex.split(line) for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+                for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    assert [c[2] for c in commands] == ["flux_train_network.py", "flux_train.py"]
+    for argv, entry in zip(commands, (flux_train_network, flux_train)):
+        assert argv[:2] == ["accelerate", "launch"]
+        args = entry.setup_parser().parse_args(argv[3:])
+        verify_training_args(args, entry.COMMAND_LINE)
+        assert args.model_type == "kontext" and args.dataset_config == "kontext.toml"
