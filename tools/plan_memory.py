@@ -80,7 +80,8 @@ def _line(plan) -> str:
     adapter = "LoRA" if s.network_module == "networks.lora_flux" else s.network_module
     what = "full fine-tuning" if s.profile.trains_transformer else f"{adapter} rank {s.network_dim}"
     base = s.base_quantization or ("fp8" if s.fp8_base or s.fp8_file else "")
-    flags = [f"{s.width}x{s.height}", f"batch {s.batch_size}", f"{s.mixed_precision} mixed precision",
+    flags = [f"{s.width}x{s.height}", f"{s.reference_images} Kontext reference image(s) at that size"
+             if s.reference_images else "", f"batch {s.batch_size}", f"{s.mixed_precision} mixed precision",
              f"{base} base" if base and s.profile.fp8_base else "",
              f"{s.blocks_to_swap} blocks swapped" if s.blocks_to_swap else "no block swap",
              "gradient checkpointing" if s.gradient_checkpointing else "no gradient checkpointing",

@@ -20,10 +20,11 @@ import torch
 
 from library.data.augment import color_aug, flip_horizontal
 from library.data.batch import Batch, TextEncoderOutputs, TokenIds
-from library.data.buckets import BucketPlanner, resize_and_crop
+from library.data.buckets import BucketPlanner, resize_and_crop, scaled_bucket_sizes
 from library.data.captions import process_caption
 from library.data.config import DatasetConfig, DatasetGroupConfig
-from library.data.items import ImageItem, balance_regularisation, collect_subset_items, split_for_validation
+from library.data.items import (ImageItem, ReferenceItem, balance_regularisation, collect_subset_items,
+                                split_for_validation)
 from library.data.images import BadImage, BadImageError, load_image
 from library.data.tensors import to_tensor
 from library.data.text_encoder_cache import stack_outputs
@@ -50,17 +51,23 @@ class FluxDataset(torch.utils.data.Dataset):
         self.max_train_steps = max_train_steps
         self.conditioning_as_mask = conditioning_as_mask
         self.tokenizer = self.latent_cache = self.te_cache = None  # see DatasetGroup.attach
-        self.planner = BucketPlanner(config.resolution, config.enable_bucket, config.min_bucket_reso,
-                                     config.max_bucket_reso, config.bucket_reso_steps, config.bucket_no_upscale)
-        buckets: dict[tuple[int, int], list[int]] = {}
+        if config.bucket_sizes:  # FLUX.1 Kontext: the preferred sizes at the resolution's area
+            self.planner = BucketPlanner.fixed(scaled_bucket_sizes(config.bucket_sizes, config.resolution))
+        else:
+            self.planner = BucketPlanner(config.resolution, config.enable_bucket, config.min_bucket_reso,
+                                         config.max_bucket_reso, config.bucket_reso_steps, config.bucket_no_upscale)
+        # a bucket is a size and a number of reference images: items with and without references never share a
+        # batch, and the references of a batch stack (each fitted to the target's bucket)
+        buckets: dict[tuple[tuple[int, int], int], list[int]] = {}
         self.ar_errors = []
         for index, item in enumerate(items):
             choice = self.planner.select(item.image_size)
             item.bucket_reso, item.resized_size = choice.bucket_reso, choice.resized_size
             self.ar_errors.append(abs(choice.ar_error))
-            buckets.setdefault(choice.bucket_reso, []).extend([index] * item.num_repeats)
-        self.bucket_resos = sorted(buckets)
-        self.buckets = [buckets[r] for r in self.bucket_resos]
+            buckets.setdefault((choice.bucket_reso, len(item.reference_paths)), []).extend([index] * item.num_repeats)
+        self.bucket_keys = sorted(buckets)
+        self.bucket_resos = [reso for reso, _ in self.bucket_keys]
+        self.buckets = [buckets[k] for k in self.bucket_keys]
         bs = config.batch_size
         self.entries = [BatchEntry(b, start) for b, content in enumerate(self.buckets)
                         for start in range(0, len(content), bs)]
@@ -69,6 +76,11 @@ class FluxDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    @property
+    def latent_items(self) -> list:
+        """What the latent cache encodes: every image and every reference image (fitted to its image's bucket)."""
+        return [*self.items, *(r for i in self.items for r in i.reference_items())]
 
     @property
     def num_train_images(self) -> int:
@@ -137,6 +149,8 @@ class FluxDataset(torch.utils.data.Dataset):
             if item.subset.color_aug:
                 image = color_aug(image, rng)
             out.update(image=to_tensor(image), alpha_mask=torch.from_numpy(alpha) if alpha is not None else None)
+        if item.reference_paths:
+            out.update(self._references(item, flipped))
         if item.conditioning_path is not None:
             cond = self.load_conditioning(item, flipped)
             out["conditioning_image"] = cond
@@ -146,7 +160,19 @@ class FluxDataset(torch.utils.data.Dataset):
                           process_caption(item.caption, item.caption_options, rng, epoch, step, self.max_train_steps))
         return out
 
-    def load_pixels(self, item: ImageItem, rng: random.Random | None = None):
+    def _references(self, item: ImageItem, flipped: bool) -> dict:
+        """The item's reference images fitted to its bucket (flipped with it): cached latents, else pixels."""
+        refs = item.reference_items()
+        if self.latent_cache is not None:
+            entries = [self.latent_cache.get(r) for r in refs]
+            return {"reference_latents": torch.stack([e.latents_flipped if flipped else e.latents for e in entries])}
+        images = []
+        for ref in refs:
+            rgb = self.load_pixels(ref)[0]
+            images.append(to_tensor(flip_horizontal(rgb)[0] if flipped else rgb))
+        return {"reference_images": torch.stack(images)}
+
+    def load_pixels(self, item: ImageItem | ReferenceItem, rng: random.Random | None = None):
         """(rgb at bucket size, alpha or None, crop_ltrb, crop left/top): decode, resize and crop one image."""
         image, alpha = load_image(item.absolute_path, with_alpha=item.alpha_mask)
         interpolation = item.resize_interpolation or self.config.resize_interpolation
@@ -183,6 +209,10 @@ class FluxDataset(torch.utils.data.Dataset):
             alpha_masks=_stack_masks(samples),
             conditioning_images=(torch.stack([s["conditioning_image"] for s in samples])
                                  if "conditioning_image" in samples[0] else None),
+            reference_latents=(torch.stack([s["reference_latents"] for s in samples])
+                               if "reference_latents" in samples[0] else None),
+            reference_images=(torch.stack([s["reference_images"] for s in samples])
+                              if "reference_images" in samples[0] else None),
             text_encoder_outputs=text_encoder_outputs,
             token_ids=token_ids,
             custom_attributes=[i.subset.custom_attributes for i in items],

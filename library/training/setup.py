@@ -311,7 +311,7 @@ def prepare_caches(args, accelerator, models: TrainingModels, train_group, val_g
                                    skip_cache_check=args.skip_cache_check, batch_size=args.vae_batch_size)
         for group in groups:
             for ds in group.datasets:
-                latent_cache.cache(ds.items, models.ae, ds.load_pixels, accelerator.device, models.ae.dtype,
+                latent_cache.cache(ds.latent_items, models.ae, ds.load_pixels, accelerator.device, models.ae.dtype,
                                    **(split if args.cache_latents_to_disk else {"progress": split["progress"]}))
     if args.cache_text_encoder_outputs:
         batch_size = args.text_encoder_batch_size or train_group.datasets[0].config.batch_size
