@@ -131,3 +131,41 @@ def test_readme_flex2_command_lines_parse_and_verify():
     for argv, entry in zip(commands[2:], (flux_train_network, flux_train)):
         args = entry.setup_parser().parse_args(argv[3:])
         verify_training_args(args, entry.COMMAND_LINE)
+
+
+def test_control_latents_are_cached_with_the_latents_and_follow_edits(setup, tmp_path):
+    """--cache_latents_to_disk: each control picture's posterior mean, through its target's geometry, is cached
+    beside it with the latent cache's provenance, so an edited control picture is encoded again."""
+    import shutil
+
+    from library.training.recipes.flex2 import encode_mean
+
+    models, toml = setup
+    data = tmp_path / "data"
+    shutil.copytree(toml.parent, data)
+    text = toml.read_text().replace(str(toml.parent.resolve().as_posix()), str(data.resolve().as_posix()))
+    (data / "dataset.toml").write_text(text)
+    argv = [*run_args(models, data / "dataset.toml", tmp_path / "out"), "--learning_rate", "1e-3",
+            "--max_train_steps", "1", "--network_module", "networks.lora_flux", "--network_dim", "4",
+            "--cache_latents_to_disk"]
+    trainer, code = cli_runs.run_trainer("network", argv)
+    assert code == 0
+    cached = sorted((data / "conditioning").glob("*_flux.npz"))
+    assert len(cached) == 2  # one per control picture, beside it
+    batch = next(iter(trainer.loader))
+    assert batch.control_latents is not None and batch.conditioning_images is None
+    item = next(i for i in trainer.train_group.items if str(i.absolute_path) == batch.image_keys[0])
+    pixels = trainer.train_group.datasets[0].load_conditioning(item, flipped=False)
+    expected = encode_mean(trainer.models.ae, pixels[None])[0].cpu()
+    assert torch.allclose(batch.control_latents[0], expected, atol=1e-5)
+    # an edited control picture is re-encoded on the next run; the other one is not
+    control = item.conditioning_path
+    Image.fromarray(255 - np.asarray(Image.open(control).convert("RGB"))).save(control)
+    before = {p: p.stat().st_mtime_ns for p in cached}
+    trainer, code = cli_runs.run_trainer("network", argv)
+    assert code == 0
+    changed = [p for p in cached if p.stat().st_mtime_ns != before[p]]
+    assert [p.name.split("_")[0] for p in changed] == [control.stem.split("_")[0]]
+    batch = next(b for b in trainer.loader if b.image_keys[0] == str(item.absolute_path))
+    pixels = trainer.train_group.datasets[0].load_conditioning(item, flipped=False)
+    assert torch.allclose(batch.control_latents[0], encode_mean(trainer.models.ae, pixels[None])[0].cpu(), atol=1e-5)

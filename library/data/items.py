@@ -82,6 +82,10 @@ class ImageItem:
         """The text encoded when text-encoder outputs are cached (deterministic processing only)."""
         return text_encoder_cache_caption(self.caption, self.caption_options)
 
+    def control_item(self) -> "ControlItem":
+        """The conditioning image as a cache item of its own: a control input encoded by the AE (Flex.2)."""
+        return ControlItem(self)
+
     def reference_items(self) -> list["ReferenceItem"]:
         """Each reference image as a cache item fitted to this item's bucket (set by bucketing first)."""
         return [ReferenceItem(self, i) for i in range(len(self.reference_paths))]
@@ -129,6 +133,51 @@ class ReferenceItem:
     def relative_path(self) -> str:
         root = Path(self.subset.reference_image_dir).resolve()
         return Path(os.path.relpath(self.absolute_path, root)).as_posix()
+
+
+@dataclass(eq=False)
+class ControlItem:
+    """A ControlNet-style conditioning image as the latent cache sees it when a recipe encodes it as a control input
+    (Flex.2): its own file, through its target's geometry (scaled to the target's original size, then the target's
+    resize and centre crop; flipped with it), encoded with the posterior mean. The provenance records its file's
+    content hash with the target's sizes, so an edited control picture or a changed target is re-encoded."""
+
+    target: ImageItem
+    posterior = "mean"
+    alpha_mask = False
+
+    @property
+    def absolute_path(self) -> Path:
+        return self.target.conditioning_path
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.target.image_size
+
+    @property
+    def bucket_reso(self) -> tuple[int, int]:
+        return self.target.bucket_reso
+
+    @property
+    def resized_size(self) -> tuple[int, int]:
+        return self.target.resized_size
+
+    @property
+    def subset(self) -> SubsetConfig:
+        return self.target.subset
+
+    @property
+    def flip_aug(self) -> bool:
+        return self.target.flip_aug
+
+    @property
+    def resize_interpolation(self) -> str | None:
+        return self.target.resize_interpolation
+
+    @property
+    def relative_path(self) -> str:
+        root = Path(self.subset.conditioning_data_dir).resolve()
+        return Path(os.path.relpath(Path(self.absolute_path).resolve(), root)).as_posix()
 
 
 @dataclass

@@ -75,6 +75,7 @@ class DatasetKinds:
     support_finetuning: bool = True
     support_controlnet: bool = False
     conditioning_as_mask: bool = False
+    control_latents: bool = False  # conditioning images are control inputs the AE encodes (cached with the latents)
     support_reference: bool = False  # subsets may name reference images (FLUX.1 Kontext: reference_image_dir)
     reference_buckets: tuple[tuple[int, int], ...] | None = None  # bucket sizes (at 1 MP) of datasets with them
 

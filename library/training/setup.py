@@ -103,7 +103,8 @@ def build_dataset_groups(args, seed: int, kinds: DatasetKinds):
                             f"{'; '.join(face_crop)}")
     train, val = build_datasets(config, seed, skip_bad_images=args.skip_bad_images,
                                 verify_images=getattr(args, "verify_images", False),
-                                max_train_steps=args.max_train_steps, conditioning_as_mask=kinds.conditioning_as_mask)
+                                max_train_steps=args.max_train_steps, conditioning_as_mask=kinds.conditioning_as_mask,
+                                control_latents=kinds.control_latents)
     if len(train) == 0:
         raise ValueError("the datasets hold no images to train on")
     return train, val

@@ -117,7 +117,9 @@ class Flex2Hooks:
 
     def dataset_kinds(self) -> DatasetKinds:
         kinds = super().dataset_kinds()
-        return replace(kinds, support_controlnet=True, conditioning_as_mask=False) if self.flex2 else kinds
+        if not self.flex2:
+            return kinds
+        return replace(kinds, support_controlnet=True, conditioning_as_mask=False, control_latents=True)
 
     def setup(self) -> None:
         super().setup()
@@ -147,8 +149,8 @@ class Flex2Hooks:
             latents = encode_mean(ae, batch.images).to(device)
         else:
             raise TrainingError("Flex.2 training needs cached latents or the autoencoder to encode the images")
-        control = None
-        if batch.conditioning_images is not None:
+        control = batch.control_latents.to(device) if batch.control_latents is not None else None
+        if control is None and batch.conditioning_images is not None:
             control = encode_mean(ae, batch.conditioning_images).to(device)
         generator = step_generator(self.seed, self.global_step, batch.image_keys)
         features = training_condition(latents, control, generator, **self.flex2_chances)
