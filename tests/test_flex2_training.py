@@ -169,3 +169,19 @@ def test_control_latents_are_cached_with_the_latents_and_follow_edits(setup, tmp
     batch = next(b for b in trainer.loader if b.image_keys[0] == str(item.absolute_path))
     pixels = trainer.train_group.datasets[0].load_conditioning(item, flipped=False)
     assert torch.allclose(batch.control_latents[0], encode_mean(trainer.models.ae, pixels[None])[0].cpu(), atol=1e-5)
+
+
+def test_resume_equals_uninterrupted_with_the_per_step_draws(setup, tmp_path):
+    """The masks and dropouts are drawn from (seed, step, images): a run resumed at step 2 ends with the same LoRA."""
+    from safetensors.torch import load_file
+
+    common = ("--network_module", "networks.lora_flux", "--network_dim", "4", "--max_train_steps", "4",
+              "--save_every_n_steps", "2", "--save_state", "--output_name", "r", "--cache_latents")
+    full, code = cli_runs.run_trainer("network", train_args(setup, tmp_path / "full", *common))
+    assert code == 0
+    state = tmp_path / "full" / "r-step00000002-state"
+    resumed, code = cli_runs.run_trainer("network", train_args(setup, tmp_path / "resumed", *common,
+                                                               "--resume", str(state)))
+    assert code == 0 and resumed.losses == full.losses[2:]
+    a, b = (load_file(str(tmp_path / d / "r.safetensors")) for d in ("full", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
