@@ -192,21 +192,6 @@ def fill_canvas(args, variant):
     return load_fill_canvas(args.image, args.mask_image, args.outpaint)
 
 
-def flex2_inputs(args):
-    """Flex.2's --control_image / --image / --mask_image / --outpaint files, loaded (errors before models load)."""
-    from library.flow.flex2 import Flex2Inputs
-
-    return Flex2Inputs.load(args.control_image, args.image, args.mask_image, args.outpaint)
-
-
-def bind_flex2_inputs(args, models, s, inputs, placement):
-    """Flex.2: bind the render's condition (its size and schedule) to models.flux; returns (settings, PNG text)."""
-    from library.flow.flex2 import bind_with_defaults
-
-    return bind_with_defaults(models, s, inputs, placement, args.control_strength, args.control_stop,
-                              args.bypass_guidance_embedding)
-
-
 def main(argv: list[str] | None = None) -> int:
     from library.cli.main import tool_main  # after the parser is built: --help never imports torch
 
@@ -257,7 +242,11 @@ def run(args) -> int:
     flex2 = variant.name == "flex2"  # Flex.2 reads --control_image and --image/--mask_image itself
     check_flex2_arguments(args, f"{args.ckpt_path} ({variant.name})", flex2)
     canvas = fill_canvas(args, variant) if variant.inpaint and not flex2 else None  # files checked early
-    flex_inputs = flex2_inputs(args) if flex2 else None
+    flex_inputs = None
+    if flex2:  # library/flow/flex2.py: the files loaded before the models
+        from library.flow.flex2 import Flex2Inputs, bind_with_defaults
+
+        flex_inputs = Flex2Inputs.load(args.control_image, args.image, args.mask_image, args.outpaint)
     if args.reference_image and not variant.reference_images:
         raise ValueError(f"--reference_image needs a Kontext model, but {args.ckpt_path} is {variant.name} (keys and "
                          f"metadata); give --model_type kontext if it is FLUX.1 Kontext")
@@ -332,7 +321,8 @@ def run(args) -> int:
         if variant.reference_images:
             bind_references(models.flux, refs)
         if flex_inputs is not None:  # Flex.2: the condition of this size and schedule bound
-            return bind_flex2_inputs(args, models, s, flex_inputs, placement)
+            return bind_with_defaults(models, s, flex_inputs, placement, args.control_strength, args.control_stop,
+                                      args.bypass_guidance_embedding)
         if canvas is not None:  # Fill renders at its canvas's size
             return replace(s, width=canvas.size[0], height=canvas.size[1]), canvas.png_text()
         width, height = target_size(s.width, s.height, refs)
