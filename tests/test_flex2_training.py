@@ -185,3 +185,21 @@ def test_resume_equals_uninterrupted_with_the_per_step_draws(setup, tmp_path):
     assert code == 0 and resumed.losses == full.losses[2:]
     a, b = (load_file(str(tmp_path / d / "r.safetensors")) for d in ("full", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mask_blur_and_dilation():
+    from library.training.recipes.flex2 import blur_mask, dilate_mask
+
+    m = torch.zeros(16, 16)
+    m[4:12, 4:12] = 1
+    blurred = [blur_mask(m, torch.Generator().manual_seed(s)) for s in range(8)]
+    soft = [b for b in blurred if not torch.equal(b, m)]
+    assert soft and len(soft) < 8  # about half of the draws
+    for b in soft:
+        assert 0 < b[4, 4] < 1 and b[8, 8] > 0.9 and b[0, 0] < 0.05 and torch.allclose(b.sum(), m.sum(), rtol=0.05)
+    sizes = {int(dilate_mask(m, torch.Generator().manual_seed(s)).sum()) for s in range(64)}
+    assert min(sizes) < 64 < max(sizes)  # eroded and grown by up to one cell (5% of 16)
+    lat = torch.randn(1, 16, 16, 16)
+    on = training_condition(lat, None, torch.Generator().manual_seed(1), inpaint_dropout=0.0, control_dropout=0.0,
+                            invert_inpaint_mask_chance=0.0, blur=True, dilate=True)
+    assert on.shape == (1, 64, 132)

@@ -104,8 +104,10 @@ class Flex2Condition:
         self._without = flex2_features(self.inpaint, torch.zeros_like(self.control))
 
     def __call__(self, timesteps: torch.Tensor, img_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self._with.device != timesteps.device:  # moved once to where the sampler runs, not at every step
+            self._with, self._without = self._with.to(timesteps.device), self._without.to(timesteps.device)
         on = timesteps.float().reshape(-1, 1, 1) >= self.stop_below
-        return torch.where(on.to(self._with.device), self._with, self._without)
+        return torch.where(on, self._with, self._without)
 
     def uses_control(self, t: float) -> bool:
         return t >= self.stop_below

@@ -24,6 +24,7 @@ import logging
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
 from library.flow.flex2 import Flex2Inputs, bind_for_render
 from library.models.checkpoint import analyze_checkpoint
@@ -73,12 +74,43 @@ def random_inpaint_mask(height: int, width: int, generator: torch.Generator) -> 
     return mask
 
 
+def blur_mask(mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Half of the time a Gaussian blur of the mask (h, w), kernel 3, 5, 7 or 9 cells (torchvision's default sigma
+    for the kernel, reflected borders), as ai-toolkit's random_blur_mask at latent size."""
+    apply, size = torch.rand(2, generator=generator).tolist()
+    if apply >= 0.5:
+        return mask
+    k = 3 + 2 * min(int(size * 4), 3)
+    sigma = 0.3 * ((k - 1) * 0.5 - 1) + 0.8
+    x = torch.arange(k, dtype=torch.float32) - (k - 1) / 2
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    pad = min(k // 2, mask.shape[0] - 1, mask.shape[1] - 1)
+    x = F.pad(mask[None, None], (pad, pad, pad, pad), mode="reflect") if pad else mask[None, None]
+    x = F.conv2d(x, g.view(1, 1, 1, k)[..., k // 2 - pad:k // 2 + pad + 1])
+    x = F.conv2d(x, g.view(1, 1, k, 1)[..., k // 2 - pad:k // 2 + pad + 1, :])
+    return x[0, 0].clamp(0, 1)
+
+
+def dilate_mask(mask: torch.Tensor, generator: torch.Generator, max_fraction: float = 0.05) -> torch.Tensor:
+    """The mask (h, w) grown or shrunk by up to `max_fraction` of its longer side (max pooling of the area to
+    generate, or of the rest), as ai-toolkit's random_dialate_mask."""
+    amount, grow = torch.rand(2, generator=generator).tolist()
+    r = round(amount * max_fraction * max(mask.shape))
+    if r == 0:
+        return mask
+    m = mask if grow < 0.5 else 1 - mask
+    m = F.max_pool2d(m[None, None], 2 * r + 1, stride=1, padding=r)[0, 0]
+    return m if grow < 0.5 else 1 - m
+
+
 def training_condition(latents: torch.Tensor, control_latents: torch.Tensor | None, generator: torch.Generator,
-                       inpaint_dropout: float, control_dropout: float, invert_inpaint_mask_chance: float
-                       ) -> torch.Tensor:
+                       inpaint_dropout: float, control_dropout: float, invert_inpaint_mask_chance: float,
+                       blur: bool = False, dilate: bool = False) -> torch.Tensor:
     """The 132 condition features per token (B, N, 132) of a batch: per sample, in this order of draws, inpaint
-    dropout, the random mask and its inversion, then control dropout. `latents` (B, 16, h, w): the samples' own
-    latents; `control_latents` (B, 16, h, w) or None (no control pictures in this batch)."""
+    dropout, the random mask, its blur (`blur`) and inversion, the latent zeroed under it, the mask channel dilated
+    or eroded (`dilate`), then control dropout. `latents` (B, 16, h, w): the samples' own latents; `control_latents`
+    (B, 16, h, w) or None (no control pictures in this batch)."""
     b, _, h, w = latents.shape
     inpaint, control = [], []
     for i in range(b):
@@ -87,10 +119,14 @@ def training_condition(latents: torch.Tensor, control_latents: torch.Tensor | No
             inpaint.append(torch.cat((torch.zeros(16, h, w), torch.ones(1, h, w))))
         else:
             m = random_inpaint_mask(h, w, generator)
+            if blur:
+                m = blur_mask(m, generator)
             if u_invert < invert_inpaint_mask_chance:
                 m = 1 - m
-            m = m.to(latents.device)
-            inpaint.append(torch.cat((latents[i].float() * (1 - m), m[None])))
+            zeroed = latents[i].float() * (1 - m.to(latents.device))
+            if dilate:
+                m = dilate_mask(m, generator)
+            inpaint.append(torch.cat((zeroed, m[None].to(latents.device))))
         if control_latents is None or u_control < control_dropout:
             control.append(torch.zeros(16, h, w))
         else:
@@ -126,9 +162,11 @@ class Flex2Hooks:
         if not self.flex2:
             return
         with_control = sum(1 for i in self.train_group.items if i.conditioning_path is not None)
+        c = self.flex2_chances
         logger.info("Flex.2: %d of %d images with a control picture; inpaint dropout %g, control dropout %g, "
-                    "inverted masks %g; guidance embedder bypassed", with_control, len(self.train_group.items),
-                    *self.flex2_chances.values())
+                    "inverted masks %g, mask blur %s, mask dilation %s; guidance embedder bypassed", with_control,
+                    len(self.train_group.items), c["inpaint_dropout"], c["control_dropout"],
+                    c["invert_inpaint_mask_chance"], "on" if c["blur"] else "off", "on" if c["dilate"] else "off")
         if getattr(self.args, "guidance_scale", None) is not None:
             logger.warning("--guidance_scale %s has no effect: Flex.2 trains with its guidance embedder bypassed",
                            self.args.guidance_scale)

@@ -24,12 +24,20 @@ def add_flex2_training_arguments(parser: argparse.ArgumentParser) -> None:
              "without it (zero control latent), so the model keeps working without controls (default: 0.5)")
     add("--invert_inpaint_mask_chance", type=fraction, default=None,
         help="share of random masks inverted (the area to generate becomes the rest: outpainting) (default: 0.5)")
+    add("--random_blur_mask", action="store_true",
+        help="blur half of the random masks (Gaussian, kernel 3 to 9 latent cells) so soft mask edges are learnt "
+             "(ai-toolkit's random_blur_mask; its Flex.2 example turns it on)")
+    add("--random_dilate_mask", action="store_true",
+        help="grow or shrink each mask channel by up to 5%% of the latent side after the latent is zeroed, so the "
+             "two do not match exactly and edges blend (ai-toolkit's random_dialate_mask; on in its example)")
 
 
-def flex2_settings(args) -> dict[str, float]:
-    """The three chances, the defaults where not given."""
-    return {name: (DEFAULTS[name] if getattr(args, name, None) is None else float(getattr(args, name)))
-            for name in OPTIONS}
+def flex2_settings(args) -> dict:
+    """The three chances (the defaults where not given) and the two mask augmentations."""
+    chances = {name: (DEFAULTS[name] if getattr(args, name, None) is None else float(getattr(args, name)))
+               for name in OPTIONS}
+    return {**chances, "blur": bool(getattr(args, "random_blur_mask", False)),
+            "dilate": bool(getattr(args, "random_dilate_mask", False))}
 
 
 def given_flex2_training_options(args) -> list[str]:
