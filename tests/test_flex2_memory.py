@@ -59,3 +59,22 @@ def test_the_planner_runs_the_196_feature_model_as_the_recipe_does():
     plan = plan_memory(s)
     measured = measure_cpu_step(s)
     assert plan.peak_bytes == pytest.approx(measured["peak_bytes"], rel=0.10)
+
+
+def test_inference_with_block_swap_renders_the_same_flex2_latents(setup, tmp_path):
+    import flux_minimal_inference
+
+    models, toml = setup
+    control = next((toml.parent / "conditioning").glob("*.png"))
+
+    def render(name, *extra):
+        out = tmp_path / name
+        assert flux_minimal_inference.main([
+            "--ckpt_path", str(models["flux"]), "--ae", str(models["ae"]), "--clip_l", str(models["clip_l"]),
+            "--t5xxl", str(models["t5xxl"]), "--tokenizer_cache_dir", str(models["tokenizers"]),
+            "--t5xxl_max_token_length", "16", "--dtype", "fp32", "--device", "cpu", "--steps", "3", "--seed", "1",
+            "--control_image", str(control), "--control_stop", "0.5", "--output_dir", str(out), "--output_latents",
+            *extra]) == 0
+        return load_file(str(next(out.glob("*_latents.safetensors"))))["latents"]
+
+    assert torch.equal(render("plain"), render("swapped", "--blocks_to_swap", "3"))
