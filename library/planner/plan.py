@@ -356,7 +356,11 @@ def build_rig(s: PlanSettings, device: str = "meta") -> StepRig:
                                                    host_to_device_only=not s.profile.trains_transformer))
     settings = FlowMatchingSettings(timestep_sampling="shift", model_prediction_type="raw", guidance_scale=1.0)
     compute = s.weight_dtype
-    model, inputs = _conditioned(s, flux, device)
+    model, inputs = flux, None
+    if s.params.in_channels > s.params.out_channels:  # Fill (Canny/Depth, Flex.2): condition features per token
+        model = ExtraChannelsFlux(flux)
+        inputs = lambda batch: {"extra_channels": torch.zeros(  # noqa: E731
+            batch.latents.shape[0], (s.height // 16) * (s.width // 16), model.extra_channels, device=device)}
     if s.reference_images:  # the Kontext recipe's model: reference tokens appended, the target's prediction out
         model, inputs = KontextFlux(flux), lambda batch: reference_inputs(batch.reference_latents)
     loss_fn = FluxLossComputer(settings, model, torch.device(device), compute, model_inputs=inputs)
@@ -364,17 +368,6 @@ def build_rig(s: PlanSettings, device: str = "meta") -> StepRig:
     rig = StepRig(s, flux, loss_fn, _batch(s, device), trainable, optimizers, fused, frozen, swappers)
     _prime_optimizer_states(rig)
     return rig
-
-
-def _conditioned(s: PlanSettings, flux, device: str):
-    """The model the recipe's loss calls and its extra inputs: a transformer whose img_in takes condition features
-    (Flex.2's 196, Fill's 384) runs inside ExtraChannelsFlux with zero features per step (their bytes counted)."""
-    extra = getattr(s.params, "in_channels", 64) - getattr(s.params, "out_channels", 64)
-    if extra <= 0:
-        return flux, None
-    tokens = (s.height // 16) * (s.width // 16)
-    return ExtraChannelsFlux(flux), lambda batch: {"extra_channels": torch.zeros(
-        s.batch_size, tokens, extra, device=device, dtype=s.weight_dtype)}
 
 
 def _full_optimizers(s: PlanSettings, flux: Flux):

@@ -8,6 +8,8 @@ from library.training.arguments import TrainerCommandLine, add_full_train_argume
 from library.training.recipes.checks import full_checks, network_checks
 from library.training.recipes.flex2_options import add_flex2_training_arguments
 
+_FLEX2_TYPES = (*TrainerCommandLine.model_types, "flex2")  # LoRA and full fine-tuning also train Flex.2
+
 
 def _network_arguments(parser) -> None:
     add_network_arguments(parser)
@@ -33,14 +35,14 @@ _CONTROLNET_ONLY = {"controlnet_model_name_or_path": "only flux_train_control_ne
 
 LORA = TrainerCommandLine(
     script="flux_train_network.py", training="LoRA training", add_arguments=_network_arguments,
-    checks=network_checks, fp8_base=True,
+    checks=network_checks, fp8_base=True, model_types=_FLEX2_TYPES,
     ineffective={**_CONTROLNET_ONLY, "fused_backward_pass": "only flux_train.py and flux_train_control_net.py use it"},
     refused={"weighted_captions": "is not supported for FLUX: its tokenizers have no (word:weight) syntax; remove "
                                   "the option"})
 
 FULL = TrainerCommandLine(
     script="flux_train.py", training="full fine-tuning", add_arguments=_full_train_arguments,
-    checks=full_checks, refused=_QUANTIZED,
+    checks=full_checks, refused=_QUANTIZED, model_types=_FLEX2_TYPES,
     ineffective={**_FULL_MODEL, **_CONTROLNET_ONLY})
 
 CONTROLNET = TrainerCommandLine(
