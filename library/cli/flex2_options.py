@@ -51,9 +51,10 @@ def given_flex2_options(args) -> list[str]:
     return [f"--{name}" for name in OPTIONS if getattr(args, name, None) not in (None, False)]
 
 
-def check_flex2_arguments(args, model: str, is_flex2: bool) -> None:
+def check_flex2_arguments(args, model: str, is_flex2: bool, reads_control_image: bool | None = None) -> None:
     """Raise ValueError (one line) for Flex.2 options given to another model, or a control image without a model
-    that reads it."""
+    that reads it (`reads_control_image`: the model takes --control_image itself; default: it is Flex.2)."""
+    reads_control_image = is_flex2 if reads_control_image is None else reads_control_image
     given = given_flex2_options(args)
     if given and not is_flex2:
         raise ValueError(f"{' '.join(given)}: {model} is not Flex.2; give ostris' Flex.2-preview (img_in taking 196 "
@@ -61,6 +62,6 @@ def check_flex2_arguments(args, model: str, is_flex2: bool) -> None:
     if is_flex2 and getattr(args, "controlnet", None):
         raise ValueError("--controlnet with Flex.2 is not supported: Flex.2 reads --control_image itself (its "
                          "control latent channels)")
-    if getattr(args, "control_image", None) and not is_flex2 and not getattr(args, "controlnet", None):
+    if getattr(args, "control_image", None) and not reads_control_image and not getattr(args, "controlnet", None):
         raise ValueError(f"--control_image needs --controlnet or a model that reads control images itself (Flex.2); "
                          f"{model} does not")
