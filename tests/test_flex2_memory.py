@@ -78,3 +78,20 @@ def test_inference_with_block_swap_renders_the_same_flex2_latents(setup, tmp_pat
         return load_file(str(next(out.glob("*_latents.safetensors"))))["latents"]
 
     assert torch.equal(render("plain"), render("swapped", "--blocks_to_swap", "3"))
+
+
+def test_the_flex2_preset_has_flex2s_published_size():
+    """ostris' card: about 8B parameters (8 double + 38 single blocks, img_in 196 wide)."""
+    with torch.device("meta"):
+        flux = Flux(FLUX_PRESETS["flex2"])
+    assert sum(p.numel() for p in flux.parameters()) == 8_163_669_568
+    assert tuple(flux.img_in.weight.shape) == (3072, 196) and len(flux.double_blocks) == 8
+
+
+def test_plan_memory_for_the_flex2_preset():
+    """tools/plan_memory.py --model_preset flex2 (real shapes on meta, ~12 s): the fp8 base's resident bytes are
+    Flex.2's parameters (weights of norms and biases stay bf16)."""
+    s = PlanSettings(model="flex2", params=FLUX_PRESETS["flex2"], width=512, height=512, fp8_base=True,
+                     network_dim=16, network_alpha=16)
+    plan = plan_memory(s)
+    assert 8.0e9 < plan.parts["resident_base_weights"] < 8.3e9

@@ -50,6 +50,8 @@ class FluxParams:
 FLUX_PRESETS: dict[str, FluxParams] = {
     "dev": FluxParams(),
     "schnell": FluxParams(guidance_embed=False),
+    # ostris' Flex.2-preview: 8 double blocks and img_in taking 196 features (8.16B parameters), for the planner
+    "flex2": FluxParams(in_channels=196, depth=8),
     # Test presets: same structure, tiny widths (head dim 32 so that the 3 RoPE axes stay even).
     "tiny": FluxParams(vec_in_dim=64, context_in_dim=64, hidden_size=64, num_heads=2, depth=2,
                        depth_single_blocks=2, axes_dim=(4, 14, 14)),
