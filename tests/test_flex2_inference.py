@@ -156,4 +156,9 @@ def test_cli_refusals_are_one_line(tiny, tmp_path, capsys):
     assert "--control_stop: must be from 0 to 1" in capsys.readouterr().err
     assert cli.main(cli_args(tiny, tmp_path / "o", "--control_image", str(tmp_path / "missing.png"))) == 2
     assert "--control_image" in capsys.readouterr().err
+    image = write_image(tmp_path / "a.png", 32, 32)
+    assert cli.main(cli_args(tiny, tmp_path / "o", "--image", str(image), "--width", "64")) == 2
+    assert "--width: Flex.2 inpaints at --image's size" in capsys.readouterr().err
+    assert cli.main(cli_args(tiny, tmp_path / "o", "--mask_image", str(image))) == 2
+    assert "--mask_image and --outpaint need --image" in capsys.readouterr().err
     assert not list((tmp_path / "o").glob("*.png"))

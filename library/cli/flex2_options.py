@@ -59,6 +59,10 @@ def check_flex2_arguments(args, model: str, is_flex2: bool, reads_control_image:
     if given and not is_flex2:
         raise ValueError(f"{' '.join(given)}: {model} is not Flex.2; give ostris' Flex.2-preview (img_in taking 196 "
                          f"features, --model_type flex2)")
+    sizes = [f"--{k}" for k in ("width", "height") if getattr(args, k, None) is not None]
+    if is_flex2 and getattr(args, "image", None) and sizes:
+        raise ValueError(f"{' and '.join(sizes)}: Flex.2 inpaints at --image's size (after --outpaint, floored to "
+                         f"multiples of 16); resize the picture instead")
     if is_flex2 and getattr(args, "controlnet", None):
         raise ValueError("--controlnet with Flex.2 is not supported: Flex.2 reads --control_image itself (its "
                          "control latent channels)")
