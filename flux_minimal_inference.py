@@ -5,6 +5,8 @@
 
 Kontext edits reference images: `--model_type kontext --reference_image photo.png --prompt "make it winter"`
 (library/flow/references.py: BFL's preferred sizes, the AE mean, the target at the reference's size).
+ControlNets (sd-scripts or diffusers layout, several at once): `--controlnet CN --control_image edges.png`
+(library/cli/controlnet_options.py, library/flow/control.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 from library.formats.atomic_io import remove_stale_temporaries
+from library.cli.controlnet_options import add_controlnet_arguments, control_specs
 from library.cli.flex2_options import add_flex2_arguments, check_flex2_arguments
 from library.cli.inpaint_options import add_inpaint_arguments, check_inpaint_arguments
 from library.formats.command_line import ArgumentParser, non_negative_int, positive_int, seed_int
@@ -91,12 +94,6 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--dequantize_merged_layers", action="store_true",
                    help="with --base_quantization nf4/int8 and --merge_lora_weights: dequantize the layers the LoRAs "
                         "change to --flux_dtype and merge into them (otherwise the merge is refused)")
-    p.add_argument("--controlnet", default=None,
-                   help="ControlNet file trained by flux_train_control_net.py or sd-scripts (.safetensors)")
-    p.add_argument("--control_image", default=None,
-                   help="conditioning image for --controlnet; scaled to cover the output size and centre-cropped")
-    p.add_argument("--controlnet_scale", type=float, default=1.0,
-                   help="multiplier of the ControlNet residuals (default: %(default)s)")
     p.add_argument("--offload", action="store_true",
                    help="keep models on the CPU and move each to the GPU only while it runs")
     p.add_argument("--blocks_to_swap", type=non_negative_int, default=0,
@@ -117,6 +114,7 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="read prompts from standard input, one per line, with options --w --h --s --d --g --n --c, "
                         "--m m1,m2 (LoRA multipliers) and --ri a.png;b.png (Kontext references; --ri - clears them)")
     add_inpaint_arguments(p)
+    add_controlnet_arguments(p)
     add_flex2_arguments(p)
     return p
 
@@ -201,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     import torch
 
-    if args.controlnet and not args.control_image:
-        raise ValueError("--controlnet needs --control_image (its conditioning image)")
+    # the ControlNet passes (library/cli/controlnet_options.py); a --control_image without --controlnet is
+    # Flex.2's own control picture, checked once the model is known (check_flex2_arguments)
+    specs = control_specs(args) if args.controlnet or not args.control_image else []
     for path in args.reference_image:  # before anything loads
         if not Path(path).is_file():
             raise ValueError(f"--reference_image {path}: file not found")
@@ -238,20 +237,26 @@ def run(args) -> int:
         logger.info(f"{variant.name}: T5 padding is masked (--apply_t5_attn_mask is implied for it)")
     logger.info(f"model: {variant.name} ({variant.architecture}); defaults: {variant.steps} steps, guidance "
                 f"{variant.guidance}, {'shifted' if variant.shift else 'unshifted'} schedule")
-    check_inpaint_arguments(args, f"{args.ckpt_path} ({variant.name})", variant.inpaint)
+    from library.flow.control import control_png_text, controlled_flux, inpainting_controlnet, picture_size
+
+    inpaint_cn = not variant.inpaint and inpainting_controlnet(args.controlnet)  # alimama's: inside --image only
+    check_inpaint_arguments(args, f"{args.ckpt_path} ({variant.name})", variant.inpaint or inpaint_cn)
     flex2 = variant.name == "flex2"  # Flex.2 reads --control_image and --image/--mask_image itself
+    if not flex2 and args.control_image and not args.controlnet:
+        control_specs(args)  # its one-line error: --control_image needs --controlnet
     check_flex2_arguments(args, f"{args.ckpt_path} ({variant.name})", flex2)
     canvas = fill_canvas(args, variant) if variant.inpaint and not flex2 else None  # files checked early
     flex_inputs = None
     if flex2:  # library/flow/flex2.py: the files loaded before the models
         from library.flow.flex2 import Flex2Inputs, bind_with_defaults
 
-        flex_inputs = Flex2Inputs.load(args.control_image, args.image, args.mask_image, args.outpaint)
+        flex_inputs = Flex2Inputs.load(args.control_image[0] if args.control_image else None, args.image,
+                                       args.mask_image, args.outpaint)
+    if inpaint_cn and args.outpaint is not None:
+        raise ValueError("--outpaint needs a FLUX.1 Fill model: an inpainting ControlNet repaints inside --image")
     if args.reference_image and not variant.reference_images:
         raise ValueError(f"--reference_image needs a Kontext model, but {args.ckpt_path} is {variant.name} (keys and "
                          f"metadata); give --model_type kontext if it is FLUX.1 Kontext")
-    if args.controlnet and variant.reference_images:
-        raise ValueError("--controlnet with a Kontext model is not supported here (ControlNets see the target only)")
     if variant.reference_images and not args.reference_image:
         logger.info("Kontext without --reference_image: plain text-to-image (give reference images to edit them)")
     if args.blocks_to_swap:
@@ -288,17 +293,6 @@ def run(args) -> int:
     if args.blocks_to_swap:  # after merging: the swapped weights' CPU copies are their masters
         move_to_device_except_swap_blocks(loaded["flux"], device)
         enable_flux_block_swap(loaded["flux"], args.blocks_to_swap, device, "cpu", host_to_device_only=True)
-    if args.controlnet:
-        from library.models.controlnet import ControlledFlux, load_controlnet  # only with --controlnet
-        from library.data.images import load_image
-        from library.data.tensors import control_image_source
-
-        controlnet = load_controlnet(args.controlnet, info.params, models.compute_dtype, load_device).eval()
-        control = control_image_source(load_image(args.control_image)[0])
-        models.flux = ControlledFlux(loaded["flux"], controlnet, control, args.controlnet_scale)
-        logger.info(f"ControlNet {args.controlnet} ({controlnet.depths[0]} double blocks) x {args.controlnet_scale} "
-                    f"with control image {args.control_image}")
-
     from library.flow.references import ReferenceEncoder, bind_references, target_size
 
     if canvas is not None:  # FLUX.1 Fill: the picture's condition features, encoded once
@@ -307,7 +301,17 @@ def run(args) -> int:
         models.flux = encode_fill(models.flux, loaded["ae"], canvas, placement, args.tiled_ae)
     if variant.reference_images:
         models.flux = bind_references(models.flux, None)  # bound to each render's references
-    settings = GenerationSettings(prompt=args.prompt, width=args.width, height=args.height, steps=args.steps,
+    kontext = models.flux  # bound below (with ControlNets, inside them: they steer the target tokens only)
+    if specs:
+        # beside a block-swapped transformer (never moved by --offload) the ControlNets live on the device too
+        models.flux, lines = controlled_flux(models.flux, specs, info.params, models.compute_dtype,
+                                             device if args.blocks_to_swap else load_device, loaded["ae"], placement,
+                                             args.mask_image)
+        for line in lines:
+            logger.info(line)
+    size = picture_size(args.image) if inpaint_cn and args.image and not (args.width or args.height) else (None,) * 2
+    settings = GenerationSettings(prompt=args.prompt, width=args.width or size[0], height=args.height or size[1],
+                                  steps=args.steps,
                                   guidance=args.guidance, seed=0, negative_prompt=args.negative_prompt,
                                   cfg_scale=args.cfg_scale if args.cfg_scale is not None else variant.cfg_scale,
                                   reference_images=tuple(args.reference_image))
@@ -319,7 +323,7 @@ def run(args) -> int:
             raise ValueError(f"--ri needs a Kontext model, but {args.ckpt_path} is {variant.name}")
         refs = references(s.reference_images)
         if variant.reference_images:
-            bind_references(models.flux, refs)
+            bind_references(kontext, refs)
         if flex_inputs is not None:  # Flex.2: the condition of this size and schedule bound
             return bind_with_defaults(models, s, flex_inputs, placement, args.control_strength, args.control_stop,
                                       args.bypass_guidance_embedding)
@@ -348,9 +352,7 @@ def run(args) -> int:
         text.update(reference_text)
         if args.lora_weights:
             text["lora_weights"] = " ".join(args.lora_weights) + (" (merged)" if args.merge_lora_weights else "")
-        if args.controlnet:
-            text.update(controlnet=args.controlnet, control_image=args.control_image,
-                        controlnet_scale=str(args.controlnet_scale))
+        text.update(control_png_text(specs))
         save_png(image, path, text)
         if args.output_latents:
             from library.formats.safetensors_io import save_file_atomic  # only with --output_latents

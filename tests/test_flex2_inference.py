@@ -150,7 +150,13 @@ def test_cli_refusals_are_one_line(tiny, tmp_path, capsys):
     assert cli.main(cli_args(dev, tmp_path / "o", "--control_strength", "0.3")) == 2
     assert "--control_strength: " in capsys.readouterr().err
     assert cli.main(cli_args(dev, tmp_path / "o", "--control_image", str(control))) == 2
-    assert "--control_image needs --controlnet or a model that reads control images itself" in capsys.readouterr().err
+    assert "--control_image need --controlnet" in capsys.readouterr().err
+    assert cli.main(cli_args(tiny, tmp_path / "o", "--control_image", str(control), "--control_image",
+                             str(control))) == 2
+    assert "2 --control_image: Flex.2 takes one control picture" in capsys.readouterr().err
+    assert cli.main(cli_args(tiny, tmp_path / "o", "--control_image", str(control), "--controlnet_scale", "0.5")) == 2
+    assert "--controlnet_scale: ControlNet options; Flex.2's control takes --control_strength" in \
+        capsys.readouterr().err
     with pytest.raises(SystemExit):  # a parse error
         cli.main(cli_args(tiny, tmp_path / "o", "--control_stop", "1.5"))
     assert "--control_stop: must be from 0 to 1" in capsys.readouterr().err

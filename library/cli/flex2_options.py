@@ -66,6 +66,15 @@ def check_flex2_arguments(args, model: str, is_flex2: bool, reads_control_image:
     if is_flex2 and getattr(args, "controlnet", None):
         raise ValueError("--controlnet with Flex.2 is not supported: Flex.2 reads --control_image itself (its "
                          "control latent channels)")
+    controls = getattr(args, "control_image", None) or []
+    if is_flex2 and not isinstance(controls, str) and len(controls) > 1:
+        raise ValueError(f"{len(controls)} --control_image: Flex.2 takes one control picture (its control channels "
+                         f"hold one latent)")
+    unit_options = [f"--{n}" for n in ("controlnet_scale", "controlnet_start", "controlnet_end", "control_mode")
+                    if getattr(args, n, None)]
+    if is_flex2 and unit_options:
+        raise ValueError(f"{' '.join(unit_options)}: ControlNet options; Flex.2's control takes --control_strength "
+                         f"and --control_stop")
     if getattr(args, "control_image", None) and not reads_control_image and not getattr(args, "controlnet", None):
         raise ValueError(f"--control_image needs --controlnet or a model that reads control images itself (Flex.2); "
                          f"{model} does not")
