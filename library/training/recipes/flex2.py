@@ -149,6 +149,9 @@ class Flex2Hooks:
     def __init__(self, args, settings=None):
         super().__init__(args, settings)
         self.flex2 = trains_flex2(args)  # datasets are built before the models load: the file's header decides
+        if self.flex2 and getattr(args, "controlnet_model_name_or_path", None):
+            raise TrainingError("--controlnet_model_name_or_path with Flex.2: its conditioning images are Flex.2's own "
+                                "control pictures (control latent channels), not a ControlNet's input; remove it")
         self.flex2_chances = flex2_settings(args)
 
     def dataset_kinds(self) -> DatasetKinds:
