@@ -5,6 +5,8 @@
 
 Kontext edits reference images: `--model_type kontext --reference_image photo.png --prompt "make it winter"`
 (library/flow/references.py: BFL's preferred sizes, the AE mean, the target at the reference's size).
+ControlNets (sd-scripts or diffusers layout, several at once): `--controlnet CN --control_image edges.png`
+(library/cli/controlnet_options.py, library/flow/control.py).
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from datetime import datetime
 from pathlib import Path
 
 from library.formats.atomic_io import remove_stale_temporaries
+from library.cli.controlnet_options import add_controlnet_arguments, control_specs
+from library.cli.inpaint_options import add_inpaint_arguments, check_inpaint_arguments
 from library.formats.command_line import ArgumentParser, non_negative_int, positive_int, seed_int
 
 logger = logging.getLogger("flux_minimal_inference")
 DTYPE_HELP = "bf16, fp16, fp32 or an fp8 type (fp8, fp8_e4m3fn, fp8_e5m2)"
-MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext", "chroma"]  # library/models/variants.py (no torch)
+MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext", "fill", "chroma"]  # library/models/variants.py
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -88,12 +92,6 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--dequantize_merged_layers", action="store_true",
                    help="with --base_quantization nf4/int8 and --merge_lora_weights: dequantize the layers the LoRAs "
                         "change to --flux_dtype and merge into them (otherwise the merge is refused)")
-    p.add_argument("--controlnet", default=None,
-                   help="ControlNet file trained by flux_train_control_net.py or sd-scripts (.safetensors)")
-    p.add_argument("--control_image", default=None,
-                   help="conditioning image for --controlnet; scaled to cover the output size and centre-cropped")
-    p.add_argument("--controlnet_scale", type=float, default=1.0,
-                   help="multiplier of the ControlNet residuals (default: %(default)s)")
     p.add_argument("--offload", action="store_true",
                    help="keep models on the CPU and move each to the GPU only while it runs")
     p.add_argument("--blocks_to_swap", type=non_negative_int, default=0,
@@ -113,6 +111,8 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--interactive", action="store_true",
                    help="read prompts from standard input, one per line, with options --w --h --s --d --g --n --c, "
                         "--m m1,m2 (LoRA multipliers) and --ri a.png;b.png (Kontext references; --ri - clears them)")
+    add_inpaint_arguments(p)
+    add_controlnet_arguments(p)
     return p
 
 
@@ -188,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     import torch
 
-    if bool(args.controlnet) != bool(args.control_image):
-        raise ValueError("--controlnet and --control_image go together: give both or neither")
+    specs = control_specs(args)  # the ControlNet passes (library/cli/controlnet_options.py)
     for path in args.reference_image:  # before anything loads
         if not Path(path).is_file():
             raise ValueError(f"--reference_image {path}: file not found")
@@ -225,11 +224,15 @@ def run(args) -> int:
         logger.info(f"{variant.name}: T5 padding is masked (--apply_t5_attn_mask is implied for it)")
     logger.info(f"model: {variant.name} ({variant.architecture}); defaults: {variant.steps} steps, guidance "
                 f"{variant.guidance}, {'shifted' if variant.shift else 'unshifted'} schedule")
+    from library.flow.control import control_png_text, controlled_flux, inpainting_controlnet, picture_size
+
+    inpaint_cn = not variant.inpaint and inpainting_controlnet(args.controlnet)  # alimama's: inside --image only
+    check_inpaint_arguments(args, f"{args.ckpt_path} ({variant.name})", variant.inpaint or inpaint_cn)
+    if inpaint_cn and args.outpaint is not None:
+        raise ValueError("--outpaint needs a FLUX.1 Fill model: an inpainting ControlNet repaints inside --image")
     if args.reference_image and not variant.reference_images:
         raise ValueError(f"--reference_image needs a Kontext model, but {args.ckpt_path} is {variant.name} (keys and "
                          f"metadata); give --model_type kontext if it is FLUX.1 Kontext")
-    if args.controlnet and variant.reference_images:
-        raise ValueError("--controlnet with a Kontext model is not supported here (ControlNets see the target only)")
     if variant.reference_images and not args.reference_image:
         logger.info("Kontext without --reference_image: plain text-to-image (give reference images to edit them)")
     if args.blocks_to_swap:
@@ -266,22 +269,21 @@ def run(args) -> int:
     if args.blocks_to_swap:  # after merging: the swapped weights' CPU copies are their masters
         move_to_device_except_swap_blocks(loaded["flux"], device)
         enable_flux_block_swap(loaded["flux"], args.blocks_to_swap, device, "cpu", host_to_device_only=True)
-    if args.controlnet:
-        from library.models.controlnet import ControlledFlux, load_controlnet  # only with --controlnet
-        from library.data.images import load_image
-        from library.data.tensors import control_image_source
-
-        controlnet = load_controlnet(args.controlnet, info.params, models.compute_dtype, load_device).eval()
-        control = control_image_source(load_image(args.control_image)[0])
-        models.flux = ControlledFlux(loaded["flux"], controlnet, control, args.controlnet_scale)
-        logger.info(f"ControlNet {args.controlnet} ({controlnet.depths[0]} double blocks) x {args.controlnet_scale} "
-                    f"with control image {args.control_image}")
-
     from library.flow.references import ReferenceEncoder, bind_references, target_size
 
     if variant.reference_images:
         models.flux = bind_references(models.flux, None)  # bound to each render's references
-    settings = GenerationSettings(prompt=args.prompt, width=args.width, height=args.height, steps=args.steps,
+    kontext = models.flux  # bound below (with ControlNets, inside them: they steer the target tokens only)
+    if specs:
+        # beside a block-swapped transformer (never moved by --offload) the ControlNets live on the device too
+        models.flux, lines = controlled_flux(models.flux, specs, info.params, models.compute_dtype,
+                                             device if args.blocks_to_swap else load_device, loaded["ae"], placement,
+                                             args.mask_image)
+        for line in lines:
+            logger.info(line)
+    size = picture_size(args.image) if inpaint_cn and args.image and not (args.width or args.height) else (None,) * 2
+    settings = GenerationSettings(prompt=args.prompt, width=args.width or size[0], height=args.height or size[1],
+                                  steps=args.steps,
                                   guidance=args.guidance, seed=0, negative_prompt=args.negative_prompt,
                                   cfg_scale=args.cfg_scale if args.cfg_scale is not None else variant.cfg_scale,
                                   reference_images=tuple(args.reference_image))
@@ -293,7 +295,7 @@ def run(args) -> int:
             raise ValueError(f"--ri needs a Kontext model, but {args.ckpt_path} is {variant.name}")
         refs = references(s.reference_images)
         if variant.reference_images:
-            bind_references(models.flux, refs)
+            bind_references(kontext, refs)
         width, height = target_size(s.width, s.height, refs)
         return replace(s, width=width, height=height), refs.png_text() if refs else {}
 
@@ -317,9 +319,7 @@ def run(args) -> int:
         text.update(reference_text)
         if args.lora_weights:
             text["lora_weights"] = " ".join(args.lora_weights) + (" (merged)" if args.merge_lora_weights else "")
-        if args.controlnet:
-            text.update(controlnet=args.controlnet, control_image=args.control_image,
-                        controlnet_scale=str(args.controlnet_scale))
+        text.update(control_png_text(specs))
         save_png(image, path, text)
         if args.output_latents:
             from library.formats.safetensors_io import save_file_atomic  # only with --output_latents

@@ -23,6 +23,7 @@ from library.training.errors import TrainingError
 from library.training.loop import Trainer
 from library.training.optimizers import optimizer_metadata_text
 from library.training.recipes import command_lines
+from library.training.recipes.frozen_controlnet import FrozenControlNetHooks
 from library.training.recipes.kontext import KontextHooks
 from library.training.settings import MemoryProfile
 from library.training.setup import TrainingModels, apply_t5_attn_mask, flow_matching_settings
@@ -61,7 +62,7 @@ def datasets_info(group) -> list[dict]:
     return out
 
 
-class LoRATrainer(KontextHooks, Trainer):
+class LoRATrainer(KontextHooks, FrozenControlNetHooks, Trainer):
     tracker_name = "network_train"
     command_line = command_lines.LORA
     memory_profile = MemoryProfile(name="network", trains_transformer=False, fp8_base=True)
