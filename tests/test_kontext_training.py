@@ -316,3 +316,10 @@ def test_readme_kontext_command_lines_parse_and_verify():
         args = entry.setup_parser().parse_args(argv[3:])
         verify_training_args(args, entry.COMMAND_LINE)
         assert args.model_type == "kontext" and args.dataset_config == "kontext.toml"
+
+
+def test_a_frozen_controlnet_is_refused_with_kontext(tiny, tmp_path):
+    models, toml = tiny
+    with pytest.raises(TrainingError, match="frozen ControlNet does not take FLUX.1 Kontext yet"):
+        cli_runs.run_trainer("network", [*run_args(models, toml, tmp_path), *LORA, "--model_type", "kontext",
+                                         "--max_train_steps", "1", "--controlnet_model_name_or_path", "cn.safetensors"])

@@ -378,7 +378,7 @@ def build_rig(s: PlanSettings, device: str = "meta") -> StepRig:
         model_inputs = lambda batch: {"extra_channels": torch.zeros(  # noqa: E731
             batch.latents.shape[0], (s.height // 16) * (s.width // 16), model.extra_channels, device=device)}
     if s.reference_images:  # the Kontext recipe's model: reference tokens appended, the target's prediction out
-        model, model_inputs = KontextFlux(flux), lambda batch: reference_inputs(batch.reference_latents)
+        model, model_inputs = KontextFlux(model), lambda batch: reference_inputs(batch.reference_latents)
     loss_fn = FluxLossComputer(settings, model, torch.device(device), compute, model_inputs=model_inputs)
     frozen = [p for p in flux.parameters() if not p.requires_grad]
     batch = _batch(s, device)

@@ -81,4 +81,3 @@ def full_checks(args: argparse.Namespace, get) -> list[str]:
         problems.append(f"{fused[0]} cannot use --mixed_precision fp16: fp16 loss scaling needs every gradient "
                         "before a step; use --mixed_precision bf16")
     return problems
-

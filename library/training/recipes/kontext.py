@@ -79,6 +79,10 @@ class KontextHooks:
     def __init__(self, args, settings=None):
         super().__init__(args, settings)
         self.kontext = trains_kontext(args)  # datasets are built before the models load: the file's header decides
+        if self.kontext and getattr(args, "controlnet_model_name_or_path", None):
+            raise TrainingError(f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path}: LoRA "
+                                "training through a frozen ControlNet does not take FLUX.1 Kontext yet (ControlNet "
+                                "subsets have no reference images); train the Kontext LoRA without it")
 
     def dataset_kinds(self) -> DatasetKinds:
         kinds = super().dataset_kinds()

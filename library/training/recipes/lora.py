@@ -24,8 +24,8 @@ from library.training.loop import Trainer
 from library.training.optimizers import optimizer_metadata_text
 from library.training.recipes import command_lines
 from library.training.recipes.flex2 import Flex2Hooks
-from library.training.recipes.kontext import KontextHooks
 from library.training.recipes.frozen_controlnet import FrozenControlNetHooks
+from library.training.recipes.kontext import KontextHooks
 from library.training.settings import MemoryProfile
 from library.training.setup import TrainingModels, apply_t5_attn_mask, flow_matching_settings
 from networks.lycoris_flux import LycorisFileNetwork
