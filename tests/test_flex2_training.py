@@ -203,3 +203,11 @@ def test_mask_blur_and_dilation():
     on = training_condition(lat, None, torch.Generator().manual_seed(1), inpaint_dropout=0.0, control_dropout=0.0,
                             invert_inpaint_mask_chance=0.0, blur=True, dilate=True)
     assert on.shape == (1, 64, 132)
+
+
+def test_flex2_refuses_a_frozen_controlnet(setup, tmp_path):
+    from library.training.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="--controlnet_model_name_or_path with Flex.2"):
+        cli_runs.run_trainer("network", train_args(setup, tmp_path, "--network_module", "networks.lora_flux",
+                                                   "--controlnet_model_name_or_path", str(tmp_path / "cn.safetensors")))
