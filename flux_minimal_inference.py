@@ -21,12 +21,14 @@ from pathlib import Path
 
 from library.formats.atomic_io import remove_stale_temporaries
 from library.cli.controlnet_options import add_controlnet_arguments, control_specs
+from library.cli.flex2_options import add_flex2_arguments, check_flex2_arguments
 from library.cli.inpaint_options import add_inpaint_arguments, check_inpaint_arguments
 from library.formats.command_line import ArgumentParser, non_negative_int, positive_int, seed_int
 
 logger = logging.getLogger("flux_minimal_inference")
 DTYPE_HELP = "bf16, fp16, fp32 or an fp8 type (fp8, fp8_e4m3fn, fp8_e5m2)"
-MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext", "fill", "chroma"]  # library/models/variants.py
+# library/models/variants.py (no torch import here)
+MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext", "fill", "flex2", "chroma"]
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -113,6 +115,7 @@ def setup_parser() -> argparse.ArgumentParser:
                         "--m m1,m2 (LoRA multipliers) and --ri a.png;b.png (Kontext references; --ri - clears them)")
     add_inpaint_arguments(p)
     add_controlnet_arguments(p)
+    add_flex2_arguments(p)
     return p
 
 
@@ -196,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     import torch
 
-    specs = control_specs(args)  # the ControlNet passes (library/cli/controlnet_options.py)
+    # the ControlNet passes (library/cli/controlnet_options.py); a --control_image without --controlnet is
+    # Flex.2's own control picture, checked once the model is known (check_flex2_arguments)
+    specs = control_specs(args) if args.controlnet or not args.control_image else []
     for path in args.reference_image:  # before anything loads
         if not Path(path).is_file():
             raise ValueError(f"--reference_image {path}: file not found")
@@ -236,9 +241,19 @@ def run(args) -> int:
 
     inpaint_cn = not variant.inpaint and inpainting_controlnet(args.controlnet)  # alimama's: inside --image only
     check_inpaint_arguments(args, f"{args.ckpt_path} ({variant.name})", variant.inpaint or inpaint_cn)
+    flex2 = variant.name == "flex2"  # Flex.2 reads --control_image and --image/--mask_image itself
+    if not flex2 and args.control_image and not args.controlnet:
+        control_specs(args)  # its one-line error: --control_image needs --controlnet
+    check_flex2_arguments(args, f"{args.ckpt_path} ({variant.name})", flex2)
+    canvas = fill_canvas(args, variant) if variant.inpaint and not flex2 else None  # files checked early
+    flex_inputs = None
+    if flex2:  # library/flow/flex2.py: the files loaded before the models
+        from library.flow.flex2 import Flex2Inputs, bind_with_defaults
+
+        flex_inputs = Flex2Inputs.load(args.control_image[0] if args.control_image else None, args.image,
+                                       args.mask_image, args.outpaint)
     if inpaint_cn and args.outpaint is not None:
         raise ValueError("--outpaint needs a FLUX.1 Fill model: an inpainting ControlNet repaints inside --image")
-    canvas = fill_canvas(args, variant) if variant.inpaint else None  # library/flow/fill.py: files checked early
     if args.reference_image and not variant.reference_images:
         raise ValueError(f"--reference_image needs a Kontext model, but {args.ckpt_path} is {variant.name} (keys and "
                          f"metadata); give --model_type kontext if it is FLUX.1 Kontext")
@@ -309,6 +324,9 @@ def run(args) -> int:
         refs = references(s.reference_images)
         if variant.reference_images:
             bind_references(kontext, refs)
+        if flex_inputs is not None:  # Flex.2: the condition of this size and schedule bound
+            return bind_with_defaults(models, s, flex_inputs, placement, args.control_strength, args.control_stop,
+                                      args.bypass_guidance_embedding)
         if canvas is not None:  # Fill renders at its canvas's size
             return replace(s, width=canvas.size[0], height=canvas.size[1]), canvas.png_text()
         width, height = target_size(s.width, s.height, refs)

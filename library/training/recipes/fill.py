@@ -41,6 +41,8 @@ from library.training.setup import model_variant
 
 logger = logging.getLogger(__name__)
 
+FILL = "fill"  # the variant (library/models/variants.py); Flex.2 also inpaints, with its own recipe mixin
+
 
 def trains_fill(args) -> bool:
     """Whether the run's transformer is FLUX.1 Fill, from the file's header (--model_type, metadata, img_in width);
@@ -49,8 +51,8 @@ def trains_fill(args) -> bool:
     try:
         info = analyze_checkpoint(path) if path else None
     except (OSError, ValueError):
-        return getattr(args, "model_type", None) == "fill"
-    return info is not None and model_variant(args, info).inpaint  # a contradicting --model_type: TrainingError
+        return getattr(args, "model_type", None) == FILL
+    return info is not None and model_variant(args, info).name == FILL  # contradicting --model_type: TrainingError
 
 
 def loss_weights(masks: torch.Tensor, kept_weight: float, alpha: torch.Tensor | None) -> torch.Tensor:
