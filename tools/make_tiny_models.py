@@ -16,7 +16,8 @@ quantizes the simple types; the K-quants use tools/gguf_kquants.py (K-quants nee
 `--hidden_size 256`: narrower rows stay F32).
 
 `--model_type kontext` (or krea) writes the dev-keyed transformer with that model's ModelSpec architecture
-(`modelspec.architecture: flux-1-kontext-dev`), so tests can show a variant recognised from the file's metadata.
+(`modelspec.architecture: flux-1-kontext-dev`), so tests can show a variant recognised from the file's metadata;
+`canny` / `depth` also widen img_in to the variant's 128 input features.
 
 `--init trained-like` (with e.g. `--hidden_size 128`) writes models that behave structurally like trained ones, for
 tests that check that training *learns* (see `init_trained_like_flux` and `init_trained_like_ae`); the default
@@ -41,7 +42,7 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", default="tiny", choices=["tiny", "tiny-schnell"],
                    help="transformer preset: tiny (dev-like, guidance embedder) or tiny-schnell")
-    p.add_argument("--model_type", default=None, choices=["dev", "krea", "kontext"],
+    p.add_argument("--model_type", default=None, choices=["dev", "krea", "kontext", "canny", "depth"],
                    help="with the tiny (dev-like) preset: the model named in the file's modelspec.architecture "
                         "(default: flux-1-dev, or flux-1-schnell for tiny-schnell); the weights are the same")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
@@ -122,7 +123,8 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
     if model_type is not None and (model_type not in VARIANTS or VARIANTS[model_type].family != "flux"
                                    or not VARIANTS[model_type].has_guidance_input
                                    or preset == "tiny-schnell"):
-        raise ValueError(f"model_type {model_type!r}: expected dev, krea or kontext with the tiny (dev-like) preset")
+        raise ValueError(f"model_type {model_type!r}: expected a dev-like model (dev, krea, kontext, canny, depth) "
+                         "with the tiny (dev-like) preset")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch_dtype = str_to_dtype(dtype)
@@ -133,6 +135,8 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
     clip = CLIPTextModel(tiny_clip_config(vocab_size=vocab["clip"])).eval()
     t5 = T5EncoderModel(tiny_t5_config(vocab_size=vocab["t5"])).eval()
     params = replace(FLUX_PRESETS[preset], vec_in_dim=clip.config.hidden_size, context_in_dim=t5.config.d_model)
+    if model_type is not None:  # img_in's width: 64 noisy features + the variant's condition (Canny/Depth 128)
+        params = replace(params, in_channels=VARIANTS[model_type].in_channels)
     if hidden_size is not None:
         head_dim = params.head_dim
         if hidden_size <= 0 or hidden_size % head_dim:
