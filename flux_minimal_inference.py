@@ -22,7 +22,8 @@ from library.formats.command_line import ArgumentParser, non_negative_int, posit
 
 logger = logging.getLogger("flux_minimal_inference")
 DTYPE_HELP = "bf16, fp16, fp32 or an fp8 type (fp8, fp8_e4m3fn, fp8_e5m2)"
-MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext", "canny", "depth"]  # library/models/variants.py (no torch import here)
+# library/models/variants.py (no torch import here)
+MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext", "canny", "depth"]
 
 
 def setup_parser() -> argparse.ArgumentParser:
