@@ -17,6 +17,7 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
+from library.cli.control_options import add_control_arguments, check_control_arguments
 from library.formats.atomic_io import remove_stale_temporaries
 from library.formats.command_line import ArgumentParser, non_negative_int, positive_int, seed_int
 
@@ -91,7 +92,9 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--controlnet", default=None,
                    help="ControlNet file trained by flux_train_control_net.py or sd-scripts (.safetensors)")
     p.add_argument("--control_image", default=None,
-                   help="conditioning image for --controlnet; scaled to cover the output size and centre-cropped")
+                   help="conditioning image for --controlnet (scaled to cover the output size and centre-cropped), "
+                        "or the control picture of FLUX.1 Canny/Depth (resized to the output size; the output takes "
+                        "its size when none is given)")
     p.add_argument("--controlnet_scale", type=float, default=1.0,
                    help="multiplier of the ControlNet residuals (default: %(default)s)")
     p.add_argument("--offload", action="store_true",
@@ -113,6 +116,7 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--interactive", action="store_true",
                    help="read prompts from standard input, one per line, with options --w --h --s --d --g --n --c, "
                         "--m m1,m2 (LoRA multipliers) and --ri a.png;b.png (Kontext references; --ri - clears them)")
+    add_control_arguments(p)
     return p
 
 
@@ -188,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     import torch
 
-    if bool(args.controlnet) != bool(args.control_image):
-        raise ValueError("--controlnet and --control_image go together: give both or neither")
+    if args.controlnet and not args.control_image:
+        raise ValueError("--controlnet needs --control_image")
     for path in args.reference_image:  # before anything loads
         if not Path(path).is_file():
             raise ValueError(f"--reference_image {path}: file not found")
@@ -201,6 +205,7 @@ def run(args) -> int:
     from library.flow.generation import FluxModels, GenerationSettings, Placement, generate, png_text, save_png, \
         unique_path
     from library.models.variants import resolve_variant
+    from library.lora.control import find_control_lora
 
     remove_stale_temporaries(args.output_dir)  # PNGs of a run killed while writing (not its subfolders: maybe ".")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -215,11 +220,16 @@ def run(args) -> int:
     info = flux_utils.analyze_checkpoint(args.ckpt_path)  # checks the file before anything heavy
     logger.info(f"transformer: {info.layout} layout, {info.model_type}, {info.params.depth} double + "
                 f"{info.params.depth_single_blocks} single blocks, stored as {', '.join(sorted(info.dtypes))}")
+    control_lora = find_control_lora(args.lora_weights)  # a BFL Canny/Depth LoRA makes dev a 128-feature model
+    if control_lora and (info.params.in_channels, info.params.guidance_embed) != (64, True):
+        raise ValueError(f"{control_lora[0]} is a control LoRA for FLUX.1-dev; {args.ckpt_path} is not dev-like")
     variant = resolve_variant(args.model_type, has_guidance_input=info.params.guidance_embed,
-                              in_channels=info.params.in_channels,
-                              metadata=info.metadata, source=args.ckpt_path)
+                              in_channels=128 if control_lora else info.params.in_channels,
+                              metadata=control_lora[1] if control_lora else info.metadata,
+                              source=f"{args.ckpt_path} + {control_lora[0]}" if control_lora else args.ckpt_path)
     logger.info(f"model: {variant.name} ({variant.architecture}); defaults: {variant.steps} steps, guidance "
                 f"{variant.guidance}, {'shifted' if variant.shift else 'unshifted'} schedule")
+    check_control_arguments(args, variant.control, f"{args.ckpt_path} ({variant.name})")
     if args.reference_image and not variant.reference_images:
         raise ValueError(f"--reference_image needs a Kontext model, but {args.ckpt_path} is {variant.name} (keys and "
                          f"metadata); give --model_type kontext if it is FLUX.1 Kontext")
@@ -268,6 +278,11 @@ def run(args) -> int:
                     f"with control image {args.control_image}")
 
     from library.flow.references import ReferenceEncoder, bind_references, target_size
+    from library.flow.control import bind_control, bind_control_image, control_encoder_for
+
+    if variant.control:  # Canny/Depth: the control latents are bound per render (library/flow/control.py)
+        models.flux = bind_control(models.flux, None)
+        control = control_encoder_for(args.control_preprocessor, args.depth_model, loaded["ae"], placement)
 
     if variant.reference_images:
         models.flux = bind_references(models.flux, None)  # bound to each render's references
@@ -294,6 +309,9 @@ def run(args) -> int:
                 network.set_multiplier(m)
         if s.seed is None:
             s.seed = random.randint(0, 2**32 - 1)
+        if variant.control:  # before the references' rule: the output takes the control picture's size
+            s = replace(s, **dict(zip(("width", "height"), bind_control_image(models.flux, control, args.control_image,
+                                                                               s.width, s.height))))
         s, reference_text = with_references(s)
         width, height = s.output_size()
         if (width, height) != (s.width, s.height):
@@ -306,6 +324,8 @@ def run(args) -> int:
         text.update(reference_text)
         if args.lora_weights:
             text["lora_weights"] = " ".join(args.lora_weights) + (" (merged)" if args.merge_lora_weights else "")
+        if variant.control:
+            text.update(control_image=args.control_image, control_preprocessor=args.control_preprocessor)
         if args.controlnet:
             text.update(controlnet=args.controlnet, control_image=args.control_image,
                         controlnet_scale=str(args.controlnet_scale))

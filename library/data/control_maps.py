@@ -18,7 +18,7 @@ def resize_control(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     """An HxWx3 uint8 picture resized to width x height (PIL Lanczos, aspect not kept), as BFL and diffusers do."""
     if rgb.shape[1] == width and rgb.shape[0] == height:
         return rgb
-    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.LANCZOS))
+    return np.array(Image.fromarray(rgb).resize((width, height), Image.Resampling.LANCZOS))
 
 
 def canny_map(rgb: np.ndarray, low: int = CANNY_THRESHOLDS[0], high: int = CANNY_THRESHOLDS[1]) -> np.ndarray:

@@ -103,3 +103,26 @@ def control_image_size(path: str | Path) -> tuple[int, int]:
     if width < 16 or height < 16:
         raise ValueError(f"control image {path} is {width}x{height}: smaller than 16x16")
     return width // 16 * 16, height // 16 * 16
+
+
+def bind_control_image(flux: ExtraChannelsFlux, control: ControlEncoder, path: str | Path, width: int | None,
+                       height: int | None) -> tuple[int, int]:
+    """Bind `flux` to the control latents of `path` at the output size and return (width, height) as asked, or the
+    control picture's own size (floored to 16) for what is not given. Sizes round up to 16 as the sampler's do."""
+    if width is None or height is None:
+        own_w, own_h = control_image_size(path)
+        width, height = width or own_w, height or own_h
+    flux.bind(control(path, -(-width // 16) * 16, -(-height // 16) * 16))
+    return width, height
+
+
+def control_encoder_for(preprocessor: str, depth_model: str | None, ae: torch.nn.Module,
+                        placement: Placement | None) -> ControlEncoder:
+    """The command line's ControlEncoder: the depth model (local folder) loaded only for `depth`, on the compute
+    device."""
+    depth = None
+    if preprocessor == "depth":
+        from library.models.depth import DepthEstimator
+
+        depth = DepthEstimator(depth_model, placement.device if placement else "cpu")
+    return ControlEncoder(ae, preprocessor, depth, placement)

@@ -7,8 +7,9 @@ What applying does (BFL's `FluxLoraWrapper`, diffusers' FluxControlPipeline):
 - every QK-norm scale is REPLACED by the file's value (not scaled by s).
 
 Hooked (`ControlLoRA.apply_to`): img_in is swapped for the widened Linear, each Linear's forward adds
-s * (B (A x) + b_B), and each norm's `scale` parameter is swapped for the file's; `restore()` undoes all three
-(the original modules and parameters come back, bit for bit). `set_multiplier` changes s (the norm replacement
+s * (B (A x) + b_B), and each QK norm's forward multiplies by the file's scale instead of its own (its parameter
+stays in place, untouched: block swapping and state dicts see the base model); `restore()` undoes all three
+(the original img_in and forwards come back, bit for bit). `set_multiplier` changes s (the norm replacement
 does not depend on s). Merged (`merge_to`): the same arithmetic written into the weights, once.
 Training uses the hooked form: A (Kaiming), B and b_B (zeros) and the norm scales (copies of the base's) train.
 """
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from library.formats.control_lora import ControlLoRAWeights
+from library.formats.control_lora import ControlLoRAWeights, is_control_lora
+from library.formats.safetensors_io import read_header
 
 DEFAULT_STRENGTH = 0.85  # BFL's CLI default lora_scale for the Canny/Depth LoRAs
 CONTROL_IN_CHANNELS = 128
@@ -134,12 +137,14 @@ class ControlLoRA(nn.Module):
             self._restore.append(lambda linear=linear: linear.__dict__.pop("forward", None))
         owners = dict(flux.named_modules())
         for name, param in zip(self.norm_names, self.norms):
-            owner_name, _, attr = name.rpartition(".")
-            owner = owners[owner_name]
-            old = owner._parameters[attr]
-            param.data = param.data.to(old.device)
-            owner._parameters[attr] = param
-            self._restore.append(lambda owner=owner, attr=attr, old=old: owner._parameters.__setitem__(attr, old))
+            norm = owners[name.rpartition(".")[0]]
+
+            def norm_forward(x, param=param):  # RMSNorm's arithmetic with the replacement scale
+                xf = x.float()
+                return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * param.to(x.dtype)
+
+            norm.forward = norm_forward
+            self._restore.append(lambda norm=norm: norm.__dict__.pop("forward", None))
 
     def restore(self) -> None:
         """Undo `apply_to`: the original img_in, forwards, norm parameters and params come back."""
@@ -189,3 +194,28 @@ class ControlLoRA(nn.Module):
 
         return ControlLoRAWeights({m.name: (cast(m.lora_A), cast(m.lora_B), cast(m.bias)) for m in self.loras},
                                   {n: cast(p) for n, p in zip(self.norm_names, self.norms)})
+
+
+def find_control_lora(specs: list[str]) -> tuple[Path, dict[str, str]] | None:
+    """The control LoRA among `--lora_weights` specs (`path` or `path;multiplier`), by its keys: (path, the
+    metadata that names its model), or None. The model is the file's ModelSpec architecture, else its file name
+    (BFL's files carry none: flux1-depth-dev-lora.safetensors), else none (canny is then taken, with a log line).
+    More than one control LoRA is refused."""
+    found = []
+    for spec in specs:
+        path = Path(spec.rpartition(";")[0] if ";" in spec else spec)
+        header = read_header(path)
+        if is_control_lora(header.tensors):
+            found.append((path, dict(header.metadata)))
+    if len(found) > 1:
+        raise ValueError(f"--lora_weights: {found[0][0]} and {found[1][0]} are both control LoRAs (Canny/Depth); "
+                         "give one")
+    if not found:
+        return None
+    path, metadata = found[0]
+    if "modelspec.architecture" not in metadata:
+        name = path.name.lower()
+        for kind in ("depth", "canny"):
+            if kind in name:
+                metadata["modelspec.architecture"] = f"flux-1-{kind}-dev/lora"
+    return path, metadata
