@@ -23,6 +23,7 @@ from library.formats.safetensors_io import TensorReader, sample_keys
 from library.training.errors import TrainingError
 from library.training.loop import Trainer
 from library.training.recipes import command_lines
+from library.training.recipes.control import ControlHooks
 from library.training.settings import MemoryProfile
 from library.training.setup import TrainingModels
 
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 STATE_WEIGHTS = "transformer.safetensors"  # the trained weights inside a --save_state folder
 
 
-class FullTrainer(Trainer):
+class FullTrainer(ControlHooks, Trainer):
     """The trained transformer is never stored in fp8 (warn_ineffective says so); the text encoders are frozen."""
 
     tracker_name = "finetuning"
@@ -45,6 +46,7 @@ class FullTrainer(Trainer):
         return None if (args.full_bf16 or args.full_fp16) else torch.float32
 
     def build_trainable(self, models: TrainingModels) -> list[torch.nn.Module]:
+        self.use_control_variant(models)  # Canny/Depth runs (recipes/control.py): logs what the run feeds
         flux = models.flux
         flux.requires_grad_(True)
         for m in (models.clip_l, models.t5xxl, models.ae):

@@ -23,6 +23,7 @@ from library.training.errors import TrainingError
 from library.training.loop import Trainer
 from library.training.optimizers import optimizer_metadata_text
 from library.training.recipes import command_lines
+from library.training.recipes.control import ControlHooks
 from library.training.settings import MemoryProfile
 from library.training.setup import TrainingModels, flow_matching_settings
 from networks.lycoris_flux import LycorisFileNetwork
@@ -60,7 +61,7 @@ def datasets_info(group) -> list[dict]:
     return out
 
 
-class LoRATrainer(Trainer):
+class LoRATrainer(ControlHooks, Trainer):
     tracker_name = "network_train"
     command_line = command_lines.LORA
     memory_profile = MemoryProfile(name="network", trains_transformer=False, fp8_base=True)
@@ -73,6 +74,7 @@ class LoRATrainer(Trainer):
 
     def build_trainable(self, models: TrainingModels) -> list[torch.nn.Module]:
         args = self.args
+        self.use_control_variant(models)  # Canny/Depth runs (recipes/control.py)
         try:
             self.network_module = importlib.import_module(self.network_module_name)
         except ImportError as e:
