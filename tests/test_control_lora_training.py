@@ -4,7 +4,6 @@ FluxControlPipeline with the same output; LoRA and full fine-tuning of a full Ca
 
 from __future__ import annotations
 
-from functools import partial
 
 import numpy as np
 import pytest
