@@ -88,3 +88,29 @@ def test_one_line_errors(canny, dev, tmp_path):
     with pytest.raises(ValueError, match="img_in takes 128 features per token, dev takes 64"):
         cli.run(cli.setup_parser().parse_args(cli_args(canny, tmp_path, "--control_image", str(picture),
                                                        "--model_type", "dev")))
+
+
+def test_readme_section_command_lines_parse_and_verify():
+    import re
+    import shlex
+
+    import flux_train_network
+    from conftest import ROOT
+    from library.training.arguments import verify_training_args
+    from tools.make_control_maps import setup_parser as maps_parser
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("\n## FLUX.1 Canny / Depth\n")
+    section = text[start:text.index("\n## ", start + 1)]
+    commands = [shlex.split(line) for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+                for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    assert len(commands) == 6
+    for argv in commands:
+        if argv[:2] == ["python", "flux_minimal_inference.py"]:
+            cli.setup_parser().parse_args(argv[2:])
+        elif argv[:2] == ["python", "tools/make_control_maps.py"]:
+            maps_parser().parse_args(argv[2:])
+        else:
+            assert argv[:3] == ["accelerate", "launch", "flux_train_network.py"]
+            verify_training_args(flux_train_network.setup_parser().parse_args(argv[3:]),
+                                 flux_train_network.COMMAND_LINE)
