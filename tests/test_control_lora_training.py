@@ -144,3 +144,17 @@ def test_make_control_maps_writes_canny_maps(setup, tmp_path):
         source = np.asarray(Image.open(images / path.name).convert("RGB"))
         assert np.array_equal(np.asarray(Image.open(path)), canny_map(source))
     assert make_control_maps(images, tmp_path / "canny", "canny") == []  # kept unless --overwrite
+
+
+def test_control_lora_with_fp8_base_and_block_swap(tmp_path):
+    """The frozen dev in fp8 (img_in upcast when widened) and with blocks swapped: the run trains and saves."""
+    from cli_runs import swappable_tiny_models
+
+    models, _ = swappable_tiny_models(tmp_path)
+    toml = make_controlnet_demo_dataset(tmp_path / "cn", count=2, size=32)
+    _, status = train("network", models, toml, tmp_path / "fp8", *CONTROL_LORA, "--fp8_base", "--mixed_precision",
+                      "bf16", "--max_train_steps", "2", "--output_name", "f")
+    assert status == 0 and is_control_lora(load_tensors(tmp_path / "fp8" / "f.safetensors"))
+    _, status = train("network", models, toml, tmp_path / "swap", *CONTROL_LORA, "--blocks_to_swap", "4",
+                      "--max_train_steps", "2", "--output_name", "s")
+    assert status == 0 and is_control_lora(load_tensors(tmp_path / "swap" / "s.safetensors"))

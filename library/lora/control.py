@@ -43,7 +43,11 @@ def norm_scales(flux: nn.Module) -> dict[str, nn.Parameter]:
 
 def widened_img_in(img_in: nn.Linear, in_channels: int = CONTROL_IN_CHANNELS) -> nn.Linear:
     """img_in with `in_channels` inputs: the old columns, then zeros (a frozen copy on img_in's device/dtype)."""
-    weight = img_in.weight.detach()
+    dtype = img_in.bias.dtype if img_in.bias is not None else torch.float32
+    dequantize = getattr(img_in, "dequantized_weight", None)  # fp8 (scaled), nf4/int8, GGUF storage: upcast
+    weight = dequantize(dtype).detach() if dequantize is not None else img_in.weight.detach()
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        weight = weight.to(dtype)
     if weight.shape[1] > in_channels:
         raise ValueError(f"img_in takes {weight.shape[1]} features, more than the control LoRA's {in_channels}")
     wide = nn.Linear(in_channels, weight.shape[0], bias=img_in.bias is not None, device="meta")
@@ -166,7 +170,15 @@ class ControlLoRA(nn.Module):
     # ---------------------------------------------------------------------------------------------- merged
     @torch.no_grad()
     def merge_to(self, flux: nn.Module) -> None:
-        """Write the control LoRA into `flux`'s weights at `multiplier` (img_in widened first; norms replaced)."""
+        """Write the control LoRA into `flux`'s weights at `multiplier` (img_in widened first; norms replaced).
+        Quantized or fp8 weights are refused (the merged delta would be rounded into them)."""
+        linears = control_linears(flux)
+        stored = [n for n in (m.name for m in self.loras) if n != "img_in" and (
+            hasattr(linears[n], "dequantized_weight")
+            or linears[n].weight.dtype not in (torch.float32, torch.float16, torch.bfloat16))]
+        if stored:
+            raise ValueError(f"{self.source}: cannot merge into quantized/fp8 weights ({stored[0]}, ...); leave out "
+                             "--merge_lora_weights to hook it")
         if flux.img_in.in_features != CONTROL_IN_CHANNELS:
             flux.img_in = widened_img_in(flux.img_in)
             flux.params = replace(flux.params, in_channels=CONTROL_IN_CHANNELS)
