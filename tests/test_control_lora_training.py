@@ -158,3 +158,23 @@ def test_control_lora_with_fp8_base_and_block_swap(tmp_path):
     _, status = train("network", models, toml, tmp_path / "swap", *CONTROL_LORA, "--blocks_to_swap", "4",
                       "--max_train_steps", "2", "--output_name", "s")
     assert status == 0 and is_control_lora(load_tensors(tmp_path / "swap" / "s.safetensors"))
+
+
+@pytest.mark.parametrize("kw", [{"trainer": "full"}, {"network_module": "networks.control_lora_flux",
+                                                      "network_dim": 4}], ids=["full-canny", "control-lora"])
+def test_memory_planner_covers_canny_and_control_loras(kw):
+    """The planner's prediction of a full Canny model (128 features) and of a control LoRA on dev (img_in widened
+    by the network) against the same step run on the CPU."""
+    from dataclasses import replace as dc_replace
+
+    from library.models.transformer import FLUX_PRESETS
+    from library.planner.plan import PlanSettings, plan_memory
+    from library.planner.report import measure_cpu_step
+
+    params = FLUX_PRESETS["tiny"]
+    if kw.get("trainer") == "full":
+        params = dc_replace(params, in_channels=128)
+    s = PlanSettings(model="test", params=params, width=128, height=128, t5_tokens=64, mixed_precision="no",
+                     target="cpu", **kw)
+    plan = plan_memory(s)
+    assert plan.peak_bytes == pytest.approx(measure_cpu_step(s)["peak_bytes"], rel=0.10)

@@ -32,6 +32,7 @@ from library.memory.block_swap import enable_flux_block_swap, max_blocks_to_swap
 from library.memory.checkpointing import enable_gradient_checkpointing
 from library.memory.fp8 import prepare_fp8
 from library.models.checkpoint import analyze_checkpoint
+from library.models.conditioned import ExtraChannelsFlux
 from library.models.transformer import FLUX_PRESETS, Flux, FluxParams
 from library.planner.live_bytes import LiveBytes, device_emulation
 from library.planner.quantized_bases import gguf_base_quantization, prepare_planned_quantization
@@ -347,11 +348,20 @@ def build_rig(s: PlanSettings, device: str = "meta") -> StepRig:
                                                    host_to_device_only=not s.profile.trains_transformer))
     settings = FlowMatchingSettings(timestep_sampling="shift", model_prediction_type="raw", guidance_scale=1.0)
     compute = s.weight_dtype
-    loss_fn = FluxLossComputer(settings, flux, torch.device(device), compute)
+    loss_fn = FluxLossComputer(settings, _conditioned(flux), torch.device(device), compute)
     frozen = [p for p in flux.parameters() if not p.requires_grad]
     rig = StepRig(s, flux, loss_fn, _batch(s, device), trainable, optimizers, fused, frozen, swappers)
     _prime_optimizer_states(rig)
     return rig
+
+
+def _conditioned(flux: Flux) -> torch.nn.Module:
+    """The model the loss calls: a transformer whose img_in takes condition features (Canny/Depth, Fill, Flex.2, or
+    dev under a control LoRA) gets zero features per token, as the recipes' ExtraChannelsFlux feeds real ones."""
+    extra = flux.params.in_channels - flux.params.out_channels
+    if extra <= 0:
+        return flux
+    return ExtraChannelsFlux(flux).bind(lambda t, ids: torch.zeros(*ids.shape[:2], extra, device=ids.device))
 
 
 def _full_optimizers(s: PlanSettings, flux: Flux):
