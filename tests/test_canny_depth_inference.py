@@ -146,3 +146,20 @@ def test_sampler_equals_diffusers_flux_control_pipeline(tiny, tmp_path, monkeypa
                                           torch.float32), settings, cond, None, Placement("cpu", False),
                                progress=False)
     assert isinstance(models.flux, ExtraChannelsFlux) and (changed - ours).abs().max() > 1e-3
+
+
+def test_diffusers_folder_with_128_features_loads_as_canny(tiny, tmp_path, caplog):
+    """A diffusers folder (config in_channels 128, out_channels 64) is a Canny/Depth model with the same weights."""
+    from library.models.checkpoint import analyze_checkpoint
+    from model_helpers import diffusers_reference
+
+    _, flux = load_flow_model(tiny["flux"], torch.float32, "cpu")
+    folder = tmp_path / "canny-diffusers"
+    diffusers_reference(flux).save_pretrained(folder, safe_serialization=True)
+    info = analyze_checkpoint(folder)
+    assert info.params.in_channels == 128 and info.layout == "diffusers"
+    with caplog.at_level(logging.INFO):
+        assert resolve_variant(None, has_guidance_input=info.params.guidance_embed,
+                               in_channels=info.params.in_channels, metadata=info.metadata).name == "canny"
+    _, loaded = load_flow_model(folder, torch.float32, "cpu")
+    assert all(torch.equal(v, flux.state_dict()[k]) for k, v in loaded.state_dict().items())
