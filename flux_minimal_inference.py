@@ -24,24 +24,25 @@ from library.formats.command_line import ArgumentParser, non_negative_int, posit
 logger = logging.getLogger("flux_minimal_inference")
 DTYPE_HELP = "bf16, fp16, fp32 or an fp8 type (fp8, fp8_e4m3fn, fp8_e5m2)"
 # library/models/variants.py (no torch import here)
-MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext", "canny", "depth"]
+MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext", "canny", "depth", "chroma"]
 
 
 def setup_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="FLUX.1 text-to-image inference (sd-scripts compatible arguments).")
     p.add_argument("--ckpt_path", required=True,
-                    help="FLUX transformer: BFL .safetensors (flux1-dev.safetensors), ComfyUI-prefixed, fp8 or "
-                         "scaled fp8, a diffusers folder/file, or a .gguf file (pip install gguf)")
-    p.add_argument("--clip_l", required=True, help="CLIP-L text encoder (clip_l.safetensors)")
+                    help="FLUX.1 or Chroma transformer: BFL .safetensors (flux1-dev.safetensors), ComfyUI-prefixed, "
+                         "fp8 or scaled fp8, a diffusers folder/file, or a .gguf file (pip install gguf)")
+    p.add_argument("--clip_l", default=None, help="CLIP-L text encoder (clip_l.safetensors); not for Chroma")
     p.add_argument("--t5xxl", required=True, help="T5-XXL encoder (t5xxl_fp16.safetensors or an fp8 variant)")
     p.add_argument("--ae", required=True, help="autoencoder (ae.safetensors)")
     p.add_argument("--prompt", default="A photo of a cat", help="prompt (default: %(default)s)")
     p.add_argument("--negative_prompt", default=None,
                    help="negative prompt; used only with --cfg_scale other than 1 (true classifier-free guidance)")
-    p.add_argument("--cfg_scale", type=float, default=1.0,
-                   help="classifier-free guidance scale; 1 disables it (default: %(default)s)")
+    p.add_argument("--cfg_scale", type=float, default=None,
+                   help="classifier-free guidance scale; 1 disables it (default: the model's: 1 for FLUX.1, 5.0 for "
+                        "Chroma, whose negative prompt is then empty unless given)")
     p.add_argument("--model_type", default="flux", choices=MODEL_TYPES,
-                   help="which FLUX.1 model the file is: flux (default) recognises dev or schnell from the keys and "
+                   help="which model the file is: flux (default) recognises dev, schnell or Chroma from the keys and "
                         "Kontext/Krea from the file's ModelSpec metadata; name krea or kontext for a file without it")
     p.add_argument("--guidance", type=float, default=None,
                    help="embedded guidance scale (default: the model's: 3.5 dev, 4.5 Krea, 2.5 Kontext; schnell has "
@@ -223,10 +224,15 @@ def run(args) -> int:
     control_lora = find_control_lora(args.lora_weights)  # a BFL Canny/Depth LoRA makes dev a 128-feature model
     if control_lora and (info.params.in_channels, info.params.guidance_embed) != (64, True):
         raise ValueError(f"{control_lora[0]} is a control LoRA for FLUX.1-dev; {args.ckpt_path} is not dev-like")
-    variant = resolve_variant(args.model_type, has_guidance_input=info.params.guidance_embed,
+    variant = resolve_variant(args.model_type, has_guidance_input=info.params.guidance_embed, family=info.family,
                               in_channels=128 if control_lora else info.params.in_channels,
                               metadata=control_lora[1] if control_lora else info.metadata,
                               source=f"{args.ckpt_path} + {control_lora[0]}" if control_lora else args.ckpt_path)
+    if variant.family == "flux" and not args.clip_l:
+        raise ValueError(f"--clip_l is required for {variant.name} (only Chroma has no CLIP-L input)")
+    apply_t5_attn_mask = args.apply_t5_attn_mask or variant.t5_attn_mask
+    if apply_t5_attn_mask and not args.apply_t5_attn_mask:
+        logger.info(f"{variant.name}: T5 padding is masked (--apply_t5_attn_mask is implied for it)")
     logger.info(f"model: {variant.name} ({variant.architecture}); defaults: {variant.steps} steps, guidance "
                 f"{variant.guidance}, {'shifted' if variant.shift else 'unshifted'} schedule")
     check_control_arguments(args, variant.control, f"{args.ckpt_path} ({variant.name})")
@@ -246,7 +252,12 @@ def run(args) -> int:
                                           args.t5xxl_max_token_length or variant.t5_max_length,
                                           args.clip_l_tokenizer, args.t5xxl_tokenizer)
     loaded = {}
-    for part, path in (("clip_l", args.clip_l), ("t5xxl", args.t5xxl), ("ae", args.ae), ("flux", args.ckpt_path)):
+    if variant.family == "chroma":  # T5 only: a weightless stand-in gives the zeros the encoding passes along
+        from library.models.chroma import NoCLIP
+
+        loaded["clip_l"] = NoCLIP(compute).to(load_device)
+    parts = [("clip_l", args.clip_l)] if "clip_l" not in loaded else []
+    for part, path in (*parts, ("t5xxl", args.t5xxl), ("ae", args.ae), ("flux", args.ckpt_path)):
         logger.info(f"loading {part} from {path} as {dtypes[part]}")
         swapped = part == "flux" and args.blocks_to_swap
         flux_part = part == "flux"
@@ -288,7 +299,8 @@ def run(args) -> int:
         models.flux = bind_references(models.flux, None)  # bound to each render's references
     settings = GenerationSettings(prompt=args.prompt, width=args.width, height=args.height, steps=args.steps,
                                   guidance=args.guidance, seed=0, negative_prompt=args.negative_prompt,
-                                  cfg_scale=args.cfg_scale, reference_images=tuple(args.reference_image))
+                                  cfg_scale=args.cfg_scale if args.cfg_scale is not None else variant.cfg_scale,
+                                  reference_images=tuple(args.reference_image))
     references = ReferenceEncoder(loaded["ae"], args.reference_resize, args.reference_layout, placement)
 
     def with_references(s: GenerationSettings):
@@ -317,7 +329,7 @@ def run(args) -> int:
         if (width, height) != (s.width, s.height):
             logger.info(f"{s.width}x{s.height} is not a multiple of 16: the image will be {width}x{height}")
         logger.info(f"generating {width}x{height}, {s.resolved_steps(variant)} steps, seed {s.seed}")
-        image, latents = generate(models, s, placement, args.apply_t5_attn_mask, args.tiled_ae, return_latents=True)
+        image, latents = generate(models, s, placement, apply_t5_attn_mask, args.tiled_ae, return_latents=True)
         path = unique_path(args.output_dir, datetime.now().strftime("%Y%m%d_%H%M%S"))
         resolved = replace(s, steps=s.resolved_steps(variant), guidance=s.resolved_guidance(variant))
         text = png_text(resolved, Path(args.ckpt_path).name)

@@ -94,5 +94,5 @@ def test_kontext_file_has_dev_weights_and_names_kontext_in_its_metadata(tmp_path
         == "kontext"
     dev_info = analyze_checkpoint(dev["flux"])
     assert resolve_variant(None, has_guidance_input=True, metadata=dev_info.metadata).name == "dev"
-    with pytest.raises(ValueError, match="model_type 'kontext': expected a dev-like model"):
+    with pytest.raises(ValueError, match="model_type 'kontext': expected dev, krea or kontext with the tiny"):
         make_tiny_models(tmp_path / "s", preset="tiny-schnell", model_type="kontext")

@@ -96,10 +96,20 @@ def test_every_option_has_help_and_trainers_compose():
     assert not hasattr(cn, "reg_data_dir") and hasattr(cn, "cpu_offload_checkpointing")
 
 
-def test_chroma_is_refused_by_the_parser(capsys):
-    with pytest.raises(SystemExit) as e:
-        parse(["--model_type", "chroma"])
-    assert e.value.code == 2 and "chroma is not supported yet" in capsys.readouterr().err
+def test_chroma_is_trained_by_lora_and_full_and_refused_by_controlnet():
+    from library.training.arguments import TrainingArgumentError, verify_training_args
+    from library.training.recipes.command_lines import CONTROLNET, FULL, LORA
+
+    for trainer, command_line in (("network", LORA), ("full", FULL)):
+        args = parse(["--model_type", "chroma"], trainer)
+        assert args.model_type == "chroma"
+        try:  # other options are missing here; --model_type is not among the problems
+            verify_training_args(args, command_line)
+        except TrainingArgumentError as e:
+            assert "--model_type" not in str(e)
+    with pytest.raises(TrainingArgumentError, match="--model_type chroma is not supported by "
+                                                    "flux_train_control_net.py: it trains flux, dev, krea, schnell"):
+        verify_training_args(parse(["--model_type", "chroma"], "controlnet"), CONTROLNET)
 
 
 def test_module_import_is_cheap():
@@ -322,10 +332,10 @@ def test_network_errors(argv, message):
 
 def test_every_problem_is_reported_at_once():
     args = parse(["--full_bf16", "--weighted_captions"])
-    args.model_type = "chroma"  # set programmatically: the parser refuses it
+    args.model_type = "sdxl"  # set programmatically: the parser refuses it
     with pytest.raises(ta.TrainingArgumentError) as e:
         ta.verify_training_args(args, command_lines.LORA)
-    assert len(e.value.problems) == 4  # chroma, weighted captions, full_bf16, network_module
+    assert len(e.value.problems) == 4  # model type, weighted captions, full_bf16, network_module
     assert str(e.value).count("\n  ") == 4
 
 

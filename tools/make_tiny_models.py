@@ -18,6 +18,9 @@ quantizes the simple types; the K-quants use tools/gguf_kquants.py (K-quants nee
 `--model_type kontext` (or krea) writes the dev-keyed transformer with that model's ModelSpec architecture
 (`modelspec.architecture: flux-1-kontext-dev`), so tests can show a variant recognised from the file's metadata;
 `canny` / `depth` also widen img_in to the variant's 128 input features.
+`--model_type chroma` writes tiny_models/flux.safetensors as a Chroma transformer instead, in lodestones' layout
+(`distilled_guidance_layer.*`, no modulation Linears, no time/vector/guidance embedders); the other files are the same
+(Chroma needs no CLIP-L, which is still written for the FLUX tests).
 
 `--init trained-like` (with e.g. `--hidden_size 128`) writes models that behave structurally like trained ones, for
 tests that check that training *learns* (see `init_trained_like_flux` and `init_trained_like_ae`); the default
@@ -42,9 +45,10 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", default="tiny", choices=["tiny", "tiny-schnell"],
                    help="transformer preset: tiny (dev-like, guidance embedder) or tiny-schnell")
-    p.add_argument("--model_type", default=None, choices=["dev", "krea", "kontext", "canny", "depth"],
+    p.add_argument("--model_type", default=None, choices=["dev", "krea", "kontext", "canny", "depth", "chroma"],
                    help="with the tiny (dev-like) preset: the model named in the file's modelspec.architecture "
-                        "(default: flux-1-dev, or flux-1-schnell for tiny-schnell); the weights are the same")
+                        "(default: flux-1-dev, or flux-1-schnell for tiny-schnell); the weights are the same. "
+                        "chroma: a tiny Chroma transformer instead (--preset is not used)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     p.add_argument("--dtype", default="fp32", help="dtype of the stored weights (default: %(default)s)")
     p.add_argument("--init", default="random", choices=INITS,
@@ -101,7 +105,7 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
 
     `init` and `hidden_size` are for learning tests (see the module docstring); the defaults write exactly the files
     earlier versions wrote for the same seed. `model_type` ("dev", "krea", "kontext") names the variant in the
-    transformer's metadata; the weights do not change."""
+    transformer's metadata; the weights do not change. "chroma" writes a tiny Chroma transformer instead."""
     from dataclasses import replace
 
     import torch
@@ -110,6 +114,7 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
     from library.formats.dtypes import is_fp8, str_to_dtype  # torch and transformers after parsing: fast --help
     from library.formats.fp8_scaled import quantize_state_dict_fp8_scaled
     from library.models.autoencoder import AE_PRESETS, AutoEncoder
+    from library.models.chroma import CHROMA_PRESETS, Chroma
     from library.models.transformer import FLUX_PRESETS, Flux
     from library.formats.safetensors_io import save_file_atomic
     from library.models.text_encoders import save_clip_l, save_t5xxl, tiny_clip_config, tiny_t5_config
@@ -120,11 +125,11 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
         raise ValueError(f"init {init!r} is not one of {', '.join(INITS)}")
     if fit_ae_steps and init != "trained-like":
         raise ValueError("fit_ae_steps needs init='trained-like'")
-    if model_type is not None and (model_type not in VARIANTS or VARIANTS[model_type].family != "flux"
-                                   or not VARIANTS[model_type].has_guidance_input
-                                   or preset == "tiny-schnell"):
-        raise ValueError(f"model_type {model_type!r}: expected a dev-like model (dev, krea, kontext, canny, depth) "
-                         "with the tiny (dev-like) preset")
+    if model_type not in (None, "chroma") and (model_type not in VARIANTS or VARIANTS[model_type].family != "flux"
+                                               or not VARIANTS[model_type].has_guidance_input
+                                               or preset == "tiny-schnell"):
+        raise ValueError(f"model_type {model_type!r}: expected dev, krea or kontext with the tiny (dev-like) preset "
+                         "(canny, depth too), or chroma")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch_dtype = str_to_dtype(dtype)
@@ -134,15 +139,18 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
     vocab = write_tiny_tokenizers(out / "tokenizers")
     clip = CLIPTextModel(tiny_clip_config(vocab_size=vocab["clip"])).eval()
     t5 = T5EncoderModel(tiny_t5_config(vocab_size=vocab["t5"])).eval()
-    params = replace(FLUX_PRESETS[preset], vec_in_dim=clip.config.hidden_size, context_in_dim=t5.config.d_model)
-    if model_type is not None:  # img_in's width: 64 noisy features + the variant's condition (Canny/Depth 128)
-        params = replace(params, in_channels=VARIANTS[model_type].in_channels)
+    if model_type == "chroma":
+        params = replace(CHROMA_PRESETS["tiny"], context_in_dim=t5.config.d_model)
+    else:
+        params = replace(FLUX_PRESETS[preset], vec_in_dim=clip.config.hidden_size, context_in_dim=t5.config.d_model)
+        if model_type is not None:  # img_in's width: 64 noisy + the variant's condition features (Canny/Depth 128)
+            params = replace(params, in_channels=VARIANTS[model_type].in_channels)
     if hidden_size is not None:
         head_dim = params.head_dim
         if hidden_size <= 0 or hidden_size % head_dim:
             raise ValueError(f"hidden_size {hidden_size} is not a positive multiple of the head size {head_dim}")
         params = replace(params, hidden_size=hidden_size, num_heads=hidden_size // head_dim)
-    flux = Flux(params)
+    flux = Chroma(params) if model_type == "chroma" else Flux(params)
     ae = AutoEncoder(AE_PRESETS["tiny"])
     if init == "trained-like":
         init_trained_like_flux(flux)
@@ -197,9 +205,10 @@ def init_trained_like_flux(flux) -> None:
         flux.img_in.bias.zero_()
         flux.final_layer.linear.weight.copy_(q[:, :out_channels].T)
         flux.final_layer.linear.bias.zero_()
-        modulation = flux.final_layer.adaLN_modulation[-1]
-        modulation.weight.zero_()
-        modulation.bias.zero_()
+        if isinstance(flux.final_layer.adaLN_modulation, torch.nn.Sequential):  # Chroma's comes from its approximator
+            modulation = flux.final_layer.adaLN_modulation[-1]
+            modulation.weight.zero_()
+            modulation.bias.zero_()
 
 
 # Relative width of the trained-like AE's posterior: std of a latent sample around its mean, in units of the

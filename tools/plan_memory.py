@@ -39,7 +39,7 @@ def planner_parser() -> argparse.ArgumentParser:
     add = p.add_argument_group("memory planner").add_argument
     add("--trainer", choices=["network", "full"], default="network",
         help="plan for flux_train_network.py (network, default) or flux_train.py (full)")
-    add("--model_preset", default=None, choices=["dev", "schnell", "tiny", "tiny-schnell"],
+    add("--model_preset", default=None, choices=["dev", "schnell", "tiny", "tiny-schnell", "chroma", "chroma-tiny"],
         help="plan for this model without its file (default: the header of --pretrained_model_name_or_path, "
              "else dev)")
     add("--target", choices=["cuda", "cpu"], default="cuda",

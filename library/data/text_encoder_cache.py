@@ -40,10 +40,11 @@ def te_npz_path(image_path: str | os.PathLike) -> Path:
     return Path(os.path.splitext(os.fspath(image_path))[0] + TE_SUFFIX)
 
 
-def text_encoder_identity(clip_l_path: str | os.PathLike, t5xxl_path: str | os.PathLike, dtype) -> dict:
-    """The `identity` a trainer passes to TextEncoderCache: both weight files and the dtype they run in."""
-    return {"clip_l": model_file_identity(clip_l_path), "t5xxl": model_file_identity(t5xxl_path),
-            "dtype": str(dtype).replace("torch.", "")}
+def text_encoder_identity(clip_l_path: str | os.PathLike | None, t5xxl_path: str | os.PathLike, dtype) -> dict:
+    """The `identity` a trainer passes to TextEncoderCache: both weight files (CLIP-L None: a T5-only model, Chroma)
+    and the dtype they run in."""
+    return {"clip_l": model_file_identity(clip_l_path) if clip_l_path else None,
+            "t5xxl": model_file_identity(t5xxl_path), "dtype": str(dtype).replace("torch.", "")}
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:

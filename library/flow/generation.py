@@ -114,8 +114,10 @@ def generate(models: FluxModels, settings: GenerationSettings, placement: Placem
     unpacked latents (1, 16, H/8, W/8) it was decoded from)."""
     cond = encode_prompt(models, settings.prompt, placement, apply_t5_attn_mask)
     negative = None
-    if settings.negative_prompt and settings.cfg_scale != 1.0:
-        negative = encode_prompt(models, settings.negative_prompt, placement, apply_t5_attn_mask)
+    # a model whose default is true CFG (Chroma) takes an empty negative prompt when none is given, as its pipeline
+    negative_prompt = settings.negative_prompt or ("" if models.variant.cfg_scale != 1.0 else None)
+    if negative_prompt is not None and settings.cfg_scale != 1.0:
+        negative = encode_prompt(models, negative_prompt, placement, apply_t5_attn_mask)
     latents = generate_latents(models, settings, cond, negative, placement, progress)
     image = latents_to_image(models.ae, latents, placement, tiled_ae)
     return (image, latents) if return_latents else image

@@ -54,6 +54,10 @@ SINGLE_BLOCK_NORMS = {
     "norm.query_norm.scale": "attn.norm_q.weight",
     "norm.key_norm.scale": "attn.norm_k.weight",
 }
+# Chroma: its approximator (the same names in both layouts but for each layer's MLP and norm scale); its blocks and
+# final layer are FLUX's without the modulation Linears, whose rules then find nothing
+APPROXIMATOR = "distilled_guidance_layer"
+APPROXIMATOR_LAYER_MAP = {"in_layer": "linear_1", "out_layer": "linear_2"}
 
 
 @dataclass(frozen=True)
@@ -63,8 +67,9 @@ class KeyRule:
     swap_halves: bool = False
 
 
-def key_rules(num_double: int, num_single: int) -> list[KeyRule]:
-    """Every BFL <-> diffusers rule for a model with the given block counts (weights, biases and norm scales)."""
+def key_rules(num_double: int, num_single: int, num_approximator: int = 0) -> list[KeyRule]:
+    """Every BFL <-> diffusers rule for a model with the given block counts (weights, biases and norm scales);
+    `num_approximator`: the layers of Chroma's approximator (0: none)."""
     rules: list[KeyRule] = []
 
     def linear(bfl: str, diff: Iterable[str], swap: bool = False):
@@ -84,7 +89,20 @@ def key_rules(num_double: int, num_single: int) -> list[KeyRule]:
             linear(f"single_blocks.{i}.{bfl}", (f"single_transformer_blocks.{i}.{d}" for d in diff))
         for bfl, diff in SINGLE_BLOCK_NORMS.items():
             rules.append(KeyRule(f"single_blocks.{i}.{bfl}", (f"single_transformer_blocks.{i}.{diff}",)))
+    if num_approximator:
+        for name in ("in_proj", "out_proj"):
+            linear(f"{APPROXIMATOR}.{name}", (f"{APPROXIMATOR}.{name}",))
+    for i in range(num_approximator):
+        for bfl, diff in APPROXIMATOR_LAYER_MAP.items():
+            linear(f"{APPROXIMATOR}.layers.{i}.{bfl}", (f"{APPROXIMATOR}.layers.{i}.{diff}",))
+        rules.append(KeyRule(f"{APPROXIMATOR}.norms.{i}.scale", (f"{APPROXIMATOR}.norms.{i}.weight",)))
     return rules
+
+
+def count_approximator_layers(keys: Iterable[str]) -> int:
+    """Layers of Chroma's approximator in either layout (0 for FLUX.1)."""
+    idx = {int(m.group(1)) for k in keys if (m := re.match(rf"{APPROXIMATOR}\.layers\.(\d+)\.", k))}
+    return max(idx) + 1 if idx else 0
 
 
 def count_diffusers_blocks(keys: Iterable[str]) -> tuple[int, int]:
@@ -114,7 +132,7 @@ def diffusers_to_bfl(keys: Iterable[str], get: Callable[[str], torch.Tensor]) ->
     keys = set(keys)
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
-    for rule in key_rules(*count_diffusers_blocks(keys)):
+    for rule in key_rules(*count_diffusers_blocks(keys), count_approximator_layers(keys)):
         if not all(d in keys for d in rule.diffusers):
             continue
         parts = [get(d) for d in rule.diffusers]
@@ -138,7 +156,7 @@ def bfl_to_diffusers(state_dict: Mapping[str, torch.Tensor], hidden_size: int) -
     num_single = len({k.split(".")[1] for k in state_dict if k.startswith("single_blocks.")})
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
-    for rule in key_rules(num_double, num_single):
+    for rule in key_rules(num_double, num_single, count_approximator_layers(state_dict)):
         if rule.bfl not in state_dict:
             continue
         t = state_dict[rule.bfl]

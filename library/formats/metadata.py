@@ -24,6 +24,7 @@ DEFAULT_NAMES = {"epoch": "epoch", "step": "at", "last": "last"}  # when --outpu
 TRAIN_STATE_FILE = "train_state.json"
 MODELSPEC_VERSION = "1.0.1"
 FLUX_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"
+CHROMA_IMPLEMENTATION = "https://huggingface.co/lodestones/Chroma"  # sd-scripts' modelspec.implementation for Chroma
 IMPLEMENTATION_NAME = "flux-train-suite"
 MINIMAL_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                 "ss_network_args")  # what --no_metadata keeps
@@ -329,9 +330,12 @@ def lora_metadata(args, *, seed: int | None = None, network_module: str, network
                   num_validation_images: int = 0, num_batches_per_epoch: int, num_epochs: int, max_train_steps: int,
                   optimizer_text: str, session_id: int, training_started_at: float, num_processes: int = 1,
                   sd_model_hashes: tuple[str, str] | None = None, vae_hashes: tuple[str, str] | None = None,
-                  commit: str | None = None, guidance_scale: float | None = None) -> dict[str, str]:
+                  commit: str | None = None, guidance_scale: float | None = None, family: str = "flux",
+                  apply_t5_attn_mask: bool | None = None) -> dict[str, str]:
     """Every ss_* key sd-scripts' LoRA trainer writes before the first save (13.3), values as str().
-    `guidance_scale`: the value trained with when --guidance_scale was left to the model's default.
+    `guidance_scale`: the value trained with when --guidance_scale was left to the model's default; `family`
+    "chroma": ss_model_type and ss_base_model_version "chroma", as sd-scripts writes them for Chroma;
+    `apply_t5_attn_mask`: the masking trained with when the model implies it (default: --apply_t5_attn_mask).
 
     `args` is the parsed training namespace; `seed` the run's seed (default --seed). `network_dim` and
     `network_alpha` are recorded as given (sd-scripts records the command-line values). `network_args` is a list
@@ -368,7 +372,8 @@ def lora_metadata(args, *, seed: int | None = None, network_module: str, network
         "ss_lr_warmup_steps": get("lr_warmup_steps"), "ss_lr_scheduler": get("lr_scheduler"),
         "ss_network_module": network_module, "ss_network_dim": network_dim, "ss_network_alpha": network_alpha,
         "ss_network_dropout": get("network_dropout"), "ss_mixed_precision": get("mixed_precision"),
-        "ss_full_fp16": bool(get("full_fp16")), "ss_v2": bool(get("v2")), "ss_base_model_version": "flux1",
+        "ss_full_fp16": bool(get("full_fp16")), "ss_v2": bool(get("v2")),
+        "ss_base_model_version": "chroma" if family == "chroma" else "flux1",
         "ss_clip_skip": get("clip_skip"), "ss_max_token_length": get("max_token_length"),
         "ss_cache_latents": bool(get("cache_latents")), "ss_seed": seed if seed is not None else get("seed"),
         "ss_lowram": get("lowram", False),
@@ -394,7 +399,8 @@ def lora_metadata(args, *, seed: int | None = None, network_module: str, network
         "ss_validate_every_n_steps": get("validate_every_n_steps"),
         "ss_resize_interpolation": get("resize_interpolation"),
         # FLUX
-        "ss_model_type": get("model_type", "flux"), "ss_apply_t5_attn_mask": get("apply_t5_attn_mask", False),
+        "ss_model_type": "chroma" if family == "chroma" else get("model_type", "flux"),
+        "ss_apply_t5_attn_mask": get("apply_t5_attn_mask", False) if apply_t5_attn_mask is None else apply_t5_attn_mask,
         "ss_weighting_scheme": get("weighting_scheme"), "ss_logit_mean": get("logit_mean"),
         "ss_logit_std": get("logit_std"), "ss_mode_scale": get("mode_scale"),
         "ss_guidance_scale": get("guidance_scale") if guidance_scale is None else guidance_scale,
@@ -454,7 +460,7 @@ def modelspec_metadata(args, *, architecture: str, lora: bool = True, resolution
     md = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": architecture + ("/lora" if lora else ""),
-        "modelspec.implementation": FLUX_IMPLEMENTATION,
+        "modelspec.implementation": CHROMA_IMPLEMENTATION if architecture == "chroma" else FLUX_IMPLEMENTATION,
         "modelspec.title": get("metadata_title") or title or get("output_name")
         or f"{'LoRA' if lora else 'Checkpoint'}@{timestamp}",
         "modelspec.resolution": f"{w}x{h}",

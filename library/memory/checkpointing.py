@@ -2,11 +2,11 @@
 --cpu_offload_checkpointing).
 
 The checkpointed modules are every double and single block, the embedders of the conditioning vector (time_in,
-guidance_in, vector_in) and the ControlNet's hint encoder. Each gets a subclass of its own class whose `__call__`
-runs the usual module call under torch.utils.checkpoint, in training mode with grad enabled. The whole call is
-checkpointed, as `torch.utils.checkpoint.checkpoint(module, ...)` would: block swapping's forward hooks and the
-module's `forward` at call time (a torch.compile'd one, whether compiled before or after) run inside the checkpoint.
-Parameters and state_dict keys do not change.
+guidance_in, vector_in; Chroma's approximator) and the ControlNet's hint encoder. Each gets a subclass of its own
+class whose `__call__` runs the usual module call under torch.utils.checkpoint, in training mode with grad enabled.
+The whole call is checkpointed, as `torch.utils.checkpoint.checkpoint(module, ...)` would: block swapping's forward
+hooks and the module's `forward` at call time (a torch.compile'd one, whether compiled before or after) run inside the
+checkpoint. Parameters and state_dict keys do not change.
 """
 
 from __future__ import annotations
@@ -56,7 +56,10 @@ def _checkpointed_class(cls: type) -> type:
 
 def _targets(model: nn.Module) -> list[tuple[nn.Module, tuple[int, ...] | None]]:
     """(module, inputs offloaded with cpu_offload) for each module that is recomputed in backward."""
-    names = ["time_in", "vector_in"] + (["guidance_in"] if model.params.guidance_embed else [])
+    if hasattr(model, "distilled_guidance_layer"):  # Chroma: its approximator stands for the three embedders
+        names = ["distilled_guidance_layer"]
+    else:
+        names = ["time_in", "vector_in"] + (["guidance_in"] if model.params.guidance_embed else [])
     if isinstance(model, ControlNetFlux):
         names.append("input_hint_block")
     targets = [(getattr(model, name), None) for name in names]

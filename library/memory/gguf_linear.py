@@ -14,7 +14,7 @@ from torch import nn
 from library.formats.gguf_io import GGUFTensorReader, read_gguf_header
 from library.formats.gguf_quants import dequantize, gguf_type, raw_shape
 from library.formats.safetensors_io import ModelFileError, assign_weights
-from library.models.checkpoint import FluxCheckpointInfo, analyze_checkpoint
+from library.models.checkpoint import FluxCheckpointInfo, analyze_checkpoint, build_transformer
 from library.memory.frozen_linear import frozen_linear
 from library.models.transformer import Flux
 
@@ -58,7 +58,7 @@ def load_gguf_transformer(path, compute_dtype: torch.dtype, device: str | torch.
         raise ModelFileError(f"{info.path}: not a GGUF file")
     header = read_gguf_header(info.path)
     with torch.device("meta"):
-        model = Flux(info.params)
+        model = build_transformer(info.params)
     modules = dict(model.named_modules())
     state_dict = {}
     with GGUFTensorReader(header) as reader:

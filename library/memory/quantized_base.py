@@ -16,7 +16,7 @@ from torch import nn
 
 from library.formats.safetensors_io import ModelFileError, assign_weights
 from library.memory.quantized_linear import QuantizedLinear, check_quant_type, quantize_parts
-from library.models.checkpoint import FluxCheckpointInfo, analyze_checkpoint
+from library.models.checkpoint import FluxCheckpointInfo, analyze_checkpoint, build_transformer
 from library.models.checkpoint_stream import Readers, transformer_entries
 from library.models.transformer import Flux
 
@@ -65,7 +65,7 @@ def load_quantized_transformer(path: str | os.PathLike, quant_type: str, compute
     the GPU (bitsandbytes' CUDA kernels; the CPU path takes ~0.1 us per weight and thread, minutes for FLUX.1)."""
     info = info or analyze_checkpoint(path)
     with torch.device("meta"):
-        flux = quantize_blocks(Flux(info.params), quant_type, compute_dtype)
+        flux = quantize_blocks(build_transformer(info.params), quant_type, compute_dtype)
     quantized = {name for name, m in flux.named_modules() if isinstance(m, QuantizedLinear)}
     readers = Readers()
     state_dict = {}

@@ -19,6 +19,7 @@ import torch
 from library.formats import fp8_scaled
 from library.formats.diffusers_keys import UnknownKeysError, diffusers_shapes_to_bfl, diffusers_to_bfl
 from library.formats.gguf_io import GGUFTensorReader, is_gguf, read_gguf_header
+from library.models.chroma import APPROXIMATOR_KEY, Chroma, ChromaParams
 from library.models.transformer import Flux, FluxParams, default_axes_dim
 from library.formats.safetensors_io import (
                                             TRANSFORMER_PREFIXES,
@@ -55,11 +56,22 @@ class FluxCheckpointInfo:
         return bool(self.scales)
 
     @property
+    def family(self) -> str:
+        """"chroma" for a Chroma file (its approximator keys), else "flux"."""
+        return "chroma" if isinstance(self.params, ChromaParams) else "flux"
+
+    @property
     def is_schnell(self) -> bool:
         return not self.params.guidance_embed
 
     @property
+    def has_guidance_input(self) -> bool:
+        return bool(self.params.guidance_embed)
+
+    @property
     def model_type(self) -> str:
+        if self.family == "chroma":
+            return "chroma"
         return "schnell" if self.is_schnell else "dev"
 
 
@@ -104,7 +116,10 @@ def _transformer_prefix(keys: list[str]) -> str:
 
 
 def infer_flux_params(shapes: dict[str, tuple[int, ...]]) -> FluxParams:
-    """FLUX hyper-parameters from BFL key shapes: widths, block counts, guidance embedder, head size."""
+    """FLUX hyper-parameters from BFL key shapes: widths, block counts, guidance embedder, head size; a Chroma file
+    (its approximator, `distilled_guidance_layer.*`) gives ChromaParams."""
+    if APPROXIMATOR_KEY in shapes:
+        return _infer_chroma_params(shapes)
     try:
         hidden, in_channels = shapes["img_in.weight"]
         norm_key = next(k for k in shapes if k.endswith("norm.query_norm.scale"))
@@ -130,6 +145,35 @@ def infer_flux_params(shapes: dict[str, tuple[int, ...]]) -> FluxParams:
     except (KeyError, StopIteration, ValueError) as e:
         raise ValueError(f"incomplete FLUX transformer: cannot read its size ({e})") from None
     return params
+
+
+def _infer_chroma_params(shapes: dict[str, tuple[int, ...]]) -> ChromaParams:
+    try:
+        hidden, in_channels = shapes["img_in.weight"]
+        head_dim = shapes[next(k for k in shapes if k.endswith("norm.query_norm.scale"))][0]
+        approx_hidden, approx_in = shapes[APPROXIMATOR_KEY]
+        mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
+        params = ChromaParams(
+            in_channels=in_channels, out_channels=shapes["final_layer.linear.weight"][0],
+            context_in_dim=shapes["txt_in.weight"][1], hidden_size=hidden, mlp_ratio=mlp_hidden / hidden,
+            num_heads=hidden // head_dim, depth=_count_blocks(shapes, "double_blocks"),
+            depth_single_blocks=_count_blocks(shapes, "single_blocks"), axes_dim=default_axes_dim(head_dim),
+            qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes, approximator_in_dim=approx_in,
+            approximator_hidden_size=approx_hidden,
+            approximator_depth=_count_blocks(shapes, "distilled_guidance_layer.layers"))
+        out_proj = tuple(shapes["distilled_guidance_layer.out_proj.weight"])
+        if out_proj != (hidden, approx_hidden):
+            raise ValueError(f"distilled_guidance_layer.out_proj.weight is {out_proj}, "
+                             f"expected {(hidden, approx_hidden)}")
+        params.validate()
+    except (KeyError, StopIteration, ValueError) as e:
+        raise ValueError(f"incomplete Chroma transformer: cannot read its size ({e})") from None
+    return params
+
+
+def build_transformer(params: FluxParams) -> Flux:
+    """The transformer class of `params` (Chroma for ChromaParams), built on the current default device."""
+    return Chroma(params) if isinstance(params, ChromaParams) else Flux(params)
 
 
 def _count_blocks(shapes, name: str) -> int:
@@ -221,7 +265,7 @@ def load_transformer(ckpt_path: str | Path, dtype: torch.dtype | None = None,
     """
     info = info or analyze_checkpoint(ckpt_path)
     with torch.device("meta"):
-        model = Flux(info.params)
+        model = build_transformer(info.params)
     if info.layout == "gguf":  # every tensor dequantized (GGUFLinear keeps them quantized instead)
         with GGUFTensorReader(read_gguf_header(info.path)) as reader:
             state_dict = {k[len(info.prefix):]: reader.dequantized(k, dtype or torch.bfloat16)

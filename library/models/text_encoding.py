@@ -62,8 +62,9 @@ def encode_prompts(clip_l, t5xxl, clip_ids: torch.Tensor | None, t5_ids: torch.T
 
     - `l_pooled` is CLIP-L's `pooler_output` (final-LN hidden state at the EOS position).
     - `t5_out` is T5's `last_hidden_state`. With `apply_t5_attn_mask` (reference 6.10) the encoder sees `t5_mask`
-      and the padded positions of `t5_out` are set to zero; without it the encoder sees every position, as BFL's
-      reference inference does.
+      and the padded positions of `t5_out` after the first are set to zero; the first padding position keeps T5's
+      output, which Chroma attends (as its reference pipelines do; FLUX masks every padding position, so it never
+      reads it). Without the mask the encoder sees every position, as BFL's reference inference does.
     - `txt_ids` are zeros (float32) on `t5_out`'s device; `t5_mask` is returned as given (the tokenizer mask).
     - An encoder given as None yields None for its outputs (`txt_ids` too for T5), so callers can mix in cached
       halves. Inputs are moved to each encoder's device.
@@ -85,8 +86,9 @@ def encode_prompts(clip_l, t5xxl, clip_ids: torch.Tensor | None, t5_ids: torch.T
         fp32_ff = getattr(t5xxl, "keeps_ff_output_in_fp32", False)
         with torch.autocast(device.type, enabled=False) if fp32_ff else contextlib.nullcontext():
             t5_out = t5xxl(input_ids=t5_ids.to(device), attention_mask=mask).last_hidden_state
-        if mask is not None:
-            t5_out = t5_out * mask.unsqueeze(-1).to(t5_out.dtype)
+        if mask is not None:  # tokens and the first padding position kept
+            kept = torch.arange(mask.shape[1], device=device)[None] <= mask.sum(dim=1, keepdim=True)
+            t5_out = t5_out * kept.unsqueeze(-1).to(t5_out.dtype)
         txt_ids = torch.zeros(t5_out.shape[0], t5_out.shape[1], 3, device=t5_out.device)
     return l_pooled, t5_out, txt_ids, t5_mask
 

@@ -31,6 +31,7 @@ class ModelVariant:
     training_guidance: float | None  # --guidance_scale default in training; None: no guidance input to feed
     reference_images: bool = False  # takes reference images (Kontext)
     control: str | None = None  # structural control map it takes (Canny/Depth: "canny", "depth"; --control_image)
+    t5_attn_mask: bool = False  # T5 padding always masked, as the model was trained (--apply_t5_attn_mask implied)
     in_channels: int = 64  # img_in's input features: 64 noisy features + the condition's (Fill 384, Canny/Depth 128)
     licence: str = "FLUX.1 [dev] Non-Commercial License"
     notes: str = ""
@@ -62,6 +63,14 @@ VARIANTS: dict[str, ModelVariant] = {v.name: v for v in (
     ModelVariant("depth", "flux-1-depth-dev", "flux", steps=50, preview_steps=20, guidance=10.0, cfg_scale=1.0,
                  shift=True, t5_max_length=512, training_guidance=10.0, control="depth", in_channels=128,
                  notes="structural control: img_in takes 64 noisy + 64 control-latent features (depth map)"),
+    # Chroma: steps 35, true-CFG scale 5.0 and T5 length 512 are the defaults of diffusers' ChromaPipeline.__call__
+    # (num_inference_steps, guidance_scale, max_sequence_length); its schedule is shifted by image size (the
+    # pipeline's calculate_shift mu; sd-scripts' sampler shifts for Chroma too). Preview steps 20: sd-scripts' sample
+    # default, the same for every model. Guidance 0.0: the value the approximator embeds -- diffusers always feeds
+    # 0, and sd-scripts' docs recommend --guidance_scale 0.0 for training Chroma.
+    ModelVariant("chroma", "chroma", "chroma", steps=35, preview_steps=20, guidance=0.0, cfg_scale=5.0, shift=True,
+                 t5_max_length=512, training_guidance=0.0, t5_attn_mask=True, licence="Apache-2.0",
+                 notes="lodestones' Chroma: T5 only (no CLIP-L), modulation from the approximator, T5 mask required"),
 )}
 
 # keys that fit several rows of different models (not merely tuned copies): the first row is taken, and said so

@@ -31,7 +31,8 @@ from library.memory import offload_checkpoint
 from library.memory.block_swap import enable_flux_block_swap, max_blocks_to_swap
 from library.memory.checkpointing import enable_gradient_checkpointing
 from library.memory.fp8 import prepare_fp8
-from library.models.checkpoint import analyze_checkpoint
+from library.models.checkpoint import analyze_checkpoint, build_transformer
+from library.models.chroma import CHROMA_PRESETS, ChromaParams
 from library.models.conditioned import ExtraChannelsFlux
 from library.models.transformer import FLUX_PRESETS, Flux, FluxParams
 from library.planner.live_bytes import LiveBytes, device_emulation
@@ -192,11 +193,13 @@ def settings_from_args(args, trainer: str = "network", target: str = "cuda") -> 
             file_quantization = gguf_base_quantization(model_path)
     else:
         model = getattr(args, "model_preset", None) or "dev"
-        if model not in FLUX_PRESETS:
-            raise ValueError(f"--model_preset {model}: expected one of {', '.join(FLUX_PRESETS)}")
-        params = FLUX_PRESETS[model]
+        presets = {**FLUX_PRESETS, "chroma": CHROMA_PRESETS["chroma"], "chroma-tiny": CHROMA_PRESETS["tiny"]}
+        if model not in presets:
+            raise ValueError(f"--model_preset {model}: expected one of {', '.join(presets)}")
+        params = presets[model]
     width, height, batch = _largest_image(args)
     schnell = not params.guidance_embed
+    chroma = isinstance(params, ChromaParams)  # T5 only (no CLIP-L weights), its T5 mask always applied
     swap = getattr(args, "blocks_to_swap", None)
     return PlanSettings(
         trainer=trainer, model=model, params=params, width=width, height=height, batch_size=batch,
@@ -218,9 +221,9 @@ def settings_from_args(args, trainer: str = "network", target: str = "cuda") -> 
         cache_text_encoder_outputs=bool(getattr(args, "cache_text_encoder_outputs", False)
                                         or getattr(args, "cache_text_encoder_outputs_to_disk", False)),
         cache_latents=bool(getattr(args, "cache_latents", False) or getattr(args, "cache_latents_to_disk", False)),
-        apply_t5_attn_mask=bool(getattr(args, "apply_t5_attn_mask", False)), target=target,
+        apply_t5_attn_mask=bool(getattr(args, "apply_t5_attn_mask", False)) or chroma, target=target,
         **{f"{name}_params": n for name in ("t5xxl", "clip_l", "ae")
-           if (n := _param_count(getattr(args, name, None))) is not None})
+           if (n := _param_count(getattr(args, name, None))) is not None}, **({"clip_l_params": 0} if chroma else {}))
 
 
 # --- the rig: the trainer's pieces for one step ---------------------------------------------------------------------
@@ -300,7 +303,7 @@ def _build_flux(s: PlanSettings, device: str) -> Flux:
     if s.profile.trains_transformer:
         dtype = torch.bfloat16 if s.full_bf16 else torch.float32
     with torch.device(device):
-        flux = Flux(s.params).to(dtype)
+        flux = build_transformer(s.params).to(dtype)  # Flux, or Chroma for ChromaParams
     quantization = s.base_quantization if s.profile.fp8_base else ""  # (fp8_base: the recipe keeps a frozen base)
     compute = s.weight_dtype if s.weight_dtype != torch.float32 else torch.bfloat16
     if quantization and quantization != "fp8":

@@ -51,7 +51,7 @@ class TrainerCommandLine:
     refused: Mapping[str, str] = field(default_factory=dict)  # option -> why it cannot work in this trainer
     fp8_base: bool = False  # the frozen transformer may be stored in fp8 (--fp8_base_unet implies --fp8_base)
     # --model_type values it trains
-    model_types: tuple[str, ...] = ("flux", "dev", "krea", "schnell", "kontext", "canny", "depth")
+    model_types: tuple[str, ...] = ("flux", "dev", "krea", "schnell", "kontext", "canny", "depth", "chroma")
 
 
 class TrainingArgumentError(ValueError):
@@ -87,25 +87,19 @@ def add_model_path_arguments(parser: argparse.ArgumentParser) -> None:
     add("--v2", action="store_true", help="SD 2.x switch of sd-scripts; no effect on FLUX")
     add("--v_parameterization", action="store_true", help="SD v-prediction switch of sd-scripts; no effect on FLUX")
     add("--pretrained_model_name_or_path", type=str, default=None,
-        help="FLUX.1 transformer: BFL .safetensors (dev or schnell, fp8 allowed), a diffusers folder, or a .gguf "
-             "file (LoRA training; pip install gguf)")
-    add("--clip_l", type=str, default=None, help="CLIP-L text encoder (clip_l.safetensors)")
+        help="FLUX.1 or Chroma transformer: BFL .safetensors (dev, schnell, Chroma; fp8 allowed), a diffusers "
+             "folder, or a .gguf file (LoRA training; pip install gguf)")
+    add("--clip_l", type=str, default=None, help="CLIP-L text encoder (clip_l.safetensors); not for Chroma")
     add("--t5xxl", type=str, default=None, help="T5-XXL encoder (t5xxl_fp16.safetensors or fp8)")
     add("--ae", type=str, default=None, help="FLUX autoencoder (ae.safetensors)")
     add("--tokenizer_cache_dir", type=str, default=None,
         help="folder of tokenizers (DIR/openai_clip-vit-large-patch14, DIR/google_t5-v1_1-xxl) for offline use")
     add("--disable_mmap_load_safetensors", action="store_true", help="read .safetensors without memory mapping")
-    add("--model_type", type=_flux_only, default="flux", choices=[*model_type_choices(), "chroma"],
-        help="which FLUX.1 model: flux (default) recognises dev or schnell from the keys and Kontext/Krea from the "
-             "file's ModelSpec metadata; dev, krea, schnell, kontext name it (checked against the keys). The model's "
-             "defaults (--guidance_scale, T5 length, sample steps) follow it: library/models/variants.py")
-
-
-def _flux_only(value: str) -> str:
-    if value == "chroma":
-        raise argparse.ArgumentTypeError("chroma is not supported yet: this suite trains the FLUX.1 models "
-                                         f"({', '.join(model_type_choices())})")
-    return value
+    add("--model_type", type=str, default="flux", choices=model_type_choices(),
+        help="which model: flux (default) recognises dev or schnell from the keys, Chroma from its keys and "
+             "Kontext/Krea from the file's ModelSpec metadata; dev, krea, schnell, kontext, chroma name it (checked "
+             "against the keys). The model's defaults (--guidance_scale, T5 length, sample steps) follow it: "
+             "library/models/variants.py")
 
 
 def add_modelspec_arguments(parser: argparse.ArgumentParser) -> None:

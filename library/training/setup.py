@@ -29,6 +29,7 @@ from library.memory.fp8 import prepare_fp8, prepare_t5xxl_fp8
 from library.memory.gguf_linear import check_swappable_gguf, load_gguf_transformer
 from library.memory.quantized_base import load_quantized_transformer
 from library.models import loading as flux_utils
+from library.models.chroma import NoCLIP
 from library.models.text_encoding import caption_encoder
 from library.models.variants import ModelVariant, resolve_variant
 from library.training.assistant import check_assistant_lora
@@ -176,7 +177,14 @@ def load_models(args, settings: RunSettings, accelerator, flux_dtype: torch.dtyp
                     scaled=scaled)
     t5_fp8 = settings.fp8_t5xxl
     ae = flux_utils.load_ae(args.ae, torch.float32 if getattr(args, "no_half_vae", False) else dtype, "cpu")
-    clip_l = flux_utils.load_clip_l(args.clip_l, dtype, "cpu")
+    if variant.family == "chroma":  # T5 only: a weightless stand-in gives the zeros the encoding passes along
+        if args.clip_l:
+            logger.info("Chroma has no CLIP-L input: --clip_l %s is not loaded", args.clip_l)
+        clip_l = NoCLIP(dtype)
+    else:
+        clip_l = flux_utils.load_clip_l(args.clip_l, dtype, "cpu")
+    if variant.t5_attn_mask and not args.apply_t5_attn_mask:
+        logger.info("%s: T5 padding is masked (--apply_t5_attn_mask is implied for it)", variant.name)
     t5xxl = flux_utils.load_t5xxl(args.t5xxl, None if t5_fp8 else dtype, "cpu")
     if t5_fp8:
         prepare_t5xxl_fp8(t5xxl, torch.float8_e4m3fn, compute)
@@ -195,10 +203,15 @@ def model_variant(args, info) -> ModelVariant:
     """The variant --model_type names (checked against the file's keys) or the file's own (metadata, keys)."""
     try:
         return resolve_variant(getattr(args, "model_type", None), has_guidance_input=info.params.guidance_embed,
-                               in_channels=info.params.in_channels,
+                               family=info.family, in_channels=info.params.in_channels,
                                metadata=info.metadata, source=str(args.pretrained_model_name_or_path))
     except ValueError as e:
         raise TrainingError(str(e)) from None
+
+
+def apply_t5_attn_mask(args, variant: ModelVariant) -> bool:
+    """Whether T5 padding is masked: --apply_t5_attn_mask, or always for a model trained so (Chroma)."""
+    return bool(getattr(args, "apply_t5_attn_mask", False)) or variant.t5_attn_mask
 
 
 def flow_matching_settings(args, variant: ModelVariant) -> FlowMatchingSettings:
@@ -303,12 +316,14 @@ def prepare_caches(args, accelerator, models: TrainingModels, train_group, val_g
     if args.cache_text_encoder_outputs:
         batch_size = args.text_encoder_batch_size or train_group.datasets[0].config.batch_size
         te_cache = TextEncoderCache(args.cache_text_encoder_outputs_to_disk,
-                                    text_encoder_identity(args.clip_l, args.t5xxl, str(models.weight_dtype)),
+                                    text_encoder_identity(None if isinstance(models.clip_l, NoCLIP) else args.clip_l,
+                                                          args.t5xxl, str(models.weight_dtype)),
                                     skip_cache_check=args.skip_cache_check, batch_size=batch_size,
-                                    apply_t5_attn_mask=args.apply_t5_attn_mask,
+                                    apply_t5_attn_mask=apply_t5_attn_mask(args, models.variant),
                                     t5_max_length=models.tokenizer.t5_max_length)
         items = [i for g in groups for i in g.items]
-        encode = caption_encoder(models.tokenizer, models.clip_l, models.t5xxl, args.apply_t5_attn_mask)
+        encode = caption_encoder(models.tokenizer, models.clip_l, models.t5xxl,
+                                 apply_t5_attn_mask(args, models.variant))
         te_cache.cache(items, encode,
                        **(split if args.cache_text_encoder_outputs_to_disk else {"progress": split["progress"]}))
     for group in groups:
@@ -334,7 +349,7 @@ def make_loss_computer(args, models: TrainingModels, accelerator, denoiser, mode
     """The loss of the recipe's `denoiser` (the transformer or a wrapper of it) with its `model_inputs(batch)`."""
     return FluxLossComputer(flow_matching_settings(args, models.variant), denoiser, accelerator.device,
                             models.compute_dtype, ae=models.ae, clip_l=models.clip_l, t5xxl=models.t5xxl,
-                            apply_t5_attn_mask=args.apply_t5_attn_mask, masked_loss=args.masked_loss,
+                            apply_t5_attn_mask=apply_t5_attn_mask(args, models.variant), masked_loss=args.masked_loss,
                             train_text_encoders=train_text_encoders, reference_model=reference_model,
                             model_inputs=model_inputs)
 
@@ -377,7 +392,7 @@ class TrainingSamples:
         self.conditioning = None
         if args.cache_text_encoder_outputs:
             self.conditioning = precompute_prompt_conditioning(self.models, prompts, self.placement,
-                                                               args.apply_t5_attn_mask)
+                                                               apply_t5_attn_mask(args, models.variant))
 
     def run(self, trainer, epoch: int | None = None, step: int | None = None) -> None:
         """Render the prompts, each with the model the trainer's recipe gives for it (`sampling_model`)."""
@@ -385,7 +400,7 @@ class TrainingSamples:
         if self.accelerator.is_main_process:
             paths = sample_images(self.models, self.prompts, self.args.output_dir, self.args.output_name,
                                   self.placement, epoch=epoch, step=step if epoch is None else None,
-                                  apply_t5_attn_mask=self.args.apply_t5_attn_mask,
+                                  apply_t5_attn_mask=apply_t5_attn_mask(self.args, self.models.variant),
                                   cached_conditioning=self.conditioning,
                                   model_for_prompt=trainer.sampling_model)
             log_sample_images(self.accelerator, paths, [p.prompt for p in self.prompts], trainer.global_step)

@@ -40,6 +40,10 @@ class ControlNetTrainer(Trainer):
 
     def build_trainable(self, models: TrainingModels) -> list[torch.nn.Module]:
         args, device = self.args, self.accelerator.device
+        if models.variant.name not in self.command_line.model_types:  # a file recognised as Chroma, say
+            raise TrainingError(f"{args.pretrained_model_name_or_path} is a {models.variant.name} transformer: "
+                                f"{self.command_line.script} trains ControlNets for "
+                                f"{', '.join(self.command_line.model_types[1:])} only")
         if args.controlnet_model_name_or_path:
             controlnet = load_controlnet(args.controlnet_model_name_or_path, models.flux.params, torch.float32, device)
             logger.info("loaded ControlNet %s (%d double / %d single blocks)", args.controlnet_model_name_or_path,

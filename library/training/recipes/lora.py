@@ -25,7 +25,7 @@ from library.training.optimizers import optimizer_metadata_text
 from library.training.recipes import command_lines
 from library.training.recipes.control import ControlHooks
 from library.training.settings import MemoryProfile
-from library.training.setup import TrainingModels, flow_matching_settings
+from library.training.setup import TrainingModels, apply_t5_attn_mask, flow_matching_settings
 from networks.lycoris_flux import LycorisFileNetwork
 
 logger = logging.getLogger(__name__)
@@ -178,7 +178,8 @@ class LoRATrainer(ControlHooks, Trainer):
                 optimizer_text=optimizer_metadata_text(self.optimizer_name, self.optimizer_text),
                 session_id=self.session_id, training_started_at=self.training_started_at,
                 num_processes=self.accelerator.num_processes,
-                guidance_scale=flow_matching_settings(args, self.models.variant).guidance_scale)
+                guidance_scale=flow_matching_settings(args, self.models.variant).guidance_scale,
+                family=self.models.variant.family, apply_t5_attn_mask=apply_t5_attn_mask(args, self.models.variant))
             if self.assistant is not None and not args.no_metadata:  # what the LoRA was trained against
                 self._metadata["ss_assistant_lora"] = Path(self.assistant.path).name
         return self._metadata
