@@ -21,6 +21,7 @@ from dataclasses import replace
 import torch
 
 from library.flow.control import ControlEncoder, encode_control
+from library.flow.generation import Placement
 from library.models.checkpoint import analyze_checkpoint
 from library.models.conditioned import ExtraChannelsFlux
 from library.models.variants import VARIANTS
@@ -94,7 +95,9 @@ class ControlHooks:
                                 "a conditioning_data_dir (tools/make_control_maps.py writes one)")
         if self.models.ae is None:
             raise TrainingError("control maps need the autoencoder, which was not kept")
-        return {**inputs, "extra_channels": encode_control(batch.conditioning_images, self.models.ae)}
+        # the AE visits the device for the encode when cached latents sent it to the CPU (train_setup.free_unneeded)
+        placement = Placement(self.accelerator.device, offload=True)
+        return {**inputs, "extra_channels": encode_control(batch.conditioning_images, self.models.ae, placement)}
 
     def sampling_model(self, prompt) -> torch.nn.Module:
         """The prompt's `--cn` image as its control map, encoded as flux_minimal_inference.py encodes it (resized
