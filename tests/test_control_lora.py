@@ -112,3 +112,21 @@ def test_written_file_reads_back_and_bad_files_are_named(tiny_dev):
     with pytest.raises(ValueError, match="a LoRA for another model size"):
         ControlLoRA(wide, weights=read_control_lora(sd))
     assert isinstance(weights, ControlLoRAWeights) and weights.in_channels == 128
+
+
+def test_unhooking_keeps_a_kohya_lora_applied_before(tiny_dev):
+    """A style LoRA hooked first, the control LoRA over it: removing the control LoRA leaves the style LoRA's hooks."""
+    from networks import lora_flux
+
+    inputs = flux_inputs(tiny_dev)
+    network = lora_flux.create_network(1.0, 4, 4.0, None, [], tiny_dev)
+    network.apply_to([], tiny_dev, False, True)
+    for lora in network.unet_loras:
+        torch.nn.init.normal_(lora.lora_up.weight, std=0.1)
+    with torch.no_grad():
+        styled = tiny_dev(**inputs)
+    control = ControlLoRA(tiny_dev, weights=read_control_lora(fake_control_lora(tiny_dev, rank=2)))
+    control.apply_to(tiny_dev)
+    control.restore()
+    with torch.no_grad():
+        assert torch.equal(tiny_dev(**inputs), styled)

@@ -57,6 +57,20 @@ def widened_img_in(img_in: nn.Linear, in_channels: int = CONTROL_IN_CHANNELS) ->
     return wide
 
 
+def _forward_restorer(module: nn.Module):
+    """A function putting back `module`'s current forward (an instance attribute another hook set, e.g. a kohya
+    LoRA applied before this one, or none: the class's)."""
+    previous = module.__dict__.get("forward")
+
+    def restore():
+        if previous is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = previous
+
+    return restore
+
+
 class ControlLoRAModule(nn.Module):
     """One Linear's LoRA branch with a bias: s * (B (A x) + b)."""
 
@@ -137,8 +151,8 @@ class ControlLoRA(nn.Module):
             def forward(x, original=original, module=module):
                 return original(x) + self.multiplier * module.branch(x)
 
+            self._restore.append(_forward_restorer(linear))
             linear.forward = forward
-            self._restore.append(lambda linear=linear: linear.__dict__.pop("forward", None))
         owners = dict(flux.named_modules())
         for name, param in zip(self.norm_names, self.norms):
             norm = owners[name.rpartition(".")[0]]
@@ -147,8 +161,8 @@ class ControlLoRA(nn.Module):
                 xf = x.float()
                 return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * param.to(x.dtype)
 
+            self._restore.append(_forward_restorer(norm))
             norm.forward = norm_forward
-            self._restore.append(lambda norm=norm: norm.__dict__.pop("forward", None))
 
     def restore(self) -> None:
         """Undo `apply_to`: the original img_in, forwards, norm parameters and params come back."""
