@@ -5,9 +5,11 @@ After training, each silhouette is sampled through flux_minimal_inference.py --l
 strength 1) --control_image, and the final latents must be nearer their own pair's training latents than the other
 pair's, and much nearer than plain dev's (no LoRA) for the same caption and seed.
 
-Models and recipe as tests/test_controlnet_learning.py: trained-like tiny models (hidden 128), AdamW 1e-3, cosine,
+Models and recipe as tests/test_controlnet_learning.py: trained-like tiny models (hidden 128), AdamW, cosine,
 --model_prediction_type raw, 32x32 images, guidance 1.0 in training and sampling (the tiny model's guidance embedder
-was never trained for 30).
+was never trained for 30); rank 16, 300 steps. Measured on 2 CPU cores (model seed 0, training seed 1, 20 sampling
+steps): lr 2e-3 gave MSE plain dev 0.70 / 0.89, control LoRA 0.017 / 0.025 (42x, 36x; the other pair's target
+0.84 / 0.79); lr 1e-3 gave only 4.5x on the circle.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def test_trained_control_lora_follows_the_control_map(tmp_path):
                            "--dataset_config", str(toml), "--cache_latents_to_disk", "--max_data_loader_n_workers",
                            "0", "--output_dir", str(tmp_path / "out"), "--output_name", "ctl", "--seed", "1",
                            "--network_module", "networks.control_lora_flux", "--network_dim", "16",
-                           "--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--max_train_steps",
+                           "--learning_rate", "2e-3", "--lr_scheduler", "cosine", "--max_train_steps",
                            str(TRAIN_STEPS), "--model_prediction_type", "raw", "--guidance_scale", "1.0"]) == 0
     lora = tmp_path / "out" / "ctl.safetensors"
     images = sorted((tmp_path / "data" / "images").glob("*.png"))
