@@ -178,3 +178,21 @@ def test_memory_planner_covers_canny_and_control_loras(kw):
                      target="cpu", **kw)
     plan = plan_memory(s)
     assert plan.peak_bytes == pytest.approx(measure_cpu_step(s)["peak_bytes"], rel=0.10)
+
+
+def test_control_latent_cache_encodes_each_map_once(setup):
+    from library.flow.control import ControlLatentCache, encode_control
+
+    models, _ = setup
+    ae = load_ae(models["ae"], torch.float32, "cpu")
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.rand(1, 3, 32, 32, generator=g) * 2 - 1 for _ in range(3))
+    cache = ControlLatentCache()
+    first = cache(torch.cat((a, b)), ae)
+    assert cache.encoded == 2 and torch.equal(first, encode_control(torch.cat((a, b)), ae))
+    again = cache(torch.cat((b, c, a)), ae)
+    assert cache.encoded == 3  # only c was new
+    assert torch.equal(again[0], first[1]) and torch.equal(again[2], first[0])
+    small = ControlLatentCache(max_bytes=1)  # over the limit: older entries dropped, the batch's kept
+    small(a, ae), small(b, ae), small(a, ae)
+    assert small.encoded == 3

@@ -13,7 +13,9 @@ FluxControlPipeline draws a sample from the posterior instead (its only differen
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +128,40 @@ def control_encoder_for(preprocessor: str, depth_model: str | None, ae: torch.nn
 
         depth = DepthEstimator(depth_model, placement.device if placement else "cpu")
     return ControlEncoder(ae, preprocessor, depth, placement)
+
+
+class ControlLatentCache:
+    """Packed control latents of training batches, remembered by the content of each fitted map (a digest of its
+    pixels), so a map seen again (the next epoch, the other half of a flip) is not encoded again. Content-keyed, so
+    never stale; in memory only, least recently used entries dropped beyond `max_bytes`."""
+
+    def __init__(self, max_bytes: int = 2 * 1024**3):
+        self.max_bytes, self.bytes, self.encoded = max_bytes, 0, 0
+        self._entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+
+    @staticmethod
+    def _key(pixels: torch.Tensor) -> bytes:
+        data = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
+        return hashlib.blake2b(data.tobytes(), digest_size=16, person=str(data.shape).encode()[:16]).digest()
+
+    def __call__(self, maps: torch.Tensor, ae: torch.nn.Module, placement: Placement | None = None) -> torch.Tensor:
+        """Maps (B, 3, H, W) in [-1, 1] -> packed control latents (B, N, 64) float32 (AE mean), encoding only the
+        maps not seen before (together, in one call)."""
+        keys = [self._key(m) for m in maps]
+        missing = [i for i, k in enumerate(keys) if k not in self._entries]
+        if missing:
+            fresh = encode_control(maps[missing], ae, placement).cpu()
+            self.encoded += len(missing)
+            for i, tokens in zip(missing, fresh):
+                if keys[i] not in self._entries:
+                    self._entries[keys[i]] = tokens
+                    self.bytes += tokens.numel() * tokens.element_size()
+        out = []
+        for k in keys:
+            self._entries.move_to_end(k)
+            out.append(self._entries[k])
+        result = torch.stack(out)
+        while self.bytes > self.max_bytes and len(self._entries) > len(set(keys)):
+            _, dropped = self._entries.popitem(last=False)
+            self.bytes -= dropped.numel() * dropped.element_size()
+        return result

@@ -9,7 +9,8 @@ trains a control model. Three runs share them:
 Data: ControlNet-style subsets (`conditioning_data_dir`): each image's control map, fitted to its bucket as the
 image is. Maps are files (tools/make_control_maps.py writes Canny or depth maps of a folder with the inference
 code, library/flow/control.py). The model: `ExtraChannelsFlux(transformer)` fed each batch's control latents, the
-AE posterior mean of its maps, packed (as inference encodes them). Guidance: the control model's training guidance
+AE posterior mean of its maps, packed (as inference encodes them), each distinct fitted map encoded once per run
+(kept in memory by its content; not on disk). Guidance: the control model's training guidance
 (30 Canny, 10 Depth) unless --guidance_scale is given. Sample images: a prompt's `--cn` image is its control map.
 """
 
@@ -20,7 +21,7 @@ from dataclasses import replace
 
 import torch
 
-from library.flow.control import ControlEncoder, encode_control
+from library.flow.control import ControlEncoder, ControlLatentCache, encode_control
 from library.flow.generation import Placement
 from library.models.checkpoint import analyze_checkpoint
 from library.models.conditioned import ExtraChannelsFlux
@@ -95,9 +96,13 @@ class ControlHooks:
                                 "a conditioning_data_dir (tools/make_control_maps.py writes one)")
         if self.models.ae is None:
             raise TrainingError("control maps need the autoencoder, which was not kept")
-        # the AE visits the device for the encode when cached latents sent it to the CPU (train_setup.free_unneeded)
+        # the AE visits the device for the encode when cached latents sent it to the CPU (train_setup.free_unneeded);
+        # each fitted map is encoded once (ControlLatentCache: in memory, keyed by the map's content)
+        if getattr(self, "_control_latents", None) is None:
+            self._control_latents = ControlLatentCache()
         placement = Placement(self.accelerator.device, offload=True)
-        return {**inputs, "extra_channels": encode_control(batch.conditioning_images, self.models.ae, placement)}
+        return {**inputs, "extra_channels": self._control_latents(batch.conditioning_images, self.models.ae,
+                                                                    placement)}
 
     def sampling_model(self, prompt) -> torch.nn.Module:
         """The prompt's `--cn` image as its control map, encoded as flux_minimal_inference.py encodes it (resized
