@@ -5,6 +5,8 @@
 
 Kontext edits reference images: `--model_type kontext --reference_image photo.png --prompt "make it winter"`
 (library/flow/references.py: BFL's preferred sizes, the AE mean, the target at the reference's size).
+Canny/Depth (full models, or a BFL control LoRA in --lora_weights) take `--control_image` as their map, or compute it
+with `--control_preprocessor canny|depth` (library/flow/control.py, library/cli/control_options.py).
 """
 
 from __future__ import annotations
