@@ -163,3 +163,11 @@ def test_diffusers_folder_with_128_features_loads_as_canny(tiny, tmp_path, caplo
                                in_channels=info.params.in_channels, metadata=info.metadata).name == "canny"
     _, loaded = load_flow_model(folder, torch.float32, "cpu")
     assert all(torch.equal(v, flux.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_missing_opencv_is_one_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 raises ImportError
+    with pytest.raises(ValueError, match="needs OpenCV: pip install opencv-python-headless"):
+        canny_map(np.zeros((8, 8, 3), np.uint8))
