@@ -196,3 +196,17 @@ def test_control_latent_cache_encodes_each_map_once(setup):
     small = ControlLatentCache(max_bytes=1)  # over the limit: older entries dropped, the batch's kept
     small(a, ae), small(b, ae), small(a, ae)
     assert small.encoded == 3
+
+
+def test_control_kind_of_a_run(setup):
+    import argparse
+
+    from library.training.errors import TrainingError
+    from library.training.recipes.control import control_kind
+
+    models, _ = setup
+    run = dict(pretrained_model_name_or_path=str(models["flux"]), model_type="flux")
+    assert control_kind(argparse.Namespace(**run, network_module="networks.lora_flux", network_args=[])) is None
+    assert control_kind(argparse.Namespace(**run, network_module=CONTROL_LORA[1], network_args=[])) == "canny"
+    with pytest.raises(TrainingError, match="network_args control=edges: expected canny or depth"):
+        control_kind(argparse.Namespace(**run, network_module=CONTROL_LORA[1], network_args=["control=edges"]))

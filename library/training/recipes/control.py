@@ -26,9 +26,11 @@ from library.flow.generation import Placement
 from library.models.checkpoint import analyze_checkpoint
 from library.models.conditioned import ExtraChannelsFlux
 from library.models.variants import VARIANTS
+from library.training.arguments import parse_network_args
 from library.training.errors import TrainingError
 from library.training.settings import DatasetKinds
 from library.training.setup import model_variant
+from networks.control_lora_flux import control_kind as network_control_kind
 
 logger = logging.getLogger(__name__)
 CONTROL_LORA_MODULE = "networks.control_lora_flux"
@@ -39,11 +41,8 @@ def control_kind(args) -> str | None:
     --model_type / ModelSpec / keys), else None. Read from the command line and the file's header only: datasets
     are built before the models load."""
     if getattr(args, "network_module", None) == CONTROL_LORA_MODULE:
-        from networks.control_lora_flux import control_kind as network_kind  # the network's own rule
-
-        args_dict = dict(item.split("=", 1) for item in (getattr(args, "network_args", None) or []) if "=" in item)
-        try:
-            return network_kind(args_dict)
+        try:  # the network's own rule
+            return network_control_kind(parse_network_args(getattr(args, "network_args", None)))
         except ValueError as e:
             raise TrainingError(str(e)) from None
     path = getattr(args, "pretrained_model_name_or_path", None)
