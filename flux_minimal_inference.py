@@ -5,8 +5,10 @@
 
 Kontext edits reference images: `--model_type kontext --reference_image photo.png --prompt "make it winter"`
 (library/flow/references.py: BFL's preferred sizes, the AE mean, the target at the reference's size).
+ControlNets (sd-scripts or diffusers layout, several at once): `--controlnet CN --control_image edges.png`
+(library/cli/controlnet_options.py, library/flow/control.py).
 Canny/Depth (full models, or a BFL control LoRA in --lora_weights) take `--control_image` as their map, or compute it
-with `--control_preprocessor canny|depth` (library/flow/control.py, library/cli/control_options.py).
+with `--control_preprocessor canny|depth` (library/flow/canny_depth.py, library/cli/control_options.py).
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from library.cli.control_options import add_control_arguments, check_control_arguments
 from library.formats.atomic_io import remove_stale_temporaries
+from library.cli.control_options import add_control_arguments, check_control_arguments, without_control_images
+from library.cli.controlnet_options import add_controlnet_arguments, control_specs
+from library.cli.inpaint_options import add_inpaint_arguments, check_inpaint_arguments
 from library.formats.command_line import ArgumentParser, non_negative_int, positive_int, seed_int
 
 logger = logging.getLogger("flux_minimal_inference")
 DTYPE_HELP = "bf16, fp16, fp32 or an fp8 type (fp8, fp8_e4m3fn, fp8_e5m2)"
 # library/models/variants.py (no torch import here)
-MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext", "canny", "depth", "chroma"]
+MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext", "fill", "canny", "depth", "chroma"]
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -92,14 +96,6 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--dequantize_merged_layers", action="store_true",
                    help="with --base_quantization nf4/int8 and --merge_lora_weights: dequantize the layers the LoRAs "
                         "change to --flux_dtype and merge into them (otherwise the merge is refused)")
-    p.add_argument("--controlnet", default=None,
-                   help="ControlNet file trained by flux_train_control_net.py or sd-scripts (.safetensors)")
-    p.add_argument("--control_image", default=None,
-                   help="conditioning image for --controlnet (scaled to cover the output size and centre-cropped), "
-                        "or the control picture of FLUX.1 Canny/Depth (resized to the output size; the output takes "
-                        "its size when none is given)")
-    p.add_argument("--controlnet_scale", type=float, default=1.0,
-                   help="multiplier of the ControlNet residuals (default: %(default)s)")
     p.add_argument("--offload", action="store_true",
                    help="keep models on the CPU and move each to the GPU only while it runs")
     p.add_argument("--blocks_to_swap", type=non_negative_int, default=0,
@@ -119,6 +115,8 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--interactive", action="store_true",
                    help="read prompts from standard input, one per line, with options --w --h --s --d --g --n --c, "
                         "--m m1,m2 (LoRA multipliers) and --ri a.png;b.png (Kontext references; --ri - clears them)")
+    add_inpaint_arguments(p)
+    add_controlnet_arguments(p)
     add_control_arguments(p)
     return p
 
@@ -195,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     import torch
 
-    if args.controlnet and not args.control_image:
-        raise ValueError("--controlnet needs --control_image")
+    # the ControlNet passes (library/cli/controlnet_options.py); without --controlnet, --control_image is Canny/Depth's
+    specs = control_specs(args if args.controlnet else without_control_images(args))
     for path in args.reference_image:  # before anything loads
         if not Path(path).is_file():
             raise ValueError(f"--reference_image {path}: file not found")
@@ -224,7 +222,7 @@ def run(args) -> int:
     logger.info(f"transformer: {info.layout} layout, {info.model_type}, {info.params.depth} double + "
                 f"{info.params.depth_single_blocks} single blocks, stored as {', '.join(sorted(info.dtypes))}")
     control_lora = find_control_lora(args.lora_weights)  # a BFL Canny/Depth LoRA makes dev a 128-feature model
-    if control_lora and (info.params.in_channels, info.params.guidance_embed) != (64, True):
+    if control_lora and (info.family, info.params.in_channels, info.params.guidance_embed) != ("flux", 64, True):
         raise ValueError(f"{control_lora[0]} is a control LoRA for FLUX.1-dev; {args.ckpt_path} is not dev-like")
     variant = resolve_variant(args.model_type, has_guidance_input=info.params.guidance_embed, family=info.family,
                               in_channels=128 if control_lora else info.params.in_channels,
@@ -238,11 +236,15 @@ def run(args) -> int:
     logger.info(f"model: {variant.name} ({variant.architecture}); defaults: {variant.steps} steps, guidance "
                 f"{variant.guidance}, {'shifted' if variant.shift else 'unshifted'} schedule")
     check_control_arguments(args, variant.control, f"{args.ckpt_path} ({variant.name})")
+    from library.flow.control import control_png_text, controlled_flux, inpainting_controlnet, picture_size
+
+    inpaint_cn = not variant.inpaint and inpainting_controlnet(args.controlnet)  # alimama's: inside --image only
+    check_inpaint_arguments(args, f"{args.ckpt_path} ({variant.name})", variant.inpaint or inpaint_cn)
+    if inpaint_cn and args.outpaint is not None:
+        raise ValueError("--outpaint needs a FLUX.1 Fill model: an inpainting ControlNet repaints inside --image")
     if args.reference_image and not variant.reference_images:
         raise ValueError(f"--reference_image needs a Kontext model, but {args.ckpt_path} is {variant.name} (keys and "
                          f"metadata); give --model_type kontext if it is FLUX.1 Kontext")
-    if args.controlnet and variant.reference_images:
-        raise ValueError("--controlnet with a Kontext model is not supported here (ControlNets see the target only)")
     if variant.reference_images and not args.reference_image:
         logger.info("Kontext without --reference_image: plain text-to-image (give reference images to edit them)")
     if args.blocks_to_swap:
@@ -279,27 +281,26 @@ def run(args) -> int:
     if args.blocks_to_swap:  # after merging: the swapped weights' CPU copies are their masters
         move_to_device_except_swap_blocks(loaded["flux"], device)
         enable_flux_block_swap(loaded["flux"], args.blocks_to_swap, device, "cpu", host_to_device_only=True)
-    if args.controlnet:
-        from library.models.controlnet import ControlledFlux, load_controlnet  # only with --controlnet
-        from library.data.images import load_image
-        from library.data.tensors import control_image_source
-
-        controlnet = load_controlnet(args.controlnet, info.params, models.compute_dtype, load_device).eval()
-        control = control_image_source(load_image(args.control_image)[0])
-        models.flux = ControlledFlux(loaded["flux"], controlnet, control, args.controlnet_scale)
-        logger.info(f"ControlNet {args.controlnet} ({controlnet.depths[0]} double blocks) x {args.controlnet_scale} "
-                    f"with control image {args.control_image}")
-
     from library.flow.references import ReferenceEncoder, bind_references, target_size
-    from library.flow.control import bind_control, bind_control_image, control_encoder_for
+    from library.flow.canny_depth import bind_control, bind_control_image, control_encoder_for
 
-    if variant.control:  # Canny/Depth: the control latents are bound per render (library/flow/control.py)
+    if variant.control:  # Canny/Depth: the control latents are bound per render (library/flow/canny_depth.py)
         models.flux = bind_control(models.flux, None)
         control = control_encoder_for(args.control_preprocessor, args.depth_model, loaded["ae"], placement)
 
     if variant.reference_images:
         models.flux = bind_references(models.flux, None)  # bound to each render's references
-    settings = GenerationSettings(prompt=args.prompt, width=args.width, height=args.height, steps=args.steps,
+    kontext = models.flux  # bound below (with ControlNets, inside them: they steer the target tokens only)
+    if specs:
+        # beside a block-swapped transformer (never moved by --offload) the ControlNets live on the device too
+        models.flux, lines = controlled_flux(models.flux, specs, info.params, models.compute_dtype,
+                                             device if args.blocks_to_swap else load_device, loaded["ae"], placement,
+                                             args.mask_image)
+        for line in lines:
+            logger.info(line)
+    size = picture_size(args.image) if inpaint_cn and args.image and not (args.width or args.height) else (None,) * 2
+    settings = GenerationSettings(prompt=args.prompt, width=args.width or size[0], height=args.height or size[1],
+                                  steps=args.steps,
                                   guidance=args.guidance, seed=0, negative_prompt=args.negative_prompt,
                                   cfg_scale=args.cfg_scale if args.cfg_scale is not None else variant.cfg_scale,
                                   reference_images=tuple(args.reference_image))
@@ -311,7 +312,7 @@ def run(args) -> int:
             raise ValueError(f"--ri needs a Kontext model, but {args.ckpt_path} is {variant.name}")
         refs = references(s.reference_images)
         if variant.reference_images:
-            bind_references(models.flux, refs)
+            bind_references(kontext, refs)
         width, height = target_size(s.width, s.height, refs)
         return replace(s, width=width, height=height), refs.png_text() if refs else {}
 
@@ -324,8 +325,8 @@ def run(args) -> int:
         if s.seed is None:
             s.seed = random.randint(0, 2**32 - 1)
         if variant.control:  # before the references' rule: the output takes the control picture's size
-            s = replace(s, **dict(zip(("width", "height"), bind_control_image(models.flux, control, args.control_image,
-                                                                               s.width, s.height))))
+            s = replace(s, **dict(zip(("width", "height"), bind_control_image(
+                models.flux, control, args.control_image[0], s.width, s.height))))
         s, reference_text = with_references(s)
         width, height = s.output_size()
         if (width, height) != (s.width, s.height):
@@ -338,11 +339,9 @@ def run(args) -> int:
         text.update(reference_text)
         if args.lora_weights:
             text["lora_weights"] = " ".join(args.lora_weights) + (" (merged)" if args.merge_lora_weights else "")
+        text.update(control_png_text(specs))
         if variant.control:
-            text.update(control_image=args.control_image, control_preprocessor=args.control_preprocessor)
-        if args.controlnet:
-            text.update(controlnet=args.controlnet, control_image=args.control_image,
-                        controlnet_scale=str(args.controlnet_scale))
+            text.update(control_image=args.control_image[0], control_preprocessor=args.control_preprocessor)
         save_png(image, path, text)
         if args.output_latents:
             from library.formats.safetensors_io import save_file_atomic  # only with --output_latents

@@ -1,4 +1,4 @@
-"""Train an sd-scripts FLUX ControlNet beside the frozen FLUX.1 transformer, with sd-scripts' command line.
+"""Train a FLUX ControlNet (sd-scripts' or diffusers' layout) beside the frozen FLUX.1 transformer (sd-scripts' CLI).
 
     accelerate launch flux_train_control_net.py --pretrained_model_name_or_path flux1-dev.safetensors \
         --clip_l clip_l.safetensors --t5xxl t5xxl_fp16.safetensors --ae ae.safetensors \
@@ -9,6 +9,8 @@
 Every subset of the dataset config has `image_dir` and `conditioning_data_dir` (or use --train_data_dir and
 --conditioning_data_dir); `--controlnet_model_name_or_path` continues from saved ControlNet weights. Render with
 `flux_minimal_inference.py --controlnet out/my_controlnet.safetensors --control_image IMG`.
+`--controlnet_format diffusers` trains diffusers' FluxControlNetModel layout instead (Union modes, alimama-style
+inpainting; library/training/recipes/controlnet_args.py).
 """
 
 from __future__ import annotations

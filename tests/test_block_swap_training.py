@@ -135,7 +135,7 @@ def test_out_of_range_options_are_refused(setup, tmp_path):
     assert code == 2
 
 
-def test_auto_asks_the_planner_except_for_controlnets(setup, tmp_path, monkeypatch):
+def test_auto_asks_the_planner(setup, tmp_path, monkeypatch):
     import flux_train_control_net
     from library.cli.main import run_settings
     from library.planner import plan as memory_plan
@@ -150,10 +150,9 @@ def test_auto_asks_the_planner_except_for_controlnets(setup, tmp_path, monkeypat
     assert asked == ["network"] and args.blocks_to_swap == "auto"  # the arguments keep what the user asked for
 
     cn_args = flux_train_control_net.setup_parser().parse_args(["--blocks_to_swap", "auto"])
-    with pytest.raises(TrainingError, match="does not plan ControlNet training yet; give a number"):
-        ControlNetTrainer(cn_args)
-    with pytest.raises(TrainingError, match="does not plan ControlNet training yet; give a number"):
-        run_settings(cn_args, flux_train_control_net.COMMAND_LINE, ControlNetTrainer.memory_profile)
+    assert run_settings(cn_args, flux_train_control_net.COMMAND_LINE,
+                        ControlNetTrainer.memory_profile).blocks_to_swap == 4  # ControlNet training is planned too
+    assert asked == ["network", "controlnet"]
 
 
 def test_minimal_inference_with_block_swap_renders_the_same_image(setup, tmp_path):

@@ -1,6 +1,6 @@
 """FLUX.1 Canny / Depth inference: the sampler with a control picture against diffusers' FluxControlPipeline on
 tiny weights, Canny maps against OpenCV at BFL's thresholds, the depth map path on a tiny local depth model, the
-variant rule for 128-feature files, and the command line (library/flow/control.py, flux_minimal_inference.py)."""
+variant rule for 128-feature files, and the command line (library/flow/canny_depth.py, flux_minimal_inference.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from library.data.control_maps import canny_map
-from library.flow.control import ControlEncoder, bind_control, control_map, encode_control
+from library.flow.canny_depth import ControlEncoder, bind_control, control_map, encode_control
 from library.flow.generation import FluxModels, GenerationSettings, Placement, generate_latents
 from library.flow.sampling import Conditioning, get_noise
 from library.models.autoencoder import load_ae

@@ -14,7 +14,7 @@ from safetensors import safe_open
 import cli_runs
 from cli_runs import run_args
 from library.data.control_maps import canny_map
-from library.flow.control import ControlEncoder, bind_control
+from library.flow.canny_depth import ControlEncoder, bind_control
 from library.flow.generation import FluxModels, GenerationSettings, Placement, generate_latents
 from library.flow.sampling import Conditioning, get_noise
 from library.formats.control_lora import control_lora_to_diffusers, is_control_lora, read_control_lora
@@ -181,7 +181,7 @@ def test_memory_planner_covers_canny_and_control_loras(kw):
 
 
 def test_control_latent_cache_encodes_each_map_once(setup):
-    from library.flow.control import ControlLatentCache, encode_control
+    from library.flow.canny_depth import ControlLatentCache, encode_control
 
     models, _ = setup
     ae = load_ae(models["ae"], torch.float32, "cpu")
@@ -202,7 +202,7 @@ def test_control_kind_of_a_run(setup):
     import argparse
 
     from library.training.errors import TrainingError
-    from library.training.recipes.control import control_kind
+    from library.training.recipes.canny_depth import control_kind
 
     models, _ = setup
     run = dict(pretrained_model_name_or_path=str(models["flux"]), model_type="flux")

@@ -6,7 +6,7 @@ transformers depth-estimation model), at the picture's own size, under the same 
     python tools/make_control_maps.py --images data/images --out data/depth --preprocessor depth \
         --depth_model models/depth-anything-large-hf
 
-The maps are made by the code inference uses (library/flow/control.py), so training sees what inference feeds.
+The maps are made by the code inference uses (library/flow/canny_depth.py), so training sees what inference feeds.
 Existing maps are kept unless --overwrite.
 """
 
@@ -35,7 +35,7 @@ def make_control_maps(images: str | Path, out: str | Path, preprocessor: str, de
     from PIL import Image
 
     from library.data.images import list_images, load_image  # torch after parsing: fast --help
-    from library.flow.control import control_map
+    from library.flow.canny_depth import control_map
     from library.formats.atomic_io import atomic_write
 
     if preprocessor == "depth" and not depth_model:

@@ -31,14 +31,15 @@ def command_line(trainer: str):
     """The planned recipe's command line, by the planner's name for it."""
     from library.training.recipes import command_lines  # the tool imports torch only after parsing
 
-    return {"network": command_lines.LORA, "full": command_lines.FULL}[trainer]
+    return {"network": command_lines.LORA, "full": command_lines.FULL, "controlnet": command_lines.CONTROLNET}[trainer]
 
 
 def planner_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(add_help=False)
     add = p.add_argument_group("memory planner").add_argument
-    add("--trainer", choices=["network", "full"], default="network",
-        help="plan for flux_train_network.py (network, default) or flux_train.py (full)")
+    add("--trainer", choices=["network", "full", "controlnet"], default="network",
+        help="plan for flux_train_network.py (network, default), flux_train.py (full) or flux_train_control_net.py "
+             "(controlnet)")
     add("--model_preset", default=None, choices=["dev", "schnell", "tiny", "tiny-schnell", "chroma", "chroma-tiny"],
         help="plan for this model without its file (default: the header of --pretrained_model_name_or_path, "
              "else dev)")
@@ -79,6 +80,8 @@ def _line(plan) -> str:
     s = plan.settings
     adapter = "LoRA" if s.network_module == "networks.lora_flux" else s.network_module
     what = "full fine-tuning" if s.profile.trains_transformer else f"{adapter} rank {s.network_dim}"
+    if s.controlnet:  # (layout, double, single blocks, modes, condition features)
+        what = f"{s.controlnet[0]} ControlNet ({s.controlnet[1]} double / {s.controlnet[2]} single blocks)"
     base = s.base_quantization or ("fp8" if s.fp8_base or s.fp8_file else "")
     flags = [f"{s.width}x{s.height}", f"batch {s.batch_size}", f"{s.mixed_precision} mixed precision",
              f"{base} base" if base and s.profile.fp8_base else "",

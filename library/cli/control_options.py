@@ -28,10 +28,18 @@ def add_control_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
     return group
 
 
+def without_control_images(args) -> argparse.Namespace:
+    """`args` with no --control_image: without --controlnet the pictures belong to a Canny/Depth model, so the
+    ControlNet pairing rule (library/cli/controlnet_options.py) checks the other ControlNet options only."""
+    return argparse.Namespace(**{**vars(args), "control_image": []})
+
+
 def check_control_arguments(args, variant_control: str | None, model: str) -> None:
-    """One-line ValueError for control options that do not fit the model or each other."""
+    """One-line ValueError for control options that do not fit the model or each other (`--control_image` is a
+    list: the ControlNet options append)."""
+    images = list(args.control_image or [])
     if variant_control is None:
-        if args.control_image and not args.controlnet:
+        if images and not args.controlnet:
             raise ValueError(f"--control_image needs --controlnet, a FLUX.1 Canny/Depth model or a BFL control LoRA "
                              f"in --lora_weights; {model} takes no control picture")
         if args.control_preprocessor != "none" or args.depth_model:
@@ -39,11 +47,11 @@ def check_control_arguments(args, variant_control: str | None, model: str) -> No
                              "Canny/Depth model or a BFL control LoRA in --lora_weights")
         return
     if args.controlnet:
-        raise ValueError(f"--controlnet with {model}: the control picture feeds the model itself; leave out "
-                         "--controlnet")
-    if not args.control_image:
-        raise ValueError(f"{model} needs --control_image (the {variant_control} map, or a photo with "
-                         f"--control_preprocessor {variant_control})")
+        raise ValueError(f"--controlnet with {model}: its --control_image feeds the model itself; ControlNets on "
+                         "Canny/Depth models are not supported")
+    if len(images) != 1:
+        raise ValueError(f"{model} needs one --control_image (the {variant_control} map, or a photo with "
+                         f"--control_preprocessor {variant_control}), got {len(images)}")
     if args.control_preprocessor == "depth" and not args.depth_model:
         raise ValueError("--control_preprocessor depth needs --depth_model FOLDER (a local transformers "
                          "depth-estimation model)")

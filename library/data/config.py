@@ -300,7 +300,8 @@ def _build_dataset(raw: dict, index: int, table: str, sub_tables: list[str], gen
 def _unsupported_message(kind: str, supported: set) -> str:
     if kind == "controlnet":
         return ("ControlNet subsets ('conditioning_data_dir') need --masked_loss (the conditioning image's red "
-                "channel as loss mask) or flux_train_control_net.py")
+                "channel as loss mask), a frozen ControlNet (--controlnet_model_name_or_path) or "
+                "flux_train_control_net.py")
     if supported == {"controlnet"}:
         return (f"{KIND_NAMES[kind]} subsets are not supported by ControlNet training: every subset needs "
                 "'image_dir' and 'conditioning_data_dir'")

@@ -1,167 +1,124 @@
-"""FLUX.1 Canny / Depth control for sampling and training: a control picture -> its map (given, or computed:
-Canny edges or a depth estimate) at the output size -> AE posterior mean -> packed tokens, the 64 extra features per
-token of `ExtraChannelsFlux`. One builder for flux_minimal_inference.py, training sample images and the training
-recipes' control latents.
+"""ControlNet conditions for sampling (inference and training samples): picture -> what each ControlNet reads.
 
-    control = ControlEncoder(ae, preprocessor="canny", placement=placement)
-    models.flux = bind_control(flux, control("photo.png", width, height))
-
-BFL (flux/sampling.py prepare_control): the picture is resized to the output size (PIL Lanczos, stretched), the map
-is made from the resized picture, encoded by the AE and packed. BFL encodes the posterior mean; diffusers'
-FluxControlPipeline draws a sample from the posterior instead (its only difference; tests compare with the mean).
+sd-scripts' ControlNets read the picture itself ((1, 3, H, W) in [-1, 1]); diffusers-layout ones read its packed AE
+latents (the posterior mean, as every FLUX conditioning encode here; diffusers' pipelines draw a sample instead).
+alimama's inpainting ControlNets (68 condition features) read the picture with the area to generate set to black
+(-1) -- the mask binarised at > 0.5 on [0, 1], alimama's rule (DiffSynth thresholds the [-1, 1] mean at 0) -- and
+the keep-mask (1 - mask) resized to the latent size (nearest): 16 + 1 channels, packed to 64 + 4 features.
+Each condition is a function (width, height) -> tensor, made again only when the output size changes.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-from collections import OrderedDict
-from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from library.data.control_maps import canny_map, resize_control
-from library.data.images import BadImageError, load_image
-from library.data.tensors import to_tensor
-from library.flow.generation import Placement
-from library.models.conditioned import ExtraChannelsFlux
+from library.data.images import load_image
+from library.data.tensors import control_image_source, prepare_control_image
+from library.models.controlled import ControlledFlux, ControlUnit
+from library.models.controlnet_files import load_any_controlnet
 from library.models.packing import pack_latents
 
-logger = logging.getLogger(__name__)
-
-CONTROL_PREPROCESSORS = ("none", "canny", "depth")  # none: the picture is the map
+MASK_THRESHOLD = 0.5
 
 
-def control_map(rgb: np.ndarray, width: int, height: int, preprocessor: str = "none",
-                depth_estimator=None) -> torch.Tensor:
-    """The control map of an HxWx3 uint8 picture at width x height, (1, 3, height, width) float in [-1, 1] (depth:
-    BFL's d / 127.5 - 1, unclamped)."""
-    resized = resize_control(rgb, width, height)
-    if preprocessor == "none":
-        return to_tensor(resized)[None]
-    if preprocessor == "canny":
-        return to_tensor(canny_map(resized))[None]
-    if preprocessor == "depth":
-        if depth_estimator is None:
-            raise ValueError("the depth control map needs a depth-estimation model: give --depth_model FOLDER")
-        return depth_estimator(resized)
-    raise ValueError(f"control preprocessor {preprocessor!r}: expected one of {', '.join(CONTROL_PREPROCESSORS)}")
+def inpaint_mask(mask: np.ndarray, width: int, height: int) -> torch.Tensor:
+    """An HxW(x3) mask picture (white = generate) fitted as the control picture is -> (1, 1, H, W) of 0/1."""
+    rgb = np.repeat(mask[..., None], 3, axis=2) if mask.ndim == 2 else mask
+    fitted = (prepare_control_image(rgb, width, height).mean(1, keepdim=True) + 1) / 2
+    return (fitted > MASK_THRESHOLD).float()
 
 
-def load_control_picture(path: str | Path) -> np.ndarray:
-    try:
-        return load_image(path)[0]
-    except BadImageError as e:
-        raise ValueError(f"control image {e}") from None
+def latent_condition(picture: np.ndarray, ae: torch.nn.Module, placement, mask: np.ndarray | None = None,
+                     channels: int = 64) -> Callable[[int, int], torch.Tensor]:
+    """(width, height) -> packed condition latents (1, N, channels) for a diffusers-layout ControlNet."""
+    if channels == 68 and mask is None:
+        raise ValueError("this inpainting ControlNet (68 condition features) needs --mask_image (white = generate)")
+    if channels not in (64, 68):
+        raise ValueError(f"ControlNet condition of {channels} features: only 64 (AE latents) and 68 (alimama "
+                         "inpainting) are known")
+
+    def condition(width: int, height: int) -> torch.Tensor:
+        pixels = prepare_control_image(picture, width, height)
+        with placement.use(ae):
+            return condition_latents(ae, pixels, inpaint_mask(mask, width, height) if channels == 68 else None)
+
+    return condition
 
 
-@torch.no_grad()
-def encode_control(pixels: torch.Tensor, ae: torch.nn.Module, placement: Placement | None = None) -> torch.Tensor:
-    """Control maps (B, 3, H, W) in [-1, 1] -> packed control latents (B, H/16 * W/16, 64), float32 (AE mean)."""
-    placement = placement or Placement(next(ae.parameters()).device, offload=False)
-    with placement.use(ae):
-        param = next(ae.parameters())
+def controlled_flux(flux: torch.nn.Module, specs: Sequence, base_params, dtype: torch.dtype, device, ae, placement,
+                    mask_image: str | None = None) -> tuple[ControlledFlux, list[str]]:
+    """`flux` steered by the ControlNet passes of `specs` (library/cli/controlnet_options.py `ControlSpec`), each
+    ControlNet file loaded once; returns the model and one log line per pass."""
+    nets, units, lines = {}, [], []
+    mask = load_image(mask_image)[0] if mask_image else None
+    for spec in specs:
+        if spec.controlnet not in nets:
+            nets[spec.controlnet] = load_any_controlnet(spec.controlnet, base_params, dtype, device).eval()
+        net = nets[spec.controlnet]
+        picture = load_image(spec.image)[0]
+        shape = getattr(net, "shape", None)
+        if shape is None:  # sd-scripts: the picture itself
+            control = control_image_source(picture)
+        else:
+            control = latent_condition(picture, ae, placement, mask, shape.condition_channels)
+            if shape.num_mode and spec.mode is None:
+                raise ValueError(f"{spec.controlnet} is a Union ControlNet ({shape.num_mode} modes): give "
+                                 "--control_mode for each --control_image")
+            if not shape.num_mode and spec.mode is not None:
+                raise ValueError(f"--control_mode {spec.mode}: {spec.controlnet} is not a Union ControlNet")
+        units.append(ControlUnit(net, control, spec.scale, spec.start, spec.end, spec.mode))
+        depth, single = net.depths
+        lines.append(f"ControlNet {spec.controlnet} ({getattr(net, 'residual_mapping', 'repeat')} mapping, {depth} "
+                     f"double / {single} single blocks) x {spec.scale}, steps {spec.start}-{spec.end}"
+                     f"{'' if spec.mode is None else f', mode {spec.mode}'}, control image {spec.image}")
+    return ControlledFlux(flux, units=units), lines
+
+
+def inpainting_controlnet(paths: Sequence[str]) -> bool:
+    """Whether any of these ControlNet files takes an inpainting condition (68 features), from headers only."""
+    from library.formats.safetensors_io import read_header
+    from library.models.diffusers_controlnet import is_diffusers_controlnet, weights_file
+
+    for path in dict.fromkeys(paths):
+        t = read_header(weights_file(path)).tensors
+        if is_diffusers_controlnet(t) and t["controlnet_x_embedder.weight"].shape[1] == 68:
+            return True
+    return False
+
+
+def control_png_text(specs: Sequence) -> dict[str, str]:
+    if not specs:
+        return {}
+    join = lambda values: ";".join(str(v) for v in values)  # noqa: E731
+    text = {"controlnet": join(s.controlnet for s in specs), "control_image": join(s.image for s in specs),
+            "controlnet_scale": join(s.scale for s in specs), "controlnet_start": join(s.start for s in specs),
+            "controlnet_end": join(s.end for s in specs)}
+    if any(s.mode is not None for s in specs):
+        text["control_mode"] = join("" if s.mode is None else s.mode for s in specs)
+    return text
+
+
+def condition_latents(ae: torch.nn.Module, pixels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed condition latents of pictures (B, 3, H, W) in [-1, 1] where the AE is: with `mask` (B, 1, H, W) of
+    0/1 (1 = generate), alimama's inpainting condition (that area black, the keep-mask appended): (B, N, 68)."""
+    param = next(ae.parameters())
+    if mask is not None:
+        mask = mask.to(pixels.device, pixels.dtype)
+        pixels = torch.where(mask > 0, -1.0, pixels)
+    with torch.no_grad():
         latents = ae.encode(pixels.to(param.device, param.dtype)).float()
+    if mask is not None:
+        keep = 1 - torch.nn.functional.interpolate(mask.float(), size=latents.shape[-2:], mode="nearest")
+        latents = torch.cat((latents, keep.to(latents.device)), dim=1)
     return pack_latents(latents)
 
 
-def bind_control(flux: torch.nn.Module, tokens: torch.Tensor | None) -> ExtraChannelsFlux:
-    """`flux` (or the ExtraChannelsFlux around it) bound to packed control latents; None unbinds."""
-    model = flux if isinstance(flux, ExtraChannelsFlux) else ExtraChannelsFlux(flux)
-    return model.bind(tokens)
+def picture_size(path: str) -> tuple[int, int]:
+    """An inpainting picture's (width, height) floored to multiples of 16: the output size when none is given."""
+    from library.data.images import probe_image
 
-
-class ControlEncoder:
-    """Control pictures -> packed control latents with fixed rules, remembering the last (path, size): interactive
-    prompts and sample images that keep their control picture encode it once."""
-
-    def __init__(self, ae: torch.nn.Module, preprocessor: str = "none", depth_estimator=None,
-                 placement: Placement | None = None):
-        if preprocessor not in CONTROL_PREPROCESSORS:
-            raise ValueError(f"control preprocessor {preprocessor!r}: expected one of "
-                             f"{', '.join(CONTROL_PREPROCESSORS)}")
-        if preprocessor == "depth" and depth_estimator is None:
-            raise ValueError("--control_preprocessor depth needs --depth_model FOLDER (a local transformers "
-                             "depth-estimation model)")
-        self.ae, self.preprocessor, self.depth_estimator, self.placement = ae, preprocessor, depth_estimator, placement
-        self._last: tuple[tuple[str, int, int], torch.Tensor] | None = None
-
-    def __call__(self, path: str | Path, width: int, height: int) -> torch.Tensor:
-        key = (str(path), width, height)
-        if self._last is None or self._last[0] != key:
-            rgb = load_control_picture(path)
-            pixels = control_map(rgb, width, height, self.preprocessor, self.depth_estimator)
-            logger.info(f"control image {path} {rgb.shape[1]}x{rgb.shape[0]} -> {width}x{height}, map: "
-                        f"{'as given' if self.preprocessor == 'none' else self.preprocessor}")
-            self._last = (key, encode_control(pixels, self.ae, self.placement))
-        return self._last[1]
-
-
-def control_image_size(path: str | Path) -> tuple[int, int]:
-    """The output size a control picture gives when none is asked for: its own, floored to multiples of 16."""
-    rgb = load_control_picture(path)
-    height, width = rgb.shape[:2]
-    if width < 16 or height < 16:
-        raise ValueError(f"control image {path} is {width}x{height}: smaller than 16x16")
-    return width // 16 * 16, height // 16 * 16
-
-
-def bind_control_image(flux: ExtraChannelsFlux, control: ControlEncoder, path: str | Path, width: int | None,
-                       height: int | None) -> tuple[int, int]:
-    """Bind `flux` to the control latents of `path` at the output size and return (width, height) as asked, or the
-    control picture's own size (floored to 16) for what is not given. Sizes round up to 16 as the sampler's do."""
-    if width is None or height is None:
-        own_w, own_h = control_image_size(path)
-        width, height = width or own_w, height or own_h
-    flux.bind(control(path, -(-width // 16) * 16, -(-height // 16) * 16))
-    return width, height
-
-
-def control_encoder_for(preprocessor: str, depth_model: str | None, ae: torch.nn.Module,
-                        placement: Placement | None) -> ControlEncoder:
-    """The command line's ControlEncoder: the depth model (local folder) loaded only for `depth`, on the compute
-    device."""
-    depth = None
-    if preprocessor == "depth":
-        from library.models.depth import DepthEstimator
-
-        depth = DepthEstimator(depth_model, placement.device if placement else "cpu")
-    return ControlEncoder(ae, preprocessor, depth, placement)
-
-
-class ControlLatentCache:
-    """Packed control latents of training batches, remembered by the content of each fitted map (a digest of its
-    pixels), so a map seen again (the next epoch, the other half of a flip) is not encoded again. Content-keyed, so
-    never stale; in memory only, least recently used entries dropped beyond `max_bytes`."""
-
-    def __init__(self, max_bytes: int = 2 * 1024**3):
-        self.max_bytes, self.bytes, self.encoded = max_bytes, 0, 0
-        self._entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
-
-    @staticmethod
-    def _key(pixels: torch.Tensor) -> bytes:
-        data = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
-        return hashlib.blake2b(data.tobytes(), digest_size=16, person=str(data.shape).encode()[:16]).digest()
-
-    def __call__(self, maps: torch.Tensor, ae: torch.nn.Module, placement: Placement | None = None) -> torch.Tensor:
-        """Maps (B, 3, H, W) in [-1, 1] -> packed control latents (B, N, 64) float32 (AE mean), encoding only the
-        maps not seen before (together, in one call)."""
-        keys = [self._key(m) for m in maps]
-        missing = [i for i, k in enumerate(keys) if k not in self._entries]
-        if missing:
-            fresh = encode_control(maps[missing], ae, placement).cpu()
-            self.encoded += len(missing)
-            for i, tokens in zip(missing, fresh):
-                if keys[i] not in self._entries:
-                    self._entries[keys[i]] = tokens
-                    self.bytes += tokens.numel() * tokens.element_size()
-        out = []
-        for k in keys:
-            self._entries.move_to_end(k)
-            out.append(self._entries[k])
-        result = torch.stack(out)
-        while self.bytes > self.max_bytes and len(self._entries) > len(set(keys)):
-            _, dropped = self._entries.popitem(last=False)
-            self.bytes -= dropped.numel() * dropped.element_size()
-        return result
+    width, height = probe_image(path).size
+    return max(16, width // 16 * 16), max(16, height // 16 * 16)

@@ -141,6 +141,8 @@ def generate_latents(models: FluxModels, settings: GenerationSettings, cond: Con
     noise = get_noise(1, settings.height, settings.width, settings.seed, models.compute_dtype, placement.device)
     img_ids = prepare_img_ids(1, h, w).to(placement.device, models.compute_dtype)
     timesteps = get_schedule(settings.resolved_steps(models.variant), h * w, shift=models.variant.shift)
+    if hasattr(models.flux, "bind_schedule"):  # ControlNets' start/end ranges count steps of this schedule
+        models.flux.bind_schedule(timesteps)
     with placement.use(models.flux):
         latents = denoise(models.flux, noise, img_ids, cond, timesteps, settings.resolved_guidance(models.variant),
                           negative, settings.cfg_scale, progress=progress)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -52,6 +50,8 @@ def _hint_encoder() -> nn.Sequential:
 
 class ControlNetFlux(nn.Module):
     """The ControlNet: forward returns (double-block residuals, single-block residuals), each (B, N_img, hidden)."""
+
+    residual_mapping = "repeat"  # sd-scripts / XLabs: base block b <- r[b % n]
 
     def __init__(self, params: FluxParams, controlnet_depth: int = CONTROLNET_DEPTH, controlnet_single_depth: int = 0):
         super().__init__()
@@ -170,51 +170,5 @@ def controlnet_state_dict(cn: ControlNetFlux, dtype: torch.dtype | None = None) 
             for k, v in cn.state_dict().items()}
 
 
-# --- the transformer with a ControlNet: one wrapper for training, sampling and the planner ----------------------
-
-
-class ControlledFlux(nn.Module):
-    """The transformer steered by a ControlNet, with the transformer's call signature: every call runs the ControlNet
-    on the same inputs and adds its residuals times `scale`. Training, sample images, inference and the memory
-    planner all use this one wrapper.
-
-    The conditioning image (B or 1, 3, H, W) in [-1, 1] at the output size comes, per call, from `controlnet_cond`
-    (training passes each batch's images) or else from `control`: a tensor, or a function (width, height) -> tensor
-    for sampling at any size (library.data.images.prepare_control_image makes one from a picture)."""
-
-    def __init__(self, flux: Flux, controlnet: ControlNetFlux,
-                 control: torch.Tensor | Callable[[int, int], torch.Tensor] | None = None, scale: float = 1.0):
-        super().__init__()
-        self.flux, self.controlnet, self.scale = flux, controlnet, scale
-        self.control = control
-        self._prepared: dict[tuple[int, int], torch.Tensor] = {}
-
-    @property
-    def params(self) -> FluxParams:
-        return self.flux.params
-
-    @property
-    def is_schnell(self) -> bool:
-        return self.flux.is_schnell
-
-    def control_tensor(self, width: int, height: int) -> torch.Tensor:
-        if self.control is None:
-            raise ValueError("ControlledFlux: no conditioning image (pass controlnet_cond or give a control)")
-        if torch.is_tensor(self.control):
-            return self.control
-        if (width, height) not in self._prepared:
-            self._prepared = {(width, height): self.control(width, height)}
-        return self._prepared[(width, height)]
-
-    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, txt_attention_mask=None, *,
-                controlnet_cond: torch.Tensor | None = None, **kwargs):
-        if controlnet_cond is None:
-            rows, cols = (int(v) + 1 for v in img_ids[0, -1, 1:].tolist())  # the last token is the bottom-right one
-            controlnet_cond = self.control_tensor(cols * 16, rows * 16).expand(img.shape[0], -1, -1, -1)
-        cond = controlnet_cond.to(img.device, img.dtype)
-        double, single = self.controlnet(img, img_ids, cond, txt, txt_ids, timesteps, y, guidance,
-                                         txt_attention_mask)
-        if self.scale != 1.0:
-            double, single = [r * self.scale for r in double], [r * self.scale for r in single]
-        return self.flux(img, img_ids, txt, txt_ids, timesteps, y, guidance, txt_attention_mask,
-                         double_block_residuals=double or None, single_block_residuals=single or None, **kwargs)
+# the transformer with a ControlNet (sd-scripts' or diffusers-layout, one or several): library/models/controlled.py
+from library.models.controlled import ControlledFlux  # noqa: E402,F401  (its public path since sd-scripts' layout)

@@ -298,7 +298,8 @@ class Flux(nn.Module):
         - appended or replaced text tokens: supply `txt`/`txt_ids`/`y` accordingly;
         - `attention_mask`: an extra boolean or additive mask over the joint [txt; img] sequence;
         - `double_block_residuals` / `single_block_residuals`: ControlNet residuals (B, N_img, hidden); block b gets
-          residuals[b % len(residuals)] added to its image tokens.
+          residuals[b % len(residuals)] added to its image tokens (to the first ones when the residual is
+          shorter: the target tokens of a Kontext call, before its reference tokens).
         """
         n_txt = txt.shape[1]
         vec = self.conditioning_vector(timesteps, y, guidance, dtype=img.dtype)
@@ -310,19 +311,24 @@ class Flux(nn.Module):
         for i, block in enumerate(self.double_blocks):
             img, txt = block(img, txt, vec, pe, mask)
             if double_block_residuals:
-                img = img + double_block_residuals[i % len(double_block_residuals)]
+                img = _add_residual(img, double_block_residuals[i % len(double_block_residuals)])
 
         x = torch.cat((txt, img), dim=1)
         for i, block in enumerate(self.single_blocks):
             x = block(x, vec, pe, mask)
             if single_block_residuals:
                 r = single_block_residuals[i % len(single_block_residuals)]
-                x = torch.cat((x[:, :n_txt], x[:, n_txt:] + r), dim=1)
+                x = torch.cat((x[:, :n_txt], _add_residual(x[:, n_txt:], r)), dim=1)
 
         img = x[:, n_txt:]
         if num_output_tokens is not None:
             img = img[:, :num_output_tokens]
         return self.final_layer(img, vec)
+
+
+def _add_residual(img: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    n = r.shape[1]
+    return img + r if n == img.shape[1] else torch.cat((img[:, :n] + r, img[:, n:]), dim=1)
 
 
 def params_with_overrides(preset: str | FluxParams, **overrides) -> FluxParams:

@@ -31,6 +31,7 @@ class ModelVariant:
     training_guidance: float | None  # --guidance_scale default in training; None: no guidance input to feed
     reference_images: bool = False  # takes reference images (Kontext)
     control: str | None = None  # structural control map it takes (Canny/Depth: "canny", "depth"; --control_image)
+    inpaint: bool = False  # repaints a picture: --image, --mask_image, --outpaint (library/cli/inpaint_options.py)
     t5_attn_mask: bool = False  # T5 padding always masked, as the model was trained (--apply_t5_attn_mask implied)
     in_channels: int = 64  # img_in's input features: 64 noisy features + the condition's (Fill 384, Canny/Depth 128)
     licence: str = "FLUX.1 [dev] Non-Commercial License"
@@ -63,6 +64,9 @@ VARIANTS: dict[str, ModelVariant] = {v.name: v for v in (
     ModelVariant("depth", "flux-1-depth-dev", "flux", steps=50, preview_steps=20, guidance=10.0, cfg_scale=1.0,
                  shift=True, t5_max_length=512, training_guidance=10.0, control="depth", in_channels=128,
                  notes="structural control: img_in takes 64 noisy + 64 control-latent features (depth map)"),
+    ModelVariant("fill", "flux-1-fill-dev", "flux", steps=50, preview_steps=20, guidance=30.0, cfg_scale=1.0,
+                 shift=True, t5_max_length=512, training_guidance=30.0, inpaint=True, in_channels=384,
+                 notes="inpainting/outpainting: img_in takes 64 noisy + 64 masked-image + 256 mask features"),
     # Chroma: steps 35, true-CFG scale 5.0 and T5 length 512 are the defaults of diffusers' ChromaPipeline.__call__
     # (num_inference_steps, guidance_scale, max_sequence_length); its schedule is shifted by image size (the
     # pipeline's calculate_shift mu; sd-scripts' sampler shifts for Chroma too). Preview steps 20: sd-scripts' sample

@@ -35,6 +35,7 @@ from library.models.checkpoint import analyze_checkpoint, build_transformer
 from library.models.chroma import CHROMA_PRESETS, ChromaParams
 from library.models.conditioned import ExtraChannelsFlux
 from library.models.transformer import FLUX_PRESETS, Flux, FluxParams
+from library.planner import controlnet_rig
 from library.planner.live_bytes import LiveBytes, device_emulation
 from library.planner.quantized_bases import gguf_base_quantization, prepare_planned_quantization
 from library.training.arguments import parse_network_args
@@ -42,12 +43,13 @@ from library.training.fused_optimizers import (BlockwiseOptimizers, FusedBackwar
                                                step_param)
 from library.training.loss import FluxLossComputer
 from library.training.optimizers import get_optimizer, resolve_optimizer_type
+from library.training.recipes.controlnet import ControlNetTrainer
 from library.training.recipes.full import FullTrainer
 from library.training.recipes.lora import LoRATrainer, optimizer_groups
 from library.training.settings import MemoryProfile
 
 # the recipes the planner simulates, by the name tools/plan_memory.py --trainer gives them
-PLANNED_RECIPES = {r.memory_profile.name: r.memory_profile for r in (LoRATrainer, FullTrainer)}
+PLANNED_RECIPES = {r.memory_profile.name: r.memory_profile for r in (LoRATrainer, FullTrainer, ControlNetTrainer)}
 
 GIB = 1024**3
 MIB = 1024**2
@@ -81,7 +83,8 @@ TABLE_RESOLUTIONS = (512, 1024)
 class PlanSettings:
     """What one prediction is for. `target` is the device kind planned for: "cuda" or "cpu"."""
 
-    trainer: str = "network"  # the planned recipe by its planner name (PLANNED_RECIPES): network (LoRA) or full
+    trainer: str = "network"  # the planned recipe by its planner name (PLANNED_RECIPES): network (LoRA), full, ...
+    controlnet: tuple = ()  # trainer controlnet: (layout, double, single blocks, modes, condition features)
     model: str = "dev"  # a preset name or a checkpoint path
     params: FluxParams = field(default_factory=lambda: FLUX_PRESETS["dev"])
     width: int = 1024
@@ -113,6 +116,10 @@ class PlanSettings:
     t5xxl_params: int = 4_762_310_656
     clip_l_params: int = 123_060_480
     ae_params: int = 83_819_683
+
+    def __post_init__(self):
+        if self.trainer == "controlnet" and not self.controlnet:  # sd-scripts' default ControlNet
+            self.controlnet = controlnet_rig.DEFAULT_PLAN
 
     @property
     def profile(self) -> MemoryProfile:
@@ -222,6 +229,7 @@ def settings_from_args(args, trainer: str = "network", target: str = "cuda") -> 
                                         or getattr(args, "cache_text_encoder_outputs_to_disk", False)),
         cache_latents=bool(getattr(args, "cache_latents", False) or getattr(args, "cache_latents_to_disk", False)),
         apply_t5_attn_mask=bool(getattr(args, "apply_t5_attn_mask", False)) or chroma, target=target,
+        controlnet=controlnet_rig.controlnet_plan(args, params) if trainer == "controlnet" else (),
         **{f"{name}_params": n for name in ("t5xxl", "clip_l", "ae")
            if (n := _param_count(getattr(args, name, None))) is not None}, **({"clip_l_params": 0} if chroma else {}))
 
@@ -331,7 +339,16 @@ def build_rig(s: PlanSettings, device: str = "meta") -> StepRig:
     """The trainer's pieces for one step on `device` ("meta" to plan; "cpu" to run for real)."""
     flux = _build_flux(s, device)
     flux.requires_grad_(s.profile.trains_transformer)
-    if not s.profile.trains_transformer:  # a LoRA network on the frozen transformer
+    model, model_inputs = flux, None
+    if s.controlnet:  # a ControlNet trained beside the frozen transformer
+        cn = controlnet_rig.build_controlnet(s.controlnet, s.params, torch.bfloat16 if s.full_bf16 else torch.float32,
+                                             device)
+        if s.gradient_checkpointing:
+            enable_gradient_checkpointing(cn)
+        model, model_inputs, conditions = controlnet_rig.controlled(flux, cn.train(), s.controlnet, s.batch_size,
+                                                                    s.width, s.height, device)
+        trainable, (optimizers, fused) = list(cn.parameters()), _full_optimizers(s, cn)
+    elif not s.profile.trains_transformer:  # a LoRA network on the frozen transformer
 
         with torch.device(device), _quiet("LyCORIS", logging.ERROR):  # its preset warnings concern other models
             net = importlib.import_module(s.network_module).create_network(
@@ -351,9 +368,13 @@ def build_rig(s: PlanSettings, device: str = "meta") -> StepRig:
                                                    host_to_device_only=not s.profile.trains_transformer))
     settings = FlowMatchingSettings(timestep_sampling="shift", model_prediction_type="raw", guidance_scale=1.0)
     compute = s.weight_dtype
-    loss_fn = FluxLossComputer(settings, _conditioned(flux), torch.device(device), compute)
+    loss_fn = FluxLossComputer(settings, model if s.controlnet else _conditioned(flux), torch.device(device), compute,
+                               model_inputs=model_inputs)
     frozen = [p for p in flux.parameters() if not p.requires_grad]
-    rig = StepRig(s, flux, loss_fn, _batch(s, device), trainable, optimizers, fused, frozen, swappers)
+    batch = _batch(s, device)
+    if s.controlnet:  # counted with the batch's inputs
+        batch.conditioning_images = conditions[0]
+    rig = StepRig(s, flux, loss_fn, batch, trainable, optimizers, fused, frozen, swappers)
     _prime_optimizer_states(rig)
     return rig
 
@@ -415,7 +436,7 @@ def _encoder_bytes(s: PlanSettings) -> int:
     if not s.cache_text_encoder_outputs:
         t5_fp8 = s.fp8_base and s.profile.fp8_base
         total += int(s.t5xxl_params * ((1 + size / 37) if t5_fp8 else size)) + s.clip_l_params * size
-    if not s.cache_latents:
+    if not s.cache_latents or s.controlnet[:1] == ("diffusers",):  # diffusers ControlNets encode every step
         total += s.ae_params * size
     return total
 
@@ -504,8 +525,8 @@ def plan_memory(s: PlanSettings, step: dict[str, int] | None = None) -> MemoryPl
         notes.append("--cpu_offload_checkpointing: the block inputs wait in CPU memory; one block's inputs on "
                      "the device while it runs (tens of MB at 1024x1024) are not counted")
     if parts["text_encoders_and_ae"]:
-        notes.append("text encoders / AE kept on the device (outputs not cached): their weights are counted, their "
-                     "own forward passes are not")
+        notes.append("text encoders / AE kept on the device (outputs not cached, or a diffusers ControlNet's control "
+                     "images): their weights are counted, their own forward passes are not")
     if s.target == "cuda":
         moving = parts["gradients"] + parts["activations"] + parts["largest_transient"]
         parts["runtime_overhead"] = sum(RUNTIME_OVERHEAD.values()) + int(moving * ALLOCATOR_SLACK)

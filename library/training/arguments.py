@@ -282,8 +282,9 @@ def add_flux_arguments(parser: argparse.ArgumentParser) -> None:
     """FLUX training options (reference 1.12; the model paths are in `add_model_path_arguments`)."""
     add = parser.add_argument_group("FLUX").add_argument
     add("--controlnet_model_name_or_path", type=str, default=None,
-        help="ControlNet trainer: ControlNet .safetensors to continue from (sd-scripts layout); default: a new one "
-             "started from the transformer's first double blocks, zero outputs")
+        help="ControlNet trainer: ControlNet to continue from (sd-scripts layout, or diffusers layout: file or "
+             "folder); default: a new one started from the transformer's first blocks, zero outputs. LoRA trainer: "
+             "a frozen ControlNet the LoRA trains through (ControlNet subsets give its control images)")
     add("--t5xxl_max_token_length", type=positive_int, default=None,
         help="T5 tokens (default: the model's: 256 schnell, 512 otherwise)")
     add("--apply_t5_attn_mask", action="store_true", help="mask T5 padding in T5 and in the transformer")

@@ -4,8 +4,10 @@ options it ignores or refuses. Cheap to import (no torch), so the entry points b
 
 from __future__ import annotations
 
-from library.training.arguments import TrainerCommandLine, add_full_train_arguments, add_network_arguments
-from library.training.recipes.checks import full_checks, network_checks
+from library.training.arguments import TrainerCommandLine, add_full_train_arguments
+from library.training.recipes.checks import full_checks
+from library.training.recipes.controlnet_args import (add_controlnet_train_arguments, add_lora_arguments,
+                                                      controlnet_checks, lora_controlnet_checks)
 
 _FULL_MODEL = {  # options that do nothing when the whole model (or a ControlNet) is trained and saved
     "weighted_captions": "FLUX captions are not weighted; the text is used as written",
@@ -20,9 +22,9 @@ _QUANTIZED = {"base_quantization": "is for a frozen transformer (LoRA training, 
 _CONTROLNET_ONLY = {"controlnet_model_name_or_path": "only flux_train_control_net.py uses it"}
 
 LORA = TrainerCommandLine(
-    script="flux_train_network.py", training="LoRA training", add_arguments=add_network_arguments,
-    checks=network_checks, fp8_base=True,
-    ineffective={**_CONTROLNET_ONLY, "fused_backward_pass": "only flux_train.py and flux_train_control_net.py use it"},
+    script="flux_train_network.py", training="LoRA training", add_arguments=add_lora_arguments,
+    checks=lora_controlnet_checks, fp8_base=True,
+    ineffective={"fused_backward_pass": "only flux_train.py and flux_train_control_net.py use it"},
     refused={"weighted_captions": "is not supported for FLUX: its tokenizers have no (word:weight) syntax; remove "
                                   "the option"})
 
@@ -32,8 +34,8 @@ FULL = TrainerCommandLine(
     ineffective={**_FULL_MODEL, **_CONTROLNET_ONLY})
 
 CONTROLNET = TrainerCommandLine(
-    script="flux_train_control_net.py", training="ControlNet training", add_arguments=add_full_train_arguments,
-    checks=full_checks, refused=_QUANTIZED,
+    script="flux_train_control_net.py", training="ControlNet training", add_arguments=add_controlnet_train_arguments,
+    checks=controlnet_checks, refused=_QUANTIZED,
     dataset_kinds=dict(support_dreambooth=False, support_controlnet=True),
     model_types=("flux", "dev", "krea", "schnell"),  # a ControlNet on Kontext is not built yet
     ineffective={**_FULL_MODEL, "fp8_scaled": "a ControlNet is saved in --save_precision (only flux_train.py "

@@ -23,7 +23,7 @@ from library.formats.safetensors_io import TensorReader, sample_keys
 from library.training.errors import TrainingError
 from library.training.loop import Trainer
 from library.training.recipes import command_lines
-from library.training.recipes.control import ControlHooks
+from library.training.recipes.canny_depth import ControlHooks
 from library.training.settings import MemoryProfile
 from library.training.setup import TrainingModels
 
@@ -46,7 +46,7 @@ class FullTrainer(ControlHooks, Trainer):
         return None if (args.full_bf16 or args.full_fp16) else torch.float32
 
     def build_trainable(self, models: TrainingModels) -> list[torch.nn.Module]:
-        self.use_control_variant(models)  # Canny/Depth runs (recipes/control.py): logs what the run feeds
+        self.use_control_variant(models)  # Canny/Depth runs (recipes/canny_depth.py): logs what the run feeds
         flux = models.flux
         flux.requires_grad_(True)
         for m in (models.clip_l, models.t5xxl, models.ae):

@@ -23,7 +23,8 @@ from library.training.errors import TrainingError
 from library.training.loop import Trainer
 from library.training.optimizers import optimizer_metadata_text
 from library.training.recipes import command_lines
-from library.training.recipes.control import ControlHooks
+from library.training.recipes.canny_depth import ControlHooks
+from library.training.recipes.frozen_controlnet import FrozenControlNetHooks
 from library.training.settings import MemoryProfile
 from library.training.setup import TrainingModels, apply_t5_attn_mask, flow_matching_settings
 from networks.lycoris_flux import LycorisFileNetwork
@@ -61,7 +62,7 @@ def datasets_info(group) -> list[dict]:
     return out
 
 
-class LoRATrainer(ControlHooks, Trainer):
+class LoRATrainer(FrozenControlNetHooks, ControlHooks, Trainer):
     tracker_name = "network_train"
     command_line = command_lines.LORA
     memory_profile = MemoryProfile(name="network", trains_transformer=False, fp8_base=True)
@@ -74,7 +75,7 @@ class LoRATrainer(ControlHooks, Trainer):
 
     def build_trainable(self, models: TrainingModels) -> list[torch.nn.Module]:
         args = self.args
-        self.use_control_variant(models)  # Canny/Depth runs (recipes/control.py)
+        self.use_control_variant(models)  # Canny/Depth runs (recipes/canny_depth.py)
         try:
             self.network_module = importlib.import_module(self.network_module_name)
         except ImportError as e:

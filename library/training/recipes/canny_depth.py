@@ -8,7 +8,7 @@ trains a control model. Three runs share them:
 
 Data: ControlNet-style subsets (`conditioning_data_dir`): each image's control map, fitted to its bucket as the
 image is. Maps are files (tools/make_control_maps.py writes Canny or depth maps of a folder with the inference
-code, library/flow/control.py). The model: `ExtraChannelsFlux(transformer)` fed each batch's control latents, the
+code, library/flow/canny_depth.py). The model: `ExtraChannelsFlux(transformer)` fed each batch's control latents, the
 AE posterior mean of its maps, packed (as inference encodes them), each distinct fitted map encoded once per run
 (kept in memory by its content; not on disk). Guidance: the control model's training guidance
 (30 Canny, 10 Depth) unless --guidance_scale is given. Sample images: a prompt's `--cn` image is its control map.
@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import torch
 
-from library.flow.control import ControlEncoder, ControlLatentCache, encode_control
+from library.flow.canny_depth import ControlEncoder, ControlLatentCache, encode_control
 from library.flow.generation import Placement
 from library.models.checkpoint import analyze_checkpoint
 from library.models.conditioned import ExtraChannelsFlux
@@ -64,6 +64,9 @@ class ControlHooks:
     def __init__(self, args, settings=None):
         super().__init__(args, settings)
         self.control = control_kind(args)
+        if self.control and getattr(args, "controlnet_model_name_or_path", None):
+            raise TrainingError("--controlnet_model_name_or_path with a Canny/Depth run: the subsets' conditioning "
+                                "images are its control maps; a frozen ControlNet beside it is not supported")
         if self.control and getattr(args, "masked_loss", False):
             raise TrainingError("--masked_loss with a Canny/Depth run: the subsets' conditioning images are the "
                                 "control maps, not loss masks")
