@@ -7,7 +7,8 @@ transformers depth-estimation model), at the picture's own size, under the same 
         --depth_model models/depth-anything-large-hf
 
 The maps are made by the code inference uses (library/flow/canny_depth.py), so training sees what inference feeds.
-Existing maps are kept unless --overwrite.
+Existing maps are kept unless --overwrite. A PNG holds 0..255: a depth estimate beyond BFL's d / 127.5 - 1 range
+is clipped to it (inference computes depth unclipped).
 """
 
 from __future__ import annotations
