@@ -210,3 +210,20 @@ def test_control_kind_of_a_run(setup):
     assert control_kind(argparse.Namespace(**run, network_module=CONTROL_LORA[1], network_args=[])) == "canny"
     with pytest.raises(TrainingError, match="network_args control=edges: expected canny or depth"):
         control_kind(argparse.Namespace(**run, network_module=CONTROL_LORA[1], network_args=["control=edges"]))
+
+
+def test_make_control_maps_writes_depth_maps_with_a_local_model(setup, tmp_path):
+    from library.models.depth import DepthEstimator
+    from test_canny_depth_inference import tiny_depth_model
+
+    _, toml = setup
+    images = toml.parent / "images"
+    folder = tiny_depth_model(tmp_path / "depth_model")
+    written = make_control_maps(images, tmp_path / "depth", "depth", str(folder))
+    estimator = DepthEstimator(folder)
+    for path in written:
+        source = np.asarray(Image.open(images / path.name).convert("RGB"))
+        expected = ((estimator(source)[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        assert np.array_equal(np.asarray(Image.open(path)), expected)
+    with pytest.raises(ValueError, match="needs --depth_model"):
+        make_control_maps(images, tmp_path / "d2", "depth")
