@@ -22,15 +22,16 @@ from datetime import datetime
 from pathlib import Path
 
 from library.formats.atomic_io import remove_stale_temporaries
-from library.cli.control_options import add_control_arguments, check_control_arguments, without_control_images
 from library.cli.controlnet_options import add_controlnet_arguments, control_specs
+from library.cli.control_options import add_control_arguments, check_control_arguments
+from library.cli.flex2_options import add_flex2_arguments, check_flex2_arguments
 from library.cli.inpaint_options import add_inpaint_arguments, check_inpaint_arguments
 from library.formats.command_line import ArgumentParser, non_negative_int, positive_int, seed_int
 
 logger = logging.getLogger("flux_minimal_inference")
 DTYPE_HELP = "bf16, fp16, fp32 or an fp8 type (fp8, fp8_e4m3fn, fp8_e5m2)"
 # library/models/variants.py (no torch import here)
-MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext", "fill", "canny", "depth", "chroma"]
+MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext", "fill", "canny", "depth", "flex2", "chroma"]
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -117,6 +118,7 @@ def setup_parser() -> argparse.ArgumentParser:
                         "--m m1,m2 (LoRA multipliers) and --ri a.png;b.png (Kontext references; --ri - clears them)")
     add_inpaint_arguments(p)
     add_controlnet_arguments(p)
+    add_flex2_arguments(p)
     add_control_arguments(p)
     return p
 
@@ -184,6 +186,14 @@ def base_quantization(args, flux_dtype) -> str | None:
     return quant
 
 
+def fill_canvas(args, variant):
+    """FLUX.1 Fill's canvas from --image, --mask_image and --outpaint, with the one-line refusals."""
+    from library.flow.fill import check_fill_arguments, load_fill_canvas
+
+    check_fill_arguments(args, variant)
+    return load_fill_canvas(args.image, args.mask_image, args.outpaint)
+
+
 def main(argv: list[str] | None = None) -> int:
     from library.cli.main import tool_main  # after the parser is built: --help never imports torch
 
@@ -193,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     import torch
 
-    # the ControlNet passes (library/cli/controlnet_options.py); without --controlnet, --control_image is Canny/Depth's
-    specs = control_specs(args if args.controlnet else without_control_images(args))
+    # the ControlNet passes (library/cli/controlnet_options.py); a --control_image without --controlnet is
+    # Flex.2's own control picture, checked once the model is known (check_flex2_arguments)
+    specs = control_specs(args) if args.controlnet or not args.control_image else []
     for path in args.reference_image:  # before anything loads
         if not Path(path).is_file():
             raise ValueError(f"--reference_image {path}: file not found")
@@ -235,11 +246,22 @@ def run(args) -> int:
         logger.info(f"{variant.name}: T5 padding is masked (--apply_t5_attn_mask is implied for it)")
     logger.info(f"model: {variant.name} ({variant.architecture}); defaults: {variant.steps} steps, guidance "
                 f"{variant.guidance}, {'shifted' if variant.shift else 'unshifted'} schedule")
-    check_control_arguments(args, variant.control, f"{args.ckpt_path} ({variant.name})")
     from library.flow.control import control_png_text, controlled_flux, inpainting_controlnet, picture_size
 
     inpaint_cn = not variant.inpaint and inpainting_controlnet(args.controlnet)  # alimama's: inside --image only
     check_inpaint_arguments(args, f"{args.ckpt_path} ({variant.name})", variant.inpaint or inpaint_cn)
+    flex2 = variant.name == "flex2"  # Flex.2 reads --control_image and --image/--mask_image itself
+    if not flex2 and not variant.control and args.control_image and not args.controlnet:
+        control_specs(args)  # its one-line error: --control_image needs --controlnet
+    check_flex2_arguments(args, f"{args.ckpt_path} ({variant.name})", flex2, flex2 or bool(variant.control))
+    check_control_arguments(args, variant.control, f"{args.ckpt_path} ({variant.name})")
+    canvas = fill_canvas(args, variant) if variant.inpaint and not flex2 else None  # files checked early
+    flex_inputs = None
+    if flex2:  # library/flow/flex2.py: the files loaded before the models
+        from library.flow.flex2 import Flex2Inputs, bind_with_defaults
+
+        flex_inputs = Flex2Inputs.load(args.control_image[0] if args.control_image else None, args.image,
+                                       args.mask_image, args.outpaint)
     if inpaint_cn and args.outpaint is not None:
         raise ValueError("--outpaint needs a FLUX.1 Fill model: an inpainting ControlNet repaints inside --image")
     if args.reference_image and not variant.reference_images:
@@ -288,6 +310,10 @@ def run(args) -> int:
         models.flux = bind_control(models.flux, None)
         control = control_encoder_for(args.control_preprocessor, args.depth_model, loaded["ae"], placement)
 
+    if canvas is not None:  # FLUX.1 Fill: the picture's condition features, encoded once
+        from library.flow.fill import encode_fill
+
+        models.flux = encode_fill(models.flux, loaded["ae"], canvas, placement, args.tiled_ae)
     if variant.reference_images:
         models.flux = bind_references(models.flux, None)  # bound to each render's references
     kontext = models.flux  # bound below (with ControlNets, inside them: they steer the target tokens only)
@@ -313,6 +339,11 @@ def run(args) -> int:
         refs = references(s.reference_images)
         if variant.reference_images:
             bind_references(kontext, refs)
+        if flex_inputs is not None:  # Flex.2: the condition of this size and schedule bound
+            return bind_with_defaults(models, s, flex_inputs, placement, args.control_strength, args.control_stop,
+                                      args.bypass_guidance_embedding)
+        if canvas is not None:  # Fill renders at its canvas's size
+            return replace(s, width=canvas.size[0], height=canvas.size[1]), canvas.png_text()
         width, height = target_size(s.width, s.height, refs)
         return replace(s, width=width, height=height), refs.png_text() if refs else {}
 

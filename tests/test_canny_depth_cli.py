@@ -80,7 +80,7 @@ def test_one_line_errors(canny, dev, tmp_path):
     picture = write_image(tmp_path / "map.png", 32, 32)
     with pytest.raises(ValueError, match=r"\(canny\) needs one --control_image"):
         cli.run(cli.setup_parser().parse_args(cli_args(canny, tmp_path)))
-    with pytest.raises(ValueError, match="--control_image needs --controlnet, a FLUX.1 Canny/Depth model"):
+    with pytest.raises(ValueError, match="--control_image need --controlnet"):
         cli.run(cli.setup_parser().parse_args(cli_args(dev, tmp_path, "--control_image", str(picture))))
     with pytest.raises(ValueError, match="--control_preprocessor depth needs --depth_model"):
         cli.run(cli.setup_parser().parse_args(cli_args(canny, tmp_path, "--control_image", str(picture),

@@ -103,17 +103,19 @@ def report(group, args) -> list[str]:
     for ds in group.datasets:
         c = ds.config
         out.append(f"dataset #{c.index} ({c.kind}): resolution {c.resolution[0]}x{c.resolution[1]}, batch size "
-                   f"{c.batch_size}, bucketing {'on' if c.enable_bucket else 'off'}"
-                   f"{' (no upscale)' if c.enable_bucket and c.bucket_no_upscale else ''}")
+                   f"{c.batch_size}, " + ("buckets: FLUX.1 Kontext's preferred sizes" if c.bucket_sizes else
+                                          f"bucketing {'on' if c.enable_bucket else 'off'}"
+                                          f"{' (no upscale)' if c.enable_bucket and c.bucket_no_upscale else ''}"))
         for s in c.subsets:
             n = sum(1 for i in ds.items if i.subset is s)
             reps = sorted({i.num_repeats for i in ds.items if i.subset is s})
             out.append(f"  subset #{s.index}: {s.image_dir or s.metadata_file}: {n} images x {'/'.join(map(str, reps))}"
-                       f" repeats{' (regularisation)' if s.is_reg else ''}")
+                       f" repeats{' (regularisation)' if s.is_reg else ''}"
+                       f"{f', references from {s.reference_image_dir}' if s.reference_image_dir else ''}")
         out.append(f"  {'bucket':>11}  {'images':>6}  {'with repeats':>12}  {'batches':>7}")
-        for reso, content in zip(ds.bucket_resos, ds.buckets):
+        for (reso, refs), content in zip(ds.bucket_keys, ds.buckets):
             out.append(f"  {reso[0]:>5}x{reso[1]:<5}  {len(set(content)):>6}  {len(content):>12}  "
-                       f"{-(-len(content) // c.batch_size):>7}")
+                       f"{-(-len(content) // c.batch_size):>7}{f'  {refs} reference(s) each' if refs else ''}")
         if ds.ar_errors:
             out.append(f"  mean aspect-ratio error {sum(ds.ar_errors) / len(ds.ar_errors):.4f}")
     batches = len(group)
@@ -147,12 +149,14 @@ def _inspect(args, unknown: list[str], collect: _Collect) -> int:
     from library.data.config import DatasetConfigError, load_dataset_config  # after parsing: --help stays fast
     from library.data.datasets import build_datasets
     from library.data.images import BadImageError
+    from library.models.kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
     problems: list[str] = []
     group = None
-    try:
-        group, _ = build_datasets(load_dataset_config(args, support_controlnet=True), args.seed, skip_bad_images=True,
-                                  verify_images=args.verify_images)
+    try:  # reference images (FLUX.1 Kontext) are checked with the buckets Kontext training gives them
+        config = load_dataset_config(args, support_controlnet=True, support_reference=True,
+                                     reference_buckets=PREFERRED_KONTEXT_RESOLUTIONS)
+        group, _ = build_datasets(config, args.seed, skip_bad_images=True, verify_images=args.verify_images)
     except (DatasetConfigError, BadImageError, ValueError) as e:
         problems.append(str(e))
     problems += collect.messages

@@ -18,6 +18,8 @@ quantizes the simple types; the K-quants use tools/gguf_kquants.py (K-quants nee
 `--model_type kontext` (or krea) writes the dev-keyed transformer with that model's ModelSpec architecture
 (`modelspec.architecture: flux-1-kontext-dev`), so tests can show a variant recognised from the file's metadata;
 `canny` / `depth` also widen img_in to the variant's 128 input features.
+`--model_type flex2` writes a tiny Flex.2-like transformer: img_in taking Flex.2's 196 features (64 noisy + 132
+condition features, library/models/flex2.py) and `flex-2-preview` as its architecture.
 `--model_type chroma` writes tiny_models/flux.safetensors as a Chroma transformer instead, in lodestones' layout
 (`distilled_guidance_layer.*`, no modulation Linears, no time/vector/guidance embedders); the other files are the same
 (Chroma needs no CLIP-L, which is still written for the FLUX tests).
@@ -45,9 +47,11 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", default="tiny", choices=["tiny", "tiny-schnell"],
                    help="transformer preset: tiny (dev-like, guidance embedder) or tiny-schnell")
-    p.add_argument("--model_type", default=None, choices=["dev", "krea", "kontext", "canny", "depth", "chroma"],
+    p.add_argument("--model_type", default=None,
+                   choices=["dev", "krea", "kontext", "fill", "canny", "depth", "flex2", "chroma"],
                    help="with the tiny (dev-like) preset: the model named in the file's modelspec.architecture "
-                        "(default: flux-1-dev, or flux-1-schnell for tiny-schnell); the weights are the same. "
+                        "(default: flux-1-dev, or flux-1-schnell for tiny-schnell); the weights are the same, "
+                        "except the img_in of fill, canny/depth and flex2, which take 384, 128 and 196 features. "
                         "chroma: a tiny Chroma transformer instead (--preset is not used)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     p.add_argument("--dtype", default="fp32", help="dtype of the stored weights (default: %(default)s)")
@@ -128,8 +132,8 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
     if model_type not in (None, "chroma") and (model_type not in VARIANTS or VARIANTS[model_type].family != "flux"
                                                or not VARIANTS[model_type].has_guidance_input
                                                or preset == "tiny-schnell"):
-        raise ValueError(f"model_type {model_type!r}: expected dev, krea or kontext with the tiny (dev-like) preset "
-                         "(canny, depth too), or chroma")
+        raise ValueError(f"model_type {model_type!r}: expected dev, krea or kontext with the tiny (dev-like) preset, "
+                         "or fill, canny, depth, flex2, chroma")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch_dtype = str_to_dtype(dtype)
@@ -143,13 +147,13 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
         params = replace(CHROMA_PRESETS["tiny"], context_in_dim=t5.config.d_model)
     else:
         params = replace(FLUX_PRESETS[preset], vec_in_dim=clip.config.hidden_size, context_in_dim=t5.config.d_model)
-        if model_type is not None:  # img_in's width: 64 noisy + the variant's condition features (Canny/Depth 128)
-            params = replace(params, in_channels=VARIANTS[model_type].in_channels)
     if hidden_size is not None:
         head_dim = params.head_dim
         if hidden_size <= 0 or hidden_size % head_dim:
             raise ValueError(f"hidden_size {hidden_size} is not a positive multiple of the head size {head_dim}")
         params = replace(params, hidden_size=hidden_size, num_heads=hidden_size // head_dim)
+    if model_type not in (None, "chroma"):  # Fill, Canny/Depth, Flex.2: img_in's wider input (noisy + condition)
+        params = replace(params, in_channels=VARIANTS[model_type].in_channels)
     flux = Chroma(params) if model_type == "chroma" else Flux(params)
     ae = AutoEncoder(AE_PRESETS["tiny"])
     if init == "trained-like":
@@ -176,6 +180,9 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
     return paths
 
 
+CONDITION_GAIN = 0.5  # trained-like img_in: gain of the columns reading a model's condition features (beyond 64)
+
+
 def init_trained_like_flux(flux) -> None:
     """Give the transformer the input/output structure of a trained flow model; the blocks keep their random init.
 
@@ -187,7 +194,8 @@ def init_trained_like_flux(flux) -> None:
     LayerNorm that fixes the norm of its input, so most velocities are unreachable whatever the blocks do (a LoRA
     then plateaus at a training loss of ~0.6-0.9 and samples only ~2x closer to its training image).
 
-    Here `img_in` is Q (orthonormal columns, hidden x in_channels) and `final_layer.linear` is Qᵀ (zero biases), and
+    Here `img_in` is Q (orthonormal columns, hidden x 64; a model with condition features reads them through further
+    random orthogonal columns of gain CONDITION_GAIN) and `final_layer.linear` is Qᵀ (zero biases), and
     the final adaLN modulation is zero as in DiT's adaLN-zero (shift = scale = 0): with blocks contributing little,
     the output is Qᵀ·LayerNorm(Q·x_t) ≈ x_t / rms(x_t), the velocity of a model whose images sit at the origin
     (exact at σ = 1: v = ε). Use a hidden size above the 64 latent channels (e.g. 128): like FLUX's 3072 -> 64, the
@@ -199,9 +207,13 @@ def init_trained_like_flux(flux) -> None:
     with torch.no_grad():
         hidden, in_channels = flux.img_in.weight.shape
         out_channels = flux.final_layer.linear.weight.shape[0]
-        q = torch.empty(hidden, in_channels)
+        q = torch.empty(hidden, out_channels)
         torch.nn.init.orthogonal_(q)
-        flux.img_in.weight.copy_(q)
+        flux.img_in.weight[:, :out_channels].copy_(q)
+        if in_channels > out_channels:  # condition features (Fill, Canny/Depth, Flex.2): weaker random directions
+            extra = torch.empty(hidden, in_channels - out_channels)
+            torch.nn.init.orthogonal_(extra, gain=CONDITION_GAIN)
+            flux.img_in.weight[:, out_channels:].copy_(extra)
         flux.img_in.bias.zero_()
         flux.final_layer.linear.weight.copy_(q[:, :out_channels].T)
         flux.final_layer.linear.bias.zero_()

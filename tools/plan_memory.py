@@ -40,7 +40,8 @@ def planner_parser() -> argparse.ArgumentParser:
     add("--trainer", choices=["network", "full", "controlnet"], default="network",
         help="plan for flux_train_network.py (network, default), flux_train.py (full) or flux_train_control_net.py "
              "(controlnet)")
-    add("--model_preset", default=None, choices=["dev", "schnell", "tiny", "tiny-schnell", "chroma", "chroma-tiny"],
+    add("--model_preset", default=None,
+        choices=["dev", "schnell", "flex2", "tiny", "tiny-schnell", "chroma", "chroma-tiny"],
         help="plan for this model without its file (default: the header of --pretrained_model_name_or_path, "
              "else dev)")
     add("--target", choices=["cuda", "cpu"], default="cuda",
@@ -83,7 +84,8 @@ def _line(plan) -> str:
     if s.controlnet:  # (layout, double, single blocks, modes, condition features)
         what = f"{s.controlnet[0]} ControlNet ({s.controlnet[1]} double / {s.controlnet[2]} single blocks)"
     base = s.base_quantization or ("fp8" if s.fp8_base or s.fp8_file else "")
-    flags = [f"{s.width}x{s.height}", f"batch {s.batch_size}", f"{s.mixed_precision} mixed precision",
+    flags = [f"{s.width}x{s.height}", f"{s.reference_images} Kontext reference image(s) at that size"
+             if s.reference_images else "", f"batch {s.batch_size}", f"{s.mixed_precision} mixed precision",
              f"{base} base" if base and s.profile.fp8_base else "",
              f"{s.blocks_to_swap} blocks swapped" if s.blocks_to_swap else "no block swap",
              "gradient checkpointing" if s.gradient_checkpointing else "no gradient checkpointing",

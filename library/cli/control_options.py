@@ -28,20 +28,11 @@ def add_control_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
     return group
 
 
-def without_control_images(args) -> argparse.Namespace:
-    """`args` with no --control_image: without --controlnet the pictures belong to a Canny/Depth model, so the
-    ControlNet pairing rule (library/cli/controlnet_options.py) checks the other ControlNet options only."""
-    return argparse.Namespace(**{**vars(args), "control_image": []})
-
-
 def check_control_arguments(args, variant_control: str | None, model: str) -> None:
     """One-line ValueError for control options that do not fit the model or each other (`--control_image` is a
     list: the ControlNet options append)."""
     images = list(args.control_image or [])
-    if variant_control is None:
-        if images and not args.controlnet:
-            raise ValueError(f"--control_image needs --controlnet, a FLUX.1 Canny/Depth model or a BFL control LoRA "
-                             f"in --lora_weights; {model} takes no control picture")
+    if variant_control is None:  # a --control_image without --controlnet is refused by the ControlNet rule
         if args.control_preprocessor != "none" or args.depth_model:
             raise ValueError(f"--control_preprocessor/--depth_model: {model} takes no control map; give a FLUX.1 "
                              "Canny/Depth model or a BFL control LoRA in --lora_weights")

@@ -39,6 +39,12 @@ class Batch:
     images: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1], to be encoded by the autoencoder
     alpha_masks: torch.Tensor | None = None  # (B, H, W) in [0, 1] at bucket size; ones for samples without one
     conditioning_images: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1], ControlNet input
+    # the conditioning images as cached AE latents (posterior mean), for recipes that encode them (Flex.2)
+    control_latents: torch.Tensor | None = None  # (B, 16, h, w) float32
+    # FLUX.1 Kontext: each sample's R reference images at its bucket size, as cached latents (posterior mean) or as
+    # pixels to encode; None in batches without references (plain text-to-image items)
+    reference_latents: torch.Tensor | None = None  # (B, R, 16, h, w) float32
+    reference_images: torch.Tensor | None = None  # (B, R, 3, H, W) in [-1, 1]
     text_encoder_outputs: TextEncoderOutputs | None = None
     token_ids: TokenIds | None = None
     custom_attributes: list[dict] = field(default_factory=list)  # each sample's subset's, e.g. diff_output_preservation

@@ -112,6 +112,17 @@ class BucketPlanner:
         self._predefined_set = set(self.predefined_resos)
         self._predefined_ars = [w / h for w, h in self.predefined_resos]
 
+    @classmethod
+    def fixed(cls, sizes: Sequence[Size]) -> "BucketPlanner":
+        """A planner over exactly `sizes` (FLUX.1 Kontext's preferred sizes, see `scaled_bucket_sizes`): each
+        image takes the size nearest its aspect ratio (the first on ties), resized to cover it and centre-cropped."""
+        planner = cls(sizes[0], enable_bucket=False)
+        planner.enable_bucket = True
+        planner.predefined_resos = list(dict.fromkeys(sizes))
+        planner._predefined_set = set(planner.predefined_resos)
+        planner._predefined_ars = [w / h for w, h in planner.predefined_resos]
+        return planner
+
     def select(self, image_size: Size) -> BucketChoice:
         """Bucket, resized size and aspect-ratio error for an image of `image_size` (width, height)."""
         w, h = image_size
@@ -166,6 +177,23 @@ class BucketPlanner:
     def bucket_info(self, assignments: Iterable[BucketChoice | tuple[BucketChoice, int]]) -> dict:
         """`bucket_info` for this dataset, numbering buckets among all of its predefined ones."""
         return bucket_info(assignments, self.predefined_resos if self.enable_bucket else ())
+
+
+def scaled_bucket_sizes(sizes: Sequence[Size], resolution: Size, reference_area: int = 1024 * 1024) -> list[Size]:
+    """`sizes` (made for `reference_area` pixels) scaled to the area of `resolution`, each side floored to a
+    multiple of 16 (at least 16), order kept, duplicates dropped: FLUX.1 Kontext's buckets at a dataset's
+    resolution (at 1024x1024 the sizes themselves)."""
+    scale = math.sqrt(resolution[0] * resolution[1] / reference_area)
+    return list(dict.fromkeys((max(16, int(w * scale) // 16 * 16), max(16, int(h * scale) // 16 * 16))
+                              for w, h in sizes))
+
+
+def cover_size(image_size: Size, bucket_reso: Size) -> Size:
+    """The size an image of `image_size` is resized to so that it covers `bucket_reso` with its aspect ratio kept
+    (then centre-cropped to the bucket): how a reference image is fitted to its target's bucket."""
+    (w, h), (bw, bh) = image_size, bucket_reso
+    scale = max(bw / w, bh / h)
+    return max(bw, int(w * scale + 0.5)), max(bh, int(h * scale + 0.5))
 
 
 def bucket_info(assignments: Iterable[BucketChoice | tuple[BucketChoice, int]],

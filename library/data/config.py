@@ -26,7 +26,8 @@ except ModuleNotFoundError:  # Python 3.10
 from library.data import NOTE
 from library.data.schema import (  # noqa: F401 (INTERPOLATIONS, resolve_resolution: re-exported)
     CLI_NAMES, COMMAND_LINE_ONLY, HINTS, IMAGE_EXTENSIONS, INTERPOLATIONS, INVALID, KIND_KEYS, KIND_NAMES, KIND_ONLY,
-    LEVEL_KEYS, LEVEL_NAMES, NO_CLI_FALLBACK, BadValue, convert_value, resolve_resolution, show_value,
+    LEVEL_KEYS, LEVEL_NAMES, NO_CLI_FALLBACK, REFERENCE_ALIASES, BadValue, convert_value, resolve_resolution,
+    show_value,
 )
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class SubsetConfig:
     cache_info: bool = False
     metadata_file: Path | None = None
     conditioning_data_dir: Path | None = None
+    reference_image_dir: Path | None = None  # FLUX.1 Kontext: reference images matched to the images by file stem
     index: int = 1
     where: str = field(default="", compare=False, repr=False)
     sources: dict = field(default_factory=dict, compare=False, repr=False)
@@ -112,6 +114,8 @@ class DatasetConfig:
     resize_interpolation: str | None = None
     prior_loss_weight: float = 1.0
     debug_dataset: bool = False
+    # FLUX.1 Kontext: a dataset with reference images buckets with these sizes (at 1 MP; scaled to `resolution`)
+    bucket_sizes: tuple[tuple[int, int], ...] | None = None
     where: str = field(default="", compare=False, repr=False)
     sources: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -130,7 +134,7 @@ class DatasetGroupConfig:
 
 _SUBSET_FIELDS = [f.name for f in fields(SubsetConfig) if f.name not in ("index", "where", "sources")]
 _DATASET_FIELDS = [f.name for f in fields(DatasetConfig) if f.name not in ("kind", "subsets", "index", "where",
-                                                                            "sources")]
+                                                                            "sources", "bucket_sizes")]
 
 
 # --- reading -----------------------------------------------------------------------------------------------------
@@ -271,6 +275,7 @@ def _build_dataset(raw: dict, index: int, table: str, sub_tables: list[str], gen
     seen = {}
     for i, (raw_sub, kind, sub_table) in enumerate(zip(raw_subsets, kinds, sub_tables), 1):
         sub_clean = _check_table(raw_sub, "subset", sub_table, ctx, kind)
+        _reference_alias(sub_clean, sub_table, ctx)
         values, sub_sources = _resolve(_SUBSET_FIELDS, [(sub_clean, sub_table), (clean, table),
                                                         (general, "[general]")], ctx, SubsetConfig())
         if kind == "controlnet":
@@ -295,6 +300,19 @@ def _build_dataset(raw: dict, index: int, table: str, sub_tables: list[str], gen
         ctx.problems.add(ctx.where(table), "no usable subsets: every subset has num_repeats < 1")
     _check_dataset(dataset, ctx)
     return dataset
+
+
+def _reference_alias(clean: dict, table: str, ctx: _Context) -> None:
+    """musubi-tuner's `control_directory` read as `reference_image_dir`; both at once, or either where the trainer
+    takes no reference images, is a problem."""
+    for alias, key in REFERENCE_ALIASES.items():
+        if alias in clean:
+            if key in clean:
+                ctx.problems.add(ctx.where(table), f"'{alias}' and '{key}' name the same folder; keep one")
+            clean.setdefault(key, clean.pop(alias))
+    if "reference_image_dir" in clean and "reference" not in ctx.supported:
+        ctx.problems.add(ctx.where(table), "'reference_image_dir' (reference images) is for FLUX.1 Kontext "
+                         "training: pass --model_type kontext, or remove the key")
 
 
 def _unsupported_message(kind: str, supported: set) -> str:
@@ -343,6 +361,12 @@ def _check_subset(subset: SubsetConfig, ctx: _Context):
     if subset.metadata_file is not None and not subset.metadata_file.is_file():
         state = "is not a file" if subset.metadata_file.exists() else "does not exist"
         ctx.problems.add(where, f"'metadata_file' {_show_path(subset.metadata_file)} {state}")
+    if subset.reference_image_dir is not None:
+        _check_folder(subset.reference_image_dir, "reference_image_dir", where, ctx, need_images=True)
+        for key, what in (("random_crop", "cropped"), ("color_aug", "recoloured")):
+            if getattr(subset, key):
+                ctx.problems.add(where, f"'{key}'{_origin(subset, key)} cannot be used with 'reference_image_dir': "
+                                 f"the reference would not be {what} the same way")
     if kind == "controlnet" and subset.random_crop:
         ctx.problems.add(where, f"'random_crop'{_origin(subset, 'random_crop')} cannot be used in a ControlNet "
                          "subset: the conditioning image would not be cropped the same way")
@@ -430,18 +454,21 @@ def validate_against_training_args(group: DatasetGroupConfig, args: argparse.Nam
 
 
 def load_dataset_config(args: argparse.Namespace, *, support_dreambooth: bool = True, support_finetuning: bool = True,
-                        support_controlnet: bool | None = None) -> DatasetGroupConfig:
+                        support_controlnet: bool | None = None, support_reference: bool = False,
+                        reference_buckets: tuple[tuple[int, int], ...] | None = None) -> DatasetGroupConfig:
     """Resolve and validate the datasets of a run from `args.dataset_config` or the command-line fallbacks.
 
     The support flags say which dataset kinds the trainer accepts; `support_controlnet=None` means
     `args.masked_loss` (as in sd-scripts' LoRA and full fine-tuning trainers). A ControlNet-only trainer
     (`support_dreambooth=support_finetuning=False, support_controlnet=True`) builds its command-line dataset from
-    `--train_data_dir` + `--conditioning_data_dir`. Raises DatasetConfigError listing every problem.
+    `--train_data_dir` + `--conditioning_data_dir`. `support_reference`: subsets may name reference images
+    (`reference_image_dir`, FLUX.1 Kontext); a dataset holding such a subset buckets with `reference_buckets`
+    (sizes at 1 MP) when given. Raises DatasetConfigError listing every problem.
     """
     if support_controlnet is None:
         support_controlnet = bool(getattr(args, "masked_loss", False))
     supported = {k for k, on in (("dreambooth", support_dreambooth), ("finetune", support_finetuning),
-                                 ("controlnet", support_controlnet)) if on}
+                                 ("controlnet", support_controlnet), ("reference", support_reference)) if on}
     config_path = getattr(args, "dataset_config", None)
     ctx = _Context(str(config_path) if config_path else "command line", args, supported, _Problems())
     if config_path:
@@ -453,6 +480,9 @@ def load_dataset_config(args: argparse.Namespace, *, support_dreambooth: bool = 
     else:
         datasets = _datasets_from_command_line(ctx)
     group = DatasetGroupConfig([d for d in datasets if d is not None], ctx.source)
+    for dataset in group.datasets:
+        if reference_buckets and any(s.reference_image_dir is not None for s in dataset.subsets):
+            dataset.bucket_sizes = tuple(reference_buckets)
     ctx.problems.lines += [line for line in _contradictions(group, args) if line not in ctx.problems.lines]
     ctx.problems.raise_if_any()
     return group

@@ -20,10 +20,11 @@ import torch
 
 from library.data.augment import color_aug, flip_horizontal
 from library.data.batch import Batch, TextEncoderOutputs, TokenIds
-from library.data.buckets import BucketPlanner, resize_and_crop
+from library.data.buckets import BucketPlanner, resize_and_crop, scaled_bucket_sizes
 from library.data.captions import process_caption
 from library.data.config import DatasetConfig, DatasetGroupConfig
-from library.data.items import ImageItem, balance_regularisation, collect_subset_items, split_for_validation
+from library.data.items import (ControlItem, ImageItem, ReferenceItem, balance_regularisation,
+                                collect_subset_items, split_for_validation)
 from library.data.images import BadImage, BadImageError, load_image
 from library.data.tensors import to_tensor
 from library.data.text_encoder_cache import stack_outputs
@@ -43,24 +44,31 @@ class FluxDataset(torch.utils.data.Dataset):
     """One `[[datasets]]` entry: its images in buckets, served as whole batches."""
 
     def __init__(self, config: DatasetConfig, items: list[ImageItem], seed: int, *, max_train_steps: int = 0,
-                 conditioning_as_mask: bool = False, skip_bad_images: bool = False):
+                 conditioning_as_mask: bool = False, skip_bad_images: bool = False, control_latents: bool = False):
         self.config, self.items, self.seed = config, items, seed
         self.skip_bad_images = skip_bad_images
         self.undecodable: dict[Path, str] = {}  # files that failed to decode mid-run (this process), with reason
         self.max_train_steps = max_train_steps
         self.conditioning_as_mask = conditioning_as_mask
+        self.control_latents = control_latents  # conditioning images are AE-encoded control inputs (Flex.2)
         self.tokenizer = self.latent_cache = self.te_cache = None  # see DatasetGroup.attach
-        self.planner = BucketPlanner(config.resolution, config.enable_bucket, config.min_bucket_reso,
-                                     config.max_bucket_reso, config.bucket_reso_steps, config.bucket_no_upscale)
-        buckets: dict[tuple[int, int], list[int]] = {}
+        if config.bucket_sizes:  # FLUX.1 Kontext: the preferred sizes at the resolution's area
+            self.planner = BucketPlanner.fixed(scaled_bucket_sizes(config.bucket_sizes, config.resolution))
+        else:
+            self.planner = BucketPlanner(config.resolution, config.enable_bucket, config.min_bucket_reso,
+                                         config.max_bucket_reso, config.bucket_reso_steps, config.bucket_no_upscale)
+        # a bucket is a size and a number of reference images: items with and without references never share a
+        # batch, and the references of a batch stack (each fitted to the target's bucket)
+        buckets: dict[tuple[tuple[int, int], int], list[int]] = {}
         self.ar_errors = []
         for index, item in enumerate(items):
             choice = self.planner.select(item.image_size)
             item.bucket_reso, item.resized_size = choice.bucket_reso, choice.resized_size
             self.ar_errors.append(abs(choice.ar_error))
-            buckets.setdefault(choice.bucket_reso, []).extend([index] * item.num_repeats)
-        self.bucket_resos = sorted(buckets)
-        self.buckets = [buckets[r] for r in self.bucket_resos]
+            buckets.setdefault((choice.bucket_reso, len(item.reference_paths)), []).extend([index] * item.num_repeats)
+        self.bucket_keys = sorted(buckets)
+        self.bucket_resos = [reso for reso, _ in self.bucket_keys]
+        self.buckets = [buckets[k] for k in self.bucket_keys]
         bs = config.batch_size
         self.entries = [BatchEntry(b, start) for b, content in enumerate(self.buckets)
                         for start in range(0, len(content), bs)]
@@ -69,6 +77,14 @@ class FluxDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    @property
+    def latent_items(self) -> list:
+        """What the latent cache encodes: every image and every reference image (fitted to its image's bucket), and
+        every conditioning image when they are encoded control inputs (through their target's geometry)."""
+        controls = [i.control_item() for i in self.items if i.conditioning_path is not None] \
+            if self.control_latents else []
+        return [*self.items, *(r for i in self.items for r in i.reference_items()), *controls]
 
     @property
     def num_train_images(self) -> int:
@@ -137,7 +153,12 @@ class FluxDataset(torch.utils.data.Dataset):
             if item.subset.color_aug:
                 image = color_aug(image, rng)
             out.update(image=to_tensor(image), alpha_mask=torch.from_numpy(alpha) if alpha is not None else None)
-        if item.conditioning_path is not None:
+        if item.reference_paths:
+            out.update(self._references(item, flipped))
+        if item.conditioning_path is not None and self.control_latents and self.latent_cache is not None:
+            entry = self.latent_cache.get(item.control_item())
+            out["control_latents"] = entry.latents_flipped if flipped else entry.latents
+        elif item.conditioning_path is not None:
             cond = self.load_conditioning(item, flipped)
             out["conditioning_image"] = cond
             if self.conditioning_as_mask:  # masked loss from the conditioning image's red channel
@@ -146,8 +167,22 @@ class FluxDataset(torch.utils.data.Dataset):
                           process_caption(item.caption, item.caption_options, rng, epoch, step, self.max_train_steps))
         return out
 
-    def load_pixels(self, item: ImageItem, rng: random.Random | None = None):
+    def _references(self, item: ImageItem, flipped: bool) -> dict:
+        """The item's reference images fitted to its bucket (flipped with it): cached latents, else pixels."""
+        refs = item.reference_items()
+        if self.latent_cache is not None:
+            entries = [self.latent_cache.get(r) for r in refs]
+            return {"reference_latents": torch.stack([e.latents_flipped if flipped else e.latents for e in entries])}
+        images = []
+        for ref in refs:
+            rgb = self.load_pixels(ref)[0]
+            images.append(to_tensor(flip_horizontal(rgb)[0] if flipped else rgb))
+        return {"reference_images": torch.stack(images)}
+
+    def load_pixels(self, item: ImageItem | ReferenceItem | ControlItem, rng: random.Random | None = None):
         """(rgb at bucket size, alpha or None, crop_ltrb, crop left/top): decode, resize and crop one image."""
+        if isinstance(item, ControlItem):
+            return self._conditioning_pixels(item.target)
         image, alpha = load_image(item.absolute_path, with_alpha=item.alpha_mask)
         interpolation = item.resize_interpolation or self.config.resize_interpolation
         return resize_and_crop(image, item.resized_size, item.bucket_reso, interpolation,
@@ -156,16 +191,20 @@ class FluxDataset(torch.utils.data.Dataset):
     def load_conditioning(self, item: ImageItem, flipped: bool) -> torch.Tensor:
         """The conditioning image through the target's exact geometry: scaled to the target's original size first,
         then the same resize and centre crop, so the two stay aligned whatever their own aspect ratios."""
+        cond = self._conditioning_pixels(item)[0]
+        if flipped:
+            cond, _ = flip_horizontal(cond)
+        return to_tensor(cond)
+
+    def _conditioning_pixels(self, item: ImageItem):
+        """load_pixels' tuple for an item's conditioning image, through the item's geometry (load_conditioning)."""
         import cv2
 
         cond, _ = load_image(item.conditioning_path)
         if (cond.shape[1], cond.shape[0]) != item.image_size:
             cond = cv2.resize(cond, item.image_size, interpolation=cv2.INTER_AREA)
         interpolation = item.resize_interpolation or self.config.resize_interpolation
-        cond, _, _, _ = resize_and_crop(cond, item.resized_size, item.bucket_reso, interpolation)
-        if flipped:
-            cond, _ = flip_horizontal(cond)
-        return to_tensor(cond)
+        return resize_and_crop(cond, item.resized_size, item.bucket_reso, interpolation)
 
     def _collate(self, samples: list[dict]) -> Batch:
         items = [s["item"] for s in samples]
@@ -183,6 +222,12 @@ class FluxDataset(torch.utils.data.Dataset):
             alpha_masks=_stack_masks(samples),
             conditioning_images=(torch.stack([s["conditioning_image"] for s in samples])
                                  if "conditioning_image" in samples[0] else None),
+            control_latents=(torch.stack([s["control_latents"] for s in samples])
+                             if "control_latents" in samples[0] else None),
+            reference_latents=(torch.stack([s["reference_latents"] for s in samples])
+                               if "reference_latents" in samples[0] else None),
+            reference_images=(torch.stack([s["reference_images"] for s in samples])
+                              if "reference_images" in samples[0] else None),
             text_encoder_outputs=text_encoder_outputs,
             token_ids=token_ids,
             custom_attributes=[i.subset.custom_attributes for i in items],
@@ -267,7 +312,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
 def build_datasets(group_config: DatasetGroupConfig, seed: int, *, skip_bad_images: bool = False,
                    max_train_steps: int = 0, conditioning_as_mask: bool = False, verify_images: bool = False,
-                   ) -> tuple[DatasetGroup, DatasetGroup | None]:
+                   control_latents: bool = False) -> tuple[DatasetGroup, DatasetGroup | None]:
     """Training and validation DatasetGroups (validation None when no dataset asks for a split). `verify_images`:
     decode every image in full up front (see collect_subset_items)."""
     train, val = [], []
@@ -280,7 +325,7 @@ def build_datasets(group_config: DatasetGroupConfig, seed: int, *, skip_bad_imag
             train_items, val_items = [i for s in subset_items for i in s.items], []
         balance_regularisation(train_items)
         options = dict(max_train_steps=max_train_steps, conditioning_as_mask=conditioning_as_mask,
-                       skip_bad_images=skip_bad_images)
+                       skip_bad_images=skip_bad_images, control_latents=control_latents)
         train.append(FluxDataset(config, train_items, seed + index, **options))
         if val_items:
             val.append(FluxDataset(config, val_items, seed + index, **options))

@@ -1,7 +1,12 @@
 """Finding the images of each subset: files, captions, sizes, repeats, regularisation balance, validation split.
 
-Everything here runs before any model loads. Every image (and ControlNet conditioning image) is probed from its
-header, so a bad file stops the run up front with the full list of problems (or is skipped with --skip_bad_images).
+Everything here runs before any model loads. Every image (and ControlNet conditioning image, and FLUX.1 Kontext
+reference image) is probed from its header, so a bad file stops the run up front with the full list of problems (or
+is skipped with --skip_bad_images).
+
+Reference images (`reference_image_dir`) match an image by file stem: `<stem>.<ext>` is its one reference, or
+`<stem>_0.<ext>`, `<stem>_1.<ext>`, ... (consecutive from 0) are its several references, in that order
+(musubi-tuner's convention); the first of IMAGE_EXTENSIONS wins when a stem has several files.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 from library.formats.atomic_io import atomic_write
 from library.data.captions import (CaptionOptions, find_caption_file, finetune_caption, read_caption_file,
                                    text_encoder_cache_caption)
+from library.data.buckets import cover_size
 from library.data.config import DatasetConfig, SubsetConfig
 from library.data.images import IMAGE_EXTENSIONS, BadImage, BadImageError, check_images, list_images, verify_images
 
@@ -36,6 +42,8 @@ class ImageItem:
     num_repeats: int = 1
     conditioning_path: Path | None = None
     conditioning_size: tuple[int, int] | None = None
+    reference_paths: tuple[Path, ...] = ()  # FLUX.1 Kontext reference images, in order
+    reference_sizes: tuple[tuple[int, int], ...] = ()  # their (W, H) after EXIF orientation
     bucket_reso: tuple[int, int] | None = None  # set by bucketing
     resized_size: tuple[int, int] | None = None
     caption_options: CaptionOptions = field(init=False)
@@ -73,6 +81,103 @@ class ImageItem:
     def te_caption(self) -> str:
         """The text encoded when text-encoder outputs are cached (deterministic processing only)."""
         return text_encoder_cache_caption(self.caption, self.caption_options)
+
+    def control_item(self) -> "ControlItem":
+        """The conditioning image as a cache item of its own: a control input encoded by the AE (Flex.2)."""
+        return ControlItem(self)
+
+    def reference_items(self) -> list["ReferenceItem"]:
+        """Each reference image as a cache item fitted to this item's bucket (set by bucketing first)."""
+        return [ReferenceItem(self, i) for i in range(len(self.reference_paths))]
+
+
+@dataclass(eq=False)
+class ReferenceItem:
+    """A reference image as the latent cache sees it: its own file and size, resized to cover its target's bucket
+    and centre-cropped to it (flipped with it), encoded with the posterior mean (`posterior`)."""
+
+    target: ImageItem
+    index: int
+    posterior = "mean"
+    alpha_mask = False
+
+    @property
+    def absolute_path(self) -> Path:
+        return self.target.reference_paths[self.index]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.target.reference_sizes[self.index]
+
+    @property
+    def bucket_reso(self) -> tuple[int, int]:
+        return self.target.bucket_reso
+
+    @property
+    def resized_size(self) -> tuple[int, int]:
+        return cover_size(self.image_size, self.bucket_reso)
+
+    @property
+    def subset(self) -> SubsetConfig:
+        return self.target.subset
+
+    @property
+    def flip_aug(self) -> bool:
+        return self.target.flip_aug
+
+    @property
+    def resize_interpolation(self) -> str | None:
+        return self.target.resize_interpolation
+
+    @property
+    def relative_path(self) -> str:
+        root = Path(self.subset.reference_image_dir).resolve()
+        return Path(os.path.relpath(self.absolute_path, root)).as_posix()
+
+
+@dataclass(eq=False)
+class ControlItem:
+    """A ControlNet-style conditioning image as the latent cache sees it when a recipe encodes it as a control input
+    (Flex.2): its own file, through its target's geometry (scaled to the target's original size, then the target's
+    resize and centre crop; flipped with it), encoded with the posterior mean. The provenance records its file's
+    content hash with the target's sizes, so an edited control picture or a changed target is re-encoded."""
+
+    target: ImageItem
+    posterior = "mean"
+    alpha_mask = False
+
+    @property
+    def absolute_path(self) -> Path:
+        return self.target.conditioning_path
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.target.image_size
+
+    @property
+    def bucket_reso(self) -> tuple[int, int]:
+        return self.target.bucket_reso
+
+    @property
+    def resized_size(self) -> tuple[int, int]:
+        return self.target.resized_size
+
+    @property
+    def subset(self) -> SubsetConfig:
+        return self.target.subset
+
+    @property
+    def flip_aug(self) -> bool:
+        return self.target.flip_aug
+
+    @property
+    def resize_interpolation(self) -> str | None:
+        return self.target.resize_interpolation
+
+    @property
+    def relative_path(self) -> str:
+        root = Path(self.subset.conditioning_data_dir).resolve()
+        return Path(os.path.relpath(Path(self.absolute_path).resolve(), root)).as_posix()
 
 
 @dataclass
@@ -120,6 +225,32 @@ def _conditioning_image(subset: SubsetConfig, image: Path) -> Path | None:
     return next((folder / (image.stem + e) for e in IMAGE_EXTENSIONS if (folder / (image.stem + e)).exists()), None)
 
 
+def _reference_index(subset: SubsetConfig) -> dict[str, list[Path]]:
+    """The images of a subset's reference folder by stem, each stem's files in IMAGE_EXTENSIONS order."""
+    index: dict[str, list[Path]] = {}
+    for path in list_images(subset.reference_image_dir):
+        index.setdefault(path.stem, []).append(path.resolve())
+    for paths in index.values():
+        paths.sort(key=lambda p: IMAGE_EXTENSIONS.index(p.suffix.lower()))
+    return index
+
+
+def _references(index: dict[str, list[Path]], image: Path, folder) -> tuple[tuple[Path, ...], str | None]:
+    """(reference paths of `image`, None) or ((), reason)."""
+    stem = image.stem
+    numbered = []
+    while f"{stem}_{len(numbered)}" in index:
+        numbered.append(index[f"{stem}_{len(numbered)}"][0])
+    if stem in index and numbered:
+        return (), (f"both {index[stem][0].name} and {numbered[0].name} in {folder}: one reference (<stem>.ext) or "
+                    "numbered ones (<stem>_0.ext, <stem>_1.ext, ...), not both")
+    if stem in index:
+        return (index[stem][0],), None
+    if numbered:
+        return tuple(numbered), None
+    return (), f"no reference image {stem}.<ext> or {stem}_0.<ext> in {folder}"
+
+
 def collect_subset_items(dataset: DatasetConfig, skip_bad_images: bool = False,
                          verify: bool = False) -> list[SubsetItems]:
     """Images, captions and probed sizes of every subset of `dataset` (subsets with num_repeats < 1 are left out).
@@ -129,6 +260,7 @@ def collect_subset_items(dataset: DatasetConfig, skip_bad_images: bool = False,
     full (--verify_images), which finds data corrupted behind a valid header."""
     found: list[tuple[SubsetConfig, list[tuple[Path, str | None, Path | None]]]] = []
     missing_conditioning: list[BadImage] = []
+    references: dict[Path, tuple[Path, ...]] = {}
     for subset in dataset.subsets:
         if subset.num_repeats < 1:
             logger.warning("%s: num_repeats %d < 1, subset ignored", subset.where or subset.image_dir,
@@ -136,7 +268,14 @@ def collect_subset_items(dataset: DatasetConfig, skip_bad_images: bool = False,
             continue
         candidates = _finetune_candidates(subset) if subset.kind == "finetune" else _dreambooth_candidates(subset)
         entries = []
+        ref_index = _reference_index(subset) if subset.reference_image_dir is not None else None
         for image, caption in candidates:
+            if ref_index is not None:
+                refs, problem = _references(ref_index, image, subset.reference_image_dir)
+                if problem:
+                    missing_conditioning.append(BadImage(image, problem))
+                    continue
+                references[image] = refs
             cond = None
             if subset.kind == "controlnet":
                 cond = _conditioning_image(subset, image)
@@ -147,7 +286,8 @@ def collect_subset_items(dataset: DatasetConfig, skip_bad_images: bool = False,
             entries.append((image, caption, cond))
         found.append((subset, entries))
 
-    paths = [p for _, entries in found for image, _, cond in entries for p in (image, cond) if p is not None]
+    paths = [p for _, entries in found for image, _, cond in entries
+             for p in (image, cond, *references.get(image, ())) if p is not None]
     probes, bad = check_images(paths, skip_bad=True)
     undecodable = []
     if verify:
@@ -157,6 +297,9 @@ def collect_subset_items(dataset: DatasetConfig, skip_bad_images: bool = False,
         logger.info("--verify_images: %d images decoded in %.1f s (%.1f ms each)", len(probes), seconds,
                     1000 * seconds / max(len(probes), 1))
     bad += undecodable + missing_conditioning
+    owners = {ref: image for image, refs in references.items() for ref in refs}
+    bad = [BadImage(b.path, f"{b.reason} (reference image of {owners[b.path].name})") if b.path in owners else b
+           for b in bad]
     if bad and not skip_bad_images:
         raise BadImageError(bad)
     for b in undecodable + missing_conditioning:
@@ -168,13 +311,14 @@ def collect_subset_items(dataset: DatasetConfig, skip_bad_images: bool = False,
     for subset, entries in found:
         items, uncaptioned = [], []
         for image, caption, cond in entries:
-            if image in bad_paths or cond in bad_paths:
+            refs = references.get(image, ())
+            if image in bad_paths or cond in bad_paths or bad_paths.intersection(refs):
                 continue
             if caption is None:
                 uncaptioned.append(image)
                 caption = subset.class_tokens or ""
             items.append(ImageItem(image, caption, subset, sizes[image], subset.num_repeats, cond,
-                                   sizes.get(cond) if cond else None))
+                                   sizes.get(cond) if cond else None, refs, tuple(sizes[r] for r in refs)))
         if uncaptioned:
             shown = ", ".join(str(p.name) for p in uncaptioned[:5]) + (" ..." if len(uncaptioned) > 5 else "")
             fallback = f"class_tokens {subset.class_tokens!r}" if subset.class_tokens else "an empty caption"

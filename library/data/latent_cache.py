@@ -145,8 +145,9 @@ class LatentCache:
     ae_identity: a string that changes when the AE does, e.g. `model_file_identity(ae_path)`; append the AE dtype
         to it if a dtype change should invalidate caches.
     skip_cache_check: trust any existing file (sd-scripts' `--skip_cache_check`), without reading it.
-    batch_size: images per AE call; a batch has one (bucket, flip, alpha mask) combination.
-    sample: store a seeded posterior sample (default, as sd-scripts' sampling) or the posterior mean.
+    batch_size: images per AE call; a batch has one (bucket, flip, alpha mask, posterior) combination.
+    sample: store a seeded posterior sample (default, as sd-scripts' sampling) or the posterior mean; an item with
+        `posterior = "mean"` (a Kontext reference image) gets the mean either way.
     trust_foreign: use files without our provenance when their keys and shapes fit (else recompute them).
     """
 
@@ -181,7 +182,8 @@ class LatentCache:
             "bucket_reso": [int(v) for v in item.bucket_reso],
             "original_size": [int(v) for v in item.image_size],
             "resize_interpolation": getattr(item, "resize_interpolation", None),
-            "posterior": "sample" if self.sample else "mean",
+            # an item may ask for the mean itself (FLUX.1 Kontext reference images: `posterior = "mean"`)
+            "posterior": getattr(item, "posterior", None) or ("sample" if self.sample else "mean"),
             "flip": bool(item.flip_aug),
             "alpha_mask": bool(item.alpha_mask),
             "image_file_size": file_size,
@@ -287,14 +289,14 @@ class LatentCache:
             for job in todo:
                 job.meta["image_hash"] = self._image_hash(job.item.absolute_path)
 
-        todo.sort(key=lambda j: (j.meta["bucket_reso"][0] * j.meta["bucket_reso"][1], j.meta["bucket_reso"],
-                                 j.meta["flip"], j.meta["alpha_mask"]))
+        def group(job: _Job) -> tuple:
+            return job.meta["bucket_reso"], job.meta["flip"], job.meta["alpha_mask"], job.meta["posterior"]
+
+        todo.sort(key=lambda j: (j.meta["bucket_reso"][0] * j.meta["bucket_reso"][1], *group(j)))
         batches: list[list[_Job]] = []
         for job in todo:
-            group = (job.meta["bucket_reso"], job.meta["flip"], job.meta["alpha_mask"])
             last = batches[-1] if batches else None
-            if last and len(last) < self.batch_size and (last[0].meta["bucket_reso"], last[0].meta["flip"],
-                                                         last[0].meta["alpha_mask"]) == group:
+            if last and len(last) < self.batch_size and group(last[0]) == group(job):
                 last.append(job)
             else:
                 batches.append([job])
@@ -335,7 +337,7 @@ class LatentCache:
         if flip:
             x = torch.cat([x, torch.flip(x, dims=[-1])])
         generators = None
-        if self.sample:
+        if batch[0].meta["posterior"] == "sample":
             generators = [torch.Generator().manual_seed(latent_seed(j.item)) for j in batch]
             generators = generators * 2 if flip else generators  # flipped images take each seed's second draw
         z = encode_latents(ae, x.to(device=device, dtype=dtype), generators).float().cpu()

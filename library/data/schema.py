@@ -32,13 +32,16 @@ ASCENDABLE_TYPES = {
     "caption_extension": "str", "class_tokens": "str", "cache_info": "bool",
 }
 SUBSET_ONLY_TYPES = {"image_dir": "path", "is_reg": "bool", "alpha_mask": "bool", "metadata_file": "path",
-                      "conditioning_data_dir": "path"}
+                      "conditioning_data_dir": "path", "reference_image_dir": "path", "control_directory": "path"}
+# musubi-tuner's name for the reference folder of its Kontext trainer, read as `reference_image_dir`
+REFERENCE_ALIASES = {"control_directory": "reference_image_dir"}
 KEY_TYPES = {**DATASET_TYPES, **ARGPARSE_ONLY_TYPES, **ASCENDABLE_TYPES, **SUBSET_ONLY_TYPES}
 KIND_ONLY = {"image_dir", "is_reg", "alpha_mask", "metadata_file", "conditioning_data_dir", "caption_extension",
-              "class_tokens", "cache_info"}
+              "class_tokens", "cache_info", "reference_image_dir", "control_directory"}
 KIND_KEYS = {  # subset keys beyond the common ones, per kind
-    "dreambooth": {"image_dir", "is_reg", "alpha_mask", "caption_extension", "class_tokens", "cache_info"},
-    "finetune": {"metadata_file", "image_dir", "alpha_mask"},
+    "dreambooth": {"image_dir", "is_reg", "alpha_mask", "caption_extension", "class_tokens", "cache_info",
+                   "reference_image_dir", "control_directory"},
+    "finetune": {"metadata_file", "image_dir", "alpha_mask", "reference_image_dir", "control_directory"},
     "controlnet": {"image_dir", "conditioning_data_dir", "caption_extension", "cache_info"},
 }
 GENERAL_KEYS = set(DATASET_TYPES) | set(ASCENDABLE_TYPES)
@@ -58,7 +61,7 @@ COMMAND_LINE_ONLY = {"prior_loss_weight", "debug_dataset", "cache_latents", "cac
                       "text_encoder_batch_size", "dataset_class", "masked_loss", "skip_bad_images"}
 CLI_NAMES = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
 NO_CLI_FALLBACK = {"image_dir", "metadata_file", "conditioning_data_dir", "is_reg", "class_tokens",
-                    "custom_attributes"}
+                    "custom_attributes", "reference_image_dir"}
 
 # --- values ------------------------------------------------------------------------------------------------------
 

@@ -50,6 +50,8 @@ class FluxParams:
 FLUX_PRESETS: dict[str, FluxParams] = {
     "dev": FluxParams(),
     "schnell": FluxParams(guidance_embed=False),
+    # ostris' Flex.2-preview: 8 double blocks and img_in taking 196 features (8.16B parameters), for the planner
+    "flex2": FluxParams(in_channels=196, depth=8),
     # Test presets: same structure, tiny widths (head dim 32 so that the 3 RoPE axes stay even).
     "tiny": FluxParams(vec_in_dim=64, context_in_dim=64, hidden_size=64, num_heads=2, depth=2,
                        depth_single_blocks=2, axes_dim=(4, 14, 14)),
@@ -261,11 +263,13 @@ class Flux(nn.Module):
     def device(self) -> torch.device:
         return self.img_in.weight.device
 
-    def conditioning_vector(self, timesteps, y, guidance=None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """time + guidance + pooled-text embedding, computed in `dtype` (the activations' dtype; weights may be fp8)."""
+    def conditioning_vector(self, timesteps, y, guidance=None, dtype: torch.dtype | None = None,
+                            bypass_guidance: bool = False) -> torch.Tensor:
+        """time + guidance + pooled-text embedding, computed in `dtype` (the activations' dtype; weights may be fp8).
+        `bypass_guidance`: without the guidance term (Flex.2 trains with its guidance embedder bypassed)."""
         dtype = dtype or y.dtype
         vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
-        if self.params.guidance_embed:
+        if self.params.guidance_embed and not bypass_guidance:
             if guidance is None:
                 raise ValueError("this FLUX model has a guidance embedder (dev): pass `guidance`")
             vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
@@ -286,6 +290,7 @@ class Flux(nn.Module):
         double_block_residuals: Sequence[torch.Tensor] | None = None,
         single_block_residuals: Sequence[torch.Tensor] | None = None,
         num_output_tokens: int | None = None,
+        bypass_guidance: bool = False,
     ) -> torch.Tensor:
         """Velocity prediction for packed image tokens.
 
@@ -299,10 +304,12 @@ class Flux(nn.Module):
         - `attention_mask`: an extra boolean or additive mask over the joint [txt; img] sequence;
         - `double_block_residuals` / `single_block_residuals`: ControlNet residuals (B, N_img, hidden); block b gets
           residuals[b % len(residuals)] added to its image tokens (to the first ones when the residual is
-          shorter: the target tokens of a Kontext call, before its reference tokens).
+          shorter: the target tokens of a Kontext call, before its reference tokens);
+        - `bypass_guidance`: the conditioning vector without the guidance embedder's term (`guidance` is ignored;
+          ai-toolkit's bypass_guidance_embedding, with which Flex.2 is trained).
         """
         n_txt = txt.shape[1]
-        vec = self.conditioning_vector(timesteps, y, guidance, dtype=img.dtype)
+        vec = self.conditioning_vector(timesteps, y, guidance, dtype=img.dtype, bypass_guidance=bypass_guidance)
         img = self.img_in(img)
         txt = self.txt_in(txt)
         pe = position_embedding(torch.cat((txt_ids, img_ids), dim=1), self.params.axes_dim, self.params.theta)

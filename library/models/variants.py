@@ -33,7 +33,8 @@ class ModelVariant:
     control: str | None = None  # structural control map it takes (Canny/Depth: "canny", "depth"; --control_image)
     inpaint: bool = False  # repaints a picture: --image, --mask_image, --outpaint (library/cli/inpaint_options.py)
     t5_attn_mask: bool = False  # T5 padding always masked, as the model was trained (--apply_t5_attn_mask implied)
-    in_channels: int = 64  # img_in's input features: 64 noisy features + the condition's (Fill 384, Canny/Depth 128)
+    in_channels: int = 64  # img_in's input features: 64 noisy features + the condition's (Fill 384, Canny/Depth 128,
+    # Flex.2 196)
     licence: str = "FLUX.1 [dev] Non-Commercial License"
     notes: str = ""
 
@@ -67,6 +68,13 @@ VARIANTS: dict[str, ModelVariant] = {v.name: v for v in (
     ModelVariant("fill", "flux-1-fill-dev", "flux", steps=50, preview_steps=20, guidance=30.0, cfg_scale=1.0,
                  shift=True, t5_max_length=512, training_guidance=30.0, inpaint=True, in_channels=384,
                  notes="inpainting/outpainting: img_in takes 64 noisy + 64 masked-image + 256 mask features"),
+    # ostris' Flex.2-preview: 8 double + 38 single blocks (depths are read from the file), img_in taking 196 features
+    # (library/models/flex2.py). Inference defaults: the model card's 50 steps and guidance 3.5; training bypasses
+    # the guidance embedder (ai-toolkit's bypass_guidance_embedding), so no training guidance is fed.
+    ModelVariant("flex2", "flex-2-preview", "flux", steps=50, preview_steps=20, guidance=3.5, cfg_scale=1.0,
+                 shift=True, t5_max_length=512, training_guidance=None, inpaint=True, in_channels=196,
+                 licence="Apache-2.0",
+                 notes="inpainting and control built in: inpaint latent, mask and control latent as input channels"),
     # Chroma: steps 35, true-CFG scale 5.0 and T5 length 512 are the defaults of diffusers' ChromaPipeline.__call__
     # (num_inference_steps, guidance_scale, max_sequence_length); its schedule is shifted by image size (the
     # pipeline's calculate_shift mu; sd-scripts' sampler shifts for Chroma too). Preview steps 20: sd-scripts' sample
@@ -85,7 +93,8 @@ _KEY_DEFAULT_NOTES = {"canny": "img_in takes 128 features: FLUX.1 Canny or Depth
 # ModelSpec architectures written by other tools for the same variants (lower case, without "/lora")
 _ARCHITECTURE_ALIASES = {"flux-1-kontext": "kontext", "flux.1-kontext-dev": "kontext", "flux-1-krea": "krea",
                          "flux-1-dev-krea": "krea", "flux-1-canny": "canny", "flux.1-canny-dev": "canny",
-                         "flux-1-depth": "depth", "flux.1-depth-dev": "depth"}
+                         "flux-1-depth": "depth", "flux.1-depth-dev": "depth", "flex-2": "flex2",
+                         "flex.2-preview": "flex2"}
 
 
 def variant_from_metadata(metadata: dict[str, str]) -> ModelVariant | None:

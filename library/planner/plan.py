@@ -45,6 +45,7 @@ from library.training.loss import FluxLossComputer
 from library.training.optimizers import get_optimizer, resolve_optimizer_type
 from library.training.recipes.controlnet import ControlNetTrainer
 from library.training.recipes.full import FullTrainer
+from library.training.recipes.kontext import KontextFlux, reference_inputs, trains_kontext
 from library.training.recipes.lora import LoRATrainer, optimizer_groups
 from library.training.settings import MemoryProfile
 
@@ -110,6 +111,7 @@ class PlanSettings:
     cache_text_encoder_outputs: bool = True
     cache_latents: bool = True
     apply_t5_attn_mask: bool = False
+    reference_images: int = 0  # FLUX.1 Kontext: references per sample at the target's size (more image tokens)
     target: str = "cuda"
     # parameter counts of the models that stay on the device when their outputs are not cached (from the files'
     # headers when given, else the real FLUX.1 ones)
@@ -229,6 +231,7 @@ def settings_from_args(args, trainer: str = "network", target: str = "cuda") -> 
                                         or getattr(args, "cache_text_encoder_outputs_to_disk", False)),
         cache_latents=bool(getattr(args, "cache_latents", False) or getattr(args, "cache_latents_to_disk", False)),
         apply_t5_attn_mask=bool(getattr(args, "apply_t5_attn_mask", False)) or chroma, target=target,
+        reference_images=1 if trains_kontext(args) else 0,  # Kontext: one reference at the target's size
         controlnet=controlnet_rig.controlnet_plan(args, params) if trainer == "controlnet" else (),
         **{f"{name}_params": n for name in ("t5xxl", "clip_l", "ae")
            if (n := _param_count(getattr(args, name, None))) is not None}, **({"clip_l_params": 0} if chroma else {}))
@@ -332,7 +335,9 @@ def _batch(s: PlanSettings, device: str) -> Batch:
     text = TextEncoderOutputs(l_pooled=torch.randn(b, p.vec_in_dim, **gen),
                               t5_out=torch.randn(b, s.t5_tokens, p.context_in_dim, **gen),
                               txt_ids=torch.zeros(b, s.t5_tokens, 3, **gen), t5_attn_mask=mask)
-    return Batch(captions=[""] * b, loss_weights=torch.ones(b, **gen), latents=latents, text_encoder_outputs=text)
+    references = torch.randn(b, s.reference_images, 16, h, w, **gen) if s.reference_images else None
+    return Batch(captions=[""] * b, loss_weights=torch.ones(b, **gen), latents=latents, text_encoder_outputs=text,
+                 reference_latents=references)
 
 
 def build_rig(s: PlanSettings, device: str = "meta") -> StepRig:
@@ -368,8 +373,14 @@ def build_rig(s: PlanSettings, device: str = "meta") -> StepRig:
                                                    host_to_device_only=not s.profile.trains_transformer))
     settings = FlowMatchingSettings(timestep_sampling="shift", model_prediction_type="raw", guidance_scale=1.0)
     compute = s.weight_dtype
-    loss_fn = FluxLossComputer(settings, model if s.controlnet else _conditioned(flux), torch.device(device), compute,
-                               model_inputs=model_inputs)
+    # Fill, Canny/Depth, Flex.2, and dev under a control LoRA (the network widened its img_in): read from the model
+    if not s.controlnet and flux.params.in_channels > flux.params.out_channels:
+        model = ExtraChannelsFlux(flux)  # condition features per token
+        model_inputs = lambda batch: {"extra_channels": torch.zeros(  # noqa: E731
+            batch.latents.shape[0], (s.height // 16) * (s.width // 16), model.extra_channels, device=device)}
+    if s.reference_images:  # the Kontext recipe's model: reference tokens appended, the target's prediction out
+        model, model_inputs = KontextFlux(model), lambda batch: reference_inputs(batch.reference_latents)
+    loss_fn = FluxLossComputer(settings, model, torch.device(device), compute, model_inputs=model_inputs)
     frozen = [p for p in flux.parameters() if not p.requires_grad]
     batch = _batch(s, device)
     if s.controlnet:  # counted with the batch's inputs
@@ -377,15 +388,6 @@ def build_rig(s: PlanSettings, device: str = "meta") -> StepRig:
     rig = StepRig(s, flux, loss_fn, batch, trainable, optimizers, fused, frozen, swappers)
     _prime_optimizer_states(rig)
     return rig
-
-
-def _conditioned(flux: Flux) -> torch.nn.Module:
-    """The model the loss calls: a transformer whose img_in takes condition features (Canny/Depth, Fill, Flex.2, or
-    dev under a control LoRA) gets zero features per token, as the recipes' ExtraChannelsFlux feeds real ones."""
-    extra = flux.params.in_channels - flux.params.out_channels
-    if extra <= 0:
-        return flux
-    return ExtraChannelsFlux(flux).bind(lambda t, ids: torch.zeros(*ids.shape[:2], extra, device=ids.device))
 
 
 def _full_optimizers(s: PlanSettings, flux: Flux):

@@ -75,7 +75,11 @@ class DatasetKinds:
     support_finetuning: bool = True
     support_controlnet: bool = False
     conditioning_as_mask: bool = False
+    control_latents: bool = False  # conditioning images are control inputs the AE encodes (cached with the latents)
+    support_reference: bool = False  # subsets may name reference images (FLUX.1 Kontext: reference_image_dir)
+    reference_buckets: tuple[tuple[int, int], ...] | None = None  # bucket sizes (at 1 MP) of datasets with them
 
-    def config_flags(self) -> dict[str, bool]:
+    def config_flags(self) -> dict:
         return dict(support_dreambooth=self.support_dreambooth, support_finetuning=self.support_finetuning,
-                    support_controlnet=self.support_controlnet)
+                    support_controlnet=self.support_controlnet, support_reference=self.support_reference,
+                    reference_buckets=self.reference_buckets)

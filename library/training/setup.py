@@ -103,7 +103,8 @@ def build_dataset_groups(args, seed: int, kinds: DatasetKinds):
                             f"{'; '.join(face_crop)}")
     train, val = build_datasets(config, seed, skip_bad_images=args.skip_bad_images,
                                 verify_images=getattr(args, "verify_images", False),
-                                max_train_steps=args.max_train_steps, conditioning_as_mask=kinds.conditioning_as_mask)
+                                max_train_steps=args.max_train_steps, conditioning_as_mask=kinds.conditioning_as_mask,
+                                control_latents=kinds.control_latents)
     if len(train) == 0:
         raise ValueError("the datasets hold no images to train on")
     return train, val
@@ -311,7 +312,7 @@ def prepare_caches(args, accelerator, models: TrainingModels, train_group, val_g
                                    skip_cache_check=args.skip_cache_check, batch_size=args.vae_batch_size)
         for group in groups:
             for ds in group.datasets:
-                latent_cache.cache(ds.items, models.ae, ds.load_pixels, accelerator.device, models.ae.dtype,
+                latent_cache.cache(ds.latent_items, models.ae, ds.load_pixels, accelerator.device, models.ae.dtype,
                                    **(split if args.cache_latents_to_disk else {"progress": split["progress"]}))
     if args.cache_text_encoder_outputs:
         batch_size = args.text_encoder_batch_size or train_group.datasets[0].config.batch_size

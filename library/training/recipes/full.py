@@ -24,6 +24,8 @@ from library.training.errors import TrainingError
 from library.training.loop import Trainer
 from library.training.recipes import command_lines
 from library.training.recipes.canny_depth import ControlHooks
+from library.training.recipes.flex2 import Flex2Hooks
+from library.training.recipes.kontext import KontextHooks
 from library.training.settings import MemoryProfile
 from library.training.setup import TrainingModels
 
@@ -32,7 +34,7 @@ logger = logging.getLogger(__name__)
 STATE_WEIGHTS = "transformer.safetensors"  # the trained weights inside a --save_state folder
 
 
-class FullTrainer(ControlHooks, Trainer):
+class FullTrainer(Flex2Hooks, KontextHooks, ControlHooks, Trainer):
     """The trained transformer is never stored in fp8 (warn_ineffective says so); the text encoders are frozen."""
 
     tracker_name = "finetuning"

@@ -24,7 +24,9 @@ from library.training.loop import Trainer
 from library.training.optimizers import optimizer_metadata_text
 from library.training.recipes import command_lines
 from library.training.recipes.canny_depth import ControlHooks
+from library.training.recipes.flex2 import Flex2Hooks
 from library.training.recipes.frozen_controlnet import FrozenControlNetHooks
+from library.training.recipes.kontext import KontextHooks
 from library.training.settings import MemoryProfile
 from library.training.setup import TrainingModels, apply_t5_attn_mask, flow_matching_settings
 from networks.lycoris_flux import LycorisFileNetwork
@@ -62,7 +64,7 @@ def datasets_info(group) -> list[dict]:
     return out
 
 
-class LoRATrainer(FrozenControlNetHooks, ControlHooks, Trainer):
+class LoRATrainer(Flex2Hooks, KontextHooks, FrozenControlNetHooks, ControlHooks, Trainer):
     tracker_name = "network_train"
     command_line = command_lines.LORA
     memory_profile = MemoryProfile(name="network", trains_transformer=False, fp8_base=True)
