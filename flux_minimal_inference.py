@@ -7,6 +7,8 @@ Kontext edits reference images: `--model_type kontext --reference_image photo.pn
 (library/flow/references.py: BFL's preferred sizes, the AE mean, the target at the reference's size).
 ControlNets (sd-scripts or diffusers layout, several at once): `--controlnet CN --control_image edges.png`
 (library/cli/controlnet_options.py, library/flow/control.py).
+Canny/Depth (full models, or a BFL control LoRA in --lora_weights) take `--control_image` as their map, or compute it
+with `--control_preprocessor canny|depth` (library/flow/canny_depth.py, library/cli/control_options.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from library.formats.atomic_io import remove_stale_temporaries
 from library.cli.controlnet_options import add_controlnet_arguments, control_specs
+from library.cli.control_options import add_control_arguments, check_control_arguments
 from library.cli.flex2_options import add_flex2_arguments, check_flex2_arguments
 from library.cli.inpaint_options import add_inpaint_arguments, check_inpaint_arguments
 from library.formats.command_line import ArgumentParser, non_negative_int, positive_int, seed_int
@@ -28,7 +31,7 @@ from library.formats.command_line import ArgumentParser, non_negative_int, posit
 logger = logging.getLogger("flux_minimal_inference")
 DTYPE_HELP = "bf16, fp16, fp32 or an fp8 type (fp8, fp8_e4m3fn, fp8_e5m2)"
 # library/models/variants.py (no torch import here)
-MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext", "fill", "flex2", "chroma"]
+MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext", "fill", "canny", "depth", "flex2", "chroma"]
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -116,6 +119,7 @@ def setup_parser() -> argparse.ArgumentParser:
     add_inpaint_arguments(p)
     add_controlnet_arguments(p)
     add_flex2_arguments(p)
+    add_control_arguments(p)
     return p
 
 
@@ -213,6 +217,7 @@ def run(args) -> int:
     from library.flow.generation import FluxModels, GenerationSettings, Placement, generate, png_text, save_png, \
         unique_path
     from library.models.variants import resolve_variant
+    from library.lora.control import find_control_lora
 
     remove_stale_temporaries(args.output_dir)  # PNGs of a run killed while writing (not its subfolders: maybe ".")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -227,9 +232,13 @@ def run(args) -> int:
     info = flux_utils.analyze_checkpoint(args.ckpt_path)  # checks the file before anything heavy
     logger.info(f"transformer: {info.layout} layout, {info.model_type}, {info.params.depth} double + "
                 f"{info.params.depth_single_blocks} single blocks, stored as {', '.join(sorted(info.dtypes))}")
+    control_lora = find_control_lora(args.lora_weights)  # a BFL Canny/Depth LoRA makes dev a 128-feature model
+    if control_lora and (info.family, info.params.in_channels, info.params.guidance_embed) != ("flux", 64, True):
+        raise ValueError(f"{control_lora[0]} is a control LoRA for FLUX.1-dev; {args.ckpt_path} is not dev-like")
     variant = resolve_variant(args.model_type, has_guidance_input=info.params.guidance_embed, family=info.family,
-                              in_channels=info.params.in_channels,
-                              metadata=info.metadata, source=args.ckpt_path)
+                              in_channels=128 if control_lora else info.params.in_channels,
+                              metadata=control_lora[1] if control_lora else info.metadata,
+                              source=f"{args.ckpt_path} + {control_lora[0]}" if control_lora else args.ckpt_path)
     if variant.family == "flux" and not args.clip_l:
         raise ValueError(f"--clip_l is required for {variant.name} (only Chroma has no CLIP-L input)")
     apply_t5_attn_mask = args.apply_t5_attn_mask or variant.t5_attn_mask
@@ -242,9 +251,10 @@ def run(args) -> int:
     inpaint_cn = not variant.inpaint and inpainting_controlnet(args.controlnet)  # alimama's: inside --image only
     check_inpaint_arguments(args, f"{args.ckpt_path} ({variant.name})", variant.inpaint or inpaint_cn)
     flex2 = variant.name == "flex2"  # Flex.2 reads --control_image and --image/--mask_image itself
-    if not flex2 and args.control_image and not args.controlnet:
+    if not flex2 and not variant.control and args.control_image and not args.controlnet:
         control_specs(args)  # its one-line error: --control_image needs --controlnet
-    check_flex2_arguments(args, f"{args.ckpt_path} ({variant.name})", flex2)
+    check_flex2_arguments(args, f"{args.ckpt_path} ({variant.name})", flex2, flex2 or bool(variant.control))
+    check_control_arguments(args, variant.control, f"{args.ckpt_path} ({variant.name})")
     canvas = fill_canvas(args, variant) if variant.inpaint and not flex2 else None  # files checked early
     flex_inputs = None
     if flex2:  # library/flow/flex2.py: the files loaded before the models
@@ -294,6 +304,11 @@ def run(args) -> int:
         move_to_device_except_swap_blocks(loaded["flux"], device)
         enable_flux_block_swap(loaded["flux"], args.blocks_to_swap, device, "cpu", host_to_device_only=True)
     from library.flow.references import ReferenceEncoder, bind_references, target_size
+    from library.flow.canny_depth import bind_control, bind_control_image, control_encoder_for
+
+    if variant.control:  # Canny/Depth: the control latents are bound per render (library/flow/canny_depth.py)
+        models.flux = bind_control(models.flux, None)
+        control = control_encoder_for(args.control_preprocessor, args.depth_model, loaded["ae"], placement)
 
     if canvas is not None:  # FLUX.1 Fill: the picture's condition features, encoded once
         from library.flow.fill import encode_fill
@@ -340,6 +355,9 @@ def run(args) -> int:
                 network.set_multiplier(m)
         if s.seed is None:
             s.seed = random.randint(0, 2**32 - 1)
+        if variant.control:  # before the references' rule: the output takes the control picture's size
+            s = replace(s, **dict(zip(("width", "height"), bind_control_image(
+                models.flux, control, args.control_image[0], s.width, s.height))))
         s, reference_text = with_references(s)
         width, height = s.output_size()
         if (width, height) != (s.width, s.height):
@@ -353,6 +371,8 @@ def run(args) -> int:
         if args.lora_weights:
             text["lora_weights"] = " ".join(args.lora_weights) + (" (merged)" if args.merge_lora_weights else "")
         text.update(control_png_text(specs))
+        if variant.control:
+            text.update(control_image=args.control_image[0], control_preprocessor=args.control_preprocessor)
         save_png(image, path, text)
         if args.output_latents:
             from library.formats.safetensors_io import save_file_atomic  # only with --output_latents

@@ -16,7 +16,8 @@ quantizes the simple types; the K-quants use tools/gguf_kquants.py (K-quants nee
 `--hidden_size 256`: narrower rows stay F32).
 
 `--model_type kontext` (or krea) writes the dev-keyed transformer with that model's ModelSpec architecture
-(`modelspec.architecture: flux-1-kontext-dev`), so tests can show a variant recognised from the file's metadata.
+(`modelspec.architecture: flux-1-kontext-dev`), so tests can show a variant recognised from the file's metadata;
+`canny` / `depth` also widen img_in to the variant's 128 input features.
 `--model_type flex2` writes a tiny Flex.2-like transformer: img_in taking Flex.2's 196 features (64 noisy + 132
 condition features, library/models/flex2.py) and `flex-2-preview` as its architecture.
 `--model_type chroma` writes tiny_models/flux.safetensors as a Chroma transformer instead, in lodestones' layout
@@ -46,10 +47,11 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", default="tiny", choices=["tiny", "tiny-schnell"],
                    help="transformer preset: tiny (dev-like, guidance embedder) or tiny-schnell")
-    p.add_argument("--model_type", default=None, choices=["dev", "krea", "kontext", "fill", "flex2", "chroma"],
+    p.add_argument("--model_type", default=None,
+                   choices=["dev", "krea", "kontext", "fill", "canny", "depth", "flex2", "chroma"],
                    help="with the tiny (dev-like) preset: the model named in the file's modelspec.architecture "
                         "(default: flux-1-dev, or flux-1-schnell for tiny-schnell); the weights are the same, "
-                        "except fill's and flex2's img_in, which take 384 and 196 features. "
+                        "except the img_in of fill, canny/depth and flex2, which take 384, 128 and 196 features. "
                         "chroma: a tiny Chroma transformer instead (--preset is not used)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     p.add_argument("--dtype", default="fp32", help="dtype of the stored weights (default: %(default)s)")
@@ -131,7 +133,7 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
                                                or not VARIANTS[model_type].has_guidance_input
                                                or preset == "tiny-schnell"):
         raise ValueError(f"model_type {model_type!r}: expected dev, krea or kontext with the tiny (dev-like) preset, "
-                         "or fill, flex2, chroma")
+                         "or fill, canny, depth, flex2, chroma")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch_dtype = str_to_dtype(dtype)
@@ -150,7 +152,7 @@ def make_tiny_models(out: str | Path, preset: str = "tiny", seed: int = 0, dtype
         if hidden_size <= 0 or hidden_size % head_dim:
             raise ValueError(f"hidden_size {hidden_size} is not a positive multiple of the head size {head_dim}")
         params = replace(params, hidden_size=hidden_size, num_heads=hidden_size // head_dim)
-    if model_type not in (None, "chroma"):  # Fill, Flex.2: img_in takes the variant's wider input (noisy + condition)
+    if model_type not in (None, "chroma"):  # Fill, Canny/Depth, Flex.2: img_in's wider input (noisy + condition)
         params = replace(params, in_channels=VARIANTS[model_type].in_channels)
     flux = Chroma(params) if model_type == "chroma" else Flux(params)
     ae = AutoEncoder(AE_PRESETS["tiny"])

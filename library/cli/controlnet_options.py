@@ -39,7 +39,8 @@ def add_controlnet_arguments(parser: argparse.ArgumentParser) -> argparse._Argum
                         "--control_image, or once per --control_image in order")
     g.add_argument("--control_image", action="append", default=[], metavar="IMG",
                    help="conditioning image, one per ControlNet pass; scaled to cover the output size and "
-                        "centre-cropped (diffusers-layout ControlNets take its AE latents)")
+                        "centre-cropped (diffusers-layout ControlNets take its AE latents). Without --controlnet: "
+                        "the control picture of FLUX.1 Canny/Depth (see --control_preprocessor)")
     g.add_argument("--controlnet_scale", action="append", type=float, default=[], metavar="S",
                    help="multiplier of the residuals: one for all or one per --control_image (default 1; jasperai's "
                         "card: 0.6, alimama: 0.9-0.95, Union: 0.3-0.8)")

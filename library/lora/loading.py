@@ -7,9 +7,11 @@ from pathlib import Path
 
 import torch
 
+from library.formats.control_lora import is_control_lora, read_control_lora
 from library.formats.lycoris_weights import is_lycoris
 from library.formats.safetensors_io import load_tensors, read_header
 from library.memory.gguf_linear import GGUFLinear
+from library.lora.control import DEFAULT_STRENGTH, ControlLoRA
 from library.memory.quantized_base import dequantize_for_merge
 from networks import lora_flux
 from networks.lycoris_flux import LycorisFileNetwork
@@ -37,7 +39,22 @@ def apply_loras(specs: list[str], flux: torch.nn.Module, clip_l, t5xxl, merge: b
     text_encoders = [clip_l, t5xxl]
     for spec in specs:
         path, multiplier = parse_lora_spec(spec)
-        if is_lycoris(read_header(path).keys):  # LoKr / LoHa / DoRA: applied by their own formulas
+        keys = read_header(path).keys
+        if is_control_lora(keys):  # BFL Canny/Depth LoRA: img_in widened, bias, norm scales (library/lora/control.py)
+            multiplier = multiplier if ";" in spec else DEFAULT_STRENGTH
+            network = ControlLoRA(flux, multiplier=multiplier, weights=read_control_lora(load_tensors(path), str(path)),
+                                  source=str(path))
+            if merge:
+                _refuse_merge_into_gguf(path, flux)
+                network.merge_to(flux)
+                logger.info("merged control LoRA %s x %s", path, multiplier)
+            else:
+                network.to(device).eval().apply_to(flux)
+                networks.append(network)
+                logger.info("applied control LoRA %s x %s (%d Linears, %d norm scales replaced)", path, multiplier,
+                            len(network.loras), len(network.norms))
+            continue
+        if is_lycoris(keys):  # LoKr / LoHa / DoRA: applied by their own formulas
             network = LycorisFileNetwork(load_tensors(path), text_encoders, flux, multiplier, source=str(path))
             if merge:
                 _refuse_merge_into_gguf(path, flux)

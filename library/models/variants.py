@@ -1,14 +1,18 @@
 """The models of the FLUX.1 family this suite runs, and each one's defaults: one table read by inference, sample
 images and training, and the rule that names a loaded file's variant.
 
-Keys cannot tell dev, Krea and Kontext apart (same names and shapes), so a file's variant comes from
+Keys cannot tell dev, Krea and Kontext apart (same names and shapes), nor Canny from Depth (img_in takes 128
+features; canny is taken, with a log line, when nothing names the model), so a file's variant comes from
 `--model_type`, else from its ModelSpec metadata (`modelspec.architecture`), else from its keys (guidance
 embedder present: dev; absent: schnell). A `--model_type` that the keys contradict is refused.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
 
 AUTO = "flux"  # sd-scripts' --model_type default: a FLUX.1 transformer, dev or schnell told by its keys
 
@@ -26,6 +30,7 @@ class ModelVariant:
     t5_max_length: int  # T5-XXL tokens when --t5xxl_max_token_length is not given
     training_guidance: float | None  # --guidance_scale default in training; None: no guidance input to feed
     reference_images: bool = False  # takes reference images (Kontext)
+    control: str | None = None  # structural control map it takes (Canny/Depth: "canny", "depth"; --control_image)
     inpaint: bool = False  # repaints a picture: --image, --mask_image, --outpaint (library/cli/inpaint_options.py)
     t5_attn_mask: bool = False  # T5 padding always masked, as the model was trained (--apply_t5_attn_mask implied)
     in_channels: int = 64  # img_in's input features: 64 noisy features + the condition's (Fill 384, Canny/Depth 128,
@@ -54,6 +59,12 @@ VARIANTS: dict[str, ModelVariant] = {v.name: v for v in (
     ModelVariant("kontext", "flux-1-kontext-dev", "flux", steps=30, preview_steps=20, guidance=2.5, cfg_scale=1.0,
                  shift=True, t5_max_length=512, training_guidance=1.0, reference_images=True,
                  notes="instruction editing: reference images appended as tokens with index 1"),
+    ModelVariant("canny", "flux-1-canny-dev", "flux", steps=50, preview_steps=20, guidance=30.0, cfg_scale=1.0,
+                 shift=True, t5_max_length=512, training_guidance=30.0, control="canny", in_channels=128,
+                 notes="structural control: img_in takes 64 noisy + 64 control-latent features (Canny edges)"),
+    ModelVariant("depth", "flux-1-depth-dev", "flux", steps=50, preview_steps=20, guidance=10.0, cfg_scale=1.0,
+                 shift=True, t5_max_length=512, training_guidance=10.0, control="depth", in_channels=128,
+                 notes="structural control: img_in takes 64 noisy + 64 control-latent features (depth map)"),
     ModelVariant("fill", "flux-1-fill-dev", "flux", steps=50, preview_steps=20, guidance=30.0, cfg_scale=1.0,
                  shift=True, t5_max_length=512, training_guidance=30.0, inpaint=True, in_channels=384,
                  notes="inpainting/outpainting: img_in takes 64 noisy + 64 masked-image + 256 mask features"),
@@ -74,9 +85,16 @@ VARIANTS: dict[str, ModelVariant] = {v.name: v for v in (
                  notes="lodestones' Chroma: T5 only (no CLIP-L), modulation from the approximator, T5 mask required"),
 )}
 
+# keys that fit several rows of different models (not merely tuned copies): the first row is taken, and said so
+_KEY_DEFAULT_NOTES = {"canny": "img_in takes 128 features: FLUX.1 Canny or Depth, which keys cannot tell apart; "
+                               "taking canny (give --model_type depth, or a file whose modelspec.architecture is "
+                               "flux-1-depth-dev, for Depth)"}
+
 # ModelSpec architectures written by other tools for the same variants (lower case, without "/lora")
 _ARCHITECTURE_ALIASES = {"flux-1-kontext": "kontext", "flux.1-kontext-dev": "kontext", "flux-1-krea": "krea",
-                         "flux-1-dev-krea": "krea", "flex-2": "flex2", "flex.2-preview": "flex2"}
+                         "flux-1-dev-krea": "krea", "flux-1-canny": "canny", "flux.1-canny-dev": "canny",
+                         "flux-1-depth": "depth", "flux.1-depth-dev": "depth", "flex-2": "flex2",
+                         "flex.2-preview": "flex2"}
 
 
 def variant_from_metadata(metadata: dict[str, str]) -> ModelVariant | None:
@@ -108,6 +126,8 @@ def resolve_variant(model_type: str | None, *, has_guidance_input: bool, family:
             return named
         for variant in VARIANTS.values():
             if _fits(variant, family, has_guidance_input, in_channels):
+                if variant.name in _KEY_DEFAULT_NOTES:
+                    logger.info(f"{source}: {_KEY_DEFAULT_NOTES[variant.name]}")
                 return variant
         raise ValueError(f"{source}: no known model has these keys ({family} family, "
                          f"{'with' if has_guidance_input else 'without'} a guidance embedder, img_in taking "

@@ -373,7 +373,8 @@ def build_rig(s: PlanSettings, device: str = "meta") -> StepRig:
                                                    host_to_device_only=not s.profile.trains_transformer))
     settings = FlowMatchingSettings(timestep_sampling="shift", model_prediction_type="raw", guidance_scale=1.0)
     compute = s.weight_dtype
-    if not s.controlnet and s.params.in_channels > s.params.out_channels:  # Fill, Canny/Depth, Flex.2
+    # Fill, Canny/Depth, Flex.2, and dev under a control LoRA (the network widened its img_in): read from the model
+    if not s.controlnet and flux.params.in_channels > flux.params.out_channels:
         model = ExtraChannelsFlux(flux)  # condition features per token
         model_inputs = lambda batch: {"extra_channels": torch.zeros(  # noqa: E731
             batch.latents.shape[0], (s.height // 16) * (s.width // 16), model.extra_channels, device=device)}

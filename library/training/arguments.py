@@ -50,7 +50,8 @@ class TrainerCommandLine:
     ineffective: Mapping[str, str] = field(default_factory=dict)  # option -> why it does nothing in this trainer
     refused: Mapping[str, str] = field(default_factory=dict)  # option -> why it cannot work in this trainer
     fp8_base: bool = False  # the frozen transformer may be stored in fp8 (--fp8_base_unet implies --fp8_base)
-    model_types: tuple[str, ...] = ("flux", "dev", "krea", "schnell", "kontext", "chroma")  # --model_type it trains
+    # --model_type values it trains
+    model_types: tuple[str, ...] = ("flux", "dev", "krea", "schnell", "kontext", "canny", "depth", "chroma")
 
 
 class TrainingArgumentError(ValueError):

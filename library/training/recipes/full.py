@@ -24,6 +24,7 @@ from library.training.errors import TrainingError
 from library.training.loop import Trainer
 from library.training.recipes import command_lines
 from library.training.recipes.fill import FillHooks
+from library.training.recipes.canny_depth import ControlHooks
 from library.training.recipes.flex2 import Flex2Hooks
 from library.training.recipes.kontext import KontextHooks
 from library.training.settings import MemoryProfile
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 STATE_WEIGHTS = "transformer.safetensors"  # the trained weights inside a --save_state folder
 
 
-class FullTrainer(FillHooks, Flex2Hooks, KontextHooks, Trainer):
+class FullTrainer(FillHooks, Flex2Hooks, KontextHooks, ControlHooks, Trainer):
     """The trained transformer is never stored in fp8 (warn_ineffective says so); the text encoders are frozen."""
 
     tracker_name = "finetuning"
@@ -48,6 +49,7 @@ class FullTrainer(FillHooks, Flex2Hooks, KontextHooks, Trainer):
         return None if (args.full_bf16 or args.full_fp16) else torch.float32
 
     def build_trainable(self, models: TrainingModels) -> list[torch.nn.Module]:
+        self.use_control_variant(models)  # Canny/Depth runs (recipes/canny_depth.py): logs what the run feeds
         flux = models.flux
         flux.requires_grad_(True)
         for m in (models.clip_l, models.t5xxl, models.ae):

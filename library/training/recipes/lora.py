@@ -24,6 +24,7 @@ from library.training.loop import Trainer
 from library.training.optimizers import optimizer_metadata_text
 from library.training.recipes import command_lines
 from library.training.recipes.fill import FillHooks
+from library.training.recipes.canny_depth import ControlHooks
 from library.training.recipes.flex2 import Flex2Hooks
 from library.training.recipes.frozen_controlnet import FrozenControlNetHooks
 from library.training.recipes.kontext import KontextHooks
@@ -64,7 +65,7 @@ def datasets_info(group) -> list[dict]:
     return out
 
 
-class LoRATrainer(FillHooks, Flex2Hooks, KontextHooks, FrozenControlNetHooks, Trainer):
+class LoRATrainer(FillHooks, Flex2Hooks, KontextHooks, FrozenControlNetHooks, ControlHooks, Trainer):
     tracker_name = "network_train"
     command_line = command_lines.LORA
     memory_profile = MemoryProfile(name="network", trains_transformer=False, fp8_base=True)
@@ -77,6 +78,7 @@ class LoRATrainer(FillHooks, Flex2Hooks, KontextHooks, FrozenControlNetHooks, Tr
 
     def build_trainable(self, models: TrainingModels) -> list[torch.nn.Module]:
         args = self.args
+        self.use_control_variant(models)  # Canny/Depth runs (recipes/canny_depth.py)
         try:
             self.network_module = importlib.import_module(self.network_module_name)
         except ImportError as e:
