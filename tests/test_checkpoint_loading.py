@@ -54,7 +54,8 @@ def test_analysis_detects_schnell_sizes_and_dtypes(tmp_path):
     params = FLUX_PRESETS["tiny-schnell"]
     with torch.device("meta"):
         shapes = Flux(params).state_dict()
-    save_file_atomic({k: torch.zeros(v.shape, dtype=torch.bfloat16) for k, v in shapes.items()}, tmp_path / "s.safetensors")
+    save_file_atomic({k: torch.zeros(v.shape, dtype=torch.bfloat16) for k, v in shapes.items()},
+                     tmp_path / "s.safetensors")
     info = analyze_checkpoint(tmp_path / "s.safetensors")
     assert info.is_schnell and info.model_type == "schnell" and info.params == params and info.dtypes == {"BF16"}
     is_diffusers, is_schnell, blocks, files = flux_utils.analyze_checkpoint_state(tmp_path / "s.safetensors")

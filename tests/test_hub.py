@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from functools import partial
 
 import huggingface_hub
@@ -45,7 +46,10 @@ class FakeHub:
             def upload_file(self, path_or_fileobj, path_in_repo, repo_id, repo_type):
                 if path_in_repo.rsplit("/", 1)[-1] in hub.fail_files:
                     raise ConnectionError("network down")
-                data = path_or_fileobj.read() if hasattr(path_or_fileobj, "read") else open(path_or_fileobj, "rb").read()
+                if hasattr(path_or_fileobj, "read"):
+                    data = path_or_fileobj.read()
+                else:
+                    data = Path(path_or_fileobj).read_bytes()
                 hub.files[path_in_repo] = data
                 hub.calls.append(("upload_file", repo_id, path_in_repo))
 

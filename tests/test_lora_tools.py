@@ -184,8 +184,8 @@ def test_merge_loras_into_one_concat_exact_and_svd(tmp_path):
     save_lora(tmp_path / "b.safetensors", b, "diffusers")
     want = {n: 0.7 * a[n].delta() - 0.5 * (b[n].delta() if n in b else 0) for n in shapes}
     assert flux_merge_lora.main(["--save_to", str(tmp_path / "c.safetensors"), "--models",
-                                 str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--ratios", "0.7", "-0.5", "--concat",
-                                 "--shuffle"]) == 0
+                                 str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--ratios", "0.7",
+                                 "-0.5", "--concat", "--shuffle"]) == 0
     merged, meta, _ = load_lora(tmp_path / "c.safetensors")
     assert merged["lora_unet_single_blocks_1_linear2"].rank == 6
     assert max(float((merged[n].delta() - want[n]).abs().max()) for n in shapes) < 1e-6

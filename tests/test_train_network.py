@@ -172,9 +172,9 @@ def test_unimplemented_options_are_refused_not_ignored(setup, tmp_path, capsys):
 
 
 def test_validation_loss_tensorboard_and_fp8_base(setup, tmp_path):
-    trainer, code = run_trainer(train_args(setup, tmp_path, "--validation_split", "0.5", "--validate_every_n_steps", "2",
-                                           "--logging_dir", str(tmp_path / "logs"), "--fp8_base", "--mixed_precision", "bf16",
-                                           "--network_train_unet_only"))
+    trainer, code = run_trainer(train_args(setup, tmp_path, "--validation_split", "0.5",
+                                           "--validate_every_n_steps", "2", "--logging_dir", str(tmp_path / "logs"),
+                                           "--fp8_base", "--mixed_precision", "bf16", "--network_train_unet_only"))
     assert code == 0
     assert trainer.val_group is not None and len(trainer.val_group.items) == 1
     assert trainer.models.flux.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn

@@ -285,7 +285,8 @@ def test_missing_tracker_package_and_bad_tracker_config_fail_early(setup, tmp_pa
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
     assert cli.main(train_args(setup, tmp_path, "--log_with", "wandb")) == 2
     assert "wandb is not installed (pip install wandb)" in capsys.readouterr().err
 

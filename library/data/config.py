@@ -535,7 +535,8 @@ def _datasets_from_file(path: Path, ctx: _Context) -> list:
     general = _check_table(general, "general", "[general]", ctx)
     raw_datasets = data.get("datasets", [])
     if not isinstance(raw_datasets, list) or not all(isinstance(d, dict) for d in raw_datasets):
-        ctx.problems.add(ctx.source, f"'datasets' must be an array of tables ([[datasets]]), got {show_value(raw_datasets)}")
+        ctx.problems.add(ctx.source, "'datasets' must be an array of tables ([[datasets]]), "
+                                     f"got {show_value(raw_datasets)}")
         return []
     if not raw_datasets:
         ctx.problems.add(ctx.source, "no [[datasets]] table")

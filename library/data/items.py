@@ -92,15 +92,46 @@ class ImageItem:
         return [ReferenceItem(self, i) for i in range(len(self.reference_paths))]
 
 
+class _CompanionItem:
+    """An image the latent cache encodes for a target item (a reference, a control picture): it takes its target's
+    bucket, flip and interpolation, and is encoded with the posterior mean. Subclasses say which file, which size
+    and which subset folder its cache path is relative to."""
+
+    target: ImageItem
+    posterior = "mean"
+    alpha_mask = False
+    folder_key: str  # the subset key naming the folder of these images
+
+    @property
+    def bucket_reso(self) -> tuple[int, int]:
+        return self.target.bucket_reso
+
+    @property
+    def subset(self) -> SubsetConfig:
+        return self.target.subset
+
+    @property
+    def flip_aug(self) -> bool:
+        return self.target.flip_aug
+
+    @property
+    def resize_interpolation(self) -> str | None:
+        return self.target.resize_interpolation
+
+    @property
+    def relative_path(self) -> str:
+        root = Path(getattr(self.subset, self.folder_key)).resolve()
+        return Path(os.path.relpath(Path(self.absolute_path).resolve(), root)).as_posix()
+
+
 @dataclass(eq=False)
-class ReferenceItem:
+class ReferenceItem(_CompanionItem):
     """A reference image as the latent cache sees it: its own file and size, resized to cover its target's bucket
     and centre-cropped to it (flipped with it), encoded with the posterior mean (`posterior`)."""
 
     target: ImageItem
     index: int
-    posterior = "mean"
-    alpha_mask = False
+    folder_key = "reference_image_dir"
 
     @property
     def absolute_path(self) -> Path:
@@ -111,41 +142,19 @@ class ReferenceItem:
         return self.target.reference_sizes[self.index]
 
     @property
-    def bucket_reso(self) -> tuple[int, int]:
-        return self.target.bucket_reso
-
-    @property
     def resized_size(self) -> tuple[int, int]:
         return cover_size(self.image_size, self.bucket_reso)
 
-    @property
-    def subset(self) -> SubsetConfig:
-        return self.target.subset
-
-    @property
-    def flip_aug(self) -> bool:
-        return self.target.flip_aug
-
-    @property
-    def resize_interpolation(self) -> str | None:
-        return self.target.resize_interpolation
-
-    @property
-    def relative_path(self) -> str:
-        root = Path(self.subset.reference_image_dir).resolve()
-        return Path(os.path.relpath(self.absolute_path, root)).as_posix()
-
 
 @dataclass(eq=False)
-class ControlItem:
+class ControlItem(_CompanionItem):
     """A ControlNet-style conditioning image as the latent cache sees it when a recipe encodes it as a control input
     (Flex.2): its own file, through its target's geometry (scaled to the target's original size, then the target's
     resize and centre crop; flipped with it), encoded with the posterior mean. The provenance records its file's
     content hash with the target's sizes, so an edited control picture or a changed target is re-encoded."""
 
     target: ImageItem
-    posterior = "mean"
-    alpha_mask = False
+    folder_key = "conditioning_data_dir"
 
     @property
     def absolute_path(self) -> Path:
@@ -156,29 +165,8 @@ class ControlItem:
         return self.target.image_size
 
     @property
-    def bucket_reso(self) -> tuple[int, int]:
-        return self.target.bucket_reso
-
-    @property
     def resized_size(self) -> tuple[int, int]:
         return self.target.resized_size
-
-    @property
-    def subset(self) -> SubsetConfig:
-        return self.target.subset
-
-    @property
-    def flip_aug(self) -> bool:
-        return self.target.flip_aug
-
-    @property
-    def resize_interpolation(self) -> str | None:
-        return self.target.resize_interpolation
-
-    @property
-    def relative_path(self) -> str:
-        root = Path(self.subset.conditioning_data_dir).resolve()
-        return Path(os.path.relpath(Path(self.absolute_path).resolve(), root)).as_posix()
 
 
 @dataclass

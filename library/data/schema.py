@@ -118,7 +118,8 @@ def parse_range(value) -> tuple[float, float]:
             raise ValueError
         lo, hi = (float(p) for p in parts)
     except ValueError:
-        raise BadValue(f"must be exactly 2 numbers [low, high] (\"low,high\" on the command line), got {show_value(value)}")
+        raise BadValue("must be exactly 2 numbers [low, high] (\"low,high\" on the command line), "
+                       f"got {show_value(value)}")
     if lo > hi:
         raise BadValue(f"must be [low, high] with low <= high, got {show_value(value)}")
     return (lo, hi)

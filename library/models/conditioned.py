@@ -12,27 +12,20 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
+from library.models.transformer import FluxWrapper
+
 # features (B or 1, N, C_extra), or a function (timesteps (B,), img_ids (B, N, 3)) -> features, for conditions that
 # change during sampling (Flex.2's control stops after a fraction of the steps) or depend on the output size
 ExtraFeatures = Union[torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 
 
-class ExtraChannelsFlux(nn.Module):
+class ExtraChannelsFlux(FluxWrapper):
     """The transformer with condition features concatenated to each noisy token, with the transformer's call
     signature. Features come per call (`extra_channels`: training passes each batch's) or from `bind` (sampling)."""
 
     def __init__(self, flux: nn.Module):
-        super().__init__()
-        self.flux = flux
+        super().__init__(flux)
         self._bound: ExtraFeatures | None = None
-
-    @property
-    def params(self):
-        return self.flux.params
-
-    @property
-    def is_schnell(self) -> bool:
-        return self.flux.is_schnell
 
     @property
     def extra_channels(self) -> int:

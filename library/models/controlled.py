@@ -22,6 +22,8 @@ from typing import Callable, Sequence, Union
 import torch
 from torch import nn
 
+from library.models.transformer import FluxWrapper
+
 # the condition of one unit: a tensor, or a function (width, height) -> tensor for sampling at any size; sd-scripts'
 # ControlNets take (B, 3, H, W) pixels in [-1, 1], diffusers-layout ones (B, N, 64 or 68) packed latents
 Control = Union[torch.Tensor, Callable[[int, int], torch.Tensor]]
@@ -72,7 +74,7 @@ class ControlUnit:
         return getattr(self.controlnet, "residual_mapping", "repeat")
 
 
-class ControlledFlux(nn.Module):
+class ControlledFlux(FluxWrapper):
     """The transformer with ControlNet residuals added, with the transformer's call signature.
 
     `ControlledFlux(flux, controlnet, control, scale)` is one unit; `ControlledFlux(flux, units=[...])` several.
@@ -82,10 +84,9 @@ class ControlledFlux(nn.Module):
 
     def __init__(self, flux: nn.Module, controlnet: nn.Module | None = None, control: Control | None = None,
                  scale: float = 1.0, *, units: Sequence[ControlUnit] | None = None):
-        super().__init__()
+        super().__init__(flux)
         if (controlnet is None) == (units is None):
             raise ValueError("ControlledFlux: give one controlnet or a list of units")
-        self.flux = flux
         self.units = list(units) if units is not None else [ControlUnit(controlnet, control, scale)]
         # registered once each, so .to() / .eval() reach every ControlNet (a Union model used twice is one module)
         self.controlnets = nn.ModuleList(dict.fromkeys(u.controlnet for u in self.units))
@@ -100,14 +101,6 @@ class ControlledFlux(nn.Module):
     @property
     def scale(self) -> float:
         return self.units[0].scale
-
-    @property
-    def params(self):
-        return self.flux.params
-
-    @property
-    def is_schnell(self) -> bool:
-        return self.flux.is_schnell
 
     def bind_schedule(self, timesteps: Sequence[float] | None) -> "ControlledFlux":
         """The sampling schedule (N + 1 values from 1 to 0), so that start/end know which step a call is."""

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from library.models.packing import pack_latents, prepare_img_ids
+from library.models.transformer import FluxWrapper
 
 # BFL's preferred Kontext resolutions (width, height), ~1 MP each; list order breaks aspect-ratio ties
 PREFERRED_KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = (
@@ -61,23 +62,14 @@ def reference_tokens(latents: Sequence[torch.Tensor], layout: str = "overlap"
     return torch.cat(tokens, dim=1), torch.cat(ids, dim=1)
 
 
-class KontextFlux(nn.Module):
+class KontextFlux(FluxWrapper):
     """The transformer with reference tokens appended, with the transformer's call signature and output (target
     tokens only). References come per call (`reference_tokens` / `reference_ids`: training passes each batch's)
     or from `bind` (sampling: encoded once, identical at every step)."""
 
     def __init__(self, flux: nn.Module):
-        super().__init__()
-        self.flux = flux
+        super().__init__(flux)
         self._bound: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def params(self):
-        return self.flux.params
-
-    @property
-    def is_schnell(self) -> bool:
-        return self.flux.is_schnell
 
     def bind(self, tokens: torch.Tensor | None, ids: torch.Tensor | None = None) -> "KontextFlux":
         """Use these reference tokens and ids for calls that pass none (None unbinds: plain text-to-image)."""

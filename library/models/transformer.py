@@ -338,6 +338,23 @@ def _add_residual(img: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return img + r if n == img.shape[1] else torch.cat((img[:, :n] + r, img[:, n:]), dim=1)
 
 
+class FluxWrapper(nn.Module):
+    """A model with the transformer's call signature that adds a condition around `self.flux` (a ControlNet,
+    reference tokens, extra input channels); callers read the transformer's params through it."""
+
+    def __init__(self, flux: nn.Module):
+        super().__init__()
+        self.flux = flux
+
+    @property
+    def params(self):
+        return self.flux.params
+
+    @property
+    def is_schnell(self) -> bool:
+        return self.flux.is_schnell
+
+
 def params_with_overrides(preset: str | FluxParams, **overrides) -> FluxParams:
     base = FLUX_PRESETS[preset] if isinstance(preset, str) else preset
     return replace(base, **overrides)
