@@ -34,6 +34,18 @@ DTYPE_HELP = "bf16, fp16, fp32 or an fp8 type (fp8, fp8_e4m3fn, fp8_e5m2)"
 MODEL_TYPES = ["flux", "dev", "krea", "schnell", "kontext", "fill", "canny", "depth", "flex2", "chroma"]
 
 
+def aspect_ratio(value: str) -> float:
+    """`W:H` or a number (width / height) -> width / height."""
+    try:
+        w, _, h = value.partition(":")
+        ratio = float(w) / float(h) if h else float(w)
+    except (ValueError, ZeroDivisionError):
+        ratio = 0.0
+    if not 0.1 <= ratio <= 10:
+        raise argparse.ArgumentTypeError(f"expected W:H or a ratio between 0.1 and 10, got {value!r}")
+    return ratio
+
+
 def setup_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="FLUX.1 text-to-image inference (sd-scripts compatible arguments).")
     p.add_argument("--ckpt_path", required=True,
@@ -63,6 +75,9 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=positive_int, default=None,
                    help="image height, rounded up to a multiple of 16 (default: the first reference image's size "
                         "with Kontext, else 768)")
+    p.add_argument("--aspect_ratio", type=aspect_ratio, default=None, metavar="W:H",
+                   help="Kontext (BFL's option): a target of about 1 megapixel at this aspect ratio (e.g. 16:9 or "
+                        "1.5), instead of the reference's size; --width/--height win over it")
     p.add_argument("--reference_image", nargs="+", default=[], metavar="IMG",
                    help="Kontext: reference image(s) to edit or take from, in order (needs a Kontext model: "
                         "--model_type kontext or a file whose metadata says so)")
@@ -344,7 +359,7 @@ def run(args) -> int:
                                       args.bypass_guidance_embedding)
         if canvas is not None:  # Fill renders at its canvas's size
             return replace(s, width=canvas.size[0], height=canvas.size[1]), canvas.png_text()
-        width, height = target_size(s.width, s.height, refs)
+        width, height = target_size(s.width, s.height, refs, args.aspect_ratio)
         return replace(s, width=width, height=height), refs.png_text() if refs else {}
 
     def render(s: GenerationSettings) -> Path:

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import random
 import subprocess
 import sys
@@ -89,6 +91,17 @@ def test_target_size_rules():
     assert target_size(None, 416, Refs) == (624, 416)
     assert target_size(None, None) == DEFAULT_SIZE == (1360, 768)
     assert target_size(640, None) == (640, 768)
+    # BFL's aspect_ratio option: w = round(sqrt(A * r)), h = round(sqrt(A / r)) at A = 1024^2, floored to 16
+    assert target_size(None, None, Refs, aspect_ratio=16 / 9) == (1365 // 16 * 16, 768) == (1360, 768)
+    assert target_size(None, None, Refs, aspect_ratio=1.0) == (1024, 1024)
+    assert target_size(512, 384, Refs, aspect_ratio=1.0) == (512, 384)  # a given size wins
+
+
+def test_aspect_ratio_option_parses_ratios():
+    assert cli.aspect_ratio("16:9") == 16 / 9 and cli.aspect_ratio("1.5") == 1.5
+    for bad in ("0:1", "a:b", "100"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected W:H"):
+            cli.aspect_ratio(bad)
 
 
 def test_snapped_reference_pixels_equal_the_pipelines_preprocessing(tmp_path):

@@ -26,7 +26,8 @@ from PIL import Image
 from library.data.images import BadImageError, load_image
 from library.data.tensors import to_tensor
 from library.flow.generation import Placement
-from library.models.kontext import MULTI_REFERENCE_LAYOUTS, KontextFlux, reference_tokens, snap_to_preferred
+from library.models.kontext import (MULTI_REFERENCE_LAYOUTS, KontextFlux, reference_tokens, size_for_aspect,
+                                    snap_to_preferred)
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +117,15 @@ def bind_references(flux: torch.nn.Module, refs: References | None) -> KontextFl
     return model.bind(None) if refs is None else model.bind(refs.tokens, refs.ids)
 
 
-def target_size(width: int | None, height: int | None, refs: References | None = None) -> tuple[int, int]:
-    """The target's (width, height): as given; what is not given comes from the first reference (BFL: its encoded
-    size; one side given: the other keeps the reference's aspect ratio, rounded to 16), else 1360x768."""
+def target_size(width: int | None, height: int | None, refs: References | None = None,
+                aspect_ratio: float | None = None) -> tuple[int, int]:
+    """The target's (width, height): as given; else, with `aspect_ratio` (BFL's option), about 1 megapixel at that
+    width / height floored to 16; what is not given comes from the first reference (BFL: its encoded size; one side
+    given: the other keeps the reference's aspect ratio, rounded to 16), else 1360x768."""
     if width is not None and height is not None:
         return width, height
+    if aspect_ratio is not None and width is None and height is None:
+        return size_for_aspect(aspect_ratio)
     if refs is None:
         return width or DEFAULT_SIZE[0], height or DEFAULT_SIZE[1]
     ref_w, ref_h = refs.size
