@@ -227,3 +227,62 @@ def test_make_control_maps_writes_depth_maps_with_a_local_model(setup, tmp_path)
         assert np.array_equal(np.asarray(Image.open(path)), expected)
     with pytest.raises(ValueError, match="needs --depth_model"):
         make_control_maps(images, tmp_path / "d2", "depth")
+
+
+def copy_dataset(toml, dest):
+    """The demo dataset copied to `dest` (its toml pointing there): the cache files and edits stay in the copy."""
+    import shutil
+
+    shutil.copytree(toml.parent, dest)
+    text = toml.read_text().replace(str(toml.parent.resolve().as_posix()), str(dest.resolve().as_posix()))
+    (dest / "dataset.toml").write_text(text)
+    return dest / "dataset.toml"
+
+
+def test_cached_control_latents_train_as_live_encoding_and_follow_edits(setup, tmp_path, monkeypatch):
+    """--cache_latents_to_disk: each control map is a ControlItem of the latent cache (an npz beside it, as Flex.2's),
+    the LoRA trained from them equals the one trained with the maps encoded live (the recipe without control caching:
+    same pixels, same AE mean; equal up to fp32 rounding of the AE's batched convolutions), and an edited map is
+    encoded again on the next run."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from library.training.recipes.canny_depth import ControlHooks
+    from library.training.recipes.control_inputs import encode_mean
+
+    models, toml = setup
+    toml = copy_dataset(toml, tmp_path / "data")
+    extra = (*CONTROL_LORA, "--network_args", "control=depth", "--output_name", "c", "--cache_latents_to_disk")
+    trainer, code = train("network", models, toml, tmp_path / "cached", *extra)
+    assert code == 0
+    cached = sorted((tmp_path / "data" / "conditioning").glob("*_flux.npz"))
+    assert len(cached) == 2  # one per control map, beside it
+    batch = next(iter(trainer.loader))
+    assert batch.control_latents is not None and batch.conditioning_images is None
+    item = next(i for i in trainer.train_group.items if str(i.absolute_path) == batch.image_keys[0])
+    pixels = trainer.train_group.datasets[0].load_conditioning(item, flipped=False)
+    assert torch.allclose(batch.control_latents[0], encode_mean(trainer.models.ae, pixels[None])[0].cpu(), atol=1e-5)
+
+    kinds = ControlHooks.dataset_kinds
+    with monkeypatch.context() as m:  # the maps encoded live during training (the target latents cached as above)
+        m.setattr(ControlHooks, "dataset_kinds", lambda self: replace(kinds(self), control_latents=False))
+        live, code = train("network", models, toml, tmp_path / "live", *extra)
+    assert code == 0
+    batch = next(iter(live.loader))
+    assert batch.control_latents is None and batch.conditioning_images is not None
+    a, b = load_file(str(tmp_path / "cached" / "c.safetensors")), load_file(str(tmp_path / "live" / "c.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a), \
+        max(float((a[k] - b[k]).abs().max()) for k in a)
+
+    control = item.conditioning_path
+    Image.fromarray(255 - np.asarray(Image.open(control).convert("RGB"))).save(control)
+    before = {p: p.stat().st_mtime_ns for p in cached}
+    trainer, code = train("network", models, toml, tmp_path / "edited", *extra)
+    assert code == 0
+    changed = [p for p in cached if p.stat().st_mtime_ns != before[p]]
+    assert [p.name.split("_")[0] for p in changed] == [control.stem.split("_")[0]]
+    batch = next(b for b in trainer.loader if b.image_keys[0] == str(item.absolute_path))
+    pixels = trainer.train_group.datasets[0].load_conditioning(item, flipped=False)
+    assert torch.allclose(batch.control_latents[0], encode_mean(trainer.models.ae, pixels[None])[0].cpu(), atol=1e-5)

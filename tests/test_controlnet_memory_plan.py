@@ -23,7 +23,7 @@ SMALL = replace(FLUX_PRESETS["dev"], vec_in_dim=256, context_in_dim=256, hidden_
 
 
 def cpu_settings(**kw):
-    # the AE's weights (kept on the device by diffusers-layout ControlNets) are not part of the CPU step measured
+    # the AE's weights (kept on the device by inpainting ControlNets) are not part of the CPU step measured
     return PlanSettings(trainer="controlnet", model="test", params=SMALL, width=128, height=128, t5_tokens=64,
                         mixed_precision="no", target="cpu", optimizer_type="AdamW", ae_params=0, **kw)
 
@@ -42,9 +42,12 @@ def test_prediction_matches_a_real_cpu_step(kw):
     # the ControlNet is what trains: its float32 weights and two AdamW states
     assert plan.parts["optimizer_states"] == pytest.approx(2 * plan.parts["trainable_weights"], rel=0.01)
     assert plan.parts["text_encoders_and_ae"] == 0
-    # diffusers-layout ControlNets keep the AE on the device (the control images are encoded every step)
+    # with cached latents (their control latents too) only inpainting ControlNets keep the AE on the device (their
+    # masked targets are encoded every step); without, every ControlNet run keeps it
     ae = plan_memory(replace(s, ae_params=83_819_683)).parts["text_encoders_and_ae"]
-    assert ae == (83_819_683 * 4 if s.controlnet[0] == "diffusers" else 0)
+    assert ae == (83_819_683 * 4 if s.controlnet[:1] == ("diffusers",) and s.controlnet[4] == 68 else 0)
+    live = plan_memory(replace(s, ae_params=83_819_683, cache_latents=False)).parts["text_encoders_and_ae"]
+    assert live == 83_819_683 * 4
 
 
 def test_the_plan_follows_the_command_line(tmp_path):

@@ -164,3 +164,71 @@ def test_block_swapped_base_trains_the_same_controlnet(tmp_path):
     assert out["plain"].keys() == out["swapped"].keys()
     assert all(torch.equal(out["plain"][k], out["swapped"][k]) for k in out["plain"])
     assert out["plain"]["controlnet_x_embedder.weight"].any()
+
+
+def test_cached_condition_latents_train_as_live_encoding_and_follow_edits(setup, tmp_path, monkeypatch):
+    """--cache_latents_to_disk: each conditioning image is a ControlItem of the latent cache (an npz beside it, as
+    Flex.2's control pictures), the ControlNet trained from them equals the one trained with the conditions encoded
+    every step (the recipe without control caching: same pixels, same AE mean), and an edited conditioning image is
+    encoded again on the next run; a frozen diffusers ControlNet beside a LoRA reads them too."""
+    import shutil
+    from dataclasses import replace
+
+    from library.training.recipes.control_inputs import diffusers_latent_condition, encode_mean
+    from library.training.recipes.controlnet import ControlNetTrainer
+
+    models, toml = setup
+    data = tmp_path / "data"
+    shutil.copytree(toml.parent, data)
+    (data / "dataset.toml").write_text(toml.read_text().replace(str(toml.parent.resolve().as_posix()),
+                                                                str(data.resolve().as_posix())))
+    toml = data / "dataset.toml"
+    extra = ("--output_name", "d", "--controlnet_double_blocks", "1", "--controlnet_single_blocks", "0",
+             "--cache_latents_to_disk")
+    trainer, code = run_trainer(train_args((models, toml), tmp_path / "cached", *extra))
+    assert code == 0
+    cached = sorted((data / "conditioning").glob("*_flux.npz"))
+    assert len(cached) == 2  # one per conditioning image, beside it
+    batch = next(iter(trainer.loader))
+    assert batch.control_latents is not None and batch.conditioning_images is None
+    item = next(i for i in trainer.train_group.items if str(i.absolute_path) == batch.image_keys[0])
+    pixels = trainer.train_group.datasets[0].load_conditioning(item, flipped=False)
+    assert torch.allclose(batch.control_latents[0], encode_mean(trainer.models.ae, pixels[None])[0].cpu(), atol=1e-5)
+    assert trainer.models.ae.device == torch.device("cpu")  # not needed on the device to train
+
+    kinds = ControlNetTrainer.dataset_kinds
+    with monkeypatch.context() as m:  # the conditions encoded every step (the target latents cached as above)
+        m.setattr(ControlNetTrainer, "dataset_kinds", lambda self: replace(kinds(self), control_latents=False))
+        live, code = run_trainer(train_args((models, toml), tmp_path / "live", *extra))
+    assert code == 0
+    batch = next(iter(live.loader))
+    assert batch.control_latents is None and batch.conditioning_images is not None
+    a, b = load_file(str(tmp_path / "cached" / "d.safetensors")), load_file(str(tmp_path / "live" / "d.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+
+    control = item.conditioning_path
+    Image.fromarray(255 - np.asarray(Image.open(control).convert("RGB"))).save(control)
+    before = {p: p.stat().st_mtime_ns for p in cached}
+    trainer, code = run_trainer(train_args((models, toml), tmp_path / "edited", *extra))
+    assert code == 0
+    changed = [p for p in cached if p.stat().st_mtime_ns != before[p]]
+    assert [p.name.split("_")[0] for p in changed] == [control.stem.split("_")[0]]
+    batch = next(b for b in trainer.loader if b.image_keys[0] == str(item.absolute_path))
+    pixels = trainer.train_group.datasets[0].load_conditioning(item, flipped=False)
+    assert torch.allclose(batch.control_latents[0], encode_mean(trainer.models.ae, pixels[None])[0].cpu(), atol=1e-5)
+
+    # the saved file read back as a frozen ControlNet: cached conditions; an inpainting one's are not cacheable
+    assert diffusers_latent_condition(type("A", (), {"controlnet_model_name_or_path": str(tmp_path / "cached" /
+                                                                                           "d.safetensors")})())
+    assert not diffusers_latent_condition(type("A", (), {"controlnet_format": "diffusers",
+                                                         "controlnet_inpainting": True})())
+    assert not diffusers_latent_condition(type("A", (), {"controlnet_format": "sd-scripts"})())
+    lora, code = cli_runs.run_trainer("network", [*run_args(models, toml, tmp_path / "lora"), "--learning_rate",
+                                                  "1e-3", "--max_train_steps", "2", "--network_module",
+                                                  "networks.lora_flux", "--network_dim", "4", "--cache_latents",
+                                                  "--controlnet_model_name_or_path",
+                                                  str(tmp_path / "cached" / "d.safetensors")])
+    assert code == 0
+    batch = next(iter(lora.loader))
+    assert batch.control_latents is not None and batch.conditioning_images is None

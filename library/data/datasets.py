@@ -51,7 +51,7 @@ class FluxDataset(torch.utils.data.Dataset):
         self.undecodable: dict[Path, str] = {}  # files that failed to decode mid-run (this process), with reason
         self.max_train_steps = max_train_steps
         self.conditioning_as_mask = conditioning_as_mask
-        self.control_latents = control_latents  # conditioning images are AE-encoded control inputs (Flex.2)
+        self.control_latents = control_latents  # conditioning images are AE-encoded control inputs (control_inputs.py)
         self.tokenizer = self.latent_cache = self.te_cache = None  # see DatasetGroup.attach
         self.fill_inputs = False  # FLUX.1 Fill: samples also carry the picture and its mask (DatasetGroup.use_fill)
         self.fill_generator: str | None = None  # and draw masks for items without a mask file (fill_masks.py)

@@ -84,7 +84,8 @@ class ImageItem:
         return text_encoder_cache_caption(self.caption, self.caption_options)
 
     def control_item(self) -> "ControlItem":
-        """The conditioning image as a cache item of its own: a control input encoded by the AE (Flex.2)."""
+        """The conditioning image as a cache item of its own: a control input encoded by the AE (Flex.2, Canny/Depth,
+        diffusers-layout ControlNets)."""
         return ControlItem(self)
 
     def reference_items(self) -> list["ReferenceItem"]:
@@ -149,8 +150,9 @@ class ReferenceItem(_CompanionItem):
 @dataclass(eq=False)
 class ControlItem(_CompanionItem):
     """A ControlNet-style conditioning image as the latent cache sees it when a recipe encodes it as a control input
-    (Flex.2): its own file, through its target's geometry (scaled to the target's original size, then the target's
-    resize and centre crop; flipped with it), encoded with the posterior mean. The provenance records its file's
+    (Flex.2, Canny/Depth, diffusers-layout ControlNets): its own file, through its target's geometry (scaled to the
+    target's original size, then the target's resize and centre crop; flipped with it), encoded with the posterior
+    mean. The provenance records its file's
     content hash with the target's sizes, so an edited control picture or a changed target is re-encoded."""
 
     target: ImageItem

@@ -2,9 +2,11 @@
 build, trained beside the frozen transformer through `ControlledFlux`, with its condition as an input of the batch.
 
 The shape comes from the command line as the recipe decides it (`--controlnet_model_name_or_path`'s header, else
-`--controlnet_format` and the block options). diffusers-layout ControlNets read AE latents that the recipe encodes
-each step (not cached), so the AE stays on the device: its weights are counted (plan.py `_encoder_bytes`); the
-encode itself runs without gradients before the forward and is not counted.
+`--controlnet_format` and the block options). diffusers-layout ControlNets read AE latents of the conditioning
+images, cached with the target latents under --cache_latents (the AE then leaves the device); alimama-style
+inpainting ones (68 condition features) read the masked targets, encoded each step, so the AE stays on the device:
+its weights are counted (plan.py `_encoder_bytes`); the encode itself runs without gradients before the forward and
+is not counted.
 """
 
 from __future__ import annotations

@@ -248,7 +248,9 @@ def _encoder_bytes(s: PlanSettings) -> int:
     if not s.cache_text_encoder_outputs:
         t5_fp8 = s.fp8_base and s.profile.fp8_base
         total += int(s.t5xxl_params * ((1 + size / 37) if t5_fp8 else size)) + s.clip_l_params * size
-    if not s.cache_latents or s.controlnet[:1] == ("diffusers",):  # diffusers ControlNets encode every step
+    # cached latents free the AE (their control latents too: Flex.2, Canny/Depth, diffusers ControlNets), except for
+    # alimama-style inpainting ControlNets (68 condition features), whose masked targets are encoded every step
+    if not s.cache_latents or s.controlnet[:1] == ("diffusers",) and s.controlnet[4] == 68:
         total += s.ae_params * size
     return total
 
@@ -328,8 +330,8 @@ def plan_memory(s: PlanSettings, step: dict[str, int] | None = None) -> MemoryPl
         notes.append("--cpu_offload_checkpointing: the block inputs wait in CPU memory; one block's inputs on "
                      "the device while it runs (tens of MB at 1024x1024) are not counted")
     if parts["text_encoders_and_ae"]:
-        notes.append("text encoders / AE kept on the device (outputs not cached, or a diffusers ControlNet's control "
-                     "images): their weights are counted, their own forward passes are not")
+        notes.append("text encoders / AE kept on the device (outputs not cached, or an inpainting ControlNet's masked "
+                     "targets): their weights are counted, their own forward passes are not")
     if s.target == "cuda":
         moving = parts["gradients"] + parts["activations"] + parts["largest_transient"]
         parts["runtime_overhead"] = sum(RUNTIME_OVERHEAD.values()) + int(moving * ALLOCATOR_SLACK)

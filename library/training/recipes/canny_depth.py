@@ -9,8 +9,10 @@ trains a control model. Three runs share them:
 Data: ControlNet-style subsets (`conditioning_data_dir`): each image's control map, fitted to its bucket as the
 image is. Maps are files (tools/make_control_maps.py writes Canny or depth maps of a folder with the inference
 code, library/flow/canny_depth.py). The model: `ExtraChannelsFlux(transformer)` fed each batch's control latents, the
-AE posterior mean of its maps, packed (as inference encodes them), each distinct fitted map encoded once per run
-(kept in memory by its content; not on disk). Guidance: the control model's training guidance
+AE posterior mean of its maps, packed (as inference encodes them): with --cache_latents (--cache_latents_to_disk)
+the latent cache's control latents (each map a ControlItem, as Flex.2's: library/training/recipes/control_inputs.py
+`control_latents`; an edited map is re-encoded), else each distinct fitted map encoded once per run (kept in
+memory by its content; not on disk). Guidance: the control model's training guidance
 (30 Canny, 10 Depth) unless --guidance_scale is given. Sample images: a prompt's `--cn` image is its control map.
 """
 
@@ -25,9 +27,11 @@ from library.flow.canny_depth import ControlEncoder, ControlLatentCache, encode_
 from library.flow.generation import Placement
 from library.models.checkpoint import analyze_checkpoint
 from library.models.conditioned import ExtraChannelsFlux
+from library.models.packing import pack_latents, unpack_latents
 from library.models.variants import VARIANTS
 from library.training.arguments import parse_network_args
 from library.training.errors import TrainingError
+from library.training.recipes.control_inputs import control_latents
 from library.training.settings import DatasetKinds
 from library.training.setup import model_variant
 from networks.control_lora_flux import control_kind as network_control_kind
@@ -73,7 +77,9 @@ class ControlHooks:
 
     def dataset_kinds(self) -> DatasetKinds:
         kinds = super().dataset_kinds()
-        return replace(kinds, support_controlnet=True, conditioning_as_mask=False) if self.control else kinds
+        if not self.control:
+            return kinds
+        return replace(kinds, support_controlnet=True, conditioning_as_mask=False, control_latents=True)
 
     def use_control_variant(self, models) -> None:
         """A control LoRA on dev: the run takes Canny's or Depth's defaults (training guidance 30 / 10, previews,
@@ -93,18 +99,23 @@ class ControlHooks:
         inputs = super().model_inputs(batch)
         if not self.control:
             return inputs
-        if batch.conditioning_images is None:
+        if batch.conditioning_images is None and batch.control_latents is None:
             raise TrainingError(f"FLUX.1 {self.control} training needs each image's control map: give the subsets "
                                 "a conditioning_data_dir (tools/make_control_maps.py writes one)")
-        if self.models.ae is None:
+        if batch.control_latents is None and self.models.ae is None:
             raise TrainingError("control maps need the autoencoder, which was not kept")
-        # the AE visits the device for the encode when cached latents sent it to the CPU (train_setup.free_unneeded);
-        # each fitted map is encoded once (ControlLatentCache: in memory, keyed by the map's content)
+        # cached: the latent cache's control latents; live: the AE visits the device for the encode when cached
+        # latents sent it to the CPU (train_setup.free_unneeded), each fitted map encoded once (ControlLatentCache:
+        # in memory, keyed by the map's content)
         if getattr(self, "_control_latents", None) is None:
             self._control_latents = ControlLatentCache()
         placement = Placement(self.accelerator.device, offload=True)
-        return {**inputs, "extra_channels": self._control_latents(batch.conditioning_images, self.models.ae,
-                                                                    placement)}
+
+        def live(maps):
+            h, w = maps.shape[-2] // 16, maps.shape[-1] // 16
+            return unpack_latents(self._control_latents(maps, self.models.ae, placement), h, w)
+
+        return {**inputs, "extra_channels": pack_latents(control_latents(batch, self.accelerator.device, live))}
 
     def sampling_model(self, prompt) -> torch.nn.Module:
         """The prompt's `--cn` image as its control map, encoded as flux_minimal_inference.py encodes it (resized

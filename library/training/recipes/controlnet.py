@@ -6,7 +6,9 @@ and hands the loss, the sample images and the planner one model: `ControlledFlux
 each batch's conditioning images (`model_inputs`) or each sample prompt's `--cn` image (`sampling_model`). Data,
 caching, the loss step, saving and resuming are the shared ones.
 
-diffusers-layout ControlNets read the AE latents of each batch's conditioning images, encoded per step (not cached);
+diffusers-layout ControlNets read the AE latents of each batch's conditioning images: with --cache_latents the
+latent cache's control latents (as Flex.2's and Canny/Depth's: control_inputs.py `control_latents`), else encoded
+per step;
 Union models take each item's mode from its subset's `custom_attributes.control_mode`, else `--control_mode`;
 alimama-style inpainting ControlNets (`--controlnet_inpainting`) read the conditioning images as masks (white =
 generate) and encode each target with that area blacked out (library/flow/control.py `condition_latents`).
@@ -30,7 +32,8 @@ from library.models.diffusers_controlnet import (DiffusersControlNet, DiffusersC
 from library.training.errors import TrainingError
 from library.training.loop import Trainer
 from library.training.recipes import command_lines
-from library.training.recipes.control_inputs import batch_control_inputs, item_mode, sampling_controlled
+from library.training.recipes.control_inputs import (batch_control_inputs, diffusers_latent_condition, item_mode,
+                                                      sampling_controlled)
 from library.training.settings import DatasetKinds, MemoryProfile
 from library.training.setup import TrainingModels
 
@@ -47,7 +50,8 @@ class ControlNetTrainer(Trainer):
     memory_profile = MemoryProfile(name="controlnet", trains_transformer=False, fp8_base=False)
 
     def dataset_kinds(self) -> DatasetKinds:
-        return DatasetKinds(support_dreambooth=False, support_finetuning=False, support_controlnet=True)
+        return DatasetKinds(support_dreambooth=False, support_finetuning=False, support_controlnet=True,
+                            control_latents=diffusers_latent_condition(self.args))
 
     def build_trainable(self, models: TrainingModels) -> list[torch.nn.Module]:
         args, device = self.args, self.accelerator.device

@@ -30,6 +30,7 @@ from library.flow.flex2 import Flex2Inputs, bind_for_render
 from library.models.checkpoint import analyze_checkpoint
 from library.models.flex2 import Flex2Model, flex2_features
 from library.training.errors import TrainingError
+from library.training.recipes.control_inputs import control_latents, encode_mean
 from library.training.recipes.flex2_options import flex2_settings
 from library.training.samples import settings_for
 from library.training.settings import DatasetKinds
@@ -135,13 +136,6 @@ def training_condition(latents: torch.Tensor, control_latents: torch.Tensor | No
     return flex2_features(torch.stack([t.to(device) for t in inpaint]), torch.stack([t.to(device) for t in control]))
 
 
-@torch.no_grad()
-def encode_mean(ae, images: torch.Tensor) -> torch.Tensor:
-    """Pixels (B, 3, H, W) in [-1, 1] -> AE posterior means (B, 16, H/8, W/8) float32, on the AE's device."""
-    param = next(ae.parameters())
-    return torch.nan_to_num(ae.encode(images.to(param.device, param.dtype), sample=False), 0.0).float()
-
-
 class Flex2Hooks:
     """Mixin for a `Trainer` recipe (first in its bases): when the model is Flex.2 it answers the hooks above,
     otherwise it hands every hook to the recipe unchanged."""
@@ -190,9 +184,7 @@ class Flex2Hooks:
             latents = encode_mean(ae, batch.images).to(device)
         else:
             raise TrainingError("Flex.2 training needs cached latents or the autoencoder to encode the images")
-        control = batch.control_latents.to(device) if batch.control_latents is not None else None
-        if control is None and batch.conditioning_images is not None:
-            control = encode_mean(ae, batch.conditioning_images).to(device)
+        control = control_latents(batch, device, lambda pixels: encode_mean(ae, pixels))
         generator = step_generator(self.seed, self.global_step, batch.image_keys)
         features = training_condition(latents, control, generator, **self.flex2_chances)
         return {**inputs, "extra_channels": features}

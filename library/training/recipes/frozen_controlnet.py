@@ -6,7 +6,9 @@ Linears in fp8 with --fp8_base, as the transformer's); the
 subsets are ControlNet subsets whose conditioning images are its control input (`conditioning_data_dir`; masks
 for an inpainting ControlNet), Union modes come from `custom_attributes.control_mode` or `--control_mode`; the loss
 runs through `ControlledFlux(transformer + LoRA, ControlNet)` at `--controlnet_scale`, and sample prompts with
-`--cn` render through it too. The LoRA learns the base's part of what the ControlNet pairs should look like.
+`--cn` render through it too. A diffusers-layout ControlNet's condition latents are cached with --cache_latents
+(control_inputs.py `control_latents`), except an inpainting one's. The LoRA learns the base's part of what the
+ControlNet pairs should look like.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from library.memory.fp8 import prepare_fp8
 from library.models.controlled import ControlledFlux, ControlUnit
 from library.models.controlnet_files import load_any_controlnet
 from library.training.errors import TrainingError
-from library.training.recipes.control_inputs import batch_control_inputs, num_modes, sampling_controlled
+from library.training.recipes.control_inputs import (batch_control_inputs, diffusers_latent_condition, num_modes,
+                                                      sampling_controlled)
 from library.training.settings import DatasetKinds
 
 logger = logging.getLogger(__name__)
@@ -37,7 +40,8 @@ class FrozenControlNetHooks:
     def dataset_kinds(self) -> DatasetKinds:
         if not self._with_controlnet:
             return super().dataset_kinds()
-        return DatasetKinds(support_dreambooth=False, support_finetuning=False, support_controlnet=True)
+        return DatasetKinds(support_dreambooth=False, support_finetuning=False, support_controlnet=True,
+                            control_latents=diffusers_latent_condition(self.args))
 
     def _controlnet(self) -> torch.nn.Module | None:
         """The frozen ControlNet, loaded on first use (the loop asks for the denoiser once the models are loaded)."""
