@@ -61,11 +61,12 @@ def run(args) -> int:
                 len(errs), len(result.unchanged), sum(errs) / len(errs), max(errs))
     metadata = None
     if not args.no_metadata:
-        metadata = {"ss_v2": "False", "ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux",
+        base_version = "chroma" if result.variant.family == "chroma" else "flux1"  # sd-scripts' two values
+        metadata = {"ss_v2": "False", "ss_base_model_version": base_version, "ss_network_module": "networks.lora_flux",
                     "ss_network_dim": str(args.dim), "ss_network_alpha": str(float(args.dim)),
                     "ss_network_args": "{}",
                     "modelspec.sai_model_spec": "1.0.1",
-                    "modelspec.architecture": f"flux-1-{'schnell' if result.is_schnell else 'dev'}/lora",
+                    "modelspec.architecture": result.variant.modelspec_architecture(lora=True),
                     "modelspec.title": Path(args.save_to).stem}
     save_lora(args.save_to, result.modules, args.format, metadata, str_to_dtype(args.save_precision),
               hashes=metadata is not None)

@@ -228,3 +228,21 @@ def test_readme_chroma_command_lines_parse_and_verify():
     args = verify_training_args(flux_train_network.setup_parser().parse_args(commands[1][3:]),
                                 flux_train_network.COMMAND_LINE)
     assert args.model_type == "chroma" and args.clip_l is None and args.guidance_scale is None
+
+
+def test_a_lora_extracted_from_chroma_says_chroma(chroma, tmp_path):
+    """flux_extract_lora.py names the base's variant in the metadata, as the trainer does (sd-scripts' values)."""
+    from library.formats.safetensors_io import load_tensors, save_file_atomic
+    from networks import flux_extract_lora
+
+    models, _ = chroma
+    tuned = load_tensors(models["flux"])
+    key = next(k for k in tuned if k.startswith("double_blocks.0.") and k.endswith("qkv.weight"))
+    tuned[key] = tuned[key] + 0.05 * torch.randn_like(tuned[key])
+    save_file_atomic(tuned, tmp_path / "tuned.safetensors")
+    out = tmp_path / "extracted.safetensors"
+    assert flux_extract_lora.main(["--model_org", str(models["flux"]), "--model_tuned",
+                                   str(tmp_path / "tuned.safetensors"), "--save_to", str(out), "--dim", "2"]) == 0
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.architecture"] == "chroma/lora" and meta["ss_base_model_version"] == "chroma"

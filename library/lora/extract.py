@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from library.models.checkpoint_stream import Readers, transformer_entries
+from library.models.variants import ModelVariant, resolve_variant
 from library.formats.lora_formats import UNET, LoRAWeights
 from library.lora.merge import lora_name_for_weight, svd_factor
 
@@ -23,7 +24,11 @@ class ExtractResult:
     modules: dict[str, LoRAWeights]
     errors: dict[str, float]  # relative reconstruction error per extracted module
     unchanged: list[str]  # block Linears whose weight is identical in both files (no module written)
-    is_schnell: bool
+    variant: ModelVariant  # the base model's, as its keys and metadata name it (what the saved metadata says)
+
+    @property
+    def is_schnell(self) -> bool:
+        return self.variant.name == "schnell"
 
 
 def extractable(key: str) -> bool:
@@ -54,4 +59,6 @@ def extract_lora(model_org: str | Path, model_tuned: str | Path, dim: int = 4, c
             modules[name], errors[name] = svd_factor(delta, dim, clamp_quantile, device)
     finally:
         readers.close()
-    return ExtractResult(modules, errors, unchanged, info.is_schnell)
+    variant = resolve_variant(None, has_guidance_input=info.params.guidance_embed, family=info.family,
+                              in_channels=info.params.in_channels, metadata=info.metadata, source=str(model_org))
+    return ExtractResult(modules, errors, unchanged, variant)
