@@ -48,6 +48,27 @@ def _hint_encoder() -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def controlnet_residuals(net: nn.Module, img, txt, img_ids, txt_ids, vec, txt_attention_mask,
+                         double_projections, single_projections) -> tuple[list, list]:
+    """A ControlNet's blocks on embedded tokens, shared by both file layouts: each double block's image output and
+    each single block's image part, through its zero-initialised projection. `net` has the transformer's
+    `params`, `double_blocks` and `single_blocks`."""
+    n_txt = txt.shape[1]
+    pe = position_embedding(torch.cat((txt_ids, img_ids), dim=1), net.params.axes_dim, net.params.theta)
+    mask = joint_attention_mask(txt_attention_mask, img.shape[1])
+    double = []
+    for block in net.double_blocks:
+        img, txt = block(img, txt, vec, pe, mask)
+        double.append(img)
+    single = []
+    x = torch.cat((txt, img), dim=1)
+    for block in net.single_blocks:
+        x = block(x, vec, pe, mask)
+        single.append(x[:, n_txt:])
+    return ([proj(s) for proj, s in zip(double_projections, double)],
+            [proj(s) for proj, s in zip(single_projections, single)])
+
+
 class ControlNetFlux(nn.Module):
     """The ControlNet: forward returns (double-block residuals, single-block residuals), each (B, N_img, hidden)."""
 
@@ -83,7 +104,6 @@ class ControlNetFlux(nn.Module):
                 txt_attention_mask=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """img (B, N, 64) packed noisy latents, controlnet_cond (B, 3, 16h, 16w) in [-1, 1] for an h x w token grid;
         the other inputs as for `Flux.forward`."""
-        n_txt = txt.shape[1]
         hint = self.input_hint_block(controlnet_cond.to(img.dtype))
         if hint.shape[-2] * hint.shape[-1] // 4 != img.shape[1]:
             raise ValueError(f"control image {tuple(controlnet_cond.shape[-2:])} does not match the {img.shape[1]} "
@@ -91,19 +111,9 @@ class ControlNetFlux(nn.Module):
         vec = self.conditioning_vector(timesteps, y, guidance, dtype=img.dtype)
         img = self.img_in(img) + self.pos_embed_input(pack_latents(hint))
         txt = self.txt_in(txt)
-        pe = position_embedding(torch.cat((txt_ids, img_ids), dim=1), self.params.axes_dim, self.params.theta)
-        mask = joint_attention_mask(txt_attention_mask, img.shape[1])
-        double = []
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, pe, mask)
-            double.append(img)
-        single = []
-        x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:  # image part of each single block (sd-scripts never trains these)
-            x = block(x, vec, pe, mask)
-            single.append(x[:, n_txt:])
-        return ([proj(s) for proj, s in zip(self.controlnet_blocks, double)],
-                [proj(s) for proj, s in zip(self.controlnet_blocks_for_single, single)])
+        # the image part of each single block (sd-scripts never trains these)
+        return controlnet_residuals(self, img, txt, img_ids, txt_ids, vec, txt_attention_mask,
+                                    self.controlnet_blocks, self.controlnet_blocks_for_single)
 
 
 def controlnet_from_transformer(flux: Flux, controlnet_depth: int = CONTROLNET_DEPTH,

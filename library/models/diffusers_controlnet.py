@@ -29,7 +29,7 @@ from torch import nn
 from library.formats.atomic_io import atomic_write
 from library.formats.diffusers_keys import UnknownKeysError, bfl_to_diffusers, diffusers_to_bfl
 from library.formats.safetensors_io import ModelFileError, assign_weights, read_header, TensorReader
-from library.models.flux_math import joint_attention_mask, position_embedding
+from library.models.controlnet import controlnet_residuals
 from library.models.transformer import DoubleStreamBlock, Flux, FluxParams, SingleStreamBlock, add_input_layers
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -113,20 +113,8 @@ class DiffusersControlNet(nn.Module):
                 txt_attention_mask = torch.cat((torch.ones_like(txt_attention_mask[:, :1]), txt_attention_mask), 1)
         elif mode is not None:
             raise ValueError("a control mode was given, but this ControlNet has no mode embedder (not a Union model)")
-        n_txt = txt.shape[1]
-        pe = position_embedding(torch.cat((txt_ids, img_ids), dim=1), self.params.axes_dim, self.params.theta)
-        mask = joint_attention_mask(txt_attention_mask, img.shape[1])
-        double = []
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, pe, mask)
-            double.append(img)
-        single = []
-        x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
-            x = block(x, vec, pe, mask)
-            single.append(x[:, n_txt:])
-        return ([proj(s) for proj, s in zip(self.controlnet_blocks, double)],
-                [proj(s) for proj, s in zip(self.controlnet_single_blocks, single)])
+        return controlnet_residuals(self, img, txt, img_ids, txt_ids, vec, txt_attention_mask,
+                                    self.controlnet_blocks, self.controlnet_single_blocks)
 
 
 def diffusers_controlnet_from_transformer(flux: Flux, shape: DiffusersControlNetShape,
