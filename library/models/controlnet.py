@@ -133,9 +133,20 @@ def controlnet_from_transformer(flux: Flux, controlnet_depth: int = CONTROLNET_D
     return cn.to(device or flux.device, dtype)
 
 
-def _count(keys, name: str) -> int:
+def count_blocks(keys, name: str) -> int:
+    """How many `name.<i>.` blocks the keys hold (the highest index + 1)."""
     idx = {int(m.group(1)) for k in keys if (m := re.match(rf"{name}\.(\d+)\.", k))}
     return max(idx) + 1 if idx else 0
+
+
+def block_depths(path, keys, blocks: tuple[str, str], projections: tuple[str, str]) -> tuple[int, int]:
+    """(double, single) block counts of a ControlNet file, checked against its output projections (both layouts)."""
+    depth, single = (count_blocks(keys, name) for name in blocks)
+    have = tuple(count_blocks(keys, name) for name in projections)
+    if have != (depth, single):
+        raise ModelFileError(f"{path}: {depth} double / {single} single blocks but {have[0]} / {have[1]} output "
+                             "projections; the file is incomplete")
+    return depth, single
 
 
 def controlnet_params(path: str | Path, base: FluxParams) -> tuple[FluxParams, int, int]:
@@ -154,11 +165,8 @@ def controlnet_params(path: str | Path, base: FluxParams) -> tuple[FluxParams, i
     if width != base.hidden_size:
         raise ModelFileError(f"{path}: ControlNet width {width} does not match the transformer's hidden size "
                              f"{base.hidden_size}: it was trained for another model")
-    depth, single = _count(keys, "double_blocks"), _count(keys, "single_blocks")
-    if _count(keys, "controlnet_blocks") != depth or _count(keys, "controlnet_blocks_for_single") != single:
-        raise ModelFileError(f"{path}: {depth} double / {single} single blocks but "
-                             f"{_count(keys, 'controlnet_blocks')} / {_count(keys, 'controlnet_blocks_for_single')} "
-                             "output projections; the file is incomplete")
+    depth, single = block_depths(path, keys, ("double_blocks", "single_blocks"),
+                                 ("controlnet_blocks", "controlnet_blocks_for_single"))
     from dataclasses import replace
 
     return replace(base, guidance_embed="guidance_in.in_layer.weight" in header.tensors), depth, single

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from torch import nn
 from library.formats.atomic_io import atomic_write
 from library.formats.diffusers_keys import UnknownKeysError, bfl_to_diffusers, diffusers_to_bfl
 from library.formats.safetensors_io import ModelFileError, assign_weights, read_header, TensorReader
-from library.models.controlnet import controlnet_residuals
+from library.models.controlnet import block_depths, controlnet_residuals
 from library.models.transformer import DoubleStreamBlock, Flux, FluxParams, SingleStreamBlock, add_input_layers
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -155,11 +154,6 @@ def is_diffusers_controlnet(keys) -> bool:
     return "controlnet_blocks.0.weight" in keys and "transformer_blocks.0.attn.to_q.weight" in keys
 
 
-def _count(keys, name: str) -> int:
-    idx = {int(m.group(1)) for k in keys if (m := re.match(rf"{name}\.(\d+)\.", k))}
-    return max(idx) + 1 if idx else 0
-
-
 def diffusers_controlnet_shape(path: str | os.PathLike, base: FluxParams) -> DiffusersControlNetShape:
     """The file's shape from its header (flux-family.md 1.5 step 2), checked against the base transformer."""
     header = read_header(weights_file(path))
@@ -179,11 +173,8 @@ def diffusers_controlnet_shape(path: str | os.PathLike, base: FluxParams) -> Dif
     if context != base.context_in_dim:
         raise ModelFileError(f"{path}: context_embedder takes {context} text features, the transformer "
                              f"{base.context_in_dim}")
-    depth, single = _count(keys, "transformer_blocks"), _count(keys, "single_transformer_blocks")
-    if _count(keys, "controlnet_blocks") != depth or _count(keys, "controlnet_single_blocks") != single:
-        raise ModelFileError(f"{path}: {depth} double / {single} single blocks but {_count(keys, 'controlnet_blocks')}"
-                             f" / {_count(keys, 'controlnet_single_blocks')} output projections; the file is "
-                             "incomplete")
+    depth, single = block_depths(path, keys, ("transformer_blocks", "single_transformer_blocks"),
+                                 ("controlnet_blocks", "controlnet_single_blocks"))
     mode = t.get("controlnet_mode_embedder.weight")
     return DiffusersControlNetShape(
         depth, single, num_mode=mode.shape[0] if mode is not None else None,
