@@ -1,8 +1,8 @@
-"""library/training/grad_sync.py: bucketed gradient averaging maps every reduced value back to its own gradient."""
+"""library.distributed.grad_sync.py: bucketed gradient averaging maps every reduced value back to its own gradient."""
 
 import torch
 
-from library.training.grad_sync import average_gradients
+from library.distributed.grad_sync import average_gradients
 
 
 def test_buckets_by_size_and_dtype_and_map_results_back():
@@ -30,7 +30,7 @@ def test_buckets_by_size_and_dtype_and_map_results_back():
 
 
 def test_process_mean_reduces_on_the_accelerator_and_returns_home():
-    from library.training.grad_sync import process_mean
+    from library.distributed.grad_sync import process_mean
 
     calls = []
 

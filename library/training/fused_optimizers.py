@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from library.training.grad_sync import average_gradients, process_mean
+from library.distributed.grad_sync import average_gradients, process_mean
 from library.training.lr_schedulers import get_scheduler
 from library.training.optimizers import get_optimizer
 
@@ -201,11 +201,13 @@ class SchedulerGroup:
 
 
 def prepare_optimizer(args, accelerator, groups: list, named_params: list[tuple[str, torch.nn.Parameter]],
-                      max_train_steps: int | None = None):
+                      max_train_steps: int | None = None, prepare=None):
     """(optimizer_name, optimizer_args_text, optimizer, scheduler, fused) for the training loop, prepared by
     accelerate. `fused` is the hook object of a fused mode (None otherwise); `named_params` are the trainable
     parameters with their names in the model (for the blockwise grouping); `max_train_steps` the run's resolved
-    length (default --max_train_steps)."""
+    length (default --max_train_steps); `prepare(optimizer, scheduler)` the distributed engine's preparation
+    (default accelerator.prepare)."""
+    prepare = prepare or accelerator.prepare
     # only flux_train.py and flux_train_control_net.py have the full-training options; the LoRA trainer's parser
     # also has --fused_backward_pass (sd-scripts' shared optimizer group), warned about as having no effect there
     full_options = hasattr(args, "blockwise_fused_optimizers")
@@ -227,7 +229,7 @@ def prepare_optimizer(args, accelerator, groups: list, named_params: list[tuple[
                         log.setLevel(logging.ERROR)
                 name, text, optimizer = get_optimizer(args, [{"params": params}])
                 scheduler = get_scheduler(args, optimizer, accelerator.num_processes, max_train_steps)
-                optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+                optimizer, scheduler = prepare(optimizer, scheduler)
                 optimizers.append(optimizer)
                 schedulers.append(scheduler)
         finally:
@@ -240,7 +242,7 @@ def prepare_optimizer(args, accelerator, groups: list, named_params: list[tuple[
         return name, text, fused, SchedulerGroup(schedulers), fused
     name, text, optimizer = get_optimizer(args, groups)
     scheduler = get_scheduler(args, optimizer, accelerator.num_processes, max_train_steps)
-    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    optimizer, scheduler = prepare(optimizer, scheduler)
     fused = None
     if fused_backward:
         fused = FusedBackward(optimizer, [p for _, p in named_params], settings)

@@ -22,6 +22,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
+from library.distributed.engine import EngineError, accelerator_kwargs, engine_kind, make_engine
 from library.formats.atomic_io import atomic_write, remove_stale_temporaries
 from library.formats.metadata import checkpoint_filename, files_to_remove_for_save_last_n, is_epoch_save, state_dirname
 from library.formats.safetensors_io import load_tensors, sample_keys, save_file_atomic
@@ -29,7 +30,6 @@ from library.training import setup as train_setup
 from library.training.arguments import TrainerCommandLine
 from library.training.errors import TrainingError
 from library.training.fused_optimizers import prepare_optimizer
-from library.training.grad_sync import average_gradients, process_mean
 from library.training.hub import HubError, HubUploader, download_state
 from library.training.outputs import check_output_paths, reason, write_or_rescue
 from library.training.settings import DatasetKinds, MemoryProfile, RunSettings, StepBudget
@@ -108,7 +108,7 @@ class Trainer:
     def save_state_weights(self, folder: Path) -> None:
         """Write the trainable weights into a state folder (main process only)."""
         tensors = {f"{i}.{k}": v.detach().to("cpu").clone()
-                   for i, m in enumerate(self.trainable_modules) for k, v in m.state_dict().items()}
+                   for i, m in enumerate(self.trainable_modules) for k, v in self.engine.state_dict(m).items()}
         save_file_atomic(tensors, folder / STATE_TRAINABLE)
 
     @torch.no_grad()
@@ -182,7 +182,19 @@ class Trainer:
             self.trackers, tracker_kwargs = resolve_trackers(args)
         except TrackerError as e:
             raise TrainingError(str(e)) from None
-        self.accelerator = train_setup.make_accelerator(args, self.trackers)
+        kind = engine_kind(args)
+        try:
+            engine_kwargs = accelerator_kwargs(kind, args)
+        except EngineError as e:
+            raise TrainingError(str(e)) from None
+        self.accelerator = train_setup.make_accelerator(args, self.trackers, engine_kwargs)
+        swaps_or_fuses = bool(self.settings.blocks_to_swap or getattr(args, "fused_backward_pass", False)
+                              or getattr(args, "blockwise_fused_optimizers", False))
+        self.engine = make_engine(kind, self.accelerator, args, swaps_or_fuses)
+        try:
+            self.engine.check(self)
+        except EngineError as e:
+            raise TrainingError(str(e)) from None
         if self.accelerator.is_main_process:  # leftovers of a run killed mid-save (only the main process saves)
             for folder in (args.output_dir, args.resume):  # checkpoints, samples/, state folders
                 if folder:
@@ -196,6 +208,7 @@ class Trainer:
         self.models = train_setup.load_models(args, self.settings, self.accelerator, self.transformer_dtype(),
                                               quantized_base_allowed=self.command_line.fp8_base)
         self.trainable_modules = self.build_trainable(self.models)
+        self.engine.shard(self)
         self.hub = HubUploader.from_args(args) if self.accelerator.is_main_process else None
         self.block_swappers = train_setup.enable_block_swap(args, self.settings.blocks_to_swap, self.models,
                                                             self.accelerator)
@@ -212,9 +225,11 @@ class Trainer:
             raise TrainingError("nothing to train: every parameter group has a learning rate of 0 (check "
                                 "--learning_rate, --unet_lr, --text_encoder_lr and the network's lr arguments)")
         self.trainable_params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+        self.trained_model = self.engine.attach(self)  # what the loss calls: the denoiser, or the engine's wrapper
         self.make_optimizer(groups)
+        logger.info("distributed engine: %s", self.engine.describe())
         acc.register_for_checkpointing(*self.checkpointed_modules())
-        self.loss_fn = train_setup.make_loss_computer(args, self.models, acc, self.denoiser(), self.model_inputs,
+        self.loss_fn = train_setup.make_loss_computer(args, self.models, acc, self.trained_model, self.model_inputs,
                                                       self.reference_model, self.trains_text_encoder)
         self.loader = train_setup.make_loader(args, self.seed, self.train_group, self.sampler)
         self._resume()
@@ -232,7 +247,8 @@ class Trainer:
         ids = {id(p) for p in self.trainable_params}
         named = [(n, p) for m in self.trainable_modules for n, p in m.named_parameters() if id(p) in ids]
         self.optimizer_name, self.optimizer_text, self.optimizer, self.lr_scheduler, self.fused_optimizer = \
-            prepare_optimizer(self.args, self.accelerator, groups, named, self.budget.max_train_steps)
+            prepare_optimizer(self.args, self.accelerator, groups, named, self.budget.max_train_steps,
+                              prepare=self.engine.prepare)
 
     # --- the loop -------------------------------------------------------------------------------------------------
 
@@ -261,7 +277,7 @@ class Trainer:
             skipped_before = len(self.skipped_images)
             for batch in self.loader:
                 self._note_skipped(batch.skipped_images)
-                with acc.accumulate(*self.trainable_modules), acc.autocast():
+                with self.engine.accumulate(self), acc.autocast():
                     loss = self.loss_fn(batch)
                     if not torch.isfinite(loss):
                         raise TrainingError(
@@ -335,11 +351,9 @@ class Trainer:
             self.models.flux.train(training)  # checkpointing runs in training mode only
 
     def _sync_and_clip(self) -> None:
-        acc = self.accelerator
-        if acc.num_processes > 1:  # the trainable weights live outside any DDP wrapper: average by hand
-            average_gradients(self.trainable_params, process_mean(acc))
+        self.engine.before_step(self.trainable_params)  # gradients complete and averaged on every process
         if self.args.max_grad_norm:
-            acc.clip_grad_norm_(self.trainable_params, self.args.max_grad_norm)
+            self.engine.clip_grad_norm_(self.trainable_params, self.args.max_grad_norm)
 
     def _lrs(self) -> dict[str, float]:
         return {f"lr/{d}": lr for d, lr in zip(self.lr_descriptions, self.lr_scheduler.get_last_lr())}
@@ -397,8 +411,9 @@ class Trainer:
         acc.wait_for_everyone()
         path = self._checkpoint_path(epoch=epoch, step=step)
         rescued: list[str] = []
-        if acc.is_main_process:
-            self._save_weights(path, self.epoch, self.global_step, False, rescued)
+        with self.engine.full_weights(self.trainable_modules):  # every process takes part in a sharded gather
+            if acc.is_main_process:
+                self._save_weights(path, self.epoch, self.global_step, False, rescued)
         if args.save_state:
             self._save_state(self._state_dir(epoch=epoch, step=step), rescued)
         self._stop_if_rescued(rescued)
@@ -440,9 +455,12 @@ class Trainer:
 
     def _write_state(self, folder: Path) -> None:
         acc = self.accelerator
-        acc.save_state(str(folder))
+        self.engine.save_state(folder)
+        if self.engine.keeps_trainable_in_state():
+            with self.engine.full_weights(self.trainable_modules):
+                if acc.is_main_process:
+                    self.save_state_weights(folder)
         if acc.is_main_process:
-            self.save_state_weights(folder)
             position = {"current_epoch": self.epoch, "current_step": self.global_step, "seed": self.seed}
             atomic_write(folder / "train_state.json", lambda tmp: Path(tmp).write_text(json.dumps(position)))
 
@@ -469,12 +487,13 @@ class Trainer:
                     raise TrainingError(str(e)) from None
             resumed = self._verify_state(folder)
             try:
-                self.accelerator.load_state(str(folder))
+                self.engine.load_state(folder)
             except (ValueError, RuntimeError, KeyError, OSError) as e:
                 raise TrainingError(f"--resume {folder}: the optimizer or scheduler state does not fit this run "
                                     f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); resume with the "
                                     "--optimizer_type, --lr_scheduler and options of the run that saved it") from None
-            self.load_state_weights(folder)
+            if self.engine.keeps_trainable_in_state():
+                self.load_state_weights(folder)
         initial, initial_epoch = getattr(args, "initial_step", None), getattr(args, "initial_epoch", None)
         if initial is None and initial_epoch is not None:
             initial = (initial_epoch - 1) * self.budget.steps_per_epoch
@@ -501,9 +520,7 @@ class Trainer:
         """Check a --resume state folder before anything is loaded from it (library/training/state_check.py);
         returns its step."""
         acc = self.accelerator
-        archives = [f"optimizer{f'_{i}' if i else ''}.bin" for i in range(len(acc._optimizers))]
-        archives += [f"scheduler{f'_{i}' if i else ''}.bin" for i in range(len(acc._schedulers))]
-        archives += ["scaler.pt"] if acc.scaler is not None else []
+        archives = self.engine.state_archives()
         name, expected = self.state_weight_shapes()
         return verify_state(folder, name, expected, self.state_mismatch, archives,
                             folder / f"random_states_{acc.process_index}.pkl",
@@ -522,6 +539,7 @@ class Trainer:
         rescued: list[str] = []
         if args.save_state or getattr(args, "save_state_on_train_end", False):
             self._save_state(self._state_dir(), rescued)
-        if acc.is_main_process:
-            self._save_weights(self._checkpoint_path(), self.budget.num_epochs, self.global_step, True, rescued)
+        with self.engine.full_weights(self.trainable_modules):
+            if acc.is_main_process:
+                self._save_weights(self._checkpoint_path(), self.budget.num_epochs, self.global_step, True, rescued)
         self._stop_if_rescued(rescued)

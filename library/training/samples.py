@@ -187,7 +187,8 @@ def sample_images(models: FluxModels, prompts: Sequence[SamplePrompt], output_di
                   apply_t5_attn_mask: bool = False, cached_conditioning: dict[str, Conditioning] | None = None,
                   seed_rng_state_restore: bool = True, tiled_ae: bool = False, process_index: int = 0,
                   num_processes: int = 1, progress: bool = False,
-                  model_for_prompt: Callable[[SamplePrompt], torch.nn.Module] | None = None) -> list[Path]:
+                  model_for_prompt: Callable[[SamplePrompt], torch.nn.Module] | None = None,
+                  write: bool = True) -> list[Path]:
     """Render the prompts into `<output_dir>/sample/` and return the PNG paths, in prompt order.
 
     `epoch` names the images `e{epoch:06d}` (epoch-end calls), otherwise `step` names them `{step:06d}`.
@@ -196,6 +197,8 @@ def sample_images(models: FluxModels, prompts: Sequence[SamplePrompt], output_di
     the global RNG states are restored afterwards (unless seed_rng_state_restore is False), so sampling does not
     change the training run's randomness. `model_for_prompt(prompt)` gives the model that renders a prompt (a
     recipe's: the ControlNet recipe steers the transformer with the prompt's `--cn` image); default the transformer.
+    `write=False` renders without writing (the other ranks of an engine that shards the weights: every rank must
+    run every forward) and returns no paths.
     """
     if epoch is None and step is None:
         raise ValueError("sample_images needs epoch= or step=")
@@ -220,6 +223,8 @@ def sample_images(models: FluxModels, prompts: Sequence[SamplePrompt], output_di
                 with eval_mode(model):
                     image = generate_from_conditioning(replace(models, flux=model), settings, cond, negative,
                                                        placement, tiled_ae, progress)
+                if not write:
+                    continue
                 stem = sample_image_stem(output_name, prompt.index, prompt.seed, epoch=epoch, step=step)
                 text = png_text(settings, model_name)
                 text.update(sample_index=str(prompt.index), epoch="" if epoch is None else str(epoch),

@@ -49,7 +49,6 @@ VALIDATION_SIGMAS = (0.2, 0.4, 0.6, 0.8)  # fixed, so validation losses compare 
 
 # Options sd-scripts has that this suite does not implement yet: refused with a reason rather than ignored.
 NOT_YET_SUPPORTED = {
-    "deepspeed": "DeepSpeed is not wired in yet; use plain accelerate (DDP)",
     "dataset_class": "custom dataset classes are not supported; use --dataset_config",
     "debug_dataset": "use tools/inspect_dataset.py to look at a dataset",
     "face_crop_aug_range": "face-crop augmentation is not implemented",
@@ -67,8 +66,9 @@ def weight_dtype(args) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision or "no", torch.float32)
 
 
-def make_accelerator(args, trackers: list[str] | None = None):
-    """The run's Accelerator; `trackers` are the tracker names from trackers.resolve_trackers."""
+def make_accelerator(args, trackers: list[str] | None = None, engine_kwargs: dict | None = None):
+    """The run's Accelerator; `trackers` are the tracker names from trackers.resolve_trackers, `engine_kwargs` the
+    distributed engine's (library/distributed/engine.py accelerator_kwargs)."""
     # accelerate keeps its settings in process-wide singletons: clear what an earlier run in this process (a
     # notebook, a test) left, so this run gets its own mixed precision and accumulation settings.
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -78,7 +78,8 @@ def make_accelerator(args, trackers: list[str] | None = None):
         logging_dir = str(Path(args.logging_dir) / f"{args.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
     return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                        mixed_precision=args.mixed_precision or "no", log_with=trackers or None,
-                       project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir))
+                       project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+                       **(engine_kwargs or {}))
 
 
 def tracker_config(args, seed: int) -> dict:
@@ -396,16 +397,20 @@ class TrainingSamples:
                                                                apply_t5_attn_mask(args, models.variant))
 
     def run(self, trainer, epoch: int | None = None, step: int | None = None) -> None:
-        """Render the prompts, each with the model the trainer's recipe gives for it (`sampling_model`)."""
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
+        """Render the prompts, each with the model the trainer's recipe gives for it (`sampling_model`). The main
+        process renders and writes; when the engine shards the weights every process must take part in every
+        forward, so all render the same prompts and only the main process writes."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process or trainer.engine.shards_parameters:
             paths = sample_images(self.models, self.prompts, self.args.output_dir, self.args.output_name,
                                   self.placement, epoch=epoch, step=step if epoch is None else None,
                                   apply_t5_attn_mask=apply_t5_attn_mask(self.args, self.models.variant),
                                   cached_conditioning=self.conditioning,
-                                  model_for_prompt=trainer.sampling_model)
-            log_sample_images(self.accelerator, paths, [p.prompt for p in self.prompts], trainer.global_step)
-        self.accelerator.wait_for_everyone()
+                                  model_for_prompt=trainer.sampling_model, write=acc.is_main_process)
+            if acc.is_main_process:
+                log_sample_images(acc, paths, [p.prompt for p in self.prompts], trainer.global_step)
+        acc.wait_for_everyone()
 
 
 def prepare_sampling(args, models: TrainingModels, accelerator) -> TrainingSamples | None:
