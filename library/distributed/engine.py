@@ -1,10 +1,7 @@
-"""How several processes train one model: the engine a run uses, chosen once, and what the training loop asks of it.
+"""The distributed engine's interface: what the training loop asks of it, with the one-process behaviour.
 
 The loop (library/training/loop.py) never branches on the engine; it calls these methods at fixed points:
 
-  kind = engine_kind(args)                         before the Accelerator exists (its plugins depend on it)
-  Accelerator(**accelerator_kwargs(kind, args))
-  engine = make_engine(kind, accelerator, args, uses_swap_or_fused)
   engine.check(trainer)                            refusals, before any model loads
   engine.shard(trainer)                            after build_trainable (FSDP2 shards the blocks here)
   model = engine.attach(trainer)                   what the loss calls (a DDP/DeepSpeed-wrapped step or the denoiser)
@@ -14,110 +11,18 @@ The loop (library/training/loop.py) never branches on the engine; it calls these
   with engine.full_weights(modules): engine.state_dict(module)   collective gather for saving (main writes)
   engine.save_state(folder) / engine.load_state(folder)
 
-Engines: `single` (one process), `ddp` (accelerate's DistributedDataParallel around a TrainStep; bucketed all-reduce
-overlapping the backward), `reducer` (where block swapping or the fused optimizer modes keep DDP out: our bucketed
-all-reduce launched from gradient hooks), `deepspeed` (ZeRO 0-3 through accelerate), `fsdp2` (PyTorch's
-`fully_shard`, applied by us).
+Which engine a run gets, and the Accelerator's arguments for it: library/distributed/choice.py.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from contextlib import contextmanager, nullcontext
-from datetime import timedelta
 
 import torch
-
-logger = logging.getLogger(__name__)
-
-ENGINES = ("single", "ddp", "reducer", "deepspeed", "fsdp2")
 
 
 class EngineError(ValueError):
     """A combination the engine cannot run; the message says what to use instead."""
-
-
-def _env_flag(name: str, environ) -> bool:
-    return str(environ.get(name, "")).lower() in ("1", "true", "yes")
-
-
-def world_size(environ=None) -> int:
-    environ = os.environ if environ is None else environ
-    return int(environ.get("WORLD_SIZE", "1") or 1)
-
-
-def engine_kind(args, environ=None) -> str:
-    """The engine the run asks for: `--deepspeed` or an accelerate DeepSpeed config (ACCELERATE_USE_DEEPSPEED),
-    an accelerate FSDP config (ACCELERATE_USE_FSDP), else DDP for several processes, else one process. `ddp`
-    becomes `reducer` in make_engine when the run swaps blocks or steps inside the backward."""
-    environ = os.environ if environ is None else environ
-    if getattr(args, "deepspeed", False) or _env_flag("ACCELERATE_USE_DEEPSPEED", environ):
-        return "deepspeed"
-    if _env_flag("ACCELERATE_USE_FSDP", environ):
-        return "fsdp2"
-    return "ddp" if world_size(environ) > 1 else "single"
-
-
-def runs_on_cpu(environ=None) -> bool:
-    environ = os.environ if environ is None else environ
-    return _env_flag("ACCELERATE_USE_CPU", environ) or not torch.cuda.is_available()
-
-
-def accelerator_kwargs(kind: str, args, environ=None) -> dict:
-    """Keyword arguments of the run's Accelerator for `kind`: the process group (gloo on CPU runs; --ddp_timeout),
-    DDP's options, and the engine's own (the DeepSpeed plugin from sd-scripts' arguments)."""
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-
-    handlers = []
-    group = {}
-    if runs_on_cpu(environ) and world_size(environ) > 1:
-        group["backend"] = "gloo"
-    if getattr(args, "ddp_timeout", None):
-        group["timeout"] = timedelta(minutes=args.ddp_timeout)
-    if group:
-        handlers.append(InitProcessGroupKwargs(**group))
-    if getattr(args, "ddp_gradient_as_bucket_view", False) or getattr(args, "ddp_static_graph", False):
-        handlers.append(DistributedDataParallelKwargs(gradient_as_bucket_view=args.ddp_gradient_as_bucket_view,
-                                                      static_graph=args.ddp_static_graph))
-    kwargs = {"kwargs_handlers": handlers} if handlers else {}
-    if kind == "deepspeed":
-        from library.distributed.deepspeed_engine import accelerator_kwargs as deepspeed_kwargs
-
-        kwargs.update(deepspeed_kwargs(args, environ))
-    elif kind == "fsdp2":
-        from library.distributed.fsdp2 import accelerator_kwargs as fsdp_kwargs
-
-        kwargs.update(fsdp_kwargs(args, environ))
-    return kwargs
-
-
-def make_engine(kind: str, accelerator, args, swaps_or_fuses: bool = False) -> "Engine":
-    """The engine object for `kind` once the Accelerator exists; `swaps_or_fuses`: the run swaps blocks or
-    steps inside the backward, which keeps DDP out (the reducer engine then syncs gradients)."""
-    if kind == "ddp" and accelerator.num_processes == 1:
-        kind = "single"
-    if kind == "ddp" and swaps_or_fuses:
-        kind = "reducer"
-    if kind == "single":
-        return Engine(accelerator, args)
-    if kind == "ddp":
-        from library.distributed.ddp import DDPEngine
-
-        return DDPEngine(accelerator, args)
-    if kind == "reducer":
-        from library.distributed.reducer import ReducerEngine
-
-        return ReducerEngine(accelerator, args)
-    if kind == "deepspeed":
-        from library.distributed.deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(accelerator, args)
-    if kind == "fsdp2":
-        from library.distributed.fsdp2 import FSDP2Engine
-
-        return FSDP2Engine(accelerator, args)
-    raise ValueError(f"unknown engine {kind!r}; one of {', '.join(ENGINES)}")
 
 
 class Engine:

@@ -22,7 +22,8 @@ import torch
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from library.distributed.engine import EngineError, accelerator_kwargs, engine_kind, make_engine
+from library.distributed.choice import accelerator_kwargs, engine_kind, make_engine
+from library.distributed.engine import EngineError
 from library.formats.atomic_io import atomic_write, remove_stale_temporaries
 from library.formats.metadata import checkpoint_filename, files_to_remove_for_save_last_n, is_epoch_save, state_dirname
 from library.formats.safetensors_io import load_tensors, sample_keys, save_file_atomic
