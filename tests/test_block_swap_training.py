@@ -237,4 +237,4 @@ def test_full_fine_tuning_with_block_swap_and_offloaded_checkpointing(setup, ful
     # second (through vec); a block trained with wrong weights would be off by about the learning rate (1e-2).
     # LoRA trains none of these (unless in_dims asks for them): its tests above are bit for bit.
     for k, w in full_reference.items():
-        torch.testing.assert_close(got[k], w, rtol=0, atol=1e-4)
+        torch.testing.assert_close(got[k], w, rtol=0, atol=5e-4)

@@ -276,10 +276,10 @@ class Trainer:
             self._set_train_mode(True)
             epoch_losses = []
             skipped_before = len(self.skipped_images)
-            for batch in self.loader:
+            for position, batch in enumerate(self.loader, start=skip):
                 self._note_skipped(batch.skipped_images)
                 with self.engine.accumulate(self), acc.autocast():
-                    loss = self.loss_fn(batch)
+                    loss = self.loss_fn(batch, generator=self._batch_generator(epoch, position))
                     if not torch.isfinite(loss):
                         raise TrainingError(
                             f"the loss became {loss.item()} at step {self.global_step + 1} (epoch {epoch}); training "
@@ -323,6 +323,15 @@ class Trainer:
             self.after_epoch(epoch)
             if self.global_step >= max_steps:
                 break
+
+    def _batch_generator(self, epoch: int, position: int) -> torch.Generator:
+        """The noise, timesteps and latent samples of one batch come from a generator seeded by the run's seed, the
+        epoch and the batch's place in the epoch's order (rank r's i-th batch is batch i * ranks + r), not from a
+        stream each process draws in turn: N processes then train exactly what one process does with N-fold
+        gradient accumulation, and a resumed run draws what the uninterrupted one drew."""
+        acc = self.accelerator
+        index = position * acc.num_processes + acc.process_index
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + index)
 
     def _note_skipped(self, skipped: list[tuple[str, str]]) -> None:
         """Log each image that failed to decode mid-run once (DataLoader workers cannot share what they logged)."""
