@@ -58,7 +58,8 @@ def test_full_bf16_trains_and_saves_bf16_weights(setup, tmp_path):
 def test_gradient_accumulation_steps_the_optimizer_every_n_batches(setup, tmp_path, monkeypatch):
     calls = []
     original = FluxLossComputer.__call__
-    monkeypatch.setattr(FluxLossComputer, "__call__", lambda self, batch: calls.append(1) or original(self, batch))
+    monkeypatch.setattr(FluxLossComputer, "__call__",
+                        lambda self, batch, **kw: calls.append(1) or original(self, batch, **kw))
     trainer, code = run_trainer(train_args(setup, tmp_path, "--gradient_accumulation_steps", "2",
                                            "--max_train_steps", "2", "--network_train_unet_only"))
     assert code == 0
@@ -321,7 +322,8 @@ def test_initial_step_starts_the_count_schedule_and_data_there(setup, tmp_path, 
     seen, logged = [], []
     original_call, original_log = FluxLossComputer.__call__, Trainer._log
     monkeypatch.setattr(FluxLossComputer, "__call__",
-                        lambda self, batch: seen.append(tuple(batch.image_keys)) or original_call(self, batch))
+                        lambda self, batch, **kw: seen.append(tuple(batch.image_keys))
+                        or original_call(self, batch, **kw))
     monkeypatch.setattr(Trainer, "_log", lambda self, values, step=None: (
         logged.append(values["lr/unet"]) if "loss/current" in values else None, original_log(self, values, step))[1])
     common = ("--lr_scheduler", "cosine", "--network_train_unet_only", "--max_train_steps", "6")
