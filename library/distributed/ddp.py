@@ -65,7 +65,8 @@ class DDPEngine(Engine):
         notes = [n for n, on in (("find_unused_parameters", self.step.find_unused_parameters),
                                  ("static_graph", self.step.static_graph),
                                  (f"{len(self.ignored)} unconsumed parameters left out", self.ignored)) if on]
-        return f"ddp ({', '.join([f'{type(self.step).__name__} over {self.accelerator.num_processes} processes', *notes])})"
+        what = f"{type(self.step).__name__} over {self.accelerator.num_processes} processes"
+        return f"ddp ({', '.join([what, *notes])})"
 
 
 def _network_arg(args, key: str) -> bool:

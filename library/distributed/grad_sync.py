@@ -1,20 +1,21 @@
 """Averaging gradients across processes while the backward runs, for trained weights that DDP cannot wrap.
 
-`GradientBuckets` packs the trained parameters into buckets (one dtype per bucket, up to `bucket_bytes` each): first
-in reverse registration order, roughly the order the backward completes them; after the first step that syncs, in
-the order the main process saw the gradients arrive, parameters that got none last (as DDP rebuilds its buckets). On a micro-batch that steps,
-each parameter's post-accumulate-grad hook copies its gradient into its bucket's flat buffer on the compute device
-and drops the parameter's own gradient; when a bucket is complete an asynchronous all-reduce of the buffer is
-launched at once, so communication overlaps the rest of the backward. Buckets are launched strictly in their fixed
-order (a complete bucket waits for the ones before it), so every process issues the same collectives in the same
-order even when the backward visits parameters in another order or some get no gradient.
+`GradientBuckets` packs the trained parameters into buckets (one dtype per bucket, up to `bucket_bytes` each):
+first in reverse registration order, roughly the order the backward completes them; after the first step that
+syncs, in the order the main process saw the gradients arrive, parameters that got none last (as DDP rebuilds its
+buckets). On a micro-batch that steps, each parameter's post-accumulate-grad hook copies its gradient into its
+bucket's flat buffer on the compute device and drops the parameter's own gradient; when a bucket is complete an
+asynchronous all-reduce of the buffer is launched at once, so communication overlaps the rest of the backward.
+Buckets are launched strictly in their fixed order (a complete bucket waits for the ones before it), so every
+process issues the same collectives in the same order even when some parameter gets no gradient.
 
 `finish()` (after the backward) launches what is left -- buckets with a parameter that got no gradient in this
-backward on this process: what it accumulated on earlier micro-batches, else zeros -- waits for every reduce, and hands each parameter its averaged gradient as a
-view of the bucket (or a copy on the parameter's device when it lives elsewhere, e.g. a swapped block's weights in
-CPU memory: the buffer is always on the compute device, because NCCL reduces nothing else). With `on_ready` set (the
-fused optimizer modes) a bucket is also finished as soon as its reduce has completed, checked at every later hook,
-and `on_ready(params)` is called then, so a parameter is stepped only once its averaged gradient is there.
+backward on this process: what it accumulated on earlier micro-batches, else zeros -- waits for every reduce, and
+hands each parameter its averaged gradient as a view of the bucket (or a copy on the parameter's device when it
+lives elsewhere, e.g. a swapped block's weights in CPU memory: the buffer is always on the compute device, because
+NCCL reduces nothing else). With `on_ready` set (the fused optimizer modes) a bucket is also finished as soon as its
+reduce has completed, checked at every later hook, and `on_ready(params)` is called then, so a parameter is stepped
+only once its averaged gradient is there.
 
 Each bucket carries one presence slot per parameter (1 where this process had a gradient): a parameter that got no
 gradient on any process keeps `.grad = None` as in a one-process run, one used on some processes averages with zeros
@@ -64,7 +65,7 @@ class GradientBuckets:
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, group=None, on_ready: Callable[[list], None] | None = None):
         self.device, self.should_sync, self.group, self.on_ready = torch.device(device), should_sync, group, on_ready
         self.world, self.bucket_bytes = dist.get_world_size(group), bucket_bytes
-        self.params = [p for p in params if p.requires_grad]
+        self.params = [p for p in dict.fromkeys(params) if p.requires_grad]
         self._plan(self.params[::-1])
         self.arrivals: list[torch.nn.Parameter] | None = []  # the first synced backward's order, then None
         self.launched = 0
@@ -95,6 +96,7 @@ class GradientBuckets:
         self.arrivals = None
 
     def _reset(self) -> None:
+        self.taken: set[int] = set()  # ids of the parameters whose gradient this process put in (known on the host)
         self.flat: list[torch.Tensor | None] = [None] * len(self.buckets)
         self.arrived = [0] * len(self.buckets)
         self.next_launch = 0
@@ -126,6 +128,7 @@ class GradientBuckets:
         flat = self._buffer(b)
         flat[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
         flat[self.sizes[b] - len(self.buckets[b]) + i] = 1
+        self.taken.add(id(p))
         p.grad = None
         return b
 
@@ -143,8 +146,10 @@ class GradientBuckets:
         flat, members = self.flat[b], self.buckets[b]
         present = flat[self.sizes[b] - len(members):]
         offset = 0
-        for p, seen in zip(members, present.tolist()):
-            if seen > 0:
+        for i, p in enumerate(members):
+            # a gradient this process had is there for sure; only for the others is the reduced presence read
+            # (a wait for the device, rare: a parameter this backward did not reach)
+            if id(p) in self.taken or present[i].item() > 0:
                 grad = flat[offset:offset + p.numel()].view_as(p)
                 p.grad = grad if p.device == grad.device else grad.to(p.device)
             offset += p.numel()

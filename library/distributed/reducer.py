@@ -22,14 +22,25 @@ class ReducerEngine(Engine):
         acc = self.accelerator
         self.buckets = GradientBuckets(trainer.trainable_params, acc.device, lambda: acc.sync_gradients,
                                        self.bucket_bytes)
+        self.swappers = trainer.block_swappers
         return super().attach(trainer)
 
     def on_gradients(self, params, ready) -> list:
         """The fused modes: `ready(bucket)` once a bucket's averaged gradients are set, as soon as its reduce has
-        completed (at the latest in before_step, right after the backward)."""
+        completed (at the latest in before_step, right after the backward). A swapped block has usually left the
+        device by then (it is sent back right after its backward), so its parameters are stepped in storage
+        memory, once the swapper's copies there have finished."""
         if {id(p) for p in params} - {id(p) for p in self.buckets.place}:
             raise ValueError("the fused optimizer steps parameters the reducer does not synchronise")
-        self.buckets.on_ready = ready
+        device = self.accelerator.device
+
+        def ready_in_place(bucket):
+            if self.swappers and any(p.device != device for p in bucket):
+                for swapper in self.swappers:
+                    swapper.synchronize()
+            ready(bucket)
+
+        self.buckets.on_ready = ready_in_place
         return []
 
     def before_step(self, params) -> None:
