@@ -172,3 +172,27 @@ def test_ddp_controlnet_with_gradient_checkpointing(tmp_path_factory, tmp_path):
     assert [n > 0 for _, n in collectives_per_backward(report["events"])] == [False, True] * 2
     single = one_process("controlnet", tmp_path, argv(tmp_path / "out1", "--gradient_accumulation_steps", "4"))
     assert_same_training(ranks, single)
+
+
+@pytest.mark.slow
+def test_ddp_lora_module_dropout_finds_unused_parameters(setup, tmp_path):
+    """LoRA module dropout skips modules at random in a step: DDP then looks for unused parameters in each forward
+    (without it, a skipped module's bucket never fills and DDP stops), and both ranks still end equal."""
+    argv = base_args(setup, *LORA, "--network_args", "module_dropout=0.5")
+    a, b, report = two_ranks("network", tmp_path / "2", argv(tmp_path / "out2"))
+    assert report["engine"] == "ddp" and "find_unused_parameters" in report["describe"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_refuses_module_dropout_with_offloaded_checkpointing():
+    from types import SimpleNamespace
+
+    from library.distributed.ddp import DDPEngine
+    from library.distributed.engine import EngineError
+
+    def check(*network_args):
+        DDPEngine(None, SimpleNamespace(cpu_offload_checkpointing=True, network_args=list(network_args))).check(None)
+
+    check("module_dropout=0", "rank_dropout=0.1")
+    with pytest.raises(EngineError, match="use --gradient_checkpointing instead"):
+        check("module_dropout=0.1")
