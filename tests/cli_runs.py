@@ -40,22 +40,30 @@ def run_trainer(kind: str, argv: list[str]):
 def launch_two_ranks(work, argv: list[str], port: int):
     """Run tests/two_rank_job.py on two CPU ranks through `accelerate launch` (gloo); returns the weights each rank
     ended with (rank0, rank1)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    launch_job_on_two_ranks("two_rank_job.py", [str(work), *argv], port)
+    return tuple(load_file(str(Path(work) / f"rank{i}_of_2.safetensors")) for i in range(2))
+
+
+def launch_job_on_two_ranks(script: str, args: list[str], port: int) -> None:
+    """Run tests/`script` with `args` on two CPU ranks through `accelerate launch` (a real gloo process group)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
-
-    from safetensors.torch import load_file
 
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(port)]
-    r = subprocess.run([*launcher, str(root / "tests" / "two_rank_job.py"), str(work), *argv],
+    r = subprocess.run([*launcher, str(root / "tests" / script), *args],
                        capture_output=True, text=True, cwd=root, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return tuple(load_file(str(Path(work) / f"rank{i}_of_2.safetensors")) for i in range(2))
+    errors = [line for line in r.stderr.splitlines() if "Error" in line and "ChildFailedError" not in line]
+    assert r.returncode == 0, "\n".join(errors[-10:]) + "\n" + r.stderr[-3000:]
 
 
 def swappable_tiny_models(base):

@@ -7,6 +7,7 @@ The loop (library/training/loop.py) never branches on the engine; it calls these
   model = engine.attach(trainer)                   what the loss calls (a DDP/DeepSpeed-wrapped step or the denoiser)
   optimizer, scheduler = engine.prepare(o, s)      accelerate's prepare, with the model where the engine needs it
   with engine.accumulate(trainer): ...             one micro-batch; no gradient sync unless it steps
+  engine.on_gradients(params, ready)               the fused optimizer modes step from `ready`
   engine.before_step(params); engine.clip_grad_norm_(params, max_norm)
   with engine.full_weights(modules): engine.state_dict(module)   collective gather for saving (main writes)
   engine.save_state(folder) / engine.load_state(folder)
@@ -57,6 +58,14 @@ class Engine:
 
     def before_step(self, params) -> None:
         """After the backward of a micro-batch that steps, before clipping: gradients are complete everywhere."""
+
+    def on_gradients(self, params, ready) -> list:
+        """Have `ready(params_subset)` called, on micro-batches that step, once those parameters' gradients are
+        complete (and averaged, under an engine that synchronises them by hand): the fused optimizer modes step
+        from it. Returns hook handles."""
+        from library.distributed.grad_sync import per_parameter_hooks
+
+        return per_parameter_hooks(params, ready, lambda: self.accelerator.sync_gradients)
 
     def clip_grad_norm_(self, params, max_norm: float):
         return self.accelerator.clip_grad_norm_(params, max_norm)

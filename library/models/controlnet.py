@@ -69,6 +69,16 @@ def controlnet_residuals(net: nn.Module, img, txt, img_ids, txt_ids, vec, txt_at
             [proj(s) for proj, s in zip(single_projections, single)])
 
 
+def unconsumed_parameters(net: nn.Module) -> list[str]:
+    """Names of `net`'s parameters no output of `controlnet_residuals` depends on (they never get a gradient, which
+    DDP must be told): without single blocks, the last double block's text stream after its attention."""
+    if len(net.single_blocks) or not len(net.double_blocks):
+        return []
+    last = len(net.double_blocks) - 1
+    return [f"double_blocks.{last}.{n}" for n, _ in net.double_blocks[last].named_parameters()
+            if n.startswith(("txt_attn.proj.", "txt_mlp."))]
+
+
 class ControlNetFlux(nn.Module):
     """The ControlNet: forward returns (double-block residuals, single-block residuals), each (B, N_img, hidden)."""
 
@@ -93,6 +103,7 @@ class ControlNetFlux(nn.Module):
 
     # the input stack works exactly as the transformer's: share its code, not a copy of it
     conditioning_vector = Flux.conditioning_vector
+    unconsumed_parameters = unconsumed_parameters
     dtype = Flux.dtype
     device = Flux.device
 

@@ -28,7 +28,7 @@ from torch import nn
 from library.formats.atomic_io import atomic_write
 from library.formats.diffusers_keys import UnknownKeysError, bfl_to_diffusers, diffusers_to_bfl
 from library.formats.safetensors_io import ModelFileError, assign_weights, read_header, TensorReader
-from library.models.controlnet import block_depths, controlnet_residuals
+from library.models.controlnet import block_depths, controlnet_residuals, unconsumed_parameters
 from library.models.transformer import DoubleStreamBlock, Flux, FluxParams, SingleStreamBlock, add_input_layers
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -81,6 +81,7 @@ class DiffusersControlNet(nn.Module):
             self.controlnet_mode_embedder = nn.Embedding(shape.num_mode, h)
 
     conditioning_vector = Flux.conditioning_vector
+    unconsumed_parameters = unconsumed_parameters
     dtype = Flux.dtype
     device = Flux.device
 

@@ -8,8 +8,10 @@
   arrives, so at most one block's gradients are alive. Clipping uses the block's norm (sd-scripts clips per tensor).
 
 Both work under gradient accumulation (the hooks act only on the micro-batch that syncs; the earlier micro-batches
-keep their gradients, so the memory bound holds for --gradient_accumulation_steps 1) and with several processes
-(each gradient is averaged across processes before it is used).
+keep their gradients, so the memory bound holds for --gradient_accumulation_steps 1). With several processes the
+distributed engine drives them (`on_gradients`): the reducer engine (library/distributed/reducer.py) hands over a
+bucket of parameters once their gradients are averaged, so a parameter is stepped only after its all-reduce; the
+bound is then the buckets being filled or reduced (25 MiB each) instead of one tensor or one block.
 
 `prepare_optimizer` is what `Trainer.make_optimizer` calls: the plain optimizer, or one of the fused set-ups, with
 the object the training loop steps (for fused modes only leftovers: parameters that got no gradient).
@@ -17,14 +19,13 @@ the object the training loop steps (for fused modes only leftovers: parameters t
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 
-from library.distributed.grad_sync import average_gradients, process_mean
+from library.distributed.grad_sync import per_parameter_hooks
 from library.training.lr_schedulers import get_scheduler
 from library.training.optimizers import get_optimizer
 
@@ -95,34 +96,41 @@ def _inner(optimizer):
 # --- the two fused modes ------------------------------------------------------------------------------------------
 
 
+OnGradients = Callable[[list, Callable[[list], None]], list]  # (params, ready) -> hook handles
+
+
 @dataclass
 class HookSettings:
     max_grad_norm: float = 0.0
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # average across processes
     should_step: Callable[[], bool] = lambda: True  # False on accumulating micro-batches
+    # who calls ready(params) once their gradients are final; None: each parameter's own hook (one process)
+    on_gradients: OnGradients | None = None
+
+    def hooks(self, params: list, ready: Callable[[list], None]) -> list:
+        if self.on_gradients is not None:
+            return self.on_gradients(params, ready)
+        return per_parameter_hooks(params, ready, self.should_step)
 
 
 class FusedBackward:
-    """--fused_backward_pass: a post-accumulate-grad hook per parameter steps it and frees its gradient.
+    """--fused_backward_pass: each parameter is stepped, and its gradient freed, as soon as its gradient is final.
 
     The training loop's optimizer.step() then finds no gradients and does nothing."""
 
     def __init__(self, optimizer, params: list[torch.nn.Parameter], settings: HookSettings):
         self.optimizer, self.settings = _inner(optimizer), settings
         self.group_of = {p: g for g in self.optimizer.param_groups for p in g["params"]}
-        self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
+        self.handles = settings.hooks(params, self._ready)
 
     @torch.no_grad()
-    def _hook(self, p: torch.nn.Parameter) -> None:
-        s = self.settings
-        if p.grad is None or not s.should_step():
-            return
-        if s.reduce is not None:
-            p.grad = s.reduce(p.grad)
-        if s.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p], s.max_grad_norm)
-        step_param(self.optimizer, p, self.group_of[p])
-        p.grad = None
+    def _ready(self, params: list[torch.nn.Parameter]) -> None:
+        for p in params:
+            if p.grad is None:
+                continue
+            if self.settings.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p], self.settings.max_grad_norm)
+            step_param(self.optimizer, p, self.group_of[p])
+            p.grad = None
 
     def remove(self) -> None:
         for h in self.handles:
@@ -136,23 +144,21 @@ class BlockwiseOptimizers:
     def __init__(self, optimizers: list, blocks: list[list[torch.nn.Parameter]], settings: HookSettings):
         self.optimizers, self.blocks, self.settings = optimizers, blocks, settings
         self.arrived = [0] * len(blocks)
-        self.handles = [p.register_post_accumulate_grad_hook(functools.partial(self._hook, i))
-                        for i, params in enumerate(blocks) for p in params]
+        self.block_of = {p: i for i, params in enumerate(blocks) for p in params}
+        self.handles = settings.hooks([p for params in blocks for p in params], self._ready)
 
     @torch.no_grad()
-    def _hook(self, i: int, p: torch.nn.Parameter) -> None:
-        if not self.settings.should_step():
-            return
-        self.arrived[i] += 1
-        if self.arrived[i] == len(self.blocks[i]):
-            self._step_block(i)
+    def _ready(self, params: list[torch.nn.Parameter]) -> None:
+        for p in params:  # under the reducer a whole bucket, gradients or not: each one's gradient is final
+            i = self.block_of[p]
+            self.arrived[i] += 1
+            if self.arrived[i] == len(self.blocks[i]):
+                self._step_block(i)
 
     @torch.no_grad()
     def _step_block(self, i: int) -> None:
         s = self.settings
         params = [p for p in self.blocks[i] if p.grad is not None]
-        if s.reduce is not None:
-            average_gradients(params, s.reduce)
         if s.max_grad_norm and params:
             torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
         self.optimizers[i].step()
@@ -201,12 +207,13 @@ class SchedulerGroup:
 
 
 def prepare_optimizer(args, accelerator, groups: list, named_params: list[tuple[str, torch.nn.Parameter]],
-                      max_train_steps: int | None = None, prepare=None):
+                      max_train_steps: int | None = None, prepare=None, on_gradients: OnGradients | None = None):
     """(optimizer_name, optimizer_args_text, optimizer, scheduler, fused) for the training loop, prepared by
     accelerate. `fused` is the hook object of a fused mode (None otherwise); `named_params` are the trainable
     parameters with their names in the model (for the blockwise grouping); `max_train_steps` the run's resolved
     length (default --max_train_steps); `prepare(optimizer, scheduler)` the distributed engine's preparation
-    (default accelerator.prepare)."""
+    (default accelerator.prepare); `on_gradients(params, ready)` the engine's hand-over of final (averaged)
+    gradients to the fused modes (default: each parameter's own hook)."""
     prepare = prepare or accelerator.prepare
     # only flux_train.py and flux_train_control_net.py have the full-training options; the LoRA trainer's parser
     # also has --fused_backward_pass (sd-scripts' shared optimizer group), warned about as having no effect there
@@ -215,8 +222,7 @@ def prepare_optimizer(args, accelerator, groups: list, named_params: list[tuple[
     blockwise = full_options and getattr(args, "blockwise_fused_optimizers", False) and not fused_backward
     settings = HookSettings(
         max_grad_norm=getattr(args, "max_grad_norm", 0.0) or 0.0,
-        reduce=process_mean(accelerator) if accelerator.num_processes > 1 else None,
-        should_step=lambda: accelerator.sync_gradients)
+        should_step=lambda: accelerator.sync_gradients, on_gradients=on_gradients)
     if blockwise:
         blocks = group_by_block(named_params)
         optimizers, schedulers, name, text = [], [], "", ""

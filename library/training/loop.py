@@ -250,7 +250,7 @@ class Trainer:
         named = [(n, p) for m in self.trainable_modules for n, p in m.named_parameters() if id(p) in ids]
         self.optimizer_name, self.optimizer_text, self.optimizer, self.lr_scheduler, self.fused_optimizer = \
             prepare_optimizer(self.args, self.accelerator, groups, named, self.budget.max_train_steps,
-                              prepare=self.engine.prepare)
+                              prepare=self.engine.prepare, on_gradients=self.engine.on_gradients)
 
     # --- the loop -------------------------------------------------------------------------------------------------
 
