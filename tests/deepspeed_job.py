@@ -21,7 +21,7 @@ def main() -> int:
               "distributed_type": str(trainer.accelerator.distributed_type),
               "world": trainer.accelerator.num_processes, "local_numel": param.numel(),
               "full_numel": getattr(param, "ds_numel", param.numel()), "losses": trainer.losses,
-              "global_step": trainer.global_step}
+              "global_step": trainer.global_step, "validates": trainer.val_group is not None}
     rank = trainer.accelerator.process_index
     (report_dir / f"rank{rank}.json").write_text(json.dumps(report))
     return code

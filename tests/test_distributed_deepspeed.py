@@ -25,6 +25,7 @@ from tools.make_demo_dataset import make_controlnet_demo_dataset, make_demo_data
 from tools.make_tiny_models import make_tiny_models
 
 ZERO3_CONFIG = ROOT / "tests" / "accelerate_deepspeed_zero3.yaml"  # persistence threshold 0: all is partitioned
+ZERO2_CONFIG = ROOT / "tests" / "accelerate_deepspeed_zero2.yaml"
 PORTS = iter(range(29722, 29740))  # this file's port range (29720-29739)
 
 
@@ -76,19 +77,20 @@ def assert_close(a: dict, b: dict, atol=1e-5):
 
 
 @pytest.fixture(scope="module")
-def one_process_full(setup, tmp_path_factory):
-    """The 1-process reference: the same 4 global batches of 2 as 2 processes with 1 each."""
-    out = tmp_path_factory.mktemp("ref_full")
-    _, code = cli_runs.run_trainer("full", full_args(setup, out, "--gradient_accumulation_steps", "2"))
-    assert code == 0
-    return load_file(str(out / "r.safetensors"))
+def validated(setup, tmp_path_factory):
+    """4 images, 2 of them for validation (the ZeRO-3 run validates every epoch: every rank runs its forwards)."""
+    models, _ = setup
+    toml = make_demo_dataset(tmp_path_factory.mktemp("validated"), count=4, size=32)
+    toml.write_text(toml.read_text().replace("batch_size = 1", "batch_size = 1\nvalidation_split = 0.5"))
+    return models, toml
 
 
 @pytest.mark.slow
-def test_zero3_full_fine_tuning_partitions_saves_samples_and_resumes(setup, tmp_path, one_process_full):
+def test_zero3_full_fine_tuning_partitions_saves_samples_and_resumes(validated, tmp_path):
     """ZeRO-3 from an accelerate DeepSpeed config (no --deepspeed): parameters partitioned, the gathered BFL file
     equals the 1-process run and loads in inference, sample images render on both ranks without deadlock (main
     writes), and a resume from the sharded state equals the uninterrupted run."""
+    setup = validated
     models, _ = setup
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle --w 32 --h 32 --s 2 --d 1\n")
@@ -96,18 +98,22 @@ def test_zero3_full_fine_tuning_partitions_saves_samples_and_resumes(setup, tmp_
               "--sample_every_n_steps", "2")
     reports = launch(tmp_path / "full", "full", full_args(setup, tmp_path / "full" / "out", *common), ZERO3_CONFIG)
     for report in reports:
-        assert "ZeRO-3" in report["describe"]
+        assert "ZeRO-3" in report["describe"] and report["validates"]
         assert report["local_numel"] == 0 < report["full_numel"]  # the rank holds only its partition
     out = tmp_path / "full" / "out"
     final = load_file(str(out / "r.safetensors"))
-    assert_close(final, one_process_full)
+    # the same 4 global batches of 2 as 2 processes with 1 each
+    _, code = cli_runs.run_trainer("full", full_args(setup, tmp_path / "one", "--gradient_accumulation_steps", "2"))
+    assert code == 0
+    assert_close(final, load_file(str(tmp_path / "one" / "r.safetensors")))
     assert not torch.equal(final["img_in.weight"], load_file(str(models["flux"]))["img_in.weight"])
     assert len(list((out / "sample").glob("*.png"))) == 2  # steps 2 and 4, written once
     state = out / "r-step00000002-state"
     assert (state / "pytorch_model").is_dir() and not list(state.glob("*.safetensors"))  # DeepSpeed's checkpoint
 
     resumed = launch(tmp_path / "resumed", "full",
-                     full_args(setup, tmp_path / "resumed" / "out", "--resume", str(state)), ZERO3_CONFIG)
+                     full_args(setup, tmp_path / "resumed" / "out", "--resume", str(state)),
+                     ZERO3_CONFIG)
     assert resumed[0]["global_step"] == 4 and resumed[0]["losses"] == reports[0]["losses"][2:]
     assert_close(load_file(str(tmp_path / "resumed" / "out" / "r.safetensors")), final, atol=0)
 
@@ -120,16 +126,29 @@ def test_zero3_full_fine_tuning_partitions_saves_samples_and_resumes(setup, tmp_
 
 
 @pytest.mark.slow
-def test_zero2_full_fine_tuning_from_sd_scripts_arguments(setup, tmp_path, one_process_full):
-    """--deepspeed --zero_stage 2 under a plain multi-process launch: the optimizer state and gradients are
-    partitioned, the parameters are not; the result equals the 1-process run."""
-    reports = launch(tmp_path, "full", full_args(setup, tmp_path / "out", "--deepspeed", "--zero_stage", "2"))
+def test_zero2_full_fine_tuning_from_sd_scripts_arguments(setup, tmp_path):
+    """--deepspeed --zero_stage 2 under a plain multi-process launch, with accumulation and clipping tight enough to
+    act: gradients reduced once per step (DeepSpeed's accumulation boundary) and clipped by DeepSpeed on their global
+    norm, as one process with 4-fold accumulation clips them. Parameters are not partitioned in stage 2."""
+    models, _ = setup
+    four = (models, make_demo_dataset(tmp_path / "data", count=4, size=32))
+    common = ("--max_train_steps", "2", "--max_grad_norm", "0.01")
+    reports = launch(tmp_path, "full", full_args(four, tmp_path / "out", *common, "--gradient_accumulation_steps", "2",
+                                                 "--deepspeed", "--zero_stage", "2"))
     assert all("ZeRO-2" in r["describe"] and r["local_numel"] == r["full_numel"] > 0 for r in reports)
-    assert_close(load_file(str(tmp_path / "out" / "r.safetensors")), one_process_full)
+    for name, extra in (("clipped", ()), ("unclipped", ("--max_grad_norm", "0"))):
+        _, code = cli_runs.run_trainer("full", full_args(four, tmp_path / name, *common, *extra,
+                                                         "--gradient_accumulation_steps", "4"))
+        assert code == 0
+    ds, clipped = (load_file(str(tmp_path / n / "r.safetensors")) for n in ("out", "clipped"))
+    assert_close(ds, clipped)
+    unclipped = load_file(str(tmp_path / "unclipped" / "r.safetensors"))
+    assert not torch.allclose(unclipped["img_in.weight"], clipped["img_in.weight"], atol=1e-4)  # clipping acted
 
 
+@pytest.mark.slow
 def test_zero2_lora_equals_one_process_and_loads_in_inference(setup, tmp_path):
-    """The CI case: a ZeRO-2 LoRA (--deepspeed), equal to the 1-process run, loadable by flux_minimal_inference;
+    """A ZeRO-2 LoRA (--deepspeed), equal to the 1-process run, loadable by flux_minimal_inference;
     a state saved without DeepSpeed is refused by a DeepSpeed run before anything is loaded from it."""
     models, _ = setup
     launch(tmp_path / "ds", "network", lora_args(setup, tmp_path / "ds" / "out", "--deepspeed", "--zero_stage", "2"))
@@ -151,10 +170,12 @@ def test_zero2_lora_equals_one_process_and_loads_in_inference(setup, tmp_path):
 
 @pytest.mark.slow
 def test_zero2_controlnet(tmp_path_factory, tmp_path):
-    """A ControlNet under ZeRO-2 (--deepspeed) trains what one process trains."""
+    """A ControlNet under ZeRO-2 from an accelerate config with the DeepSpeed settings inline trains what one process
+    trains."""
     base = tmp_path_factory.mktemp("cn")
     setup = make_tiny_models(base / "models"), make_controlnet_demo_dataset(base / "data", count=2, size=32)
-    launch(tmp_path / "ds", "controlnet", full_args(setup, tmp_path / "ds" / "out", "--deepspeed"))
+    reports = launch(tmp_path / "ds", "controlnet", full_args(setup, tmp_path / "ds" / "out"), ZERO2_CONFIG)
+    assert "ZeRO-2" in reports[0]["describe"]
     _, code = cli_runs.run_trainer("controlnet", full_args(setup, tmp_path / "one", "--gradient_accumulation_steps",
                                                            "2"))
     assert code == 0
