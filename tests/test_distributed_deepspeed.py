@@ -128,8 +128,8 @@ def test_zero3_full_fine_tuning_partitions_saves_samples_and_resumes(validated, 
 @pytest.mark.slow
 def test_zero2_full_fine_tuning_from_sd_scripts_arguments(setup, tmp_path):
     """--deepspeed --zero_stage 2 under a plain multi-process launch, with accumulation and clipping tight enough to
-    act: gradients reduced once per step (DeepSpeed's accumulation boundary) and clipped by DeepSpeed on their global
-    norm, as one process with 4-fold accumulation clips them. Parameters are not partitioned in stage 2."""
+    act: the micro-batches accumulated up to DeepSpeed's boundary and clipped by DeepSpeed on their global norm, as one
+    process with 4-fold accumulation clips them. Parameters are not partitioned in stage 2."""
     models, _ = setup
     four = (models, make_demo_dataset(tmp_path / "data", count=4, size=32))
     common = ("--max_train_steps", "2", "--max_grad_norm", "0.01")

@@ -6,9 +6,9 @@ ACCELERATE_DEEPSPEED_* variables). Either way the trained modules go to `acceler
 together with the optimizer and scheduler (accelerate hands DeepSpeed the model only with its optimizer), so ZeRO
 partitions the optimizer state (stage 1), the gradients (2) and the trained parameters (3); the frozen base stays
 outside. DeepSpeed then owns the step: `accelerator.backward` runs DeepSpeed's backward (which divides the loss by
-the accumulation steps and reduces the gradients only at the accumulation boundary) and, on the micro-batch that
-steps, DeepSpeed's step with its own clipping (`gradient_clipping` = --max_grad_norm in the config, so the loop's
-clip does nothing here and nothing is clipped twice).
+the accumulation steps and reduces the gradients as its stage does; accelerate marks the accumulation boundary) and,
+on the micro-batch that steps, DeepSpeed's step with its own clipping (`gradient_clipping` = --max_grad_norm in the
+config, so the loop's clip does nothing here and nothing is clipped twice).
 
 Saving: under ZeRO-3 the full weights are gathered with DeepSpeed's 16-bit consolidation (what
 `accelerator.get_state_dict` calls: module by module, the full tensors only on the main process, in the weights'
