@@ -191,7 +191,7 @@ def ds_args(**overrides) -> Namespace:
                 offload_param_device=None, offload_param_nvme_path=None, zero3_init_flag=False,
                 zero3_save_16bit_model=False, fp16_master_weights_and_gradients=False, gradient_accumulation_steps=1,
                 max_grad_norm=1.0, train_batch_size=1, mixed_precision="no", fused_backward_pass=False,
-                blockwise_fused_optimizers=False, fp8_base=False, base_quantization=None)
+                blockwise_fused_optimizers=False, fp8_base=False, base_quantization=None, optimizer_type="")
     return Namespace(**{**args, **overrides})
 
 
@@ -221,6 +221,7 @@ def checked(args, script="flux_train.py", blocks_to_swap=0):
     ({"offload_optimizer_device": "nvme"}, "flux_train.py", 0, "needs --offload_optimizer_nvme_path"),
     ({"offload_param_device": "cpu"}, "flux_train.py", 0, "--offload_param_device needs --zero_stage 3"),
     ({"fp16_master_weights_and_gradients": True}, "flux_train.py", 0, "works only with --mixed_precision fp16"),
+    ({"optimizer_type": "AdamWScheduleFree"}, "flux_train.py", 0, "ZeRO steps the optimizer on flat copies"),
 ])
 def test_combinations_deepspeed_cannot_run_are_refused(overrides, script, swap, message):
     with pytest.raises(EngineError, match=message):

@@ -106,6 +106,11 @@ class DeepSpeedEngine(Engine):
                 problems.append(f"--{option}: DeepSpeed runs the optimizer step itself on partitioned gradients; "
                                 "leave it out (ZeRO-2/3 already partition the gradients and optimizer state) or "
                                 "train without DeepSpeed")
+        optimizer = str(getattr(args, "optimizer_type", "") or "")
+        if self.stage and "schedulefree" in optimizer.lower():
+            problems.append(f"--optimizer_type {optimizer}: ZeRO steps the optimizer on flat copies of the weights, "
+                            "so a schedule-free optimizer's train/eval weight switch would not reach the sampled or "
+                            "saved model; use another optimizer (AdamW) or --zero_stage 0")
         if self.stage == 3:
             if getattr(args, "fp8_base", False) or getattr(args, "base_quantization", None):
                 problems.append("--fp8_base/--base_quantization: ZeRO-3 partitions parameters, which fp8 or "
