@@ -202,7 +202,7 @@ def checked(args, script="flux_train.py", blocks_to_swap=0):
     from library.distributed.deepspeed_engine import DeepSpeedEngine, accelerator_kwargs
 
     plugin = accelerator_kwargs(args)["deepspeed_plugin"]
-    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2,
                                   state=SimpleNamespace(deepspeed_plugin=plugin))
     trainer = SimpleNamespace(settings=SimpleNamespace(blocks_to_swap=blocks_to_swap),
                               command_line=SimpleNamespace(script=script))
@@ -238,6 +238,29 @@ def test_what_deepspeed_can_run_passes_and_the_plugin_follows_sd_scripts():
     assert config["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert not checked(ds_args(zero_stage=2), "flux_train_network.py").shards_parameters  # a ZeRO-2 LoRA is fine
     checked(ds_args(fp16_master_weights_and_gradients=True, mixed_precision="fp16", offload_optimizer_device="cpu"))
+
+
+def test_a_deepspeed_checkpoint_for_other_parameters_or_processes_is_refused(tmp_path):
+    """What --resume checks in a DeepSpeed checkpoint before DeepSpeed loads it (a real one passes in the ZeRO-3
+    test): the saved parameter shapes against this run's, and one optimizer partition per process."""
+    from library.distributed.train_step import TrainStep
+
+    folder = tmp_path / "pytorch_model"
+    folder.mkdir()
+    torch.save({"param_shapes": [{"trained.0.weight": torch.Size([4, 3]), "trained.0.bias": torch.Size([4])}]},
+               folder / "mp_rank_00_model_states.pt")
+    for rank in range(2):
+        torch.save({}, folder / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    engine = checked(ds_args())
+    engine.model = SimpleNamespace(_get_ckpt_name=lambda *a: "mp_rank_00_model_states.pt")
+    engine.step = TrainStep([torch.nn.Linear(3, 4)], None)
+    engine.verify_checkpoint(tmp_path)
+    engine.step = TrainStep([torch.nn.Linear(3, 5)], None)
+    with pytest.raises(EngineError, match=r"trained parameters differ from this run's \(bias, weight\)"):
+        engine.verify_checkpoint(tmp_path)
+    engine.step, engine.accelerator.num_processes = TrainStep([torch.nn.Linear(3, 4)], None), 4
+    with pytest.raises(EngineError, match="a DeepSpeed checkpoint of 2 process.*this run has 4"):
+        engine.verify_checkpoint(tmp_path)
 
 
 def test_deepspeed_turned_off_by_accelerate_is_refused(setup, tmp_path, monkeypatch):

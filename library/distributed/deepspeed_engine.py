@@ -218,8 +218,8 @@ class DeepSpeedEngine(Engine):
         shapes = {k: tuple(v) for group in saved.get("param_shapes") or [] for k, v in group.items()}
         expected = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.step.named_parameters()
                     if p.requires_grad}
-        differing = sorted(k for k in set(shapes) | set(expected) if shapes.get(k) != expected.get(k))
-        if differing:
+        differing = sorted(k.split(".", 2)[-1] for k in set(shapes) | set(expected) if shapes.get(k) != expected.get(k))
+        if differing:  # named without the TrainStep's "trained.<i>." prefix
             raise EngineError(f"{path}: its trained parameters differ from this run's ({', '.join(differing[:3])}"
                               f"{'...' if len(differing) > 3 else ''}); resume with the model and options that "
                               "saved it")
