@@ -46,10 +46,10 @@ def lora_args(setup, out, *extra):
                      "--network_train_unet_only", *extra)
 
 
-def launch(work, kind: str, argv: list[str], config=None, expect_ok: bool = True):
+def launch(work, kind: str, argv: list[str], config=None):
     """tests/deepspeed_job.py on 2 CPU processes under `accelerate launch`: with `config` (an accelerate DeepSpeed
     config with use_cpu), else plain `--multi_gpu` (the argv then carries --deepspeed). ACCELERATE_USE_CPU would
-    turn DeepSpeed off, so it is removed. Returns each rank's report (or the failed process's stderr)."""
+    turn DeepSpeed off, so it is removed. Returns each rank's report."""
     work.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED")}
     env["OMP_NUM_THREADS"] = "1"
@@ -59,9 +59,6 @@ def launch(work, kind: str, argv: list[str], config=None, expect_ok: bool = True
         "--dynamo_backend", "no"]
     r = subprocess.run([*launcher, str(ROOT / "tests" / "deepspeed_job.py"), str(work), kind, *argv],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-    if not expect_ok:
-        assert r.returncode != 0
-        return r.stderr
     assert r.returncode == 0, r.stderr[-3000:]
     reports = [json.loads((work / f"rank{i}.json").read_text()) for i in range(2)]
     for report in reports:  # DeepSpeed really ran: its engine around the TrainStep, over both processes
@@ -148,12 +145,10 @@ def test_zero2_full_fine_tuning_from_sd_scripts_arguments(setup, tmp_path):
 
 @pytest.mark.slow
 def test_zero2_lora_equals_one_process_and_loads_in_inference(setup, tmp_path):
-    """A ZeRO-2 LoRA (--deepspeed), equal to the 1-process run, loadable by flux_minimal_inference;
-    a state saved without DeepSpeed is refused by a DeepSpeed run before anything is loaded from it."""
+    """A ZeRO-2 LoRA (--deepspeed), equal to the 1-process run, loadable by flux_minimal_inference."""
     models, _ = setup
     launch(tmp_path / "ds", "network", lora_args(setup, tmp_path / "ds" / "out", "--deepspeed", "--zero_stage", "2"))
-    _, code = cli_runs.run_trainer("network", lora_args(setup, tmp_path / "one", "--gradient_accumulation_steps", "2",
-                                                        "--save_state"))
+    _, code = cli_runs.run_trainer("network", lora_args(setup, tmp_path / "one", "--gradient_accumulation_steps", "2"))
     assert code == 0
     lora = tmp_path / "ds" / "out" / "r.safetensors"
     trained = load_file(str(lora))
@@ -161,11 +156,6 @@ def test_zero2_lora_equals_one_process_and_loads_in_inference(setup, tmp_path):
     assert_close(trained, load_file(str(tmp_path / "one" / "r.safetensors")))
     with_lora = cli_runs.rendered_latents(models, tmp_path / "render", "--lora_weights", str(lora))
     assert torch.isfinite(with_lora).all()
-
-    err = launch(tmp_path / "wrong", "network", lora_args(setup, tmp_path / "wrong" / "out", "--deepspeed",
-                                                          "--resume", str(tmp_path / "one" / "r-state")),
-                 expect_ok=False)
-    assert "pytorch_model" in err and "missing" in err
 
 
 @pytest.mark.slow
@@ -242,8 +232,10 @@ def test_what_deepspeed_can_run_passes_and_the_plugin_follows_sd_scripts():
 
 def test_a_deepspeed_checkpoint_for_other_parameters_or_processes_is_refused(tmp_path):
     """What --resume checks in a DeepSpeed checkpoint before DeepSpeed loads it (a real one passes in the ZeRO-3
-    test): the saved parameter shapes against this run's, and one optimizer partition per process."""
+    test): DeepSpeed's files of this rank present (a state saved without DeepSpeed has none), the saved parameter
+    shapes against this run's, and one optimizer partition per process."""
     from library.distributed.train_step import TrainStep
+    from library.training.state_check import verify_state
 
     folder = tmp_path / "pytorch_model"
     folder.mkdir()
@@ -252,7 +244,19 @@ def test_a_deepspeed_checkpoint_for_other_parameters_or_processes_is_refused(tmp
     for rank in range(2):
         torch.save({}, folder / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
     engine = checked(ds_args())
-    engine.model = SimpleNamespace(_get_ckpt_name=lambda *a: "mp_rank_00_model_states.pt")
+    engine.model = SimpleNamespace(_get_ckpt_name=lambda *a: "mp_rank_00_model_states.pt",
+                                   _get_zero_ckpt_name=lambda *a: "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    engine.accelerator.__dict__.update(_optimizers=[object()], _schedulers=[object()], scaler=None)
+    archives = engine.state_archives()
+    assert archives == ["scheduler.bin", "pytorch_model/mp_rank_00_model_states.pt",
+                        "pytorch_model/zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    plain = tmp_path / "plain"  # a state of a run without DeepSpeed: accelerate's files and our weights
+    plain.mkdir()
+    for name in ("optimizer.bin", "scheduler.bin"):
+        torch.save({}, plain / name)
+    (plain / "train_state.json").write_text('{"current_step": 2}')
+    with pytest.raises(TrainingError, match="pytorch_model/mp_rank_00_model_states.pt: missing"):
+        verify_state(plain, None, {}, None, archives, plain / "random_states_0.pkl")
     engine.step = TrainStep([torch.nn.Linear(3, 4)], None)
     engine.verify_checkpoint(tmp_path)
     engine.step = TrainStep([torch.nn.Linear(3, 5)], None)
