@@ -218,6 +218,15 @@ def test_combinations_deepspeed_cannot_run_are_refused(overrides, script, swap, 
         checked(ds_args(**overrides), script, swap)
 
 
+def test_deepspeed_arguments_with_a_deepspeed_json_are_refused():
+    from library.distributed.deepspeed_engine import accelerator_kwargs
+
+    environ = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}
+    with pytest.raises(EngineError, match=r"deepspeed_config_file \(ds.json\).*leave out --deepspeed"):
+        accelerator_kwargs(ds_args(), environ)
+    assert accelerator_kwargs(ds_args(deepspeed=False), environ) == {}  # the file's plugin comes from accelerate
+
+
 def test_what_deepspeed_can_run_passes_and_the_plugin_follows_sd_scripts():
     engine = checked(ds_args(zero_stage=3, offload_param_device="cpu", offload_optimizer_device="cpu",
                              max_grad_norm=0.5, gradient_accumulation_steps=4, train_batch_size=3))

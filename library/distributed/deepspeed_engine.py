@@ -47,6 +47,14 @@ def accelerator_kwargs(args, environ=None) -> dict:
     accelerate DeepSpeed config (accelerate builds that plugin itself)."""
     if not getattr(args, "deepspeed", False):
         return {}
+    environ = os.environ if environ is None else environ
+    config_file = environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if config_file != "none":  # accelerate's plugin would read that file and ignore (or refuse) these arguments
+        raise EngineError(f"--deepspeed with an accelerate config whose deepspeed_config_file ({config_file}) sets "
+                          "DeepSpeed up: leave out --deepspeed (the file decides) or launch with a config without it")
+    if str(environ.get("ACCELERATE_USE_DEEPSPEED", "")).lower() == "true":
+        logger.warning("--deepspeed: the DeepSpeed settings come from --zero_stage and the other DeepSpeed "
+                       "arguments (as in sd-scripts), not from the accelerate config's deepspeed_config")
     errors = _nvme_errors([("offload_optimizer", args.offload_optimizer_device, args.offload_optimizer_nvme_path),
                            ("offload_param", args.offload_param_device, args.offload_param_nvme_path)])
     if errors:
