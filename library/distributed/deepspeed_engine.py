@@ -69,7 +69,7 @@ def accelerator_kwargs(args, environ=None) -> dict:
 
     plugin = DeepSpeedPlugin(
         zero_stage=args.zero_stage, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        gradient_clipping=args.max_grad_norm or None,
+        gradient_clipping=float(args.max_grad_norm or 0),  # 0: no clipping (never the accelerate config's value)
         offload_optimizer_device=args.offload_optimizer_device or "none",
         offload_param_device=args.offload_param_device or "none",
         offload_optimizer_nvme_path=args.offload_optimizer_nvme_path,
