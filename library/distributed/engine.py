@@ -92,6 +92,9 @@ class Engine:
         them already)."""
         return True
 
+    def verify_checkpoint(self, folder) -> None:
+        """Check the engine's own checkpoint in a --resume state folder before it is loaded (EngineError)."""
+
     def save_state(self, folder) -> None:
         """Optimizer, scheduler, RNG (every rank calls it)."""
         self.accelerator.save_state(str(folder))

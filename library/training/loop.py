@@ -532,10 +532,16 @@ class Trainer:
         returns its step."""
         acc = self.accelerator
         archives = self.engine.state_archives()
-        name, expected = self.state_weight_shapes()
-        return verify_state(folder, name, expected, self.state_mismatch, archives,
+        # without our weights file the engine's checkpoint (one of the archives) holds them: the engine checks it
+        name, expected = self.state_weight_shapes() if self.engine.keeps_trainable_in_state() else (None, {})
+        step = verify_state(folder, name, expected, self.state_mismatch, archives,
                             folder / f"random_states_{acc.process_index}.pkl",
                             inexact=bool(getattr(self.args, "resume_inexact", False)))
+        try:
+            self.engine.verify_checkpoint(folder)
+        except EngineError as e:
+            raise TrainingError(str(e)) from None
+        return step
 
     def _advance_lr_schedule(self, steps: int) -> None:
         """Put a fresh LR schedule where it would be after `steps` optimizer steps."""

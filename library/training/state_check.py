@@ -20,14 +20,15 @@ logger = logging.getLogger(__name__)
 RANDOM_STATE_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")  # what accelerate restores
 
 
-def verify_state(folder: Path, weights_name: str, expected: dict[str, tuple[int, ...]],
+def verify_state(folder: Path, weights_name: str | None, expected: dict[str, tuple[int, ...]],
                  mismatch: Callable[[str, tuple[int, ...], tuple[int, ...]], str], archives: list[str],
                  random_states: Path, inexact: bool = False) -> int:
     """The state's step, after checking `train_state.json`, the trained weights `weights_name` against the
     `expected` shapes (`mismatch` explains a difference in the run's settings), accelerate's `archives` and this
     process's `random_states`."""
     step = _read_step(folder / "train_state.json", folder)
-    _check_weights(folder / weights_name, expected, mismatch)
+    if weights_name is not None:  # None: the engine's checkpoint holds the weights (checked by the engine)
+        _check_weights(folder / weights_name, expected, mismatch)
     for archive in archives:
         try:  # torch.save writes zip archives; the directory at their end is missing from a cut-off file
             zipfile.ZipFile(folder / archive).close()

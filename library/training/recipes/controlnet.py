@@ -123,7 +123,9 @@ class ControlNetTrainer(Trainer):
         metadata = modelspec_metadata(args, architecture=self.models.variant.architecture, lora=False,
                                       resolution=resolution)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = diffusers_state_dict(self.controlnet) if self.diffusers else self.controlnet.state_dict()
+        tensors = self.engine.state_dict(self.controlnet)  # the full weights also from a sharding engine
+        if self.diffusers:
+            tensors = diffusers_state_dict(self.controlnet, state=tensors)
         save_model(tensors, path, metadata, save_dtype(args.save_precision), streaming=args.mem_eff_save)
         if self.diffusers:
             write_diffusers_folder(path, self.controlnet)

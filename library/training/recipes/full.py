@@ -95,6 +95,6 @@ class FullTrainer(FillHooks, Flex2Hooks, KontextHooks, ControlHooks, Trainer):
         resolution = self.train_group.datasets[0].config.resolution
         metadata = modelspec_metadata(self.args, architecture=self.models.variant.architecture, lora=False,
                                       resolution=resolution)
-        flux = self.accelerator.unwrap_model(self.models.flux)
-        save_model(flux.state_dict(), path, metadata, save_dtype(self.args.save_precision),
+        state = self.engine.state_dict(self.models.flux)  # the full weights also from a sharding engine
+        save_model(state, path, metadata, save_dtype(self.args.save_precision),
                    streaming=self.args.mem_eff_save, fp8_scaled=getattr(self.args, "fp8_scaled", None))
