@@ -3,7 +3,9 @@
 engine to rank{r}.json: its type, which trained or frozen weights were DTensors and how much of one block weight it
 held, so the test asserts FSDP2 really sharded."""
 
+import faulthandler
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from cli_runs import run_trainer  # noqa: E402
 
 
 def main() -> int:
+    faulthandler.dump_traceback_later(int(os.environ.get("FSDP2_JOB_TIMEOUT", "240")), exit=True)  # a hang: stacks
     dump_dir, kind, argv = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
     trainer, code = run_trainer(kind, argv)
     flux = trainer.models.flux
