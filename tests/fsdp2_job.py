@@ -15,11 +15,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 from cli_runs import run_trainer  # noqa: E402
+from library.training.loop import Trainer  # noqa: E402
 
 
 def main() -> int:
     faulthandler.dump_traceback_later(int(os.environ.get("FSDP2_JOB_TIMEOUT", "240")), exit=True)  # a hang: stacks
     dump_dir, kind, argv = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    validations = []
+    validate = Trainer.validate
+    Trainer.validate = lambda self, kind: validations.append(validate(self, kind)) or validations[-1]
     trainer, code = run_trainer(kind, argv)
     flux = trainer.models.flux
     weight = flux.double_blocks[0].img_attn.qkv.weight
@@ -31,6 +35,7 @@ def main() -> int:
         "block_weight_global": weight.numel(),
         "trained_dtensor": [all(isinstance(p, DTensor) for p in m.parameters()) for m in trainer.trainable_modules],
         "losses": trainer.losses,
+        "validation": validations[-1] if validations else None,  # at the last step: the final weights
     }
     rank = trainer.accelerator.process_index
     (dump_dir / f"rank{rank}.json").write_text(json.dumps(facts))

@@ -34,7 +34,7 @@ def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("fsdp2")
     models = make_tiny_models(base / "models")
     return models, make_demo_dataset(base / "data", count=2, size=32), make_controlnet_demo_dataset(
-        base / "cn", count=2, size=32)
+        base / "cn", count=2, size=32), make_demo_dataset(base / "four", count=4, size=32)
 
 
 def launch(work: Path, kind: str, argv: list[str], port: int) -> list[dict]:
@@ -64,7 +64,7 @@ def assert_close(a: dict, b: dict, tol: float) -> None:
 
 @pytest.mark.slow
 def test_full_finetune_equals_one_process_resumes_from_shards_and_loads(setup, tmp_path):
-    models, toml, _ = setup
+    models, toml, *_ = setup
     argv = [*run_args(models, toml, tmp_path / "one"), "--learning_rate", "1e-3", "--max_train_steps", "2",
             "--cache_latents", "--max_grad_norm", "0.5"]
     one, code = run_trainer("full", [*argv, "--gradient_accumulation_steps", "2"])
@@ -95,10 +95,11 @@ def test_full_finetune_equals_one_process_resumes_from_shards_and_loads(setup, t
 
 
 @pytest.mark.slow
-def test_lora_on_a_sharded_base_equals_one_process_and_samples_on_every_rank(setup, tmp_path):
-    models, toml, _ = setup
+def test_lora_on_a_sharded_base_equals_one_process_and_validates_and_samples(setup, tmp_path):
+    models, *_, toml = setup  # 4 images: 2 train, 2 validate (one per rank)
     lora = ["--learning_rate", "1e-2", "--max_train_steps", "2", "--network_module", "networks.lora_flux",
-            "--network_dim", "4", "--network_train_unet_only", "--max_grad_norm", "0.5"]
+            "--network_dim", "4", "--network_train_unet_only", "--max_grad_norm", "0.5", "--validation_split", "0.5",
+            "--validate_every_n_steps", "1"]
     _, code = run_trainer("network", [*run_args(models, toml, tmp_path / "one"), *lora,
                                       "--gradient_accumulation_steps", "2"])
     assert code == 0
@@ -108,6 +109,8 @@ def test_lora_on_a_sharded_base_equals_one_process_and_samples_on_every_rank(set
                                                  "--sample_prompts", str(prompts), "--sample_every_n_steps", "1"],
                    29752)
     assert_sharded(facts, [False])  # the frozen base sharded, the LoRA replicated
+    # validation ran on both ranks (one image each, sharded forwards in step) and was reduced: one value
+    assert facts[0]["validation"] == facts[1]["validation"] and 0 < facts[0]["validation"] < 10
     saved = load_file(str(tmp_path / "two" / "last.safetensors"))
     assert_close(load_file(str(tmp_path / "one" / "last.safetensors")), saved, 1e-5)
     assert any(k.startswith("lora_unet_double_blocks_0_") for k in saved)
@@ -118,14 +121,18 @@ def test_lora_on_a_sharded_base_equals_one_process_and_samples_on_every_rank(set
 
 
 @pytest.mark.slow
-def test_controlnet_trains_sharded_with_validation_and_saves_a_normal_file(setup, tmp_path):
-    models, _, cn_toml = setup
+def test_controlnet_trains_sharded_samples_and_saves_a_normal_file(setup, tmp_path):
+    models, _, cn_toml, _ = setup
+    control = next((cn_toml.parent / "conditioning").iterdir())
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"a shape --w 32 --h 32 --s 2 --d 5 --cn {control}\n")
     facts = launch(tmp_path / "two", "controlnet", [
         *run_args(models, cn_toml, tmp_path / "two"), "--learning_rate", "1e-3", "--max_train_steps", "2",
-        "--validation_split", "0.5", "--validate_every_n_steps", "1"], 29753)
+        "--sample_prompts", str(prompts), "--sample_every_n_steps", "2"], 29753)
     assert_sharded(facts, [True])  # the ControlNet sharded and trained, the base sharded frozen
     saved = load_file(str(tmp_path / "two" / "last.safetensors"))
     assert any(k.startswith("controlnet_blocks.") for k in saved) and "img_in.weight" in saved
+    assert len(list((tmp_path / "two" / "sample").glob("*.png"))) == 1
     from library.models.controlnet_files import load_any_controlnet
     from library.models.checkpoint import analyze_checkpoint
 
