@@ -17,7 +17,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import cli_runs
 from cli_runs import rendered_latents, run_args, run_trainer
 from library.distributed import choice, sharded_optimizer
 from library.distributed.engine import EngineError

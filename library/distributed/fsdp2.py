@@ -153,6 +153,7 @@ class FSDP2Engine(Engine):
         s = self.settings
         return (f"fsdp2 ({self.units} units in {len(self.roots)} sharded module(s) over "
                 f"{self.accelerator.num_processes} processes; reshard_after_forward={s.reshard_after_forward}, "
+                f"params in {self.args.mixed_precision if self.args.mixed_precision == 'bf16' else 'their dtype'}, "
                 f"cpu offload={s.offload_params and self.accelerator.device.type == 'cuda'}, "
                 f"{len(self.replicated)} replicated trained module(s))")
 
