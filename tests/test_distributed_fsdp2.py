@@ -63,18 +63,21 @@ def assert_close(a: dict, b: dict, tol: float) -> None:
 
 @pytest.mark.slow
 def test_full_finetune_equals_one_process_resumes_from_shards_and_loads(setup, tmp_path):
-    models, toml, *_ = setup
+    models, *_, toml = setup  # 4 images: each rank accumulates 2 micro-batches per step
     argv = [*run_args(models, toml, tmp_path / "one"), "--learning_rate", "1e-3", "--max_train_steps", "2",
             "--cache_latents", "--max_grad_norm", "0.5"]
-    one, code = run_trainer("full", [*argv, "--gradient_accumulation_steps", "2"])
+    one, code = run_trainer("full", [*argv, "--gradient_accumulation_steps", "4"])
     assert code == 0
 
     def out(name):
         return [*argv[:argv.index("--output_dir")], "--output_dir", str(tmp_path / name),
                 *argv[argv.index("--output_dir") + 2:]]
 
-    facts = launch(tmp_path / "two", "full", [*out("two"), "--save_every_n_steps", "1", "--save_state"], 29750)
+    two = [*out("two"), "--gradient_accumulation_steps", "2"]
+    facts = launch(tmp_path / "two", "full", [*two, "--save_every_n_steps", "1", "--save_state"], 29750)
     assert_sharded(facts, [True])
+    # gradients reduce-scattered once per step and unit: not on the micro-batches that only accumulate
+    assert all(f["reduce_scatters"] == 2 * f["units"] == 2 * 5 for f in facts)
     # the mean of the ranks' losses is the 1-process run's accumulated loss
     assert [sum(f["losses"][i] for f in facts) / 2 for i in range(2)] == pytest.approx(one.losses, abs=1e-5)
     final = load_file(str(tmp_path / "two" / "last.safetensors"))
@@ -85,7 +88,8 @@ def test_full_finetune_equals_one_process_resumes_from_shards_and_loads(setup, t
     names = sorted(p.name for p in state.iterdir())
     assert "optimizer_rank0_of_2.safetensors" in names and "optimizer_rank1_of_2.safetensors" in names
     assert not [n for n in names if n.startswith("optimizer") and n.endswith(".bin")]  # no rank-0 pickle
-    launch(tmp_path / "resumed", "full", [*out("resumed"), "--resume", str(state)], 29751)
+    launch(tmp_path / "resumed", "full", [*out("resumed"), "--gradient_accumulation_steps", "2", "--resume",
+                                          str(state)], 29751)
     assert_close(final, load_file(str(tmp_path / "resumed" / "last.safetensors")), 1e-6)
 
     # the gathered file is a normal BFL-layout model: inference loads it, and it renders differently from the base
@@ -108,6 +112,7 @@ def test_lora_on_a_sharded_base_equals_one_process_and_validates_and_samples(set
                                                  "--sample_prompts", str(prompts), "--sample_every_n_steps", "1"],
                    29752)
     assert_sharded(facts, [False])  # the frozen base sharded, the LoRA replicated
+    assert all(f["reduce_scatters"] == 0 for f in facts)  # a frozen base has no gradients to reduce
     # validation ran on both ranks (one image each, sharded forwards in step) and was reduced: one value
     assert facts[0]["validation"] == facts[1]["validation"] and 0 < facts[0]["validation"] < 10
     saved = load_file(str(tmp_path / "two" / "last.safetensors"))
