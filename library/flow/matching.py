@@ -11,6 +11,7 @@ noise), `x_t = (1 − σ)·x0 + σ·ε`, the model predicts the velocity `ε −
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -67,6 +68,13 @@ class FlowMatchingSettings:
 
 # ---------------------------------------------------------------------------------------------------------------
 # σ sampling (§6.1 - §6.3)
+
+
+def seeded_generator(*parts) -> torch.Generator:
+    """A CPU generator seeded by a hash of `parts` (joined with ':'). Hashing matters: generators seeded with
+    consecutive integers give measurably correlated draws (a test LoRA learned worse), a hashed seed does not."""
+    text = ":".join(str(p) for p in parts)
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1)
 
 def _draw(kind: str, batch_size: int, device, generator: torch.Generator | None) -> torch.Tensor:
     """`rand`/`randn` of shape (B,) in float32, drawn on the generator's device (else `device`), moved to `device`."""

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from library.distributed.choice import accelerator_kwargs, engine_kind, make_engine
 from library.distributed.engine import EngineError
+from library.flow.matching import seeded_generator
 from library.formats.atomic_io import atomic_write, remove_stale_temporaries
 from library.formats.metadata import checkpoint_filename, files_to_remove_for_save_last_n, is_epoch_save, state_dirname
 from library.formats.safetensors_io import load_tensors, sample_keys, save_file_atomic
@@ -334,7 +335,7 @@ class Trainer:
         gradient accumulation, and a resumed run draws what the uninterrupted one drew."""
         acc = self.accelerator
         index = position * acc.num_processes + acc.process_index
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + index)
+        return seeded_generator(self.seed, epoch, index)
 
     def _note_skipped(self, skipped: list[tuple[str, str]]) -> None:
         """Log each image that failed to decode mid-run once (DataLoader workers cannot share what they logged)."""

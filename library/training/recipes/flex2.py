@@ -19,7 +19,6 @@ resuming -- is theirs. ai-toolkit's recipe (extensions_built_in/flex2), with the
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import replace
 
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from library.flow.flex2 import Flex2Inputs, bind_for_render
+from library.flow.matching import seeded_generator
 from library.models.checkpoint import analyze_checkpoint
 from library.models.flex2 import Flex2Model, flex2_features
 from library.training.errors import TrainingError
@@ -56,8 +56,7 @@ def trains_flex2(args) -> bool:
 
 def step_generator(seed: int, step: int, image_keys) -> torch.Generator:
     """The generator of one batch's condition draws: a function of the run's seed, the step and the batch's images."""
-    text = f"{seed}:{step}:" + "|".join(str(k) for k in image_keys)
-    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1)
+    return seeded_generator(seed, step, "|".join(str(k) for k in image_keys))
 
 
 def random_inpaint_mask(height: int, width: int, generator: torch.Generator) -> torch.Tensor:
