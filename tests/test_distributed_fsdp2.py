@@ -130,9 +130,10 @@ def test_controlnet_trains_sharded_samples_and_saves_a_normal_file(setup, tmp_pa
     control = next((cn_toml.parent / "conditioning").iterdir())
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"a shape --w 32 --h 32 --s 2 --d 5 --cn {control}\n")
+    argv = ["--learning_rate", "1e-3", "--max_train_steps", "2"]
     facts = launch(tmp_path / "two", "controlnet", [
-        *run_args(models, cn_toml, tmp_path / "two"), "--learning_rate", "1e-3", "--max_train_steps", "2",
-        "--sample_prompts", str(prompts), "--sample_every_n_steps", "2"], 29753)
+        *run_args(models, cn_toml, tmp_path / "two"), *argv, "--sample_prompts", str(prompts),
+        "--sample_every_n_steps", "2", "--save_every_n_steps", "1", "--save_state"], 29753)
     assert_sharded(facts, [True])  # the ControlNet sharded and trained, the base sharded frozen
     saved = load_file(str(tmp_path / "two" / "last.safetensors"))
     assert any(k.startswith("controlnet_blocks.") for k in saved) and "img_in.weight" in saved
@@ -143,6 +144,12 @@ def test_controlnet_trains_sharded_samples_and_saves_a_normal_file(setup, tmp_pa
     cn = load_any_controlnet(tmp_path / "two" / "last.safetensors", analyze_checkpoint(models["flux"]).params,
                              torch.float32, "cpu")
     assert sum(p.numel() for p in cn.parameters()) == sum(v.numel() for v in saved.values())
+    step1 = load_file(str(tmp_path / "two" / "at-step00000001.safetensors"))
+    assert not torch.equal(step1["controlnet_blocks.0.weight"], saved["controlnet_blocks.0.weight"])  # it trains
+    # the state's gathered ControlNet goes back into the shards (each rank its part): the resumed run ends the same
+    launch(tmp_path / "resumed", "controlnet", [*run_args(models, cn_toml, tmp_path / "resumed"), *argv, "--resume",
+                                                str(tmp_path / "two" / "at-step00000001-state")], 29754)
+    assert_close(saved, load_file(str(tmp_path / "resumed" / "last.safetensors")), 1e-6)
 
 
 # --- in process: settings, refusals, state checks ------------------------------------------------------------------
