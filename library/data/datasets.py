@@ -295,7 +295,7 @@ class DatasetGroup(torch.utils.data.Dataset):
 class EpochBatchSampler(torch.utils.data.Sampler):
     """Yields this process's keys of one epoch in its seeded order; `set_epoch` before iterating, `skip` batches
     on resume. With several processes, rank r takes every n-th batch of the epoch order; the shorter ranks repeat
-    their first batch so every rank runs the same number of steps.
+    their first batch (a rank with none the epoch's first) so every rank runs the same number of steps.
 
     The step passed with each key counts batches from the start of training (for caption token warm-up)."""
 
@@ -318,7 +318,9 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[BatchKey]:
         order = self.group.epoch_order(self.epoch)
         mine = order[self.process_index::self.num_processes]
-        mine += mine[: self.batches_per_epoch - len(mine)]
+        # fewer batches than processes leaves a rank none: it repeats the epoch's first (a rank that trained no
+        # step would wait forever in the others' next collective: validation, sampling, saving)
+        mine += (mine or order)[: self.batches_per_epoch - len(mine)]
         base = (self.epoch - 1) * self.batches_per_epoch
         for position in range(self.skip, len(mine)):
             yield self.epoch, mine[position], base + position

@@ -10,7 +10,8 @@ The loop (library/training/loop.py) never branches on the engine; it calls these
   engine.on_gradients(params, ready)               the fused optimizer modes step from `ready`
   engine.before_step(params); engine.clip_grad_norm_(params, max_norm)
   with engine.full_weights(modules): engine.state_dict(module)   collective gather for saving (main writes)
-  engine.save_state(folder) / engine.load_state(folder)
+  engine.save_state(folder) / engine.check_state(folder), engine.load_state(folder)
+  engine.load_state_dict(module, tensors), engine.load_full_tensor_(weight, tensor)   full weights into shards
 
 Which engine a run gets, and the Accelerator's arguments for it: library/distributed/choice.py.
 """
@@ -79,6 +80,19 @@ class Engine:
     def state_dict(self, module: torch.nn.Module) -> dict:
         """The module's full weights (call inside full_weights under a sharding engine)."""
         return self.accelerator.unwrap_model(module).state_dict()
+
+    def load_state_dict(self, module: torch.nn.Module, tensors: dict) -> None:
+        """Full weights (every process holds them all) into the module, strictly; a sharding engine keeps each
+        rank's part."""
+        module.load_state_dict(tensors)
+
+    @torch.no_grad()
+    def load_full_tensor_(self, target: torch.Tensor, value: torch.Tensor) -> None:
+        """One full tensor into one of the module's weights (streamed loading); sharded: this rank's part."""
+        target.copy_(value)
+
+    def check_state(self, folder) -> None:
+        """Refuse (EngineError) a --resume state this engine cannot load, before anything is loaded."""
 
     def state_archives(self) -> list[str]:
         """Files accelerate's save_state writes for the optimizers, schedulers and scaler (checked before resume)."""

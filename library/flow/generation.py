@@ -80,7 +80,8 @@ class Placement:
 
     @contextmanager
     def use(self, *models: torch.nn.Module):
-        homes = [next(m.parameters()).device for m in models] if self.offload else []
+        # a sharded model (FSDP2; its shards maybe offloaded to CPU memory) is placed by its engine: it stays
+        homes = [self.device if _sharded(m) else next(m.parameters()).device for m in models] if self.offload else []
         for m, home in zip(models, homes):
             if home != self.device:  # one already there stays (and a block-swapped transformer must not move)
                 m.to(self.device)
@@ -92,6 +93,12 @@ class Placement:
                     m.to(home)
             if homes and self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(next(model.parameters()), DTensor)
 
 
 def encode_prompt(models: FluxModels, prompt: str, placement: Placement, apply_t5_attn_mask: bool) -> Conditioning:

@@ -207,9 +207,9 @@ def load_diffusers_controlnet(path: str | os.PathLike, base: FluxParams, dtype: 
 
 
 def diffusers_state_dict(cn: DiffusersControlNet, dtype: torch.dtype | None = None,
-                         state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                         state: dict | None = None) -> dict[str, torch.Tensor]:
     """Tensors to save under diffusers' names (ComfyUI's and diffusers' loaders read these); detached CPU copies.
-    `state`: the ControlNet's weights when its own state_dict does not hold them (gathered from a sharded run)."""
+    `state`: the ControlNet's weights when they are not its own state_dict (gathered from shards)."""
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu()
           for k, v in (cn.state_dict() if state is None else state).items()}
     own = {k: v.contiguous() for k, v in sd.items() if k.startswith(OWN_PREFIX)}

@@ -127,7 +127,7 @@ class Trainer:
                                 f"{sample_keys(set(tensors) ^ expected, 3)}); were the network options changed?")
         for i, m in enumerate(self.trainable_modules):
             prefix = f"{i}."
-            m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            self.engine.load_state_dict(m, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
     def state_weight_shapes(self) -> tuple[str, dict[str, tuple[int, ...]]]:
         """(file name inside a state folder, {tensor name: shape}) of what save_state_weights writes, so a state
@@ -210,7 +210,10 @@ class Trainer:
         self.models = train_setup.load_models(args, self.settings, self.accelerator, self.transformer_dtype(),
                                               quantized_base_allowed=self.command_line.fp8_base)
         self.trainable_modules = self.build_trainable(self.models)
-        self.engine.shard(self)
+        try:
+            self.engine.shard(self)
+        except EngineError as e:
+            raise TrainingError(str(e)) from None
         self.hub = HubUploader.from_args(args) if self.accelerator.is_main_process else None
         self.block_swappers = train_setup.enable_block_swap(args, self.settings.blocks_to_swap, self.models,
                                                             self.accelerator)
@@ -531,6 +534,10 @@ class Trainer:
         """Check a --resume state folder before anything is loaded from it (library/training/state_check.py);
         returns its step."""
         acc = self.accelerator
+        try:
+            self.engine.check_state(folder)
+        except EngineError as e:
+            raise TrainingError(str(e)) from None
         archives = self.engine.state_archives()
         # without our weights file the engine's checkpoint (one of the archives) holds them: the engine checks it
         name, expected = self.state_weight_shapes() if self.engine.keeps_trainable_in_state() else (None, {})

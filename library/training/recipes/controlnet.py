@@ -123,9 +123,8 @@ class ControlNetTrainer(Trainer):
         metadata = modelspec_metadata(args, architecture=self.models.variant.architecture, lora=False,
                                       resolution=resolution)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = self.engine.state_dict(self.controlnet)  # the full weights also from a sharding engine
-        if self.diffusers:
-            tensors = diffusers_state_dict(self.controlnet, state=tensors)
+        state = self.engine.state_dict(self.controlnet)  # a sharded ControlNet's gathered full weights
+        tensors = diffusers_state_dict(self.controlnet, state=state) if self.diffusers else state
         save_model(tensors, path, metadata, save_dtype(args.save_precision), streaming=args.mem_eff_save)
         if self.diffusers:
             write_diffusers_folder(path, self.controlnet)

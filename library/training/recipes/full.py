@@ -67,8 +67,7 @@ class FullTrainer(FillHooks, Flex2Hooks, KontextHooks, ControlHooks, Trainer):
         return []
 
     def save_state_weights(self, folder: Path) -> None:
-        save_model(self.accelerator.unwrap_model(self.models.flux).state_dict(), folder / STATE_WEIGHTS,
-                   streaming=True)
+        save_model(self.engine.state_dict(self.models.flux), folder / STATE_WEIGHTS, streaming=True)
 
     def state_weight_shapes(self) -> tuple[str, dict[str, tuple[int, ...]]]:
         state = self.accelerator.unwrap_model(self.models.flux).state_dict()
@@ -89,12 +88,11 @@ class FullTrainer(FillHooks, Flex2Hooks, KontextHooks, ControlHooks, Trainer):
                 raise TrainingError(f"{path}: its tensors do not match the model being trained (differing: "
                                     f"{sample_keys(set(keys) ^ set(state), 3)})")
             for key in keys:  # one tensor at a time, into the weights where they are (device, swap storage)
-                state[key].copy_(reader.get(key))
+                self.engine.load_full_tensor_(state[key], reader.get(key))  # sharded: this rank's part
 
     def save_weights(self, path: Path, epoch: int, step: int, final: bool) -> None:
         resolution = self.train_group.datasets[0].config.resolution
         metadata = modelspec_metadata(self.args, architecture=self.models.variant.architecture, lora=False,
                                       resolution=resolution)
-        state = self.engine.state_dict(self.models.flux)  # the full weights also from a sharding engine
-        save_model(state, path, metadata, save_dtype(self.args.save_precision),
+        save_model(self.engine.state_dict(self.models.flux), path, metadata, save_dtype(self.args.save_precision),
                    streaming=self.args.mem_eff_save, fp8_scaled=getattr(self.args, "fp8_scaled", None))
