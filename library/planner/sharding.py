@@ -9,8 +9,8 @@ The model, per GPU (P: the trained parameters; "block": the largest transformer 
   flight (two of 25 MB).
 * `deepspeed` ZeRO-s: stage >= 1 keeps 1/N of the optimizer states (and of DeepSpeed's fp32 master weights), stage
   >= 2 also 1/N of the gradients, stage 3 also 1/N of the parameters plus the gathered working set (one block and a
-  prefetch bucket) and one block's gradients before they are reduced. Every stage >= 1 adds the reduce bucket
-  (DeepSpeed's default 5e8 elements, allocated whole). Under `--mixed_precision bf16|fp16` DeepSpeed casts the
+  prefetch bucket) and one block's gradients before they are reduced. Several processes add one reduce bucket
+  (DeepSpeed's default 5e8 elements, or all gradients when fewer). Under `--mixed_precision bf16|fp16` DeepSpeed casts the
   trained module to 16 bits (no autocast copies) and steps fp32 master weights, whose optimizer states are
   fp32-shaped. `--offload_optimizer_device cpu|nvme` moves the states and masters off the GPU, `--offload_param_device`
   (stage 3) the parameter shards.
@@ -46,9 +46,9 @@ class Layout:
     trained_numel: int
     trained_bytes: int
     trained_fp32: bool  # the trained weights are float32 (else 16-bit)
-    frozen_bytes: int  # resident frozen weights (a LoRA's or ControlNet's base)
     block_numel: int  # the largest transformer block: FSDP2's unit, ZeRO-3's gathered working set
-    fp32_state_bytes: int  # the optimizer's states on float32 copies of the trained weights (DeepSpeed's masters)
+    fp32_state_bytes: int  # the optimizer's states on float32 copies of the trained weights (DeepSpeed's masters;
+    # -1 where not needed)
 
 
 def engine_of(s) -> str:
@@ -110,11 +110,8 @@ def layout_of(rig, make_optimizer) -> Layout:
     fp32 = all(p.dtype == torch.float32 for p in trained)
     blocks = [*rig.flux.double_blocks, *rig.flux.single_blocks]
     block = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0)
-    frozen = sum(p.numel() * p.element_size() for p in rig.frozen)
-    states = None
-    if not fp32 and rig.settings.engine == "deepspeed":
-        states = _fp32_state_bytes(trained, make_optimizer)
-    return Layout(numel, nbytes, fp32, frozen, block, states if states is not None else -1)
+    states = _fp32_state_bytes(trained, make_optimizer) if not fp32 and rig.settings.engine == "deepspeed" else -1
+    return Layout(numel, nbytes, fp32, block, states)
 
 
 def _fp32_state_bytes(trained, make_optimizer) -> int:
@@ -175,13 +172,12 @@ def _deepspeed(s, layout: Layout, out: dict[str, int], n: int) -> tuple[dict[str
     shard = lambda nbytes, from_stage: nbytes // n if stage >= from_stage else nbytes  # noqa: E731
     off_opt = bool(s.offload_optimizer)
     out["optimizer_states"] = 0 if off_opt else shard(states, 1)
-    out["fp32_master_weights"] = 0 if off_opt else shard(masters, 1)
+    if half:
+        out["fp32_master_weights"] = 0 if off_opt else shard(masters, 1)
     if stage >= 2:
         out["gradients"] = gradients // n
     out["trainable_weights"] = 0 if stage == 3 and s.offload_params else shard(weights, 3)
-    if stage >= 1 and n > 1:
-        out["reduce_bucket"] = DEEPSPEED_REDUCE_BUCKET * weight_size
-    elif n > 1:
+    if n > 1:  # one bucket's flat buffer, never larger than all gradients
         out["reduce_bucket"] = min(DEEPSPEED_REDUCE_BUCKET, layout.trained_numel) * weight_size
     if stage == 3:
         gathered = layout.block_numel + min(DEEPSPEED_PREFETCH_BUCKET, layout.block_numel)
@@ -193,7 +189,8 @@ def _deepspeed(s, layout: Layout, out: dict[str, int], n: int) -> tuple[dict[str
                 2: "optimizer states and gradients sharded",
                 3: "optimizer states, gradients and parameters sharded; one block gathered at a time plus a "
                    f"prefetch of {DEEPSPEED_PREFETCH_BUCKET:.0e} elements"}[stage]
-             + (f"; reduce bucket {DEEPSPEED_REDUCE_BUCKET:.0e} elements (DeepSpeed's default)" if n > 1 else "")]
+             + (f"; a reduce bucket of up to {DEEPSPEED_REDUCE_BUCKET:.0e} elements (DeepSpeed's default)"
+                if n > 1 else "")]
     if half:
         notes.append(f"DeepSpeed {s.mixed_precision}: the trained module in 16 bits, fp32 master weights and their "
                      "optimizer states in the optimizer's partition")
