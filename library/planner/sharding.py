@@ -10,10 +10,10 @@ The model, per GPU (P: the trained parameters; "block": the largest transformer 
 * `deepspeed` ZeRO-s: stage >= 1 keeps 1/N of the optimizer states (and of DeepSpeed's fp32 master weights), stage
   >= 2 also 1/N of the gradients, stage 3 also 1/N of the parameters plus the gathered working set (one block and a
   prefetch bucket) and one block's gradients before they are reduced. Several processes add one reduce bucket
-  (DeepSpeed's default 5e8 elements, or all gradients when fewer). Under `--mixed_precision bf16|fp16` DeepSpeed casts the
-  trained module to 16 bits (no autocast copies) and steps fp32 master weights, whose optimizer states are
-  fp32-shaped. `--offload_optimizer_device cpu|nvme` moves the states and masters off the GPU, `--offload_param_device`
-  (stage 3) the parameter shards.
+  (DeepSpeed's default 5e8 elements, or all gradients when fewer). Under `--mixed_precision bf16|fp16` DeepSpeed
+  casts the trained module to 16 bits (no autocast copies) and steps fp32 master weights, whose optimizer states
+  are fp32-shaped. `--offload_optimizer_device cpu|nvme` moves the states and masters off the GPU,
+  `--offload_param_device` (stage 3) the parameter shards.
 * `fsdp2` (`fully_shard`, transformer blocks as units): every weight, trained or frozen (a LoRA's frozen base), 1/N;
   the gradients and states of sharded weights 1/N; two blocks unsharded in the compute dtype (the running one and the
   prefetched one) and one block's unsharded gradients in flight. A LoRA itself stays replicated. fsdp_offload_params
