@@ -172,3 +172,27 @@ def test_cli_plans_per_gpu_from_an_accelerate_config(capsys):
         assert row in table
     assert main(argv + ["--accelerate_config", f"{CONFIGS}/fsdp2_8gpu.yaml", "--blocks_to_swap", "1"]) == 2
     assert "block swapping does not combine with FSDP2" in capsys.readouterr().err
+
+
+def test_ddp_buckets_are_what_torch_ddp_allocates(tmp_path):
+    """The DDP part against DDP itself (gloo, one process: the buckets are laid out at construction whatever the
+    world size): its buckets hold every gradient's bytes, and with gradient_as_bucket_view the gradients are
+    views of them (no second copy)."""
+    import re
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    plan = plan_memory(tiny(num_processes=2))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DDP(Flux(TINY_DEEP))
+        data = ddp._get_ddp_logging_data()
+        assert data["bucket_cap_bytes"] == DDP_BUCKET_BYTES
+        assert sum(int(n) for n in re.findall(r"\d+", data["bucket_sizes"])) == plan.parts["ddp_buckets"]
+        stack = DDP(torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)]), gradient_as_bucket_view=True)
+        stack(torch.randn(2, 64)).sum().backward()
+        storages = {p.grad.untyped_storage().data_ptr() for p in stack.parameters()}
+        assert len(storages) == len(re.findall(r"\d+", stack._get_ddp_logging_data()["bucket_sizes"]))
+    finally:
+        dist.destroy_process_group()

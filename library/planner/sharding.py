@@ -3,10 +3,10 @@ run's engine (library/distributed/choice.py) keeps them on each of `num_processe
 
 The model, per GPU (P: the trained parameters; "block": the largest transformer block, FSDP2's unit):
 
-* `ddp` (several processes): full replicas, plus DDP's flat gradient buckets (25 MB each, together as large as all
+* `ddp` (several processes): full replicas, plus DDP's flat gradient buckets (25 MiB each, together as large as all
   gradients) beside the gradients unless `--ddp_gradient_as_bucket_view` makes the gradients views of them.
 * `reducer` (several processes with block swapping or a fused optimizer mode): full replicas plus the buckets in
-  flight (two of 25 MB).
+  flight (two of 25 MiB).
 * `deepspeed` ZeRO-s: stage >= 1 keeps 1/N of the optimizer states (and of DeepSpeed's fp32 master weights), stage
   >= 2 also 1/N of the gradients, stage 3 also 1/N of the parameters plus the gathered working set (one block and a
   prefetch bucket) and one block's gradients before they are reduced. Several processes add one reduce bucket
@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-MB = 1000**2
-DDP_BUCKET_BYTES = 25 * MB  # torch DDP's bucket_cap_mb default
+MIB = 1024**2
+DDP_BUCKET_BYTES = 25 * MIB  # torch DDP's bucket_cap_mb default (its logging data: bucket_cap_bytes 26214400)
 REDUCER_BUCKETS_IN_FLIGHT = 2
 DEEPSPEED_REDUCE_BUCKET = int(5e8)  # elements: DeepSpeed's reduce_bucket_size default, one contiguous buffer
 DEEPSPEED_PREFETCH_BUCKET = int(5e7)  # elements: stage3_prefetch_bucket_size default
@@ -143,13 +143,13 @@ def shard_parts(s, layout: Layout, parts: dict[str, int]) -> tuple[dict[str, int
         return out, []
     if engine == "ddp":
         out["ddp_buckets"] = 0 if s.ddp_gradient_as_bucket_view else layout.trained_bytes
-        return out, [f"DDP over {n} processes: full replicas; its flat gradient buckets ({DDP_BUCKET_BYTES // MB} MB "
+        return out, [f"DDP over {n} processes: full replicas; its flat gradient buckets ({DDP_BUCKET_BYTES // MIB} MiB "
                      "each) " + ("are the gradients (--ddp_gradient_as_bucket_view)" if s.ddp_gradient_as_bucket_view
                                  else "hold a second copy of all gradients (--ddp_gradient_as_bucket_view saves it)")]
     if engine == "reducer":
         out["reducer_buckets"] = REDUCER_BUCKETS_IN_FLIGHT * DDP_BUCKET_BYTES
         return out, [f"overlapped reducer over {n} processes (block swapping or a fused mode keeps DDP out): full "
-                     f"replicas, {REDUCER_BUCKETS_IN_FLIGHT} buckets of {DDP_BUCKET_BYTES // MB} MB in flight"]
+                     f"replicas, {REDUCER_BUCKETS_IN_FLIGHT} buckets of {DDP_BUCKET_BYTES // MIB} MiB in flight"]
     if engine == "deepspeed":
         return _deepspeed(s, layout, out, n)
     return _fsdp2(s, layout, out, n)
