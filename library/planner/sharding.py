@@ -9,8 +9,9 @@ The model, per GPU (P: the trained parameters; "block": the largest transformer 
   flight (two of 25 MiB).
 * `deepspeed` ZeRO-s: stage >= 1 keeps 1/N of the optimizer states (and of DeepSpeed's fp32 master weights), stage
   >= 2 also 1/N of the gradients, stage 3 also 1/N of the parameters plus the gathered working set (one block and a
-  prefetch bucket) and one block's gradients before they are reduced. Several processes add one reduce bucket
-  (DeepSpeed's default 5e8 elements, or all gradients when fewer). Under `--mixed_precision bf16|fp16` DeepSpeed
+  prefetch bucket) and one block's gradients before they are reduced. Stages >= 1 add DeepSpeed's contiguous reduce
+  buffer (its default 5e8 elements, allocated whole whatever the model's size); ZeRO-0 flattens at most that many
+  gradients at a time for its all-reduce. Under `--mixed_precision bf16|fp16` DeepSpeed
   casts the trained module to 16 bits (no autocast copies) and steps fp32 master weights, whose optimizer states
   are fp32-shaped. `--offload_optimizer_device cpu|nvme` moves the states and masters off the GPU,
   `--offload_param_device` (stage 3) the parameter shards.
@@ -177,7 +178,9 @@ def _deepspeed(s, layout: Layout, out: dict[str, int], n: int) -> tuple[dict[str
     if stage >= 2:
         out["gradients"] = gradients // n
     out["trainable_weights"] = 0 if stage == 3 and s.offload_params else shard(weights, 3)
-    if n > 1:  # one bucket's flat buffer, never larger than all gradients
+    if stage >= 1:  # ZeRO's contiguous reduce buffer, allocated whole (stage_1_and_2.py setup_buckets, stage3.py)
+        out["reduce_bucket"] = DEEPSPEED_REDUCE_BUCKET * weight_size
+    elif n > 1:  # ZeRO-0 all-reduces the gradients flattened a bucket at a time
         out["reduce_bucket"] = min(DEEPSPEED_REDUCE_BUCKET, layout.trained_numel) * weight_size
     if stage == 3:
         gathered = layout.block_numel + min(DEEPSPEED_PREFETCH_BUCKET, layout.block_numel)
@@ -189,8 +192,8 @@ def _deepspeed(s, layout: Layout, out: dict[str, int], n: int) -> tuple[dict[str
                 2: "optimizer states and gradients sharded",
                 3: "optimizer states, gradients and parameters sharded; one block gathered at a time plus a "
                    f"prefetch of {DEEPSPEED_PREFETCH_BUCKET:.0e} elements"}[stage]
-             + (f"; a reduce bucket of up to {DEEPSPEED_REDUCE_BUCKET:.0e} elements (DeepSpeed's default)"
-                if n > 1 else "")]
+             + (f"; a reduce buffer of {DEEPSPEED_REDUCE_BUCKET:.0e} elements (DeepSpeed's default)"
+                if stage >= 1 else "")]
     if half:
         notes.append(f"DeepSpeed {s.mixed_precision}: the trained module in 16 bits, fp32 master weights and their "
                      "optimizer states in the optimizer's partition")
