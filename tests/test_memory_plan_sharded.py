@@ -98,6 +98,7 @@ def test_combinations_the_engines_refuse_are_refused(changes, match):
         plan_memory(replace(tiny(num_processes=2), **changes))
 
 
+@pytest.mark.slow  # 18 s alone, 36 s beside other jobs
 def test_12b_adamw_full_finetune_at_8_gpus_under_zero2_keeps_an_eighth_of_the_states():
     """FLUX.1-dev (11.9B trained parameters), AdamW: one GPU keeps 8 bytes of states per parameter; ZeRO-2 on 8
     GPUs 1/8 of them. Under bf16 DeepSpeed steps fp32 masters (4 bytes per parameter, also 1/8) whose AdamW states
