@@ -12,6 +12,9 @@ hold no data (see library/planner/plan.py and docs/benchmarks.md):
     python tools/plan_memory.py ... --table      # swap counts 0/8/18/28/35, fp8 or not, 512 and 1024, LoRA and full
     python tools/plan_memory.py --config_file configs/lora_flux_dev_4gb.toml --model_preset dev   # 3.51 GB
     python tools/plan_memory.py ... --speed      # modelled cost in time of each swap count
+    python tools/plan_memory.py --trainer full ... --accelerate_config configs/accelerate/zero2_8gpu.yaml  # per GPU
+    python tools/plan_memory.py --trainer full ... --deepspeed --zero_stage 3 --num_processes 8
+    python tools/plan_memory.py --trainer full ... --engines --num_processes 8   # DDP, ZeRO-1/2/3, FSDP2 per GPU
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from library.formats.command_line import ArgumentParser, positive_float  # noqa: E402 (cheap: no torch)
+from library.formats.command_line import ArgumentParser, positive_float, positive_int  # noqa: E402 (no torch)
 
 
 def command_line(trainer: str):
@@ -57,6 +60,15 @@ def planner_parser() -> argparse.ArgumentParser:
     add("--gpu_tflops", type=positive_float, default=None,
         help="compute rate of the speed model (default: see --speed)")
     add("--h2d_gbps", type=positive_float, default=None, help="pinned host-to-device GB/s of the speed model")
+    add("--num_processes", type=positive_int, default=None,
+        help="plan per GPU of a run on this many GPUs (all machines together; default: --accelerate_config's, else "
+             "1): DDP, or with --deepspeed --zero_stage N / an FSDP --accelerate_config the sharded engine")
+    add("--accelerate_config", default=None, metavar="YAML",
+        help="plan for the engine and process count of this accelerate config (distributed_type DEEPSPEED: its "
+             "ZeRO stage and offload; FSDP with fsdp_version 2: FSDP2 and fsdp_offload_params; MULTI_GPU: DDP)")
+    add("--engines", action="store_true",
+        help="print per-GPU peaks on one GPU and under DDP, ZeRO-1/2/3 (and ZeRO-3 with the optimizer on the CPU) "
+             "and FSDP2 (with and without CPU offload) on --num_processes GPUs (default 8)")
     return p
 
 
@@ -91,8 +103,11 @@ def _line(plan) -> str:
              "gradient checkpointing" if s.gradient_checkpointing else "no gradient checkpointing",
              s.optimizer_type + (" + fused backward" if s.fused_backward_pass else "")
              + (" (blockwise fused)" if s.blockwise_fused_optimizers else "")]
-    out = [f"predicted peak on {s.target}: {plan.peak_bytes / GIB:.2f} GiB ({plan.peak_bytes / 1e9:.2f} GB) for "
-           f"{s.model} {what}, " + ", ".join(f for f in flags if f)]
+    from library.planner.sharding import engine_of, label
+
+    per_gpu = "" if engine_of(s) == "single" else f" per GPU ({label(s)})"
+    out = [f"predicted peak{per_gpu} on {s.target}: {plan.peak_bytes / GIB:.2f} GiB ({plan.peak_bytes / 1e9:.2f} GB) "
+           f"for {s.model} {what}, " + ", ".join(f for f in flags if f)]
     for name, nbytes in plan.parts.items():
         out.append(f"  {name.replace('_', ' '):<24} {nbytes / GIB:8.3f} GiB")
     if s.target == "cuda":
@@ -108,13 +123,25 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
     from library.planner.plan import choose_blocks_to_swap, plan_memory, settings_from_args  # torch: after parsing
+    from library.planner.settings import accelerate_environ
     from library.training.arguments import verify_training_args
 
     try:
         verify_training_args(args, command_line(args.trainer))  # the trainer's implications (*_to_disk -> caching)
-        s = settings_from_args(args, args.trainer, args.target)
+        environ = accelerate_environ(args.accelerate_config) if args.accelerate_config else {}
+        s = settings_from_args(args, args.trainer, args.target, environ)
         if args.blocks_to_swap == "auto":
-            s = replace(s, blocks_to_swap=choose_blocks_to_swap(args, args.trainer))
+            s = replace(s, blocks_to_swap=choose_blocks_to_swap(args, args.trainer, environ))
+        if args.engines:
+            from library.planner.report import format_engines, run_engines  # only with --engines
+
+            rows = run_engines(s, args.num_processes or (s.num_processes if s.num_processes > 1 else 8))
+            if args.json:
+                print(json.dumps([{"engine": label, **({"refused": plan} if isinstance(plan, str)
+                                                       else plan.to_json())} for label, plan in rows]))
+            else:
+                print(format_engines(rows))
+            return 0
         if args.table:
             from library.planner.report import format_table, run_table  # only with --table
 

@@ -32,7 +32,7 @@ from library.memory.fp8 import prepare_fp8
 from library.models.checkpoint import build_transformer
 from library.models.conditioned import ExtraChannelsFlux
 from library.models.transformer import Flux
-from library.planner import controlnet_rig
+from library.planner import controlnet_rig, sharding
 from library.planner.live_bytes import LiveBytes, device_emulation
 # PlanSettings and friends live in planner/settings.py; named here too, where callers have always found them
 from library.planner.settings import (ALLOCATOR_SLACK, GIB, MIB, PLANNED_RECIPES, RUNTIME_OVERHEAD,  # noqa: F401
@@ -258,7 +258,10 @@ def _encoder_bytes(s: PlanSettings) -> int:
 def _step_key(s: PlanSettings) -> PlanSettings:
     """Settings whose counted step is the same: swapping in host-to-device-only mode, or with optimizers that step
     inside backward, copies into buffers that exist before the step, so the step's allocations do not depend on
-    the swap count. Write-back with an optimizer after backward moves gradients to storage: counted per count."""
+    the swap count. Write-back with an optimizer after backward moves gradients to storage: counted per count.
+    The engine and process count do not change one process's step (sharding.py rewrites the parts)."""
+    s = replace(s, num_processes=1, engine="", zero_stage=0, offload_optimizer="", offload_params="",
+                ddp_gradient_as_bucket_view=False)
     if not s.profile.trains_transformer or s.fused_backward_pass or s.blockwise_fused_optimizers:
         return replace(s, blocks_to_swap=0)
     return s
@@ -308,8 +311,10 @@ def offload_to_storage(counter=None):
 
 def plan_memory(s: PlanSettings, step: dict[str, int] | None = None) -> MemoryPlan:
     """Predicted peak device memory of one training step and its parts. `step`: the counted step of settings with
-    the same `_step_key` (see plan_many); run here when not given."""
+    the same `_step_key` (see plan_many); run here when not given. With several processes or a sharding engine
+    the parts are per GPU (library/planner/sharding.py)."""
     started = time.perf_counter()
+    sharding.check(s)
     rig = build_rig(s, "meta")
     swap = _swap_accounting(rig)
     at_peak = count_step(rig) if step is None else step
@@ -332,8 +337,12 @@ def plan_memory(s: PlanSettings, step: dict[str, int] | None = None) -> MemoryPl
     if parts["text_encoders_and_ae"]:
         notes.append("text encoders / AE kept on the device (outputs not cached, or an inpainting ControlNet's masked "
                      "targets): their weights are counted, their own forward passes are not")
+    if sharding.engine_of(s) != "single":
+        layout = sharding.layout_of(rig, lambda params: _make_optimizer(s, params))
+        parts, engine_notes = sharding.shard_parts(s, layout, parts)
+        notes += engine_notes
     if s.target == "cuda":
-        moving = parts["gradients"] + parts["activations"] + parts["largest_transient"]
+        moving = sum(parts.get(k, 0) for k in ("gradients", "activations", "largest_transient", *sharding.MOVING))
         parts["runtime_overhead"] = sum(RUNTIME_OVERHEAD.values()) + int(moving * ALLOCATOR_SLACK)
     return MemoryPlan(s, sum(parts.values()), parts, time.perf_counter() - started, notes=notes)
 
@@ -399,15 +408,19 @@ def _swap_accounting(rig: StepRig) -> dict:
 # --- --blocks_to_swap auto ------------------------------------------------------------------------------------------
 
 
-def choose_blocks_to_swap(args, trainer: str = "network") -> int:
+def choose_blocks_to_swap(args, trainer: str = "network", environ=None) -> int:
     """The smallest --blocks_to_swap whose predicted peak fits --vram_budget_gb (GiB), for a parsed training command
     line of the recipe the planner calls `trainer` (library/cli calls this for --blocks_to_swap auto). Logs the
-    choice and the predicted peak."""
+    choice and the predicted peak. Under `accelerate launch` (or `environ`) with several processes, the peak is
+    per GPU of the data-parallel run (the overlapped reducer's buckets included)."""
     budget = getattr(args, "vram_budget_gb", None)
     if not budget or budget <= 0:
         raise ValueError("--blocks_to_swap auto needs --vram_budget_gb G, the GPU memory to fit in GiB (e.g. 7.5 "
                          "on an 8 GB card)")
-    s = settings_from_args(args, trainer, "cuda")
+    s = settings_from_args(args, trainer, "cuda", environ)
+    if s.engine:
+        raise ValueError(f"--blocks_to_swap auto: block swapping does not combine with {sharding.label(s)}; plan "
+                         "its per-GPU memory with tools/plan_memory.py instead")
     limit = max_blocks_to_swap(s.params.depth, s.params.depth_single_blocks)
     plans: dict[int, MemoryPlan] = {}
     steps: dict[str, dict] = {}

@@ -218,3 +218,55 @@ def format_speed(s: PlanSettings, flops: dict, models, tflops: float, h2d_gbps: 
         lines.append(f"| {m.num_swapped} | {m.bytes_per_step / 1e9:.1f} | {m.bytes_per_step / (h2d_gbps * 1e9):.2f} | "
                      f"{m.step_s:.2f} | {m.slowdown:.2f}x |")
     return "\n".join(lines)
+
+
+# --- --engines: per-GPU peaks of one run under each engine ---------------------------------------------------------
+
+ENGINE_ROWS = (  # (label, engine fields of PlanSettings)
+    ("DDP", dict(engine="")),
+    ("DeepSpeed ZeRO-1", dict(engine="deepspeed", zero_stage=1)),
+    ("DeepSpeed ZeRO-2", dict(engine="deepspeed", zero_stage=2)),
+    ("DeepSpeed ZeRO-3", dict(engine="deepspeed", zero_stage=3)),
+    ("DeepSpeed ZeRO-3, optimizer on CPU", dict(engine="deepspeed", zero_stage=3, offload_optimizer="cpu")),
+    ("FSDP2", dict(engine="fsdp2")),
+    ("FSDP2, fsdp_offload_params", dict(engine="fsdp2", offload_params="cpu")),
+)
+ENGINE_COLUMNS = (  # (header, parts summed)
+    ("weights", ("resident_base_weights", "trainable_weights")),
+    ("gradients", ("gradients", "gradients_in_flight", "ddp_buckets", "reducer_buckets", "reduce_bucket")),
+    ("optimizer states", ("optimizer_states", "fp32_master_weights")),
+    ("gathered blocks", ("gathered_parameters", "unsharded_blocks")),
+)
+
+
+def run_engines(base: PlanSettings, num_processes: int, progress=None) -> list[tuple[str, object]]:
+    """The per-GPU plan of `base` on one GPU and under each engine of ENGINE_ROWS on `num_processes` GPUs; a row
+    the engine refuses holds the refusal (str) instead of a plan."""
+    from library.planner import sharding
+
+    plain = dict(num_processes=1, engine="", zero_stage=0, offload_optimizer="", offload_params="")
+    rows = [("one GPU", replace(base, **plain))]
+    rows += [(label, replace(base, **{**plain, **changes, "num_processes": num_processes}))
+             for label, changes in ENGINE_ROWS]
+    runnable = []
+    for label, s in rows:
+        try:
+            sharding.check(s)
+            runnable.append((label, s))
+        except ValueError as e:
+            runnable.append((label, str(e)))
+    plans = iter(plan_many([s for _, s in runnable if not isinstance(s, str)], progress=progress))
+    return [(label, s if isinstance(s, str) else next(plans)) for label, s in runnable]
+
+
+def format_engines(rows: list[tuple[str, object]]) -> str:
+    """Markdown: one row per engine, GiB per GPU: the peak and its weight, gradient, state and gathered parts."""
+    lines = ["| engine | GPUs | " + " | ".join(h for h, _ in ENGINE_COLUMNS) + " | peak per GPU |",
+             "|---|---:|" + "---:|" * (len(ENGINE_COLUMNS) + 1)]
+    for label, plan in rows:
+        if isinstance(plan, str):
+            lines.append(f"| {label} | | refused: {plan} |")
+            continue
+        cells = " | ".join(f"{sum(plan.parts.get(k, 0) for k in keys) / GIB:.2f}" for _, keys in ENGINE_COLUMNS)
+        lines.append(f"| {label} | {plan.settings.num_processes} | {cells} | {plan.peak_bytes / GIB:.2f} |")
+    return "\n".join(lines)

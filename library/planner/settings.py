@@ -87,6 +87,13 @@ class PlanSettings:
     apply_t5_attn_mask: bool = False
     reference_images: int = 0  # FLUX.1 Kontext: references per sample at the target's size (more image tokens)
     target: str = "cuda"
+    # the run's engine and process count (library/planner/sharding.py): the plan is then per GPU
+    num_processes: int = 1
+    engine: str = ""  # "" (one process, or plain data parallel: DDP / the reducer), "deepspeed" or "fsdp2"
+    zero_stage: int = 0  # DeepSpeed's ZeRO stage
+    offload_optimizer: str = ""  # DeepSpeed --offload_optimizer_device: "cpu" or "nvme"
+    offload_params: str = ""  # DeepSpeed --offload_param_device (ZeRO-3), or "cpu" for FSDP2's fsdp_offload_params
+    ddp_gradient_as_bucket_view: bool = False
     # parameter counts of the models that stay on the device when their outputs are not cached (from the files'
     # headers when given, else the real FLUX.1 ones)
     t5xxl_params: int = 4_762_310_656
@@ -163,8 +170,10 @@ def _largest_image(args) -> tuple[int, int, int]:
     return w, h, default_batch
 
 
-def settings_from_args(args, trainer: str = "network", target: str = "cuda") -> PlanSettings:
-    """The PlanSettings of a training command line (already parsed, --config_file applied)."""
+def settings_from_args(args, trainer: str = "network", target: str = "cuda", environ=None) -> PlanSettings:
+    """The PlanSettings of a training command line (already parsed, --config_file applied), in the process
+    environment `environ` (default: this process's) that `accelerate launch` gives the trainer: its world size and
+    DeepSpeed / FSDP choice (`accelerate_environ` writes the same from an accelerate config file)."""
     model_path = getattr(args, "pretrained_model_name_or_path", None)
     fp8_file, file_quantization = False, ""
     if model_path and not getattr(args, "model_preset", None):  # a preset plans without the file
@@ -207,8 +216,57 @@ def settings_from_args(args, trainer: str = "network", target: str = "cuda") -> 
         apply_t5_attn_mask=bool(getattr(args, "apply_t5_attn_mask", False)) or chroma, target=target,
         reference_images=1 if trains_kontext(args) else 0,  # Kontext: one reference at the target's size
         controlnet=controlnet_rig.controlnet_plan(args, params) if trainer == "controlnet" else (),
+        **_distribution(args, os.environ if environ is None else environ),
         **{f"{name}_params": n for name in ("t5xxl", "clip_l", "ae")
            if (n := _param_count(getattr(args, name, None))) is not None}, **({"clip_l_params": 0} if chroma else {}))
+
+
+def _distribution(args, environ) -> dict:
+    """The engine fields of PlanSettings as the trainer decides them (library/distributed/choice.py)."""
+    from library.distributed.choice import engine_kind, world_size
+
+    kind = engine_kind(args, environ)
+    out = dict(num_processes=getattr(args, "num_processes", None) or world_size(environ),
+               ddp_gradient_as_bucket_view=bool(getattr(args, "ddp_gradient_as_bucket_view", False)))
+    device = lambda value: "" if value in (None, "", "none") else str(value).lower()  # noqa: E731
+    if kind == "deepspeed":
+        if getattr(args, "deepspeed", False):  # sd-scripts' arguments
+            stage, opt, par = args.zero_stage, args.offload_optimizer_device, args.offload_param_device
+        else:  # an accelerate DeepSpeed config, as accelerate launch exports it
+            stage = int(environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
+            opt = environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE")
+            par = environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")
+        out.update(engine="deepspeed", zero_stage=stage, offload_optimizer=device(opt), offload_params=device(par))
+    elif kind == "fsdp2":
+        offload = str(environ.get("FSDP_OFFLOAD_PARAMS", "false")).lower() == "true"
+        out.update(engine="fsdp2", offload_params="cpu" if offload else "")
+    return out
+
+
+def accelerate_environ(path: str) -> dict[str, str]:
+    """The environment `accelerate launch --config_file PATH` gives each process, for what the planner reads
+    (world size, DeepSpeed stage and offload, FSDP): read with accelerate's own config loader."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(path)
+    kind = str(getattr(config.distributed_type, "value", config.distributed_type))
+    env = {"WORLD_SIZE": str(config.num_processes or 1)}
+    if kind == "DEEPSPEED":
+        ds = config.deepspeed_config or {}
+        if ds.get("deepspeed_config_file"):
+            raise ValueError(f"{path}: a deepspeed_config_file is not read by the planner; plan with --deepspeed "
+                             "--zero_stage N [--offload_optimizer_device cpu]")
+        env.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE=str(ds.get("zero_stage", 2)),
+                   ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE=str(ds.get("offload_optimizer_device", "none")),
+                   ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE=str(ds.get("offload_param_device", "none")))
+    elif kind == "FSDP":
+        fsdp = config.fsdp_config or {}
+        if int(fsdp.get("fsdp_version", 1)) != 2:
+            raise ValueError(f"{path}: fsdp_version {fsdp.get('fsdp_version', 1)}; the trainers run FSDP2 only "
+                             "(fsdp_version: 2)")
+        env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2",
+                   FSDP_OFFLOAD_PARAMS=str(fsdp.get("fsdp_offload_params", False)).lower())
+    return env
 
 
 def _param_count(path) -> int | None:
