@@ -418,15 +418,17 @@ def machine_line() -> str:
 
 
 def table(rows: list[dict], limit: float) -> str:
-    head = ("| layout | file | load as | file GB | weights GB | baseline GB | peak RSS GB, load | peak RSS GB, load + use "
-            "| peak anon GB | peak file-mapped GB | RSS after GB | ratio, load | **ratio** | load s | ok |")
+    head = ("| layout | file | load as | file GB | weights GB | baseline GB | peak RSS GB, load "
+            "| peak RSS GB, load + use | peak anon GB | peak file-mapped GB | RSS after GB | ratio, load | **ratio** "
+            "| load s | ok |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['layout']} | {r['file_dtype']} | {r['load_dtype']} | {r['file_bytes'] / GB:.2f} "
             f"| {r['weights'] / GB:.2f} | {r['baseline'] / GB:.2f} | {r['hwm_load'] / GB:.2f} | {r['hwm'] / GB:.2f} "
             f"| {r['peak_anon'] / GB:.2f} | {r['peak_file'] / GB:.2f} | {r['rss_after'] / GB:.2f} "
-            f"| {r['ratio_load']:.2f} | **{r['ratio']:.2f}** | {r['load_s']:.1f} | {'yes' if r['ratio'] <= limit else 'NO'} |")
+            f"| {r['ratio_load']:.2f} | **{r['ratio']:.2f}** | {r['load_s']:.1f} "
+            f"| {'yes' if r['ratio'] <= limit else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -504,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
                          file_bytes=size, reader=args.reader)
                 rows.append(r)
                 print(f"[{layout}] load as {load_dtype}: baseline {r['baseline'] / MiB:.0f} MiB, weights "
-                      f"{r['weights'] / GB:.2f} GB, peak {r['hwm_load'] / GB:.2f} GB after load, {r['hwm'] / GB:.2f} GB "
+                      f"{r['weights'] / GB:.2f} GB, peak {r['hwm_load'] / GB:.2f} GB after load, "
+                      f"{r['hwm'] / GB:.2f} GB "
                       f"after reading every weight -> ratio {r['ratio']:.2f} (load only {r['ratio_load']:.2f}; "
                       f"anon only {r['ratio_anon']:.2f}; {r['samples']} samples); load {r['load_s']:.1f} s, "
                       f"read {r['touch_s']:.1f} s", flush=True)

@@ -267,13 +267,13 @@ def test_a_deepspeed_checkpoint_for_other_parameters_or_processes_is_refused(tmp
     with pytest.raises(TrainingError, match="pytorch_model/mp_rank_00_model_states.pt: missing"):
         verify_state(plain, None, {}, None, archives, plain / "random_states_0.pkl")
     engine.step = TrainStep([torch.nn.Linear(3, 4)], None)
-    engine.verify_checkpoint(tmp_path)
+    engine.check_state(tmp_path)
     engine.step = TrainStep([torch.nn.Linear(3, 5)], None)
     with pytest.raises(EngineError, match=r"trained parameters differ from this run's \(bias, weight\)"):
-        engine.verify_checkpoint(tmp_path)
+        engine.check_state(tmp_path)
     engine.step, engine.accelerator.num_processes = TrainStep([torch.nn.Linear(3, 4)], None), 4
     with pytest.raises(EngineError, match="a DeepSpeed checkpoint of 2 process.*this run has 4"):
-        engine.verify_checkpoint(tmp_path)
+        engine.check_state(tmp_path)
 
 
 def test_deepspeed_turned_off_by_accelerate_is_refused(setup, tmp_path, monkeypatch):

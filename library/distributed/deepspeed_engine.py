@@ -209,7 +209,7 @@ class DeepSpeedEngine(Engine):
         names = [self.model._get_ckpt_name("", "")] + ([self.model._get_zero_ckpt_name("", "")] if self.stage else [])
         return archives + [f"{CHECKPOINT}/{os.path.basename(n)}" for n in names]
 
-    def verify_checkpoint(self, folder: Path) -> None:
+    def check_state(self, folder: Path) -> None:
         """The DeepSpeed checkpoint in a state folder was written by this many processes for these trained
         parameters (one line naming what differs; loading it would fail deep inside DeepSpeed)."""
         files = sorted((Path(folder) / CHECKPOINT).glob("*zero_pp_rank_*optim_states.pt"))

@@ -92,7 +92,8 @@ class Engine:
         target.copy_(value)
 
     def check_state(self, folder) -> None:
-        """Refuse (EngineError) a --resume state this engine cannot load, before anything is loaded."""
+        """Refuse (EngineError) a --resume state whose engine files this run cannot load (saved by another number
+        of processes, for other parameters), before anything is loaded."""
 
     def state_archives(self) -> list[str]:
         """Files accelerate's save_state writes for the optimizers, schedulers and scaler (checked before resume)."""
@@ -105,9 +106,6 @@ class Engine:
         """Whether the loop writes the trained weights into a state folder itself (a DeepSpeed checkpoint holds
         them already)."""
         return True
-
-    def verify_checkpoint(self, folder) -> None:
-        """Check the engine's own checkpoint in a --resume state folder before it is loaded (EngineError)."""
 
     def save_state(self, folder) -> None:
         """Optimizer, scheduler, RNG (every rank calls it)."""

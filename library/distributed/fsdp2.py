@@ -27,7 +27,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from library.distributed.engine import Engine, EngineError
-from library.distributed.grad_sync import average_gradients, process_mean
+from library.distributed.grad_sync import GradientBuckets
 from library.distributed.sharded_optimizer import check_saved, load_sharded, save_sharded
 
 logger = logging.getLogger(__name__)
@@ -148,6 +148,11 @@ class FSDP2Engine(Engine):
             self.roots.append(module)
         self.trained_roots = [m for m in self.roots if any(m is t for t in trainer.trainable_modules)]
         self.replicated = [m for m in trainer.trainable_modules if not any(m is r for r in self.roots)]
+        # the replicated modules' (a LoRA's) gradients: bucketed all-reduce launched from their gradient hooks
+        acc = self.accelerator
+        plain = [p for m in self.replicated for p in m.parameters() if p.requires_grad]
+        self.buckets = GradientBuckets(plain, acc.device, lambda: acc.sync_gradients) if plain and \
+            acc.num_processes > 1 else None
 
     def describe(self) -> str:
         s = self.settings
@@ -167,11 +172,8 @@ class FSDP2Engine(Engine):
             yield
 
     def before_step(self, params) -> None:
-        # The replicated LoRA's gradients, averaged after the backward; an overlapped reducer (gradient hooks that
-        # all-reduce buckets while the backward runs) would replace this call for the `replicated` modules.
-        plain = [p for p in params if not isinstance(p, DTensor)]
-        if plain and self.accelerator.num_processes > 1:
-            average_gradients(plain, process_mean(self.accelerator))
+        if self.buckets is not None:  # the replicated modules' all-reduces, launched during the backward
+            self.buckets.finish()
 
     @torch.no_grad()
     def clip_grad_norm_(self, params, max_norm: float):

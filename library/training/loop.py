@@ -534,18 +534,14 @@ class Trainer:
         """Check a --resume state folder before anything is loaded from it (library/training/state_check.py);
         returns its step."""
         acc = self.accelerator
-        try:
-            self.engine.check_state(folder)
-        except EngineError as e:
-            raise TrainingError(str(e)) from None
         archives = self.engine.state_archives()
         # without our weights file the engine's checkpoint (one of the archives) holds them: the engine checks it
         name, expected = self.state_weight_shapes() if self.engine.keeps_trainable_in_state() else (None, {})
         step = verify_state(folder, name, expected, self.state_mismatch, archives,
                             folder / f"random_states_{acc.process_index}.pkl",
                             inexact=bool(getattr(self.args, "resume_inexact", False)))
-        try:
-            self.engine.verify_checkpoint(folder)
+        try:  # the engine's own files (DeepSpeed's checkpoint, FSDP2's optimizer shards): same processes, shapes
+            self.engine.check_state(folder)
         except EngineError as e:
             raise TrainingError(str(e)) from None
         return step

@@ -370,7 +370,9 @@ def validation_loss(args, seed: int, val_group, loss_fn, accelerator) -> float:
             break
         batch = val_group[key]
         for sigma in VALIDATION_SIGMAS:
-            generator = torch.Generator("cpu").manual_seed(seed * 1000 + n)
+            # seeded by the batch's place across all processes: the value does not depend on the process count
+            generator = torch.Generator("cpu").manual_seed(seed * 1000 + n * accelerator.num_processes
+                                                           + accelerator.process_index)
             b = len(batch.captions)
             with accelerator.autocast():
                 total += loss_fn(batch, sigmas=torch.full((b,), sigma), generator=generator).float()
