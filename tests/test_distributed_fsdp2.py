@@ -65,7 +65,7 @@ def assert_close(a: dict, b: dict, tol: float) -> None:
 def test_full_finetune_equals_one_process_resumes_from_shards_and_loads(setup, tmp_path):
     models, *_, toml = setup  # 4 images: each rank accumulates 2 micro-batches per step
     argv = [*run_args(models, toml, tmp_path / "one"), "--learning_rate", "1e-3", "--max_train_steps", "2",
-            "--cache_latents", "--max_grad_norm", "0.5"]
+            "--cache_latents", "--max_grad_norm", "0.5", "--gradient_checkpointing", "--cpu_offload_checkpointing"]
     one, code = run_trainer("full", [*argv, "--gradient_accumulation_steps", "4"])
     assert code == 0
 
