@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -219,8 +220,8 @@ class DeepSpeedEngine(Engine):
                               f"this run has {world}: resume with the number of processes that saved it")
         path = Path(folder) / CHECKPOINT / os.path.basename(self.model._get_ckpt_name("", ""))
         try:
-            saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        except (OSError, RuntimeError, zipfile.BadZipFile, EOFError) as e:
+            saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # no code from the file
+        except (OSError, RuntimeError, zipfile.BadZipFile, EOFError, pickle.UnpicklingError) as e:
             raise EngineError(f"{path}: cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
                               "; resume from another state") from None
         shapes = {k: tuple(v) for group in saved.get("param_shapes") or [] for k, v in group.items()}
