@@ -15,7 +15,7 @@ import logging
 import shutil
 import signal
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -43,6 +43,15 @@ logger = logging.getLogger(__name__)
 
 
 STATE_TRAINABLE = "trainable_weights.safetensors"  # the trained weights inside a --save_state folder
+
+
+@contextmanager
+def engine_refusals():
+    """A distributed engine's refusal (EngineError: a combination it cannot run) as the run's one-line error."""
+    try:
+        yield
+    except EngineError as e:
+        raise TrainingError(str(e)) from None
 
 
 class Trainer:
@@ -185,18 +194,12 @@ class Trainer:
         except TrackerError as e:
             raise TrainingError(str(e)) from None
         kind = engine_kind(args)
-        try:
-            engine_kwargs = accelerator_kwargs(kind, args)
-        except EngineError as e:
-            raise TrainingError(str(e)) from None
-        self.accelerator = train_setup.make_accelerator(args, self.trackers, engine_kwargs)
-        swaps_or_fuses = bool(self.settings.blocks_to_swap or getattr(args, "fused_backward_pass", False)
-                              or getattr(args, "blockwise_fused_optimizers", False))
-        self.engine = make_engine(kind, self.accelerator, args, swaps_or_fuses)
-        try:
+        with engine_refusals():
+            self.accelerator = train_setup.make_accelerator(args, self.trackers, accelerator_kwargs(kind, args))
+            swaps_or_fuses = bool(self.settings.blocks_to_swap or getattr(args, "fused_backward_pass", False)
+                                  or getattr(args, "blockwise_fused_optimizers", False))
+            self.engine = make_engine(kind, self.accelerator, args, swaps_or_fuses)
             self.engine.check(self)
-        except EngineError as e:
-            raise TrainingError(str(e)) from None
         if self.accelerator.is_main_process:  # leftovers of a run killed mid-save (only the main process saves)
             for folder in (args.output_dir, args.resume):  # checkpoints, samples/, state folders
                 if folder:
@@ -210,10 +213,8 @@ class Trainer:
         self.models = train_setup.load_models(args, self.settings, self.accelerator, self.transformer_dtype(),
                                               quantized_base_allowed=self.command_line.fp8_base)
         self.trainable_modules = self.build_trainable(self.models)
-        try:
+        with engine_refusals():
             self.engine.shard(self)
-        except EngineError as e:
-            raise TrainingError(str(e)) from None
         self.hub = HubUploader.from_args(args) if self.accelerator.is_main_process else None
         self.block_swappers = train_setup.enable_block_swap(args, self.settings.blocks_to_swap, self.models,
                                                             self.accelerator)
@@ -540,10 +541,8 @@ class Trainer:
         step = verify_state(folder, name, expected, self.state_mismatch, archives,
                             folder / f"random_states_{acc.process_index}.pkl",
                             inexact=bool(getattr(self.args, "resume_inexact", False)))
-        try:  # the engine's own files (DeepSpeed's checkpoint, FSDP2's optimizer shards): same processes, shapes
+        with engine_refusals():  # the engine's own files (DeepSpeed's checkpoint, FSDP2's shards): processes, shapes
             self.engine.check_state(folder)
-        except EngineError as e:
-            raise TrainingError(str(e)) from None
         return step
 
     def _advance_lr_schedule(self, steps: int) -> None:
