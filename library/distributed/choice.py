@@ -17,13 +17,9 @@ from datetime import timedelta
 
 import torch
 
-from library.distributed.engine import Engine
+from library.distributed.engine import Engine, env_flag
 
 ENGINES = ("single", "ddp", "reducer", "deepspeed", "fsdp2")
-
-
-def _env_flag(name: str, environ) -> bool:
-    return str(environ.get(name, "")).lower() in ("1", "true", "yes")
 
 
 def world_size(environ=None) -> int:
@@ -36,16 +32,16 @@ def engine_kind(args, environ=None) -> str:
     an accelerate FSDP config (ACCELERATE_USE_FSDP), else DDP for several processes, else one process. `ddp`
     becomes `reducer` in make_engine when the run swaps blocks or steps inside the backward."""
     environ = os.environ if environ is None else environ
-    if getattr(args, "deepspeed", False) or _env_flag("ACCELERATE_USE_DEEPSPEED", environ):
+    if getattr(args, "deepspeed", False) or env_flag(environ, "ACCELERATE_USE_DEEPSPEED"):
         return "deepspeed"
-    if _env_flag("ACCELERATE_USE_FSDP", environ):
+    if env_flag(environ, "ACCELERATE_USE_FSDP"):
         return "fsdp2"
     return "ddp" if world_size(environ) > 1 else "single"
 
 
 def runs_on_cpu(environ=None) -> bool:
     environ = os.environ if environ is None else environ
-    return _env_flag("ACCELERATE_USE_CPU", environ) or not torch.cuda.is_available()
+    return env_flag(environ, "ACCELERATE_USE_CPU") or not torch.cuda.is_available()
 
 
 def accelerator_kwargs(kind: str, args, environ=None) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from library.distributed.engine import Engine, EngineError
+from library.distributed.engine import Engine, EngineError, env_flag
 from library.distributed.train_step import TrainStep
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def accelerator_kwargs(args, environ=None) -> dict:
     if config_file != "none":  # accelerate's plugin would read that file and ignore (or refuse) these arguments
         raise EngineError(f"--deepspeed with an accelerate config whose deepspeed_config_file ({config_file}) sets "
                           "DeepSpeed up: leave out --deepspeed (the file decides) or launch with a config without it")
-    if str(environ.get("ACCELERATE_USE_DEEPSPEED", "")).lower() == "true":
+    if env_flag(environ, "ACCELERATE_USE_DEEPSPEED"):
         logger.warning("--deepspeed: the DeepSpeed settings come from --zero_stage and the other DeepSpeed "
                        "arguments (as in sd-scripts), not from the accelerate config's deepspeed_config")
     errors = _nvme_errors([("offload_optimizer", args.offload_optimizer_device, args.offload_optimizer_nvme_path),

@@ -23,6 +23,11 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 
+def env_flag(environ, name: str) -> bool:
+    """Whether a launch variable (ACCELERATE_USE_DEEPSPEED, FSDP_OFFLOAD_PARAMS, ...) is set to a true value."""
+    return str(environ.get(name, "")).lower() in ("1", "true", "yes")
+
+
 class EngineError(ValueError):
     """A combination the engine cannot run; the message says what to use instead."""
 

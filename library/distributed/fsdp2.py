@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from library.distributed.engine import Engine, EngineError
+from library.distributed.engine import Engine, EngineError, env_flag
 from library.distributed.grad_sync import GradientBuckets
 from library.distributed.sharded_optimizer import check_saved, load_sharded, save_sharded
 
@@ -42,10 +42,6 @@ class FSDPSettings:
     offload_params: bool = False
 
 
-def _flag(environ, name: str) -> bool:
-    return str(environ.get(name, "false")).lower() in ("1", "true", "yes")
-
-
 def fsdp_settings(environ=None) -> FSDPSettings:
     """The accelerate FSDP config's settings we honour (its FSDP_* variables); refuses the ones we cannot."""
     environ = os.environ if environ is None else environ
@@ -56,10 +52,10 @@ def fsdp_settings(environ=None) -> FSDPSettings:
             raise EngineError(f"accelerate FSDP config: sharding {value.upper()} is not supported; use "
                               "fsdp_reshard_after_forward: true (FULL_SHARD) or false (SHARD_GRAD_OP), or drop the "
                               "FSDP config for plain DDP")
-    if _flag(environ, "FSDP_ACTIVATION_CHECKPOINTING"):
+    if env_flag(environ, "FSDP_ACTIVATION_CHECKPOINTING"):
         raise EngineError("accelerate FSDP config: fsdp_activation_checkpointing is not supported; set it to false "
                           "and use --gradient_checkpointing")
-    return FSDPSettings(reshard_after_forward=RESHARD[reshard], offload_params=_flag(environ, "FSDP_OFFLOAD_PARAMS"))
+    return FSDPSettings(reshard_after_forward=RESHARD[reshard], offload_params=env_flag(environ, "FSDP_OFFLOAD_PARAMS"))
 
 
 def accelerator_kwargs(args, environ=None) -> dict:

@@ -238,8 +238,9 @@ def _distribution(args, environ) -> dict:
             par = environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")
         out.update(engine="deepspeed", zero_stage=stage, offload_optimizer=device(opt), offload_params=device(par))
     elif kind == "fsdp2":
-        offload = str(environ.get("FSDP_OFFLOAD_PARAMS", "false")).lower() == "true"
-        out.update(engine="fsdp2", offload_params="cpu" if offload else "")
+        from library.distributed.fsdp2 import fsdp_settings
+
+        out.update(engine="fsdp2", offload_params="cpu" if fsdp_settings(environ).offload_params else "")
     return out
 
 
